@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Create or renew the lab's root CA and every certificate it needs; idempotent.
+
+Exit codes: 0 done / all valid, 1 `--check` found something expiring, expired, missing or invalid,
+2 the CA could not be unlocked or a setting is wrong (nothing was written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pki.authority import CAError, WrongPassphrase
+from pki.config import ConfigError, Settings, parse_devices
+from pki.lab import LabCertificates
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Create or renew the lab's root CA, broker, dashboard and device certificates. "
+        "Only what is missing, unreadable, not from the current root or inside RENEW_BEFORE_DAYS is reissued."
+    )
+    parser.add_argument("--devices", help="comma-separated device ids (default: DEVICES from .env)")
+    parser.add_argument("--force", action="store_true", help="reissue every leaf certificate (the root is kept)")
+    parser.add_argument(
+        "--check", action="store_true", help="only report; exit 1 if anything is expiring, expired or invalid"
+    )
+    parser.add_argument("--out", type=Path, help="certificates folder (default: CERTS_DIR or ./certs)")
+    return parser
+
+
+def print_check_table(rows: Sequence) -> None:
+    header = f"{'ENTITY':<14} {'STATUS':<9} {'DAYS LEFT':>9}  {'NOT AFTER (UTC)':<20} {'SERIAL':<18} SUBJECT / DETAIL"
+    print(header)
+    for row in rows:
+        days = f"{row.days_left:9.1f}" if row.days_left is not None else f"{'-':>9}"
+        not_after = row.not_after.strftime("%Y-%m-%d %H:%M") if row.not_after else "-"
+        detail = row.subject + (f"  [{row.detail}]" if row.detail else "")
+        print(f"{row.name:<14} {row.status:<9} {days}  {not_after:<20} {row.serial[:16] or '-':<18} {detail}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        if args.out is not None:
+            settings = _with(settings, certs_dir=args.out.resolve())
+        devices = parse_devices(args.devices) if args.devices is not None else None
+    except ConfigError as ex:
+        print(f"error: {ex}", file=sys.stderr)
+        return 2
+    lab = LabCertificates(settings, progress=print)
+    if args.check:
+        rows = lab.check(devices)
+        print_check_table(rows)
+        bad = [row for row in rows if not row.ok]
+        if bad:
+            print(f"\n{len(bad)} certificate(s) need attention: run ./setup.sh certs (or this script) to renew them.")
+        return 1 if bad else 0
+    try:
+        report = lab.generate(devices, force=args.force)
+    except WrongPassphrase:
+        print(
+            f"error: CA_PASSPHRASE does not unlock {lab.layout.ca_key}. Nothing was written.\n"
+            "Put the passphrase this CA was created with into .env (or the environment). If it is lost, delete "
+            f"{lab.layout.ca_dir} to create a new root CA; every certificate is then reissued.",
+            file=sys.stderr,
+        )
+        return 2
+    except (ConfigError, CAError) as ex:
+        print(f"error: {ex}", file=sys.stderr)
+        return 2
+    changed = sum(1 for r in report.results if r.action != "kept")
+    print(f"Done: {changed} issued, {len(report.results) - changed} kept, in {settings.certs_dir}")
+    return 0
+
+
+def _with(settings: Settings, **changes: object) -> Settings:
+    from dataclasses import replace
+
+    return replace(settings, **changes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

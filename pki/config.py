@@ -1,0 +1,125 @@
+"""Lab settings: read once from the environment (and `.env` through python-dotenv), validated."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dotenv import dotenv_values
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+KEY_TYPES = ("ec", "rsa", "rsa2048", "rsa3072")
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """A setting has a value the lab cannot use; the message names the setting and the fix."""
+
+
+def _int_setting(env: Mapping[str, str], key: str, default: int, minimum: int = 0) -> int:
+    raw = (env.get(key) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{key}={raw!r} is not a whole number; fix it in .env") from None
+    if value < minimum:
+        raise ConfigError(f"{key}={value} must be at least {minimum}; fix it in .env")
+    return value
+
+
+def _list_setting(env: Mapping[str, str], key: str, default: str = "") -> list[str]:
+    raw = env.get(key)
+    if raw is None or not raw.strip():
+        raw = default
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def parse_devices(value: str | list[str]) -> list[str]:
+    """Split and validate a device list; ids become certificate CNs and MQTT topic levels."""
+    items = value if isinstance(value, list) else [v.strip() for v in value.split(",") if v.strip()]
+    seen: list[str] = []
+    for device in items:
+        if not DEVICE_ID_RE.match(device):
+            raise ConfigError(
+                f"device id {device!r} is not allowed: use 1-64 letters, digits, '_' or '-', "
+                "starting with a letter or digit"
+            )
+        if device not in seen:
+            seen.append(device)
+    return seen
+
+
+@dataclass(frozen=True)
+class Settings:
+    ca_passphrase: str | None = None
+    devices: list[str] = field(default_factory=lambda: ["device001", "device002"])
+    cert_days: int = 365
+    renew_before_days: int = 30
+    key_type: str = "ec"
+    broker_address: str = "localhost"
+    broker_port: int = 8883
+    broker_sans: list[str] = field(default_factory=list)
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 5000
+    certs_dir: Path = PROJECT_ROOT / "certs"
+    data_dir: Path = PROJECT_ROOT / "data"
+    database_url: str = ""
+    publish_interval: float = 5.0
+
+    def __repr__(self) -> str:  # never show the passphrase in logs or tracebacks
+        fields = ", ".join(
+            f"{k}={'***' if k == 'ca_passphrase' and v else v!r}" for k, v in self.__dict__.items()
+        )
+        return f"Settings({fields})"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, dotenv_path: Path | None = None) -> Settings:
+        """Process environment wins over `.env`, as python-dotenv's `override=False` does."""
+        if environ is None:
+            path = dotenv_path or Path(os.environ.get("LAB_ENV_FILE", PROJECT_ROOT / ".env"))
+            file_values = {k: v for k, v in dotenv_values(path).items() if v is not None} if path.exists() else {}
+            env: Mapping[str, str] = {**file_values, **os.environ}
+        else:
+            env = environ
+        key_type = (env.get("KEY_TYPE") or "ec").strip().lower()
+        if key_type not in KEY_TYPES:
+            raise ConfigError(f"KEY_TYPE={key_type!r} is not supported; use one of {', '.join(KEY_TYPES)}")
+        certs_dir = Path(env.get("CERTS_DIR") or PROJECT_ROOT / "certs")
+        data_dir = Path(env.get("DATA_DIR") or PROJECT_ROOT / "data")
+        if not certs_dir.is_absolute():
+            certs_dir = PROJECT_ROOT / certs_dir
+        if not data_dir.is_absolute():
+            data_dir = PROJECT_ROOT / data_dir
+        interval_raw = (env.get("PUBLISH_INTERVAL") or "5").strip()
+        try:
+            interval = float(interval_raw)
+        except ValueError:
+            raise ConfigError(f"PUBLISH_INTERVAL={interval_raw!r} is not a number of seconds") from None
+        if interval <= 0:
+            raise ConfigError("PUBLISH_INTERVAL must be greater than 0")
+        return cls(
+            ca_passphrase=env.get("CA_PASSPHRASE") or None,
+            devices=parse_devices(_list_setting(env, "DEVICES", "device001,device002")),
+            cert_days=_int_setting(env, "CERT_DAYS", 365, minimum=1),
+            renew_before_days=_int_setting(env, "RENEW_BEFORE_DAYS", 30),
+            key_type=key_type,
+            broker_address=(env.get("BROKER_ADDRESS") or "localhost").strip(),
+            broker_port=_int_setting(env, "BROKER_PORT", 8883, minimum=1),
+            broker_sans=_list_setting(env, "BROKER_SANS"),
+            dashboard_host=(env.get("DASHBOARD_HOST") or "127.0.0.1").strip(),
+            dashboard_port=_int_setting(env, "DASHBOARD_PORT", 5000, minimum=1),
+            certs_dir=certs_dir,
+            data_dir=data_dir,
+            database_url=(env.get("DATABASE_URL") or "").strip(),
+            publish_interval=interval,
+        )
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'lab.db'}"

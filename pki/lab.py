@@ -1,0 +1,312 @@
+"""The lab's own certificates: root, broker, dashboard, provisioner and devices, kept current idempotently.
+
+Used by the generator CLI, `./setup.sh`, the native runner and the tests.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+
+from .authority import (
+    CAError,
+    CertificateAuthority,
+    WrongPassphrase,
+    cert_pem,
+    days_left,
+    generate_private_key,
+    key_pem,
+    load_certificate,
+    load_private_key,
+    public_key_matches,
+    serial_hex,
+    subject_alt_names,
+    utcnow,
+    verify_leaf,
+)
+from .config import ConfigError, Settings
+from .inventory import Inventory
+from .profiles import BROKER, DASHBOARD, DEVICE, PROVISIONER, ROOT_CA, ROOT_CA_DAYS, Profile
+from .store import CERT_MODE, KEY_MODE, CertsLayout, atomic_write, ensure_dir, exclusive_lock, read_optional
+
+ROOT_NAME = "root_ca"
+
+# Statuses shared by `--check`, `./setup.sh status`, the dashboard and the API.
+VALID, EXPIRING, EXPIRED, INVALID, MISSING, REVOKED = "valid", "expiring", "expired", "invalid", "missing", "revoked"
+
+
+@dataclass(frozen=True)
+class Entity:
+    name: str
+    profile: Profile
+    dns_names: tuple[str, ...] = ()
+    ip_addresses: tuple[str, ...] = ()
+
+
+@dataclass
+class EntityResult:
+    name: str
+    role: str
+    action: str  # created | renewed | kept
+    reason: str
+    days_left: float
+    serial: str
+    not_after: dt.datetime
+
+    def line(self) -> str:
+        why = f" ({self.reason})" if self.reason else ""
+        return f"{self.name:<14} {self.action:<8} {self.days_left:7.1f} days left  serial {self.serial[:16]}{why}"
+
+
+@dataclass
+class CheckRow:
+    name: str
+    role: str
+    status: str
+    subject: str = ""
+    serial: str = ""
+    not_after: dt.datetime | None = None
+    days_left: float | None = None
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == VALID
+
+
+@dataclass
+class GenerateReport:
+    results: list[EntityResult] = field(default_factory=list)
+    new_root: bool = False
+
+
+def lab_entities(settings: Settings, devices: Sequence[str] | None = None) -> list[Entity]:
+    """Everything the generator keeps: the broker, the dashboard, the provisioner and each device."""
+    broker_names = [*settings.broker_sans]
+    if settings.broker_address:
+        broker_names.append(settings.broker_address)
+    entities = [
+        Entity("mosquitto", BROKER, dns_names=tuple(broker_names)),
+        Entity("dashboard", DASHBOARD),
+        Entity("provisioner", PROVISIONER),
+    ]
+    entities += [Entity(device, DEVICE) for device in (devices if devices is not None else settings.devices)]
+    return entities
+
+
+def _read_cert(path: Path) -> tuple[x509.Certificate | None, str]:
+    data = read_optional(path)
+    if data is None:
+        return None, "missing"
+    try:
+        return load_certificate(data), ""
+    except CAError:
+        return None, "unreadable certificate"
+
+
+def _read_key(path: Path) -> tuple[object | None, str]:
+    data = read_optional(path)
+    if data is None:
+        return None, "missing key"
+    try:
+        return load_private_key(data), ""
+    except CAError:
+        return None, "unreadable key"
+
+
+def _san_set(names: Sequence[x509.GeneralName]) -> set[str]:
+    return {f"{type(n).__name__}:{str(n.value).lower()}" for n in names}
+
+
+def _cert_sans(cert: x509.Certificate) -> set[str]:
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return set()
+    return _san_set(list(ext.value))
+
+
+class LabCertificates:
+    """Load-or-create the root, then keep each lab entity's certificate current."""
+
+    def __init__(self, settings: Settings, progress: Callable[[str], None] | None = None) -> None:
+        self.settings = settings
+        self.layout = CertsLayout(settings.certs_dir)
+        self.progress = progress or (lambda _msg: None)
+
+    # -- the root -------------------------------------------------------------------------------
+
+    def _root(self, now: dt.datetime) -> tuple[CertificateAuthority, EntityResult | None]:
+        """Unlock (or create) the root; returns a result only when something must be written."""
+        settings = self.settings
+        key_data = read_optional(self.layout.ca_key)
+        cert, cert_problem = _read_cert(self.layout.ca_cert)
+        if key_data is not None:
+            if not settings.ca_passphrase:
+                raise WrongPassphrase("CA_PASSPHRASE is not set")
+            key = load_private_key(key_data, settings.ca_passphrase)
+            reason = ""
+            if cert is None:
+                reason = f"{cert_problem} root certificate, re-signed with the existing key"
+            elif not public_key_matches(cert, key):
+                raise CAError(
+                    f"{self.layout.ca_key} does not belong to {self.layout.ca_cert}; restore the pair from a backup, "
+                    f"or delete {self.layout.ca_dir} to start a new CA (every certificate is then reissued)"
+                )
+            elif days_left(cert, now) < settings.renew_before_days:
+                reason = f"expires in {days_left(cert, now):.0f} days, re-signed with the existing key"
+            if not reason:
+                assert cert is not None
+                return CertificateAuthority(cert, key), None
+            ca = CertificateAuthority.create(private_key=key, days=ROOT_CA_DAYS, now=now)
+            return ca, self._result(ROOT_NAME, ROOT_CA, "renewed", reason, ca.certificate, now)
+        if not settings.ca_passphrase:
+            raise ConfigError("CA_PASSPHRASE is not set: run ./setup.sh (it writes one into .env) or export it")
+        reason = "new root" if cert is None else "root key missing, new root"
+        ca = CertificateAuthority.create(key_type=settings.key_type, days=ROOT_CA_DAYS, now=now)
+        return ca, self._result(ROOT_NAME, ROOT_CA, "created", reason, ca.certificate, now)
+
+    @staticmethod
+    def _result(
+        name: str, profile: Profile, action: str, reason: str, cert: x509.Certificate, now: dt.datetime
+    ) -> EntityResult:
+        return EntityResult(
+            name, profile.role, action, reason, days_left(cert, now), serial_hex(cert), cert.not_valid_after_utc
+        )
+
+    # -- leaves ---------------------------------------------------------------------------------
+
+    def _leaf_problem(self, ca: CertificateAuthority, entity: Entity, now: dt.datetime) -> tuple[str, str]:
+        """(action, reason) for one entity: kept with no reason, or why it must be (re)issued."""
+        cert, problem = _read_cert(self.layout.cert(entity.name))
+        key_exists = self.layout.key(entity.name).exists()
+        if cert is None and problem == "missing" and not key_exists:
+            return "created", ""
+        if cert is None:
+            return "renewed", problem
+        key, key_problem = _read_key(self.layout.key(entity.name))
+        if key is None:
+            return "renewed", key_problem
+        if not public_key_matches(cert, key):  # type: ignore[arg-type]
+            return "renewed", "key does not match certificate"
+        if not ca.issued(cert):
+            return "renewed", "not from the current root"
+        left = days_left(cert, now)
+        if left < self.settings.renew_before_days:
+            return "renewed", "expired" if left <= 0 else f"expires in {left:.0f} days"
+        wanted = subject_alt_names(entity.profile, entity.name, entity.dns_names, entity.ip_addresses)
+        if _san_set(wanted) != _cert_sans(cert):
+            return "renewed", "names changed"
+        return "kept", ""
+
+    def _issue_leaf(self, ca: CertificateAuthority, entity: Entity, now: dt.datetime) -> x509.Certificate:
+        key = generate_private_key(self.settings.key_type)
+        cert = ca.issue(
+            key.public_key(),
+            entity.profile,
+            entity.name,
+            days=self.settings.cert_days,
+            dns_names=entity.dns_names,
+            ip_addresses=entity.ip_addresses,
+            now=now,
+        )
+        ensure_dir(self.layout.entity_dir(entity.name))
+        # Key first: if we stop in between, the next run sees a mismatch and reissues.
+        atomic_write(self.layout.key(entity.name), key_pem(key), KEY_MODE)
+        atomic_write(self.layout.cert(entity.name), cert_pem(cert), CERT_MODE)
+        return cert
+
+    # -- the whole run --------------------------------------------------------------------------
+
+    def generate(self, devices: Sequence[str] | None = None, force: bool = False) -> GenerateReport:
+        """Bring every lab certificate up to date. Wrong passphrase: raises before writing anything."""
+        settings = self.settings
+        if settings.renew_before_days >= settings.cert_days:
+            raise ConfigError(
+                f"RENEW_BEFORE_DAYS ({settings.renew_before_days}) must be smaller than CERT_DAYS "
+                f"({settings.cert_days}), or every run would renew every certificate"
+            )
+        entities = lab_entities(settings, devices)
+        report = GenerateReport()
+        settings.certs_dir.mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(self.layout.lock):
+            now = utcnow()
+            self.progress("Unlocking the root CA" if self.layout.ca_key.exists() else "Creating the root CA")
+            ca, root_result = self._root(now)
+            inventory = Inventory(settings.effective_database_url)
+            try:
+                if root_result is not None:
+                    ensure_dir(self.layout.ca_dir)
+                    assert settings.ca_passphrase
+                    atomic_write(self.layout.ca_key, ca.encrypted_key_pem(settings.ca_passphrase), KEY_MODE)
+                    atomic_write(self.layout.ca_cert, ca.cert_pem, CERT_MODE)
+                    report.new_root = root_result.action == "created"
+                    report.results.append(root_result)
+                else:
+                    report.results.append(self._result(ROOT_NAME, ROOT_CA, "kept", "", ca.certificate, now))
+                self.progress(report.results[-1].line())
+                inventory.record_issued(ca.certificate, name=ROOT_NAME, role=ROOT_CA.role, via="cli")
+                for entity in entities:
+                    action, reason = self._leaf_problem(ca, entity, now)
+                    if action == "kept" and force:
+                        action, reason = "renewed", "forced"
+                    if action == "kept":
+                        cert, _ = _read_cert(self.layout.cert(entity.name))
+                        assert cert is not None
+                        inventory.record_issued(cert, name=entity.name, role=entity.profile.role, via="import")
+                    else:
+                        cert = self._issue_leaf(ca, entity, now)
+                        inventory.record_issued(cert, name=entity.name, role=entity.profile.role, via="cli")
+                    atomic_write(self.layout.ca_copy(entity.name), ca.cert_pem, CERT_MODE)
+                    result = self._result(entity.name, entity.profile, action, reason, cert, now)
+                    report.results.append(result)
+                    self.progress(result.line())
+            finally:
+                inventory.close()
+        return report
+
+    # -- checking (no passphrase needed) --------------------------------------------------------
+
+    def check(self, devices: Sequence[str] | None = None, now: dt.datetime | None = None) -> list[CheckRow]:
+        now = now or utcnow()
+        rows: list[CheckRow] = []
+        root, problem = _read_cert(self.layout.ca_cert)
+        if root is None:
+            rows.append(CheckRow(ROOT_NAME, ROOT_CA.role, MISSING if problem == "missing" else INVALID, detail=problem))
+        else:
+            rows.append(self._check_row(ROOT_NAME, ROOT_CA.role, root, None, now))
+        for entity in lab_entities(self.settings, devices):
+            cert, problem = _read_cert(self.layout.cert(entity.name))
+            if cert is None:
+                status = MISSING if problem == "missing" else INVALID
+                rows.append(CheckRow(entity.name, entity.profile.role, status, detail=problem))
+                continue
+            row = self._check_row(entity.name, entity.profile.role, cert, root, now)
+            if row.status in (VALID, EXPIRING):
+                key, key_problem = _read_key(self.layout.key(entity.name))
+                if key is None or not public_key_matches(cert, key):  # type: ignore[arg-type]
+                    row.status, row.detail = INVALID, key_problem or "key does not match certificate"
+            rows.append(row)
+        return rows
+
+    def _check_row(
+        self, name: str, role: str, cert: x509.Certificate, root: x509.Certificate | None, now: dt.datetime
+    ) -> CheckRow:
+        left = days_left(cert, now)
+        row = CheckRow(
+            name, role, VALID, cert.subject.rfc4514_string(), serial_hex(cert), cert.not_valid_after_utc, left
+        )
+        issuer = root if root is not None else cert
+        if not verify_leaf(issuer, cert):
+            row.status, row.detail = INVALID, "not signed by the current root" if root is not None else "bad signature"
+        elif left <= 0:
+            row.status, row.detail = EXPIRED, f"expired {-left:.0f} days ago"
+        elif cert.not_valid_before_utc > now:
+            row.status, row.detail = INVALID, "not valid yet"
+        elif left < self.settings.renew_before_days:
+            row.status, row.detail = EXPIRING, f"inside the {self.settings.renew_before_days}-day renewal window"
+        return row

@@ -1,0 +1,73 @@
+"""Certificate profiles as data: what each role's certificate must carry.
+
+The builders in `authority.py` read these; nothing else decides key usage, EKU or SANs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
+
+# RFC 5280 4.1.2.5: devices with a slightly wrong clock must still accept a fresh certificate,
+# so every certificate's notBefore is back-dated a few minutes.
+BACKDATE = dt.timedelta(minutes=5)
+ROOT_CA_DAYS = 3650
+DEFAULT_LEAF_DAYS = 365
+DEFAULT_RENEW_BEFORE_DAYS = 30
+
+ROOT_CA_COMMON_NAME = "IoT Lab Root CA"
+ORGANIZATION = "IoT CA Lab"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One role's certificate template."""
+
+    role: str
+    is_ca: bool = False
+    extended_key_usage: tuple[ObjectIdentifier, ...] = ()
+    # Fixed SANs every certificate of this role carries, besides those derived from the name.
+    dns_names: tuple[str, ...] = ()
+    ip_addresses: tuple[str, ...] = ()
+    # Whether the common name itself is added as a DNS SAN (when it is a valid host name).
+    cn_as_dns: bool = True
+    # Roles the generator owns; the CA API refuses to issue these names (HTTP 409).
+    protected: bool = False
+
+
+ROOT_CA = Profile(role="root_ca", is_ca=True, cn_as_dns=False, protected=True)
+
+BROKER = Profile(
+    role="broker",
+    extended_key_usage=(ExtendedKeyUsageOID.SERVER_AUTH,),
+    dns_names=("localhost", "mosquitto"),
+    ip_addresses=("127.0.0.1", "::1"),
+    protected=True,
+)
+
+DASHBOARD = Profile(
+    role="dashboard",
+    extended_key_usage=(ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH),
+    dns_names=("localhost", "dashboard"),
+    ip_addresses=("127.0.0.1",),
+    protected=True,
+)
+
+DEVICE = Profile(role="device", extended_key_usage=(ExtendedKeyUsageOID.CLIENT_AUTH,))
+
+# May request certificates for other names over MQTT and read every reply topic (see the ACL).
+PROVISIONER = Profile(role="provisioner", extended_key_usage=(ExtendedKeyUsageOID.CLIENT_AUTH,))
+
+# Entities issued through the CA API (`v1/ssl/sign`, `v1/ssl/create`): a collector or a server,
+# so both TLS roles, as the seed's flow describes (an MQTT server's CN is its domain name).
+ENTITY = Profile(
+    role="entity",
+    extended_key_usage=(ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH),
+)
+
+PROFILES = {p.role: p for p in (ROOT_CA, BROKER, DASHBOARD, DEVICE, PROVISIONER, ENTITY)}
+
+# Entity names the lab's own services use: the API must never re-issue them.
+PROTECTED_NAMES = frozenset({"root_ca", "mosquitto", "dashboard", "provisioner"})

@@ -1,0 +1,128 @@
+"""Certificates and keys on disk: one folder per entity, atomic writes, restrictive modes, a lock."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+KEY_MODE = 0o600
+CERT_MODE = 0o644
+KEY_DIR_MODE = 0o700
+ROOT_CA_DIR = "root_ca"
+LOCK_FILE = ".lock"
+
+
+def atomic_write(path: Path, data: bytes, mode: int = CERT_MODE) -> bool:
+    """Write via a temp file in the same folder, fsync, rename; returns False if the bytes were already there.
+
+    A reader never sees a half-written file, and a crash leaves the old file in place.
+    """
+    path = Path(path)
+    try:
+        if path.read_bytes() == data and (path.stat().st_mode & 0o777) == mode:
+            return False
+    except OSError:
+        pass
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return True
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as ex:  # some filesystems refuse fsync on a directory
+        if ex.errno not in (errno.EINVAL, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def ensure_dir(path: Path, mode: int = KEY_DIR_MODE) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    if (path.stat().st_mode & 0o777) != mode:
+        os.chmod(path, mode)
+    return path
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path: Path) -> Iterator[None]:
+    """Serialise writers (two generator runs, the generator and the CA service) on one file lock."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class CertsLayout:
+    """Where everything lives under the certificates folder (see the README's certificate layout)."""
+
+    root: Path
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.root / ROOT_CA_DIR
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.ca_dir / "root_ca.crt"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.ca_dir / "root_ca.key"
+
+    @property
+    def crl(self) -> Path:
+        return self.ca_dir / "crl.pem"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK_FILE
+
+    def entity_dir(self, name: str) -> Path:
+        if not name or "/" in name or name.startswith(".") or name == ROOT_CA_DIR:
+            raise ValueError(f"{name!r} cannot be an entity folder name")
+        return self.root / name
+
+    def cert(self, name: str) -> Path:
+        return self.entity_dir(name) / f"{name}.crt"
+
+    def key(self, name: str) -> Path:
+        return self.entity_dir(name) / f"{name}.key"
+
+    def ca_copy(self, name: str) -> Path:
+        """The root certificate distributed next to an entity's own pair."""
+        return self.entity_dir(name) / "root_ca.crt"
+
+
+def read_optional(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None

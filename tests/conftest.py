@@ -1,0 +1,101 @@
+"""Shared fixtures: an isolated lab environment per test, and a generated lab per session."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pki.config import Settings
+from pki.lab import LabCertificates
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class LabEnv:
+    """One isolated lab: its own certificates folder, data folder, database and passphrase."""
+
+    root: Path
+    env: dict[str, str]
+
+    @property
+    def certs_dir(self) -> Path:
+        return Path(self.env["CERTS_DIR"])
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.env["DATA_DIR"])
+
+    @property
+    def passphrase(self) -> str:
+        return self.env["CA_PASSPHRASE"]
+
+    def settings(self, **overrides: str) -> Settings:
+        return Settings.from_env({**self.env, **overrides})
+
+    def lab(self, **overrides: str) -> LabCertificates:
+        return LabCertificates(self.settings(**overrides))
+
+    def snapshot(self) -> dict[str, tuple[bytes, int, int]]:
+        """Every file under the lab root: bytes, mode and mtime, to prove nothing changed."""
+        result = {}
+        for path in sorted(self.root.rglob("*")):
+            if path.is_file():
+                st = path.stat()
+                result[str(path.relative_to(self.root))] = (path.read_bytes(), st.st_mode, st.st_mtime_ns)
+        return result
+
+
+def make_lab_env(root: Path) -> LabEnv:
+    env = {
+        "CERTS_DIR": str(root / "certs"),
+        "DATA_DIR": str(root / "data"),
+        "DATABASE_URL": f"sqlite:///{root / 'data' / 'lab.db'}",
+        "CA_PASSPHRASE": secrets.token_urlsafe(24),
+        "DEVICES": "device001,device002",
+        "LAB_ENV_FILE": str(root / "no.env"),
+    }
+    return LabEnv(root, env)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_from_developer_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A developer's .env or exported settings must never leak into a test."""
+    for key in list(os.environ):
+        if key in {
+            "CA_PASSPHRASE", "DEVICES", "CERT_DAYS", "RENEW_BEFORE_DAYS", "KEY_TYPE", "BROKER_ADDRESS",
+            "BROKER_PORT", "BROKER_SANS", "DASHBOARD_HOST", "DASHBOARD_PORT", "DATABASE_URL", "CERTS_DIR",
+            "DATA_DIR", "PUBLISH_INTERVAL",
+        }:
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("LAB_ENV_FILE", str(tmp_path / "absent.env"))
+
+
+@pytest.fixture
+def lab_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> LabEnv:
+    """A fresh, empty lab whose settings are also exported to this process's environment."""
+    lab = make_lab_env(tmp_path / "lab")
+    lab.root.mkdir()
+    for key, value in lab.env.items():
+        monkeypatch.setenv(key, value)
+    return lab
+
+
+@pytest.fixture
+def generated_lab(lab_env: LabEnv) -> LabEnv:
+    """A lab whose certificates have been generated once."""
+    lab_env.lab().generate()
+    return lab_env
+
+
+@pytest.fixture(scope="session")
+def session_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabEnv]:
+    """One generated lab shared by read-only tests (integration tests use it with the broker)."""
+    lab = make_lab_env(tmp_path_factory.mktemp("session-lab"))
+    LabCertificates(lab.settings()).generate()
+    yield lab
