@@ -65,6 +65,7 @@ class Settings:
     broker_address: str = "localhost"
     broker_port: int = 8883
     broker_sans: list[str] = field(default_factory=list)
+    broker_bind: str = "127.0.0.1"
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 5000
     certs_dir: Path = PROJECT_ROOT / "certs"
@@ -112,6 +113,7 @@ class Settings:
             broker_address=(env.get("BROKER_ADDRESS") or "localhost").strip(),
             broker_port=_int_setting(env, "BROKER_PORT", 8883, minimum=1),
             broker_sans=_list_setting(env, "BROKER_SANS"),
+            broker_bind=(env.get("BROKER_BIND") or "127.0.0.1").strip(),
             dashboard_host=(env.get("DASHBOARD_HOST") or "127.0.0.1").strip(),
             dashboard_port=_int_setting(env, "DASHBOARD_PORT", 5000, minimum=1),
             certs_dir=certs_dir,

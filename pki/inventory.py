@@ -195,3 +195,18 @@ class Inventory:
             query = query.where(CertificateRecord.status == status)
         with self.session() as session:
             return list(session.scalars(query))
+
+    def revoked_serials(self) -> list[tuple[int, dt.datetime]]:
+        """(serial, revocation time) of every revoked certificate: the CRL's content."""
+        query = select(CertificateRecord.serial, CertificateRecord.revoked_at).where(
+            CertificateRecord.status == REVOKED
+        )
+        with self.session() as session:
+            return [(int(serial, 16), when or utcnow()) for serial, when in session.execute(query)]
+
+    def denied_names(self) -> list[str]:
+        """Names whose latest certificate is revoked and that hold no active one: the ACL denies them."""
+        with self.session() as session:
+            revoked = set(session.scalars(select(CertificateRecord.name).where(CertificateRecord.status == REVOKED)))
+            active = set(session.scalars(select(CertificateRecord.name).where(CertificateRecord.status == ACTIVE)))
+        return sorted(revoked - active)

@@ -28,6 +28,7 @@ from .authority import (
     utcnow,
     verify_leaf,
 )
+from .broker import BrokerFiles, reload_broker, write_broker_files
 from .config import ConfigError, Settings
 from .inventory import Inventory
 from .profiles import BROKER, DASHBOARD, DEVICE, PROVISIONER, ROOT_CA, ROOT_CA_DAYS, Profile
@@ -265,6 +266,12 @@ class LabCertificates:
                     result = self._result(entity.name, entity.profile, action, reason, cert, now)
                     report.results.append(result)
                     self.progress(result.line())
+                broker_files = BrokerFiles(settings.certs_dir, settings.data_dir)
+                if write_broker_files(
+                    settings, ca, inventory.revoked_serials(), inventory.denied_names(), force_crl=report.new_root
+                ):
+                    self.progress(f"Broker config, ACL and CRL written under {settings.certs_dir}")
+                    reload_broker(broker_files)
             finally:
                 inventory.close()
         return report

@@ -70,4 +70,5 @@ ENTITY = Profile(
 PROFILES = {p.role: p for p in (ROOT_CA, BROKER, DASHBOARD, DEVICE, PROVISIONER, ENTITY)}
 
 # Entity names the lab's own services use: the API must never re-issue them.
-PROTECTED_NAMES = frozenset({"root_ca", "mosquitto", "dashboard", "provisioner"})
+# `policy` is the folder of the broker's ACL and CRL.
+PROTECTED_NAMES = frozenset({"root_ca", "mosquitto", "dashboard", "provisioner", "policy"})

@@ -15,6 +15,7 @@ KEY_MODE = 0o600
 CERT_MODE = 0o644
 KEY_DIR_MODE = 0o700
 ROOT_CA_DIR = "root_ca"
+POLICY_DIR = "policy"
 LOCK_FILE = ".lock"
 
 
@@ -106,7 +107,7 @@ class CertsLayout:
         return self.root / LOCK_FILE
 
     def entity_dir(self, name: str) -> Path:
-        if not name or "/" in name or name.startswith(".") or name == ROOT_CA_DIR:
+        if not name or "/" in name or name.startswith(".") or name in (ROOT_CA_DIR, POLICY_DIR):
             raise ValueError(f"{name!r} cannot be an entity folder name")
         return self.root / name
 

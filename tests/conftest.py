@@ -13,6 +13,8 @@ import pytest
 from pki.config import Settings
 from pki.lab import LabCertificates
 
+from .support import Broker, free_port
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -30,6 +32,10 @@ class LabEnv:
     @property
     def data_dir(self) -> Path:
         return Path(self.env["DATA_DIR"])
+
+    @property
+    def broker_port(self) -> int:
+        return int(self.env["BROKER_PORT"])
 
     @property
     def passphrase(self) -> str:
@@ -59,6 +65,7 @@ def make_lab_env(root: Path) -> LabEnv:
         "CA_PASSPHRASE": secrets.token_urlsafe(24),
         "DEVICES": "device001,device002",
         "LAB_ENV_FILE": str(root / "no.env"),
+        "BROKER_PORT": str(free_port()),
     }
     return LabEnv(root, env)
 
@@ -99,3 +106,19 @@ def session_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabEnv]:
     lab = make_lab_env(tmp_path_factory.mktemp("session-lab"))
     LabCertificates(lab.settings()).generate()
     yield lab
+
+
+@pytest.fixture(scope="session")
+def session_broker(session_lab: LabEnv) -> Iterator[Broker]:
+    """A real Mosquitto with the session lab's generated config, shared by tests that do not change it."""
+    broker = Broker(session_lab.certs_dir, session_lab.data_dir, session_lab.broker_port).start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def broker(generated_lab: LabEnv) -> Iterator[Broker]:
+    """A real Mosquitto of its own, for tests that revoke, restart or reconfigure."""
+    broker = Broker(generated_lab.certs_dir, generated_lab.data_dir, generated_lab.broker_port).start()
+    yield broker
+    broker.stop()

@@ -1,0 +1,1 @@
+"""Runtime glue shared by the lab's processes: the MQTT client factory, the thermometer, the native runner."""

@@ -1,0 +1,240 @@
+"""The files the broker reads: its config, the topic ACL and the CRL; written atomically, then a reload.
+
+Templates live in `mosquitto/`; the rendered copies go under the certificates folder:
+`certs/mosquitto/mosquitto.conf` (native paths), `certs/mosquitto/mosquitto.docker.conf` (container paths)
+and `certs/policy/{acl,crl.pem}`, the part the CA service rewrites when it revokes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import logging
+import os
+import shutil
+import signal
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from .authority import CertificateAuthority, utcnow
+from .config import PROJECT_ROOT, Settings
+from .store import CERT_MODE, POLICY_DIR, atomic_write, ensure_dir
+
+log = logging.getLogger(__name__)
+
+TEMPLATES = PROJECT_ROOT / "mosquitto"
+# The CRL is valid for CRL_LIFETIME and rewritten once less than CRL_REFRESH_BEFORE is left:
+# an expired CRL locks every client out (Mosquitto #1826), so it must never get close.
+CRL_LIFETIME = dt.timedelta(days=30)
+CRL_REFRESH_BEFORE = dt.timedelta(days=20)
+
+# Where the certificate folders are mounted inside the broker container (docker-compose.yml).
+DOCKER_CERTS = "/mosquitto/certs"
+DOCKER_POLICY = "/mosquitto/policy"
+DOCKER_DATA = "/mosquitto/data"
+
+
+class BrokerConfigError(RuntimeError):
+    """The broker's files could not be written safely; the old ones stay in place."""
+
+
+@dataclass(frozen=True)
+class BrokerFiles:
+    certs_dir: Path
+    data_dir: Path
+
+    @property
+    def folder(self) -> Path:
+        return self.certs_dir / "mosquitto"
+
+    @property
+    def policy_dir(self) -> Path:
+        return self.certs_dir / POLICY_DIR
+
+    @property
+    def conf(self) -> Path:
+        return self.folder / "mosquitto.conf"
+
+    @property
+    def docker_conf(self) -> Path:
+        return self.folder / "mosquitto.docker.conf"
+
+    @property
+    def acl(self) -> Path:
+        return self.policy_dir / "acl"
+
+    @property
+    def crl(self) -> Path:
+        return self.policy_dir / "crl.pem"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.data_dir / "mosquitto.pid"
+
+    @property
+    def persistence_dir(self) -> Path:
+        return self.data_dir / "mosquitto"
+
+
+def render_config(
+    files: BrokerFiles,
+    *,
+    port: int,
+    bind_address: str = "127.0.0.1",
+    docker: bool = False,
+    persistence: bool = True,
+) -> str:
+    """mosquitto.conf for running natively (absolute host paths) or in the broker container."""
+    if docker:
+        values = {
+            "cafile": f"{DOCKER_CERTS}/root_ca.crt",
+            "certfile": f"{DOCKER_CERTS}/mosquitto.crt",
+            "keyfile": f"{DOCKER_CERTS}/mosquitto.key",
+            "acl_file": f"{DOCKER_POLICY}/acl",
+            "crlfile": f"{DOCKER_POLICY}/crl.pem",
+            "pid_file": f"{DOCKER_DATA}/mosquitto.pid",
+            "persistence_location": f"{DOCKER_DATA}/",
+            "user_line": "",
+        }
+    else:
+        values = {
+            "cafile": str(files.folder / "root_ca.crt"),
+            "certfile": str(files.folder / "mosquitto.crt"),
+            "keyfile": str(files.folder / "mosquitto.key"),
+            "acl_file": str(files.acl),
+            "crlfile": str(files.crl),
+            "pid_file": str(files.pid_file),
+            "persistence_location": f"{files.persistence_dir}/",
+            # Run as whoever runs the lab: started as root, Mosquitto would otherwise switch to the
+            # `mosquitto` user, which cannot read the 0600 keys in the 0700 folders.
+            "user_line": f"user {getpass.getuser()}",
+        }
+    template = Template((TEMPLATES / "mosquitto.conf.template").read_text())
+    return template.substitute(
+        values, port=port, bind_address=bind_address, persistence="true" if persistence else "false"
+    )
+
+
+def render_acl(denied_names: Iterable[str] = ()) -> str:
+    """The ACL; `denied_names` (revoked identities) get a `topic deny #` block that beats every pattern."""
+    blocks = "".join(f"user {name}\ntopic deny #\n\n" for name in sorted(set(denied_names)))
+    return Template((TEMPLATES / "acl.template").read_text()).substitute(revoked_blocks=blocks or "\n")
+
+
+def crl_needs_refresh(path: Path, ca: CertificateAuthority, now: dt.datetime | None = None) -> bool:
+    now = now or utcnow()
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+    except (OSError, ValueError):
+        return True
+    if crl.issuer != ca.certificate.subject or not crl.is_signature_valid(ca.certificate.public_key()):
+        return True
+    next_update = crl.next_update_utc
+    return next_update is None or next_update - now < CRL_REFRESH_BEFORE
+
+
+def current_crl_number(path: Path) -> int:
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return 0
+
+
+def write_crl(
+    files: BrokerFiles,
+    ca: CertificateAuthority,
+    revoked: Iterable[tuple[int, dt.datetime]],
+    now: dt.datetime | None = None,
+) -> x509.CertificateRevocationList:
+    """Build, check (parses, signed by the root, not expired), then atomically replace the CRL."""
+    now = now or utcnow()
+    ensure_dir(files.policy_dir, 0o755)
+    revoked = list(revoked)
+    crl = ca.build_crl(revoked, crl_number=current_crl_number(files.crl) + 1, next_update=CRL_LIFETIME, now=now)
+    data = crl.public_bytes(serialization.Encoding.PEM)
+    check = x509.load_pem_x509_crl(data)
+    if not check.is_signature_valid(ca.certificate.public_key()) or check.issuer != ca.certificate.subject:
+        raise BrokerConfigError("the new CRL does not verify against the root; the old one was kept")
+    if check.next_update_utc is None or check.next_update_utc <= now:
+        raise BrokerConfigError("the new CRL would already be expired; the old one was kept")
+    if len(list(check)) != len({serial for serial, _ in revoked}):
+        raise BrokerConfigError("the new CRL lost entries; the old one was kept")
+    atomic_write(files.crl, data, CERT_MODE)
+    return crl
+
+
+def write_broker_files(
+    settings: Settings,
+    ca: CertificateAuthority,
+    revoked: Iterable[tuple[int, dt.datetime]],
+    denied_names: Iterable[str],
+    *,
+    force_crl: bool = False,
+) -> bool:
+    """Render config, ACL and (when needed) CRL; returns True when anything the broker reads changed."""
+    files = BrokerFiles(settings.certs_dir, settings.data_dir)
+    ensure_dir(files.policy_dir, 0o755)
+    ensure_dir(files.folder)
+    ensure_dir(files.persistence_dir)
+    changed = False
+    native = render_config(files, port=settings.broker_port, bind_address=settings.broker_bind)
+    changed |= atomic_write(files.conf, native.encode(), CERT_MODE)
+    docker = render_config(files, port=8883, bind_address="0.0.0.0", docker=True)  # noqa: S104 - inside the container
+    atomic_write(files.docker_conf, docker.encode(), CERT_MODE)
+    changed |= atomic_write(files.acl, render_acl(denied_names).encode(), CERT_MODE)
+    revoked = list(revoked)
+    if force_crl or crl_needs_refresh(files.crl, ca) or _crl_serials(files.crl) != {s for s, _ in revoked}:
+        write_crl(files, ca, revoked)
+        changed = True
+    return changed
+
+
+def _crl_serials(path: Path) -> set[int]:
+    try:
+        return {entry.serial_number for entry in x509.load_pem_x509_crl(path.read_bytes())}
+    except (OSError, ValueError):
+        return set()
+
+
+def reload_broker(files: BrokerFiles) -> bool:
+    """SIGHUP the native broker so it re-reads the ACL and CRL; False when none runs from this lab.
+
+    In Docker the broker container watches certs/policy itself (no Docker socket anywhere).
+    """
+    try:
+        pid = int(files.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        log.warning("not allowed to signal the broker (pid %s) to reload its ACL and CRL", pid)
+        return False
+    return True
+
+
+def find_mosquitto() -> str | None:
+    """The broker binary: MOSQUITTO_BIN, PATH, then the sbin folders packages install it into."""
+    candidates = [os.environ.get("MOSQUITTO_BIN"), shutil.which("mosquitto")]
+    candidates += ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto"]
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def broker_command(files: BrokerFiles) -> list[str]:
+    """argv that runs Mosquitto on the rendered config, with its log line-buffered (it is not on a pipe)."""
+    binary = find_mosquitto()
+    if binary is None:
+        raise BrokerConfigError(
+            "mosquitto is not installed: ./setup.sh installs it, or install the 'mosquitto' package "
+            "(apt-get install mosquitto / brew install mosquitto)"
+        )
+    stdbuf = shutil.which("stdbuf")
+    return [*([stdbuf, "-oL"] if stdbuf else []), binary, "-c", str(files.conf)]

@@ -1,0 +1,175 @@
+"""Test support: a real Mosquitto started with the lab's own generated config, and MQTT helpers."""
+
+from __future__ import annotations
+
+import queue
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from lab.mqtt import Identity, make_client
+from pki.broker import BrokerFiles, broker_command
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> Any:
+    """Poll `predicate` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+class Broker:
+    """Mosquitto running the config the generator rendered into `certs/mosquitto/mosquitto.conf`."""
+
+    def __init__(self, certs_dir: Path, data_dir: Path, port: int) -> None:
+        self.files = BrokerFiles(certs_dir, data_dir)
+        self.port = port
+        self.log_path = data_dir / "mosquitto.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Broker:
+        self.files.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.process = subprocess.Popen(broker_command(self.files), stdout=log, stderr=log)
+        log.close()
+        wait_for(self._accepting, timeout=10, what=f"mosquitto on port {self.port}; log:\n{self.log()}")
+        return self
+
+    def _accepting(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"mosquitto exited with {self.process.returncode}:\n{self.log()}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def reload(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGHUP)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+class Collector:
+    """An MQTT client with a given identity that records every message it receives."""
+
+    def __init__(self, certs_dir: Path, name: str, port: int, *, client_id: str = "",
+                 protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv311, identity: Identity | None = None) -> None:
+        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self.received: list[mqtt.MQTTMessage] = []
+        self.connected = threading.Event()
+        self.disconnected = threading.Event()
+        self.connect_reason: Any = None
+        self.subscribed: dict[int, list[Any]] = {}
+        self.published: set[int] = set()
+        self.port = port
+        self.client = make_client(identity or Identity.of(certs_dir, name), client_id or "", protocol=protocol)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_publish = self._on_publish
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self.connect_reason = reason
+        if not reason.is_failure:
+            self.connected.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self.connected.clear()
+        self.disconnected.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self.received.append(message)
+        self.messages.put(message)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        self.subscribed[mid] = list(reasons)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        self.published.add(mid)
+
+    def connect(self, timeout: float = 10) -> Collector:
+        self.client.connect("localhost", self.port, keepalive=30)
+        self.client.loop_start()
+        if not self.connected.wait(timeout):
+            self.client.loop_stop()
+            raise AssertionError(f"could not connect (reason {self.connect_reason})")
+        return self
+
+    def subscribe(self, topic: str, qos: int = 1) -> list[Any]:
+        _, mid = self.client.subscribe(topic, qos)
+        return wait_for(lambda: self.subscribed.get(mid), timeout=5, what=f"SUBACK for {topic}")
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, **kwargs: Any) -> None:
+        info = self.client.publish(topic, payload, qos=qos, **kwargs)
+        if qos:
+            wait_for(lambda: info.mid in self.published, timeout=5, what=f"PUBACK for {topic}")
+
+    def expect(self, topic: str | None = None, timeout: float = 10) -> mqtt.MQTTMessage:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no message on {topic or 'any topic'} within {timeout}s")
+            try:
+                message = self.messages.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if topic is None or message.topic == topic:
+                return message
+
+    def nothing(self, topic: str | None = None, within: float = 1.0) -> bool:
+        """True when no message (on `topic`) arrives within `within` seconds."""
+        deadline = time.monotonic() + within
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                message = self.messages.get(timeout=remaining)
+            except queue.Empty:
+                return True
+            if topic is None or message.topic == topic:
+                return False
+        return True
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
