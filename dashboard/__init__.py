@@ -1,0 +1,65 @@
+"""The dashboard: live readings, the MQTT log, certificate status, and the CA's HTTP/MQTT API.
+
+`create_app(test_config=None)` builds a fresh app (one per test); `socketio` is shared at package level
+(Flask-SocketIO's threading mode with simple-websocket). The MQTT connection is started only when
+MQTT_ENABLED is true (the default outside tests), once per process, never under a reloader.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import Any
+
+from flask import Flask
+from flask_socketio import SocketIO
+
+from pki.config import Settings
+
+from .errors import register_error_handlers
+from .mqtt_bridge import MqttBridge
+
+socketio = SocketIO()
+MAX_BODY = 64 * 1024
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    app = Flask(__name__)
+    app.config.from_mapping(
+        # Sessions are not used for auth; a per-process random key keeps Flask happy without a secret in code.
+        SECRET_KEY=secrets.token_hex(32),
+        MAX_CONTENT_LENGTH=MAX_BODY,
+        MQTT_ENABLED=True,
+        JSON_SORT_KEYS=False,
+    )
+    app.config.from_prefixed_env(prefix="DASHBOARD_FLASK")
+    if test_config:
+        app.config.update(test_config)
+    settings: Settings = app.config.get("LAB_SETTINGS") or Settings.from_env()
+    app.extensions["lab_settings"] = settings
+    if not app.logger.handlers or app.logger.level == logging.NOTSET:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    register_error_handlers(app)
+    socketio.init_app(app, async_mode="threading", cors_allowed_origins=[])
+
+    bridge = MqttBridge(settings)
+    app.extensions["mqtt_bridge"] = bridge
+
+    # Each feature registers its routes, Socket.IO events and MQTT handlers.
+    from . import ca_http, ca_mqtt, views
+
+    for feature in (ca_http, ca_mqtt, views):
+        feature.init_app(app)
+
+    if app.config["MQTT_ENABLED"]:
+        bridge.start()
+    return app
+
+
+def settings_of(app: Flask) -> Settings:
+    return app.extensions["lab_settings"]
+
+
+def bridge_of(app: Flask) -> MqttBridge:
+    return app.extensions["mqtt_bridge"]

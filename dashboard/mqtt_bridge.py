@@ -1,0 +1,154 @@
+"""The dashboard's single MQTT connection (dashboard certificate, MQTT v5), shared by every feature.
+
+Features register handlers for topic filters; subscriptions are (re)made in on_connect so a reconnect
+restores them. Handlers run on paho's network thread: they must be quick (hand heavy work to a pool) and
+exceptions are caught and logged so they never stop the network loop.
+
+Only one connection per certificate can exist (the broker forces client id = CN), so everything that
+speaks MQTT as `dashboard` goes through this object.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.properties import Properties
+
+from lab.mqtt import Identity, make_client
+from pki.config import Settings
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[mqtt.MQTTMessage], None]
+
+
+@dataclass
+class Subscription:
+    topic_filter: str  # may be a shared subscription: $share/<group>/<filter>
+    qos: int
+    handler: Handler
+
+    @property
+    def match_filter(self) -> str:
+        if self.topic_filter.startswith("$share/"):
+            return self.topic_filter.split("/", 2)[2]
+        return self.topic_filter
+
+
+class MqttBridge:
+    def __init__(self, settings: Settings, identity: Identity | None = None, name: str = "dashboard") -> None:
+        self.settings = settings
+        self.name = name
+        self.identity = identity or Identity.of(settings.certs_dir, name)
+        self._subscriptions: list[Subscription] = []
+        self._lock = threading.Lock()
+        self.connected = threading.Event()
+        self.last_error: str | None = None
+        self.connected_since: float | None = None
+        self.on_state_change: list[Callable[[bool], None]] = []
+        self.client: mqtt.Client | None = None
+
+    # -- registration ----------------------------------------------------------------------------
+
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        sub = Subscription(topic_filter, qos, handler)
+        with self._lock:
+            self._subscriptions.append(sub)
+        if self.client is not None and self.connected.is_set():
+            self.client.subscribe(topic_filter, qos)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        client = make_client(self.identity, self.name, protocol=mqtt.MQTTv5)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        # Jittered backoff between 1 and 30 s (paho's own doubling has no jitter).
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.client = client
+        client.connect_async(self.settings.broker_address, self.settings.broker_port, keepalive=30)
+        client.loop_start()
+
+    def stop(self) -> None:
+        if self.client is None:
+            return
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.client = None
+        self.connected.clear()
+
+    def wait_connected(self, timeout: float = 10) -> bool:
+        return self.connected.wait(timeout)
+
+    # -- publishing ------------------------------------------------------------------------------
+
+    def publish(
+        self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False,
+        properties: Properties | None = None,
+    ) -> mqtt.MQTTMessageInfo | None:
+        if self.client is None:
+            log.warning("MQTT not started; dropped a message for %s", topic)
+            return None
+        return self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "connected": self.connected.is_set(),
+            "broker": f"{self.settings.broker_address}:{self.settings.broker_port}",
+            "since": self.connected_since,
+            "last_error": self.last_error,
+        }
+
+    # -- paho callbacks (network thread) ---------------------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            self.last_error = f"connection refused: {reason}"
+            log.warning("MQTT %s", self.last_error)
+            return
+        with self._lock:
+            subs = list(self._subscriptions)
+        for sub in subs:
+            client.subscribe(sub.topic_filter, sub.qos)
+        self.connected_since = time.time()
+        self.last_error = None
+        self.connected.set()
+        log.info("MQTT connected to %s:%s as %s", self.settings.broker_address, self.settings.broker_port, self.name)
+        self._notify(True)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        was = self.connected.is_set()
+        self.connected.clear()
+        self.connected_since = None
+        if reason is not None and getattr(reason, "is_failure", False):
+            self.last_error = f"disconnected: {reason}"
+            log.warning("MQTT %s; reconnecting", self.last_error)
+        if was:
+            self._notify(False)
+        # Spread fleets of reconnecting clients out a little.
+        time.sleep(random.uniform(0, 0.5))  # noqa: S311 - jitter, not security
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            subs = list(self._subscriptions)
+        for sub in subs:
+            if mqtt.topic_matches_sub(sub.match_filter, message.topic):
+                try:
+                    sub.handler(message)
+                except Exception:  # a bad message must never stop the network loop
+                    log.exception("handler for %s failed on a message to %s", sub.topic_filter, message.topic)
+
+    def _notify(self, connected: bool) -> None:
+        for callback in list(self.on_state_change):
+            try:
+                callback(connected)
+            except Exception:
+                log.exception("MQTT state callback failed")
