@@ -1,16 +1,75 @@
-"""Pages and read-only JSON: `/`, `/api/data`, `/healthz`. (Placeholder until Step 4 fills it in.)"""
+"""Pages and read-only JSON: `/` (the live dashboard), `/api/data` (the seed's shape) and `/healthz`."""
 
 from __future__ import annotations
 
-from flask import Blueprint, Flask, current_app, jsonify
+from pathlib import Path
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, render_template, url_for
+
+from pki.config import Settings
+
+from .live import LiveHub
 
 bp = Blueprint("views", __name__)
 
+STATIC = Path(__file__).parent / "static"
+
+# The page loads nothing from elsewhere (it works offline); say so to the browser as well.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
+
+
+def _hub() -> LiveHub:
+    return current_app.extensions["live_hub"]
+
+
+def static_url(filename: str) -> str:
+    """A static URL that changes with the file, so a browser never runs an old app.js after an update."""
+    try:
+        version = int((STATIC / filename).stat().st_mtime)
+    except OSError:
+        version = 0
+    return url_for("static", filename=filename, v=version)
+
+
+@bp.get("/")
+def index() -> Response:
+    settings: Settings = current_app.extensions["lab_settings"]
+    html = render_template(
+        "index.html",
+        static_url=static_url,
+        devices=settings.devices,
+        broker=f"{settings.broker_address}:{settings.broker_port}",
+        renew_before_days=settings.renew_before_days,
+        cert_days=settings.cert_days,
+    )
+    response = Response(html, mimetype="text/html")
+    response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.get("/api/data")
+def api_data() -> Response:
+    """The seed's polling endpoint, kept for scripts: certificates, per-device data and the MQTT log."""
+    hub = _hub()
+    return jsonify({"certs_info": hub.certs()["certs"], "device_data": hub.device_data(), "logs": hub.logs()})
+
 
 @bp.get("/healthz")
-def healthz():  # type: ignore[no-untyped-def]
+def healthz() -> Response:
+    """200 while the app runs; the body says whether the broker connection and the database are up."""
     bridge = current_app.extensions["mqtt_bridge"]
-    return jsonify({"status": "ok", "mqtt": bridge.status()})
+    hub = _hub()
+    mqtt_state = bridge.status()
+    db_state = hub.health()
+    status = "ok" if mqtt_state["connected"] and db_state["ok"] else "degraded"
+    return jsonify({"status": status, "mqtt": mqtt_state, "db": db_state})
 
 
 def init_app(app: Flask) -> None:

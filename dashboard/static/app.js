@@ -1,0 +1,714 @@
+/* IoT CA Lab dashboard: live state over Socket.IO (snapshot, then batches), Chart.js, the CA forms.
+ * No build step and no framework: plain DOM, text only through textContent (never innerHTML with data). */
+(() => {
+  "use strict";
+
+  const body = document.body;
+  const PALETTE = ["#4f8cff", "#3ecf8e", "#f59e0b", "#f472b6", "#a78bfa", "#22d3ee", "#fb7185", "#a3e635"];
+  const RENEW_BEFORE_DAYS = Number(body.dataset.renewBeforeDays || 30);
+
+  const state = {
+    devices: new Map(),        // id -> device dict from the server
+    history: new Map(),        // id -> [{x: ms, y}] (shared with the chart's datasets)
+    log: [],                   // newest last, at most logLimit
+    pausedQueue: [],
+    paused: false,
+    filter: "",
+    logLimit: 500,
+    historySeconds: 3600,
+    range: 3600,
+    certs: [],
+    crl: null,
+    certFilter: "",
+    showSuperseded: false,
+    knownSerials: null,
+    clockOffset: 0,            // server time - local time, ms
+    lastServerTime: 0,
+  };
+
+  const $ = (sel, root = document) => root.querySelector(sel);
+  const el = (tag, attrs = {}, ...children) => {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(attrs)) {
+      if (value === undefined || value === null || value === false) continue;
+      if (key === "class") node.className = value;
+      else if (key === "text") node.textContent = value;
+      else if (key === "dataset") Object.assign(node.dataset, value);
+      else node.setAttribute(key, value === true ? "" : value);
+    }
+    for (const child of children) {
+      if (child === null || child === undefined) continue;
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return node;
+  };
+  const svgEl = (tag, attrs = {}) => {
+    const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+    for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, value);
+    return node;
+  };
+
+  // -- formatting ------------------------------------------------------------------------------
+  const now = () => Date.now() + state.clockOffset;
+  const pad = (n, w = 2) => String(n).padStart(w, "0");
+  const fmtClock = (ms, withMs = false) => {
+    const d = new Date(ms);
+    const base = `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+    return withMs ? `${base}.${pad(d.getMilliseconds(), 3)}` : base;
+  };
+  const fmtDay = (iso) => {
+    if (!iso) return "—";
+    const d = new Date(iso);
+    return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}`;
+  };
+  const fmtDate = (iso, seconds = false) => {
+    if (!iso) return "—";
+    const d = new Date(iso);
+    return `${fmtDay(iso)} ${pad(d.getHours())}:${pad(d.getMinutes())}${seconds ? `:${pad(d.getSeconds())}` : ""}`;
+  };
+  const fmtAgo = (seconds) => {
+    if (seconds === null || seconds === undefined) return "never";
+    const s = Math.max(0, seconds);
+    if (s < 2) return "just now";
+    if (s < 60) return `${Math.floor(s)} s ago`;
+    if (s < 3600) return `${Math.floor(s / 60)} min ago`;
+    if (s < 86400) return `${Math.floor(s / 3600)} h ago`;
+    return `${Math.floor(s / 86400)} d ago`;
+  };
+  const fmtIn = (iso) => {
+    if (!iso) return "—";
+    const days = (new Date(iso).getTime() - now()) / 86400000;
+    if (days < 0) return "overdue";
+    if (days < 1) return `in ${Math.max(1, Math.round(days * 24))} h`;
+    return `in ${Math.round(days)} days`;
+  };
+  const fmtNumber = (n) => new Intl.NumberFormat().format(n);
+  const shortSerial = (serial) => (serial && serial.length > 16 ? `${serial.slice(0, 8)}…${serial.slice(-6)}` : serial || "—");
+  const cnOf = (subject) => {
+    const match = /(?:^|,)CN=((?:\\.|[^,])*)/.exec(subject || "");
+    return match ? match[1].replace(/\\(.)/g, "$1") : "";
+  };
+  const colorOf = (deviceId) => {
+    const ids = [...state.devices.keys()].sort();
+    const index = Math.max(0, ids.indexOf(deviceId));
+    return PALETTE[index % PALETTE.length];
+  };
+
+  // -- theme -----------------------------------------------------------------------------------
+  const applyTheme = (theme) => {
+    document.documentElement.dataset.theme = theme;
+    try { localStorage.setItem("lab-theme", theme); } catch (_) { /* private mode */ }
+    if (chart) { styleChart(); chart.update("none"); }
+  };
+  let initialTheme = "dark";
+  try { initialTheme = localStorage.getItem("lab-theme") || "dark"; } catch (_) { /* ignore */ }
+  document.documentElement.dataset.theme = initialTheme;
+  $("#theme-toggle").addEventListener("click", () => {
+    applyTheme(document.documentElement.dataset.theme === "light" ? "dark" : "light");
+  });
+
+  // -- chart -----------------------------------------------------------------------------------
+  const cssVar = (name) => getComputedStyle(document.documentElement).getPropertyValue(name).trim();
+  let chart = null;
+  const styleChart = () => {
+    const grid = cssVar("--border");
+    const text = cssVar("--muted");
+    const x = chart.options.scales.x;
+    const y = chart.options.scales.y;
+    x.grid.color = grid; y.grid.color = grid;
+    x.ticks.color = text; y.ticks.color = text; y.title.color = text;
+    chart.options.plugins.legend.labels.color = cssVar("--text-2");
+  };
+  if (window.Chart) {
+    window.Chart.defaults.font.family = getComputedStyle(body).fontFamily;
+    chart = new window.Chart($("#temperature-chart"), {
+      type: "line",
+      data: { datasets: [] },
+      options: {
+        animation: false,
+        parsing: false,
+        normalized: true,
+        responsive: true,
+        maintainAspectRatio: false,
+        spanGaps: 5000,
+        interaction: { mode: "nearest", axis: "x", intersect: false },
+        elements: { point: { radius: 0, hoverRadius: 4, hitRadius: 6 }, line: { borderWidth: 2, cubicInterpolationMode: "monotone" } },
+        scales: {
+          x: {
+            type: "linear",
+            grid: { drawTicks: false },
+            border: { display: false },
+            ticks: { maxTicksLimit: 8, padding: 8, callback: (value) => fmtClock(value).slice(0, 5) },
+          },
+          y: {
+            grace: "10%",
+            border: { display: false },
+            grid: { drawTicks: false },
+            title: { display: true, text: "°C" },
+            ticks: { padding: 8, callback: (value) => Number(value).toFixed(1) },
+          },
+        },
+        plugins: {
+          legend: { position: "top", align: "end", labels: { usePointStyle: true, pointStyle: "circle", boxWidth: 8, boxHeight: 8 } },
+          tooltip: {
+            callbacks: {
+              title: (items) => (items.length ? fmtClock(items[0].parsed.x) : ""),
+              label: (item) => ` ${item.dataset.label}: ${item.parsed.y.toFixed(2)} °C`,
+            },
+          },
+        },
+      },
+    });
+    styleChart();
+  }
+  window.labDashboard = { state, get chart() { return chart; } };
+
+  const datasetFor = (deviceId) => {
+    if (!chart) return null;
+    let dataset = chart.data.datasets.find((d) => d.label === deviceId);
+    if (!dataset) {
+      if (!state.history.has(deviceId)) state.history.set(deviceId, []);
+      const color = colorOf(deviceId);
+      dataset = { label: deviceId, data: state.history.get(deviceId), borderColor: color, backgroundColor: color, fill: false };
+      chart.data.datasets.push(dataset);
+      chart.data.datasets.sort((a, b) => a.label.localeCompare(b.label));
+    }
+    return dataset;
+  };
+
+  const mergePoints = (deviceId, points) => {
+    if (!state.history.has(deviceId)) state.history.set(deviceId, []);
+    const series = state.history.get(deviceId);
+    for (const [second, value] of points) {
+      const x = second * 1000;
+      const last = series[series.length - 1];
+      if (last && last.x === x) last.y = value;
+      else if (!last || last.x < x) series.push({ x, y: value });
+    }
+    datasetFor(deviceId);
+  };
+
+  let chartPending = false;
+  const scheduleChart = () => {
+    if (!chart || chartPending) return;
+    chartPending = true;
+    requestAnimationFrame(() => {
+      chartPending = false;
+      const end = now();
+      const horizon = end - state.historySeconds * 1000;
+      let points = 0;
+      for (const series of state.history.values()) {
+        let drop = 0;
+        while (drop < series.length && series[drop].x < horizon) drop++;
+        if (drop) series.splice(0, drop);
+        points += series.length;
+      }
+      chart.options.scales.x.min = end - state.range * 1000;
+      chart.options.scales.x.max = end;
+      chart.update("none");
+      $("#chart-empty").hidden = points > 0;
+    });
+  };
+
+  document.querySelectorAll(".segmented button").forEach((button) => {
+    button.addEventListener("click", () => {
+      state.range = Number(button.dataset.range);
+      document.querySelectorAll(".segmented button").forEach((b) => b.setAttribute("aria-pressed", String(b === button)));
+      scheduleChart();
+    });
+  });
+
+  // -- device cards ----------------------------------------------------------------------------
+  const THERMO_ICON = "M14 14.76V3.5a2.5 2.5 0 0 0-5 0v11.26a4.5 4.5 0 1 0 5 0Z";
+  const certOfDevice = (deviceId) => {
+    const rows = state.certs.filter((r) => r.name === deviceId && r.status !== "superseded");
+    return rows.find((r) => r.status !== "revoked") || rows[0] || null;
+  };
+
+  const buildCard = (deviceId) => {
+    const icon = svgEl("svg", { viewBox: "0 0 24 24", "aria-hidden": "true" });
+    icon.append(svgEl("path", { d: THERMO_ICON, fill: "none", stroke: "currentColor", "stroke-width": "2", "stroke-linecap": "round", "stroke-linejoin": "round" }));
+    const spark = svgEl("svg", { class: "sparkline", viewBox: "0 0 100 30", preserveAspectRatio: "none", "aria-hidden": "true" });
+    spark.append(svgEl("path", { class: "area" }), svgEl("path", { class: "line", "vector-effect": "non-scaling-stroke" }));
+    const card = el("article", { class: "device-card", dataset: { device: deviceId, status: "unknown" }, "aria-label": `Device ${deviceId}` },
+      el("div", { class: "device-head" },
+        el("div", { class: "device-ico" }, icon),
+        el("div", { class: "device-title" }, el("h3", { text: deviceId }), el("div", { class: "muted small", text: "Thermometer" })),
+        el("span", { class: "badge badge-unknown status-badge", text: "Unknown" })),
+      el("div", { class: "reading" },
+        el("span", { class: "value", text: "—" }), el("span", { class: "unit", text: "°C" }),
+        el("span", { class: "trend", title: "Change over the last minute", text: "→ 0.00" })),
+      spark,
+      el("dl", { class: "meta" },
+        el("div", {}, el("dt", { text: "Last seen" }), el("dd", { class: "last-seen", text: "never" })),
+        el("div", {}, el("dt", { text: "Certificate" }), el("dd", { class: "cert-left", text: "—" })),
+        el("div", {}, el("dt", { text: "Readings" }), el("dd", { class: "count", text: "0" }))));
+    return card;
+  };
+
+  const cardOf = (deviceId) => {
+    const grid = $("#device-grid");
+    let card = grid.querySelector(`[data-device="${CSS.escape(deviceId)}"]`);
+    if (!card) {
+      card = buildCard(deviceId);
+      const after = [...grid.children].find((c) => c.dataset.device.localeCompare(deviceId) > 0);
+      grid.insertBefore(card, after || null);
+    }
+    return card;
+  };
+
+  const renderDevice = (device, flash = false) => {
+    state.devices.set(device.device_id, device);
+    const card = cardOf(device.device_id);
+    card.dataset.status = device.status;
+    const badge = $(".status-badge", card);
+    badge.className = `badge status-badge badge-${device.status}`;
+    badge.textContent = device.status === "online" ? "Online" : device.status === "offline" ? "Offline" : "Unknown";
+    $(".value", card).textContent = device.temperature === null ? "—" : device.temperature.toFixed(2);
+    const trend = $(".trend", card);
+    const arrow = device.trend === "up" ? "↑" : device.trend === "down" ? "↓" : "→";
+    trend.className = `trend trend-${device.trend}`;
+    trend.textContent = `${arrow} ${device.delta >= 0 ? "+" : ""}${Number(device.delta || 0).toFixed(2)}`;
+    trend.setAttribute("aria-label", `trend ${device.trend}, ${device.delta} degrees over the last minute`);
+    $(".count", card).textContent = fmtNumber(device.readings);
+    if (flash) {
+      card.classList.add("flash");
+      clearTimeout(card._flash);
+      card._flash = setTimeout(() => card.classList.remove("flash"), 400);
+    }
+    renderCardTimes(card, device);
+    renderCardCert(card, device.device_id);
+    drawSparkline(device.device_id);
+  };
+
+  const renderCardTimes = (card, device) => {
+    const seen = $(".last-seen", card);
+    seen.textContent = device.last_seen ? fmtAgo((now() - device.last_seen * 1000) / 1000) : "never";
+    seen.title = device.last_seen ? new Date(device.last_seen * 1000).toLocaleString() : "";
+  };
+
+  const renderCardCert = (card, deviceId) => {
+    const cert = certOfDevice(deviceId);
+    const dd = $(".cert-left", card);
+    dd.className = "cert-left";
+    if (!cert) { dd.textContent = "none"; dd.classList.add("bad"); return; }
+    if (cert.status === "revoked") { dd.textContent = "revoked"; dd.classList.add("bad"); return; }
+    if (cert.days_left === null || cert.days_left === undefined) { dd.textContent = cert.status; dd.classList.add("bad"); return; }
+    const days = Math.floor(cert.days_left);
+    dd.textContent = days <= 0 ? "expired" : `${days} days left`;
+    dd.classList.add(cert.status === "valid" ? "ok" : cert.status === "expiring" ? "warn" : "bad");
+    dd.title = `valid until ${fmtDate(cert.not_after)}`;
+  };
+
+  const drawSparkline = (deviceId) => {
+    const card = cardOf(deviceId);
+    const series = state.history.get(deviceId) || [];
+    const recent = series.slice(-90);
+    const line = $(".sparkline path.line", card);
+    const area = $(".sparkline path.area", card);
+    const color = colorOf(deviceId);
+    line.setAttribute("stroke", color);
+    area.setAttribute("fill", color);
+    if (recent.length < 2) { line.setAttribute("d", ""); area.setAttribute("d", ""); return; }
+    const xs = recent.map((p) => p.x);
+    const ys = recent.map((p) => p.y);
+    const x0 = xs[0], x1 = xs[xs.length - 1] || x0 + 1;
+    let y0 = Math.min(...ys), y1 = Math.max(...ys);
+    if (y1 - y0 < 0.5) { const mid = (y0 + y1) / 2; y0 = mid - 0.25; y1 = mid + 0.25; }
+    const px = (x) => ((x - x0) / Math.max(1, x1 - x0)) * 100;
+    const py = (y) => 28 - ((y - y0) / (y1 - y0)) * 26;
+    const d = recent.map((p, i) => `${i ? "L" : "M"}${px(p.x).toFixed(2)},${py(p.y).toFixed(2)}`).join(" ");
+    line.setAttribute("d", d);
+    area.setAttribute("d", `${d} L100,30 L0,30 Z`);
+  };
+
+  const renderKpis = () => {
+    const devices = [...state.devices.values()];
+    const online = devices.filter((d) => d.status === "online").length;
+    $("#kpi-online").textContent = online;
+    $("#kpi-devices").textContent = devices.length;
+    const offline = devices.filter((d) => d.status === "offline").length;
+    $("#kpi-devices-foot").textContent = devices.length
+      ? `${offline} offline · ${devices.length - online - offline} unknown`
+      : "waiting for data";
+  };
+
+  const renderStats = (stats) => {
+    if (!stats) return;
+    $("#kpi-rate").textContent = stats.rate >= 100 ? fmtNumber(Math.round(stats.rate)) : stats.rate.toFixed(1);
+    $("#kpi-messages").textContent = fmtNumber(stats.messages);
+    $("#kpi-readings").textContent = fmtNumber(stats.readings);
+  };
+
+  const renderBroker = (broker) => {
+    if (!broker) return;
+    const pill = $("#broker-pill");
+    pill.dataset.state = broker.connected ? "ok" : "bad";
+    $("#broker-state").textContent = broker.connected ? "connected" : "disconnected";
+    pill.title = broker.connected ? `Connected to ${broker.broker}` : (broker.last_error || `Not connected to ${broker.broker || "the broker"}`);
+  };
+
+  // -- MQTT log --------------------------------------------------------------------------------
+  const logList = $("#log-list");
+  const matches = (entry) => {
+    if (!state.filter) return true;
+    const needle = state.filter;
+    return entry.topic.toLowerCase().includes(needle) || entry.payload.toLowerCase().includes(needle);
+  };
+  const logRow = (entry) => {
+    const row = el("div", { class: `log-row${entry.note ? " rejected" : ""}`, dataset: { id: entry.id } },
+      el("span", { class: "t", text: fmtClock(entry.time * 1000, true) }),
+      el("span", { class: `dir dir-${entry.direction}`, text: entry.direction.toUpperCase(), title: entry.direction === "in" ? "to the dashboard" : "published by the dashboard's CA" }),
+      el("span", { class: "topic", text: entry.topic, title: entry.topic }),
+      el("span", { class: "payload", title: entry.payload }, entry.payload, entry.note ? el("span", { class: "note", text: entry.note }) : null));
+    if (entry.retained) row.querySelector(".topic").append(el("span", { class: "role", text: "retained" }));
+    return row;
+  };
+  const renderLogCount = () => {
+    const shown = logList.querySelectorAll(".log-row").length;
+    $("#log-count").textContent = state.filter ? `${shown} of ${state.log.length} match “${state.filter}”` : `${shown} shown`;
+    const empty = $(".log-empty", logList);
+    if (!shown && !empty) logList.append(el("div", { class: "log-empty", text: state.filter ? "No message matches the filter" : "No messages yet" }));
+    if (shown && empty) empty.remove();
+  };
+  const renderLogAll = () => {
+    logList.replaceChildren(...state.log.filter(matches).reverse().map(logRow));
+    renderLogCount();
+  };
+  const addLogEntries = (entries) => {
+    if (!entries.length) return;
+    state.log.push(...entries);
+    if (state.log.length > state.logLimit) state.log.splice(0, state.log.length - state.logLimit);
+    const fresh = entries.filter(matches);
+    if (fresh.length) {
+      const fragment = document.createDocumentFragment();
+      for (let i = fresh.length - 1; i >= 0; i--) fragment.append(logRow(fresh[i]));
+      logList.prepend(fragment);
+    }
+    // Drop rows whose entries fell out of the capped log.
+    const oldest = state.log.length ? state.log[0].id : Infinity;
+    let last = logList.lastElementChild;
+    while (last && last.classList.contains("log-row") && Number(last.dataset.id) < oldest) {
+      const prev = last.previousElementSibling;
+      last.remove();
+      last = prev;
+    }
+    renderLogCount();
+  };
+  const receiveLog = (entries) => {
+    if (!entries || !entries.length) return;
+    if (state.paused) {
+      state.pausedQueue.push(...entries);
+      if (state.pausedQueue.length > state.logLimit) state.pausedQueue.splice(0, state.pausedQueue.length - state.logLimit);
+      const note = $("#log-paused-note");
+      note.hidden = false;
+      note.textContent = `Paused · ${state.pausedQueue.length} new message${state.pausedQueue.length === 1 ? "" : "s"} waiting`;
+      $("#log-pause").textContent = `Resume (${state.pausedQueue.length})`;
+      return;
+    }
+    addLogEntries(entries);
+  };
+  let filterTimer = null;
+  $("#log-filter").addEventListener("input", (event) => {
+    clearTimeout(filterTimer);
+    filterTimer = setTimeout(() => { state.filter = event.target.value.trim().toLowerCase(); renderLogAll(); }, 120);
+  });
+  $("#log-pause").addEventListener("click", (event) => {
+    state.paused = !state.paused;
+    event.currentTarget.setAttribute("aria-pressed", String(state.paused));
+    event.currentTarget.textContent = state.paused ? "Resume" : "Pause";
+    if (!state.paused) {
+      const queued = state.pausedQueue.splice(0);
+      $("#log-paused-note").hidden = true;
+      addLogEntries(queued);
+    }
+  });
+  $("#log-clear").addEventListener("click", () => {
+    state.log = [];
+    state.pausedQueue = [];
+    renderLogAll();
+  });
+
+  // -- certificates ----------------------------------------------------------------------------
+  const certMatches = (row) => {
+    if (!state.showSuperseded && row.status === "superseded") return false;
+    if (!state.certFilter) return true;
+    const hay = `${row.name} ${row.subject} ${row.issuer} ${row.serial} ${row.status} ${row.role}`.toLowerCase();
+    return hay.includes(state.certFilter);
+  };
+  const PROTECTED = new Set(["root_ca", "mosquitto", "dashboard"]);
+  const certRow = (row, isNew) => {
+    const days = row.days_left;
+    const lifetime = row.not_before && row.not_after ? (new Date(row.not_after) - new Date(row.not_before)) / 86400000 : Number(body.dataset.certDays || 365);
+    const pct = days === null || days === undefined ? 0 : Math.max(0, Math.min(100, (days / lifetime) * 100));
+    const barClass = row.status === "revoked" || row.status === "superseded" ? "off"
+      : row.status === "expired" || days <= 0 ? "bad" : row.status === "expiring" ? "warn" : "";
+    const cn = cnOf(row.subject);
+    const actions = el("td", {});
+    if (!PROTECTED.has(row.name) && (row.status === "valid" || row.status === "expiring") && row.serial) {
+      actions.append(el("button", { type: "button", class: "btn btn-ghost btn-small", dataset: { revokeSerial: row.serial, revokeName: row.name }, "aria-label": `Revoke ${row.name} (serial ${row.serial})`, text: "Revoke…" }));
+    }
+    return el("tr", { class: `${row.status === "superseded" ? "superseded" : ""}${isNew ? " row-new" : ""}`, dataset: { name: row.name, serial: row.serial || "", status: row.status } },
+      el("td", { class: "name" }, row.name, row.role && row.role !== row.name ? el("span", { class: "role", text: row.role }) : null),
+      el("td", { class: "subject", title: row.subject }, el("b", { text: cn || row.subject || "—" }), cn && row.subject !== `CN=${cn}` ? el("span", { class: "muted", text: ` · ${row.subject.replace(/(^|,)CN=[^,]*/, "").replace(/^,/, "")}` }) : null),
+      el("td", { class: "issuer", title: row.issuer || "", text: cnOf(row.issuer) || row.issuer || "—" }),
+      el("td", { class: "serial", title: row.serial || "", text: shortSerial(row.serial) }),
+      el("td", { class: "date", title: fmtDate(row.not_before, true), text: fmtDay(row.not_before) }),
+      el("td", { class: "date", title: fmtDate(row.not_after, true), text: fmtDay(row.not_after) }),
+      el("td", {}, el("div", { class: "days" },
+        el("span", { class: "days-left", text: days === null || days === undefined ? "—" : `${Math.max(0, Math.floor(days))} d` }),
+        barOf(pct, barClass))),
+      el("td", {}, el("span", { class: `status status-${row.status}`, title: row.detail || "", text: row.status })),
+      actions);
+  };
+  const barOf = (pct, barClass) => {
+    const fill = el("span");
+    fill.style.width = `${pct.toFixed(1)}%`;  // CSSOM, not a style attribute: the page's CSP has no 'unsafe-inline'
+    return el("div", { class: `bar ${barClass}`, "aria-hidden": "true" }, fill);
+  };
+  const renderCerts = () => {
+    const fresh = state.knownSerials;
+    const rows = state.certs.filter(certMatches);
+    $("#cert-rows").replaceChildren(...(rows.length ? rows.map((row) => certRow(row, fresh && row.serial && !fresh.has(row.serial))) :
+      [el("tr", {}, el("td", { colspan: "9", class: "muted", text: state.certs.length ? "No certificate matches the filter" : "No certificates yet" }))]));
+    state.knownSerials = new Set(state.certs.map((r) => r.serial));
+    for (const [deviceId] of state.devices) renderCardCert(cardOf(deviceId), deviceId);
+  };
+  const renderCrl = () => {
+    const crl = state.crl;
+    const bar = $("#crl-bar");
+    if (!crl || !crl.present) {
+      bar.replaceChildren(el("span", { text: `CRL: ${crl ? crl.error : "unknown"}` }));
+      $("#kpi-crl").textContent = "—";
+      return;
+    }
+    bar.replaceChildren(
+      el("span", {}, "CRL ", el("b", { text: `#${crl.number ?? "?"}` })),
+      el("span", {}, "Last update ", el("b", { text: fmtDate(crl.last_update) })),
+      el("span", {}, "Next update ", el("b", { text: `${fmtDate(crl.next_update)} (${fmtIn(crl.next_update)})` })),
+      el("span", {}, "Revoked entries ", el("b", { text: String(crl.revoked) })));
+    $("#kpi-crl").textContent = fmtIn(crl.next_update);
+    $("#kpi-crl-foot").textContent = `${fmtDate(crl.next_update)} · ${crl.revoked} revoked`;
+  };
+  const receiveCerts = (data) => {
+    if (!data) return;
+    state.certs = data.certs || [];
+    state.crl = data.crl || null;
+    const summary = data.summary || {};
+    $("#kpi-valid").textContent = summary.valid ?? 0;
+    $("#kpi-expiring").textContent = summary.expiring ?? 0;
+    $("#kpi-expired").textContent = summary.expired ?? 0;
+    $("#kpi-revoked").textContent = summary.revoked ?? 0;
+    renderCerts();
+    renderCrl();
+  };
+  $("#cert-filter").addEventListener("input", (event) => { state.certFilter = event.target.value.trim().toLowerCase(); renderCerts(); });
+  $("#cert-history").addEventListener("change", (event) => { state.showSuperseded = event.target.checked; renderCerts(); });
+  $("#cert-rows").addEventListener("click", (event) => {
+    const button = event.target.closest("[data-revoke-serial]");
+    if (!button) return;
+    selectTab("revoke");
+    const form = $("#panel-revoke");
+    form.elements.name.value = "";
+    form.elements.serial.value = button.dataset.revokeSerial;
+    form.scrollIntoView({ block: "center" });
+    form.elements.pass.focus();
+  });
+
+  // -- CA panel --------------------------------------------------------------------------------
+  const tabs = [...document.querySelectorAll('[role="tab"]')];
+  const selectTab = (name) => {
+    for (const tab of tabs) {
+      const selected = tab.id === `tab-${name}`;
+      tab.setAttribute("aria-selected", String(selected));
+      tab.tabIndex = selected ? 0 : -1;
+      $(`#${tab.getAttribute("aria-controls")}`).hidden = !selected;
+    }
+  };
+  tabs.forEach((tab, index) => {
+    tab.addEventListener("click", () => selectTab(tab.id.slice(4)));
+    tab.addEventListener("keydown", (event) => {
+      if (event.key !== "ArrowRight" && event.key !== "ArrowLeft") return;
+      const next = tabs[(index + (event.key === "ArrowRight" ? 1 : tabs.length - 1)) % tabs.length];
+      selectTab(next.id.slice(4));
+      next.focus();
+    });
+  });
+
+  $("#csr-file").addEventListener("change", async (event) => {
+    const file = event.target.files[0];
+    if (file) $("#panel-sign").elements.csr.value = (await file.text()).trim();
+  });
+
+  const download = (filename, text) => {
+    const url = URL.createObjectURL(new Blob([text], { type: "application/x-pem-file" }));
+    const link = el("a", { href: url, download: filename });
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 1000);
+  };
+
+  const showResult = (status, data, action) => {
+    const box = $("#ca-result");
+    if (status >= 200 && status < 300) {
+      const name = data.name || "certificate";
+      const title = action === "revoke" ? `Revoked ${name}` : `${status === 201 ? "Issued" : "Returned the existing"} certificate for ${name}`;
+      const details = el("dl", { class: "kv" });
+      const add = (label, value) => { if (value !== undefined && value !== null && value !== "") details.append(el("dt", { text: label }), el("dd", { text: String(value) })); };
+      add("Name", data.name);
+      add("Serial", data.serial);
+      add("Not after", data.not_after ? `${fmtDate(data.not_after)} (${fmtIn(data.not_after)})` : undefined);
+      add("Reason", data.reason);
+      if (Array.isArray(data.revoked) && data.revoked.length) add(data.revoked.length > 1 ? "Serials" : "Serial", data.revoked.join(", "));
+      if (Array.isArray(data.already_revoked) && data.already_revoked.length) add("Already revoked", data.already_revoked.join(", "));
+      add("Revoked at", data.revoked_at);
+      add("HTTP status", status);
+      const downloads = el("div", { class: "downloads" });
+      if (data.crt) downloads.append(el("button", { type: "button", class: "btn btn-primary", dataset: { file: "crt" }, text: `⤓ ${name}.crt` }));
+      if (data.key) downloads.append(el("button", { type: "button", class: "btn", dataset: { file: "key" }, text: `⤓ ${name}.key` }));
+      if (data.ca) downloads.append(el("button", { type: "button", class: "btn", dataset: { file: "ca" }, text: "⤓ root_ca.crt" }));
+      downloads.addEventListener("click", (event) => {
+        const button = event.target.closest("[data-file]");
+        if (!button) return;
+        const kind = button.dataset.file;
+        download(kind === "ca" ? "root_ca.crt" : `${name}.${kind}`, data[kind]);
+      });
+      box.replaceChildren(
+        el("div", { class: "alert alert-ok", role: "status" }, el("div", { class: "alert-title", text: title }), details),
+        downloads.children.length ? downloads : null,
+        data.key ? el("div", { class: "hint", text: "The private key is not stored by the dashboard for you to fetch again: download it now." }) : null);
+    } else {
+      const retry = data.retry_after ? ` Try again in ${data.retry_after} s.` : "";
+      box.replaceChildren(el("div", { class: "alert alert-bad", role: "alert" },
+        el("div", { class: "alert-title", text: `Request failed (HTTP ${status})` }),
+        el("div", { text: `${data.error || "unknown error"}${data.field ? ` (field: ${data.field})` : ""}${retry}` })));
+    }
+  };
+
+  document.querySelectorAll(".ca-form").forEach((form) => {
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const action = form.id.replace("panel-", "");
+      const payload = {};
+      for (const field of form.elements) {
+        if (!field.name) continue;
+        field.removeAttribute("aria-invalid");
+        const value = field.value.trim();
+        if (value === "") continue;
+        payload[field.name] = field.name === "days" ? Number(value) : (field.name === "pass" ? field.value : value);
+      }
+      const missing = [...form.elements].find((f) => f.required && !f.value.trim());
+      if (missing || (action === "revoke" && !payload.name && !payload.serial)) {
+        const field = missing || form.elements.name;
+        field.setAttribute("aria-invalid", "true");
+        field.focus();
+        showResult(400, { error: action === "revoke" && !missing ? "give a name or a serial" : `${field.name} is required`, field: field.name }, action);
+        return;
+      }
+      const submit = form.querySelector('[type="submit"]');
+      submit.disabled = true;
+      let status = 0;
+      let data = {};
+      try {
+        const response = await fetch(form.dataset.endpoint, {
+          method: "POST",
+          headers: { "Content-Type": "application/json", Accept: "application/json" },
+          body: JSON.stringify(payload),
+        });
+        status = response.status;
+        data = await response.json().catch(() => ({ error: response.statusText || "the reply was not JSON" }));
+        if (status === 429) data.retry_after = response.headers.get("Retry-After");
+      } catch (error) {
+        data = { error: `could not reach the dashboard: ${error.message}` };
+      } finally {
+        submit.disabled = false;
+      }
+      showResult(status, data, action);
+      if (data.field && form.elements[data.field]) form.elements[data.field].setAttribute("aria-invalid", "true");
+      if (status >= 200 && status < 300) {
+        form.elements.pass.value = "";
+        socket.emit("refresh_certs");
+      }
+    });
+  });
+
+  // -- sidebar: highlight the section in view --------------------------------------------------
+  const navLinks = [...document.querySelectorAll(".sidebar nav a")];
+  if ("IntersectionObserver" in window) {
+    const observer = new IntersectionObserver((items) => {
+      const visible = items.filter((i) => i.isIntersecting).sort((a, b) => a.boundingClientRect.top - b.boundingClientRect.top)[0];
+      if (!visible) return;
+      navLinks.forEach((a) => a.classList.toggle("active", a.getAttribute("href") === `#${visible.target.id}`));
+    }, { rootMargin: "0px 0px -60% 0px" });
+    navLinks.forEach((a) => { const target = $(a.getAttribute("href")); if (target) observer.observe(target); });
+  }
+
+  // -- Socket.IO -------------------------------------------------------------------------------
+  const setLive = (stateName, text) => {
+    $("#live-pill").dataset.state = stateName;
+    $("#live-state").textContent = text;
+  };
+  const syncClock = (serverTime) => {
+    if (!serverTime) return;
+    state.clockOffset = serverTime * 1000 - Date.now();
+    state.lastServerTime = serverTime;
+  };
+
+  const socket = window.io ? window.io({ transports: ["websocket", "polling"] }) : null;
+  if (!socket) {
+    setLive("bad", "Socket.IO client missing");
+    return;
+  }
+  socket.on("connect", () => setLive("ok", "Live"));
+  socket.on("disconnect", () => setLive("warn", "Reconnecting…"));
+  socket.io.on("reconnect_attempt", () => setLive("warn", "Reconnecting…"));
+
+  socket.on("snapshot", (snap) => {
+    syncClock(snap.server_time);
+    const config = snap.config || {};
+    state.logLimit = config.log_limit || state.logLimit;
+    state.historySeconds = config.history_seconds || state.historySeconds;
+    $("#log-limit").textContent = state.logLimit;
+    // A reconnect replaces everything: the snapshot is the truth.
+    state.devices.clear();
+    state.history.clear();
+    if (chart) chart.data.datasets = [];
+    $("#device-grid").replaceChildren();
+    for (const device of snap.devices || []) state.devices.set(device.device_id, device);
+    for (const [deviceId, points] of Object.entries(snap.history || {})) mergePoints(deviceId, points);
+    receiveCerts(snap.certs);
+    for (const device of snap.devices || []) renderDevice(device);
+    for (const deviceId of state.devices.keys()) datasetFor(deviceId);
+    state.log = (snap.log || []).slice(-state.logLimit);
+    state.pausedQueue = [];
+    renderLogAll();
+    renderKpis();
+    renderStats(snap.stats);
+    renderBroker(snap.broker);
+    scheduleChart();
+  });
+
+  socket.on("batch", (batch) => {
+    syncClock(batch.server_time);
+    for (const device of batch.devices || []) state.devices.set(device.device_id, device);
+    for (const [deviceId, points] of Object.entries(batch.points || {})) mergePoints(deviceId, points);
+    for (const device of batch.devices || []) renderDevice(device, true);
+    receiveLog(batch.log || []);
+    renderKpis();
+    renderStats(batch.stats);
+    if (batch.broker) renderBroker(batch.broker);
+    scheduleChart();
+  });
+
+  socket.on("certs", (data) => receiveCerts(data));
+
+  // Relative times and the chart's moving window advance even when nothing arrives.
+  setInterval(() => {
+    for (const [deviceId, device] of state.devices) {
+      const card = $(`#device-grid [data-device="${CSS.escape(deviceId)}"]`);
+      if (card) renderCardTimes(card, device);
+    }
+    scheduleChart();
+  }, 1000);
+})();

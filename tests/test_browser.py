@@ -1,0 +1,205 @@
+"""End to end in a real browser: Mosquitto, `python -m dashboard`, two `thermometer.py`, headless Chromium.
+
+Everything is real: mutual TLS on every MQTT connection, the dashboard's own server and Socket.IO, the
+CA API behind the form, signals to stop a device. The screenshot lands in test-output/dashboard.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, Page, sync_playwright
+
+from .conftest import PROJECT_ROOT, LabEnv
+from .support import Broker, ThermometerProcess, free_port, wait_for
+
+pytestmark = [pytest.mark.browser, pytest.mark.integration]
+
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+OUTPUT = PROJECT_ROOT / "test-output"
+DEVICES = ("device001", "device002")
+
+
+class DashboardProcess:
+    """`python -m dashboard` with the lab's environment, as `./setup.sh native` runs it."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.env = {**os.environ, **env, "DASHBOARD_PORT": str(self.port), "PYTHONUNBUFFERED": "1"}
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def start(self) -> DashboardProcess:
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "dashboard"], env=self.env, cwd=PROJECT_ROOT,
+                                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        wait_for(self._mqtt_connected, timeout=20, what=f"the dashboard's MQTT connection; log:\n{self.log()}")
+        return self
+
+    def health(self) -> dict[str, Any] | None:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(self.url + "healthz", timeout=2) as response:
+                return json.load(response)
+        except OSError:
+            return None
+
+    def _mqtt_connected(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"the dashboard exited with {self.process.returncode}:\n{self.log()}")
+        health = self.health()
+        return bool(health and health["mqtt"]["connected"])
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def running_lab(broker: Broker, generated_lab: LabEnv, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """The native lab: broker (fixture), dashboard and one thermometer per device publishing every second."""
+    dashboard = DashboardProcess(generated_lab.env, tmp_path / "dashboard.log")
+    thermometers = {d: ThermometerProcess({**generated_lab.env, "DEVICE_ID": d, "PUBLISH_INTERVAL": "1"})
+                    for d in DEVICES}
+    try:
+        dashboard.start()
+        for thermometer in thermometers.values():
+            thermometer.start()
+        yield {"dashboard": dashboard, "thermometers": thermometers, "lab": generated_lab}
+    finally:
+        for thermometer in thermometers.values():
+            thermometer.stop()
+        dashboard.stop()
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def card(page: Page, device: str) -> Any:
+    return page.locator(f'.device-card[data-device="{device}"]')
+
+
+def test_live_dashboard_in_chromium(running_lab: dict[str, Any], browser: Browser) -> None:
+    dashboard: DashboardProcess = running_lab["dashboard"]
+    lab: LabEnv = running_lab["lab"]
+    page = browser.new_page(viewport={"width": 1440, "height": 900}, accept_downloads=True)
+    errors: list[str] = []
+    page.on("pageerror", lambda ex: errors.append(str(ex)))
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    outside: list[str] = []
+    page.on("request", lambda req: outside.append(req.url)
+            if not req.url.startswith((dashboard.url, "data:", "blob:")) else None)
+    page.goto(dashboard.url)
+
+    # Both devices online, each showing at least two different temperatures, within 10 s.
+    seen: dict[str, set[str]] = {d: set() for d in DEVICES}
+
+    def both_online_and_changing() -> bool:
+        for device in DEVICES:
+            if card(page, device).locator(".status-badge").inner_text() != "Online":
+                return False
+            value = card(page, device).locator(".reading .value").inner_text()
+            if re.fullmatch(r"-?\d+\.\d+", value):
+                seen[device].add(value)
+        return all(len(values) >= 2 for values in seen.values())
+
+    wait_for(both_online_and_changing, timeout=10, interval=0.2,
+             what=f"both devices online with changing temperatures (seen {seen})")
+
+    # The chart has points for both devices.
+    lengths = page.evaluate(
+        "Object.fromEntries(labDashboard.chart.data.datasets.map(d => [d.label, d.data.length]))")
+    assert all(lengths.get(device, 0) >= 2 for device in DEVICES), lengths
+
+    # The log shows telemetry; the filter keeps only what matches.
+    topics = page.locator("#log-list .log-row .topic")
+    wait_for(lambda: "iot/thermometer/device001/temperature" in topics.all_inner_texts(), timeout=5,
+             what="a telemetry line in the log")
+    page.fill("#log-filter", "device002/temperature")
+    wait_for(lambda: topics.count() > 0 and all("device002/temperature" in t for t in topics.all_inner_texts()),
+             timeout=5, what="only device002 telemetry in the filtered log")
+    page.fill("#log-filter", "no-such-topic-xyz")
+    wait_for(lambda: topics.count() == 0, timeout=5, what="an empty log for a filter that matches nothing")
+    assert "No message matches" in page.inner_text("#log-list")
+    page.fill("#log-filter", "")
+    wait_for(lambda: topics.count() > 0, timeout=5, what="the whole log back after clearing the filter")
+
+    # Pause freezes the log while messages keep arriving (counted on the button); resume shows them.
+    page.click("#log-pause")
+    frozen = page.locator("#log-list .log-row").first.get_attribute("data-id")
+    wait_for(lambda: re.fullmatch(r"Resume \(\d+\)", page.inner_text("#log-pause")), timeout=5,
+             what="messages counted while paused")
+    assert page.locator("#log-list .log-row").first.get_attribute("data-id") == frozen
+    page.click("#log-pause")
+    assert int(page.locator("#log-list .log-row").first.get_attribute("data-id") or 0) > int(frozen or 0)
+
+    # The certificate table: root, broker, dashboard and both devices, each with its days remaining.
+    for name in ("root_ca", "mosquitto", "dashboard", *DEVICES):
+        row = page.locator(f'#cert-rows tr[data-name="{name}"]').first
+        assert re.fullmatch(r"\d+ d", row.locator(".days-left").inner_text()), name
+        assert row.locator(".status").inner_text().lower() == "valid"
+    assert "Next update" in page.inner_text("#crl-bar")
+
+    # Create a certificate through the CA form: the result offers the PEMs, and a new row appears.
+    page.fill("#panel-create input[name=name]", "sensor-e2e")
+    page.fill("#panel-create input[name=days]", "30")
+    page.fill("#panel-create input[name=pass]", lab.passphrase)
+    page.click("#panel-create button[type=submit]")
+    page.locator("#ca-result .alert-ok").wait_for(timeout=10_000)
+    with page.expect_download() as download_info:
+        page.click('#ca-result [data-file="crt"]')
+    download = download_info.value
+    assert download.suggested_filename == "sensor-e2e.crt"
+    assert Path(download.path()).read_text().startswith("-----BEGIN CERTIFICATE-----")
+    page.locator('#cert-rows tr[data-name="sensor-e2e"]').wait_for(timeout=10_000)
+
+    # Take the product shot while both devices are live.
+    page.click('.segmented button[data-range="300"]')
+    page.evaluate("window.scrollTo(0, 0)")
+    OUTPUT.mkdir(exist_ok=True)
+    page.screenshot(path=str(OUTPUT / "dashboard.png"), full_page=True)
+
+    # Stopping a thermometer (SIGTERM) turns it offline on the page; the other stays online.
+    assert running_lab["thermometers"]["device002"].terminate() == 0
+    wait_for(lambda: card(page, "device002").locator(".status-badge").inner_text() == "Offline", timeout=10,
+             what="device002 offline on the page")
+    assert card(page, "device001").locator(".status-badge").inner_text() == "Online"
+    page.screenshot(path=str(OUTPUT / "dashboard-device-offline.png"), full_page=True)
+
+    assert not errors, errors
+    assert not outside, f"the page loaded something from elsewhere: {outside}"
