@@ -55,6 +55,16 @@ def parse_devices(value: str | list[str]) -> list[str]:
     return seen
 
 
+def lab_environ(dotenv_path: Path | None = None) -> dict[str, str]:
+    """`.env` (LAB_ENV_FILE, default ./.env) overlaid by the process environment: python-dotenv's override=False.
+
+    Also for keys Settings does not model (a thermometer's DEVICE_ID, CLIENT_CERT_PATH, ...).
+    """
+    path = dotenv_path or Path(os.environ.get("LAB_ENV_FILE", PROJECT_ROOT / ".env"))
+    file_values = {k: v for k, v in dotenv_values(path).items() if v is not None} if path.exists() else {}
+    return {**file_values, **os.environ}
+
+
 @dataclass(frozen=True)
 class Settings:
     ca_passphrase: str | None = None
@@ -82,12 +92,7 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, dotenv_path: Path | None = None) -> Settings:
         """Process environment wins over `.env`, as python-dotenv's `override=False` does."""
-        if environ is None:
-            path = dotenv_path or Path(os.environ.get("LAB_ENV_FILE", PROJECT_ROOT / ".env"))
-            file_values = {k: v for k, v in dotenv_values(path).items() if v is not None} if path.exists() else {}
-            env: Mapping[str, str] = {**file_values, **os.environ}
-        else:
-            env = environ
+        env: Mapping[str, str] = lab_environ(dotenv_path) if environ is None else environ
         key_type = (env.get("KEY_TYPE") or "ec").strip().lower()
         if key_type not in KEY_TYPES:
             raise ConfigError(f"KEY_TYPE={key_type!r} is not supported; use one of {', '.join(KEY_TYPES)}")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +18,7 @@ import paho.mqtt.client as mqtt
 
 from lab.mqtt import Identity, make_client
 from pki.broker import BrokerFiles, broker_command
+from pki.config import PROJECT_ROOT
 
 
 def free_port() -> int:
@@ -93,7 +96,8 @@ class Collector:
     """An MQTT client with a given identity that records every message it receives."""
 
     def __init__(self, certs_dir: Path, name: str, port: int, *, client_id: str = "",
-                 protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv311, identity: Identity | None = None) -> None:
+                 protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv311, identity: Identity | None = None,
+                 clean_session: bool = True) -> None:
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self.received: list[mqtt.MQTTMessage] = []
         self.connected = threading.Event()
@@ -102,7 +106,9 @@ class Collector:
         self.subscribed: dict[int, list[Any]] = {}
         self.published: set[int] = set()
         self.port = port
-        self.client = make_client(identity or Identity.of(certs_dir, name), client_id or "", protocol=protocol)
+        # clean_session=False: the broker keeps the subscription and queues QoS 1 messages across a restart.
+        self.client = make_client(identity or Identity.of(certs_dir, name), client_id or "", protocol=protocol,
+                                  clean_session=clean_session)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
@@ -173,3 +179,57 @@ class Collector:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+class ThermometerProcess:
+    """`thermometer.py` as a real subprocess (real TLS, real signals); its output is collected for assertions."""
+
+    def __init__(self, env: dict[str, str], *args: str) -> None:
+        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.args = args
+        self.process: subprocess.Popen[str] | None = None
+        self.lines: list[str] = []
+        self._reader: threading.Thread | None = None
+
+    def start(self) -> ThermometerProcess:
+        self.process = subprocess.Popen(
+            [sys.executable, str(PROJECT_ROOT / "thermometer.py"), *self.args], env=self.env, cwd=PROJECT_ROOT,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self._reader = threading.Thread(target=self._read, args=(self.process.stdout,), daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self, pipe: Any) -> None:
+        for line in pipe:
+            self.lines.append(line.rstrip("\n"))
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_output(self, text: str, timeout: float = 15) -> None:
+        def seen() -> bool:
+            if text in self.output():
+                return True
+            assert self.process is not None and self._reader is not None
+            if self.process.poll() is not None and not self._reader.is_alive():
+                raise AssertionError(f"thermometer exited with {self.process.returncode} before printing "
+                                     f"{text!r}:\n{self.output()}")
+            return False
+
+        wait_for(seen, timeout=timeout, what=f"{text!r} in the thermometer output")
+
+    def terminate(self, timeout: float = 20) -> int:
+        """SIGTERM, as `docker stop` or the native runner send it; returns the exit code."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=timeout)
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        return code
+
+    def stop(self) -> None:
+        """Cleanup: make sure the process is gone, whatever the test did."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

@@ -1,0 +1,529 @@
+"""`python -m lab.native`: the whole lab as local processes, in the foreground; Ctrl-C stops all of it.
+
+Used by `./setup.sh native` (and by `./setup.sh` when no Docker engine answers). In order: the
+certificates are brought up to date (the generator's logic), Mosquitto starts on the rendered config,
+then the dashboard and one thermometer per device. Every child's output is shown prefixed with its name
+(`[mosquitto] ...`, `[device001] ...`); the runner's own lines say `[runner]`.
+
+Children run in their own sessions, so a Ctrl-C in the terminal reaches only the runner, which stops
+them in order: thermometers first (SIGTERM: they publish retained `offline`), then the dashboard, then
+Mosquitto; whatever ignores SIGTERM is killed. On Linux each child also gets PR_SET_PDEATHSIG, so even
+a SIGKILLed runner leaves nothing behind. A child that dies is reported and restarted with backoff.
+
+`<DATA_DIR>/lab.pids` lists the runner and its children (`PID NAME` per line) for `./setup.sh down`
+and `./setup.sh status`; it is removed on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from pki.authority import CAError, WrongPassphrase
+from pki.broker import BrokerConfigError, BrokerFiles, broker_command
+from pki.config import PROJECT_ROOT, ConfigError, Settings, parse_devices
+from pki.lab import LabCertificates
+from pki.store import CERT_MODE, atomic_write
+
+from .mqtt import Identity
+
+PIDS_FILE = "lab.pids"
+BROKER_START_TIMEOUT = 15.0
+BROKER_RUNNING_RE = re.compile(r"mosquitto version \S+ running")
+BROKER_LOG_GRACE = 3.0  # after this long without that line, probe the port instead
+DASHBOARD_START_TIMEOUT = 30.0
+# How long each kind of child gets between SIGTERM and SIGKILL. Thermometers wait up to 5 s for the
+# broker to acknowledge their last readings and `offline`.
+STOP_TIMEOUTS = {"device": 10.0, "dashboard": 5.0, "broker": 10.0}
+RESTART_MAX_DELAY = 30.0
+STABLE_AFTER = 60.0  # a child that ran this long starts its backoff from scratch when it dies
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+class RunnerError(Exception):
+    """The lab cannot start; `code` is the exit status (2: settings or passphrase, 1: anything else)."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# -- children never outlive the runner (Linux) --------------------------------------------------
+
+PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()  # resolved before any fork: the child only calls it
+
+
+def _die_with_runner(runner_pid: int) -> Callable[[], None]:
+    """preexec_fn: SIGTERM this child when the runner dies (best effort, Linux only).
+
+    The "parent" is the thread that forked, so children are only ever started from the main thread.
+    """
+
+    def preexec() -> None:
+        if _PRCTL is not None:
+            _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+            if os.getppid() != runner_pid:  # the runner died between fork and prctl
+                os._exit(1)
+
+    return preexec
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+
+class PrefixedOutput:
+    """Lines from many threads, one at a time, each prefixed with who said it."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self._lock = threading.Lock()
+
+    def line(self, name: str, text: str) -> None:
+        with self._lock:
+            try:
+                self.stream.write(f"[{name}] {text}\n")
+                self.stream.flush()
+            except (OSError, ValueError):  # closed terminal or pipe: keep running, keep stopping cleanly
+                pass
+
+    def pump(self, name: str, pipe: IO[bytes], watch: Callable[[str], None] | None = None) -> threading.Thread:
+        """Copy a child's output, line by line, until it closes (the child exited); `watch` sees each line."""
+
+        def copy() -> None:
+            with pipe:
+                for raw in iter(pipe.readline, b""):
+                    text = raw.decode(errors="replace").rstrip("\r\n")
+                    self.line(name, text)
+                    if watch is not None:
+                        watch(text)
+
+        thread = threading.Thread(target=copy, name=f"output-{name}", daemon=True)
+        thread.start()
+        return thread
+
+
+# -- services ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Service:
+    """One child the runner keeps alive: how to start it, and its current process."""
+
+    name: str
+    kind: str  # broker | dashboard | device
+    argv: list[str]
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+    output: threading.Thread | None = None
+    started_at: float = 0.0
+    failures: int = 0
+    restart_at: float | None = None
+    restarts: int = 0
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+def exit_description(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with {returncode}"
+
+
+def restart_delay(failures: int) -> float:
+    """1, 2, 4 ... 30 s: a child that keeps crashing does not spin."""
+    return min(RESTART_MAX_DELAY, 2.0 ** max(failures - 1, 0))
+
+
+def local_address(host: str) -> str:
+    """Where to reach a server bound to `host` from this machine."""
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::", "*") else host  # noqa: S104 - a comparison
+
+
+def port_accepts(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((local_address(host), port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def child_env(base: dict[str, str], **values: str) -> dict[str, str]:
+    env = {**base, **values, "PYTHONUNBUFFERED": "1"}
+    return env
+
+
+def build_services(settings: Settings, devices: Sequence[str], *, dashboard: bool,
+                   base_env: dict[str, str] | None = None) -> list[Service]:
+    """Mosquitto, the dashboard (when asked and present), one thermometer per device, in start order."""
+    base = dict(os.environ if base_env is None else base_env)
+    files = BrokerFiles(settings.certs_dir, settings.data_dir)
+    services = [Service("mosquitto", "broker", broker_command(files), child_env(base))]
+    if dashboard and (PROJECT_ROOT / "dashboard" / "__main__.py").exists():
+        services.append(Service("dashboard", "dashboard", [sys.executable, "-m", "dashboard"], child_env(base)))
+    device_base = {k: v for k, v in base.items() if k != "CA_PASSPHRASE"}  # devices never need it
+    for device in devices:
+        identity = Identity.of(settings.certs_dir, device)
+        env = child_env(
+            device_base,
+            DEVICE_ID=device,
+            CERTS_DIR=str(settings.certs_dir),
+            CA_CERT_PATH=str(identity.ca_cert),
+            CLIENT_CERT_PATH=str(identity.cert),
+            CLIENT_KEY_PATH=str(identity.key),
+            BROKER_ADDRESS=settings.broker_address,
+            BROKER_PORT=str(settings.broker_port),
+            PUBLISH_INTERVAL=f"{settings.publish_interval:g}",
+        )
+        services.append(Service(device, "device", [sys.executable, str(PROJECT_ROOT / "thermometer.py")], env))
+    return services
+
+
+# -- the runner ------------------------------------------------------------------------------------
+
+
+class LabRunner:
+    def __init__(self, settings: Settings, devices: Sequence[str] | None = None, *, dashboard: bool = True,
+                 output: PrefixedOutput | None = None) -> None:
+        self.settings = settings
+        self.devices = list(devices if devices is not None else settings.devices)
+        self.want_dashboard = dashboard
+        self.out = output or PrefixedOutput()
+        self.services: list[Service] = []
+        self.pids_file = settings.data_dir / PIDS_FILE
+        # Plain attributes, set from signal handlers (which must not take locks); the loops poll them.
+        self._stopping = False
+        self._hurry = False  # a second Ctrl-C: kill instead of waiting
+        self._banner_shown = False
+        self._broker_running = threading.Event()
+
+    def say(self, text: str) -> None:
+        self.out.line("runner", text)
+
+    # -- before anything starts -----------------------------------------------------------------
+
+    def ensure_certificates(self) -> None:
+        """The generator's logic: issue what is missing or stale; wrong passphrase stops here (exit 2)."""
+        lab = LabCertificates(self.settings)
+        try:
+            report = lab.generate(self.devices)
+        except WrongPassphrase:
+            raise RunnerError(
+                f"CA_PASSPHRASE does not unlock {lab.layout.ca_key}. Nothing was written or started. Put the "
+                f"passphrase this CA was created with into .env; if it is lost, delete {lab.layout.ca_dir} "
+                "to start a new CA (every certificate is then reissued).", EXIT_CONFIG) from None
+        except (ConfigError, CAError) as ex:
+            raise RunnerError(str(ex), EXIT_CONFIG) from None
+        changed = [r for r in report.results if r.action != "kept"]
+        for result in changed:
+            self.out.line("certs", result.line())
+        self.out.line("certs", f"{len(report.results)} certificates current ({len(changed)} issued now) "
+                               f"in {self.settings.certs_dir}")
+
+    def check_not_running(self) -> None:
+        """Refuse to start a second lab over a running one (its ports and pid file are taken)."""
+        for pid, name in read_pids(self.pids_file):
+            if pid != os.getpid() and pid_alive(pid):
+                raise RunnerError(
+                    f"a native lab is already running ({name}, pid {pid}, from {self.pids_file}); "
+                    "stop it with ./setup.sh down")
+        busy = [f"{what} port {port}" for what, host, port in (
+            ("broker", self.settings.broker_bind, self.settings.broker_port),
+            ("dashboard", self.settings.dashboard_host, self.settings.dashboard_port),
+        ) if (what == "broker" or self.want_dashboard) and port_accepts(host, port)]
+        if busy:
+            raise RunnerError(
+                f"{' and '.join(busy)} already in use: another lab or broker runs (./setup.sh down, or "
+                "`./setup.sh docker` is up, or a system mosquitto listens there); or choose BROKER_PORT / "
+                "DASHBOARD_PORT in .env")
+
+    # -- children --------------------------------------------------------------------------------
+
+    def start(self, service: Service) -> None:
+        """Start a child in its own session (Ctrl-C reaches only the runner). Main thread only."""
+        service.restart_at = None
+        try:
+            process = subprocess.Popen(
+                service.argv, env=service.env, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=_die_with_runner(os.getpid()),
+            )
+        except OSError as ex:
+            self.say(f"cannot start {service.name}: {ex}")
+            self._schedule_restart(service)
+            return
+        service.process = process
+        service.started_at = time.monotonic()
+        assert process.stdout is not None
+        watch = self._watch_broker if service.kind == "broker" else None
+        service.output = self.out.pump(service.name, process.stdout, watch)
+        self.write_pids()
+
+    def _schedule_restart(self, service: Service) -> float:
+        if time.monotonic() - service.started_at > STABLE_AFTER:
+            service.failures = 0
+        service.failures += 1
+        delay = restart_delay(service.failures)
+        service.restart_at = time.monotonic() + delay
+        return delay
+
+    def _reap(self, service: Service) -> None:
+        """A child exited on its own: report it, schedule its restart."""
+        assert service.process is not None
+        returncode = service.process.returncode
+        if service.output is not None:
+            service.output.join(timeout=1)  # its last lines first, then our report
+        service.process = None
+        delay = self._schedule_restart(service)
+        service.restarts += 1
+        self.say(f"{service.name} {exit_description(returncode)}; restarting in {delay:g}s")
+        self.write_pids()
+
+    def signal_service(self, service: Service, signum: int) -> None:
+        """Signal the child's whole process group while its leader is alive (its pgid is then ours)."""
+        process = service.process
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            try:
+                os.killpg(process.pid, signum)
+            except ProcessLookupError:
+                process.send_signal(signum)
+
+    def _watch_broker(self, line: str) -> None:
+        if BROKER_RUNNING_RE.search(line):
+            self._broker_running.set()
+
+    def _broker_ready(self, since: float) -> bool:
+        """Mosquitto says it is running (then its listeners are open); a TCP probe only if it never says so.
+
+        (A probe is logged by Mosquitto as a failed TLS connection: noise the user should not see.)
+        """
+        if self._broker_running.is_set():
+            return True
+        return time.monotonic() - since > BROKER_LOG_GRACE and port_accepts(
+            self.settings.broker_bind, self.settings.broker_port)
+
+    def wait_for_broker(self, broker: Service) -> None:
+        started = time.monotonic()
+        deadline = started + BROKER_START_TIMEOUT
+        while not self._broker_ready(started):
+            if self._stopping:
+                return
+            if broker.process is None or broker.process.poll() is not None:
+                code = broker.process.returncode if broker.process else "?"
+                raise RunnerError(f"mosquitto exited with {code} while starting (its output is above)")
+            if time.monotonic() > deadline:
+                raise RunnerError(f"mosquitto did not accept connections on port {self.settings.broker_port} "
+                                  f"within {BROKER_START_TIMEOUT:g}s (its output is above)")
+            time.sleep(0.05)
+
+    # -- pid file -----------------------------------------------------------------------------------
+
+    def write_pids(self) -> None:
+        lines = [f"{os.getpid()} runner"]
+        lines += [f"{s.process.pid} {s.name}" for s in self.services if s.process is not None]
+        self.pids_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.pids_file, ("\n".join(lines) + "\n").encode(), CERT_MODE)
+
+    def remove_pids(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.pids_file.unlink()
+
+    # -- signals -----------------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if self._stopping:
+            self._hurry = True
+        self._stopping = True
+
+    def install_signal_handlers(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+
+    def request_stop(self) -> None:
+        self._stopping = True
+
+    # -- the whole run -------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Prepare, start everything, supervise until a signal, stop everything. Returns the exit code."""
+        self.install_signal_handlers()
+        try:
+            self.check_not_running()
+            self.ensure_certificates()
+            self.services = build_services(self.settings, self.devices, dashboard=self.want_dashboard)
+        except BrokerConfigError as ex:  # mosquitto missing: the message says what to install
+            return self._fail(RunnerError(str(ex)))
+        except RunnerError as ex:
+            return self._fail(ex)
+        try:
+            broker, *others = self.services
+            self.start(broker)
+            self.wait_for_broker(broker)
+            for service in others:
+                if self._stopping:
+                    break
+                self.start(service)
+            self.supervise()
+        except RunnerError as ex:
+            return self._fail(ex)
+        finally:
+            self.stop_all()
+            self.remove_pids()
+        self.say("stopped; nothing left running")
+        return EXIT_OK
+
+    def _fail(self, error: RunnerError) -> int:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return error.code
+
+    def supervise(self) -> None:
+        started = time.monotonic()
+        while not self._stopping:
+            now = time.monotonic()
+            for service in self.services:
+                if service.process is not None and service.process.poll() is not None:
+                    self._reap(service)
+                elif service.process is None and service.restart_at is not None and now >= service.restart_at:
+                    self.say(f"restarting {service.name}")
+                    self.start(service)
+            if not self._banner_shown and (self._dashboard_ready() or now - started > DASHBOARD_START_TIMEOUT):
+                self.banner()
+            time.sleep(0.1)
+
+    def _dashboard_ready(self) -> bool:
+        if not any(s.kind == "dashboard" for s in self.services):
+            return True
+        return port_accepts(self.settings.dashboard_host, self.settings.dashboard_port, timeout=0.2)
+
+    def banner(self) -> None:
+        self._banner_shown = True
+        s = self.settings
+        rows = []
+        if any(svc.kind == "dashboard" for svc in self.services):
+            rows.append(("dashboard", f"http://{local_address(s.dashboard_host)}:{s.dashboard_port}/"))
+        rows.append(("broker", f"{s.broker_address}:{s.broker_port} (MQTT over mutual TLS; CA "
+                               f"{s.certs_dir / 'root_ca' / 'root_ca.crt'})"))
+        rows.append(("devices", f"{', '.join(self.devices) or 'none'} (a reading every {s.publish_interval:g} s)"))
+        rows.append(("pid file", f"{self.pids_file} (./setup.sh down stops the lab from another terminal)"))
+        self.say("The lab is up (native mode). Ctrl-C stops everything.")
+        for label, value in rows:
+            self.say(f"  {label:<10} {value}")
+
+    def stop_all(self) -> None:
+        """Thermometers (they publish `offline`), then the dashboard, then Mosquitto; SIGKILL stragglers."""
+        for kind in ("device", "dashboard", "broker"):
+            group = [s for s in self.services if s.kind == kind and s.running]
+            if not group:
+                continue
+            self.say(f"stopping {', '.join(s.name for s in group)}")
+            for service in group:
+                self.signal_service(service, signal.SIGTERM)
+            deadline = time.monotonic() + STOP_TIMEOUTS[kind]
+            for service in group:
+                self._wait_or_kill(service, deadline)
+        for service in self.services:
+            service.restart_at = None
+
+    def _wait_or_kill(self, service: Service, deadline: float) -> None:
+        process = service.process
+        assert process is not None
+        while process.poll() is None and time.monotonic() < deadline and not self._hurry:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=0.1)
+        if process.poll() is None:
+            self.say(f"{service.name} did not stop in time: SIGKILL")
+            self.signal_service(service, signal.SIGKILL)
+            process.wait()
+        if service.output is not None:
+            service.output.join(timeout=2)
+        service.process = None
+        self.write_pids()
+
+
+# -- pid file helpers (also for tests) -----------------------------------------------------------
+
+
+def read_pids(path: Path) -> list[tuple[int, str]]:
+    """`PID NAME` lines of a lab.pids file; a missing or garbled file gives what can be read."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    entries = []
+    for line in text.splitlines():
+        fields = line.split(maxsplit=1)
+        if fields and fields[0].isdigit():
+            entries.append((int(fields[0]), fields[1].strip() if len(fields) > 1 else ""))
+    return entries
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# -- command line ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m lab.native",
+        description="Run the lab as local processes in the foreground: Mosquitto, the dashboard and one "
+        "thermometer per device. Ctrl-C stops everything.",
+    )
+    parser.add_argument("--devices", help="comma-separated device ids (default: DEVICES from .env)")
+    parser.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit codes: 0 stopped by Ctrl-C/SIGTERM, 1 could not start, 2 settings or CA passphrase wrong."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        devices = parse_devices(args.devices) if args.devices is not None else settings.devices
+    except ConfigError as ex:
+        print(f"error: {ex}", file=sys.stderr)
+        return EXIT_CONFIG
+    return LabRunner(settings, devices, dashboard=not args.no_dashboard).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
