@@ -8,7 +8,6 @@ and `certs/policy/{acl,crl.pem}`, the part the CA service rewrites when it revok
 from __future__ import annotations
 
 import datetime as dt
-import getpass
 import logging
 import os
 import shutil
@@ -99,7 +98,9 @@ def render_config(
             "crlfile": f"{DOCKER_POLICY}/crl.pem",
             "pid_file": f"{DOCKER_DATA}/mosquitto.pid",
             "persistence_location": f"{DOCKER_DATA}/",
-            "user_line": "",
+            # The container runs as LAB_UID; if that is 0, root must not switch to `mosquitto` (who cannot
+            # read the keys). For any other uid Mosquitto ignores this line.
+            "user_line": "user root",
         }
     else:
         values = {
@@ -110,9 +111,9 @@ def render_config(
             "crlfile": str(files.crl),
             "pid_file": str(files.pid_file),
             "persistence_location": f"{files.persistence_dir}/",
-            # Run as whoever runs the lab: started as root, Mosquitto would otherwise switch to the
-            # `mosquitto` user, which cannot read the 0600 keys in the 0700 folders.
-            "user_line": f"user {getpass.getuser()}",
+            # Started as root, Mosquitto switches to the `mosquitto` user, which cannot read the 0600 keys in
+            # the 0700 folders: stay root then. Started as anyone else it never switches (no line needed).
+            "user_line": "user root" if os.geteuid() == 0 else "",
         }
     template = Template((TEMPLATES / "mosquitto.conf.template").read_text())
     return template.substitute(
