@@ -743,6 +743,18 @@ stop_pids() {
             fi
         done
     done <"$file"
+    # A native run lists its runner first: let it stop the children in order (thermometers publish
+    # `offline` before the broker goes), then mop up whatever is left.
+    local runner
+    runner=$(awk '$2 == "runner" { print $1; exit }' "$file" 2>/dev/null || true)
+    if [[ -n $runner ]] && kill -0 "$runner" 2>/dev/null; then
+        log "Asking the native lab runner (PID $runner) to stop everything"
+        kill -TERM "$runner" 2>/dev/null || true
+        for ((i = 0; i < 60; i++)); do
+            kill -0 "$runner" 2>/dev/null || break
+            sleep 0.5
+        done
+    fi
     for pid in ${pids[@]+"${pids[@]}"}; do
         if kill -0 "$pid" 2>/dev/null; then
             alive+=("$pid")
