@@ -41,6 +41,7 @@ CA_REQUEST_TOPICS = ("ssl/sign", "ssl/create")
 CA_RENEW_PREFIX = "ssl/renew/"
 
 LOG_LIMIT = 500  # lines kept server-side and in the browser
+LOG_BATCH_LIMIT = 100  # newest lines per push: past a few hundred lines a second nobody reads them anyway
 HISTORY_SECONDS = 3600  # what the chart shows, and what a restarted dashboard reloads
 FLUSH_INTERVAL = 0.25  # seconds between two pushes to the browsers (at most 4 per second)
 CERTS_POLL_INTERVAL = 2.0  # how often the emitter checks whether the certificate table changed
@@ -198,7 +199,7 @@ class LiveHub:
         # What changed since the last flush.
         self._dirty_devices: set[str] = set()
         self._dirty_points: dict[str, dict[int, Bucket]] = {}
-        self._pending_log: deque[dict[str, Any]] = deque(maxlen=LOG_LIMIT)
+        self._pending_log: deque[dict[str, Any]] = deque(maxlen=LOG_BATCH_LIMIT)
         self._skipped_log = 0
         self._pending_readings: deque[ReadingIn] = deque(maxlen=PENDING_READINGS_LIMIT)
         self._broker_changed = False
@@ -285,8 +286,7 @@ class LiveHub:
             if device.status == "unknown":  # no retained presence yet: data means it is up
                 device.status, device.status_since = "online", now
             self._add_point(reading.device_id, now, reading.temperature)
-            self._update_trend(device)
-            self._dirty_devices.add(device.device_id)
+            self._dirty_devices.add(device.device_id)  # its trend is computed once per push, in drain()
             self._pending_readings.append(reading)
             self.readings_total += 1
 
@@ -350,8 +350,13 @@ class LiveHub:
         if not buckets or device.temperature is None:
             device.trend, device.delta = "flat", 0.0
             return
+        # The oldest point inside the window, walking back from the newest (at most TREND_WINDOW steps).
         start = buckets[-1].second - TREND_WINDOW
-        reference = next((b for b in buckets if b.second >= start), buckets[-1])
+        reference = buckets[-1]
+        for bucket in reversed(buckets):
+            if bucket.second < start:
+                break
+            reference = bucket
         delta = round(device.temperature - reference.mean, 2)
         device.delta = delta
         device.trend = "up" if delta >= TREND_THRESHOLD else "down" if delta <= -TREND_THRESHOLD else "flat"
@@ -475,6 +480,9 @@ class LiveHub:
                 now - self._last_emit < IDLE_STATS_INTERVAL
             ):
                 return None, readings
+            for device_id in self._dirty_devices:
+                if device_id in self.devices:
+                    self._update_trend(self.devices[device_id])
             batch: dict[str, Any] = {
                 "server_time": now,
                 "devices": [self.devices[d].to_dict() for d in sorted(self._dirty_devices) if d in self.devices],

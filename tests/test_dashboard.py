@@ -18,7 +18,7 @@ from flask import Flask
 from sqlalchemy import update
 
 from dashboard import create_app, socketio
-from dashboard.live import LOG_LIMIT, LiveHub
+from dashboard.live import LOG_BATCH_LIMIT, LOG_LIMIT, LiveHub
 from dashboard.readings import ReadingIn, ReadingStore
 from pki.authority import generate_private_key
 from pki.authority import key_pem as key_pem_of
@@ -137,8 +137,10 @@ def test_trend_follows_the_readings(app: Flask) -> None:
     hub = hub_of(app)
     hub.on_temperature(reading("device001", 20.0))
     hub.on_temperature(reading("device001", 21.0))
+    hub.flush()
     assert hub.devices["device001"].trend == "up"
     hub.on_temperature(reading("device001", 19.0))
+    hub.flush()
     assert hub.devices["device001"].trend == "down"
 
 
@@ -162,7 +164,7 @@ def test_a_burst_is_batched_and_the_log_capped(generated_lab: LabEnv) -> None:
     finally:
         hub.close()
     assert len(batches) < 100, f"{len(batches)} pushes for {burst} messages: not batched"
-    assert all(len(b["log"]) <= LOG_LIMIT for b in batches)
+    assert all(len(b["log"]) <= LOG_BATCH_LIMIT for b in batches)
     # Every message is accounted for: sent as a log line, or counted as skipped in a batch.
     assert sum(len(b["log"]) + b["skipped"] for b in batches) == burst
     assert len(hub.logs()) == LOG_LIMIT

@@ -161,7 +161,9 @@
     });
     styleChart();
   }
-  window.labDashboard = { state, get chart() { return chart; } };
+  // For tests and the curious (devtools): the state, the chart, and how much work each push costs the page.
+  const metrics = { batches: 0, batchMsTotal: 0, batchMsMax: 0 };
+  window.labDashboard = { state, metrics, get chart() { return chart; } };
 
   const datasetFor = (deviceId) => {
     if (!chart) return null;
@@ -690,6 +692,7 @@
   });
 
   socket.on("batch", (batch) => {
+    const started = performance.now();
     syncClock(batch.server_time);
     for (const device of batch.devices || []) state.devices.set(device.device_id, device);
     for (const [deviceId, points] of Object.entries(batch.points || {})) mergePoints(deviceId, points);
@@ -699,6 +702,10 @@
     renderStats(batch.stats);
     if (batch.broker) renderBroker(batch.broker);
     scheduleChart();
+    const spent = performance.now() - started;
+    metrics.batches += 1;
+    metrics.batchMsTotal += spent;
+    metrics.batchMsMax = Math.max(metrics.batchMsMax, spent);
   });
 
   socket.on("certs", (data) => receiveCerts(data));
