@@ -1,9 +1,171 @@
-"""The CA's MQTT endpoint: ssl/sign, ssl/create, ssl/renew/<cn> (placeholder until Step 3 fills it in)."""
+"""The CA's MQTT endpoint: requests on `ssl/sign` and `ssl/create`, replies on `ssl/<name>` (QoS 1).
+
+A thin adapter over `pki.service.CAService`, like the HTTP routes: decode the JSON, call the service, publish
+its reply body unchanged. MQTT v5 requests with a ResponseTopic also get the reply there, with their
+CorrelationData; every reply carries the HTTP status as the user property `status` (v5 subscribers see it).
+
+Messages arrive on paho's network thread through the dashboard's single MqttBridge; they are handed to a small
+worker pool at once, so signing never stalls the connection. Nothing a publisher sends can stop the
+subscriber: every failure is answered (when there is somewhere to answer) and logged.
+
+With CA_SHARED_SUBSCRIPTION=1 the endpoint subscribes to `$share/ca/ssl/sign` and `$share/ca/ssl/create`,
+so several dashboard/CA processes split the requests between them.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import paho.mqtt.client as mqtt
 from flask import Flask
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from pki.requests import UNAVAILABLE, readable_name
+from pki.service import CAService, Reply
+
+from .ca_http import ensure_ca_service
+from .mqtt_bridge import MqttBridge
+
+log = logging.getLogger(__name__)
+
+OPERATIONS = ("sign", "create")
+SHARE_GROUP = "ca"
+WORKERS = 4
+MAX_PENDING = 256  # requests queued beyond this get a 503 reply instead of growing memory without bound
+
+
+def _truthy(value: object) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+class CAMqttEndpoint:
+    """Subscribes through the bridge, works in a pool, replies through the bridge."""
+
+    def __init__(
+        self, service: CAService, bridge: MqttBridge, *, shared: bool = False, workers: int = WORKERS,
+        max_pending: int = MAX_PENDING,
+    ) -> None:
+        self.service = service
+        self.bridge = bridge
+        self.shared = shared
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ca-mqtt")
+        self._slots = threading.BoundedSemaphore(max_pending)
+        self._counts_lock = threading.Lock()
+        # Observable progress (health checks, tests): requests received, handled, and replies by status.
+        self.received = 0
+        self.handled = 0
+        self.by_status: dict[int, int] = {}
+
+    def topic_filters(self) -> list[str]:
+        prefix = f"$share/{SHARE_GROUP}/" if self.shared else ""
+        return [f"{prefix}ssl/{operation}" for operation in OPERATIONS]
+
+    def register(self) -> None:
+        for topic_filter in self.topic_filters():
+            self.bridge.subscribe(topic_filter, self.on_message, qos=1)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def idle(self) -> bool:
+        with self._counts_lock:
+            return self.handled == self.received
+
+    def stats(self) -> dict[str, Any]:
+        with self._counts_lock:
+            return {"received": self.received, "handled": self.handled,
+                    "by_status": {str(k): v for k, v in sorted(self.by_status.items())}}
+
+    # -- network thread: copy what we need, hand over, return ------------------------------------------
+
+    def on_message(self, message: mqtt.MQTTMessage) -> None:
+        operation = message.topic.rsplit("/", 1)[-1]
+        if operation not in OPERATIONS:
+            return
+        properties = getattr(message, "properties", None)
+        response_topic = getattr(properties, "ResponseTopic", None) or None
+        correlation = getattr(properties, "CorrelationData", None)
+        payload = bytes(message.payload)
+        with self._counts_lock:
+            self.received += 1
+        if not self._slots.acquire(blocking=False):
+            self._finish(operation, payload, response_topic, correlation,
+                         Reply(UNAVAILABLE, {"error": "the CA is busy; retry in a few seconds"}))
+            return
+        try:
+            self.pool.submit(self._work, operation, payload, response_topic, correlation)
+        except RuntimeError:  # the pool is shut down (app closing)
+            self._slots.release()
+            with self._counts_lock:
+                self.handled += 1
+
+    # -- worker threads --------------------------------------------------------------------------------
+
+    def _work(self, operation: str, payload: bytes, response_topic: str | None, correlation: bytes | None) -> None:
+        try:
+            reply = self._handle(operation, payload)
+            self._finish(operation, payload, response_topic, correlation, reply)
+        except Exception:  # never lose the worker; the service itself already turns errors into replies
+            log.exception("ssl/%s: unexpected failure while answering", operation)
+            with self._counts_lock:
+                self.handled += 1
+        finally:
+            self._slots.release()
+
+    def _handle(self, operation: str, payload: bytes) -> Reply:
+        try:
+            body = json.loads(payload)
+        except (ValueError, RecursionError):
+            return Reply(400, {"error": "the payload is not valid JSON"})
+        name = readable_name(body)
+        # The replier never learns who published (MQTT hides it): the lockout counts per requested name.
+        source = f"mqtt:{name or '?'}"
+        call = self.service.sign if operation == "sign" else self.service.create
+        return call(body, source=source, via="mqtt", requester=source)
+
+    def _finish(
+        self, operation: str, payload: bytes, response_topic: str | None, correlation: bytes | None, reply: Reply
+    ) -> None:
+        name = reply.body.get("name") if reply.ok else None
+        if name is None:
+            try:
+                name = readable_name(json.loads(payload))
+            except (ValueError, RecursionError):
+                name = None
+        if not reply.ok and name is None:
+            log.info("ssl/%s: %s; no usable name, so no reply on ssl/<name>", operation, reply.body.get("error"))
+        encoded = json.dumps(reply.body).encode()
+        topics = [f"ssl/{name}"] if name else []
+        if response_topic and response_topic not in topics:
+            topics.append(response_topic)
+        for topic in topics:
+            self._publish(topic, encoded, reply, correlation)
+        with self._counts_lock:
+            self.handled += 1
+            self.by_status[reply.status] = self.by_status.get(reply.status, 0) + 1
+
+    def _publish(self, topic: str, payload: bytes, reply: Reply, correlation: bytes | None) -> None:
+        properties = Properties(PacketTypes.PUBLISH)
+        # The HTTP status (and Retry-After, lower-cased) travel as v5 user properties; the body is the HTTP body.
+        properties.UserProperty = [("status", str(reply.status))] + [(k.lower(), v) for k, v in reply.headers.items()]
+        if correlation is not None:
+            properties.CorrelationData = correlation
+        try:
+            self.bridge.publish(topic, payload, qos=1, properties=properties)
+        except (ValueError, TypeError) as ex:  # e.g. a ResponseTopic with wildcards
+            log.warning("could not reply on %r: %s", topic, ex)
 
 
 def init_app(app: Flask) -> None:
-    return None
+    service = ensure_ca_service(app)
+    shared = app.config.get("CA_SHARED_SUBSCRIPTION", os.environ.get("CA_SHARED_SUBSCRIPTION", ""))
+    endpoint = CAMqttEndpoint(service, app.extensions["mqtt_bridge"], shared=_truthy(shared))
+    endpoint.register()
+    app.extensions["ca_mqtt"] = endpoint

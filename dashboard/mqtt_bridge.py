@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from lab.mqtt import Identity, make_client
@@ -34,6 +35,16 @@ class Subscription:
     topic_filter: str  # may be a shared subscription: $share/<group>/<filter>
     qos: int
     handler: Handler
+    # MQTT v5 subscription identifier: Mosquitto 2.0 delivers one copy of a message per matching
+    # subscription (e.g. `ssl/#` and `ssl/sign`), tagged with its identifier; each copy goes to its own handler
+    # only, so overlapping filters never run a handler twice (a CA request signed twice).
+    identifier: int = 0
+
+    @property
+    def properties(self) -> Properties:
+        properties = Properties(PacketTypes.SUBSCRIBE)
+        properties.SubscriptionIdentifier = self.identifier
+        return properties
 
     @property
     def match_filter(self) -> str:
@@ -58,11 +69,11 @@ class MqttBridge:
     # -- registration ----------------------------------------------------------------------------
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
-        sub = Subscription(topic_filter, qos, handler)
         with self._lock:
+            sub = Subscription(topic_filter, qos, handler, identifier=len(self._subscriptions) + 1)
             self._subscriptions.append(sub)
         if self.client is not None and self.connected.is_set():
-            self.client.subscribe(topic_filter, qos)
+            self.client.subscribe(topic_filter, qos, properties=sub.properties)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -117,7 +128,7 @@ class MqttBridge:
         with self._lock:
             subs = list(self._subscriptions)
         for sub in subs:
-            client.subscribe(sub.topic_filter, sub.qos)
+            client.subscribe(sub.topic_filter, sub.qos, properties=sub.properties)
         self.connected_since = time.time()
         self.last_error = None
         self.connected.set()
@@ -139,8 +150,10 @@ class MqttBridge:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         with self._lock:
             subs = list(self._subscriptions)
+        identifiers = getattr(message.properties, "SubscriptionIdentifier", None)
         for sub in subs:
-            if mqtt.topic_matches_sub(sub.match_filter, message.topic):
+            if (sub.identifier in identifiers) if identifiers else mqtt.topic_matches_sub(sub.match_filter,
+                                                                                           message.topic):
                 try:
                     sub.handler(message)
                 except Exception:  # a bad message must never stop the network loop

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from sqlalchemy import DateTime, Integer, String, Text, create_engine, event, select, update
+from sqlalchemy import DateTime, ForeignKey, Integer, String, Text, create_engine, event, select, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.types import TypeDecorator
 
 from .authority import cert_pem, common_name, fingerprint_sha256, serial_hex, utcnow
 
@@ -19,30 +21,32 @@ ACTIVE = "active"
 SUPERSEDED = "superseded"
 REVOKED = "revoked"
 
+# Names that may appear in a broker ACL `user` line (no spaces, newlines or wildcards).
+_ACL_SAFE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
 
 class Base(DeclarativeBase):
     pass
 
 
-class UTCDateTime(DateTime):
-    """SQLite forgets time zones; everything stored is UTC, so give it back as aware UTC."""
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """SQLite forgets time zones; everything stored is UTC, so give it back as aware UTC.
 
+    (A TypeDecorator: a DateTime subclass's result_processor is replaced by the dialect's own type.)
+    """
+
+    impl = DateTime(timezone=True)
     cache_ok = True
 
-    def __init__(self) -> None:
-        super().__init__(timezone=True)
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        if isinstance(value, dt.datetime) and value.tzinfo is not None:
+            value = value.astimezone(dt.UTC)
+        return value
 
-    def result_processor(self, dialect: Any, coltype: Any) -> Any:
-        parent = super().result_processor(dialect, coltype)
-
-        def process(value: Any) -> Any:
-            if parent is not None:
-                value = parent(value)
-            if isinstance(value, dt.datetime) and value.tzinfo is None:
-                value = value.replace(tzinfo=dt.UTC)
-            return value
-
-        return process
+    def process_result_value(self, value: Any, dialect: Any) -> Any:
+        if isinstance(value, dt.datetime) and value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        return value
 
 
 class CertificateRecord(Base):
@@ -86,6 +90,31 @@ class CertificateRecord(Base):
             "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
             "revocation_reason": self.revocation_reason,
         }
+
+
+class CreateRequestRecord(Base):
+    """The digest of the normalised `create` request behind a certificate: an identical retry gets it back."""
+
+    __tablename__ = "create_requests"
+
+    serial: Mapped[str] = mapped_column(String(64), ForeignKey("certificates.serial"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    digest: Mapped[str] = mapped_column(String(64))
+
+
+class EnrolmentToken(Base):
+    """A single-use enrolment token; only its SHA-256 is stored, never the token itself."""
+
+    __tablename__ = "enrolment_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    requester: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    used_serial: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 def make_engine(url: str) -> Engine:
@@ -196,17 +225,101 @@ class Inventory:
         with self.session() as session:
             return list(session.scalars(query))
 
-    def revoked_serials(self) -> list[tuple[int, dt.datetime]]:
+    def revoked_serials(self, session: Session | None = None) -> list[tuple[int, dt.datetime]]:
         """(serial, revocation time) of every revoked certificate: the CRL's content."""
+        if session is None:
+            with self.session() as own:
+                return self.revoked_serials(own)
         query = select(CertificateRecord.serial, CertificateRecord.revoked_at).where(
             CertificateRecord.status == REVOKED
         )
-        with self.session() as session:
-            return [(int(serial, 16), when or utcnow()) for serial, when in session.execute(query)]
+        return [(int(serial, 16), when or utcnow()) for serial, when in session.execute(query)]
 
-    def denied_names(self) -> list[str]:
-        """Names whose latest certificate is revoked and that hold no active one: the ACL denies them."""
+    def denied_names(self, session: Session | None = None) -> list[str]:
+        """Identities whose latest certificate is revoked and that hold no active one: the ACL denies them.
+
+        The broker's user name is the certificate CN, so a revoked certificate's CN is denied as well as its
+        entity name (they differ only for `create` requests with their own `cn`); nothing an active
+        certificate still uses is ever denied.
+        """
+        if session is None:
+            with self.session() as own:
+                return self.denied_names(own)
+        rows = session.execute(
+            select(CertificateRecord.name, CertificateRecord.common_name, CertificateRecord.status).where(
+                CertificateRecord.status.in_((REVOKED, ACTIVE))
+            )
+        ).all()
+        active_names = {name for name, _cn, status in rows if status == ACTIVE}
+        active_cns = {cn for _name, cn, status in rows if status == ACTIVE}
+        denied: set[str] = set()
+        for name, cn, status in rows:
+            if status == REVOKED and name not in active_names:
+                denied.update(v for v in (name, cn) if v not in active_cns and _ACL_SAFE_RE.fullmatch(v))
+        return sorted(denied)
+
+    # -- the CA service: lookups, revocation, create replay, enrolment tokens ---------------------------
+
+    def latest(self, name: str) -> CertificateRecord | None:
+        """The newest certificate of `name`, whatever its status."""
         with self.session() as session:
-            revoked = set(session.scalars(select(CertificateRecord.name).where(CertificateRecord.status == REVOKED)))
-            active = set(session.scalars(select(CertificateRecord.name).where(CertificateRecord.status == ACTIVE)))
-        return sorted(revoked - active)
+            return session.scalar(
+                select(CertificateRecord).where(CertificateRecord.name == name).order_by(CertificateRecord.id.desc())
+            )
+
+    def roles(self, name: str) -> set[str]:
+        with self.session() as session:
+            return set(session.scalars(select(CertificateRecord.role).where(CertificateRecord.name == name)))
+
+    def revocable(self, name: str, now: dt.datetime | None = None) -> list[CertificateRecord]:
+        """Certificates of `name` that are not revoked and not expired yet (superseded ones included)."""
+        now = now or utcnow()
+        with self.session() as session:
+            return list(session.scalars(
+                select(CertificateRecord).where(
+                    CertificateRecord.name == name,
+                    CertificateRecord.status != REVOKED,
+                    CertificateRecord.not_after > now,
+                ).order_by(CertificateRecord.id)
+            ))
+
+    def revoke(
+        self, serials: Iterable[str], reason: str, session: Session, now: dt.datetime | None = None
+    ) -> list[str]:
+        """Mark certificates revoked (in the caller's transaction, so the CRL write can roll it back)."""
+        now = now or utcnow()
+        changed = []
+        for serial in serials:
+            result = session.execute(
+                update(CertificateRecord)
+                .where(CertificateRecord.serial == serial, CertificateRecord.status != REVOKED)
+                .values(status=REVOKED, revoked_at=now, revocation_reason=reason)
+            )
+            if result.rowcount:  # type: ignore[attr-defined]
+                changed.append(serial)
+        return changed
+
+    def record_create_digest(self, serial: str, name: str, digest: str, session: Session) -> None:
+        session.merge(CreateRequestRecord(serial=serial, name=name, digest=digest))
+
+    def create_digest(self, serial: str) -> str | None:
+        with self.session() as session:
+            return session.scalar(select(CreateRequestRecord.digest).where(CreateRequestRecord.serial == serial))
+
+    def add_token(self, token_sha256: str, name: str, expires_at: dt.datetime, requester: str | None) -> None:
+        with self.session() as session:
+            session.add(EnrolmentToken(token_sha256=token_sha256, name=name, created_at=utcnow(),
+                                       expires_at=expires_at, requester=requester))
+
+    def token(self, token_sha256: str) -> EnrolmentToken | None:
+        with self.session() as session:
+            return session.scalar(select(EnrolmentToken).where(EnrolmentToken.token_sha256 == token_sha256))
+
+    def consume_token(self, token_sha256: str, serial: str, session: Session, now: dt.datetime | None = None) -> bool:
+        """Mark an unused token used; False when another request used it first (single use under races)."""
+        result = session.execute(
+            update(EnrolmentToken)
+            .where(EnrolmentToken.token_sha256 == token_sha256, EnrolmentToken.used_at.is_(None))
+            .values(used_at=now or utcnow(), used_serial=serial)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]

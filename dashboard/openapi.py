@@ -1,0 +1,255 @@
+"""GET /v1/openapi.json: the CA API described for humans and tools, request schemas taken from the models.
+
+The request bodies' schemas come from `pki.requests` (the same pydantic models that validate them), so the
+document cannot drift from what the service accepts.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from pki.requests import (
+    TOKEN_TTL_DEFAULT,
+    CreateRequest,
+    RevokeRequest,
+    SignRequest,
+    TokenRequest,
+)
+
+PEM_CERT = "-----BEGIN CERTIFICATE-----\nMIIB...\n-----END CERTIFICATE-----\n"
+PEM_KEY = "-----BEGIN PRIVATE KEY-----\nMIGH...\n-----END PRIVATE KEY-----\n"
+PEM_CSR = "-----BEGIN CERTIFICATE REQUEST-----\nMIH...\n-----END CERTIFICATE REQUEST-----\n"
+PLACEHOLDER = "<CA passphrase>"
+
+MQTT_DESCRIPTION = """\
+The same requests work over MQTT (mutual TLS on the lab's broker, port 8883):
+
+* publish the JSON body of `POST /v1/ssl/sign` to `ssl/sign`, or of `POST /v1/ssl/create` to `ssl/create`;
+* the reply (the same JSON as the HTTP body, success or error) is published at QoS 1 on `ssl/<name>`, where
+  `<name>` is the request's name with colons removed. A device may read only `ssl/<its CN>`; the `provisioner`
+  identity reads `ssl/#`;
+* MQTT v5: set `ResponseTopic` (under `ssl/`, where the CA may publish) and `CorrelationData`; the reply is also
+  published there with the same `CorrelationData`, and with a user property `status` holding the HTTP status;
+* a body that is not JSON, or has no usable name, gets no reply on `ssl/<name>` (only on a ResponseTopic) and a
+  line in the dashboard's log. Wrong passphrases count against the request's name (5 within 15 minutes lock it
+  out for the rest of the window).
+"""
+
+
+def _schema(model: type[Any]) -> dict[str, Any]:
+    schema = model.model_json_schema(by_alias=True, mode="validation")
+    schema.pop("title", None)
+    return schema
+
+
+def _error(description: str, example: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}, "example": example}},
+    }
+
+
+WRONG_PASS = _error("Wrong passphrase; nothing was written.", {"error": "wrong passphrase", "field": "pass"})
+BAD = _error("A field is missing or invalid; `field` names it.", {"error": "days must be at least 1", "field": "days"})
+CONFLICT = _error("A protected name (the lab's own: root_ca, mosquitto, dashboard, provisioner, policy).",
+                  {"error": "'dashboard' is a protected name used by the lab itself", "field": "name"})
+TOO_LARGE = _error("The body is larger than 64 KiB.", {"error": "request body is larger than 64 KiB"})
+NOT_JSON = _error("The body is not JSON (Content-Type must be application/json).",
+                  {"error": "send the request as JSON (Content-Type: application/json)"})
+LOCKED_OUT = {
+    **_error("Five wrong passphrases from this source within 15 minutes; retry after Retry-After seconds.",
+             {"error": "too many wrong passphrases from this source; try again in 840 seconds"}),
+    "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds until the lockout ends."}},
+}
+UNAVAILABLE = _error("The CA is not set up (no root yet) or cannot write its CRL.",
+                     {"error": "the CA has no root certificate yet: run ./setup.sh certs"})
+
+
+def _json_request(model: type[Any], examples: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "required": True,
+        "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{model.__name__}"},
+            "examples": {key: {"summary": summary, "value": value} for key, (summary, value) in examples.items()},
+        }},
+    }
+
+
+def _issued(description: str) -> dict[str, Any]:
+    example = {"name": "client", "ca": PEM_CERT, "crt": PEM_CERT, "key": PEM_KEY, "serial": "5e3c1f0a9b7d",
+               "not_after": "2027-11-17T15:00:00+00:00"}
+    return {"description": description, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/Issued"}, "example": example}}}
+
+
+def _pem(description: str, example: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/x-pem-file": {"schema": {"type": "string"},
+                                                                              "example": example}}}
+
+
+CURL_SIGN = ("curl -s http://127.0.0.1:5000/v1/ssl/sign -H 'Content-Type: application/json' "
+             "-d '{\"name\": \"client\", \"days\": 360, \"pass\": \"'\"$CA_PASSPHRASE\"'\"}'")
+
+
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    sign_examples = {
+        "renew": ("The seed's body: re-sign the stored key of an existing entity (renewal).",
+                  {"name": "client", "pass": PLACEHOLDER, "days": 360}),
+        "csr": ("Sign a CSR; the private key never leaves the caller.",
+                {"name": "AA:BB:CC:DD:EE:FF", "days": "360", "pass": PLACEHOLDER, "csr": PEM_CSR}),
+        "token": ("First enrolment with a single-use token instead of the passphrase.",
+                  {"name": "device042", "days": 90, "token": "<token from /v1/ssl/tokens>", "csr": PEM_CSR}),
+    }
+    create_examples = {
+        "seed": ("The seed's full body.", {
+            "name": "AA:BB:CC:DD:EE:FF", "days": "360", "pass": PLACEHOLDER, "country": "BR", "state": "SP",
+            "locality": "Campinas", "org": "ACME", "unit": "Sensors", "cn": "AABBCCDDEEFF",
+            "email": "ops@example.com"}),
+        "minimal": ("Only the required fields; the CN is the name.",
+                    {"name": "client", "days": 360, "pass": PLACEHOLDER}),
+    }
+    post_errors = {"400": BAD, "403": WRONG_PASS, "409": CONFLICT, "413": TOO_LARGE, "415": NOT_JSON,
+                   "429": LOCKED_OUT, "503": UNAVAILABLE}
+    paths: dict[str, Any] = {
+        "/v1/ssl/sign": {"post": {
+            "summary": "Issue or renew the certificate of an entity",
+            "description": (
+                "With `csr` (PEM), the CSR's signature is verified, its CN must equal `name`, and only its DNS, "
+                "IP and e-mail SANs are copied; the certificate is stored under certs/<name>/ (a stored key "
+                "that no longer matches is moved to <name>.key.previous). Without `csr`, the entity's stored "
+                "key (made by `create` or the generator) is re-signed with the same subject and SANs: renewal; "
+                "the reply then includes that key.\n\nExample: `" + CURL_SIGN + "`"),
+            "requestBody": _json_request(SignRequest, sign_examples),
+            "responses": {"201": _issued("Signed."), **post_errors,
+                          "403": _error("Wrong passphrase, or an unknown, used, expired or other name's token.",
+                                        {"error": "wrong passphrase", "field": "pass"}),
+                          "404": _error("No csr and no stored key for this name.",
+                                        {"error": "no stored key for client: send a csr, or create the entity "
+                                                  "first", "field": "name"})},
+        }},
+        "/v1/ssl/create": {"post": {
+            "summary": "Create a key and a certificate with the given subject",
+            "description": (
+                "The CA makes the key (EC P-256, or RSA with KEY_TYPE=rsa) and signs it. Required: name, days, "
+                "pass. Optional subject fields: country (2 letters), state, locality, org, unit, cn (default: "
+                "name; a host name also becomes a DNS SAN), email (subject emailAddress and an e-mail SAN). "
+                "Blank optional fields count as absent. Repeating an identical request (every field but pass "
+                "equal) while the certificate is valid returns the same certificate and key with 200."),
+            "requestBody": _json_request(CreateRequest, create_examples),
+            "responses": {"201": _issued("Created; `key` is the new private key (PKCS#8 PEM, unencrypted)."),
+                          "200": _issued("Identical request repeated: the same certificate (same serial)."),
+                          **post_errors},
+        }},
+        "/v1/ssl/revoke": {"post": {
+            "summary": "Revoke a certificate (by serial) or every unexpired certificate of a name",
+            "description": (
+                "Marks the certificates revoked, writes a new CRL (verified before it replaces the old one), "
+                "denies the identity every topic in the broker's ACL (this also stops a connection that is "
+                "already open) and makes Mosquitto reload both. New TLS connections with a revoked certificate "
+                "are refused. Revoking again is harmless (`already_revoked`)."),
+            "requestBody": _json_request(RevokeRequest, {
+                "name": ("Cut a device off.", {"name": "device001", "pass": PLACEHOLDER, "reason": "keyCompromise"}),
+                "serial": ("One certificate.", {"serial": "5e3c1f0a9b7d", "pass": PLACEHOLDER})}),
+            "responses": {
+                "200": {"description": "Revoked.", "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/Revoked"},
+                    "example": {"name": "device001", "revoked": ["5e3c1f0a9b7d"], "reason": "keyCompromise",
+                                "already_revoked": []}}}},
+                **post_errors,
+                "404": _error("No certificate with that name or serial.",
+                              {"error": "no certificate was issued to device009", "field": "name"})},
+        }},
+        "/v1/ssl/tokens": {"post": {
+            "summary": "Issue a single-use enrolment token for one name",
+            "description": (
+                f"The token replaces `pass` in one `sign` request with a CSR for that name, until it expires "
+                f"(`ttl` seconds, default {TOKEN_TTL_DEFAULT}). Only its SHA-256 is stored."),
+            "requestBody": _json_request(TokenRequest, {
+                "token": ("A token for a new device.", {"name": "device042", "pass": PLACEHOLDER, "ttl": 3600})}),
+            "responses": {
+                "201": {"description": "The token (shown once).", "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/Token"},
+                    "example": {"name": "device042", "token": "q3V...", "expires_at": "2026-11-22T16:00:00+00:00"}}}},
+                **post_errors},
+        }},
+        "/v1/ssl/ca": {"get": {
+            "summary": "The root CA certificate (PEM)",
+            "responses": {"200": _pem("The root certificate.", PEM_CERT), "503": UNAVAILABLE},
+        }},
+        "/v1/ssl/crl": {"get": {
+            "summary": "The current CRL (PEM), the one the broker enforces",
+            "responses": {"200": _pem("The CRL.", "-----BEGIN X509 CRL-----\n...\n-----END X509 CRL-----\n"),
+                          "503": UNAVAILABLE},
+        }},
+        "/v1/ssl/certs": {"get": {
+            "summary": "The inventory: every certificate the CA issued",
+            "parameters": [
+                {"name": "name", "in": "query", "schema": {"type": "string"}, "example": "device001",
+                 "description": "Only this entity (colons removed as in requests)."},
+                {"name": "status", "in": "query", "example": "valid", "schema": {"type": "string", "enum": [
+                    "active", "superseded", "revoked", "valid", "expiring", "expired"]},
+                 "description": "Stored status (active/superseded/revoked) or computed state "
+                                "(valid/expiring/expired)."},
+            ],
+            "responses": {
+                "200": {"description": "Certificates, oldest first.", "content": {"application/json": {
+                    "schema": {"type": "object", "properties": {"certificates": {
+                        "type": "array", "items": {"$ref": "#/components/schemas/InventoryRow"}}}},
+                    "example": {"certificates": [{
+                        "serial": "5e3c1f0a9b7d", "name": "device001", "common_name": "device001",
+                        "role": "device", "subject": "CN=device001,O=IoT CA Lab", "issuer": "CN=IoT Lab Root CA,"
+                        "O=IoT CA Lab", "not_before": "2026-11-22T14:55:00+00:00",
+                        "not_after": "2027-11-22T15:00:00+00:00", "days_left": 365.0, "fingerprint_sha256": "ab12...",
+                        "issued_via": "cli", "requester": None, "status": "active", "state": "valid",
+                        "issued_at": "2026-11-22T15:00:00+00:00", "revoked_at": None,
+                        "revocation_reason": None}]}}}},
+                "400": _error("Bad filter.", {"error": "status must be one of ...", "field": "status"}),
+            },
+        }},
+        "/v1/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1"}}}},
+        "/healthz": {"get": {
+            "summary": "Liveness, and whether the dashboard's MQTT connection is up",
+            "responses": {"200": {"description": "Up.", "content": {"application/json": {
+                "example": {"status": "ok", "mqtt": {"connected": True, "broker": "localhost:8883"}}}}}},
+        }},
+    }
+    string = {"type": "string"}
+    schemas: dict[str, Any] = {
+        "SignRequest": _schema(SignRequest),
+        "CreateRequest": _schema(CreateRequest),
+        "RevokeRequest": _schema(RevokeRequest),
+        "TokenRequest": _schema(TokenRequest),
+        "Error": {"type": "object", "required": ["error"], "properties": {
+            "error": {"type": "string", "description": "What is wrong, never containing a secret."},
+            "field": {"type": "string", "description": "The request field at fault."}}},
+        "Issued": {"type": "object", "required": ["name", "ca", "crt", "serial", "not_after"], "properties": {
+            "name": {**string, "description": "The normalised name (colons removed)."},
+            "ca": {**string, "description": "Root certificate, PEM."},
+            "crt": {**string, "description": "The issued certificate, PEM."},
+            "key": {**string, "description": "Private key (PKCS#8 PEM), only when the CA holds it: create, and "
+                                             "sign without csr."},
+            "serial": {**string, "description": "Serial number, hex."},
+            "not_after": {**string, "format": "date-time"}}},
+        "Revoked": {"type": "object", "properties": {
+            "name": string, "reason": string,
+            "revoked": {"type": "array", "items": string},
+            "already_revoked": {"type": "array", "items": string}}},
+        "Token": {"type": "object", "properties": {
+            "name": string, "token": {**string, "format": "password"},
+            "expires_at": {**string, "format": "date-time"}}},
+        "InventoryRow": {"type": "object", "additionalProperties": True, "properties": {
+            key: string for key in ("serial", "name", "common_name", "role", "subject", "issuer", "not_before",
+                                    "not_after", "fingerprint_sha256", "issued_via", "status", "state")}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "IoT CA Lab: CA API", "version": "1", "description": MQTT_DESCRIPTION},
+        "paths": paths,
+        "components": {"schemas": schemas},
+        "x-mqtt": {
+            "ssl/sign": {"publish": "#/components/schemas/SignRequest", "reply": "ssl/<name>"},
+            "ssl/create": {"publish": "#/components/schemas/CreateRequest", "reply": "ssl/<name>"},
+        },
+    }

@@ -1,0 +1,652 @@
+"""The CA service behind v1/ssl: validate -> authorise -> sign -> store -> reply.
+
+HTTP (`dashboard/ca_http.py`) and MQTT (`dashboard/ca_mqtt.py`) are thin adapters: they decode a body,
+call one method here with the caller's source (client IP, or `mqtt:<name>`), and send back the
+`Reply` (status, JSON body, headers) unchanged, so both transports give the same answer to the same request.
+
+Order of checks, so that a refused request never writes anything: the body is validated (400), protected
+names refused (409), the source's lockout checked (429), the passphrase or enrolment token checked (403),
+then the entity looked up (404), and only then is a certificate signed and stored.
+
+The root key is decrypted once (with CA_PASSPHRASE from the settings when it is set, otherwise with the first
+correct `pass`) and kept in memory; later passphrases are compared in constant time against an HMAC of the
+one that unlocked it. If the root certificate on disk changes (the generator made a new root), the cached
+key is dropped and unlocked again.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import datetime as dt
+import hashlib
+import hmac
+import json
+import logging
+import math
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from .authority import (
+    CAError,
+    CertificateAuthority,
+    PrivateKey,
+    PublicKey,
+    SubjectFields,
+    WrongPassphrase,
+    cert_pem,
+    common_name,
+    days_left,
+    generate_private_key,
+    key_pem,
+    load_certificate,
+    load_private_key,
+    public_key_matches,
+    serial_hex,
+    utcnow,
+)
+from .broker import BrokerConfigError, BrokerFiles, crl_needs_refresh, reload_broker, write_broker_files
+from .config import Settings
+from .inventory import ACTIVE, REVOKED, SUPERSEDED, CertificateRecord, Inventory
+from .profiles import DEVICE, ENTITY, Profile
+from .requests import (
+    CONFLICT,
+    FORBIDDEN,
+    NOT_FOUND,
+    TOO_MANY_REQUESTS,
+    UNAVAILABLE,
+    CreateRequest,
+    RequestError,
+    RevokeRequest,
+    SignRequest,
+    TokenRequest,
+    is_protected,
+    normalise_name,
+    parse,
+    readable_name,
+    refuse_protected,
+)
+from .store import CERT_MODE, KEY_MODE, CertsLayout, atomic_write, ensure_dir, exclusive_lock, read_optional
+
+log = logging.getLogger(__name__)
+
+LOCKOUT_ATTEMPTS = 5
+LOCKOUT_WINDOW = 15 * 60  # seconds
+# Statuses `GET /v1/ssl/certs?status=` accepts: the inventory's own, and the computed validity state.
+STORED_STATUSES = (ACTIVE, SUPERSEDED, REVOKED)
+STATES = ("valid", "expiring", "expired", "revoked", "superseded")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What both transports send back: an HTTP status, the JSON body, extra headers (Retry-After)."""
+
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status < 400
+
+
+class FailedAttempts:
+    """Failed passphrases (or tokens) per source; LOCKOUT_ATTEMPTS within LOCKOUT_WINDOW lock it out.
+
+    While locked out every request from that source gets 429, even with the right passphrase, so guessing
+    cannot go on; Retry-After says when the oldest counted failure leaves the window.
+    """
+
+    def __init__(
+        self,
+        limit: int = LOCKOUT_ATTEMPTS,
+        window: float = LOCKOUT_WINDOW,
+        clock: Callable[[], float] = time.monotonic,
+        max_sources: int = 10_000,
+    ) -> None:
+        self.limit = limit
+        self.window = window
+        self.clock = clock
+        self.max_sources = max_sources
+        self._failures: collections.OrderedDict[str, collections.deque[float]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def _recent(self, source: str, now: float) -> collections.deque[float] | None:
+        failures = self._failures.get(source)
+        if failures is None:
+            return None
+        while failures and failures[0] <= now - self.window:
+            failures.popleft()
+        if not failures:
+            del self._failures[source]
+            return None
+        return failures
+
+    def check(self, source: str) -> None:
+        with self._lock:
+            now = self.clock()
+            failures = self._recent(source, now)
+            if failures is not None and len(failures) >= self.limit:
+                retry_after = max(1, math.ceil(failures[-self.limit] + self.window - now))
+                raise RequestError(
+                    TOO_MANY_REQUESTS,
+                    f"too many wrong passphrases from this source; try again in {retry_after} seconds",
+                    retry_after=retry_after,
+                )
+
+    def failed(self, source: str) -> None:
+        with self._lock:
+            now = self.clock()
+            failures = self._recent(source, now) or collections.deque()
+            failures.append(now)
+            self._failures[source] = failures
+            self._failures.move_to_end(source)
+            while len(self._failures) > self.max_sources:  # bounded memory under a spray of sources
+                self._failures.popitem(last=False)
+
+    def succeeded(self, source: str) -> None:
+        with self._lock:
+            self._failures.pop(source, None)
+
+
+def _first_attribute(name: x509.Name, oid: x509.ObjectIdentifier) -> str | None:
+    attrs = name.get_attributes_for_oid(oid)
+    return str(attrs[0].value) if attrs else None
+
+
+def _subject_of(cert: x509.Certificate) -> SubjectFields:
+    subject = cert.subject
+    return SubjectFields(
+        country=_first_attribute(subject, NameOID.COUNTRY_NAME),
+        state=_first_attribute(subject, NameOID.STATE_OR_PROVINCE_NAME),
+        locality=_first_attribute(subject, NameOID.LOCALITY_NAME),
+        org=_first_attribute(subject, NameOID.ORGANIZATION_NAME),
+        unit=_first_attribute(subject, NameOID.ORGANIZATIONAL_UNIT_NAME),
+        email=_first_attribute(subject, NameOID.EMAIL_ADDRESS),
+    )
+
+
+def _sans_of(cert: x509.Certificate) -> tuple[list[str], list[str], list[str]]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return [], [], []
+    return (
+        san.get_values_for_type(x509.DNSName),
+        [str(ip) for ip in san.get_values_for_type(x509.IPAddress)],
+        san.get_values_for_type(x509.RFC822Name),
+    )
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class CAService:
+    """One per process: holds the unlocked root, the inventory and the lockout counters."""
+
+    def __init__(
+        self, settings: Settings, *, inventory: Inventory | None = None, attempts: FailedAttempts | None = None
+    ) -> None:
+        self.settings = settings
+        self.layout = CertsLayout(settings.certs_dir)
+        self.broker_files = BrokerFiles(settings.certs_dir, settings.data_dir)
+        self.inventory = inventory or Inventory(settings.effective_database_url)
+        self.attempts = attempts or FailedAttempts()
+        self._state_lock = threading.Lock()  # the cached root and key
+        self._write_lock = threading.Lock()  # writers in this process; the file lock covers other processes
+        self._mac_key = secrets.token_bytes(32)
+        self._root_pem: bytes | None = None
+        self._root: x509.Certificate | None = None
+        self._ca: CertificateAuthority | None = None
+        self._pass_mac: bytes | None = None
+        self._settings_pass_tried = False
+
+    def close(self) -> None:
+        self.inventory.close()
+
+    # -- public operations (each returns a Reply, never raises) ----------------------------------------
+
+    def sign(self, body: object, *, source: str, via: str = "http", requester: str | None = None) -> Reply:
+        return self._run("sign", body, source, lambda: self._sign(body, source, via, requester or source))
+
+    def create(self, body: object, *, source: str, via: str = "http", requester: str | None = None) -> Reply:
+        return self._run("create", body, source, lambda: self._create(body, source, via, requester or source))
+
+    def revoke(self, body: object, *, source: str) -> Reply:
+        return self._run("revoke", body, source, lambda: self._revoke(body, source))
+
+    def issue_token(self, body: object, *, source: str) -> Reply:
+        return self._run("token", body, source, lambda: self._issue_token(body, source))
+
+    def certificates(self, name: str | None = None, status: str | None = None) -> Reply:
+        try:
+            return Reply(200, {"certificates": self._certificates(name, status)})
+        except RequestError as ex:
+            return Reply(ex.status, ex.body(), ex.headers())
+
+    def ca_pem(self) -> bytes:
+        """The root certificate (public); RequestError 503 when the lab has none yet."""
+        self._root_certificate()
+        assert self._root_pem is not None
+        return self._root_pem
+
+    def crl_pem(self) -> bytes:
+        data = read_optional(self.broker_files.crl)
+        if data is None:
+            raise RequestError(UNAVAILABLE, "no CRL yet: run ./setup.sh certs (the generator writes it)")
+        return data
+
+    def refresh_crl(self) -> bool:
+        """Rewrite the CRL (and reload the broker) when it is due; False when not due or the CA is locked."""
+        try:
+            ca = self._unlocked_ca()
+        except RequestError:
+            return False
+        if ca is None:
+            log.warning("cannot refresh the CRL: the CA key is locked (set CA_PASSPHRASE for the dashboard)")
+            return False
+        if not crl_needs_refresh(self.broker_files.crl, ca):
+            return False
+        with self._writer(), self.inventory.session() as session:
+            changed = write_broker_files(
+                self.settings, ca, self.inventory.revoked_serials(session), self.inventory.denied_names(session)
+            )
+        if changed:
+            reload_broker(self.broker_files)
+            log.info("CRL refreshed under %s", self.broker_files.crl)
+        return changed
+
+    # -- plumbing ----------------------------------------------------------------------------------
+
+    def _run(self, operation: str, body: object, source: str, work: Callable[[], Reply]) -> Reply:
+        try:
+            reply = work()
+        except RequestError as ex:
+            reply = Reply(ex.status, ex.body(), ex.headers())
+        except Exception:  # a bug, not the caller's fault: log it, answer without details
+            log.exception("%s request from %s failed unexpectedly", operation, source)
+            reply = Reply(500, {"error": "internal error; the server log has the details"})
+        # Only validated names reach the log; never a body, a passphrase or a token.
+        log.info("ssl/%s %s from %s -> %s", operation, readable_name(body) or "-", source, reply.status)
+        return reply
+
+    @contextlib.contextmanager
+    def _writer(self) -> Iterator[None]:
+        with self._write_lock, exclusive_lock(self.layout.lock):
+            yield
+
+    def _mac(self, passphrase: str) -> bytes:
+        return hmac.new(self._mac_key, passphrase.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
+
+    def _root_certificate(self) -> x509.Certificate:
+        data = read_optional(self.layout.ca_cert)
+        if data is None:
+            raise RequestError(UNAVAILABLE, "the CA has no root certificate yet: run ./setup.sh certs")
+        with self._state_lock:
+            if data != self._root_pem:
+                try:
+                    root = load_certificate(data)
+                except CAError:
+                    raise RequestError(UNAVAILABLE, "unreadable root certificate: run ./setup.sh certs") from None
+                if self._root_pem is not None:
+                    log.info("the root certificate changed on disk; the CA key will be unlocked again")
+                self._root_pem, self._root = data, root
+                self._ca, self._pass_mac, self._settings_pass_tried = None, None, False
+            assert self._root is not None
+            return self._root
+
+    def _max_days(self, root: x509.Certificate) -> int:
+        remaining = int(days_left(root))
+        if remaining < 1:
+            raise RequestError(UNAVAILABLE, "the root CA expires within a day: create a new root with the generator")
+        return remaining
+
+    def _unlock(self, passphrase: str) -> CertificateAuthority | None:
+        """Decrypt the root key (caller holds _state_lock); None for a wrong passphrase."""
+        key_data = read_optional(self.layout.ca_key)
+        if key_data is None or self._root is None:
+            raise RequestError(UNAVAILABLE, "the CA key is missing: run ./setup.sh certs")
+        try:
+            ca = CertificateAuthority(self._root, load_private_key(key_data, passphrase))
+        except WrongPassphrase:
+            return None
+        except CAError:
+            raise RequestError(UNAVAILABLE, "the CA key does not belong to the root certificate") from None
+        self._ca, self._pass_mac = ca, self._mac(passphrase)
+        return ca
+
+    def _unlock_with_settings(self) -> None:
+        if self._ca is None and self.settings.ca_passphrase and not self._settings_pass_tried:
+            self._settings_pass_tried = True
+            if self._unlock(self.settings.ca_passphrase) is None:
+                log.warning("CA_PASSPHRASE does not decrypt the CA key; the first correct request pass will")
+
+    def _unlocked_ca(self) -> CertificateAuthority | None:
+        self._root_certificate()
+        with self._state_lock:
+            self._unlock_with_settings()
+            return self._ca
+
+    def _authorise(self, passphrase: str | None, source: str) -> CertificateAuthority:
+        """Check `pass` in constant time; count failures per source; 429 while locked out."""
+        self.attempts.check(source)
+        self._root_certificate()
+        with self._state_lock:
+            self._unlock_with_settings()
+            if self._ca is not None and self._pass_mac is not None:
+                ca: CertificateAuthority | None = self._ca
+                ok = hmac.compare_digest(self._mac(passphrase or ""), self._pass_mac)
+            else:
+                ca = self._unlock(passphrase or "")
+                ok = ca is not None
+        if not ok or ca is None:
+            self.attempts.failed(source)
+            log.warning("wrong CA passphrase from %s", source)
+            raise RequestError(FORBIDDEN, "wrong passphrase", "pass")
+        self.attempts.succeeded(source)
+        return ca
+
+    def _authorise_token(self, token: str, name: str, source: str) -> tuple[CertificateAuthority, str]:
+        self.attempts.check(source)
+        digest = token_digest(token)
+        row = self.inventory.token(digest)
+        problem = None
+        if row is None:
+            problem = "unknown enrolment token"
+        elif row.name != name:
+            problem = "this enrolment token was issued for another name"
+        elif row.used_at is not None:
+            problem = "this enrolment token has already been used"
+        elif row.expires_at <= utcnow():
+            problem = "this enrolment token has expired"
+        if problem:
+            self.attempts.failed(source)
+            log.warning("refused an enrolment token for %s from %s: %s", name, source, problem)
+            raise RequestError(FORBIDDEN, problem, "token")
+        ca = self._unlocked_ca()
+        if ca is None:
+            raise RequestError(UNAVAILABLE, "the CA key is locked: set CA_PASSPHRASE so enrolment tokens can be used")
+        return ca, digest
+
+    def _profile_for(self, name: str) -> Profile:
+        """Lab devices keep the device profile; everything else the API issues is an `entity`."""
+        if name in self.settings.devices or DEVICE.role in self.inventory.roles(name):
+            return DEVICE
+        return ENTITY
+
+    def _acl_denies(self, *names: str) -> bool:
+        acl = read_optional(self.broker_files.acl)
+        return acl is not None and any(f"\nuser {n}\ntopic deny #".encode() in acl for n in names)
+
+    def _sync_broker(self, ca: CertificateAuthority) -> None:
+        """Rewrite ACL and CRL from the inventory (caller holds the writer lock) and reload the broker."""
+        with self.inventory.session() as session:
+            changed = write_broker_files(
+                self.settings, ca, self.inventory.revoked_serials(session), self.inventory.denied_names(session)
+            )
+        if changed:
+            reload_broker(self.broker_files)
+
+    # -- issuing -----------------------------------------------------------------------------------
+
+    def _sign(self, body: object, source: str, via: str, requester: str) -> Reply:
+        root = self._root_certificate()
+        request = parse(SignRequest, body, max_days=self._max_days(root))
+        refuse_protected(request.name)
+        token = None
+        if request.token is not None:
+            ca, token = self._authorise_token(request.token, request.name, source)
+        else:
+            ca = self._authorise(request.passphrase, source)
+        profile = self._profile_for(request.name)
+        csr = request.csr
+        if csr is not None:
+            return self._issue(
+                ca, name=request.name, profile=profile, public_key=csr.public_key, cn=request.name, subject=None,
+                dns=csr.dns_names, ips=csr.ip_addresses, emails=csr.emails, days=request.days, via=via,
+                requester=requester, from_csr=True, token=token,
+            )
+        # No CSR: renewal, i.e. the stored key of an entity the generator or `create` made, re-signed.
+        key = self._stored_key(request.name)
+        current = self._current_certificate(request.name, key)
+        cn, subject, dns, ips, emails = request.name, None, (), (), ()
+        if current is not None:
+            cn, subject = common_name(current) or request.name, _subject_of(current)
+            dns, ips, emails = _sans_of(current)
+        return self._issue(
+            ca, name=request.name, profile=profile, public_key=key.public_key(), cn=cn, subject=subject,
+            dns=dns, ips=ips, emails=emails, days=request.days, via=via, requester=requester, reply_key=key,
+        )
+
+    def _stored_key(self, name: str) -> PrivateKey:
+        data = read_optional(self.layout.key(name))
+        if data is None:
+            raise RequestError(
+                NOT_FOUND, f"no stored key for {name}: send a csr, or create the entity first", "name"
+            )
+        try:
+            return load_private_key(data)
+        except CAError:  # includes WrongPassphrase: an encrypted key the CA cannot use
+            raise RequestError(NOT_FOUND, f"the stored key of {name} cannot be used: send a csr", "name") from None
+
+    def _current_certificate(self, name: str, key: PrivateKey) -> x509.Certificate | None:
+        """The entity's latest certificate for this key (its subject and SANs carry over into the renewal)."""
+        candidates = [read_optional(self.layout.cert(name))]
+        record = self.inventory.current(name)
+        if record is not None:
+            candidates.append(record.pem.encode())
+        for data in candidates:
+            if data is None:
+                continue
+            try:
+                cert = load_certificate(data)
+            except CAError:
+                continue
+            if public_key_matches(cert, key):
+                return cert
+        return None
+
+    def _create(self, body: object, source: str, via: str, requester: str) -> Reply:
+        root = self._root_certificate()
+        request = parse(CreateRequest, body, max_days=self._max_days(root))
+        refuse_protected(request.name)
+        ca = self._authorise(request.passphrase, source)
+        fields = {**request.replay_fields(), "key_type": self.settings.key_type}
+        digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+        replay = self._replay(ca, request.name, digest)
+        if replay is not None:
+            return replay
+        key = generate_private_key(self.settings.key_type)
+        subject = SubjectFields(
+            country=request.country, state=request.state, locality=request.locality, org=request.org,
+            unit=request.unit, email=request.email,
+        )
+        return self._issue(
+            ca, name=request.name, profile=self._profile_for(request.name), public_key=key.public_key(),
+            cn=request.common_name, subject=subject, dns=(), ips=(), emails=(request.email,) if request.email else (),
+            days=request.days, via=via, requester=requester, new_key=key, digest=digest,
+        )
+
+    def _replay(self, ca: CertificateAuthority, name: str, digest: str) -> Reply | None:
+        """The certificate an identical earlier `create` produced, while it is valid and its files intact."""
+        record = self.inventory.current(name)
+        if record is None or record.not_after <= utcnow() or self.inventory.create_digest(record.serial) != digest:
+            return None
+        cert_data, key_data = read_optional(self.layout.cert(name)), read_optional(self.layout.key(name))
+        if cert_data is None or key_data is None:
+            return None
+        try:
+            cert, key = load_certificate(cert_data), load_private_key(key_data)
+        except CAError:
+            return None
+        if serial_hex(cert) != record.serial or not public_key_matches(cert, key) or not ca.issued(cert):
+            return None
+        return Reply(200, self._body(name, ca, cert, key))
+
+    def _issue(
+        self,
+        ca: CertificateAuthority,
+        *,
+        name: str,
+        profile: Profile,
+        public_key: PublicKey,
+        cn: str,
+        subject: SubjectFields | None,
+        dns: tuple[str, ...] | list[str],
+        ips: tuple[str, ...] | list[str],
+        emails: tuple[str, ...] | list[str],
+        days: int,
+        via: str,
+        requester: str,
+        new_key: PrivateKey | None = None,
+        reply_key: PrivateKey | None = None,
+        from_csr: bool = False,
+        token: str | None = None,
+        digest: str | None = None,
+    ) -> Reply:
+        try:
+            cert = ca.issue(public_key, profile, cn, days=days, dns_names=dns, ip_addresses=ips, emails=emails,
+                            subject=subject)
+        except CAError as ex:
+            raise RequestError(400, str(ex), "csr" if from_csr else "name") from None
+        serial = serial_hex(cert)
+        with self._writer():
+            if digest is not None and (replay := self._replay(ca, name, digest)) is not None:
+                return replay  # an identical create finished while this one was signing
+            with self.inventory.session() as session:
+                if token is not None and not self.inventory.consume_token(token, serial, session):
+                    raise RequestError(FORBIDDEN, "this enrolment token has already been used", "token")
+                self.inventory.record_issued(cert, name=name, role=profile.role, via=via, requester=requester,
+                                             session=session)
+                if digest is not None:
+                    self.inventory.record_create_digest(serial, name, digest, session)
+                # Files inside the transaction: if writing fails, the inventory row is rolled back too.
+                self._store(name, cert, ca, new_key, from_csr)
+            if self._acl_denies(name, cn):  # a revoked identity got a new certificate: lift the ACL deny
+                self._sync_broker(ca)
+        log.info("issued %s (%s) serial %s, %s days, via %s", name, profile.role, serial, days, via)
+        return Reply(201, self._body(name, ca, cert, new_key or reply_key))
+
+    def _store(
+        self, name: str, cert: x509.Certificate, ca: CertificateAuthority, new_key: PrivateKey | None, from_csr: bool
+    ) -> None:
+        ensure_dir(self.layout.entity_dir(name))
+        key_path = self.layout.key(name)
+        if new_key is not None:
+            atomic_write(key_path, key_pem(new_key), KEY_MODE)
+        elif from_csr:
+            self._retire_stale_key(name, cert)
+        atomic_write(self.layout.cert(name), cert_pem(cert), CERT_MODE)
+        atomic_write(self.layout.ca_copy(name), ca.cert_pem, CERT_MODE)
+
+    def _retire_stale_key(self, name: str, cert: x509.Certificate) -> None:
+        """After a CSR the caller holds the key: a stored key that no longer matches is moved aside, not deleted."""
+        path = self.layout.key(name)
+        data = read_optional(path)
+        if data is None:
+            return
+        try:
+            if public_key_matches(cert, load_private_key(data)):
+                return
+        except CAError:
+            pass
+        os.replace(path, path.with_name(f"{name}.key.previous"))
+
+    @staticmethod
+    def _body(name: str, ca: CertificateAuthority, cert: x509.Certificate, key: PrivateKey | None) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, "ca": ca.cert_pem.decode(), "crt": cert_pem(cert).decode()}
+        if key is not None:
+            body["key"] = key_pem(key).decode()
+        body["serial"] = serial_hex(cert)
+        body["not_after"] = cert.not_valid_after_utc.isoformat()
+        return body
+
+    # -- revocation and tokens ----------------------------------------------------------------------
+
+    def _revoke(self, body: object, source: str) -> Reply:
+        request = parse(RevokeRequest, body)
+        if request.name is not None:
+            refuse_protected(request.name)
+        ca = self._authorise(request.passphrase, source)
+        with self._writer():
+            if request.serial is not None:
+                record = self.inventory.by_serial(request.serial)
+                if record is None:
+                    raise RequestError(NOT_FOUND, "no certificate with that serial", "serial")
+                if is_protected(record.name):
+                    raise RequestError(CONFLICT, f"{record.name!r} is a protected name used by the lab itself",
+                                       "serial")
+                name, targets = record.name, [record]
+            else:
+                assert request.name is not None
+                name = request.name
+                if self.inventory.latest(name) is None:
+                    raise RequestError(NOT_FOUND, f"no certificate was issued to {name}", "name")
+                targets = self.inventory.revocable(name)
+            try:
+                with self.inventory.session() as session:
+                    revoked = self.inventory.revoke([t.serial for t in targets], request.reason, session)
+                    # The CRL and ACL are written before the transaction commits: if they cannot be written,
+                    # nothing is marked revoked and the caller learns it (revocation never silently lost).
+                    changed = write_broker_files(
+                        self.settings, ca, self.inventory.revoked_serials(session),
+                        self.inventory.denied_names(session),
+                    )
+            except BrokerConfigError as ex:
+                log.error("revocation of %s not done: %s", name, ex)
+                raise RequestError(UNAVAILABLE, "the CRL could not be written; nothing was revoked") from None
+            if changed:
+                reload_broker(self.broker_files)
+        if revoked:
+            log.warning("revoked %s: %s (%s)", name, ", ".join(revoked), request.reason)
+        return Reply(200, {"name": name, "revoked": revoked, "reason": request.reason,
+                           "already_revoked": [t.serial for t in targets if t.serial not in revoked]})
+
+    def _issue_token(self, body: object, source: str) -> Reply:
+        request = parse(TokenRequest, body)
+        refuse_protected(request.name)
+        self._authorise(request.passphrase, source)
+        token = secrets.token_urlsafe(32)
+        expires_at = utcnow() + dt.timedelta(seconds=request.ttl)
+        self.inventory.add_token(token_digest(token), request.name, expires_at, source)
+        log.info("enrolment token for %s issued to %s, expires %s", request.name, source, expires_at.isoformat())
+        return Reply(201, {"name": request.name, "token": token, "expires_at": expires_at.isoformat()})
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def _certificates(self, name: str | None, status: str | None) -> list[dict[str, Any]]:
+        if name:
+            try:
+                name = normalise_name(name)
+            except ValueError as ex:
+                raise RequestError(400, f"name {ex}", "name") from None
+        if status and status not in STORED_STATUSES + STATES:
+            raise RequestError(400, f"status must be one of {', '.join(dict.fromkeys(STORED_STATUSES + STATES))}",
+                               "status")
+        now = utcnow()
+        rows = []
+        stored = status if status in STORED_STATUSES else None
+        for record in self.inventory.list(name=name or None, status=stored):
+            row = record.to_dict(now)
+            row["state"] = self._state(record, now)
+            if status in STATES and row["state"] != status:
+                continue
+            rows.append(row)
+        return rows
+
+    def _state(self, record: CertificateRecord, now: dt.datetime) -> str:
+        if record.status in (REVOKED, SUPERSEDED):
+            return record.status
+        left = (record.not_after - now).total_seconds() / 86400
+        if left <= 0:
+            return "expired"
+        return "expiring" if left < self.settings.renew_before_days else "valid"

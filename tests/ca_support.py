@@ -1,0 +1,198 @@
+"""Helpers for the CA service tests: CSRs, checking an issued reply, proving nothing was written, apps."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
+from flask import Flask
+from hypothesis import strategies as st
+from sqlalchemy import select
+from werkzeug.serving import BaseWSGIServer, make_server
+
+from dashboard import create_app
+from pki.authority import PrivateKey, generate_private_key, load_certificate, load_private_key, public_key_matches
+from pki.authority import verify_leaf as signed_by
+from pki.inventory import CertificateRecord, EnrolmentToken, Inventory
+from pki.requests import readable_name
+
+from .conftest import LabEnv
+
+ISSUED_FIELDS = {"name", "ca", "crt", "key", "serial", "not_after"}
+
+
+def make_csr(
+    cn: str,
+    key: PrivateKey | None = None,
+    *,
+    dns: Sequence[str] = (),
+    ips: Sequence[str] = (),
+    emails: Sequence[str] = (),
+    extensions: Iterable[tuple[x509.ExtensionType, bool]] = (),
+    subject: x509.Name | None = None,
+) -> tuple[str, PrivateKey]:
+    """A PEM CSR (and its key) as a device would make it, optionally asking for SANs and other extensions."""
+    key = key or generate_private_key("ec")
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        subject or x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    )
+    names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+    names += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    names += [x509.RFC822Name(e) for e in emails]
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    csr = builder.sign(key, hashes.SHA256())
+    return csr.public_bytes(Encoding.PEM).decode(), key
+
+
+def check_issued(
+    body: dict[str, Any], key: PrivateKey | None = None, *, tmp_path: Path | None = None, csr_key_unknown: bool = False
+) -> x509.Certificate:
+    """The reply has the contract's shape, its crt is signed by its ca, and matches its key (or `key`).
+
+    `csr_key_unknown`: a CSR was signed whose key the test does not hold (generated input); skip that check.
+    """
+    assert set(body) <= ISSUED_FIELDS and ISSUED_FIELDS - {"key"} <= set(body), sorted(body)
+    ca = load_certificate(body["ca"].encode())
+    cert = load_certificate(body["crt"].encode())
+    assert signed_by(ca, cert)
+    assert format(cert.serial_number, "x") == body["serial"]
+    assert cert.not_valid_after_utc.isoformat() == body["not_after"]
+    if key is None and "key" not in body:
+        assert csr_key_unknown, "no key in the reply and none given"
+    else:
+        assert public_key_matches(cert, key or load_private_key(body["key"].encode()))
+    if tmp_path is not None:  # and OpenSSL agrees, strictly
+        (tmp_path / "ca.pem").write_text(body["ca"])
+        (tmp_path / "crt.pem").write_text(body["crt"])
+        result = subprocess.run(["openssl", "verify", "-x509_strict", "-CAfile", str(tmp_path / "ca.pem"),
+                                 str(tmp_path / "crt.pem")], capture_output=True, text=True, timeout=20)
+        assert result.returncode == 0, result.stdout + result.stderr
+    return cert
+
+
+def certs_state(lab: LabEnv) -> dict[str, tuple[bytes, int, int]]:
+    """Every file under certs/: bytes, mode, mtime."""
+    state = {}
+    for path in sorted(lab.certs_dir.rglob("*")):
+        if path.is_file() and path.name != ".lock":
+            st = path.stat()
+            state[str(path.relative_to(lab.certs_dir))] = (path.read_bytes(), st.st_mode, st.st_mtime_ns)
+    return state
+
+
+def inventory_state(lab: LabEnv) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """Every inventory row and token, as plain tuples."""
+    inventory = Inventory(lab.settings().effective_database_url)
+    try:
+        with inventory.session() as session:
+            rows = [(r.serial, r.name, r.status, r.revoked_at, r.issued_via)
+                    for r in session.scalars(select(CertificateRecord).order_by(CertificateRecord.id))]
+            tokens = [(t.token_sha256, t.used_at) for t in session.scalars(select(EnrolmentToken))]
+        return rows, tokens
+    finally:
+        inventory.close()
+
+
+def lab_state(lab: LabEnv) -> tuple[Any, ...]:
+    return certs_state(lab), inventory_state(lab)
+
+
+def make_app(lab: LabEnv, **config: Any) -> Flask:
+    return create_app({"LAB_SETTINGS": lab.settings(), "MQTT_ENABLED": False, "TESTING": True, **config})
+
+
+def close_app(app: Flask) -> None:
+    """Stop what create_app started: the MQTT client, the CA workers, the CRL timer, the database engine."""
+    app.extensions["mqtt_bridge"].stop()
+    if "ca_mqtt" in app.extensions:
+        app.extensions["ca_mqtt"].close()
+    if "crl_refresh_stop" in app.extensions:
+        app.extensions["crl_refresh_stop"].set()
+    app.extensions["ca_service"].close()
+
+
+class ServerThread:
+    """The app behind a real threaded Werkzeug server on 127.0.0.1 (a free port)."""
+
+    def __init__(self, app: Flask) -> None:
+        self.server: BaseWSGIServer = make_server("127.0.0.1", 0, app, threaded=True)
+        self.port = self.server.server_port
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.thread.join(timeout=10)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+def post_json(url: str, body: Any, timeout: float = 30) -> tuple[int, dict[str, Any]]:
+    """POST JSON with the standard library; returns (status, decoded body) for errors too."""
+    assert url.startswith("http://127.0.0.1:")
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",  # noqa: S310
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - http://127.0.0.1 only
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as ex:
+        return ex.code, json.loads(ex.read())
+
+
+# -- hypothesis strategies: arbitrary JSON, and request-like bodies with mostly plausible values ----------
+
+RIGHT = "<the right passphrase>"
+CSR_FOR_NAME = "<a CSR whose CN is the name>"
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=10,
+)
+fields = st.one_of(json_values, st.sampled_from(["", "360", "-1", "0", "1e9", "x" * 70, "BR", "a@b.example"]))
+# Mostly plausible values, so that examples get past validation to the passphrase, lookup and signing steps.
+names = st.one_of(
+    st.sampled_from(["client", "device001", "device002", "AA:BB:CC:DD:EE:FF", "ghost", "dashboard", "Mosquitto"]),
+    st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_:-]{0,12}", fullmatch=True),
+    st.sampled_from(["../../etc/passwd", "+", "#", "a/b", ""]),
+    fields,
+)
+days = st.one_of(st.integers(1, 400), st.integers(-3, 4000), st.sampled_from(["360", " 30 ", "0", "ten"]), fields)
+passes = st.one_of(st.just(RIGHT), st.just(RIGHT), st.text(max_size=10), fields)
+optional = {"csr": st.one_of(st.just(CSR_FOR_NAME), fields), "token": fields, "country": fields, "state": fields,
+            "locality": fields, "org": fields, "unit": fields, "cn": st.one_of(names, fields), "email": fields}
+request_like = st.one_of(
+    st.fixed_dictionaries({"name": names, "days": days, "pass": passes}, optional=optional),
+    st.fixed_dictionaries({}, optional={"name": names, "days": days, "pass": passes, **optional}),
+)
+
+
+def concrete_body(body: Any, passphrase: str) -> Any:
+    """Fill in the placeholders: the lab's passphrase, a real CSR for the body's name."""
+    if not isinstance(body, dict):
+        return body
+    body = dict(body)
+    if body.get("pass") == RIGHT:
+        body["pass"] = passphrase
+    if body.get("csr") == CSR_FOR_NAME:
+        name = readable_name(body)
+        body["csr"] = make_csr(name)[0] if name else "junk"
+    return body

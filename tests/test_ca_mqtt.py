@@ -1,0 +1,212 @@
+"""The CA's MQTT endpoint through a real Mosquitto: the app holds the `dashboard` identity and answers on
+ssl/<name>; devices and the `provisioner` publish requests and watch the replies."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from flask import Flask
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from .ca_support import check_issued, close_app, concrete_body, json_values, lab_state, make_app, make_csr, request_like
+from .conftest import LabEnv
+from .support import Broker, Collector, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _status(message: mqtt.MQTTMessage) -> int | None:
+    for key, value in getattr(message.properties, "UserProperty", None) or []:
+        if key == "status":
+            return int(value)
+    return None
+
+
+def wait_ready(client: Collector, probe: str | None = None) -> None:
+    """The app has subscribed once a probe request gets its (error) reply; MQTT gives no other signal.
+
+    `probe` is a name whose reply topic `client` can read (a device: its own name).
+    """
+    probe = probe or f"probe-{uuid.uuid4().hex[:8]}"
+
+    def answered() -> bool:
+        client.publish("ssl/sign", json.dumps({"name": probe}))
+        try:
+            client.expect(f"ssl/{probe}", timeout=0.5)
+        except AssertionError:
+            return False
+        return True
+
+    wait_for(answered, timeout=15, interval=0, what="the CA endpoint to answer a probe")
+
+
+def expect_success(client: Collector, topic: str) -> dict[str, Any]:
+    """The next reply on `topic` that is not an error (late answers to readiness probes are skipped)."""
+    while True:
+        reply = json.loads(client.expect(topic).payload)
+        if "error" not in reply:
+            return reply
+
+
+def start_app(lab: LabEnv, **config: Any) -> Flask:
+    app = make_app(lab, MQTT_ENABLED=True, **config)
+    assert app.extensions["mqtt_bridge"].wait_connected(10), app.extensions["mqtt_bridge"].status()
+    return app
+
+
+@pytest.fixture
+def mqtt_app(generated_lab: LabEnv, broker: Broker) -> Iterator[Flask]:
+    app = start_app(generated_lab)
+    yield app
+    close_app(app)
+
+
+@pytest.fixture
+def provisioner(generated_lab: LabEnv, mqtt_app: Flask, broker: Broker) -> Iterator[Collector]:
+    """The provisioner identity (MQTT v5): may publish requests for any name and read every reply."""
+    client = Collector(generated_lab.certs_dir, "provisioner", broker.port, protocol=mqtt.MQTTv5).connect()
+    client.subscribe("ssl/#")
+    wait_ready(client)
+    yield client
+    client.close()
+
+
+def test_device_publishes_a_csr_and_gets_its_certificate(
+    generated_lab: LabEnv, mqtt_app: Flask, provisioner: Collector, broker: Broker
+) -> None:
+    device = Collector(generated_lab.certs_dir, "device001", broker.port).connect()  # MQTT 3.1.1
+    try:
+        device.subscribe("ssl/device001")
+        pem, key = make_csr("device001")
+        device.publish("ssl/sign", json.dumps({"name": "device001", "days": "90", "pass": generated_lab.passphrase,
+                                               "csr": pem}))
+        reply = json.loads(device.expect("ssl/device001").payload)
+        assert "error" not in reply, reply
+        cert = check_issued(reply, key)
+        assert "key" not in reply
+        assert 89 <= (cert.not_valid_after_utc - cert.not_valid_before_utc).days <= 90
+        record = mqtt_app.extensions["ca_service"].inventory.by_serial(reply["serial"])
+        assert (record.name, record.issued_via, record.requester) == ("device001", "mqtt", "mqtt:device001")
+    finally:
+        device.close()
+
+
+def test_v5_request_gets_its_reply_on_the_response_topic(
+    generated_lab: LabEnv, mqtt_app: Flask, provisioner: Collector
+) -> None:
+    pem, key = make_csr("sensor-v5")
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.ResponseTopic = "ssl/provisioner/replies/7"
+    properties.CorrelationData = b"\x00req-42\xff"
+    provisioner.publish("ssl/sign", json.dumps({"name": "sensor-v5", "days": 30, "pass": generated_lab.passphrase,
+                                                "csr": pem}), properties=properties)
+    message = provisioner.expect("ssl/provisioner/replies/7")
+    assert message.properties.CorrelationData == b"\x00req-42\xff"
+    assert _status(message) == 201
+    check_issued(json.loads(message.payload), key)
+    # the same reply also went to ssl/<name>, as for every request (exactly once)
+    on_name = wait_for(lambda: [m for m in provisioner.received if m.topic == "ssl/sensor-v5"], what="ssl/sensor-v5")
+    assert [json.loads(m.payload) for m in on_name] == [json.loads(message.payload)]
+    # handled once, though the dashboard's own `ssl/#` log subscription also matches ssl/sign
+    endpoint = mqtt_app.extensions["ca_mqtt"]
+    wait_for(lambda: endpoint.idle, what="the endpoint to be idle")
+    assert len(mqtt_app.extensions["ca_service"].inventory.list(name="sensor-v5")) == 1
+    # a request with no usable name can still be answered on its response topic
+    properties.CorrelationData = b"bad-1"
+    provisioner.publish("ssl/create", b"{not json", properties=properties)
+    error = provisioner.expect("ssl/provisioner/replies/7")
+    assert (error.properties.CorrelationData, _status(error)) == (b"bad-1", 400)
+    assert json.loads(error.payload) == {"error": "the payload is not valid JSON"}
+
+
+def test_mqtt_and_http_give_the_same_answers(generated_lab: LabEnv, mqtt_app: Flask, provisioner: Collector) -> None:
+    passphrase = generated_lab.passphrase
+    bodies: list[dict[str, Any]] = [
+        {"name": "answer1"},
+        {"name": "answer1", "days": "soon", "pass": passphrase},
+        {"name": "answer1", "days": 10, "pass": 7},
+        {"name": "answer1", "days": 10, "pass": "wrong"},
+        {"name": "dashboard", "days": 10, "pass": passphrase},
+        {"name": "answer1", "days": 10, "pass": passphrase, "country": "Brazil"},
+    ]
+    client = mqtt_app.test_client()
+    for route, body in [*[("sign", b) for b in bodies], *[("create", b) for b in bodies],
+                        ("sign", {"name": "ghost", "days": 10, "pass": passphrase}),
+                        ("sign", {"name": "answer1", "days": 10, "pass": passphrase, "csr": make_csr("other")[0]})]:
+        http = client.post(f"/v1/ssl/{route}", json=body)
+        provisioner.publish(f"ssl/{route}", json.dumps(body))
+        message = provisioner.expect(f"ssl/{body['name']}")
+        assert (_status(message), json.loads(message.payload)) == (http.status_code, http.json), (route, body)
+    # an identical create over HTTP and then MQTT: the same certificate, whichever transport asks
+    create = {"name": "answer2", "days": 10, "pass": passphrase, "org": "ACME"}
+    first = client.post("/v1/ssl/create", json=create)
+    provisioner.publish("ssl/create", json.dumps(create))
+    again = provisioner.expect("ssl/answer2")
+    assert (first.status_code, _status(again)) == (201, 200)
+    assert json.loads(again.payload) == first.json
+
+
+def test_malformed_input_never_stops_the_subscriber(
+    generated_lab: LabEnv, mqtt_app: Flask, provisioner: Collector
+) -> None:
+    endpoint = mqtt_app.extensions["ca_mqtt"]
+    start = endpoint.stats()["received"]
+    junk: list[bytes] = [b"", b"not json", b"\xff\xfe\x00", b"[]", b"null", b'"text"', b"[" * 50000,
+                         b'{"name": 5}', b'{"name": "a/b", "days": 1}', b'{"name": "+"}', b'{"name": "#"}']
+    for payload in junk:
+        provisioner.publish("ssl/sign", payload)
+        provisioner.publish("ssl/create", payload)
+    for _ in range(6):  # wrong passphrases for one name: five 403s, then the name is locked out
+        provisioner.publish("ssl/sign", json.dumps({"name": "victim", "days": 1, "pass": "guess"}))
+    wait_for(lambda: endpoint.stats()["handled"] == start + 2 * len(junk) + 6, what="every request handled")
+    statuses = [_status(provisioner.expect("ssl/victim")) for _ in range(6)]
+    assert statuses == [403] * 5 + [429]
+    assert "500" not in endpoint.stats()["by_status"]
+    assert mqtt_app.extensions["mqtt_bridge"].connected.is_set()
+    # still serving
+    pem, key = make_csr("after-junk")
+    provisioner.publish("ssl/sign", json.dumps({"name": "after-junk", "days": 5, "pass": generated_lab.passphrase,
+                                                "csr": pem}))
+    check_issued(json.loads(provisioner.expect("ssl/after-junk").payload), key)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.one_of(json_values, request_like, request_like), topic=st.sampled_from(["ssl/sign", "ssl/create"]),
+       raw=st.one_of(st.none(), st.binary(max_size=64)))
+def test_arbitrary_payloads_never_break_the_endpoint(
+    generated_lab: LabEnv, mqtt_app: Flask, provisioner: Collector, body: Any, topic: str, raw: bytes | None
+) -> None:
+    endpoint = mqtt_app.extensions["ca_mqtt"]
+    payload = raw if raw is not None else json.dumps(concrete_body(body, generated_lab.passphrase)).encode()
+    before_state = lab_state(generated_lab)
+    before = endpoint.stats()
+    provisioner.publish(topic, payload)
+    wait_for(lambda: endpoint.stats()["handled"] > before["handled"], what="the request to be handled")
+    after = endpoint.stats()["by_status"]
+    new = [int(s) for s, n in after.items() if n > before["by_status"].get(s, 0)]
+    assert len(new) == 1 and new[0] in (200, 201, 400, 403, 404, 409, 429), (new, after)
+    if new[0] >= 400:
+        assert lab_state(generated_lab) == before_state, "a refused request changed something"
+    assert mqtt_app.extensions["mqtt_bridge"].connected.is_set()
+
+
+def test_shared_subscription_serves_requests(generated_lab: LabEnv, broker: Broker) -> None:
+    app = start_app(generated_lab, CA_SHARED_SUBSCRIPTION="1")
+    device = Collector(generated_lab.certs_dir, "device002", broker.port).connect()
+    try:
+        assert app.extensions["ca_mqtt"].topic_filters() == ["$share/ca/ssl/sign", "$share/ca/ssl/create"]
+        device.subscribe("ssl/device002")
+        wait_ready(device, "device002")
+        device.publish("ssl/sign", json.dumps({"name": "device002", "days": 7, "pass": generated_lab.passphrase}))
+        check_issued(expect_success(device, "ssl/device002"))
+    finally:
+        device.close()
+        close_app(app)
