@@ -35,37 +35,6 @@ def expiry_status(days_left: float, renew_before_days: int) -> str:
     return VALID
 
 
-def _utc(value: dt.datetime | None) -> dt.datetime | None:
-    """Stored times are UTC; some SQLite reads come back naive, so make them aware again."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=dt.UTC)
-    return value
-
-
-def record_row(record: CertificateRecord, now: dt.datetime) -> dict[str, Any]:
-    """An inventory record as a table row (the PEM stays out: the page does not need it)."""
-    not_before, not_after = _utc(record.not_before), _utc(record.not_after)
-    issued_at, revoked_at = _utc(record.issued_at), _utc(record.revoked_at)
-    assert not_before is not None and not_after is not None
-    return {
-        "serial": record.serial,
-        "name": record.name,
-        "common_name": record.common_name,
-        "role": record.role,
-        "subject": record.subject,
-        "issuer": record.issuer,
-        "not_before": not_before.isoformat(),
-        "not_after": not_after.isoformat(),
-        "days_left": round((not_after - now).total_seconds() / 86400, 2),
-        "fingerprint_sha256": record.fingerprint_sha256,
-        "issued_via": record.issued_via,
-        "status": record.status,
-        "issued_at": issued_at.isoformat() if issued_at else None,
-        "revoked_at": revoked_at.isoformat() if revoked_at else None,
-        "revocation_reason": record.revocation_reason,
-    }
-
-
 class CertificateView:
     """Reads certificate state for the page; cheap enough to call every few seconds."""
 
@@ -100,7 +69,7 @@ class CertificateView:
             checks = {}
         rows: dict[str, dict[str, Any]] = {}
         for record in self.inventory.list():
-            data = record_row(record, now)
+            data = record.to_dict(now)
             status = data["status"]
             if status not in (REVOKED, SUPERSEDED):
                 status = expiry_status(data["days_left"], renew)

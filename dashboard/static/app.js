@@ -16,6 +16,7 @@
     filter: "",
     logLimit: 500,
     historySeconds: 3600,
+    publishInterval: 5,
     range: 3600,
     certs: [],
     crl: null,
@@ -145,7 +146,7 @@
             border: { display: false },
             grid: { drawTicks: false },
             title: { display: true, text: "°C" },
-            ticks: { padding: 8, callback: (value) => Number(value).toFixed(1) },
+            ticks: { padding: 8 },
           },
         },
         plugins: {
@@ -252,8 +253,9 @@
     const grid = $("#device-grid");
     let card = grid.querySelector(`[data-device="${CSS.escape(deviceId)}"]`);
     if (!card) {
+      grid.querySelector(".empty-state")?.remove();
       card = buildCard(deviceId);
-      const after = [...grid.children].find((c) => c.dataset.device.localeCompare(deviceId) > 0);
+      const after = [...grid.children].find((c) => c.dataset.device && c.dataset.device.localeCompare(deviceId) > 0);
       grid.insertBefore(card, after || null);
     }
     return card;
@@ -285,8 +287,13 @@
 
   const renderCardTimes = (card, device) => {
     const seen = $(".last-seen", card);
-    seen.textContent = device.last_seen ? fmtAgo((now() - device.last_seen * 1000) / 1000) : "never";
+    const age = device.last_seen ? (now() - device.last_seen * 1000) / 1000 : null;
+    seen.textContent = age === null ? "never" : fmtAgo(age);
     seen.title = device.last_seen ? new Date(device.last_seen * 1000).toLocaleString() : "";
+    // Online but silent for three publish intervals (at least 30 s): say so before the broker's LWT does.
+    const stale = device.status === "online" && age !== null && age > Math.max(30, 3 * state.publishInterval);
+    seen.classList.toggle("warn", stale);
+    if (stale) seen.title = `no reading for ${Math.round(age)} s · ${seen.title}`;
   };
 
   const renderCardCert = (card, deviceId) => {
@@ -326,6 +333,12 @@
 
   const renderKpis = () => {
     const devices = [...state.devices.values()];
+    const grid = $("#device-grid");
+    if (!devices.length && !grid.children.length) {
+      grid.append(el("div", { class: "card empty-state" },
+        el("div", { class: "empty-ico", "aria-hidden": "true", text: "◉" }),
+        el("div", { text: "No device has reported yet. Start one with DEVICE_ID=device001 python thermometer.py" })));
+    }
     const online = devices.filter((d) => d.status === "online").length;
     $("#kpi-online").textContent = online;
     $("#kpi-devices").textContent = devices.length;
@@ -671,6 +684,7 @@
     const config = snap.config || {};
     state.logLimit = config.log_limit || state.logLimit;
     state.historySeconds = config.history_seconds || state.historySeconds;
+    state.publishInterval = config.publish_interval || state.publishInterval;
     $("#log-limit").textContent = state.logLimit;
     // A reconnect replaces everything: the snapshot is the truth.
     state.devices.clear();
