@@ -8,10 +8,12 @@ MQTT_ENABLED is true (the default outside tests), once per process, never under 
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 from typing import Any
 
 from flask import Flask
+from flask.logging import default_handler
 from flask_socketio import SocketIO
 
 from pki.config import Settings
@@ -37,8 +39,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         app.config.update(test_config)
     settings: Settings = app.config.get("LAB_SETTINGS") or Settings.from_env()
     app.extensions["lab_settings"] = settings
-    if not app.logger.handlers or app.logger.level == logging.NOTSET:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
+    # Our records go through the root handler (configure_logging); Flask's own would print each twice.
+    app.logger.removeHandler(default_handler)
 
     register_error_handlers(app)
     socketio.init_app(app, async_mode="threading", cors_allowed_origins=[])
@@ -55,6 +58,15 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     if app.config["MQTT_ENABLED"]:
         bridge.start()
     return app
+
+
+def configure_logging() -> None:
+    """One handler on the root logger at LOG_LEVEL (default INFO); idempotent for many apps per process."""
+    level = os.environ.get("LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level if level in logging.getLevelNamesMapping() else "INFO",
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Werkzeug's request lines and development-server banner are noise next to the lab's own log.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 
 def settings_of(app: Flask) -> Settings:

@@ -170,6 +170,41 @@ def write_crl(
     return crl
 
 
+def write_broker_configs(settings: Settings) -> bool:
+    """Render mosquitto.conf (native paths) and mosquitto.docker.conf; True when the native one changed.
+
+    Only the generator calls this: the CA service, which may run inside the dashboard container with other
+    paths, rewrites the policy (ACL, CRL) alone.
+    """
+    files = BrokerFiles(settings.certs_dir, settings.data_dir)
+    ensure_dir(files.folder)
+    ensure_dir(files.persistence_dir)
+    native = render_config(files, port=settings.broker_port, bind_address=settings.broker_bind)
+    changed = atomic_write(files.conf, native.encode(), CERT_MODE)
+    docker = render_config(files, port=8883, bind_address="0.0.0.0", docker=True)  # noqa: S104 - inside the container
+    atomic_write(files.docker_conf, docker.encode(), CERT_MODE)
+    return changed
+
+
+def write_broker_policy(
+    settings: Settings,
+    ca: CertificateAuthority,
+    revoked: Iterable[tuple[int, dt.datetime]],
+    denied_names: Iterable[str],
+    *,
+    force_crl: bool = False,
+) -> bool:
+    """Write the ACL and (when its content changed or it is due) the CRL; True when either changed."""
+    files = BrokerFiles(settings.certs_dir, settings.data_dir)
+    ensure_dir(files.policy_dir, 0o755)
+    changed = atomic_write(files.acl, render_acl(denied_names).encode(), CERT_MODE)
+    revoked = list(revoked)
+    if force_crl or crl_needs_refresh(files.crl, ca) or _crl_serials(files.crl) != {s for s, _ in revoked}:
+        write_crl(files, ca, revoked)
+        changed = True
+    return changed
+
+
 def write_broker_files(
     settings: Settings,
     ca: CertificateAuthority,
@@ -178,22 +213,9 @@ def write_broker_files(
     *,
     force_crl: bool = False,
 ) -> bool:
-    """Render config, ACL and (when needed) CRL; returns True when anything the broker reads changed."""
-    files = BrokerFiles(settings.certs_dir, settings.data_dir)
-    ensure_dir(files.policy_dir, 0o755)
-    ensure_dir(files.folder)
-    ensure_dir(files.persistence_dir)
-    changed = False
-    native = render_config(files, port=settings.broker_port, bind_address=settings.broker_bind)
-    changed |= atomic_write(files.conf, native.encode(), CERT_MODE)
-    docker = render_config(files, port=8883, bind_address="0.0.0.0", docker=True)  # noqa: S104 - inside the container
-    atomic_write(files.docker_conf, docker.encode(), CERT_MODE)
-    changed |= atomic_write(files.acl, render_acl(denied_names).encode(), CERT_MODE)
-    revoked = list(revoked)
-    if force_crl or crl_needs_refresh(files.crl, ca) or _crl_serials(files.crl) != {s for s, _ in revoked}:
-        write_crl(files, ca, revoked)
-        changed = True
-    return changed
+    """Everything the broker reads: configs, ACL and CRL; True when anything it reads changed."""
+    configs = write_broker_configs(settings)
+    return write_broker_policy(settings, ca, revoked, denied_names, force_crl=force_crl) or configs
 
 
 def _crl_serials(path: Path) -> set[int]:

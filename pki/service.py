@@ -53,7 +53,7 @@ from .authority import (
     serial_hex,
     utcnow,
 )
-from .broker import BrokerConfigError, BrokerFiles, crl_needs_refresh, reload_broker, write_broker_files
+from .broker import BrokerConfigError, BrokerFiles, crl_needs_refresh, reload_broker, write_broker_policy
 from .config import Settings
 from .inventory import ACTIVE, REVOKED, SUPERSEDED, CertificateRecord, Inventory
 from .profiles import DEVICE, ENTITY, Profile
@@ -257,7 +257,7 @@ class CAService:
         if not crl_needs_refresh(self.broker_files.crl, ca):
             return False
         with self._writer(), self.inventory.session() as session:
-            changed = write_broker_files(
+            changed = write_broker_policy(
                 self.settings, ca, self.inventory.revoked_serials(session), self.inventory.denied_names(session)
             )
         if changed:
@@ -390,7 +390,7 @@ class CAService:
     def _sync_broker(self, ca: CertificateAuthority) -> None:
         """Rewrite ACL and CRL from the inventory (caller holds the writer lock) and reload the broker."""
         with self.inventory.session() as session:
-            changed = write_broker_files(
+            changed = write_broker_policy(
                 self.settings, ca, self.inventory.revoked_serials(session), self.inventory.denied_names(session)
             )
         if changed:
@@ -597,7 +597,7 @@ class CAService:
                     revoked = self.inventory.revoke([t.serial for t in targets], request.reason, session)
                     # The CRL and ACL are written before the transaction commits: if they cannot be written,
                     # nothing is marked revoked and the caller learns it (revocation never silently lost).
-                    changed = write_broker_files(
+                    changed = write_broker_policy(
                         self.settings, ca, self.inventory.revoked_serials(session),
                         self.inventory.denied_names(session),
                     )
