@@ -139,6 +139,20 @@ def crl_needs_refresh(path: Path, ca: CertificateAuthority, now: dt.datetime | N
     return next_update is None or next_update - now < CRL_REFRESH_BEFORE
 
 
+def crl_revocations(path: Path, ca: CertificateAuthority) -> dict[int, dt.datetime]:
+    """Serial -> revocation time listed in the CRL at `path`, if it is a CRL of this root; else {}.
+
+    Lets the generator keep revocations another inventory made (a Docker run's, for instance).
+    """
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    if crl.issuer != ca.certificate.subject or not crl.is_signature_valid(ca.certificate.public_key()):
+        return {}
+    return {entry.serial_number: entry.revocation_date_utc for entry in crl}
+
+
 def current_crl_number(path: Path) -> int:
     try:
         crl = x509.load_pem_x509_crl(path.read_bytes())

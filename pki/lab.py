@@ -28,7 +28,7 @@ from .authority import (
     utcnow,
     verify_leaf,
 )
-from .broker import BrokerFiles, reload_broker, write_broker_files
+from .broker import BrokerFiles, crl_revocations, reload_broker, write_broker_files
 from .config import ConfigError, Settings
 from .inventory import Inventory
 from .profiles import BROKER, DASHBOARD, DEVICE, PROVISIONER, ROOT_CA, ROOT_CA_DAYS, Profile
@@ -267,14 +267,31 @@ class LabCertificates:
                     report.results.append(result)
                     self.progress(result.line())
                 broker_files = BrokerFiles(settings.certs_dir, settings.data_dir)
+                revoked = self._merge_crl_revocations(inventory, broker_files, ca)
                 if write_broker_files(
-                    settings, ca, inventory.revoked_serials(), inventory.denied_names(), force_crl=report.new_root
+                    settings, ca, revoked, inventory.denied_names(), force_crl=report.new_root
                 ):
                     self.progress(f"Broker config, ACL and CRL written under {settings.certs_dir}")
                     reload_broker(broker_files)
             finally:
                 inventory.close()
         return report
+
+    def _merge_crl_revocations(
+        self, inventory: Inventory, broker_files: BrokerFiles, ca: CertificateAuthority
+    ) -> list[tuple[int, dt.datetime]]:
+        """Revocations = the inventory's plus those in the current CRL: a revocation is never undone by
+        regenerating with another inventory (say, the host's after a Docker run)."""
+        listed = crl_revocations(broker_files.crl, ca)
+        if listed:
+            with inventory.session() as session:
+                imported = inventory.revoke([serial_hex(s) for s in listed], "recorded in the CRL", session)
+            if imported:
+                self.progress(f"{len(imported)} revocation(s) found in the current CRL recorded in the inventory")
+        merged = dict(inventory.revoked_serials())
+        for serial, when in listed.items():
+            merged.setdefault(serial, when)
+        return sorted(merged.items())
 
     # -- checking (no passphrase needed) --------------------------------------------------------
 

@@ -466,3 +466,35 @@ def test_two_generators_at_once_do_not_corrupt_the_lab(lab_env: LabEnv) -> None:
         assert len(inventory.list()) == 1 + len(LEAVES)
     finally:
         inventory.close()
+
+
+def test_regenerating_with_another_inventory_keeps_revocations(
+    generated_lab: LabEnv, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A revocation made by one inventory (say the Docker volume's) survives the generator run with another
+    (the host's): the current CRL is the record the broker enforces, so it is merged, never dropped."""
+    from pki.broker import BrokerFiles
+    from pki.service import CAService
+
+    service = CAService(generated_lab.settings())
+    reply = service.revoke({"name": "device001", "pass": generated_lab.passphrase}, source="test")
+    assert reply.status == 200, reply.body
+    revoked_serial = load_cert(generated_lab.certs_dir / "device001" / "device001.crt").serial_number
+    files = BrokerFiles(generated_lab.certs_dir, generated_lab.data_dir)
+    assert b"user device001\ntopic deny #" in files.acl.read_bytes()
+
+    other_db = generated_lab.root / "other.db"
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{other_db}")
+    code, out, _ = run(capsys)
+    assert code == 0 and "1 revocation(s) found in the current CRL" in out
+    crl = x509.load_pem_x509_crl(files.crl.read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(revoked_serial) is not None
+    assert b"user device001\ntopic deny #" in files.acl.read_bytes()
+    other = Inventory(f"sqlite:///{other_db}")
+    try:
+        row = other.by_serial(format(revoked_serial, "x"))
+        assert row is not None and row.status == "revoked"
+    finally:
+        other.close()
+    # and the revoked device is not silently re-issued by the generator
+    assert load_cert(generated_lab.certs_dir / "device001" / "device001.crt").serial_number == revoked_serial
