@@ -138,8 +138,8 @@ def print_table(rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> None:
         print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
 
 
-def plot_latency_histograms(series: dict[str, Sequence[float]], title: str, path: Path) -> Path | None:
-    """Latency distributions (ms) as overlaid histograms; returns None when matplotlib is missing."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, or None (with a hint) when it is not installed."""
     try:
         import matplotlib
 
@@ -147,6 +147,23 @@ def plot_latency_histograms(series: dict[str, Sequence[float]], title: str, path
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plot (pip install -r requirements-dev.txt)")
+        return None
+    return plt
+
+
+def _save(fig: Any, ax: Any, plt: Any, title: str, path: Path) -> Path:
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_latency_histograms(series: dict[str, Sequence[float]], title: str, path: Path) -> Path | None:
+    """Latency distributions (ms) as overlaid histograms; returns None when matplotlib is missing."""
+    plt = _pyplot()
+    if plt is None:
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -155,23 +172,13 @@ def plot_latency_histograms(series: dict[str, Sequence[float]], title: str, path
             ax.hist([v * 1000 for v in values], bins=60, alpha=0.55, label=label)
     ax.set_xlabel("latency (ms)")
     ax.set_ylabel("requests")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, plt, title, path)
 
 
 def plot_timeseries(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, ylabel: str,
                     path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install -r requirements-dev.txt)")
+    plt = _pyplot()
+    if plt is None:
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -179,9 +186,4 @@ def plot_timeseries(series: dict[str, tuple[Sequence[float], Sequence[float]]], 
         ax.plot(xs, ys, label=label)
     ax.set_xlabel("time (s)")
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, plt, title, path)
