@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Create or renew the lab's root CA and every certificate it needs; idempotent.
 
-Exit codes: 0 done / all valid, 1 `--check` found something expiring, expired, missing or invalid,
+`--check` lists every lab certificate as valid / expiring / expired / revoked (the dashboard's states; revoked
+per the inventory, which --check never creates, and the CRL) or missing / invalid, then the CRL itself.
+
+Exit codes: 0 done / all valid, 1 `--check` found something expiring, expired, revoked, missing or invalid,
 2 the CA could not be unlocked or a setting is wrong (nothing was written).
 """
 
@@ -54,11 +57,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     lab = LabCertificates(settings, progress=print)
     if args.check:
         rows = lab.check(devices)
-        print_check_table(rows)
+        crl = lab.check_crl()
+        print_check_table([*rows, crl])
         bad = [row for row in rows if not row.ok]
         if bad:
             print(f"\n{len(bad)} certificate(s) need attention: run ./setup.sh certs (or this script) to renew them.")
-        return 1 if bad else 0
+        if any(row.status == "revoked" for row in bad):
+            print("A revoked certificate stays revoked: drop the device from DEVICES, or reissue it with --force.")
+        if not crl.ok:
+            print(f"The CRL is {crl.status}: {crl.detail}.")
+        return 1 if bad or not crl.ok else 0
     try:
         report = lab.generate(devices, force=args.force)
     except WrongPassphrase:

@@ -1,4 +1,7 @@
-"""The CA's MQTT endpoint: requests on `ssl/sign` and `ssl/create`, replies on `ssl/<name>` (QoS 1).
+"""The CA's MQTT endpoint: requests on `ssl/sign`, `ssl/create` and `ssl/renew/<CN>`, replies on `ssl/<name>` (QoS 1).
+
+Renewal needs no passphrase: the broker's ACL lets a certificate write only `ssl/renew/<its CN>`, so the topic
+proves who asks, and `CAService.renew` takes the CN from the topic (its reply goes to `ssl/<CN>`).
 
 A thin adapter over `pki.service.CAService`, like the HTTP routes: decode the JSON, call the service, publish
 its reply body unchanged. MQTT v5 requests with a ResponseTopic also get the reply there, with their
@@ -8,8 +11,8 @@ Messages arrive on paho's network thread through the dashboard's single MqttBrid
 worker pool at once, so signing never stalls the connection. Nothing a publisher sends can stop the
 subscriber: every failure is answered (when there is somewhere to answer) and logged.
 
-With CA_SHARED_SUBSCRIPTION=1 the endpoint subscribes to `$share/ca/ssl/sign` and `$share/ca/ssl/create`,
-so several dashboard/CA processes split the requests between them.
+With CA_SHARED_SUBSCRIPTION=1 the endpoint subscribes to `$share/ca/ssl/sign`, `$share/ca/ssl/create` and
+`$share/ca/ssl/renew/+`, so several dashboard/CA processes split the requests between them.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from .mqtt_bridge import MqttBridge
 log = logging.getLogger(__name__)
 
 OPERATIONS = ("sign", "create")
+RENEW_PREFIX = "ssl/renew/"
 SHARE_GROUP = "ca"
 WORKERS = 4
 MAX_PENDING = 256  # requests queued beyond this get a 503 reply instead of growing memory without bound
@@ -64,7 +68,7 @@ class CAMqttEndpoint:
 
     def topic_filters(self) -> list[str]:
         prefix = f"$share/{SHARE_GROUP}/" if self.shared else ""
-        return [f"{prefix}ssl/{operation}" for operation in OPERATIONS]
+        return [f"{prefix}ssl/{operation}" for operation in OPERATIONS] + [f"{prefix}{RENEW_PREFIX}+"]
 
     def register(self) -> None:
         for topic_filter in self.topic_filters():
@@ -86,9 +90,15 @@ class CAMqttEndpoint:
     # -- network thread: copy what we need, hand over, return ------------------------------------------
 
     def on_message(self, message: mqtt.MQTTMessage) -> None:
-        operation = message.topic.rsplit("/", 1)[-1]
-        if operation not in OPERATIONS:
-            return
+        topic = message.topic
+        if topic.startswith(RENEW_PREFIX):
+            operation, cn = "renew", topic[len(RENEW_PREFIX):]
+            if not cn or "/" in cn:
+                return
+        else:
+            operation, cn = topic.rsplit("/", 1)[-1], None
+            if operation not in OPERATIONS or topic != f"ssl/{operation}":
+                return
         properties = getattr(message, "properties", None)
         response_topic = getattr(properties, "ResponseTopic", None) or None
         correlation = getattr(properties, "CorrelationData", None)
@@ -97,10 +107,10 @@ class CAMqttEndpoint:
             self.received += 1
         if not self._slots.acquire(blocking=False):
             self._finish(operation, payload, response_topic, correlation,
-                         Reply(UNAVAILABLE, {"error": "the CA is busy; retry in a few seconds"}))
+                         Reply(UNAVAILABLE, {"error": "the CA is busy; retry in a few seconds"}), cn)
             return
         try:
-            self.pool.submit(self._work, operation, payload, response_topic, correlation)
+            self.pool.submit(self._work, operation, payload, response_topic, correlation, cn)
         except RuntimeError:  # the pool is shut down (app closing)
             self._slots.release()
             with self._counts_lock:
@@ -108,10 +118,12 @@ class CAMqttEndpoint:
 
     # -- worker threads --------------------------------------------------------------------------------
 
-    def _work(self, operation: str, payload: bytes, response_topic: str | None, correlation: bytes | None) -> None:
+    def _work(
+        self, operation: str, payload: bytes, response_topic: str | None, correlation: bytes | None, cn: str | None
+    ) -> None:
         try:
-            reply = self._handle(operation, payload)
-            self._finish(operation, payload, response_topic, correlation, reply)
+            reply = self._handle(operation, payload, cn)
+            self._finish(operation, payload, response_topic, correlation, reply, cn)
         except Exception:  # never lose the worker; the service itself already turns errors into replies
             log.exception("ssl/%s: unexpected failure while answering", operation)
             with self._counts_lock:
@@ -119,11 +131,13 @@ class CAMqttEndpoint:
         finally:
             self._slots.release()
 
-    def _handle(self, operation: str, payload: bytes) -> Reply:
+    def _handle(self, operation: str, payload: bytes, cn: str | None = None) -> Reply:
         try:
             body = json.loads(payload)
         except (ValueError, RecursionError):
             return Reply(400, {"error": "the payload is not valid JSON"})
+        if cn is not None:  # ssl/renew/<cn>: only <cn>'s certificate may publish here (ACL)
+            return self.service.renew(cn, body, via="mqtt", requester=f"mqtt:{cn}")
         name = readable_name(body)
         # The replier never learns who published (MQTT hides it): the lockout counts per requested name.
         source = f"mqtt:{name or '?'}"
@@ -131,10 +145,13 @@ class CAMqttEndpoint:
         return call(body, source=source, via="mqtt", requester=source)
 
     def _finish(
-        self, operation: str, payload: bytes, response_topic: str | None, correlation: bytes | None, reply: Reply
+        self, operation: str, payload: bytes, response_topic: str | None, correlation: bytes | None, reply: Reply,
+        cn: str | None = None,
     ) -> None:
         name = reply.body.get("name") if reply.ok else None
-        if name is None:
+        if cn is not None:  # a renewal is answered to the CN of its topic, whatever the body said
+            name = readable_name({"name": cn})
+        elif name is None:
             try:
                 name = readable_name(json.loads(payload))
             except (ValueError, RecursionError):

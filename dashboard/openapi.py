@@ -12,6 +12,7 @@ from typing import Any
 from pki.requests import (
     TOKEN_TTL_DEFAULT,
     CreateRequest,
+    RenewRequest,
     RevokeRequest,
     SignRequest,
     TokenRequest,
@@ -34,6 +35,18 @@ The same requests work over MQTT (mutual TLS on the lab's broker, port 8883):
 * a body that is not JSON, or has no usable name, gets no reply on `ssl/<name>` (only on a ResponseTopic) and a
   line in the dashboard's log. Wrong passphrases count against the request's name (5 within 15 minutes lock it
   out for the rest of the window).
+
+Renewal, MQTT only, without the passphrase (like step-ca's renew or EST's simplereenroll): a device publishes
+`{"csr": PEM}` (schema `RenewRequest`) to `ssl/renew/<its CN>` and reads the reply on `ssl/<its CN>`. Its current
+certificate is the credential: the broker's ACL lets a certificate write only its own `ssl/renew/<CN>` (a publish
+to another device's renew topic is dropped by the broker and never reaches the CA). The CSR's CN must equal the
+topic's CN and its key must be new (400, field `csr`); the entity needs a current certificate that is neither
+revoked nor expired (403; 404 when none was ever issued). The new certificate keeps the current one's profile,
+subject, SANs and lifetime (optional `days` may only shorten it), gets a new serial, and is recorded in the
+inventory (`issued_via` = `renew`, the old certificate becomes `superseded`). The reply is the `Issued` shape
+without `key`; the CA writes no files: the device stores its new pair itself. A device whose certificate has
+expired or been revoked enrols again with a token (`POST /v1/ssl/tokens`, then `POST /v1/ssl/sign` with `token`
+and `csr`).
 """
 
 
@@ -165,7 +178,9 @@ def openapi_document() -> dict[str, Any]:
             "summary": "Issue a single-use enrolment token for one name",
             "description": (
                 f"The token replaces `pass` in one `sign` request with a CSR for that name, until it expires "
-                f"(`ttl` seconds, default {TOKEN_TTL_DEFAULT}). Only its SHA-256 is stored."),
+                f"(`ttl` seconds, default {TOKEN_TTL_DEFAULT}); that request gets a device certificate (client "
+                f"authentication only), which the device then renews itself over MQTT (`ssl/renew/<CN>`). "
+                f"Only the token's SHA-256 is stored."),
             "requestBody": _json_request(TokenRequest, {
                 "token": ("A token for a new device.", {"name": "device042", "pass": PLACEHOLDER, "ttl": 3600})}),
             "responses": {
@@ -221,6 +236,7 @@ def openapi_document() -> dict[str, Any]:
         "CreateRequest": _schema(CreateRequest),
         "RevokeRequest": _schema(RevokeRequest),
         "TokenRequest": _schema(TokenRequest),
+        "RenewRequest": _schema(RenewRequest),
         "Error": {"type": "object", "required": ["error"], "properties": {
             "error": {"type": "string", "description": "What is wrong, never containing a secret."},
             "field": {"type": "string", "description": "The request field at fault."}}},
@@ -251,5 +267,11 @@ def openapi_document() -> dict[str, Any]:
         "x-mqtt": {
             "ssl/sign": {"publish": "#/components/schemas/SignRequest", "reply": "ssl/<name>"},
             "ssl/create": {"publish": "#/components/schemas/CreateRequest", "reply": "ssl/<name>"},
+            "ssl/renew/<CN>": {
+                "publish": "#/components/schemas/RenewRequest", "reply": "ssl/<CN>",
+                "credential": "the publishing certificate (the ACL lets a CN write only ssl/renew/<its CN>)",
+                "responses": {"201": "#/components/schemas/Issued", "400": "bad csr (CN differs or key reused)",
+                              "403": "revoked or expired", "404": "nothing issued to this CN",
+                              "409": "a protected name"}},
         },
     }

@@ -12,6 +12,9 @@
   reading of this process (1, 2, ...), so a consumer can prove there is no gap.
 - SIGTERM/SIGINT: the last readings are delivered, retained `offline` is acknowledged, then a clean
   DISCONNECT (so the broker does not also fire the will), exit 0.
+- Certificate lifecycle: with no certificate but an enrolment token (ENROL_TOKEN, or a line claimed from
+  ENROL_TOKEN_FILE) the device first enrols over the CA's HTTP API (`lab/enrolment.py`); afterwards it renews
+  its certificate itself over MQTT (`lab/renewal.py`), switching to a new client without losing a reading.
 """
 
 from __future__ import annotations
@@ -48,11 +51,15 @@ from pki.authority import (
 )
 from pki.config import DEVICE_ID_RE, ConfigError, Settings, lab_environ
 
+from .credentials import recover
+from .enrolment import EnrolmentError, EnrolmentRefused, enrol_if_needed, with_claimed_token
 from .mqtt import Identity, make_client
+from .renewal import RENEW_CHECK_INTERVAL, RenewalPolicy, Renewer
 
 log = logging.getLogger("thermometer")
 
 EXIT_OK = 0
+EXIT_UNAVAILABLE = 1
 EXIT_CONFIG = 2
 
 BUFFER_SIZE = 1000  # readings kept while the broker is unreachable (~83 min at the default 5 s)
@@ -61,6 +68,7 @@ RECONNECT_MIN_DELAY = 1.0
 RECONNECT_MAX_DELAY = 30.0
 KEEPALIVE = 30
 SHUTDOWN_ACK_TIMEOUT = 5.0
+SWITCH_ATTEMPTS = 3  # failed connections with a renewed certificate before it is rolled back
 STOP_POLL = 0.1  # how quickly the loop notices a stop request (a signal handler must not touch locks)
 
 
@@ -78,6 +86,8 @@ class DeviceConfig:
     broker_address: str = "localhost"
     broker_port: int = 8883
     interval: float = 5.0
+    renew_before_days: float = 30.0
+    renew_check_interval: float = RENEW_CHECK_INTERVAL  # 0: never renew
 
     @property
     def temperature_topic(self) -> str:
@@ -156,12 +166,21 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str]) -> DeviceC
     port = args.port if args.port is not None else settings.broker_port
     if port > 65535:
         raise DeviceConfigError(f"BROKER_PORT={port} is not a port number")
+    check_raw = (environ.get("RENEW_CHECK_INTERVAL") or "").strip()
+    try:
+        check_interval = float(check_raw) if check_raw else RENEW_CHECK_INTERVAL
+    except ValueError:
+        check_interval = -1.0
+    if not 0 <= check_interval < math.inf:
+        raise DeviceConfigError(f"RENEW_CHECK_INTERVAL={check_raw!r} is not a number of seconds (0: never renew)")
     return DeviceConfig(
         device_id=device_id,
         identity=identity,
         broker_address=(args.broker or settings.broker_address).strip(),
         broker_port=port,
         interval=args.interval if args.interval is not None else settings.publish_interval,
+        renew_before_days=settings.renew_before_days,
+        renew_check_interval=check_interval,
     )
 
 
@@ -284,7 +303,7 @@ class Thermometer:
     """One device's MQTT session. `run()` publishes until `request_stop()`, then shuts down cleanly."""
 
     def __init__(self, config: DeviceConfig, walk: TemperatureWalk | None = None,
-                 buffer_size: int = BUFFER_SIZE) -> None:
+                 buffer_size: int = BUFFER_SIZE, renewal: RenewalPolicy | None = None) -> None:
         self.config = config
         self.walk = walk or TemperatureWalk(baseline_for(config.device_id))
         self.seq = 0
@@ -294,10 +313,19 @@ class Thermometer:
         self._wake = threading.Event()  # set by on_connect: flush the buffer now
         self._stop_reason: str | None = None  # a plain attribute: set from a signal handler, no lock
         self._closing = threading.Event()
-        self._lock = threading.Lock()  # guards _outstanding (main thread and paho's thread)
+        self._lock = threading.Lock()  # guards client, _outstanding, _inflight (main, paho and renewal threads)
         self._outstanding = 0
+        # QoS 1 messages handed to the current client and not acknowledged yet: mid -> reading (None for other
+        # messages). If the client is replaced (renewal), its unacknowledged readings go back to the buffer.
+        self._inflight: dict[int, dict[str, Any] | None] = {}
+        self._acked_early: set[int] = set()  # PUBACKs that beat publish() returning its mid
+        self._sending = threading.Event()  # cleared while the client is being replaced: readings stay buffered
+        self._sending.set()
+        self._send_lock = threading.Lock()  # held by flush() while it hands readings to the client
         self._failures = 0  # connection attempts since the last success, for the backoff
+        self.reply_handler: Callable[[bytes], None] | None = None  # CA replies on ssl/<id> (renewal)
         self.client = self._build_client()
+        self.renewer = Renewer(self, renewal) if renewal is not None else None
 
     def _build_client(self) -> mqtt.Client:
         client = make_client(self.config.identity, self.config.device_id)
@@ -307,17 +335,31 @@ class Thermometer:
         client.on_connect_fail = _guarded(self._on_connect_fail)
         client.on_disconnect = _guarded(self._on_disconnect)
         client.on_publish = _guarded(self._on_publish)
+        client.on_message = _guarded(self._on_message)
         return client
+
+    @property
+    def device_id(self) -> str:
+        return self.config.device_id
+
+    @property
+    def identity(self) -> Identity:
+        return self.config.identity
 
     # -- paho callbacks (paho's network thread) ---------------------------------------------------
 
+    # Every callback first checks that `client` is still the current one: a client replaced during a renewal
+    # may still report its disconnect or late acknowledgements, which concern nobody any more.
+
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if client is not self.client:
+            return
         if reason.is_failure:  # the broker closes the connection next: on_disconnect schedules the retry
             log.warning("broker %s:%s refused %s: %s", self.config.broker_address, self.config.broker_port,
                         self.config.device_id, reason)
             return
         self._failures = 0
-        self._publish(self.config.status_topic, "online", retain=True)
+        self._publish(self.config.status_topic, "online", retain=True, client=client)
         self.connected.set()
         self._wake.set()
         log.info("%s connected to %s:%s; status online", self.config.device_id, self.config.broker_address,
@@ -325,24 +367,39 @@ class Thermometer:
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         # Called inside paho's `except OSError`: the exception says why (refused, TLS verify failed, ...).
+        if client is not self.client:
+            return
         error = sys.exc_info()[1]
-        delay = self._schedule_reconnect()
+        delay = self._schedule_reconnect(client)
         log.warning("cannot connect to %s:%s: %s; retrying in %.1f s", self.config.broker_address,
                     self.config.broker_port, error or "connection failed", delay)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if client is not self.client:
+            return
         self.connected.clear()
         if self._closing.is_set():
             return
-        delay = self._schedule_reconnect()
+        delay = self._schedule_reconnect(client)
         log.info("%s lost the broker (%s); reconnecting in %.1f s, readings are buffered meanwhile",
                  self.config.device_id, reason, delay)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         with self._lock:
+            if client is not self.client:
+                return
             self._outstanding -= 1
+            if mid in self._inflight:
+                del self._inflight[mid]
+            else:
+                self._acked_early.add(mid)
 
-    def _schedule_reconnect(self) -> float:
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        handler = self.reply_handler
+        if client is self.client and handler is not None and message.topic == f"ssl/{self.config.device_id}":
+            handler(bytes(message.payload))
+
+    def _schedule_reconnect(self, client: mqtt.Client) -> float:
         """Exponential backoff with jitter: the n-th retry waits a random time in [b/2, b], b = min(1 * 2^(n-1), 30).
 
         paho doubles its delay without jitter (so a fleet reconnects in lockstep); setting min = max
@@ -352,18 +409,29 @@ class Thermometer:
         self._failures += 1
         base = min(RECONNECT_MAX_DELAY, RECONNECT_MIN_DELAY * 2 ** (self._failures - 1))
         delay = random.uniform(base / 2, base)  # noqa: S311 - jitter, not security
-        self.client.reconnect_delay_set(min_delay=delay, max_delay=delay)  # type: ignore[arg-type]
+        client.reconnect_delay_set(min_delay=delay, max_delay=delay)  # type: ignore[arg-type]
         return delay
 
     # -- publishing -----------------------------------------------------------------------------
 
-    def _publish(self, topic: str, payload: str, *, retain: bool = False) -> mqtt.MQTTMessageInfo:
+    def _publish(self, topic: str, payload: str, *, retain: bool = False, reading: dict[str, Any] | None = None,
+                 client: mqtt.Client | None = None) -> mqtt.MQTTMessageInfo:
         with self._lock:  # count first: the PUBACK (on_publish) may arrive before publish() returns
-            self._outstanding += 1
-        info = self.client.publish(topic, payload, qos=1, retain=retain)
-        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
-            with self._lock:
+            client = client or self.client
+            tracked = client is self.client
+            if tracked:
+                self._outstanding += 1
+        # Never under self._lock: paho calls on_publish holding its own lock, which publish() also takes.
+        info = client.publish(topic, payload, qos=1, retain=retain)
+        with self._lock:
+            if not tracked or client is not self.client:
+                pass  # the client was replaced meanwhile: its counters were reset with it
+            elif info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
                 self._outstanding -= 1
+            elif info.mid in self._acked_early:
+                self._acked_early.discard(info.mid)
+            else:
+                self._inflight[info.mid] = reading
         return info
 
     @property
@@ -390,16 +458,95 @@ class Thermometer:
         so it is never put back here (that would duplicate it).
         """
         sent = 0
-        while self.pending and self.connected.is_set() and self.outstanding < MAX_IN_FLIGHT:
-            reading = self.pending[0]
-            info = self._publish(self.config.temperature_topic, json.dumps(reading))
-            if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
-                break
-            self.pending.popleft()
-            sent += 1
-            log.debug("seq=%d temperature=%.2f -> %s", reading["seq"], reading["temperature"],
-                      self.config.temperature_topic)
+        with self._send_lock:
+            while (self.pending and self._sending.is_set() and self.connected.is_set()
+                   and self.outstanding < MAX_IN_FLIGHT):
+                reading = self.pending[0]
+                info = self._publish(self.config.temperature_topic, json.dumps(reading), reading=reading)
+                if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+                    break
+                self.pending.popleft()
+                sent += 1
+                log.debug("seq=%d temperature=%.2f -> %s", reading["seq"], reading["temperature"],
+                          self.config.temperature_topic)
         return sent
+
+    # -- what the renewer uses (lab/renewal.py; its own thread) ------------------------------------
+
+    def wait_connected(self, timeout: float, stop: threading.Event) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.connected.wait(STOP_POLL):
+            if time.monotonic() > deadline or stop.is_set() or self._stop_reason is not None:
+                return False
+        return True
+
+    def subscribe(self, topic: str) -> None:
+        self.client.subscribe(topic, qos=1)
+
+    def unsubscribe(self, topic: str) -> None:
+        self.client.unsubscribe(topic)
+
+    def publish_request(self, topic: str, payload: str) -> None:
+        self._publish(topic, payload)
+
+    def reconnect_with_files(self, drain_timeout: float, connect_timeout: float, stop: threading.Event,
+                             which: str = "new") -> bool:
+        """Replace the MQTT client by a new one that reads the certificate files again; True once it connected.
+
+        paho cannot change the TLS identity of a client, so a renewed certificate needs a new client (same
+        client id: it takes the broker session over). Readings keep going into the buffer meanwhile; the old
+        client gets `drain_timeout` to have its QoS 1 messages acknowledged, and the readings it still had
+        unacknowledged are put back in front of the buffer (sent again: at least once, never lost). It
+        disconnects cleanly, so the broker does not publish its will (`offline`).
+        """
+        self._sending.clear()
+        with self._send_lock:  # a flush in progress finishes; later ones hand nothing to the old client
+            pass
+        log.info("%s switches to its %s certificate after reading %d; readings wait in the buffer until the new "
+                 "connection is up", self.config.device_id, which, self.seq)
+        try:
+            deadline = time.monotonic() + drain_timeout
+            while self.outstanding > 0 and self.connected.is_set() and time.monotonic() < deadline:
+                if stop.is_set() or self._stop_reason is not None:
+                    break
+                time.sleep(0.01)
+            new = self._build_client()
+            with self._lock:
+                old, self.client = self.client, new
+                unacked = [r for r in self._inflight.values() if r is not None]
+                self._inflight.clear()
+                self._acked_early.clear()
+                self._outstanding = 0
+                self._failures = 0
+                self.connected.clear()
+        finally:
+            self._sending.set()
+        self._requeue(unacked)
+        old.disconnect()
+        old.loop_stop()
+        new.connect_async(self.config.broker_address, self.config.broker_port, keepalive=KEEPALIVE)
+        new.loop_start()
+        deadline = time.monotonic() + connect_timeout
+        while not self.connected.wait(STOP_POLL):
+            # SWITCH_ATTEMPTS refused connections in a row: the broker does not take the new pair (~3 s).
+            if (time.monotonic() > deadline or self._failures >= SWITCH_ATTEMPTS or stop.is_set()
+                    or self._stop_reason is not None):
+                return False
+        return True
+
+    def _requeue(self, readings: list[dict[str, Any]]) -> None:
+        """Put unacknowledged readings back in front of the buffer, oldest first (the oldest go if it is full)."""
+        if not readings:
+            return
+        readings.sort(key=lambda r: r["seq"])
+        maxlen = self.pending.maxlen or len(readings)
+        room = max(0, maxlen - len(self.pending))
+        if len(readings) > room:
+            self.dropped += len(readings) - room
+            readings = readings[len(readings) - room:]
+        self.pending.extendleft(reversed(readings))
+        log.info("%s: %d readings not acknowledged before the switch will be sent again", self.config.device_id,
+                 len(readings))
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -413,6 +560,8 @@ class Thermometer:
                  config.broker_port, config.interval)
         self.client.connect_async(config.broker_address, config.broker_port, keepalive=KEEPALIVE)
         self.client.loop_start()
+        if self.renewer is not None:
+            self.renewer.start()
         try:
             next_due = time.monotonic()
             last = next_due - config.interval
@@ -445,6 +594,8 @@ class Thermometer:
     def shutdown(self) -> None:
         """Deliver what is in flight, publish retained `offline`, wait for the acks, then disconnect."""
         config = self.config
+        if self.renewer is not None:
+            self.renewer.stop()
         if self.connected.is_set():
             self.flush()
             self._publish(config.status_topic, "offline", retain=True)  # after the readings, on the same link
@@ -476,21 +627,32 @@ def _configure_logging(verbose: bool, environ: Mapping[str, str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Exit codes: 0 stopped by SIGTERM/SIGINT, 2 configuration or certificate problem."""
+    """Exit codes: 0 stopped by SIGTERM/SIGINT, 1 the CA could not be reached to enrol, 2 configuration or
+    certificate problem, or the CA refused the enrolment token."""
     args = build_parser().parse_args(argv)
     environ = lab_environ()
     _configure_logging(args.verbose, environ)
     try:
+        environ = with_claimed_token(environ)
         config = load_config(args, environ)
+        recover(config.identity)
+        enrol_if_needed(config.device_id, config.identity, environ)
         check_identity(config)
-    except DeviceConfigError as ex:
+    except (DeviceConfigError, EnrolmentRefused) as ex:
         print(f"error: {ex}", file=sys.stderr)
         return EXIT_CONFIG
+    except EnrolmentError as ex:
+        print(f"error: {ex}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    renewal = None
+    if config.renew_check_interval > 0:
+        renewal = RenewalPolicy.for_device(config.renew_before_days, config.renew_check_interval)
     try:
-        thermometer = Thermometer(config)
+        thermometer = Thermometer(config, renewal=renewal)
     except (OSError, ValueError) as ex:  # ssl could still refuse the files (e.g. an unsupported key)
         print(f"error: cannot use {config.identity.cert} / {config.identity.key}: {ex}", file=sys.stderr)
         return EXIT_CONFIG
+
     def request_stop(signum: int, _frame: Any) -> None:
         thermometer.request_stop(signal.Signals(signum).name)
 

@@ -10,6 +10,11 @@ them in order: thermometers first (SIGTERM: they publish retained `offline`), th
 Mosquitto; whatever ignores SIGTERM is killed. On Linux each child also gets PR_SET_PDEATHSIG, so even
 a SIGKILLed runner leaves nothing behind. A child that dies is reported and restarted with backoff.
 
+Devices that were never pre-generated (`--enrol device003`, or ENROL_DEVICES in .env) enrol themselves: the
+runner, which holds the CA passphrase, asks the CA (in this process, through `pki.service`) for a single-use
+token per device that has no certificate yet and starts its thermometer with only that token (ENROL_TOKEN,
+CA_URL = this lab's dashboard); the thermometer then gets its certificate over the CA's HTTP API.
+
 `<DATA_DIR>/lab.pids` lists the runner and its children (`PID NAME` per line) for `./setup.sh down`
 and `./setup.sh status`; it is removed on exit.
 """
@@ -34,10 +39,12 @@ from typing import IO, Any
 
 from pki.authority import CAError, WrongPassphrase
 from pki.broker import BrokerConfigError, BrokerFiles, broker_command
-from pki.config import PROJECT_ROOT, ConfigError, Settings, parse_devices
+from pki.config import PROJECT_ROOT, ConfigError, Settings, lab_environ, parse_devices
 from pki.lab import LabCertificates
-from pki.store import CERT_MODE, atomic_write
+from pki.service import CAService
+from pki.store import CERT_MODE, CertsLayout, atomic_write, ensure_dir
 
+from .enrolment import default_ca_url
 from .mqtt import Identity
 
 PIDS_FILE = "lab.pids"
@@ -50,6 +57,7 @@ DASHBOARD_START_TIMEOUT = 30.0
 STOP_TIMEOUTS = {"device": 10.0, "dashboard": 5.0, "broker": 10.0}
 RESTART_MAX_DELAY = 30.0
 STABLE_AFTER = 60.0  # a child that ran this long starts its backoff from scratch when it dies
+ENROL_TOKEN_TTL = 3600  # seconds; a thermometer that crashes before enrolling restarts with the same token
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -184,16 +192,23 @@ def child_env(base: dict[str, str], **values: str) -> dict[str, str]:
 
 
 def build_services(settings: Settings, devices: Sequence[str], *, dashboard: bool,
-                   base_env: dict[str, str] | None = None) -> list[Service]:
-    """Mosquitto, the dashboard (when asked and present), one thermometer per device, in start order."""
+                   base_env: dict[str, str] | None = None, enrol: dict[str, str | None] | None = None) -> list[Service]:
+    """Mosquitto, the dashboard (when asked and present), one thermometer per device, in start order.
+
+    `enrol`: devices that enrol themselves, each with its token (None: it already has a certificate).
+    """
     base = dict(os.environ if base_env is None else base_env)
     files = BrokerFiles(settings.certs_dir, settings.data_dir)
     services = [Service("mosquitto", "broker", broker_command(files), child_env(base))]
     if dashboard and (PROJECT_ROOT / "dashboard" / "__main__.py").exists():
         services.append(Service("dashboard", "dashboard", [sys.executable, "-m", "dashboard"], child_env(base)))
-    device_base = {k: v for k, v in base.items() if k != "CA_PASSPHRASE"}  # devices never need it
-    for device in devices:
+    device_base = {k: v for k, v in base.items() if k not in ("CA_PASSPHRASE", "ENROL_TOKEN")}  # never needed
+    enrol = enrol or {}
+    for device in [*devices, *(d for d in enrol if d not in devices)]:
         identity = Identity.of(settings.certs_dir, device)
+        extra = {}
+        if enrol.get(device):
+            extra = {"ENROL_TOKEN": enrol[device] or "", "CA_URL": default_ca_url(settings)}
         env = child_env(
             device_base,
             DEVICE_ID=device,
@@ -204,6 +219,7 @@ def build_services(settings: Settings, devices: Sequence[str], *, dashboard: boo
             BROKER_ADDRESS=settings.broker_address,
             BROKER_PORT=str(settings.broker_port),
             PUBLISH_INTERVAL=f"{settings.publish_interval:g}",
+            **extra,
         )
         services.append(Service(device, "device", [sys.executable, str(PROJECT_ROOT / "thermometer.py")], env))
     return services
@@ -214,9 +230,10 @@ def build_services(settings: Settings, devices: Sequence[str], *, dashboard: boo
 
 class LabRunner:
     def __init__(self, settings: Settings, devices: Sequence[str] | None = None, *, dashboard: bool = True,
-                 output: PrefixedOutput | None = None) -> None:
+                 output: PrefixedOutput | None = None, enrol: Sequence[str] = ()) -> None:
         self.settings = settings
         self.devices = list(devices if devices is not None else settings.devices)
+        self.enrol = [d for d in enrol if d not in self.devices]  # DEVICES get theirs from the generator
         self.want_dashboard = dashboard
         self.out = output or PrefixedOutput()
         self.services: list[Service] = []
@@ -249,6 +266,32 @@ class LabRunner:
             self.out.line("certs", result.line())
         self.out.line("certs", f"{len(report.results)} certificates current ({len(changed)} issued now) "
                                f"in {self.settings.certs_dir}")
+
+    def enrolment_tokens(self) -> dict[str, str | None]:
+        """A single-use token for each self-enrolling device without a certificate (None: it has one)."""
+        tokens: dict[str, str | None] = {}
+        if not self.enrol:
+            return tokens
+        service = CAService(self.settings)
+        try:
+            for device in self.enrol:
+                if Identity.of(self.settings.certs_dir, device).cert.exists():
+                    tokens[device] = None  # enrolled before; it renews itself
+                    continue
+                reply = service.issue_token({"name": device, "pass": self.settings.ca_passphrase or "",
+                                             "ttl": ENROL_TOKEN_TTL}, source="native runner")
+                if not reply.ok:
+                    raise RunnerError(f"no enrolment token for {device}: {reply.body.get('error')}", EXIT_CONFIG)
+                tokens[device] = reply.body["token"]
+                # Pin the root: the device then checks that the CA it enrols with is this lab's.
+                layout = CertsLayout(self.settings.certs_dir)
+                ensure_dir(layout.entity_dir(device))
+                atomic_write(layout.ca_copy(device), service.ca_pem(), CERT_MODE)
+                self.out.line("certs", f"{device:<14} enrols itself with a single-use token (valid "
+                                       f"{ENROL_TOKEN_TTL // 60} min)")
+        finally:
+            service.close()
+        return tokens
 
     def check_not_running(self) -> None:
         """Refuse to start a second lab over a running one (its ports and pid file are taken)."""
@@ -382,7 +425,8 @@ class LabRunner:
         try:
             self.check_not_running()
             self.ensure_certificates()
-            self.services = build_services(self.settings, self.devices, dashboard=self.want_dashboard)
+            tokens = self.enrolment_tokens()
+            self.services = build_services(self.settings, self.devices, dashboard=self.want_dashboard, enrol=tokens)
         except BrokerConfigError as ex:  # mosquitto missing: the message says what to install
             return self._fail(RunnerError(str(ex)))
         except RunnerError as ex:
@@ -435,7 +479,8 @@ class LabRunner:
             rows.append(("dashboard", f"http://{local_address(s.dashboard_host)}:{s.dashboard_port}/"))
         rows.append(("broker", f"{s.broker_address}:{s.broker_port} (MQTT over mutual TLS; CA "
                                f"{s.certs_dir / 'root_ca' / 'root_ca.crt'})"))
-        rows.append(("devices", f"{', '.join(self.devices) or 'none'} (a reading every {s.publish_interval:g} s)"))
+        rows.append(("devices", f"{', '.join(self.devices + self.enrol) or 'none'} (a reading every "
+                                f"{s.publish_interval:g} s)"))
         rows.append(("pid file", f"{self.pids_file} (./setup.sh down stops the lab from another terminal)"))
         self.say("The lab is up (native mode). Ctrl-C stops everything.")
         for label, value in rows:
@@ -510,6 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--devices", help="comma-separated device ids (default: DEVICES from .env)")
     parser.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard")
+    parser.add_argument("--enrol", help="comma-separated device ids that enrol themselves with a single-use token "
+                        "(no pre-generated certificate; default: ENROL_DEVICES from .env)")
     return parser
 
 
@@ -519,10 +566,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         devices = parse_devices(args.devices) if args.devices is not None else settings.devices
+        enrol = parse_devices(args.enrol if args.enrol is not None else lab_environ().get("ENROL_DEVICES") or "")
     except ConfigError as ex:
         print(f"error: {ex}", file=sys.stderr)
         return EXIT_CONFIG
-    return LabRunner(settings, devices, dashboard=not args.no_dashboard).run()
+    if enrol and args.no_dashboard:
+        print("error: --enrol needs the dashboard: it is the CA the devices enrol with", file=sys.stderr)
+        return EXIT_CONFIG
+    return LabRunner(settings, devices, dashboard=not args.no_dashboard, enrol=enrol).run()
 
 
 if __name__ == "__main__":

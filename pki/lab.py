@@ -6,11 +6,17 @@ Used by the generator CLI, `./setup.sh`, the native runner and the tests.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
+from sqlalchemy import create_engine, select
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
 
 from .authority import (
     CAError,
@@ -28,9 +34,10 @@ from .authority import (
     utcnow,
     verify_leaf,
 )
-from .broker import BrokerFiles, crl_revocations, reload_broker, write_broker_files
+from .broker import CRL_REFRESH_BEFORE, BrokerFiles, crl_revocations, reload_broker, write_broker_files
 from .config import ConfigError, Settings
-from .inventory import Inventory
+from .inventory import REVOKED as REVOKED_STATUS
+from .inventory import CertificateRecord, Inventory
 from .profiles import BROKER, DASHBOARD, DEVICE, PROVISIONER, ROOT_CA, ROOT_CA_DAYS, Profile
 from .store import CERT_MODE, KEY_MODE, CertsLayout, atomic_write, ensure_dir, exclusive_lock, read_optional
 
@@ -117,6 +124,47 @@ def _read_key(path: Path) -> tuple[object | None, str]:
         return load_private_key(data), ""
     except CAError:
         return None, "unreadable key"
+
+
+def revoked_in_inventory(database_url: str, serials: Sequence[str]) -> dict[str, tuple[dt.datetime | None, str]]:
+    """serial -> (revocation time, reason) for those of `serials` the inventory marks revoked.
+
+    Read-only: a database that does not exist stays absent (`--check` must not create one), and one that
+    cannot be read counts as knowing nothing (the CRL is consulted as well).
+    """
+    if not serials:
+        return {}
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite" and not (url.database and Path(url.database).is_file()):
+        return {}
+    try:
+        with Session(_reader_engine(database_url)) as session:
+            rows = session.execute(
+                select(CertificateRecord.serial, CertificateRecord.revoked_at, CertificateRecord.revocation_reason)
+                .where(CertificateRecord.serial.in_(list(serials)), CertificateRecord.status == REVOKED_STATUS))
+            return {serial: (when, reason or "unspecified") for serial, when, reason in rows}
+    except SQLAlchemyError:
+        return {}
+
+
+@functools.lru_cache(maxsize=8)
+def _reader_engine(database_url: str) -> Engine:
+    """One engine per database (the dashboard checks every few seconds); NullPool: no connection stays open."""
+    return create_engine(database_url, poolclass=NullPool)
+
+
+def _load_crl(path: Path, root: x509.Certificate | None) -> tuple[x509.CertificateRevocationList | None, str]:
+    """The CRL at `path` and '' when it is one of `root`'s; else None and the status to report."""
+    data = read_optional(path)
+    if data is None:
+        return None, MISSING
+    try:
+        crl = x509.load_pem_x509_crl(data)
+    except ValueError:
+        return None, INVALID
+    if root is None or crl.issuer != root.subject or not crl.is_signature_valid(root.public_key()):
+        return None, INVALID
+    return crl, ""
 
 
 def _san_set(names: Sequence[x509.GeneralName]) -> set[str]:
@@ -315,7 +363,46 @@ class LabCertificates:
                 if key is None or not public_key_matches(cert, key):  # type: ignore[arg-type]
                     row.status, row.detail = INVALID, key_problem or "key does not match certificate"
             rows.append(row)
+        self._mark_revoked(rows, root)
         return rows
+
+    def _mark_revoked(self, rows: list[CheckRow], root: x509.Certificate | None) -> None:
+        """The dashboard's rule: a revoked certificate is `revoked`, whatever its dates. Revoked means marked so in
+        the inventory, or listed in the CRL the broker enforces (which also covers a Docker run's inventory)."""
+        revoked = revoked_in_inventory(self.settings.effective_database_url, [r.serial for r in rows if r.serial])
+        crl, _ = _load_crl(BrokerFiles(self.settings.certs_dir, self.settings.data_dir).crl, root)
+        for entry in crl or ():
+            revoked.setdefault(serial_hex(entry.serial_number), (entry.revocation_date_utc, "listed in the CRL"))
+        for row in rows:
+            if row.serial in revoked and row.status in (VALID, EXPIRING, EXPIRED):
+                when, reason = revoked[row.serial]
+                row.status = REVOKED
+                row.detail = f"revoked on {when.strftime('%Y-%m-%d') if when else '?'} ({reason})"
+
+    def check_crl(self, now: dt.datetime | None = None) -> CheckRow:
+        """The broker's CRL: `expiring` once inside its refresh window (the running dashboard, or the generator,
+        rewrites it then), `expired` past its next update, when Mosquitto refuses every client."""
+        now = now or utcnow()
+        path = BrokerFiles(self.settings.certs_dir, self.settings.data_dir).crl
+        root, _ = _read_cert(self.layout.ca_cert)
+        crl, problem = _load_crl(path, root)
+        if crl is None:
+            what = "is missing" if problem == MISSING else "is not a CRL of the current root"
+            return CheckRow("CRL", "crl", problem, detail=f"{path} {what}: run ./setup.sh certs")
+        next_update = crl.next_update_utc
+        try:
+            number = str(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+        except x509.ExtensionNotFound:
+            number = ""
+        left = (next_update - now).total_seconds() / 86400 if next_update else None
+        row = CheckRow("CRL", "crl", VALID, f"CRL number {number or '?'}, {len(list(crl))} revoked", number,
+                       next_update, left)
+        if next_update is None or next_update <= now:
+            row.status, row.detail = EXPIRED, "the broker refuses every client until it is rewritten: ./setup.sh certs"
+        elif next_update - now < CRL_REFRESH_BEFORE:
+            row.status, row.detail = EXPIRING, ("due for refresh: the running dashboard rewrites it within the "
+                                                "hour, or run ./setup.sh certs")
+        return row
 
     def _check_row(
         self, name: str, role: str, cert: x509.Certificate, root: x509.Certificate | None, now: dt.datetime

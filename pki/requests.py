@@ -1,4 +1,4 @@
-"""The v1/ssl request models: what a sign, create, revoke or token request may contain, normalised.
+"""The v1/ssl request models: what a sign, create, renew, revoke or token request may contain, normalised.
 
 HTTP and MQTT hand the decoded JSON body to `parse`; a bad field becomes a `RequestError` naming it,
 with the contract's status code. Nothing here touches the disk or the CA key: validation happens before
@@ -482,6 +482,38 @@ class TokenRequest(_Request):
         if seconds < TOKEN_TTL_MIN:
             raise ValueError(f"must be at least {TOKEN_TTL_MIN} seconds")
         return seconds
+
+
+class RenewRequest(_Request):
+    """`ssl/renew/<CN>`: a CSR for a new key. No passphrase: the certificate that published it is the credential
+    (the broker's ACL lets only that CN write its own renew topic); the CN comes from the topic, not the body."""
+
+    operation: ClassVar[str] = "renew"
+
+    csr: Annotated[
+        CSRInfo,
+        WithJsonSchema({"type": "string", "description": "PEM PKCS#10 request for a NEW key; its CN must equal the "
+                                                         "CN in the topic. Only its public key is used: subject, "
+                                                         "SANs and profile are those of the current certificate.",
+                        "examples": ["-----BEGIN CERTIFICATE REQUEST-----\n...\n-----END CERTIFICATE REQUEST-----\n"]}),
+    ]
+    days: Annotated[int | None, WithJsonSchema({
+        **_DAYS_SCHEMA, "description": "Optional, shorter validity in days; default and maximum: the lifetime of "
+                                       "the current certificate (and the CA's remaining life)."})] = None
+
+    @field_validator("csr", mode="before")
+    @classmethod
+    def _csr(cls, value: object) -> CSRInfo:
+        if not isinstance(value, str):
+            raise ValueError("must be a PEM string")
+        return parse_csr(value)
+
+    @field_validator("days", mode="before")
+    @classmethod
+    def _days(cls, value: object, info: ValidationInfo) -> int | None:
+        if value is None:
+            return None
+        return parse_positive_int(value, _max_days(info), " days (the CA's remaining life)")
 
 
 class _FieldError(ValueError):

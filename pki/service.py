@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from .authority import (
@@ -56,14 +57,16 @@ from .authority import (
 from .broker import BrokerConfigError, BrokerFiles, crl_needs_refresh, reload_broker, write_broker_policy
 from .config import Settings
 from .inventory import ACTIVE, REVOKED, SUPERSEDED, CertificateRecord, Inventory
-from .profiles import DEVICE, ENTITY, Profile
+from .profiles import BACKDATE, DEVICE, ENTITY, PROFILES, Profile
 from .requests import (
+    BAD_REQUEST,
     CONFLICT,
     FORBIDDEN,
     NOT_FOUND,
     TOO_MANY_REQUESTS,
     UNAVAILABLE,
     CreateRequest,
+    RenewRequest,
     RequestError,
     RevokeRequest,
     SignRequest,
@@ -186,6 +189,11 @@ def _sans_of(cert: x509.Certificate) -> tuple[list[str], list[str], list[str]]:
     )
 
 
+def _same_key(public_key: PublicKey, cert: x509.Certificate) -> bool:
+    fmt, enc = serialization.PublicFormat.SubjectPublicKeyInfo, serialization.Encoding.DER
+    return public_key.public_bytes(enc, fmt) == cert.public_key().public_bytes(enc, fmt)
+
+
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -220,6 +228,15 @@ class CAService:
 
     def create(self, body: object, *, source: str, via: str = "http", requester: str | None = None) -> Reply:
         return self._run("create", body, source, lambda: self._create(body, source, via, requester or source))
+
+    def renew(self, cn: str, body: object, *, via: str = "mqtt", requester: str | None = None) -> Reply:
+        """Renewal with the current certificate as the credential, no passphrase (`ssl/renew/<cn>`).
+
+        Only call this where the transport proved that the caller holds `cn`'s certificate: over MQTT the
+        broker's ACL lets only that CN publish to `ssl/renew/<cn>`.
+        """
+        requester = requester or f"{via}:{cn}"
+        return self._run("renew", {"name": cn}, requester, lambda: self._renew(cn, body, requester))
 
     def revoke(self, body: object, *, source: str) -> Reply:
         return self._run("revoke", body, source, lambda: self._revoke(body, source))
@@ -407,7 +424,8 @@ class CAService:
             ca, token = self._authorise_token(request.token, request.name, source)
         else:
             ca = self._authorise(request.passphrase, source)
-        profile = self._profile_for(request.name)
+        # A token enrols a device (client certificate only), whatever the name was before.
+        profile = DEVICE if token is not None else self._profile_for(request.name)
         csr = request.csr
         if csr is not None:
             return self._issue(
@@ -426,6 +444,53 @@ class CAService:
             ca, name=request.name, profile=profile, public_key=key.public_key(), cn=cn, subject=subject,
             dns=dns, ips=ips, emails=emails, days=request.days, via=via, requester=requester, reply_key=key,
         )
+
+    def _renew(self, cn: str, body: object, requester: str) -> Reply:
+        """Checks in order (a refusal writes nothing): the name (400/409), the body and its CSR (400), the current
+        certificate (404 none, 403 revoked or expired), a new key (400); then sign with the current profile,
+        subject, SANs and lifetime. No files are written: the device owns its key and certificate files."""
+        root = self._root_certificate()
+        try:
+            name = normalise_name(cn)
+        except ValueError as ex:
+            raise RequestError(BAD_REQUEST, f"name {ex}", "name") from None
+        refuse_protected(name)
+        request = parse(RenewRequest, body, max_days=self._max_days(root))
+        csr = request.csr
+        if csr.common_name != name:
+            raise RequestError(BAD_REQUEST, f"the CSR's CN must be {name!r}, the CN of the certificate that asks "
+                                            "for renewal", "csr")
+        record = self.inventory.current(name)
+        if record is None:
+            latest = self.inventory.latest(name)
+            if latest is None:
+                raise RequestError(NOT_FOUND, f"no certificate was issued to {name}: enrol it first", "name")
+            if latest.status == REVOKED:
+                raise RequestError(FORBIDDEN, f"the certificate of {name} is revoked: it cannot be renewed")
+            raise RequestError(FORBIDDEN, f"{name} has no current certificate: enrol it again")
+        now = utcnow()
+        if record.not_after <= now:
+            raise RequestError(FORBIDDEN, f"the certificate of {name} expired on {record.not_after.isoformat()}: "
+                                          "an expired certificate cannot renew; enrol again with a token")
+        current = load_certificate(record.pem.encode())
+        if any(_same_key(csr.public_key, load_certificate(r.pem.encode())) for r in self.inventory.list(name=name)):
+            raise RequestError(BAD_REQUEST, "the CSR must be for a new key: renewal replaces the key", "csr")
+        ca = self._unlocked_ca()
+        if ca is None:
+            raise RequestError(UNAVAILABLE, "the CA key is locked: set CA_PASSPHRASE so certificates can be renewed")
+        # The same lifetime as the current certificate (its notBefore is back-dated by BACKDATE), at most.
+        lifetime = current.not_valid_after_utc - current.not_valid_before_utc - BACKDATE
+        days = max(1, round(lifetime.total_seconds() / 86400))
+        if request.days is not None:
+            days = min(days, request.days)
+        dns, ips, emails = _sans_of(current)
+        reply = self._issue(
+            ca, name=name, profile=PROFILES.get(record.role, ENTITY), public_key=csr.public_key,
+            cn=common_name(current) or name, subject=_subject_of(current), dns=dns, ips=ips, emails=emails,
+            days=min(days, self._max_days(root)), via="renew", requester=requester, from_csr=True, write_files=False,
+        )
+        log.info("renewed %s: serial %s -> %s", name, record.serial, reply.body["serial"])
+        return reply
 
     def _stored_key(self, name: str) -> PrivateKey:
         data = read_optional(self.layout.key(name))
@@ -512,6 +577,7 @@ class CAService:
         from_csr: bool = False,
         token: str | None = None,
         digest: str | None = None,
+        write_files: bool = True,
     ) -> Reply:
         try:
             cert = ca.issue(public_key, profile, cn, days=days, dns_names=dns, ip_addresses=ips, emails=emails,
@@ -530,7 +596,8 @@ class CAService:
                 if digest is not None:
                     self.inventory.record_create_digest(serial, name, digest, session)
                 # Files inside the transaction: if writing fails, the inventory row is rolled back too.
-                self._store(name, cert, ca, new_key, from_csr)
+                if write_files:
+                    self._store(name, cert, ca, new_key, from_csr)
             if self._acl_denies(name, cn):  # a revoked identity got a new certificate: lift the ACL deny
                 self._sync_broker(ca)
         log.info("issued %s (%s) serial %s, %s days, via %s", name, profile.role, serial, days, via)

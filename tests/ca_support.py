@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import json
 import subprocess
@@ -22,10 +23,21 @@ from sqlalchemy import select
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from dashboard import create_app
-from pki.authority import PrivateKey, generate_private_key, load_certificate, load_private_key, public_key_matches
+from pki.authority import (
+    CertificateAuthority,
+    PrivateKey,
+    cert_pem,
+    generate_private_key,
+    key_pem,
+    load_certificate,
+    load_private_key,
+    public_key_matches,
+)
 from pki.authority import verify_leaf as signed_by
 from pki.inventory import CertificateRecord, EnrolmentToken, Inventory
+from pki.profiles import DEVICE
 from pki.requests import readable_name
+from pki.store import KEY_MODE, atomic_write
 
 from .conftest import LabEnv
 
@@ -81,6 +93,32 @@ def check_issued(
         result = subprocess.run(["openssl", "verify", "-x509_strict", "-CAfile", str(tmp_path / "ca.pem"),
                                  str(tmp_path / "crt.pem")], capture_output=True, text=True, timeout=20)
         assert result.returncode == 0, result.stdout + result.stderr
+    return cert
+
+
+def issue_aged_certificate(lab: LabEnv, name: str, *, days: int = 365, days_left: float = 10) -> x509.Certificate:
+    """A genuine `days`-long device certificate from the lab's CA, issued long enough ago that `days_left` remain.
+
+    Written to certs/<name>/ (key 0600) and recorded in the inventory as the entity's current certificate, as if
+    the device had been running for most of its certificate's life: inside the renewal window, yet a renewal
+    (which keeps the lifetime) gives a certificate that is plainly valid.
+    """
+    root = lab.certs_dir / "root_ca"
+    ca = CertificateAuthority.load((root / "root_ca.crt").read_bytes(), (root / "root_ca.key").read_bytes(),
+                                   lab.passphrase)
+    key = generate_private_key("ec")
+    issued_at = dt.datetime.now(dt.UTC) - dt.timedelta(days=days - days_left)
+    cert = ca.issue(key.public_key(), DEVICE, name, days=days, now=issued_at)
+    folder = lab.certs_dir / name
+    folder.mkdir(mode=0o700, exist_ok=True)
+    atomic_write(folder / f"{name}.key", key_pem(key), KEY_MODE)
+    atomic_write(folder / f"{name}.crt", cert_pem(cert))
+    atomic_write(folder / "root_ca.crt", ca.cert_pem)
+    inventory = Inventory(lab.settings().effective_database_url)
+    try:
+        inventory.record_issued(cert, name=name, role=DEVICE.role, via="cli")
+    finally:
+        inventory.close()
     return cert
 
 

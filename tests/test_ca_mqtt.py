@@ -202,7 +202,8 @@ def test_shared_subscription_serves_requests(generated_lab: LabEnv, broker: Brok
     app = start_app(generated_lab, CA_SHARED_SUBSCRIPTION="1")
     device = Collector(generated_lab.certs_dir, "device002", broker.port).connect()
     try:
-        assert app.extensions["ca_mqtt"].topic_filters() == ["$share/ca/ssl/sign", "$share/ca/ssl/create"]
+        assert app.extensions["ca_mqtt"].topic_filters() == ["$share/ca/ssl/sign", "$share/ca/ssl/create",
+                                                             "$share/ca/ssl/renew/+"]
         device.subscribe("ssl/device002")
         wait_ready(device, "device002")
         device.publish("ssl/sign", json.dumps({"name": "device002", "days": 7, "pass": generated_lab.passphrase}))

@@ -377,7 +377,7 @@ def test_check_all_valid_exits_0(generated_lab: LabEnv, capsys: pytest.CaptureFi
     assert code == 0
     for name in ["root_ca", *LEAVES]:
         assert f"{name}" in out
-    assert out.count(" valid ") == 6
+    assert out.count(" valid ") == 7  # six certificates and the CRL
 
 
 def test_check_one_expiring_exits_1(generated_lab: LabEnv, capsys: pytest.CaptureFixture[str]) -> None:
@@ -386,7 +386,7 @@ def test_check_one_expiring_exits_1(generated_lab: LabEnv, capsys: pytest.Captur
     assert code == 1
     line = next(line for line in out.splitlines() if line.startswith("device002"))
     assert "expiring" in line
-    assert out.count(" valid ") == 5
+    assert out.count(" valid ") == 6
 
 
 def test_check_one_expired_exits_1(generated_lab: LabEnv, capsys: pytest.CaptureFixture[str]) -> None:

@@ -155,12 +155,13 @@ def test_readings_flow_a_killed_thermometer_restarts_and_ctrl_c_stops_all(
 def test_full_lab_with_dashboard_comes_up_and_ctrl_c_leaves_nothing(
     lab_env: LabEnv, native_labs: list[NativeLab]
 ) -> None:
-    lab = start(native_labs, lab_env)
+    lab = start(native_labs, lab_env, "--enrol", "device003")  # device003 is not generated: it enrols itself
     lab.wait_output("The lab is up", timeout=45)
     assert f"http://127.0.0.1:{lab.dashboard_port}/" in lab.output()
-    assert {"runner", "mosquitto", "dashboard", "device001", "device002"} <= set(lab.pids())
-    for device in ("device001", "device002"):
+    assert {"runner", "mosquitto", "dashboard", "device001", "device002", "device003"} <= set(lab.pids())
+    for device in ("device001", "device002", "device003"):
         lab.wait_output(f"{device} connected to localhost:{lab_env.broker_port}", timeout=20)
+    assert "[device003] " in lab.output() and "enrolled device003 with the CA" in lab.output()
 
     def healthz() -> dict | None:
         try:
