@@ -3,8 +3,10 @@
 
 Environment (or .env): DEVICE_ID, CA_CERT_PATH, CLIENT_CERT_PATH, CLIENT_KEY_PATH, BROKER_ADDRESS,
 BROKER_PORT (8883), PUBLISH_INTERVAL (5); flags override them (see --help). With only DEVICE_ID the
-certificate files default to certs/<DEVICE_ID>/. Exit codes: 0 stopped by SIGTERM/Ctrl-C, 2 configuration
-or certificate problem (one line on stderr naming the file).
+certificate files default to certs/<DEVICE_ID>/. The device renews its own certificate over MQTT
+(RENEW_CHECK_INTERVAL, RENEW_BEFORE_DAYS) and, with no certificate but ENROL_TOKEN (and CA_URL), enrols first.
+Exit codes: 0 stopped by SIGTERM/Ctrl-C, 1 the CA could not be reached to enrol, 2 configuration or
+certificate problem (one line on stderr naming the file), or an enrolment token the CA refused.
 """
 
 from __future__ import annotations

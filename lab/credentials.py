@@ -33,7 +33,7 @@ from pki.authority import (
     utcnow,
     verify_leaf,
 )
-from pki.store import CERT_MODE, KEY_MODE, atomic_write, read_optional
+from pki.store import CERT_MODE, KEY_MODE, LOCK_FILE, atomic_write, exclusive_lock, read_optional
 
 from .mqtt import Identity
 
@@ -121,6 +121,15 @@ def store(
         atomic_write(identity.ca_cert, ca_pem, CERT_MODE)
     atomic_write(identity.key, key_pem, KEY_MODE)
     atomic_write(identity.cert, cert_pem, CERT_MODE)
+
+
+def lab_lock(identity: Identity) -> contextlib.AbstractContextManager[object]:
+    """The certificates folder's writer lock when the device's files live in the lab's layout (certs/<id>/):
+    the generator and the CA service write there under it, so a renewal never interleaves with them."""
+    lock = identity.cert.parent.parent / LOCK_FILE
+    if lock.is_file() and os.access(lock, os.W_OK):
+        return exclusive_lock(lock)
+    return contextlib.nullcontext()
 
 
 def has_previous(identity: Identity) -> bool:

@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="thermometer.py",
         description="A simulated thermometer: publishes its temperature over mutual-TLS MQTT. Every flag "
         "overrides the environment variable named in its help (and .env underneath).",
+        epilog="Certificate lifecycle (environment only): RENEW_CHECK_INTERVAL (seconds between checks of the "
+        "certificate, default 3600, 0: never renew) and RENEW_BEFORE_DAYS (default 30): the device renews its "
+        "certificate itself over MQTT once inside that window or past two thirds of its lifetime. Without a "
+        "certificate, ENROL_TOKEN (a single-use token from POST /v1/ssl/tokens) makes it enrol first at CA_URL "
+        "(default http://127.0.0.1:<DASHBOARD_PORT>); ENROL_TOKEN_FILE instead claims a `name token` line of a "
+        "shared file and takes its name as DEVICE_ID.",
     )
     parser.add_argument("--device-id", help="device id = certificate CN (DEVICE_ID)")
     parser.add_argument("--ca-cert", type=Path, help="root CA the broker must chain to (CA_CERT_PATH; "

@@ -50,6 +50,7 @@ from .credentials import (
     check_issued,
     discard_previous,
     has_previous,
+    lab_lock,
     load_roots,
     new_key_and_csr,
     not_writable,
@@ -223,7 +224,8 @@ class Renewer:
         reply = self._request(csr, key)
         try:
             new = check_issued(reply, key, load_roots(identity.ca_cert), device_id)
-            store(identity, cert_pem(new), key_pem(key), keep_previous=True)
+            with lab_lock(identity):
+                store(identity, cert_pem(new), key_pem(key), keep_previous=True)
         except (CredentialError, OSError) as ex:
             raise RenewalError(str(ex)) from None
         round_trip = time.monotonic() - started
