@@ -40,8 +40,11 @@ log = logging.getLogger(__name__)
 OPERATIONS = ("sign", "create")
 RENEW_PREFIX = "ssl/renew/"
 SHARE_GROUP = "ca"
-WORKERS = 4
-MAX_PENDING = 256  # requests queued beyond this get a 503 reply instead of growing memory without bound
+# Workers mostly wait (for the inventory's group commit, i.e. an fsync): enough of them lets concurrent requests
+# share one commit. Requests queued beyond MAX_PENDING (a few MB) get a 503 instead of growing memory without
+# bound; it is sized for an enrolment storm of a thousand devices.
+WORKERS = 32
+MAX_PENDING = 4096
 
 
 def _truthy(value: object) -> bool:

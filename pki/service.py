@@ -56,7 +56,7 @@ from .authority import (
 )
 from .broker import BrokerConfigError, BrokerFiles, crl_needs_refresh, reload_broker, write_broker_policy
 from .config import Settings
-from .inventory import ACTIVE, REVOKED, SUPERSEDED, CertificateRecord, Inventory
+from .inventory import ACTIVE, REVOKED, SUPERSEDED, CertificateRecord, Inventory, TokenAlreadyUsed
 from .profiles import BACKDATE, DEVICE, ENTITY, PROFILES, Profile
 from .requests import (
     BAD_REQUEST,
@@ -77,7 +77,16 @@ from .requests import (
     readable_name,
     refuse_protected,
 )
-from .store import CERT_MODE, KEY_MODE, CertsLayout, atomic_write, ensure_dir, exclusive_lock, read_optional
+from .store import (
+    CERT_MODE,
+    KEY_MODE,
+    CertsLayout,
+    FileSnapshot,
+    atomic_write,
+    ensure_dir,
+    exclusive_lock,
+    read_optional,
+)
 
 log = logging.getLogger(__name__)
 
@@ -212,11 +221,16 @@ class CAService:
         self._state_lock = threading.Lock()  # the cached root and key
         self._write_lock = threading.Lock()  # writers in this process; the file lock covers other processes
         self._mac_key = secrets.token_bytes(32)
+        # Read on every request: re-read only when replaced (a stat instead of open + read).
+        self._root_file = FileSnapshot(self.layout.ca_cert)
+        self._acl_file = FileSnapshot(self.broker_files.acl)
         self._root_pem: bytes | None = None
         self._root: x509.Certificate | None = None
         self._ca: CertificateAuthority | None = None
         self._pass_mac: bytes | None = None
         self._settings_pass_tried = False
+        # Called with the operation after every issuance, renewal or revocation (the dashboard re-reads its table).
+        self.on_change: list[Callable[[str], None]] = []
 
     def close(self) -> None:
         self.inventory.close()
@@ -294,6 +308,12 @@ class CAService:
             reply = Reply(500, {"error": "internal error; the server log has the details"})
         # Only validated names reach the log; never a body, a passphrase or a token.
         log.info("ssl/%s %s from %s -> %s", operation, readable_name(body) or "-", source, reply.status)
+        if reply.ok and operation != "token":  # a token changes no certificate
+            for callback in self.on_change:
+                try:
+                    callback(operation)
+                except Exception:  # a listener must never turn a done issuance into an error
+                    log.exception("a listener failed after ssl/%s", operation)
         return reply
 
     @contextlib.contextmanager
@@ -305,7 +325,7 @@ class CAService:
         return hmac.new(self._mac_key, passphrase.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
 
     def _root_certificate(self) -> x509.Certificate:
-        data = read_optional(self.layout.ca_cert)
+        data = self._root_file.read()
         if data is None:
             raise RequestError(UNAVAILABLE, "the CA has no root certificate yet: run ./setup.sh certs")
         with self._state_lock:
@@ -401,7 +421,7 @@ class CAService:
         return ENTITY
 
     def _acl_denies(self, *names: str) -> bool:
-        acl = read_optional(self.broker_files.acl)
+        acl = self._acl_file.read()
         return acl is not None and any(f"\nuser {n}\ntopic deny #".encode() in acl for n in names)
 
     def _sync_broker(self, ca: CertificateAuthority) -> None:
@@ -585,6 +605,14 @@ class CAService:
         except CAError as ex:
             raise RequestError(400, str(ex), "csr" if from_csr else "name") from None
         serial = serial_hex(cert)
+        if from_csr and digest is None and self._record_without_files(
+            cert, name=name, role=profile.role, via=via, requester=requester, token=token, unless_folder=write_files
+        ):
+            if self._acl_denies(name, cn):  # a revoked identity got a new certificate: lift the ACL deny
+                with self._writer():
+                    self._sync_broker(ca)
+            log.info("issued %s (%s) serial %s, %s days, via %s", name, profile.role, serial, days, via)
+            return Reply(201, self._body(name, ca, cert, reply_key))
         with self._writer():
             if digest is not None and (replay := self._replay(ca, name, digest)) is not None:
                 return replay  # an identical create finished while this one was signing
@@ -602,6 +630,29 @@ class CAService:
                 self._sync_broker(ca)
         log.info("issued %s (%s) serial %s, %s days, via %s", name, profile.role, serial, days, via)
         return Reply(201, self._body(name, ca, cert, new_key or reply_key))
+
+    def _record_without_files(
+        self, cert: x509.Certificate, *, name: str, role: str, via: str, requester: str, token: str | None,
+        unless_folder: bool,
+    ) -> bool:
+        """Record a certificate issued for a CSR in the inventory alone, by group commit; False if not done.
+
+        The key of a CSR stays with its owner, so the inventory row (which holds the PEM) is the CA's whole
+        record of the certificate: no folder, no files, no fsync of its own. Concurrent issuances share one
+        transaction and one fsync (`Inventory.record_issued_grouped`), and each caller returns once its row is
+        durable. With `unless_folder`, an entity that already has a folder here (a lab device, an entity made
+        by `create`) is left to the writer path, which keeps its files current: the check runs inside the
+        write transaction, so it cannot race a `create` that makes the folder (its files are written inside
+        its own transaction).
+        """
+        folder = self.layout.entity_dir(name)
+        try:
+            return self.inventory.record_issued_grouped(
+                cert, name=name, role=role, via=via, requester=requester, token_sha256=token,
+                unless=folder.exists if unless_folder else None,
+            )
+        except TokenAlreadyUsed:
+            raise RequestError(FORBIDDEN, "this enrolment token has already been used", "token") from None
 
     def _store(
         self, name: str, cert: x509.Certificate, ca: CertificateAuthority, new_key: PrivateKey | None, from_csr: bool

@@ -127,3 +127,28 @@ def read_optional(path: Path) -> bytes | None:
         return path.read_bytes()
     except FileNotFoundError:
         return None
+
+
+class FileSnapshot:
+    """A small file's bytes, read again only when its inode, size or mtime changed.
+
+    For files read on every request (the root certificate, the broker ACL): a stat is much cheaper than
+    open + read + close, and every writer here replaces files by rename (`atomic_write`), which changes the
+    inode, so a new version is never missed.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._key: tuple[int, int, int] | None = None
+        self._data: bytes | None = None
+
+    def read(self) -> bytes | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if key != self._key:
+            # Read after the stat: if the file is replaced in between, the next call sees a new key.
+            self._data, self._key = read_optional(self.path), key
+        return self._data
