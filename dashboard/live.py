@@ -8,6 +8,10 @@ pushes per second whatever the message rate, the log is capped at LOG_LIMIT line
 one point per device per second (the mean of that second's readings).
 
 A new tab gets `snapshot()` on connect (see events.py), then the deltas.
+
+The handlers are the dashboard's ingest path, measured by bench/telemetry.py (docs/benchmarks.md): telemetry
+is subscribed at QoS 0 (TEMPERATURE_QOS), a log line is only turned into a dict if it is ever shown, and
+the emitter runs on a fixed 100 ms clock so a reading waits at most one period for its push.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -35,30 +39,32 @@ from .readings import ReadingIn, ReadingStore
 log = logging.getLogger(__name__)
 
 TEMPERATURE_FILTER = "iot/thermometer/+/temperature"
+# The dashboard's own subscription QoS for telemetry (devices still publish at QoS 1, so the broker has each
+# reading). QoS 1 towards the dashboard bought nothing: its session is not persistent, so whatever is in flight
+# when the connection drops is lost either way, and the broker drops either QoS once 1,000 messages wait for
+# the dashboard (max_queued_messages). It cost a PUBACK per message and, with Mosquitto's window of 20
+# unacknowledged messages, capped ingest at what one round trip per 20 readings allows (bench: 2,600 msg/s).
+TEMPERATURE_QOS = 0
 STATUS_FILTER = "iot/thermometer/+/status"
 CA_FILTER = "ssl/#"
 CA_REQUEST_TOPICS = ("ssl/sign", "ssl/create")
 CA_RENEW_PREFIX = "ssl/renew/"
 
 LOG_LIMIT = 500  # lines kept server-side and in the browser
-LOG_BATCH_LIMIT = 100  # newest lines per push: past a few hundred lines a second nobody reads them anyway
+LOG_BATCH_LIMIT = 50  # newest lines per push (at most 500 a second): past that nobody reads them anyway
 HISTORY_SECONDS = 3600  # what the chart shows, and what a restarted dashboard reloads
-FLUSH_INTERVAL = 0.25  # seconds between two pushes to the browsers (at most 4 per second)
+# Seconds between two pushes to the browsers (at most 10 per second). A reading waits up to one interval for
+# its push, so this bounds the publish-to-browser latency (the bench's p99 target is 250 ms).
+FLUSH_INTERVAL = 0.1
 CERTS_POLL_INTERVAL = 2.0  # how often the emitter checks whether the certificate table changed
-# A CA reply makes the emitter re-check sooner, but not more often than this: rebuilding the table walks the
-# whole inventory, and under an issuance storm replies come thousands of times a second.
-CERTS_DUE_MIN_GAP = 1.0
-# Rebuilding the table costs time proportional to the inventory (every certificate ever issued): after a
-# rebuild that took t seconds the next waits at least CERTS_COST_FACTOR * t, so however large the inventory
-# grows the table never takes more than ~5% of the process (it lags instead; a browser's refresh is not held).
-CERTS_COST_FACTOR = 20
 CERTS_FULL_REFRESH = 60.0  # days-left values age even when nothing changes
 PRUNE_INTERVAL = 300.0
 IDLE_STATS_INTERVAL = 2.0  # an idle dashboard still gets its message rate refreshed
 PAYLOAD_PREVIEW = 400  # characters of payload kept per log line
 TREND_WINDOW = 60  # seconds: the trend compares the newest reading with the mean of this window's start
 TREND_THRESHOLD = 0.1  # °C
-MAX_DEVICES = 1000  # new device ids beyond this are logged but not tracked (memory bound)
+MAX_DEVICES = 10_000  # new device ids beyond this are logged but not tracked (memory bound: ~1 KiB each)
+HISTORY_DEVICES = 1000  # devices with a chart history (up to HISTORY_SECONDS points each); the rest show cards
 PENDING_READINGS_LIMIT = 100_000  # unsaved readings kept if the database falls behind
 
 SECRET_FIELDS = {"key", "pass", "passphrase", "password", "token", "private_key"}
@@ -80,7 +86,7 @@ class DeviceState:
     delta: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return dict(self.__dict__)  # every field is a plain value: asdict()'s deep copy is not needed
 
 
 class Bucket:
@@ -103,6 +109,41 @@ class Bucket:
 
     def point(self) -> list[float]:
         return [self.second, self.mean]
+
+
+class LogLine:
+    """One MQTT message in the log. Its dict (payload preview, redaction) is built only when a push or a
+    snapshot shows it: under a flood most lines are dropped from the capped log before anyone sees them."""
+
+    __slots__ = ("id", "time", "topic", "payload", "qos", "retained", "note", "_entry")
+
+    def __init__(self, line_id: int, when: float, topic: str, payload: bytes, qos: int, retained: bool,
+                 note: str | None) -> None:
+        self.id, self.time, self.topic, self.payload = line_id, when, topic, payload
+        self.qos, self.retained, self.note = qos, retained, note
+        self._entry: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        if self._entry is None:
+            try:
+                preview = preview_payload(self.topic, self.payload)
+            except Exception:  # a line that cannot be shown must not stop every later push
+                log.exception("could not preview a payload on %s", self.topic)
+                preview = "«unreadable payload»"
+            entry = {
+                "id": self.id,
+                "time": self.time,
+                "topic": self.topic,
+                "payload": preview,
+                "size": len(self.payload),
+                "direction": direction_of(self.topic),
+                "qos": self.qos,
+                "retained": self.retained,
+            }
+            if self.note:
+                entry["note"] = self.note
+            self._entry, self.payload = entry, b""  # the raw bytes are not kept once previewed (redacted)
+        return self._entry
 
 
 def _redact(value: Any) -> Any:
@@ -131,7 +172,7 @@ def preview_payload(topic: str, payload: bytes) -> str:
     if topic.startswith("ssl/") or "PRIVATE KEY" in text:
         try:
             text = json.dumps(_redact(json.loads(text)), separators=(",", ":"))
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep to walk
             text = "«private key redacted»" if "PRIVATE KEY" in text else _shorten_pem(text)
     if len(text) > PAYLOAD_PREVIEW:
         text = text[: PAYLOAD_PREVIEW - 1] + "…"
@@ -148,8 +189,8 @@ def direction_of(topic: str) -> str:
 def parse_temperature(payload: bytes) -> tuple[float, str | None, int | None]:
     """(temperature, device timestamp, seq) from a telemetry payload; ValueError says what is wrong."""
     try:
-        data = json.loads(payload)
-    except ValueError:
+        data = json.loads(payload.decode())  # str: json skips sniffing the encoding of bytes
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; [[[[...]]]] a RecursionError
         raise ValueError("not JSON") from None
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
@@ -168,7 +209,7 @@ def parse_status(payload: bytes) -> str | None:
     if text.startswith("{"):
         try:
             text = str(json.loads(text).get("status", ""))
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             return None
     text = text.lower()
     return text if text in ("online", "offline") else None
@@ -201,12 +242,12 @@ class LiveHub:
         self._certs_lock = threading.Lock()
         self.devices: dict[str, DeviceState] = {d: DeviceState(d, configured=True) for d in settings.devices}
         self.history: dict[str, deque[Bucket]] = {}
-        self.log: deque[dict[str, Any]] = deque(maxlen=LOG_LIMIT)
+        self.log: deque[LogLine] = deque(maxlen=LOG_LIMIT)
         self._next_log_id = 1
         # What changed since the last flush.
         self._dirty_devices: set[str] = set()
         self._dirty_points: dict[str, dict[int, Bucket]] = {}
-        self._pending_log: deque[dict[str, Any]] = deque(maxlen=LOG_BATCH_LIMIT)
+        self._pending_log: deque[LogLine] = deque(maxlen=LOG_BATCH_LIMIT)
         self._skipped_log = 0
         self._pending_readings: deque[ReadingIn] = deque(maxlen=PENDING_READINGS_LIMIT)
         self._broker_changed = False
@@ -229,7 +270,7 @@ class LiveHub:
 
     def attach(self, bridge: MqttBridge) -> None:
         """Subscribe through the app's single MQTT connection and follow its state."""
-        bridge.subscribe(TEMPERATURE_FILTER, self.on_temperature, qos=1)
+        bridge.subscribe(TEMPERATURE_FILTER, self.on_temperature, qos=TEMPERATURE_QOS)
         bridge.subscribe(STATUS_FILTER, self.on_status, qos=1)
         bridge.subscribe(CA_FILTER, self.on_ca_message, qos=1)
         bridge.on_state_change.append(self.on_broker_state)
@@ -266,7 +307,8 @@ class LiveHub:
 
     def on_temperature(self, message: mqtt.MQTTMessage) -> None:
         now = time.time()
-        device_id = device_of(message.topic)
+        topic = message.topic  # a property that decodes the bytes on every access
+        device_id = device_of(topic)
         note = None
         reading = None
         if device_id is None:
@@ -278,7 +320,7 @@ class LiveHub:
             except ValueError as ex:
                 note = f"rejected: {ex}"
         with self._lock:
-            self._log_locked(message, now, note)
+            self._log_locked(message, now, note, topic)
             if reading is None:
                 self.rejected_total += 1
                 return
@@ -318,7 +360,7 @@ class LiveHub:
     def on_ca_message(self, message: mqtt.MQTTMessage) -> None:
         """CA traffic only goes to the log; a reply means the certificate table may have changed."""
         with self._lock:
-            self._log_locked(message, time.time(), None)
+            self._log_locked(message, time.time(), None).to_dict()  # redacted now: keys are never kept raw
             if direction_of(message.topic) == "out":
                 self._certs_due = True  # the emitter re-checks on its next tick
 
@@ -339,6 +381,8 @@ class LiveHub:
     def _add_point(self, device_id: str, when: float, value: float) -> None:
         buckets = self.history.get(device_id)
         if buckets is None:
+            if len(self.history) >= HISTORY_DEVICES:
+                return  # a fleet this large gets cards, not one chart line per device
             buckets = self.history[device_id] = deque()
         second = int(when)
         if buckets and second <= buckets[-1].second:  # same second (or a clock step back): same point
@@ -368,25 +412,17 @@ class LiveHub:
         device.delta = delta
         device.trend = "up" if delta >= TREND_THRESHOLD else "down" if delta <= -TREND_THRESHOLD else "flat"
 
-    def _log_locked(self, message: mqtt.MQTTMessage, when: float, note: str | None) -> None:
+    def _log_locked(self, message: mqtt.MQTTMessage, when: float, note: str | None,
+                    topic: str | None = None) -> LogLine:
         self.messages_total += 1
-        entry = {
-            "id": self._next_log_id,
-            "time": when,
-            "topic": message.topic,
-            "payload": preview_payload(message.topic, message.payload),
-            "size": len(message.payload),
-            "direction": direction_of(message.topic),
-            "qos": message.qos,
-            "retained": bool(message.retain),
-        }
-        if note:
-            entry["note"] = note
+        line = LogLine(self._next_log_id, when, topic or message.topic, message.payload, message.qos,
+                       bool(message.retain), note)
         self._next_log_id += 1
-        self.log.append(entry)
+        self.log.append(line)
         if len(self._pending_log) == self._pending_log.maxlen:
             self._skipped_log += 1
-        self._pending_log.append(entry)
+        self._pending_log.append(line)
+        return line
 
     # -- reading the state -----------------------------------------------------------------------
 
@@ -414,7 +450,7 @@ class LiveHub:
                 "broker": self._bridge_status(),
                 "devices": [d.to_dict() for _, d in sorted(self.devices.items())],
                 "history": {d: [b.point() for b in buckets] for d, buckets in self.history.items()},
-                "log": list(self.log),
+                "log": [line.to_dict() for line in self.log],
                 "stats": self._stats_locked(now),
                 "certs": certs,
             }
@@ -441,7 +477,7 @@ class LiveHub:
 
     def logs(self) -> list[dict[str, Any]]:
         with self._lock:
-            return list(self.log)
+            return [line.to_dict() for line in self.log]
 
     # -- certificates ----------------------------------------------------------------------------
 
@@ -494,7 +530,7 @@ class LiveHub:
                 "server_time": now,
                 "devices": [self.devices[d].to_dict() for d in sorted(self._dirty_devices) if d in self.devices],
                 "points": {d: [b.point() for b in buckets.values()] for d, buckets in self._dirty_points.items()},
-                "log": list(self._pending_log),
+                "log": [line.to_dict() for line in self._pending_log],
                 "skipped": self._skipped_log,
                 "stats": self._stats_locked(now),
             }
@@ -539,22 +575,25 @@ class LiveHub:
 
     def run(self) -> None:
         """The emitter loop (a background task): flush, watch the certificates, prune."""
-        next_certs = last_certs = 0.0
-        certs_gap = CERTS_DUE_MIN_GAP
+        next_certs = 0.0
         next_full = time.monotonic() + CERTS_FULL_REFRESH
         next_prune = time.monotonic() + 30
-        while not self._stop.wait(FLUSH_INTERVAL):
+        next_flush = time.monotonic()
+        while True:
+            # A fixed clock rather than a fixed pause, so a slow flush does not stretch every reading's wait;
+            # at least a quarter interval between two flushes, so a flush slower than the interval cannot spin.
+            next_flush = max(next_flush + FLUSH_INTERVAL, time.monotonic() + FLUSH_INTERVAL / 4)
+            if self._stop.wait(next_flush - time.monotonic()):
+                break
             try:
                 self.flush()
                 now = time.monotonic()
-                if self._certs_forced or (now >= last_certs + certs_gap and (now >= next_certs or self._certs_due)):
+                if now >= next_certs or self._certs_due:
                     self._certs_due = False
-                    last_certs = now
                     full = now >= next_full or self._certs_forced
                     self._certs_forced = False
                     self.refresh_certs(force=full)
-                    certs_gap = max(CERTS_DUE_MIN_GAP, CERTS_COST_FACTOR * (time.monotonic() - now))
-                    next_certs = now + max(CERTS_POLL_INTERVAL, certs_gap)
+                    next_certs = now + CERTS_POLL_INTERVAL
                     if full:
                         next_full = now + CERTS_FULL_REFRESH
                 if now >= next_prune:
