@@ -273,3 +273,57 @@ class SocketIOWatcher:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.client.disconnect()
+
+
+def busy_cpu_percent(seconds: float = 1.0) -> float:
+    """How busy the whole machine is (all cores, 0-100) over `seconds`, from /proc/stat."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as fh:
+            values = [int(v) for v in fh.readline().split()[1:]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)
+        return idle, sum(values)
+
+    idle0, total0 = sample()
+    time.sleep(seconds)
+    idle1, total1 = sample()
+    return round(100 * (1 - (idle1 - idle0) / max(total1 - total0, 1)), 1)
+
+
+def wait_until_quiet(threshold: float = 15.0, timeout: float = 120.0) -> float:
+    """Benchmarks on a busy machine measure the other load: wait (up to `timeout`) until CPU use is below
+    `threshold` percent, and return the last reading so the results can say how quiet it was."""
+    deadline = time.monotonic() + timeout
+    busy = busy_cpu_percent()
+    warned = False
+    while busy > threshold and time.monotonic() < deadline:
+        if not warned:
+            print(f"the machine is {busy:.0f}% busy with other work: waiting up to {timeout:.0f} s for it to "
+                  "calm down (figures from a busy machine are not comparable)", flush=True)
+            warned = True
+        busy = busy_cpu_percent(2.0)
+    if busy > threshold:
+        print(f"warning: still {busy:.0f}% busy; the figures below include that load", flush=True)
+    return busy
+
+
+class MachineMeter:
+    """Whole-machine CPU between start() and stop(), in percent of one core (2 cores fully busy = 200)."""
+
+    def __init__(self) -> None:
+        self._start = (0, 0)
+
+    @staticmethod
+    def _sample() -> tuple[int, int]:
+        with open("/proc/stat") as fh:
+            values = [int(v) for v in fh.readline().split()[1:]]
+        return sum(values) - values[3] - (values[4] if len(values) > 4 else 0), sum(values)
+
+    def start(self) -> MachineMeter:
+        self._start = self._sample()
+        return self
+
+    def stop(self) -> float:
+        busy, total = self._sample()
+        cores = os.cpu_count() or 1
+        return round(100 * cores * (busy - self._start[0]) / max(total - self._start[1], 1), 1)

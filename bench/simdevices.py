@@ -57,6 +57,10 @@ def publish_packet(topic: bytes, payload: bytes, qos: int = 0, packet_id: int = 
     return b"".join((header, topic, payload))
 
 
+def iso_time(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).isoformat(timespec="microseconds")
+
+
 class MqttRefused(ConnectionError):
     pass
 
@@ -79,6 +83,7 @@ class DeviceConnection(asyncio.Protocol):
         self.published = 0  # QoS 1 publishes written
         self.acked = 0  # PUBACKs received
         self.last_write = 0.0
+        self.sent_at: list[float] | None = None  # publish time of reading `seq` at [seq - 1], when recording
         self.on_ack: Callable[[DeviceConnection], None] | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------------
@@ -144,10 +149,17 @@ class DeviceConnection(asyncio.Protocol):
         if qos:
             self.published += 1
 
-    def publish_reading(self, temperature: float, qos: int = 1, now: float | None = None) -> None:
-        """The thermometer's payload; `timestamp` is the publish time (ISO 8601, microseconds) for latency."""
+    def publish_reading(self, temperature: float, qos: int = 1, now: float | None = None,
+                        stamp: str | None = None) -> None:
+        """The thermometer's payload; `timestamp` is the publish time (ISO 8601, microseconds), `seq` counts.
+
+        `stamp` is `now` already formatted (a tick of publish_at_rate formats it once for all its messages).
+        """
         self.seq += 1
-        stamp = dt.datetime.fromtimestamp(now or time.time(), dt.UTC).isoformat(timespec="microseconds")
+        now = now or time.time()
+        if self.sent_at is not None:
+            self.sent_at.append(now)
+        stamp = stamp or iso_time(now)
         payload = (f'{{"device_id":"{self.name}","timestamp":"{stamp}",'
                    f'"temperature":{temperature:.2f},"seq":{self.seq}}}').encode()
         self.publish(self.temperature_topic, payload, qos)
@@ -285,12 +297,13 @@ async def publish_at_rate(connections: list[DeviceConnection], rate: float, dura
             break
         due = min(int(rate * elapsed) + 1, int(rate * duration))
         now = wall0 + elapsed
+        stamp = iso_time(now)
         while sent < due:
             connection = connections[index]
             index = (index + 1) % n
             if connection.is_open:
                 value = temperature(connection, sent) if temperature else 20.0 + (sent % 50) / 10
-                connection.publish_reading(value, qos, now)
+                connection.publish_reading(value, qos, now, stamp)
             sent += 1
         if on_tick is not None:
             on_tick(elapsed, sent)
