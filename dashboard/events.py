@@ -4,7 +4,9 @@ Server -> browser (sent by dashboard/live.py's LiveHub):
 - `snapshot`: the whole state, to one tab, right after it connects (or reconnects);
 - `batch`: what changed since the previous push (device cards, chart points, log lines, counters), to
   every tab, at most every FLUSH_INTERVAL, however many MQTT messages arrived;
-- `certs`: the certificate table and the CRL, to every tab, when they change.
+- `certs`: the certificate table, the CRL, each entity's lifecycle state and the banner's data, to every tab,
+  when they change: right after this app's CA issues, renews or revokes (`CAService.on_change`), within
+  seconds of a change made elsewhere (the generator, another process), and every minute anyway (days age).
 
 Browser -> server: `connect` and `refresh_certs` below.
 """
@@ -30,7 +32,7 @@ def on_connect(auth: Any = None) -> None:
 
 
 def on_refresh_certs(_data: Any = None) -> None:
-    """Sent by the page after its CA form issued or revoked something: every tab gets the new table."""
+    """Sent by the page after a CA form or a renew/revoke button succeeded: every tab gets the new table."""
     _hub().request_certs_refresh()
 
 
@@ -42,3 +44,7 @@ def init_app(app: Flask) -> None:
     """
     socketio.on_event("connect", on_connect)
     socketio.on_event("refresh_certs", on_refresh_certs)
+    # The CA of this app changed a certificate (over HTTP or MQTT, a device's own renewal included): every tab
+    # gets the new table on the emitter's next tick, without waiting for its periodic check.
+    hub: LiveHub = app.extensions["live_hub"]
+    app.extensions["ca_service"].on_change.append(lambda _operation: hub.certificates_changed())

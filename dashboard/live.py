@@ -511,6 +511,14 @@ class LiveHub:
         else:  # no emitter (tests, MQTT disabled): answer now
             self.refresh_certs(force=True)
 
+    def certificates_changed(self) -> None:
+        """The CA in this process issued, renewed or revoked something: re-read the table on a coming tick (not
+        forced, so the emitter's spacing still holds under an issuance storm)."""
+        if self._thread is not None:
+            self._certs_due = True
+        else:  # no emitter (tests, MQTT disabled): now
+            self.refresh_certs()
+
     # -- the emitter -----------------------------------------------------------------------------
 
     def drain(self) -> tuple[dict[str, Any] | None, list[ReadingIn]]:

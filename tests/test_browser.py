@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
+from .ca_support import issue_aged_certificate
 from .conftest import PROJECT_ROOT, LabEnv
 from .support import Broker, ThermometerProcess, free_port, wait_for
 
@@ -203,3 +204,99 @@ def test_live_dashboard_in_chromium(running_lab: dict[str, Any], browser: Browse
 
     assert not errors, errors
     assert not outside, f"the page loaded something from elsewhere: {outside}"
+
+
+@pytest.fixture
+def expiring_lab(broker: Broker, generated_lab: LabEnv, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """The broker and the dashboard, with device001's certificate ten days from expiry (inside the window)."""
+    aged = issue_aged_certificate(generated_lab, "device001", days=365, days_left=10)
+    dashboard = DashboardProcess(generated_lab.env, tmp_path / "dashboard.log")
+    thermometer = ThermometerProcess({**generated_lab.env, "DEVICE_ID": "device001", "PUBLISH_INTERVAL": "0.2",
+                                      "RENEW_CHECK_INTERVAL": "0.5"})
+    try:
+        dashboard.start()
+        yield {"dashboard": dashboard, "thermometer": thermometer, "lab": generated_lab, "aged": aged}
+    finally:
+        thermometer.stop()
+        dashboard.stop()
+
+
+def test_expiring_certificate_renews_itself_and_the_page_follows(expiring_lab: dict[str, Any],
+                                                                  browser: Browser) -> None:
+    """Banner and badge show device001 expiring; its thermometer renews over MQTT; the page shows it valid."""
+    dashboard: DashboardProcess = expiring_lab["dashboard"]
+    lab: LabEnv = expiring_lab["lab"]
+    old_serial = format(expiring_lab["aged"].serial_number, "x")
+    page = browser.new_page(viewport={"width": 1440, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda ex: errors.append(str(ex)))
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    page.goto(dashboard.url)
+
+    banner = page.locator("#cert-banner")
+    banner.wait_for(state="visible", timeout=10_000)
+    assert re.search(r"^1 certificate needs attention$", page.inner_text("#cert-banner-title"))
+    assert "device001 expires in 10 days" in banner.inner_text()
+    assert banner.locator('.tag[data-status="expiring"]').text_content() == "1 expiring"
+    assert page.get_attribute("#cert-banner a", "href") == "#certificates"
+    badge = card(page, "device001").locator(".cert-badge")
+    assert badge.get_attribute("class") == "cert-badge cert-expiring"
+    assert re.fullmatch(r"Expiring · (9|10) d left", badge.inner_text())
+    assert "Renews itself over MQTT" in card(page, "device001").locator(".renewal-mode").inner_text()
+    assert card(page, "device002").locator(".cert-badge").inner_text() == "Valid · 365 d left"
+    row = page.locator(f'#cert-rows tr[data-serial="{old_serial}"]')
+    assert row.locator(".status").inner_text().lower() == "expiring"
+    OUTPUT.mkdir(exist_ok=True)
+    page.screenshot(path=str(OUTPUT / "dashboard-expiring.png"), full_page=True)
+
+    # The thermometer finds its certificate inside the window and renews it over MQTT (ssl/renew/device001).
+    thermometer: ThermometerProcess = expiring_lab["thermometer"].start()
+    thermometer.wait_output("renewed the certificate", timeout=20)
+    wait_for(lambda: badge.get_attribute("class") == "cert-badge cert-valid", timeout=10,
+             what=f"device001's badge valid after the renewal (now {badge.inner_text()!r})")
+    assert badge.inner_text() == "Valid · 365 d left"  # a renewal keeps the lifetime
+    assert banner.is_hidden()
+    current = page.locator('#cert-rows tr[data-name="device001"]')
+    assert current.count() == 1  # the old certificate is superseded: hidden unless asked for
+    assert current.get_attribute("data-serial") != old_serial
+    assert current.locator(".status").inner_text().lower() == "valid"
+    assert current.locator(".days-left").inner_text() == "365 d"
+    renewal = card(page, "device001").locator(".last-renewal")
+    assert renewal.locator(".sub").inner_text() == "over MQTT"
+    assert re.fullmatch(r"just now|\d+ s ago", renewal.locator(".when").inner_text())
+    assert current.get_attribute("data-serial") in (renewal.get_attribute("title") or "")
+    page.check("#cert-history")
+    assert page.locator(f'#cert-rows tr[data-serial="{old_serial}"]').get_attribute("data-status") == "superseded"
+    page.uncheck("#cert-history")
+
+    # device002 (its key is the CA's): renewed on the server, then revoked, from its card, in the dialog.
+    card(page, "device002").locator('[data-action="renew"]').click()
+    dialog = page.locator("#action-dialog")
+    assert dialog.is_visible() and "renews itself over MQTT" in dialog.inner_text()
+    page.fill("#action-form input[name=pass]", "not the passphrase")
+    page.click("#action-submit")
+    page.locator("#action-error").wait_for(timeout=10_000)
+    assert "HTTP 403" in page.inner_text("#action-error")
+    assert page.input_value("#action-form input[name=pass]") == ""  # a wrong passphrase is not kept either
+    old_device002 = page.get_attribute('#cert-rows tr[data-name="device002"]', "data-serial")
+    page.fill("#action-form input[name=pass]", lab.passphrase)
+    page.click("#action-submit")
+    page.locator("#toast").wait_for(timeout=10_000)
+    assert page.inner_text("#toast").startswith("Renewed device002")
+    wait_for(lambda: page.get_attribute('#cert-rows tr[data-name="device002"]', "data-serial") != old_device002,
+             timeout=10, what="device002's new certificate in the table")
+    card(page, "device002").locator('[data-action="revoke"]').click()
+    page.select_option("#action-form select[name=reason]", "cessationOfOperation")
+    page.fill("#action-form input[name=pass]", lab.passphrase)
+    page.click("#action-submit")
+    wait_for(lambda: card(page, "device002").locator(".cert-badge").inner_text() == "Revoked", timeout=10,
+             what="device002 revoked on its card")
+    banner.wait_for(state="visible", timeout=10_000)
+    assert banner.get_attribute("data-level") == "bad"
+    assert banner.locator('.tag[data-status="revoked"]').text_content() == "1 revoked"
+    stored = page.evaluate("JSON.stringify({...localStorage}) + JSON.stringify({...sessionStorage})")
+    assert lab.passphrase not in stored
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(OUTPUT / "dashboard-renewed.png"), full_page=True)
+    # The browser reports the refused passphrase's 403 on the console; nothing else may go wrong.
+    assert [e for e in errors if "status of 403" not in e] == [], errors

@@ -20,6 +20,10 @@
     range: 3600,
     certs: [],
     crl: null,
+    entities: {},              // name -> lifecycle state (status, days left, last renewal, who can renew it)
+    attention: null,           // what the banner shows
+    certsLoaded: false,        // whether the first certificate table has arrived
+    bannerDismissed: null,     // the banner's content when the user closed it (shown again once it changes)
     certFilter: "",
     showSuperseded: false,
     knownSerials: null,
@@ -223,10 +227,6 @@
 
   // -- device cards ----------------------------------------------------------------------------
   const THERMO_ICON = "M14 14.76V3.5a2.5 2.5 0 0 0-5 0v11.26a4.5 4.5 0 1 0 5 0Z";
-  const certOfDevice = (deviceId) => {
-    const rows = state.certs.filter((r) => r.name === deviceId && r.status !== "superseded");
-    return rows.find((r) => r.status !== "revoked") || rows[0] || null;
-  };
 
   const buildCard = (deviceId) => {
     const icon = svgEl("svg", { viewBox: "0 0 24 24", "aria-hidden": "true" });
@@ -244,8 +244,15 @@
       spark,
       el("dl", { class: "meta" },
         el("div", {}, el("dt", { text: "Last seen" }), el("dd", { class: "last-seen", text: "never" })),
-        el("div", {}, el("dt", { text: "Certificate" }), el("dd", { class: "cert-left", text: "—" })),
-        el("div", {}, el("dt", { text: "Readings" }), el("dd", { class: "count", text: "0" }))));
+        el("div", {}, el("dt", { text: "Last renewal" }),
+          el("dd", { class: "last-renewal" }, el("span", { class: "when", text: "—" }), el("span", { class: "sub", text: "" }))),
+        el("div", {}, el("dt", { text: "Readings" }), el("dd", { class: "count", text: "0" }))),
+      el("div", { class: "cert-strip" },
+        el("span", { class: "cert-badge cert-unknown", text: "Certificate …" }),
+        el("span", { class: "renewal-mode muted small" }),
+        el("div", { class: "card-actions" },
+          el("button", { type: "button", class: "btn btn-ghost btn-small", dataset: { action: "renew", name: deviceId }, hidden: true, text: "Renew…" }),
+          el("button", { type: "button", class: "btn btn-ghost btn-small btn-danger-ghost", dataset: { action: "revoke", name: deviceId }, hidden: true, text: "Revoke…" }))));
     return card;
   };
 
@@ -286,6 +293,8 @@
   };
 
   const renderCardTimes = (card, device) => {
+    const entity = entityOf(device.device_id);
+    if (entity && entity.last_renewal && entity.last_renewal.renewed) renderCardRenewal(card, entity);
     const seen = $(".last-seen", card);
     const age = device.last_seen ? (now() - device.last_seen * 1000) / 1000 : null;
     seen.textContent = age === null ? "never" : fmtAgo(age);
@@ -296,17 +305,71 @@
     if (stale) seen.title = `no reading for ${Math.round(age)} s · ${seen.title}`;
   };
 
+  // -- certificate lifecycle on the cards ------------------------------------------------------
+  const STATUS_TEXT = { valid: "Valid", expiring: "Expiring", expired: "Expired", revoked: "Revoked", invalid: "Invalid", missing: "No certificate" };
+  // How a certificate came to be (the inventory's issued_via).
+  const VIA_TEXT = { renew: "over MQTT", cli: "by the generator", import: "by the generator", http: "via the CA API", mqtt: "via the CA API (MQTT)" };
+  const daysText = (days) => {
+    if (days === null || days === undefined) return "";
+    if (days <= 0) return `${Math.ceil(-days)} d ago`;
+    return days < 1 ? `${Math.max(1, Math.round(days * 24))} h left` : `${Math.floor(days)} d left`;
+  };
+  const badgeText = (entity) => {
+    const label = STATUS_TEXT[entity.status] || entity.status;
+    if (entity.status === "revoked" || entity.status === "missing" || entity.status === "invalid") return label;
+    const days = daysText(entity.days_left);
+    return days ? `${label} · ${days}` : label;
+  };
+  const entityOf = (name) => state.entities[name] || null;
+  // What the page says about who renews a certificate: the device itself, the CA (with the passphrase), or nobody.
+  const renewalNote = (entity) => {
+    const renewal = entity.renewal || {};
+    if (entity.status === "revoked") return "Revoked: the broker refuses it; enrol again with a token to rejoin";
+    if (entity.status === "missing") return "No certificate yet: run ./setup.sh certs or enrol with a token";
+    if (entity.status === "expired") {
+      return renewal.server ? "Expired: it cannot renew itself; the CA can re-sign its key" : "Expired: it cannot renew itself; enrol again with a token";
+    }
+    if (renewal.self) return `↻ Renews itself over MQTT inside the ${RENEW_BEFORE_DAYS}-day window: no action needed`;
+    if (renewal.server) return "The CA holds its key: renew here";
+    return "The key is with its owner: it renews with a new CSR";
+  };
+
   const renderCardCert = (card, deviceId) => {
-    const cert = certOfDevice(deviceId);
-    const dd = $(".cert-left", card);
-    dd.className = "cert-left";
-    if (!cert) { dd.textContent = "none"; dd.classList.add("bad"); return; }
-    if (cert.status === "revoked") { dd.textContent = "revoked"; dd.classList.add("bad"); return; }
-    if (cert.days_left === null || cert.days_left === undefined) { dd.textContent = cert.status; dd.classList.add("bad"); return; }
-    const days = Math.floor(cert.days_left);
-    dd.textContent = days <= 0 ? "expired" : `${days} days left`;
-    dd.classList.add(cert.status === "valid" ? "ok" : cert.status === "expiring" ? "warn" : "bad");
-    dd.title = `valid until ${fmtDate(cert.not_after)}`;
+    const entity = entityOf(deviceId);
+    const badge = $(".cert-badge", card);
+    const note = $(".renewal-mode", card);
+    const renew = $('[data-action="renew"]', card);
+    const revoke = $('[data-action="revoke"]', card);
+    card.dataset.cert = entity ? entity.status : "unknown";
+    if (!entity) {
+      badge.className = "cert-badge cert-missing";
+      badge.textContent = state.certsLoaded ? "No certificate" : "Certificate …";
+      badge.title = "";
+      note.textContent = state.certsLoaded ? "No certificate issued to this name" : "";
+      renew.hidden = revoke.hidden = true;
+      renderCardRenewal(card, null);
+      return;
+    }
+    badge.className = `cert-badge cert-${entity.status}`;
+    badge.textContent = badgeText(entity);
+    badge.title = entity.not_after ? `Certificate ${entity.serial ? shortSerial(entity.serial) : ""} valid until ${fmtDate(entity.not_after)}${entity.detail ? ` · ${entity.detail}` : ""}` : entity.detail;
+    note.textContent = renewalNote(entity);
+    note.title = entity.renewal && entity.renewal.self ? `It publishes a CSR for a new key to ssl/renew/${deviceId}; its current certificate is the credential` : "";
+    renew.hidden = !(entity.renewal && entity.renewal.server);
+    revoke.hidden = !(entity.serial && (entity.status === "valid" || entity.status === "expiring"));
+    renderCardRenewal(card, entity);
+  };
+
+  const renderCardRenewal = (card, entity) => {
+    const when = $(".last-renewal .when", card);
+    const sub = $(".last-renewal .sub", card);
+    const last = entity && entity.last_renewal;
+    if (!last) { when.textContent = "—"; sub.textContent = ""; when.parentElement.title = ""; return; }
+    const at = new Date(last.at).getTime();
+    when.textContent = last.renewed ? fmtAgo((now() - at) / 1000) : fmtDay(last.at);
+    const how = VIA_TEXT[last.via] || (last.via ? `via ${last.via}` : "");
+    sub.textContent = last.renewed ? how : `issued ${how}`.trim();
+    when.parentElement.title = `${last.renewed ? "Renewed" : "Issued"} ${how} on ${fmtDate(last.at, true)} · serial ${last.serial}`;
   };
 
   const drawSparkline = (deviceId) => {
@@ -451,7 +514,7 @@
     const hay = `${row.name} ${row.subject} ${row.issuer} ${row.serial} ${row.status} ${row.role}`.toLowerCase();
     return hay.includes(state.certFilter);
   };
-  const PROTECTED = new Set(["root_ca", "mosquitto", "dashboard"]);
+  const PROTECTED = new Set(["root_ca", "mosquitto", "dashboard", "provisioner", "policy"]);  // pki/profiles.py
   const certRow = (row, isNew) => {
     const days = row.days_left;
     const lifetime = row.not_before && row.not_after ? (new Date(row.not_after) - new Date(row.not_before)) / 86400000 : Number(body.dataset.certDays || 365);
@@ -459,10 +522,17 @@
     const barClass = row.status === "revoked" || row.status === "superseded" ? "off"
       : row.status === "expired" || days <= 0 ? "bad" : row.status === "expiring" ? "warn" : "";
     const cn = cnOf(row.subject);
-    const actions = el("td", {});
-    if (!PROTECTED.has(row.name) && (row.status === "valid" || row.status === "expiring") && row.serial) {
-      actions.append(el("button", { type: "button", class: "btn btn-ghost btn-small", dataset: { revokeSerial: row.serial, revokeName: row.name }, "aria-label": `Revoke ${row.name} (serial ${row.serial})`, text: "Revoke…" }));
+    const entity = entityOf(row.name);
+    const stands = entity && row.serial && entity.serial === row.serial;  // the certificate that counts for the name
+    const actions = el("td", { class: "actions" });
+    if (stands && entity.renewal && entity.renewal.server) {
+      actions.append(el("button", { type: "button", class: "btn btn-ghost btn-small", dataset: { action: "renew", name: row.name, serial: row.serial }, "aria-label": `Renew ${row.name} (serial ${row.serial})`, text: "Renew…" }));
     }
+    if (!PROTECTED.has(row.name) && (row.status === "valid" || row.status === "expiring") && row.serial) {
+      actions.append(el("button", { type: "button", class: "btn btn-ghost btn-small btn-danger-ghost", dataset: { action: "revoke", name: row.name, serial: row.serial }, "aria-label": `Revoke ${row.name} (serial ${row.serial})`, text: "Revoke…" }));
+    }
+    const auto = stands && entity.renewal && entity.renewal.self && row.status !== "expired"
+      ? el("span", { class: "auto-renew", title: `Renews itself over MQTT (ssl/renew/${row.name}) inside the ${RENEW_BEFORE_DAYS}-day window`, "aria-label": "renews itself", text: "↻" }) : null;
     return el("tr", { class: `${row.status === "superseded" ? "superseded" : ""}${isNew ? " row-new" : ""}`, dataset: { name: row.name, serial: row.serial || "", status: row.status } },
       el("td", { class: "name" }, row.name, row.role && row.role !== row.name ? el("span", { class: "role", text: row.role }) : null),
       el("td", { class: "subject", title: row.subject }, el("b", { text: cn || row.subject || "—" }), cn && row.subject !== `CN=${cn}` ? el("span", { class: "muted", text: ` · ${row.subject.replace(/(^|,)CN=[^,]*/, "").replace(/^,/, "")}` }) : null),
@@ -473,7 +543,7 @@
       el("td", {}, el("div", { class: "days" },
         el("span", { class: "days-left", text: days === null || days === undefined ? "—" : `${Math.max(0, Math.floor(days))} d` }),
         barOf(pct, barClass))),
-      el("td", {}, el("span", { class: `status status-${row.status}`, title: row.detail || "", text: row.status })),
+      el("td", { class: "status-cell" }, el("span", { class: `status status-${row.status}`, title: row.detail || "", text: row.status }), auto),
       actions);
   };
   const barOf = (pct, barClass) => {
@@ -503,12 +573,56 @@
       el("span", {}, "Next update ", el("b", { text: `${fmtDate(crl.next_update)} (${fmtIn(crl.next_update)})` })),
       el("span", {}, "Revoked entries ", el("b", { text: String(crl.revoked) })));
     $("#kpi-crl").textContent = fmtIn(crl.next_update);
+    $("#kpi-crl").dataset.status = crl.status || "valid";
     $("#kpi-crl-foot").textContent = `${fmtDate(crl.next_update)} · ${crl.revoked} revoked`;
   };
+
+  // -- the banner: certificates (and the CRL) that need attention -------------------------------
+  const ATTENTION_TEXT = { expired: "expired", revoked: "revoked", invalid: "invalid", missing: "missing", expiring: "expiring" };
+  const itemText = (item) => {
+    if (item.status === "expiring") return `${item.name} expires ${fmtIn(item.not_after)}`;
+    if (item.status === "expired") return `${item.name} expired ${daysText(item.days_left)}`;
+    if (item.status === "missing") return `${item.name} has no certificate`;
+    return `${item.name} ${item.status}`;
+  };
+  // What the banner is about; a dismissed banner comes back once this changes.
+  const bannerKey = (attention) => (attention && attention.count
+    ? JSON.stringify([attention.counts, attention.items.map((i) => [i.name, i.status]), attention.crl && attention.crl.status]) : null);
+  const renderBanner = () => {
+    const banner = $("#cert-banner");
+    const attention = state.attention;
+    const key = bannerKey(attention);
+    if (!key || key === state.bannerDismissed) { banner.hidden = true; return; }
+    banner.hidden = false;
+    banner.dataset.level = attention.level;
+    const certCount = attention.count - (attention.crl ? 1 : 0);
+    const parts = [];
+    if (certCount) parts.push(`${certCount} certificate${certCount === 1 ? "" : "s"}`);
+    if (attention.crl) parts.push("the CRL");
+    $("#cert-banner-title").textContent = `${parts.join(" and ")} need${attention.count === 1 ? "s" : ""} attention`;
+    const tags = Object.entries(attention.counts).filter(([, n]) => n > 0)
+      .map(([status, n]) => el("span", { class: `tag tag-${status}`, dataset: { status } }, el("b", { text: String(n) }), ` ${ATTENTION_TEXT[status] || status}`));
+    if (attention.crl) {
+      const crl = attention.crl;
+      tags.push(el("span", { class: `tag tag-${crl.status}`, dataset: { status: `crl-${crl.status}` }, title: crl.detail || "" },
+        crl.status === "expiring" ? `CRL due for refresh (next update ${fmtIn(crl.next_update)})` : `CRL ${crl.status}`));
+    }
+    const shown = attention.items.slice(0, 4).map(itemText);
+    const more = certCount - shown.length;
+    $("#cert-banner-detail").replaceChildren(...tags,
+      el("span", { class: "banner-items", text: `${shown.join(" · ")}${more > 0 ? ` · ${more} more` : ""}` }));
+  };
+  $("#cert-banner-close").addEventListener("click", () => {
+    state.bannerDismissed = bannerKey(state.attention);
+    $("#cert-banner").hidden = true;
+  });
   const receiveCerts = (data) => {
     if (!data) return;
     state.certs = data.certs || [];
     state.crl = data.crl || null;
+    state.entities = data.entities || {};
+    state.attention = data.attention || null;
+    state.certsLoaded = true;
     const summary = data.summary || {};
     $("#kpi-valid").textContent = summary.valid ?? 0;
     $("#kpi-expiring").textContent = summary.expiring ?? 0;
@@ -516,18 +630,124 @@
     $("#kpi-revoked").textContent = summary.revoked ?? 0;
     renderCerts();
     renderCrl();
+    renderBanner();
   };
   $("#cert-filter").addEventListener("input", (event) => { state.certFilter = event.target.value.trim().toLowerCase(); renderCerts(); });
   $("#cert-history").addEventListener("change", (event) => { state.showSuperseded = event.target.checked; renderCerts(); });
-  $("#cert-rows").addEventListener("click", (event) => {
-    const button = event.target.closest("[data-revoke-serial]");
+  const onActionClick = (event) => {
+    const button = event.target.closest("button[data-action]");
     if (!button) return;
-    selectTab("revoke");
-    const form = $("#panel-revoke");
-    form.elements.name.value = "";
-    form.elements.serial.value = button.dataset.revokeSerial;
-    form.scrollIntoView({ block: "center" });
-    form.elements.pass.focus();
+    openAction(button.dataset.action, button.dataset.name, button.dataset.serial || null, button);
+  };
+  $("#cert-rows").addEventListener("click", onActionClick);
+  $("#device-grid").addEventListener("click", onActionClick);
+
+  // -- renew / revoke dialog -------------------------------------------------------------------
+  // The passphrase lives in the dialog's field only while it is open: never kept, never in localStorage.
+  const dialog = $("#action-dialog");
+  const dialogForm = $("#action-form");
+  let pending = null;  // {action, name, serial, opener}
+  const lifetimeDays = (entity) => {
+    if (!entity || !entity.not_before || !entity.not_after) return Number(body.dataset.certDays || 365);
+    return Math.max(1, Math.round((new Date(entity.not_after) - new Date(entity.not_before)) / 86400000));
+  };
+  const openAction = (action, name, serial, opener) => {
+    const entity = entityOf(name);
+    pending = { action, name, serial, opener };
+    dialog.dataset.action = action;
+    $("#action-error").hidden = true;
+    dialogForm.elements.pass.value = "";
+    dialogForm.elements.pass.removeAttribute("aria-invalid");
+    const explain = [];
+    if (action === "renew") {
+      $("#action-title").textContent = `Renew ${name}`;
+      if (entity && entity.renewal && entity.renewal.self && entity.status !== "expired") {
+        explain.push(el("p", { class: "note-self" }, el("b", { text: "No action needed: " }),
+          `${name} renews itself over MQTT (a CSR for a new key to ssl/renew/${name}) once inside the ${RENEW_BEFORE_DAYS}-day window.`));
+        explain.push(el("p", { class: "muted", text: "Renewing here re-signs the key the CA holds for it instead, for a device that is offline; a running device uses the new certificate from its next start." }));
+      } else {
+        explain.push(el("p", { text: `The CA re-signs the key it holds for ${name} (POST /v1/ssl/sign without a CSR): same key and subject, a new serial and validity.` }));
+      }
+      dialogForm.elements.days.value = lifetimeDays(entity);
+      $("#action-submit").textContent = "Renew certificate";
+      $("#action-submit").className = "btn btn-primary";
+    } else {
+      $("#action-title").textContent = serial ? `Revoke ${name}'s certificate` : `Revoke ${name}`;
+      explain.push(el("p", { text: serial
+        ? `Certificate ${shortSerial(serial)} goes on the CRL and the broker shuts its holder out at once.`
+        : `Every unexpired certificate of ${name} goes on the CRL and the broker shuts it out at once; it cannot renew itself any more.` }));
+      $("#action-submit").textContent = "Revoke";
+      $("#action-submit").className = "btn btn-danger";
+      dialogForm.elements.reason.value = "unspecified";
+    }
+    $("#action-explain").replaceChildren(...explain);
+    $("#action-days").hidden = action !== "renew";
+    $("#action-reason").hidden = action !== "revoke";
+    dialog.showModal();
+    dialogForm.elements.pass.focus();
+  };
+  dialog.addEventListener("close", () => {
+    dialogForm.elements.pass.value = "";
+    const opener = pending && pending.opener;
+    pending = null;
+    if (opener && opener.isConnected) opener.focus();
+  });
+  $("#action-cancel").addEventListener("click", () => dialog.close());
+  const toast = (text) => {
+    const box = $("#toast");
+    box.textContent = text;
+    box.hidden = false;
+    clearTimeout(box._timer);
+    box._timer = setTimeout(() => { box.hidden = true; }, 6000);
+  };
+  dialogForm.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    if (!pending) return;
+    const { action, name, serial } = pending;
+    const pass = dialogForm.elements.pass.value;
+    const error = $("#action-error");
+    if (!pass) {
+      dialogForm.elements.pass.setAttribute("aria-invalid", "true");
+      error.textContent = "The CA passphrase is required.";
+      error.hidden = false;
+      return;
+    }
+    const payload = action === "renew"
+      ? { name, days: Number(dialogForm.elements.days.value), pass }
+      : { ...(serial ? { serial } : { name }), reason: dialogForm.elements.reason.value, pass };
+    const submit = $("#action-submit");
+    submit.disabled = true;
+    let status = 0;
+    let data = {};
+    try {
+      const response = await fetch(action === "renew" ? "/v1/ssl/sign" : "/v1/ssl/revoke", {
+        method: "POST",
+        headers: { "Content-Type": "application/json", Accept: "application/json" },
+        body: JSON.stringify(payload),
+      });
+      status = response.status;
+      data = await response.json().catch(() => ({ error: response.statusText || "the reply was not JSON" }));
+      if (status === 429) data.error = `${data.error || "too many attempts"} (retry in ${response.headers.get("Retry-After")} s)`;
+    } catch (ex) {
+      data = { error: `could not reach the dashboard: ${ex.message}` };
+    } finally {
+      submit.disabled = false;
+      payload.pass = "";
+    }
+    if (status >= 200 && status < 300) {
+      dialog.close();
+      // A renewal without CSR returns the stored key too: it is not needed here and not kept.
+      toast(action === "renew"
+        ? `Renewed ${name}: serial ${shortSerial(data.serial)}, valid until ${fmtDay(data.not_after)}`
+        : `Revoked ${name}: ${(data.revoked || []).length} certificate${(data.revoked || []).length === 1 ? "" : "s"} on the CRL`);
+      if (socket) socket.emit("refresh_certs");
+      return;
+    }
+    dialogForm.elements.pass.value = "";
+    if (status === 403) dialogForm.elements.pass.setAttribute("aria-invalid", "true");
+    error.textContent = `${data.error || "the request failed"}${status ? ` (HTTP ${status})` : ""}`;
+    error.hidden = false;
+    dialogForm.elements.pass.focus();
   });
 
   // -- CA panel --------------------------------------------------------------------------------
