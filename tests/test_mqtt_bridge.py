@@ -4,6 +4,7 @@ broker's flood and overlapping subscriptions to the right handlers, nothing lost
 from __future__ import annotations
 
 import json
+import socket
 import threading
 
 import paho.mqtt.client as mqtt
@@ -67,6 +68,35 @@ def test_anything_else_is_left_to_paho() -> None:
     assert decode_plain_publish(b"\x00") is None
     assert decode_plain_publish(len(topic).to_bytes(2, "big") + topic + b"\x05\x0b\x01") is None  # length too long
     assert decode_plain_publish(len(topic).to_bytes(2, "big") + topic + b"\x02\x0b\x00") is None  # identifier 0
+
+
+def fixed_header(command: int, body: bytes) -> bytes:
+    return bytes([command]) + varint(len(body)) + body
+
+
+def test_whole_qos0_publishes_are_taken_from_the_chunk_and_the_rest_left_to_paho() -> None:
+    client = ChunkedReadClient(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    got: list[mqtt.MQTTMessage] = []
+    client.on_message = lambda _client, _userdata, message: got.append(message)
+    client._sock = socket.socket()  # "connected": the method only checks that there is one
+    first = fixed_header(0x30, publish_body(b"a/1", [1], b"one"))
+    retained = fixed_header(0x31, publish_body(b"a/2", [1, 2], b"two"))
+    qos1 = fixed_header(0x32, b"\x00\x03a/3" + b"\x00\x07" + b"\x00" + b"three")  # packet id 7, no properties
+    last = fixed_header(0x30, publish_body(b"a/4", [], b"four"))
+    client._chunk, client._chunk_pos = first + retained + qos1 + last, 0
+    client._last_bytes_received = 0.0
+    client._take_plain_publishes()
+    assert [(m.topic, m.payload, m.retain, m.qos) for m in got] == [("a/1", b"one", False, 0),
+                                                                    ("a/2", b"two", True, 0)]
+    assert got[1].properties.SubscriptionIdentifier == [1, 2]
+    assert client._chunk_pos == len(first + retained)  # the QoS 1 packet (acknowledged by paho) is paho's
+    assert client._last_bytes_received > 0  # paho's keepalive clock sees the traffic
+    # A PUBLISH split across two reads waits for paho, which reads the rest from the socket.
+    got.clear()
+    client._chunk, client._chunk_pos = last + first[:6], 0
+    client._take_plain_publishes()
+    assert [m.topic for m in got] == ["a/4"] and client._chunk_pos == len(last)
+    client._sock_close()
 
 
 def test_per_topic_paho_callbacks_are_refused() -> None:
