@@ -215,6 +215,7 @@ class Inventory:
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._read_engine = self.engine.execution_options(**{READ_ONLY_OPTION: True})
+        self._roles_compiled = _RECORD.roles.compile(dialect=self.engine.dialect)
         self._read_sessions = sessionmaker(self._read_engine, expire_on_commit=False)
         self.recorder = IssuanceRecorder(self)
 
@@ -344,9 +345,25 @@ class Inventory:
             )
 
     def roles(self, name: str) -> set[str]:
-        """Every role `name` was ever issued a certificate for (asked on every issuance: a plain SQL read)."""
-        with self._read_engine.connect() as conn:
-            return set(conn.execute(_RECORD.roles, {"entity": name}).scalars())
+        """Every role `name` was ever issued a certificate for.
+
+        Asked on every issuance, so it skips SQLAlchemy's statement machinery (a tenth of a millisecond per
+        call, a tenth of the CA's CPU under load): the statement is compiled once for this database and run on
+        a pooled DB-API connection (no transaction is opened: one SELECT reads a consistent snapshot).
+        """
+        compiled = self._roles_compiled
+        params = compiled.construct_params({"entity": name})
+        args = tuple(params[key] for key in compiled.positiontup or ()) if compiled.positional else params
+        conn = self.engine.raw_connection()
+        try:
+            cursor = conn.cursor()
+            try:
+                cursor.execute(str(compiled), args)
+                return {row[0] for row in cursor.fetchall()}
+            finally:
+                cursor.close()
+        finally:
+            conn.close()
 
     def revocable(self, name: str, now: dt.datetime | None = None) -> list[CertificateRecord]:
         """Certificates of `name` that are not revoked and not expired yet (superseded ones included)."""

@@ -169,3 +169,12 @@ def test_one_token_used_by_two_requests_at_once_issues_one_certificate(
         statuses = sorted(pool.map(sign, bodies))
     assert statuses == [201] + [403] * 5
     assert len(service.inventory.list(name="twin")) == 1
+
+
+def test_roles_lists_every_role_a_name_was_issued(ca: CertificateAuthority, inventory: Inventory) -> None:
+    assert inventory.roles("gw") == set()
+    inventory.record_issued(leaf(ca, "gw"), name="gw", role="device", via="cli")
+    inventory.record_issued(leaf(ca, "gw"), name="gw", role=ENTITY.role, via="t")
+    inventory.record_issued(leaf(ca, "gw"), name="gw", role=ENTITY.role, via="t")
+    assert inventory.roles("gw") == {"device", ENTITY.role}
+    assert inventory.roles("gw'; --") == set()  # a bound parameter, never SQL
