@@ -57,6 +57,13 @@ HISTORY_SECONDS = 3600  # what the chart shows, and what a restarted dashboard r
 # its push, so this bounds the publish-to-browser latency (the bench's p99 target is 250 ms).
 FLUSH_INTERVAL = 0.1
 CERTS_POLL_INTERVAL = 2.0  # how often the emitter checks whether the certificate table changed
+# A CA reply makes the emitter re-check sooner, but not more often than this: rebuilding the table walks the
+# whole inventory, and under an issuance storm replies come thousands of times a second.
+CERTS_DUE_MIN_GAP = 1.0
+# Rebuilding the table costs time proportional to the inventory (every certificate ever issued): after a
+# rebuild that took t seconds the next waits at least CERTS_COST_FACTOR * t, so however large the inventory
+# grows the table never takes more than ~5% of the process (it lags instead; a browser's refresh is not held).
+CERTS_COST_FACTOR = 20
 CERTS_FULL_REFRESH = 60.0  # days-left values age even when nothing changes
 PRUNE_INTERVAL = 300.0
 IDLE_STATS_INTERVAL = 2.0  # an idle dashboard still gets its message rate refreshed
@@ -583,7 +590,8 @@ class LiveHub:
 
     def run(self) -> None:
         """The emitter loop (a background task): flush, watch the certificates, prune."""
-        next_certs = 0.0
+        next_certs = last_certs = 0.0
+        certs_gap = CERTS_DUE_MIN_GAP
         next_full = time.monotonic() + CERTS_FULL_REFRESH
         next_prune = time.monotonic() + 30
         next_flush = time.monotonic()
@@ -596,12 +604,14 @@ class LiveHub:
             try:
                 self.flush()
                 now = time.monotonic()
-                if now >= next_certs or self._certs_due:
+                if self._certs_forced or (now >= last_certs + certs_gap and (now >= next_certs or self._certs_due)):
                     self._certs_due = False
+                    last_certs = now
                     full = now >= next_full or self._certs_forced
                     self._certs_forced = False
                     self.refresh_certs(force=full)
-                    next_certs = now + CERTS_POLL_INTERVAL
+                    certs_gap = max(CERTS_DUE_MIN_GAP, CERTS_COST_FACTOR * (time.monotonic() - now))
+                    next_certs = now + max(CERTS_POLL_INTERVAL, certs_gap)
                     if full:
                         next_full = now + CERTS_FULL_REFRESH
                 if now >= next_prune:
