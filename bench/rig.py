@@ -135,6 +135,16 @@ class DashboardProcess:
         except OSError:
             return ""
 
+    def errors(self, limit: int = 20) -> list[str]:
+        """ERROR lines and tracebacks in the dashboard's log, for the results file.
+
+        Werkzeug's `code 400, message Bad request syntax` is left out: it is the Socket.IO client's last
+        WebSocket frame arriving after the server closed the socket, read as a new HTTP request (the bench's
+        client disconnecting), not something the dashboard did wrong.
+        """
+        return [line for line in self.log().splitlines()
+                if (" ERROR " in line or "Traceback" in line) and "Bad request syntax" not in line][:limit]
+
 
 class BenchLab:
     """Certificates, broker and dashboard of one bench run, all under `root` (a temp folder by default)."""

@@ -456,8 +456,7 @@ async def run(args: argparse.Namespace, lab: BenchLab) -> dict[str, Any]:
         keepalive.cancel()
         await fleet.close(offline=False)
 
-    figures["dashboard_log_errors"] = [line for line in lab.dashboard.log().splitlines()
-                                       if " ERROR " in line or "Traceback" in line][:20] if lab.dashboard else []
+    figures["dashboard_log_errors"] = lab.dashboard.errors() if lab.dashboard else []
     base = figures.get("baseline", {}).get("max_sustained_rate")
     dash = figures.get("dashboard", {}).get("max_sustained_rate")
     if base and dash is not None:
@@ -476,9 +475,11 @@ async def run(args: argparse.Namespace, lab: BenchLab) -> dict[str, Any]:
     return figures
 
 
-def rate_series(timeline: list[tuple[float, int]], t0: float, bucket: float = 0.5) -> tuple[list[float], list[float]]:
-    """Messages/s per `bucket` seconds from a cumulative (time, count) series."""
-    xs, ys = [], []
+def rate_series(timeline: list[tuple[float, int]], t0: float, bucket: float = 1.0) -> tuple[list[float], list[float]]:
+    """Messages/s per `bucket` seconds from a cumulative (time, count) series, from `t0` on."""
+    xs: list[float] = []
+    ys: list[float] = []
+    timeline = [(t, n) for t, n in timeline if t >= t0 - bucket]
     if len(timeline) < 2:
         return xs, ys
     last_t, last_n = timeline[0]
