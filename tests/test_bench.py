@@ -1,0 +1,126 @@
+"""The benchmarks run: each bench script in a tiny configuration, as a real subprocess (its own lab, Mosquitto
+and dashboard). Exit code, the results file's keys and correctness (every request answered, every certificate
+verified, the revoked device cut off and refused) are checked; timings never are."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import PROJECT_ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def run_bench(script: str, results: str, out: Path, *args: str, timeout: float = 240) -> tuple[str, dict[str, Any]]:
+    """Run `bench/<script> --out <out> <args>`; (its stdout, the results file `<out>/<results>.json`)."""
+    result = subprocess.run([sys.executable, f"bench/{script}", "--out", str(out), *args], cwd=PROJECT_ROOT,
+                            capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout, json.loads((out / f"{results}.json").read_text())
+
+
+@pytest.mark.parametrize("script", ["issuance.py", "enrol_storm.py", "revocation.py"])
+def test_bench_help(script: str) -> None:
+    result = subprocess.run([sys.executable, f"bench/{script}", "--help"], cwd=PROJECT_ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "usage: bench/" in result.stdout and "--out" in result.stdout
+
+
+def test_issuance_bench_runs_every_level(tmp_path: Path) -> None:
+    tiny = ["--duration", "1", "--count", "20", "--csrs", "20", "--threads", "2", "--http-clients", "2",
+            "--requesters", "2", "--window", "2", "--renewers", "2", "--quiet-timeout", "0"]
+    stdout, results = run_bench("issuance.py", "issuance-ec", tmp_path, *tiny)
+    assert results["bench"] == "issuance-ec" and {"cpu", "cores", "date"} <= set(results["machine"])
+    figures = results["figures"]
+    assert {"key_type", "config", "environment", "targets", "levels"} <= set(figures)
+    levels = figures["levels"]
+    assert set(levels) == {"raw", "service", "http-werkzeug", "http-gunicorn", "mqtt", "renew"}
+    assert levels["raw"]["count"] > 0 and levels["raw"]["crypto_only_per_s"] > 0
+    for name in ("service", "http-werkzeug", "http-gunicorn", "mqtt", "renew"):
+        level = levels[name]
+        assert {"throughput_per_s", "ratio_to_raw", "p50_ms", "p99_ms", "by_status"} <= set(level), name
+        assert level["count"] > 0 and level["errors"] == 0, (name, level["by_status"])
+        assert level["verified_sample"] > 0 and level["verification_problems"] == [], name
+    for name in ("http-werkzeug", "http-gunicorn", "mqtt", "renew"):
+        assert {"dashboard_cpu_pct", "broker_cpu_pct", "bench_cpu_pct"} <= set(levels[name])
+    assert "ratio" in stdout and "mqtt" in stdout
+    assert (tmp_path / "issuance-ec-latency.png").stat().st_size > 0
+    assert (tmp_path / "issuance-ec-throughput.png").stat().st_size > 0
+
+
+def test_enrol_storm_bench_with_tokens(tmp_path: Path) -> None:
+    _, results = run_bench("enrol_storm.py", "enrol-storm", tmp_path, "--devices", "20", "--requesters", "2",
+                           "--auth", "token", "--timeout", "60", "--quiet-timeout", "0")
+    figures = results["figures"]
+    assert {"total_s", "certificates_per_s", "latency", "time_to_certificate", "by_status", "target_met"} <= \
+        set(figures)
+    assert figures["failures"] == 0 and figures["by_status"] == {"201": 20}
+    assert figures["latency"]["count"] == 20 and "p99_ms" in figures["latency"]
+    assert (tmp_path / "enrol-storm-progress.png").exists() and (tmp_path / "enrol-storm-latency.png").exists()
+
+
+def test_revocation_bench_cuts_the_device_off(tmp_path: Path) -> None:
+    _, results = run_bench("revocation.py", "revocation", tmp_path, "--rounds", "1", "--observe", "0.6",
+                           "--quiet-timeout", "0")
+    figures = results["figures"]
+    assert {"cutoff", "refused", "revoke_reply", "per_round", "target_met"} <= set(figures)
+    assert figures["failures"] == []
+    (round_,) = figures["per_round"]
+    assert round_["dropped_after_revoke"] > 0 and round_["cutoff_ms"] is not None
+    assert round_["refused_ms"] is not None and "REVOKED" in round_["refusal"].upper()
+    assert round_["reconnect_refused"] is True
+    assert (tmp_path / "revocation.png").exists()
+
+
+# -- the telemetry half: pipeline and fleet --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", ["telemetry.py", "fleet.py", "paho_subscriber.py"])
+def test_telemetry_bench_help(script: str) -> None:
+    result = subprocess.run([sys.executable, f"bench/{script}", "--help"], cwd=PROJECT_ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert f"usage: bench/{script}" in result.stdout
+
+
+def test_telemetry_bench_measures_baseline_ingest_and_latency(tmp_path: Path) -> None:
+    tiny = ["--devices", "5", "--rates", "100", "--step-seconds", "1", "--latency-devices", "5",
+            "--latency-rate", "50", "--latency-seconds", "2", "--quiet-timeout", "0"]
+    stdout, results = run_bench("telemetry.py", "telemetry", tmp_path, *tiny)
+    figures = results["figures"]
+    assert {"baseline", "dashboard", "latency", "ratio_to_baseline", "targets", "dashboard_log_errors"} <= \
+        set(figures)
+    for phase in ("baseline", "dashboard"):
+        (step,) = figures[phase]["steps"]
+        # Every acknowledged message reached the consumer (the paho subscriber, then the dashboard's ingest).
+        assert step["published"] == step["ingested"] > 0 and step["lost"] == 0, (phase, step)
+        assert {"broker_cpu_pct", "bench_cpu_pct", "other_cpu_pct"} <= set(step["cpu"])
+        assert "max_sustained_rate" in figures[phase]
+    assert {"subscriber_cpu_pct"} <= set(figures["baseline"]["steps"][0]["cpu"])
+    assert {"dashboard_cpu_pct"} <= set(figures["dashboard"]["steps"][0]["cpu"])
+    latency = figures["latency"]
+    assert latency["lost"] == 0 and latency["published"] == latency["ingested"] > 0
+    assert latency["browser_ms"]["count"] > 0 and "p99_ms" in latency["browser_ms"]
+    assert figures["dashboard_log_errors"] == []
+    assert "ratio dashboard / paho" in stdout
+    for plot in ("telemetry-latency.png", "telemetry-ladder-baseline.png", "telemetry-ladder-dashboard.png"):
+        assert (tmp_path / plot).stat().st_size > 0, plot
+
+
+def test_fleet_bench_lists_every_device_online(tmp_path: Path) -> None:
+    _, results = run_bench("fleet.py", "fleet", tmp_path, "--devices", "20", "--rate", "40", "--seconds", "2",
+                           "--quiet-timeout", "0")
+    figures = results["figures"]
+    assert {"connects_per_s", "connect_latency_ms", "broker_kib_per_connection", "cpu", "targets"} <= set(figures)
+    assert figures["connected"] == 20 and figures["connect_failures"] == 0
+    assert figures["dashboard_online"] == 20 and figures["all_online"] is True
+    assert figures["published"] == figures["ingested"] > 0 and figures["lost"] == 0
+    assert figures["dashboard_log_errors"] == []
+    assert (tmp_path / "fleet-connections.png").stat().st_size > 0
