@@ -55,7 +55,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.logger.removeHandler(default_handler)
 
     register_error_handlers(app)
-    socketio.init_app(app, async_mode="threading", cors_allowed_origins=[], serializer=JsonPacket)
+    # cors_allowed_origins left at None: same-origin only, so no other web page can read the live stream.
+    socketio.init_app(app, async_mode="threading", serializer=JsonPacket)
 
     bridge = MqttBridge(settings)
     app.extensions["mqtt_bridge"] = bridge

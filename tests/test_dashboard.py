@@ -507,3 +507,14 @@ def test_stored_readings_are_pruned_by_age_and_count(generated_lab: LabEnv) -> N
         assert store.latest()["device001"].temperature == 28.0
     finally:
         store.close()
+
+
+def test_only_the_dashboards_own_origin_may_open_the_live_stream(app: Flask) -> None:
+    """Another web page open in the user's browser must not be able to read readings or the MQTT log."""
+    client = app.test_client()
+    foreign = client.get("/socket.io/?EIO=4&transport=polling", headers={"Origin": "http://evil.example"},
+                         base_url="http://127.0.0.1:5000")
+    assert foreign.status_code == 400
+    own = client.get("/socket.io/?EIO=4&transport=polling", headers={"Origin": "http://127.0.0.1:5000"},
+                     base_url="http://127.0.0.1:5000")
+    assert own.status_code == 200 and b'"sid"' in own.data
