@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -29,6 +28,7 @@ from flask import Flask
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from pki.config import lab_environ
 from pki.requests import UNAVAILABLE, readable_name
 from pki.service import CAService, Reply
 
@@ -185,7 +185,8 @@ class CAMqttEndpoint:
 
 def init_app(app: Flask) -> None:
     service = ensure_ca_service(app)
-    shared = app.config.get("CA_SHARED_SUBSCRIPTION", os.environ.get("CA_SHARED_SUBSCRIPTION", ""))
+    # From the app config, else the environment or .env like every other lab setting.
+    shared = app.config.get("CA_SHARED_SUBSCRIPTION", lab_environ().get("CA_SHARED_SUBSCRIPTION", ""))
     endpoint = CAMqttEndpoint(service, app.extensions["mqtt_bridge"], shared=_truthy(shared))
     endpoint.register()
     app.extensions["ca_mqtt"] = endpoint
