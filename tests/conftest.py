@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from flask import Flask
+from flask.testing import FlaskClient
 
 from pki.config import Settings
 from pki.lab import LabCertificates
 
-from .support import Broker, free_port
+from .support import Broker, ThermometerProcess, free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -123,3 +125,33 @@ def broker(generated_lab: LabEnv) -> Iterator[Broker]:
     broker = Broker(generated_lab.certs_dir, generated_lab.data_dir, generated_lab.broker_port).start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture
+def app(generated_lab: LabEnv) -> Iterator[Flask]:
+    """The dashboard app with its CA (no MQTT) over a generated lab; test modules may override it."""
+    from .ca_support import close_app, make_app
+
+    app = make_app(generated_lab)
+    yield app
+    close_app(app)
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture
+def start_thermometer() -> Iterator[Callable[..., ThermometerProcess]]:
+    """Start thermometer subprocesses; every one is gone after the test, whatever happened."""
+    started: list[ThermometerProcess] = []
+
+    def start(env: dict[str, str], *args: str) -> ThermometerProcess:
+        process = ThermometerProcess(env, *args).start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()

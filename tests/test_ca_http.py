@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -22,28 +21,14 @@ from pki.authority import load_certificate, verify_leaf
 from .ca_support import (
     ServerThread,
     check_issued,
-    close_app,
     concrete_body,
     json_values,
     lab_state,
-    make_app,
     make_csr,
     post_json,
     request_like,
 )
 from .conftest import LabEnv
-
-
-@pytest.fixture
-def app(generated_lab: LabEnv) -> Iterator[Flask]:
-    app = make_app(generated_lab)
-    yield app
-    close_app(app)
-
-
-@pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
 
 
 def test_seed_bodies_over_http(generated_lab: LabEnv, client: FlaskClient, tmp_path: Path) -> None:

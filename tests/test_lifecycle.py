@@ -64,20 +64,6 @@ def device_env(lab: LabEnv, device_id: str, **extra: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def start_thermometer() -> Iterator[Callable[..., ThermometerProcess]]:
-    started: list[ThermometerProcess] = []
-
-    def start(env: dict[str, str], *args: str) -> ThermometerProcess:
-        process = ThermometerProcess(env, *args).start()
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.stop()
-
-
-@pytest.fixture
 def mqtt_app(generated_lab: LabEnv, broker: Broker) -> Iterator[Flask]:
     """The dashboard app with its MQTT connection: the CA endpoint and the readings ingest."""
     app = make_app(generated_lab, MQTT_ENABLED=True)

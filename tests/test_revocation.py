@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ssl
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,18 +22,6 @@ from pki.store import atomic_write
 from .ca_support import close_app, lab_state, make_app
 from .conftest import LabEnv
 from .support import Broker, Collector, ThermometerProcess, wait_for
-
-
-@pytest.fixture
-def app(generated_lab: LabEnv) -> Iterator[Flask]:
-    app = make_app(generated_lab)
-    yield app
-    close_app(app)
-
-
-@pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
 
 
 def serial_of(lab: LabEnv, name: str) -> str:

@@ -9,7 +9,7 @@ import random
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,21 +32,6 @@ def device_env(lab: LabEnv, device_id: str | None = "device001", **extra: str) -
     if device_id:
         env["DEVICE_ID"] = device_id
     return {**env, **extra}
-
-
-@pytest.fixture
-def start_thermometer() -> Iterator[StartThermometer]:
-    """Start thermometer subprocesses; every one is gone after the test, whatever happened."""
-    started: list[ThermometerProcess] = []
-
-    def start(env: dict[str, str], *args: str) -> ThermometerProcess:
-        process = ThermometerProcess(env, *args).start()
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.stop()
 
 
 def readings(collector: Collector, device_id: str, count: int, timeout: float = 15) -> list[dict]:
