@@ -136,14 +136,9 @@ class DashboardProcess:
             return ""
 
     def errors(self, limit: int = 20) -> list[str]:
-        """ERROR lines and tracebacks in the dashboard's log, for the results file.
-
-        Werkzeug's `code 400, message Bad request syntax` is left out: it is the Socket.IO client's last
-        WebSocket frame arriving after the server closed the socket, read as a new HTTP request (the bench's
-        client disconnecting), not something the dashboard did wrong.
-        """
+        """ERROR lines, tracebacks and refused requests in the dashboard's log, for the results file."""
         return [line for line in self.log().splitlines()
-                if (" ERROR " in line or "Traceback" in line) and "Bad request syntax" not in line][:limit]
+                if " ERROR " in line or "Traceback" in line or "Bad request" in line][:limit]
 
 
 class BenchLab:

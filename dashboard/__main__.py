@@ -3,10 +3,26 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
+
+from werkzeug.serving import WSGIRequestHandler
 
 from pki.config import ConfigError, Settings
 
 from . import create_app, socketio
+
+
+class RequestHandler(WSGIRequestHandler):
+    """Werkzeug's handler, closing the connection once a WebSocket session on it has ended.
+
+    A Socket.IO WebSocket ends with engine.io raising ConnectionError, which Werkzeug reports through
+    `connection_dropped` and then, HTTP/1.1 keep-alive being on, reads the socket again as the next request:
+    the client's WebSocket close frame arrives there and is logged as "Bad request version ('\\x88\\x82...')".
+    Nothing more may be read from such a connection.
+    """
+
+    def connection_dropped(self, error: BaseException, environ: Any = None) -> None:
+        self.close_connection = True
 
 
 def main() -> int:
@@ -19,7 +35,8 @@ def main() -> int:
     print(f"Dashboard on http://{settings.dashboard_host}:{settings.dashboard_port}/", flush=True)
     # The reloader would start a second MQTT client that kicks the first off: never use it.
     socketio.run(app, host=settings.dashboard_host, port=settings.dashboard_port, debug=False,
-                 use_reloader=False, allow_unsafe_werkzeug=True, log_output=False)
+                 use_reloader=False, allow_unsafe_werkzeug=True, log_output=False,
+                 request_handler=RequestHandler)
     return 0
 
 
