@@ -535,13 +535,19 @@ def read_pids(path: Path) -> list[tuple[int, str]]:
 
 
 def pid_alive(pid: int) -> bool:
+    """Is `pid` a running process? A zombie is not: it has exited and only waits to be reaped (where PID 1 is
+    not an init, as in a container, an orphan's zombie stays forever, and signal 0 still reaches it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS): signal 0 is all we can ask
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 # -- command line ------------------------------------------------------------------------------------
