@@ -164,6 +164,7 @@ find_system_command() {
         mosquitto) candidates+=(/usr/sbin/mosquitto /usr/local/sbin/mosquitto /opt/homebrew/sbin/mosquitto
             /usr/local/opt/mosquitto/sbin/mosquitto /opt/homebrew/opt/mosquitto/sbin/mosquitto) ;;
         chromium) candidates+=(chromium-browser) ;;
+        dockerd | debootstrap) candidates+=("/usr/sbin/$1") ;;
     esac
     for candidate in "${candidates[@]}"; do
         if command -v "$candidate" 2>/dev/null; then
@@ -176,6 +177,7 @@ find_system_command() {
 debian_package_for() {
     case $1 in
         mosquitto_pub | mosquitto_sub) printf 'mosquitto-clients' ;;
+        dockerd) printf 'docker.io' ;;
         *) printf '%s' "$1" ;; # mosquitto, chromium, docker-compose: same name
     esac
 }
@@ -261,6 +263,17 @@ ensure_system_packages() {
         fi
     fi
     fail "missing system commands: ${still_missing[*]}" "${hints[@]}"
+}
+
+# ensure_debian_packages PACKAGE...: install Debian packages that are not installed, where apt-get may be used;
+# elsewhere do nothing (for what is only needed on Debian, or where the tests that need it skip without it).
+ensure_debian_packages() {
+    local pkg missing=()
+    have apt-get && have dpkg-query && can_act_as_root || return 0
+    for pkg in "$@"; do
+        [[ $(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null) == "install ok installed" ]] || missing+=("$pkg")
+    done
+    [[ ${#missing[@]} -eq 0 ]] || apt_install "${missing[@]}" || warn "apt-get install ${missing[*]} failed"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -524,6 +537,24 @@ export_compose_settings() {
     export LAB_CERTS_DIR=$certs_dir
 }
 
+# prepare_build_args: the optional build args of the Python images (docker-compose.yml, x-build-args). PIP_CERT
+# (environment or .env), as pip itself reads it on this machine, names a CA bundle: it is copied into the build
+# context, where the Dockerfiles can COPY it, so pip inside the build trusts a proxy that inspects HTTPS.
+prepare_build_args() {
+    # No .pem/.crt suffix: .dockerignore keeps every such file out of the build context, rightly.
+    local bundle copy=.docker-build/pip-ca-bundle
+    bundle=$(env_value PIP_CERT)
+    rm -f -- "$copy"
+    export LAB_PIP_CERT=""
+    [[ -n $bundle ]] || return 0
+    [[ -r $bundle ]] || fail "PIP_CERT=$bundle is not a readable file." \
+        "Point PIP_CERT (in $ENV_FILE or the environment) at your CA bundle, or unset it (README, Docker mode)."
+    mkdir -p .docker-build
+    cp -- "$bundle" "$copy" || fail "could not copy PIP_CERT=$bundle into the build context ($copy)"
+    export LAB_PIP_CERT=$copy
+    info "image builds trust the CA bundle in PIP_CERT ($bundle)"
+}
+
 # ensure_lab_ids: LAB_UID/LAB_GID in .env, once. Every container runs as that uid:gid (docker-compose.yml)
 # because the keys are 0600 in 0700 folders owned by you: any other uid could not read them.
 ensure_lab_ids() {
@@ -626,6 +657,9 @@ dashboard_url() {
 cmd_test() {
     ensure_venv dev
     ensure_system_packages mosquitto mosquitto_pub chromium docker-compose
+    # Playwright's bundled driver (node) needs libatomic1; the Docker lab test needs an engine (docker.io) and
+    # debootstrap for its base images. On systems without apt the Docker lab test skips (it fails under CI).
+    ensure_debian_packages libatomic1 openssl docker.io debootstrap
     local mosquitto chromium out mosquitto_version="unknown version" chromium_version="unknown version"
     local re_version='([0-9]+(\.[0-9]+)+)'
     mosquitto=$(find_system_command mosquitto)
@@ -689,6 +723,7 @@ cmd_docker() {
     ensure_lab_ids
     export_compose_settings
     write_compose_override
+    prepare_build_args
     log "Building the images: ${COMPOSE[*]} build"
     compose build ||
         fail "${COMPOSE[*]} build failed (see above)." \

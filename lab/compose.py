@@ -54,6 +54,9 @@ THERMOMETER = """\
     build:
       context: .
       dockerfile: Dockerfile_thermometer
+      args:
+        PIP_INDEX_URL: "$${PIP_INDEX_URL:-}"
+        PIP_CERT: "$${LAB_PIP_CERT:-}"
     depends_on:
       mosquitto:
         condition: service_healthy
