@@ -1,0 +1,298 @@
+"""The Docker Compose lab, for real: `./setup.sh docker` in a real Docker Engine, then what a user checks.
+
+The lab runs from a copy of this checkout in a temporary folder (its own `.env` with free ports, its own
+certificates), as compose project `iotcalabtest`, so nothing of the checkout or of another lab is touched. The
+engine is the one that answers, or a private dockerd (tests/dockerhost.py). The tests run in file order on one
+lab: each step builds on the one before, as a user's session would. Every part's duration is printed and written
+to `test-output/docker-lab-timings.json`.
+
+Where no engine can run (not root, no kernel support) the tests are skipped with the reason; under CI (`CI` set)
+they fail instead, so a green CI means the lab ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .dockerhost import Engine, EngineUnavailable, ensure_base_images
+from .support import free_port, wait_for
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT = "iotcalabtest"
+TIMINGS_FILE = PROJECT_ROOT / "test-output" / "docker-lab-timings.json"
+
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(1800)]
+
+
+@dataclass
+class DockerLab:
+    """A lab started with `./setup.sh docker` in `root`, reachable on loopback ports."""
+
+    root: Path
+    engine: Engine
+    env: dict[str, str]
+    passphrase: str
+    broker_port: int
+    dashboard_port: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timed(self, part: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.timings[part] = round(self.timings.get(part, 0) + time.monotonic() - started, 1)
+            print(f"docker lab: {part}: {self.timings[part]:.1f} s", flush=True)
+
+    def setup(self, *args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(["./setup.sh", *args], cwd=self.root, env=self.env, capture_output=True, text=True,
+                                timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+        if check and result.returncode != 0:
+            raise AssertionError(f"./setup.sh {' '.join(args)} exited {result.returncode}:\n"
+                                 f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}\n{self.compose_logs()}")
+        return result
+
+    def compose(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["docker-compose", "--env-file", ".env", *args], cwd=self.root, env=self.env,
+                              capture_output=True, text=True, timeout=timeout, check=False)
+
+    def compose_logs(self) -> str:
+        with contextlib.suppress(Exception):
+            return self.compose("logs", "--tail", "40", timeout=60).stdout[-6000:]
+        return ""
+
+    def containers(self) -> dict[str, dict[str, Any]]:
+        """{service: docker inspect of its container} for this project's containers."""
+        ids = self.engine.docker("ps", "-aq", "--filter", f"label=com.docker.compose.project={PROJECT}").stdout.split()
+        if not ids:
+            return {}
+        found = json.loads(self.engine.docker("inspect", *ids).stdout)
+        return {c["Config"]["Labels"]["com.docker.compose.service"]: c for c in found}
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}{path}"
+
+    def get_json(self, path: str) -> Any:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(self.url(path), timeout=10) as response:
+            return json.loads(response.read())
+
+    def post_json(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        request = urllib.request.Request(self.url(path), data=json.dumps(body).encode(), method="POST",  # noqa: S310
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with opener.open(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as ex:
+            return ex.code, json.loads(ex.read() or b"{}")
+
+    def readings(self) -> dict[str, int]:
+        """Readings the dashboard ingested per device since it started."""
+        return {name: int(d.get("readings") or 0) for name, d in self.get_json("/api/data")["device_data"].items()}
+
+    def mosquitto_pub(self, name: str) -> subprocess.CompletedProcess[str]:
+        """Publish one reading with `certs/<name>/<name>.crt` to the broker container's published port."""
+        certs = self.root / "certs"
+        return subprocess.run(
+            ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(self.broker_port), "--cafile",
+             str(certs / "root_ca" / "root_ca.crt"), "--cert", str(certs / name / f"{name}.crt"), "--key",
+             str(certs / name / f"{name}.key"), "-q", "1", "-t", f"iot/thermometer/{name}/temperature",
+             "-m", json.dumps({"device_id": name, "timestamp": "2026-01-01T00:00:00Z", "temperature": 21.5})],
+            capture_output=True, text=True, timeout=20, check=False)
+
+    def certificate_bytes(self) -> dict[str, str]:
+        """sha256 of every certificate and key file under certs/ (the CRL, re-signed on schedule, aside)."""
+        certs = self.root / "certs"
+        return {str(p.relative_to(certs)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(certs.rglob("*")) if p.is_file() and p.suffix in (".crt", ".key")}
+
+
+def copy_checkout(target: Path) -> None:
+    """The files of this checkout (tracked, plus untracked ones git does not ignore), as a fresh clone has them."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=PROJECT_ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = PROJECT_ROOT / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    # The checkout's virtual environment: setup.sh finds its requirements installed and installs nothing.
+    (target / ".venv").symlink_to(PROJECT_ROOT / ".venv")
+
+
+def unavailable(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"the Docker lab test must run under CI, but: {reason}")
+    pytest.skip(f"no Docker Engine for the lab test: {reason}")
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Engine]:
+    for tool in ("docker-compose", "mosquitto_pub", "openssl"):
+        if shutil.which(tool) is None:
+            unavailable(f"{tool} is not installed (./setup.sh test installs it)")
+    try:
+        found = Engine.find_or_start()
+    except EngineUnavailable as ex:
+        unavailable(str(ex))
+    try:
+        yield found
+    finally:
+        found.stop()
+
+
+@pytest.fixture(scope="module")
+def lab(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerLab]:
+    root = tmp_path_factory.mktemp("docker-lab")
+    passphrase = secrets.token_urlsafe(24)
+    lab = DockerLab(root=root, engine=engine, env={}, passphrase=passphrase, broker_port=free_port(),
+                    dashboard_port=free_port())
+    with lab.timed("base images"):
+        ensure_base_images(engine, tmp_path_factory.mktemp("base-images"))
+    copy_checkout(root)
+    (root / ".env").write_text(
+        f"CA_PASSPHRASE={passphrase}\nDEVICES=device001,device002\nBROKER_PORT={lab.broker_port}\n"
+        f"DASHBOARD_PORT={lab.dashboard_port}\nPUBLISH_INTERVAL=1\n")
+    (root / ".env").chmod(0o600)
+    env = {k: v for k, v in engine.env.items() if not k.startswith(("PYTEST", "LAB_", "CERTS_DIR", "DATA_DIR"))}
+    # Image builds trust the host's CA bundle (HTTPS here goes through a proxy with its own CA).
+    env.setdefault("PIP_CERT", "/etc/ssl/certs/ca-certificates.crt")
+    lab.env = {**env, "COMPOSE_PROJECT_NAME": PROJECT, "SETUP_HEALTH_WAIT": "180"}
+    # Left over by an interrupted earlier run: its containers would hold the names and the volumes old data.
+    lab.compose("down", "-v", "--remove-orphans")
+    try:
+        with lab.timed("build and up (./setup.sh docker)"):
+            lab.setup("docker")
+        yield lab
+    finally:
+        with lab.timed("teardown"):
+            result = lab.compose("down", "-v", "--remove-orphans", "-t", "5")
+            leftover = lab.containers()
+        TIMINGS_FILE.parent.mkdir(exist_ok=True)
+        TIMINGS_FILE.write_text(json.dumps(lab.timings, indent=2) + "\n")
+        assert result.returncode == 0, result.stderr
+        assert leftover == {}, f"containers left after down -v: {list(leftover)}"
+        volumes = engine.docker("volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}")
+        assert volumes.stdout.split() == []
+
+
+def test_every_service_is_up_and_healthy(lab: DockerLab) -> None:
+    def all_healthy() -> dict[str, str] | None:
+        states = {}
+        for service, container in lab.containers().items():
+            state = container["State"]
+            states[service] = state.get("Health", {}).get("Status") or state["Status"]
+        return states if states and all(s in ("healthy", "running") for s in states.values()) else None
+
+    with lab.timed("checks"):
+        states = wait_for(all_healthy, timeout=90, interval=1, what=f"healthy containers:\n{lab.compose_logs()}")
+    assert set(states) == {"mosquitto", "dashboard", "device001_thermometer", "device002_thermometer"}
+    assert states["mosquitto"] == states["dashboard"] == "healthy"
+    # Published on loopback only, as the native lab binds.
+    for service in ("mosquitto", "dashboard"):
+        bindings = lab.containers()[service]["HostConfig"]["PortBindings"]
+        assert {b["HostIp"] for ports in bindings.values() for b in ports} == {"127.0.0.1"}, (service, bindings)
+
+
+def test_readings_of_both_thermometer_containers_reach_the_dashboard(lab: DockerLab) -> None:
+    with lab.timed("checks"):
+        first = wait_for(lambda: {"device001", "device002"} <= set(r := lab.readings()) and r,
+                         timeout=60, interval=1, what="both devices in /api/data")
+        wait_for(lambda: all(lab.readings()[d] > first[d] for d in ("device001", "device002")), timeout=30,
+                 interval=1, what="readings of both devices growing")
+
+
+def test_create_returns_a_certificate_that_verifies_against_the_root(lab: DockerLab, tmp_path: Path) -> None:
+    with lab.timed("checks"):
+        status, body = lab.post_json("/v1/ssl/create", {"name": "dockertest", "days": 30, "pass": lab.passphrase,
+                                                        "cn": "dockertest"})
+        assert status == 201, body
+        (tmp_path / "leaf.crt").write_text(body["crt"])
+        verify = subprocess.run(["openssl", "verify", "-CAfile", str(lab.root / "certs" / "root_ca" / "root_ca.crt"),
+                                 str(tmp_path / "leaf.crt")], capture_output=True, text=True, check=False)
+        assert verify.returncode == 0 and ": OK" in verify.stdout, verify.stdout + verify.stderr
+        assert body["ca"] == (lab.root / "certs" / "root_ca" / "root_ca.crt").read_text()
+
+
+def test_setup_status_lists_the_containers(lab: DockerLab) -> None:
+    with lab.timed("checks"):
+        result = lab.setup("status", check=False)
+    for service in ("mosquitto", "dashboard", "device001_thermometer", "device002_thermometer"):
+        assert re.search(rf"{PROJECT}_{service}_1\s.*Up", result.stdout), (service, result.stdout)
+
+
+def test_down_and_up_again_keeps_certificates_and_readings(lab: DockerLab) -> None:
+    before = lab.certificate_bytes()
+    assert {"root_ca/root_ca.crt", "device001/device001.key", "mosquitto/mosquitto.crt"} <= set(before)
+    history_before = {d: len(v["history"]) for d, v in lab.get_json("/api/data")["device_data"].items()}
+    stopped_at = time.time()
+    with lab.timed("down"):
+        down = lab.setup("down")
+    assert "Stopping the Docker lab" in down.stdout
+    assert lab.containers() == {}
+    with lab.timed("up again (./setup.sh docker)"):
+        lab.setup("docker")
+    assert lab.certificate_bytes() == before
+    with lab.timed("checks"):
+        data = lab.get_json("/api/data")["device_data"]
+    for device in ("device001", "device002"):
+        assert history_before[device] > 0
+        older = [second for second, _mean in data[device]["history"] if second <= stopped_at]
+        assert older, f"{device}: no reading from before `down` in the dashboard"
+
+
+def test_revoking_device001_shuts_it_out_of_the_broker_container(lab: DockerLab) -> None:
+    with lab.timed("checks"):
+        # A valid certificate from the CA gets in: the broker container is reachable with mutual TLS.
+        accepted = lab.mosquitto_pub("dockertest")
+        assert accepted.returncode == 0, accepted.stderr
+        status, body = lab.post_json("/v1/ssl/revoke", {"name": "device001", "pass": lab.passphrase})
+        assert status == 200, body
+        revoked_at = time.monotonic()
+        refusal = wait_for(lambda: (r := lab.mosquitto_pub("device001")).returncode != 0 and r, timeout=5,
+                           interval=0.25, what="the broker container refusing device001")
+        print(f"docker lab: device001 refused {time.monotonic() - revoked_at:.2f} s after the revoke reply: "
+              f"{refusal.stderr.strip()}")
+        broker_id = lab.containers()["mosquitto"]["Id"]
+        broker_log = lab.engine.docker("logs", broker_id).stderr + lab.engine.docker("logs", broker_id).stdout
+        assert "certificate revoked" in broker_log, broker_log[-3000:]
+        # Its readings stop; device002's go on.
+        time.sleep(3)
+        stopped = lab.readings()
+        time.sleep(4)
+        later = lab.readings()
+    assert later["device001"] == stopped["device001"], (stopped, later)
+    assert later["device002"] > stopped["device002"], (stopped, later)
+    assert lab.mosquitto_pub("dockertest").returncode == 0
+
+
+def test_a_third_device_comes_up_through_the_generated_override(lab: DockerLab) -> None:
+    env_file = lab.root / ".env"
+    env_file.write_text(env_file.read_text().replace("DEVICES=device001,device002",
+                                                     "DEVICES=device001,device002,device003"))
+    with lab.timed("up with device003"):
+        lab.setup("docker")
+    override = (lab.root / "docker-compose.override.yml").read_text()
+    assert "device003_thermometer:" in override
+    with lab.timed("checks"):
+        wait_for(lambda: lab.readings().get("device003", 0) > 1, timeout=60, interval=1,
+                 what=f"readings from device003:\n{lab.compose_logs()}")
+    assert lab.containers()["device003_thermometer"]["State"]["Status"] == "running"
