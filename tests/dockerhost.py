@@ -101,7 +101,9 @@ class HostState:
                     _run([tool, "-t", table, "-P", chain, "ACCEPT"])
             if before.strip():
                 _run([f"{tool}-restore"], input=before)
-        Path("/proc/sys/net/ipv4/ip_forward").write_text(self.forwarding + "\n")
+        forwarding = Path("/proc/sys/net/ipv4/ip_forward")
+        if forwarding.read_text().strip() != self.forwarding:
+            forwarding.write_text(self.forwarding + "\n")
 
 
 def _tables(dump: str) -> dict[str, list[str]]:
