@@ -30,11 +30,14 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
+from . import migrate
 from .authority import cert_pem, common_name, fingerprint_sha256, serial_hex, utcnow
 
 log = logging.getLogger(__name__)
 # Execution option that marks the read-only engine: its transactions begin DEFERRED, not IMMEDIATE.
 READ_ONLY_OPTION = "inventory_read_only"
+# The PostgreSQL advisory lock key that serialises the inventory's write transactions (any constant of our own).
+INVENTORY_WRITE_LOCK = 0x10CA1AB
 
 ACTIVE = "active"
 SUPERSEDED = "superseded"
@@ -178,11 +181,26 @@ def _issued_values(cert: x509.Certificate, *, name: str, role: str, via: str, re
     }
 
 
-def make_engine(url: str) -> Engine:
-    """An engine with SQLite tuned for several writers: WAL, a busy timeout, BEGIN IMMEDIATE."""
+def make_engine(url: str, *, serialize_writes: bool = False) -> Engine:
+    """An engine for the lab's database: SQLite tuned for several writers (WAL, a busy timeout, BEGIN IMMEDIATE:
+    one writer at a time), or a server database (PostgreSQL: `postgresql+psycopg://…`).
+
+    `serialize_writes`: write transactions run one at a time on a server database too (SQLite's always do), as
+    the inventory needs: "one active certificate per entity" is a read-then-write rule, which concurrent
+    transactions of several CA processes would break under READ COMMITTED. The lock is a transaction-scoped
+    advisory lock, so it holds across processes and hosts, and ends with the transaction.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        engine = create_engine(url, pool_pre_ping=True)
+        if serialize_writes and parsed.get_backend_name() == "postgresql":
+
+            @event.listens_for(engine, "begin")
+            def _on_pg_begin(conn: Any) -> None:
+                if not conn.get_execution_options().get(READ_ONLY_OPTION):
+                    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({INVENTORY_WRITE_LOCK})")
+
+        return engine
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
@@ -211,8 +229,8 @@ class Inventory:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine = make_engine(url)
-        Base.metadata.create_all(self.engine)
+        self.engine = make_engine(url, serialize_writes=True)
+        migrate.upgrade(self.engine, migrate.INVENTORY)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._read_engine = self.engine.execution_options(**{READ_ONLY_OPTION: True})
         self._roles_compiled = _RECORD.roles.compile(dialect=self.engine.dialect)

@@ -15,6 +15,7 @@ from flask.testing import FlaskClient
 from pki.config import Settings
 from pki.lab import LabCertificates
 
+from .pgserver import PostgresServer, PostgresUnavailable
 from .support import Broker, ThermometerProcess, free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -59,11 +60,11 @@ class LabEnv:
         return result
 
 
-def make_lab_env(root: Path) -> LabEnv:
+def make_lab_env(root: Path, database_url: str | None = None) -> LabEnv:
     env = {
         "CERTS_DIR": str(root / "certs"),
         "DATA_DIR": str(root / "data"),
-        "DATABASE_URL": f"sqlite:///{root / 'data' / 'lab.db'}",
+        "DATABASE_URL": database_url or f"sqlite:///{root / 'data' / 'lab.db'}",
         "CA_PASSPHRASE": secrets.token_urlsafe(24),
         "DEVICES": "device001,device002",
         "LAB_ENV_FILE": str(root / "no.env"),
@@ -86,10 +87,38 @@ def _isolated_from_developer_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     monkeypatch.setenv("LAB_ENV_FILE", str(tmp_path / "absent.env"))
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked `databases` (the inventory, CA and readings tests) run on SQLite and on PostgreSQL."""
+    if "database_url" in metafunc.fixturenames and metafunc.definition.get_closest_marker("databases"):
+        metafunc.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the session (tests/pgserver.py); skipped where none is installed, except
+    under CI, where it must run."""
+    try:
+        server = PostgresServer().start()
+    except PostgresUnavailable as ex:
+        if os.environ.get("CI"):
+            pytest.fail(f"the PostgreSQL tests must run under CI, but: {ex}")
+        pytest.skip(str(ex))
+    yield server
+    server.stop()
+
+
 @pytest.fixture
-def lab_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> LabEnv:
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The lab's DATABASE_URL: its own SQLite file, or (parametrized `postgresql`) a new PostgreSQL database."""
+    if getattr(request, "param", "sqlite") == "postgresql":
+        return request.getfixturevalue("postgres").create_database()
+    return f"sqlite:///{tmp_path / 'lab' / 'data' / 'lab.db'}"
+
+
+@pytest.fixture
+def lab_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database_url: str) -> LabEnv:
     """A fresh, empty lab whose settings are also exported to this process's environment."""
-    lab = make_lab_env(tmp_path / "lab")
+    lab = make_lab_env(tmp_path / "lab", database_url)
     lab.root.mkdir()
     for key, value in lab.env.items():
         monkeypatch.setenv(key, value)

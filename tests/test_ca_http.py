@@ -30,6 +30,8 @@ from .ca_support import (
 )
 from .conftest import LabEnv
 
+pytestmark = pytest.mark.databases
+
 
 def test_seed_bodies_over_http(generated_lab: LabEnv, client: FlaskClient, tmp_path: Path) -> None:
     passphrase = generated_lab.passphrase

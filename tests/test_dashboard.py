@@ -494,6 +494,7 @@ def test_readings_survive_a_dashboard_restart(generated_lab: LabEnv) -> None:
         hub_of(second).close()
 
 
+@pytest.mark.databases
 def test_stored_readings_are_pruned_by_age_and_count(generated_lab: LabEnv) -> None:
     store = ReadingStore(generated_lab.settings().effective_database_url, retention_seconds=3600, max_rows=5)
     try:

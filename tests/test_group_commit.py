@@ -29,9 +29,12 @@ def ca() -> CertificateAuthority:
     return CertificateAuthority.create()
 
 
+pytestmark = pytest.mark.databases
+
+
 @pytest.fixture
-def inventory(tmp_path: Path) -> Inventory:
-    inventory = Inventory(f"sqlite:///{tmp_path / 'inventory.db'}")
+def inventory(database_url: str) -> Inventory:
+    inventory = Inventory(database_url)
     yield inventory
     inventory.close()
 

@@ -32,6 +32,9 @@ class FakeClock:
         return self.now
 
 
+pytestmark = pytest.mark.databases
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
