@@ -355,7 +355,7 @@ PY
 # install_requirements runtime|dev: pip install, skipped when the stamp in .venv says that
 # exactly these requirements files were installed already.
 install_requirements() {
-    local profile=$1 req digest stamp files=()
+    local profile=$1 req digest stamp file files=() args=()
     if [[ $profile == dev ]]; then
         req=$REQ_DEV
         files=("$REQ_RUNTIME" "$REQ_POSTGRES" "$REQ_DEV")
@@ -367,23 +367,39 @@ install_requirements() {
         req=$REQ_RUNTIME
         files=("$REQ_RUNTIME")
     fi
-    [[ -f $req ]] || fail "$req is missing: is this a complete checkout?"
+    for file in "${files[@]}"; do
+        [[ -f $file ]] || fail "$file is missing: is this a complete checkout?"
+        args+=(-r "$file")
+    done
     stamp=$VENV_DIR/.setup-$req.sha256
     digest=$(requirements_digest "${files[@]}")
     if [[ -f $stamp && $(<"$stamp") == "$digest" ]]; then
-        info "Python dependencies from $req are up to date"
-        return 0
+        info "Python dependencies from ${files[*]} are up to date"
+    else
+        log "Installing Python dependencies into $VENV_DIR (${files[*]})"
+        "$VENV_PY" -m pip install -q --disable-pip-version-check --no-input "${args[@]}" ||
+            fail "pip install ${args[*]} failed (see above)." \
+                "Check the network/proxy settings for PyPI, then re-run; a broken $VENV_DIR can be removed with rm -rf $VENV_DIR"
+        printf '%s\n' "$digest" >"$stamp"
+        # The dev set includes the others: those are installed as well.
+        if [[ $profile == dev ]]; then
+            requirements_digest "$REQ_RUNTIME" >"$VENV_DIR/.setup-$REQ_RUNTIME.sha256"
+            requirements_digest "$REQ_RUNTIME" "$REQ_POSTGRES" >"$VENV_DIR/.setup-$REQ_POSTGRES.sha256"
+        fi
     fi
-    log "Installing Python dependencies into $VENV_DIR ($req)"
-    "$VENV_PY" -m pip install -q --disable-pip-version-check --no-input -r "$req" ||
-        fail "pip install -r $req failed (see above)." \
-            "Check the network/proxy settings for PyPI, then re-run; a broken $VENV_DIR can be removed with rm -rf $VENV_DIR"
+    install_project
+}
+
+# install_project: the lab itself into the venv (editable, no dependencies: they come from the files above), for
+# its console script `iotca` (.venv/bin/iotca). Done once; a changed pyproject.toml does it again.
+install_project() {
+    local stamp=$VENV_DIR/.setup-project.sha256 digest
+    digest=$(requirements_digest pyproject.toml)
+    [[ -f $stamp && $(<"$stamp") == "$digest" && -x $VENV_DIR/bin/iotca ]] && return 0
+    log "Installing the lab's command iotca into $VENV_DIR (pip install --no-deps -e .)"
+    "$VENV_PY" -m pip install -q --disable-pip-version-check --no-input --no-deps -e . ||
+        fail "pip install --no-deps -e . failed (see above)." "Check the network/proxy settings for PyPI, then re-run."
     printf '%s\n' "$digest" >"$stamp"
-    # The dev file includes the PostgreSQL one, which includes the runtime one: those are installed as well.
-    if [[ $profile == dev ]] && grep -qE "^-r[[:space:]]*$REQ_POSTGRES" "$REQ_DEV"; then
-        requirements_digest "$REQ_RUNTIME" >"$VENV_DIR/.setup-$REQ_RUNTIME.sha256"
-        requirements_digest "$REQ_RUNTIME" "$REQ_POSTGRES" >"$VENV_DIR/.setup-$REQ_POSTGRES.sha256"
-    fi
 }
 
 # ensure_venv runtime|dev: a working .venv (re-created when broken) with the requirements.
