@@ -394,6 +394,7 @@ install_requirements() {
 # its console script `iotca` (.venv/bin/iotca). Done once; a changed pyproject.toml does it again.
 install_project() {
     local stamp=$VENV_DIR/.setup-project.sha256 digest
+    [[ -f pyproject.toml ]] || return 0 # a partial copy of the lab (tests): nothing to install
     digest=$(requirements_digest pyproject.toml)
     [[ -f $stamp && $(<"$stamp") == "$digest" && -x $VENV_DIR/bin/iotca ]] && return 0
     log "Installing the lab's command iotca into $VENV_DIR (pip install --no-deps -e .)"
