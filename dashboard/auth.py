@@ -48,8 +48,8 @@ from flask_limiter.util import get_remote_address
 
 from pki.config import ConfigError, Settings
 
+from .accounts import Principal, UserError, UserStore, session_epoch, token_info
 from .errors import json_error
-from .users import Principal, UserError, UserStore, session_epoch, token_info
 
 log = logging.getLogger(__name__)
 

@@ -71,9 +71,9 @@ TOO_LARGE = _error("The body is larger than 64 KiB.", {"error": "request body is
 NOT_JSON = _error("The body is not JSON (Content-Type must be application/json).",
                   {"error": "send the request as JSON (Content-Type: application/json)"})
 LOCKED_OUT = {
-    **_error("Five wrong passphrases or tokens from this requester (source and name; an MQTT CN) within 15 minutes; "
-           "retry after Retry-After seconds.",
-             {"error": "too many wrong passphrases from this source; try again in 840 seconds"}),
+    **_error("Five wrong passphrases or tokens from this requester (source and name; an MQTT CN) within "
+             "15 minutes; retry after Retry-After seconds.",
+             {"error": "too many wrong passphrases or tokens from this client; try again in 840 seconds"}),
     "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds until the lockout ends."}},
 }
 UNAVAILABLE = _error("The CA is not set up (no root yet) or cannot write its CRL.",

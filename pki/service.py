@@ -1,12 +1,13 @@
 """The CA service behind v1/ssl: validate -> authorise -> sign -> store -> reply.
 
 HTTP (`dashboard/ca_http.py`) and MQTT (`dashboard/ca_mqtt.py`) are thin adapters: they decode a body,
-call one method here with the caller's source (client IP; `mqtt`, or `cn:<CN>` when the broker proved it), and send back the
-`Reply` (status, JSON body, headers) unchanged, so both transports give the same answer to the same request.
+call one method here with the caller's source (client IP; `mqtt`, or `cn:<CN>` when the broker proved it),
+and send back the `Reply` (status, JSON body, headers) unchanged, so both transports give the same answer to
+the same request.
 
 Order of checks, so that a refused request never writes anything: the body is validated (400), protected
-names refused (409), the requester's lockout checked (429, pki/lockout.py), the passphrase or enrolment token checked (403),
-then the entity looked up (404), and only then is a certificate signed and stored.
+names refused (409), the requester's lockout checked (429, pki/lockout.py), the passphrase or enrolment token
+checked (403), then the entity looked up (404), and only then is a certificate signed and stored.
 
 The root key is decrypted once (with CA_PASSPHRASE from the settings when it is set, otherwise with the first
 correct `pass`) and kept in memory; later passphrases are compared in constant time against an HMAC of the

@@ -19,7 +19,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 
 from dashboard import socketio
-from dashboard.users import ApiToken, UserStore
+from dashboard.accounts import ApiToken, UserStore
 from dashboard.users import main as users_main
 
 from .ca_support import api_token, close_app, csrf_of, lab_state, login, make_app, make_csr
