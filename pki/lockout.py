@@ -54,11 +54,13 @@ class Lockout:
         self.window = window
         self.clock = clock
 
-    def check(self, source: str, name: str | None) -> None:
-        """RequestError 429 (with Retry-After) while any counter of this requester is at its limit."""
+    def check(self, source: str, name: str | None) -> int:
+        """RequestError 429 (with Retry-After) while any counter of this requester is at its limit; else the
+        requester's own recent failures (0: a later success has nothing to clear)."""
         now = self.clock()
+        own = 0
         with self.inventory.reading() as session:
-            for key, limit in requester_keys(source, name):
+            for index, (key, limit) in enumerate(requester_keys(source, name)):
                 times = session.scalars(
                     select(LockoutFailure.failed_at)
                     .where(LockoutFailure.key == key, LockoutFailure.failed_at > now - self.window)
@@ -71,6 +73,9 @@ class Lockout:
                         f"too many wrong passphrases or tokens from this client; try again in {retry_after} seconds",
                         retry_after=retry_after,
                     )
+                if index == 0:
+                    own = len(times)
+        return own
 
     def failed(self, source: str, name: str | None) -> None:
         now = self.clock()

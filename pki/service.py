@@ -339,7 +339,7 @@ class CAService:
                 raise RequestError(UNAVAILABLE, "the CA key is locked: set CA_PASSPHRASE for the dashboard so "
                                                 "operators can act without typing it")
             return ca
-        self.lockout.check(source, name)
+        recent_failures = self.lockout.check(source, name)
         self._root_certificate()
         with self._state_lock:
             self._unlock_with_settings()
@@ -353,7 +353,8 @@ class CAService:
             self.lockout.failed(source, name)
             log.warning("wrong CA passphrase from %s", source)
             raise RequestError(FORBIDDEN, "wrong passphrase", "pass")
-        self.lockout.succeeded(source, name)
+        if recent_failures:
+            self.lockout.succeeded(source, name)
         return ca
 
     def _authorise_token(self, token: str, name: str, source: str) -> tuple[CertificateAuthority, str]:

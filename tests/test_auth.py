@@ -3,14 +3,19 @@ can and cannot do. tests/test_browser.py does the same through real Chromium; th
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import os
 import re
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
@@ -24,6 +29,7 @@ from dashboard.users import main as users_main
 
 from .ca_support import api_token, close_app, csrf_of, lab_state, login, make_app, make_csr
 from .conftest import PROJECT_ROOT, LabEnv, bearer
+from .support import free_port, wait_for
 
 VIEWER_PASSWORD = "viewer-password-123"
 
@@ -324,3 +330,41 @@ def anonymous_app(generated_lab: LabEnv) -> Iterator[Flask]:
 
 def test_no_admin_without_dashboard_admin_password(anonymous_app: Flask) -> None:
     assert anonymous_app.extensions["users"].users() == []
+
+
+def test_dashboard_tls_serves_https_with_the_dashboard_certificate(generated_lab: LabEnv, tmp_path: Path) -> None:
+    """DASHBOARD_TLS=1: the page, the login and the API over HTTPS, verified against the lab's root as
+    `localhost` and `127.0.0.1`; the session cookie is Secure; plain HTTP gets no answer from the app."""
+    port = free_port()
+    env = {**os.environ, **generated_lab.env, "DASHBOARD_TLS": "1", "DASHBOARD_PORT": str(port)}
+    log = tmp_path / "dashboard.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "dashboard"], env=env, cwd=PROJECT_ROOT,
+                                  stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    context = ssl.create_default_context(cafile=str(generated_lab.certs_dir / "root_ca" / "root_ca.crt"))
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
+
+    def up() -> bool:
+        assert server.poll() is None, log.read_text()
+        try:
+            with opener.open(f"https://127.0.0.1:{port}/healthz", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(up, timeout=30, interval=0.2, what=f"the dashboard over HTTPS\n{log.read_text()}")
+        assert f"Dashboard on https://127.0.0.1:{port}/" in log.read_text()
+        with opener.open(f"https://localhost:{port}/login", timeout=5) as response:
+            assert response.status == 200
+            cookie = response.headers["Set-Cookie"]
+        assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            opener.open(f"https://127.0.0.1:{port}/api/data", timeout=5)
+        assert refused.value.code == 401
+        with pytest.raises((OSError, http.client.HTTPException)):  # no clear-text HTTP answer on the TLS port
+            urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f"http://127.0.0.1:{port}/healthz",
+                                                                               timeout=5)
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
