@@ -25,7 +25,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
 from pki.authority import utcnow
 from pki.config import ConfigError
-from pki.inventory import Base, UTCDateTime, make_engine
+from pki.inventory import READ_ONLY_OPTION, Base, UTCDateTime, make_engine
 
 VIEWER = "viewer"
 OPERATOR = "operator"
@@ -113,6 +113,9 @@ class UserStore:
         self.engine = make_engine(url)
         Base.metadata.create_all(self.engine, tables=[DashboardUser.__table__, ApiToken.__table__])
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Every request reads a user or a token: deferred transactions, so they never take SQLite's write lock.
+        self._read_sessions = sessionmaker(self.engine.execution_options(**{READ_ONLY_OPTION: True}),
+                                           expire_on_commit=False)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -122,14 +125,19 @@ class UserStore:
         with self._sessions.begin() as session:
             yield session
 
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        with self._read_sessions.begin() as session:
+            yield session
+
     # -- users ---------------------------------------------------------------------------------
 
     def get(self, username: str) -> DashboardUser | None:
-        with self.session() as session:
+        with self.reading() as session:
             return session.scalar(select(DashboardUser).where(DashboardUser.username == username))
 
     def users(self) -> list[DashboardUser]:
-        with self.session() as session:
+        with self.reading() as session:
             return list(session.scalars(select(DashboardUser).order_by(DashboardUser.username)))
 
     def add(self, username: str, password: str, role: str) -> DashboardUser:
@@ -219,7 +227,7 @@ class UserStore:
         return token, secret
 
     def tokens(self) -> list[ApiToken]:
-        with self.session() as session:
+        with self.reading() as session:
             return list(session.scalars(select(ApiToken).order_by(ApiToken.id)))
 
     def revoke_token(self, token_id: int) -> None:
@@ -235,7 +243,7 @@ class UserStore:
         if not secret.startswith(TOKEN_PREFIX) or len(secret) > 128:
             return None
         digest = token_digest(secret)
-        with self.session() as session:
+        with self.reading() as session:
             token = session.scalar(select(ApiToken).where(ApiToken.token_sha256 == digest))
             if token is None or token.revoked_at is not None or not hmac.compare_digest(token.token_sha256, digest):
                 return None
