@@ -15,10 +15,10 @@ def main() -> int:
         settings = Settings.from_env()
         check_exposure(settings)
         ssl_context = tls_files(settings) if settings.dashboard_tls else None
+        app = create_app({"LAB_SETTINGS": settings})
     except ConfigError as ex:
         print(f"error: {ex}", file=sys.stderr)
         return 2
-    app = create_app({"LAB_SETTINGS": settings})
     scheme = "https" if ssl_context else "http"
     print(f"Dashboard on {scheme}://{settings.dashboard_host}:{settings.dashboard_port}/", flush=True)
     # The reloader would start a second MQTT client that kicks the first off: never use it.

@@ -312,13 +312,19 @@ def test_one_clients_failures_block_neither_others_nor_the_operator_and_survive_
 
 
 def test_beyond_loopback_the_dashboard_refuses_to_start_without_https(generated_lab: LabEnv) -> None:
-    env = {**os.environ, **generated_lab.env, "DASHBOARD_HOST": "0.0.0.0",  # noqa: S104
-           "DASHBOARD_PORT": "1"}
-    result = subprocess.run([sys.executable, "-m", "dashboard"], env=env, cwd=PROJECT_ROOT, capture_output=True,
-                            text=True, timeout=60, stdin=subprocess.DEVNULL)
+    def start(**settings: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, **generated_lab.env, "DASHBOARD_PORT": "1", **settings}
+        return subprocess.run([sys.executable, "-m", "dashboard"], env=env, cwd=PROJECT_ROOT, capture_output=True,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+    result = start(DASHBOARD_HOST="0.0.0.0")  # noqa: S104
     assert result.returncode == 2
     assert "DASHBOARD_HOST=0.0.0.0 is not a loopback address" in result.stderr
     assert "set DASHBOARD_TLS=1" in result.stderr and "Traceback" not in result.stderr
+    # a first admin password too weak to use: a clear error, not a traceback
+    result = start(DASHBOARD_ADMIN_PASSWORD="short", DATABASE_URL=f"sqlite:///{generated_lab.root}/fresh.db")
+    assert result.returncode == 2 and "DASHBOARD_ADMIN_PASSWORD" in result.stderr and "12" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.fixture

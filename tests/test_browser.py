@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -203,11 +204,39 @@ def test_live_dashboard_in_chromium(running_lab: dict[str, Any], browser: Browse
     assert Path(download.path()).read_text().startswith("-----BEGIN CERTIFICATE-----")
     page.locator('#cert-rows tr[data-name="sensor-e2e"]').wait_for(timeout=10_000)
 
+    # An API token from the page: shown once, works as `Authorization: Bearer`, then revoked.
+    page.fill("#token-form input[name=label]", "e2e script")
+    page.click("#token-form button[type=submit]")
+    secret = page.locator("#token-secret").inner_text()
+    assert secret.startswith("iotca_")
+    bearer = {"Authorization": f"Bearer {secret}"}
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    api_data = urllib.request.Request(dashboard.url + "api/data", headers=bearer)  # noqa: S310 - http://127.0.0.1
+    with opener.open(api_data, timeout=5) as response:
+        assert response.status == 200
+    assert secret not in page.inner_text("#token-rows")
+    page.locator('#token-rows button[data-revoke-token]').last.click()
+    wait_for(lambda: page.locator("#token-rows tr .token-state").last.inner_text().startswith("revoked"),
+             timeout=10, what="the token revoked on the page")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        opener.open(api_data, timeout=5)
+    assert refused.value.code == 401
+
     # Take the product shot while both devices are live.
     page.click('.segmented button[data-range="300"]')
     page.evaluate("window.scrollTo(0, 0)")
     OUTPUT.mkdir(exist_ok=True)
     page.screenshot(path=str(OUTPUT / "dashboard.png"), full_page=True)
+
+    # Revoke it again from the Revoke form, still without the passphrase: the table shows it revoked.
+    page.click("#tab-revoke")
+    page.fill("#panel-revoke input[name=name]", "sensor-e2e")
+    page.select_option("#panel-revoke select[name=reason]", "keyCompromise")
+    page.click("#panel-revoke button[type=submit]")
+    wait_for(lambda: "Revoked sensor-e2e" in page.inner_text("#ca-result .alert-ok"), timeout=10,
+             what="the revocation's result on the page")
+    wait_for(lambda: page.locator('#cert-rows tr[data-name="sensor-e2e"] .status').first.inner_text().lower()
+             == "revoked", timeout=10, what="sensor-e2e revoked in the table")
 
     # Stopping a thermometer (SIGTERM) turns it offline on the page; the other stays online.
     assert running_lab["thermometers"]["device002"].terminate() == 0
