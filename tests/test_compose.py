@@ -703,6 +703,10 @@ def test_setup_without_a_docker_engine_runs_the_whole_lab_natively(tmp_path: Pat
         first_line = log_path.read_text().splitlines()[0]
         assert first_line.startswith("No Docker engine answers (") and "running the lab natively" in first_line
         assert (tmp_path / "lab.env").exists(), "setup.sh writes the settings file it was given"
+        setup_log = log_path.read_text()
+        assert "Log in as admin with DASHBOARD_ADMIN_PASSWORD" in setup_log
+        written = re.findall(r"^DASHBOARD_ADMIN_PASSWORD=(.+)$", (tmp_path / "lab.env").read_text(), re.MULTILINE)
+        assert len(written) == 1 and written[0] not in setup_log, "added once, never printed"
 
         def readings_from_both() -> bool:
             data = get("/api/data") or {}
