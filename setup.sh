@@ -437,6 +437,7 @@ ensure_env_file() {
         if ! "$VENV_PY" -c 'import os, sys; sys.exit(os.path.exists(sys.argv[1]) and bool(os.stat(sys.argv[1]).st_mode & 0o077))' "$ENV_FILE"; then
             warn "$ENV_FILE is readable by other users; it holds the CA passphrase: chmod 600 $ENV_FILE"
         fi
+        ensure_admin_password
         return 0
     fi
     [[ -f $ENV_EXAMPLE ]] || warn "$ENV_EXAMPLE is missing: $ENV_FILE gets only CA_PASSPHRASE (defaults for the rest)"
@@ -476,6 +477,29 @@ with os.fdopen(fd, "w", encoding="utf-8") as handle:
     handle.write("\n".join(out) + "\n")
 PY
     ) || fail "could not create $ENV_FILE (see above)"
+    ensure_admin_password
+}
+
+# ensure_admin_password: DASHBOARD_ADMIN_PASSWORD in .env, once: a new random password for the dashboard's
+# first operator, `admin` (never printed; an existing value, even one you changed, is never overwritten).
+ensure_admin_password() {
+    if grep -qE '^[[:space:]]*(export[[:space:]]+)?DASHBOARD_ADMIN_PASSWORD[[:space:]]*=' "$ENV_FILE" 2>/dev/null; then
+        return 0
+    fi
+    local password
+    password=$("$VENV_PY" -c 'import secrets; print(secrets.token_urlsafe(18))') ||
+        fail "could not make a random password (see above)"
+    log "Adding DASHBOARD_ADMIN_PASSWORD to $ENV_FILE: the dashboard's operator 'admin' logs in with it"
+    if ! printf '\n# Added by setup.sh: the password of the dashboard operator admin (created at the first start;\n# python -m dashboard.users passwd admin changes it later, this value is then only a leftover).\nDASHBOARD_ADMIN_PASSWORD=%s\n' \
+        "$password" >>"$ENV_FILE"; then
+        warn "could not write to $ENV_FILE; set DASHBOARD_ADMIN_PASSWORD there to log in to the dashboard"
+    fi
+}
+
+# login_hint: how to log in to the dashboard (the password itself is never printed).
+login_hint() {
+    info "Log in as admin with DASHBOARD_ADMIN_PASSWORD from $ENV_FILE (grep DASHBOARD_ADMIN_PASSWORD $ENV_FILE);" \
+        "more users and API tokens: .venv/bin/python -m dashboard.users --help"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -644,15 +668,18 @@ docker_generate_certs() {
     return "$rc"
 }
 
-# wait_for_health URL SECONDS: poll URL until it answers 2xx (no proxy: it is local).
+# wait_for_health URL SECONDS [CAFILE]: poll URL until it answers 2xx (no proxy: it is local); an https URL
+# is verified against CAFILE (the lab's root).
 wait_for_health() {
-    "$VENV_PY" - "$1" "$2" <<'PY'
+    "$VENV_PY" - "$1" "$2" "${3:-}" <<'PY'
+import ssl
 import sys
 import time
 import urllib.request
 
 url, deadline = sys.argv[1], time.monotonic() + float(sys.argv[2])
-opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+context = ssl.create_default_context(cafile=sys.argv[3] or None)
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
 while True:
     try:
         with opener.open(url, timeout=3) as response:
@@ -666,11 +693,14 @@ while True:
 PY
 }
 
+# dashboard_url [docker]: where the dashboard answers; HTTPS with DASHBOARD_TLS=1, and always in Docker mode.
 dashboard_url() {
-    local host port
+    local host port scheme=http
     host=$(local_host_for "$(env_value DASHBOARD_HOST 127.0.0.1)")
     port=$(env_value DASHBOARD_PORT 5000)
-    printf 'http://%s:%s/' "$host" "$port"
+    case $(env_value DASHBOARD_TLS 0) in 1 | true | yes | on) scheme=https ;; esac
+    [[ ${1:-} == docker ]] && scheme=https
+    printf '%s://%s:%s/' "$scheme" "$host" "$port"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -721,6 +751,7 @@ cmd_native() {
     mosquitto=$(find_system_command mosquitto)
     export MOSQUITTO_BIN=${MOSQUITTO_BIN:-$mosquitto}
     log "Starting the lab natively (Ctrl-C stops everything); dashboard at $(dashboard_url)"
+    login_hint
     exec "$VENV_PY" -m lab.native "$@"
 }
 
@@ -761,15 +792,16 @@ cmd_docker() {
             "'port is already allocated' / 'address already in use': something else uses BROKER_PORT or DASHBOARD_PORT;" \
             "stop it (./setup.sh down stops a native lab) or choose other ports in $ENV_FILE, then re-run."
     local url
-    url=$(dashboard_url)
+    url=$(dashboard_url docker)
     log "Waiting up to ${HEALTH_WAIT_SECONDS}s for the dashboard (${url}healthz)"
-    if ! wait_for_health "${url}healthz" "$HEALTH_WAIT_SECONDS"; then
+    if ! wait_for_health "${url}healthz" "$HEALTH_WAIT_SECONDS" "$LAB_CERTS_DIR/root_ca/root_ca.crt"; then
         compose ps || true
         fail "the dashboard did not become healthy within ${HEALTH_WAIT_SECONDS}s." \
             "Look at: ${COMPOSE[*]} logs --tail 50 (mosquitto 'cannot read': LAB_UID/LAB_GID, README, Docker mode);" \
             "stop with ./setup.sh down"
     fi
     log "The lab is up. Dashboard: $url"
+    login_hint
     info "Broker: mqtts://$(local_host_for "$(env_value BROKER_BIND 127.0.0.1)"):$(env_value BROKER_PORT 8883) (mutual TLS; certificates in $LAB_CERTS_DIR)"
     info "Logs: ${COMPOSE[*]} logs -f; status: ./setup.sh status; stop: ./setup.sh down"
 }

@@ -79,7 +79,8 @@ class CALab(BenchLab):
         return load_certificate(self.layout.ca_cert.read_bytes())
 
     def http(self) -> HttpClient:
-        return HttpClient(self.dashboard_port)
+        """A keep-alive client that sends the running dashboard's viewer token (for /api/data and the like)."""
+        return HttpClient(self.dashboard_port, headers=self.dashboard.auth_headers if self.dashboard else None)
 
 
 def enrol(lab: CALab, names: Sequence[str], label: str = "enrolling devices") -> dict[str, Identity]:
@@ -166,13 +167,18 @@ def check_certificate(root: x509.Certificate, reply: dict[str, Any], csr: Csr) -
 class HttpClient:
     """One keep-alive HTTP/1.1 connection to 127.0.0.1 (what a busy API client holds open)."""
 
-    def __init__(self, port: int, timeout: float = 30) -> None:
+    def __init__(self, port: int, timeout: float = 30, headers: dict[str, str] | None = None) -> None:
         self.port = port
         self.timeout = timeout
+        # Sent with GETs only (Authorization: Bearer <viewer token> for the routes behind the login); the POSTs
+        # carry `pass` like the seed's scripts, and a viewer's token would get them refused.
+        self.read_headers = headers or {}
         self.conn: http.client.HTTPConnection | None = None
 
     def _request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
         headers = {"Content-Type": "application/json"} if body is not None else {}
+        if method == "GET":
+            headers.update(self.read_headers)
         for attempt in (0, 1):  # a server may close an idle keep-alive connection: reconnect once
             if self.conn is None:
                 self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)

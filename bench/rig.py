@@ -62,6 +62,17 @@ def child_pids(pid: int) -> list[int]:
     return children
 
 
+def api_token(database_url: str, label: str, role: str = "viewer") -> str:
+    """A new API token in the lab's database, as `python -m dashboard.users token` makes one."""
+    from dashboard.accounts import UserStore
+
+    store = UserStore(database_url)
+    try:
+        return store.create_token(label, role)[1]
+    finally:
+        store.close()
+
+
 class DashboardProcess:
     """The dashboard as a real subprocess; `pid` is the process that does the work (the gunicorn worker)."""
 
@@ -74,10 +85,16 @@ class DashboardProcess:
         self.server = server
         self.process: subprocess.Popen[bytes] | None = None
         self.pid = 0
+        # A viewer API token for everything but /healthz (the dashboard needs a login since Step 11).
+        self.token = api_token(Settings.from_env(env).effective_database_url, "bench")
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
 
     def start(self, timeout: float = 30) -> DashboardProcess:
         if self.server == "gunicorn":
@@ -107,7 +124,8 @@ class DashboardProcess:
             return False
 
     def get_json(self, path: str, timeout: float = 10) -> Any:
-        with urllib.request.urlopen(self.url + path, timeout=timeout) as response:  # noqa: S310 - our loopback URL
+        request = urllib.request.Request(self.url + path, headers=self.auth_headers)  # noqa: S310 - our loopback URL
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - our loopback URL
             return json.loads(response.read())
 
     def health(self) -> dict[str, Any]:
@@ -247,10 +265,12 @@ class BenchLab:
 class SocketIOWatcher:
     """A Socket.IO client of the dashboard (the `browser`): calls `on_batch(received_at, batch)` per push."""
 
-    def __init__(self, url: str, on_batch: Callable[[float, dict[str, Any]], None] | None = None) -> None:
+    def __init__(self, url: str, on_batch: Callable[[float, dict[str, Any]], None] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         import socketio  # python-socketio's client needs requests + websocket-client (requirements-dev.txt)
 
         self.url = url
+        self.headers = headers or {}
         self.client = socketio.Client(reconnection=False)
         self.on_batch = on_batch
         self.snapshot: dict[str, Any] | None = None
@@ -270,7 +290,7 @@ class SocketIOWatcher:
             self.on_batch(received, data)
 
     def connect(self, timeout: float = 10) -> SocketIOWatcher:
-        self.client.connect(self.url, transports=["websocket"], wait_timeout=timeout)
+        self.client.connect(self.url, transports=["websocket"], wait_timeout=timeout, headers=self.headers)
         if not self.snapshot_event.wait(timeout):
             raise RuntimeError("the dashboard sent no snapshot")
         return self

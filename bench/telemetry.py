@@ -409,7 +409,7 @@ async def run(args: argparse.Namespace, lab: BenchLab) -> dict[str, Any]:
     # 2. and 3. The dashboard, watched by a Socket.IO client.
     dashboard = lab.start_dashboard(args.server)
     probe = BrowserProbe()
-    watcher = SocketIOWatcher(dashboard.url, probe.on_batch).connect()
+    watcher = SocketIOWatcher(dashboard.url, probe.on_batch, headers=dashboard.auth_headers).connect()
     try:
         pids = {"broker": broker_pid, "dashboard": dashboard.pid, "bench": bench_pid}
         count = dashboard.readings_ingested

@@ -19,6 +19,7 @@ from socketio.packet import Packet
 
 from pki.config import Settings
 
+from .auth import check_exposure
 from .errors import register_error_handlers
 from .mqtt_bridge import MqttBridge
 
@@ -39,7 +40,7 @@ MAX_BODY = 64 * 1024
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app = Flask(__name__)
     app.config.from_mapping(
-        # Sessions are not used for auth; a per-process random key keeps Flask happy without a secret in code.
+        # Replaced by dashboard/auth.py with DASHBOARD_SECRET_KEY or the data folder's key (sessions are logins).
         SECRET_KEY=secrets.token_hex(32),
         MAX_CONTENT_LENGTH=MAX_BODY,
         MQTT_ENABLED=True,
@@ -49,6 +50,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     if test_config:
         app.config.update(test_config)
     settings: Settings = app.config.get("LAB_SETTINGS") or Settings.from_env()
+    check_exposure(settings)  # beyond loopback: HTTPS or nothing (ConfigError says what to set)
     app.extensions["lab_settings"] = settings
     configure_logging()
     # Our records go through the root handler (configure_logging); Flask's own would print each twice.
@@ -62,9 +64,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.extensions["mqtt_bridge"] = bridge
 
     # Each feature registers its routes, Socket.IO events and MQTT handlers.
-    from . import ca_http, ca_mqtt, docs, events, live, views
+    from . import auth, ca_http, ca_mqtt, docs, events, live, views
 
-    for feature in (ca_http, ca_mqtt, live, events, views, docs):
+    for feature in (auth, ca_http, ca_mqtt, live, events, views, docs):
         feature.init_app(app)
 
     if app.config["MQTT_ENABLED"]:

@@ -10,6 +10,7 @@ from werkzeug.serving import WSGIRequestHandler
 from pki.config import ConfigError, Settings
 
 from . import create_app, socketio
+from .auth import check_exposure, tls_files
 
 
 class RequestHandler(WSGIRequestHandler):
@@ -28,15 +29,19 @@ class RequestHandler(WSGIRequestHandler):
 def main() -> int:
     try:
         settings = Settings.from_env()
+        check_exposure(settings)
+        ssl_context = tls_files(settings) if settings.dashboard_tls else None
+        app = create_app({"LAB_SETTINGS": settings})
     except ConfigError as ex:
         print(f"error: {ex}", file=sys.stderr)
         return 2
-    app = create_app({"LAB_SETTINGS": settings})
-    print(f"Dashboard on http://{settings.dashboard_host}:{settings.dashboard_port}/", flush=True)
+    scheme = "https" if ssl_context else "http"
+    print(f"Dashboard on {scheme}://{settings.dashboard_host}:{settings.dashboard_port}/", flush=True)
     # The reloader would start a second MQTT client that kicks the first off: never use it.
     socketio.run(app, host=settings.dashboard_host, port=settings.dashboard_port, debug=False,
                  use_reloader=False, allow_unsafe_werkzeug=True, log_output=False,
-                 request_handler=RequestHandler)
+                 request_handler=RequestHandler,
+                 ssl_context=tuple(str(p) for p in ssl_context) if ssl_context else None)
     return 0
 
 

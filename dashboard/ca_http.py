@@ -16,6 +16,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from pki.requests import BAD_REQUEST, UNSUPPORTED_MEDIA_TYPE, RequestError
 from pki.service import CAService, Reply
 
+from .auth import current_principal, require_operator
 from .errors import json_error
 from .openapi import openapi_document
 
@@ -68,14 +69,21 @@ def _call(operation: str) -> Response:
         return _error(ex)
     ca = service()
     source = _source()
+    # A logged-in operator (session or API token) needs no `pass`; a viewer may not act at all; without a
+    # session the body's own credential decides, exactly as the seed's API always did (dashboard/auth.py).
+    if (refused := require_operator()) is not None:
+        return refused
+    principal = current_principal()
+    operator = principal.name if principal is not None else None
+    requester = f"{operator}@{source}" if operator else source
     if operation == "sign":
-        reply = ca.sign(body, source=source, via="http", requester=source)
+        reply = ca.sign(body, source=source, via="http", requester=requester, operator=operator)
     elif operation == "create":
-        reply = ca.create(body, source=source, via="http", requester=source)
+        reply = ca.create(body, source=source, via="http", requester=requester, operator=operator)
     elif operation == "revoke":
-        reply = ca.revoke(body, source=source)
+        reply = ca.revoke(body, source=source, operator=operator)
     else:
-        reply = ca.issue_token(body, source=source)
+        reply = ca.issue_token(body, source=source, operator=operator)
     return _respond(reply)
 
 

@@ -29,6 +29,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from pki.config import lab_environ
+from pki.lockout import IDENTITY_PREFIX
 from pki.requests import UNAVAILABLE, readable_name
 from pki.service import CAService, Reply
 
@@ -71,7 +72,9 @@ class CAMqttEndpoint:
 
     def topic_filters(self) -> list[str]:
         prefix = f"$share/{SHARE_GROUP}/" if self.shared else ""
-        return [f"{prefix}ssl/{operation}" for operation in OPERATIONS] + [f"{prefix}{RENEW_PREFIX}+"]
+        return ([f"{prefix}ssl/{operation}" for operation in OPERATIONS]
+                + [f"{prefix}{RENEW_PREFIX}+"]
+                + [f"{prefix}ssl/{operation}/+" for operation in OPERATIONS])
 
     def register(self) -> None:
         for topic_filter in self.topic_filters():
@@ -99,9 +102,17 @@ class CAMqttEndpoint:
             if not cn or "/" in cn:
                 return
         else:
-            operation, cn = topic.rsplit("/", 1)[-1], None
-            if operation not in OPERATIONS or topic != f"ssl/{operation}":
+            parts = topic.split("/")
+            operation = parts[1] if len(parts) in (2, 3) and parts[0] == "ssl" else ""
+            if operation not in OPERATIONS:
                 return
+            # ssl/<op>/<CN>: the ACL lets only <CN> write there, so the lockout can count on the CN.
+            cn = None
+            if len(parts) == 3:
+                cn = parts[2]
+                if not cn:
+                    return
+                operation = f"{operation}/cn"
         properties = getattr(message, "properties", None)
         response_topic = getattr(properties, "ResponseTopic", None) or None
         correlation = getattr(properties, "CorrelationData", None)
@@ -139,20 +150,23 @@ class CAMqttEndpoint:
             body = json.loads(payload)
         except (ValueError, RecursionError):
             return Reply(400, {"error": "the payload is not valid JSON"})
-        if cn is not None:  # ssl/renew/<cn>: only <cn>'s certificate may publish here (ACL)
+        if operation == "renew":  # ssl/renew/<cn>: only <cn>'s certificate may publish here (ACL)
+            assert cn is not None
             return self.service.renew(cn, body, via="mqtt", requester=f"mqtt:{cn}")
+        call = self.service.sign if operation.startswith("sign") else self.service.create
+        if cn is not None:  # ssl/<op>/<cn>: the broker proved the publisher's CN (pki/lockout.py)
+            return call(body, source=f"{IDENTITY_PREFIX}{cn}", via="mqtt", requester=f"mqtt:{cn}")
+        # ssl/sign, ssl/create: the replier never learns who published (MQTT hides it), so the lockout counts
+        # per requested name and, with a higher limit, over every such request (pki/lockout.py).
         name = readable_name(body)
-        # The replier never learns who published (MQTT hides it): the lockout counts per requested name.
-        source = f"mqtt:{name or '?'}"
-        call = self.service.sign if operation == "sign" else self.service.create
-        return call(body, source=source, via="mqtt", requester=source)
+        return call(body, source="mqtt", via="mqtt", requester=f"mqtt:{name or '?'}")
 
     def _finish(
         self, operation: str, payload: bytes, response_topic: str | None, correlation: bytes | None, reply: Reply,
         cn: str | None = None,
     ) -> None:
         name = reply.body.get("name") if reply.ok else None
-        if cn is not None:  # a renewal is answered to the CN of its topic, whatever the body said
+        if operation == "renew":  # a renewal is answered to the CN of its topic, whatever the body said
             name = readable_name({"name": cn})
         elif name is None:
             try:

@@ -19,6 +19,7 @@ from flask import Flask, current_app
 from flask_socketio import emit
 
 from . import socketio
+from .auth import socket_allowed
 from .live import LiveHub
 
 
@@ -26,9 +27,15 @@ def _hub() -> LiveHub:
     return current_app.extensions["live_hub"]
 
 
-def on_connect(auth: Any = None) -> None:
-    """Sent by the page's Socket.IO client when a tab opens or reconnects: that tab gets a snapshot."""
+def on_connect(auth: Any = None) -> bool:
+    """Sent by the page's Socket.IO client when a tab opens or reconnects: that tab gets a snapshot.
+
+    Refused (False) without the page's session or an API token: the stream carries readings and the MQTT log.
+    """
+    if not socket_allowed():
+        return False
     emit("snapshot", _hub().snapshot())
+    return True
 
 
 def on_refresh_certs(_data: Any = None) -> None:

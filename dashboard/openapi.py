@@ -71,10 +71,13 @@ TOO_LARGE = _error("The body is larger than 64 KiB.", {"error": "request body is
 NOT_JSON = _error("The body is not JSON (Content-Type must be application/json).",
                   {"error": "send the request as JSON (Content-Type: application/json)"})
 LOCKED_OUT = {
-    **_error("Five wrong passphrases from this source within 15 minutes; retry after Retry-After seconds.",
-             {"error": "too many wrong passphrases from this source; try again in 840 seconds"}),
+    **_error("Five wrong passphrases or tokens from this requester (source and name; an MQTT CN) within "
+             "15 minutes; retry after Retry-After seconds.",
+             {"error": "too many wrong passphrases or tokens from this client; try again in 840 seconds"}),
     "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds until the lockout ends."}},
 }
+NO_LOGIN = _error("No session and no valid API token.",
+                  {"error": "log in, or send Authorization: Bearer <API token>"})
 UNAVAILABLE = _error("The CA is not set up (no root yet) or cannot write its CRL.",
                      {"error": "the CA has no root certificate yet: run ./setup.sh certs"})
 
@@ -221,7 +224,9 @@ def openapi_document() -> dict[str, Any]:
                         "issued_at": "2026-11-22T15:00:00+00:00", "revoked_at": None,
                         "revocation_reason": None}]}}}},
                 "400": _error("Bad filter.", {"error": "status must be one of ...", "field": "status"}),
+                "401": NO_LOGIN,
             },
+            "security": [{"bearer": []}, {"session": []}],
         }},
         "/v1/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1"}}}},
         "/healthz": {"get": {
@@ -263,10 +268,19 @@ def openapi_document() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "IoT CA Lab: CA API", "version": "1", "description": MQTT_DESCRIPTION},
         "paths": paths,
-        "components": {"schemas": schemas},
+        "components": {"schemas": schemas, "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer", "description": (
+                "An API token (`python -m dashboard.users token`, or the dashboard's API tokens panel), scoped "
+                "viewer or operator. On the POST routes an operator token replaces `pass`; a viewer's gets 403.")},
+            "session": {"type": "apiKey", "in": "cookie", "name": "iotca_session", "description": (
+                "The dashboard's login; state-changing requests also need the page's X-CSRF-Token header.")}}},
         "x-mqtt": {
             "ssl/sign": {"publish": "#/components/schemas/SignRequest", "reply": "ssl/<name>"},
             "ssl/create": {"publish": "#/components/schemas/CreateRequest", "reply": "ssl/<name>"},
+            "ssl/sign/<CN>": {"publish": "#/components/schemas/SignRequest", "reply": "ssl/<name>",
+                              "lockout": "counted on the publishing certificate's CN (only <CN> may write here)"},
+            "ssl/create/<CN>": {"publish": "#/components/schemas/CreateRequest", "reply": "ssl/<name>",
+                                "lockout": "counted on the publishing certificate's CN"},
             "ssl/renew/<CN>": {
                 "publish": "#/components/schemas/RenewRequest", "reply": "ssl/<CN>",
                 "credential": "the publishing certificate (the ACL lets a CN write only ssl/renew/<its CN>)",

@@ -12,14 +12,15 @@ import operator
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Float, Index, Integer, String, delete, func, select, text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 
 from pki import migrate
 from pki.inventory import make_engine
+
+from .schema import DASHBOARD, DashboardBase
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +28,7 @@ RETENTION_SECONDS = 24 * 3600
 MAX_ROWS = 500_000
 
 
-class ReadingsBase(DeclarativeBase):
-    pass
-
-
-class Reading(ReadingsBase):
+class Reading(DashboardBase):
     __tablename__ = "readings"
     __table_args__ = (Index("ix_readings_device_received", "device_id", "received_at"),)
 
@@ -44,14 +41,6 @@ class Reading(ReadingsBase):
     device_timestamp: Mapped[str | None] = mapped_column(String(64), nullable=True)
     seq: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
-
-# The readings table's own migration history (dashboard/migrations), beside the inventory's in the same database.
-READINGS = migrate.Component(
-    name="readings",
-    script_location=Path(__file__).resolve().parent / "migrations",
-    baseline="0001",
-    baseline_tables=frozenset({"readings"}),
-)
 
 READING_COLUMNS = ("device_id", "received_at", "temperature", "device_timestamp", "seq")
 
@@ -82,7 +71,7 @@ class ReadingStore:
         self.retention_seconds = retention_seconds
         self.max_rows = max_rows
         self.engine = make_engine(url)
-        migrate.upgrade(self.engine, READINGS)
+        migrate.upgrade(self.engine, DASHBOARD)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # The INSERT compiled once for this database's driver: at thousands of readings a second, SQLAlchemy's
         # per-row parameter processing was the emitter's largest cost (py-spy, docs/benchmarks.md).

@@ -67,7 +67,8 @@ class Enrolment:
 def default_ca_url(settings: Settings) -> str:
     host = settings.dashboard_host
     host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host  # noqa: S104 - a comparison
-    return f"http://{host}:{settings.dashboard_port}"
+    scheme = "https" if settings.dashboard_tls else "http"  # DASHBOARD_TLS=1: the dashboard serves HTTPS only
+    return f"{scheme}://{host}:{settings.dashboard_port}"
 
 
 def enrolment_from_env(environ: Mapping[str, str]) -> Enrolment | None:

@@ -476,7 +476,8 @@ class LabRunner:
         s = self.settings
         rows = []
         if any(svc.kind == "dashboard" for svc in self.services):
-            rows.append(("dashboard", f"http://{local_address(s.dashboard_host)}:{s.dashboard_port}/"))
+            scheme = "https" if s.dashboard_tls else "http"
+            rows.append(("dashboard", f"{scheme}://{local_address(s.dashboard_host)}:{s.dashboard_port}/"))
         rows.append(("broker", f"{s.broker_address}:{s.broker_port} (MQTT over mutual TLS; CA "
                                f"{s.certs_dir / 'root_ca' / 'root_ca.crt'})"))
         rows.append(("devices", f"{', '.join(self.devices + self.enrol) or 'none'} (a reading every "

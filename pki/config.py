@@ -16,6 +16,10 @@ KEY_TYPES = ("ec", "rsa", "rsa2048", "rsa3072")
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
+SECRET_FIELDS = ("ca_passphrase", "dashboard_admin_password", "dashboard_secret_key")
+TRUE_VALUES = ("1", "true", "yes", "on")
+
+
 class ConfigError(ValueError):
     """A setting has a value the lab cannot use; the message names the setting and the fix."""
 
@@ -82,10 +86,17 @@ class Settings:
     data_dir: Path = PROJECT_ROOT / "data"
     database_url: str = ""
     publish_interval: float = 5.0
+    # Operator access (dashboard/auth.py): the `admin` operator's first password, HTTPS, extra Host names,
+    # the idle timeout of a login (seconds) and the key that signs session cookies (else one in the data folder).
+    dashboard_admin_password: str | None = None
+    dashboard_tls: bool = False
+    dashboard_names: list[str] = field(default_factory=list)
+    dashboard_idle_timeout: int = 1800
+    dashboard_secret_key: str | None = None
 
     def __repr__(self) -> str:  # never show the passphrase in logs or tracebacks
         fields = ", ".join(
-            f"{k}={'***' if k == 'ca_passphrase' and v else v!r}" for k, v in self.__dict__.items()
+            f"{k}={'***' if k in SECRET_FIELDS and v else v!r}" for k, v in self.__dict__.items()
         )
         return f"Settings({fields})"
 
@@ -125,6 +136,11 @@ class Settings:
             data_dir=data_dir,
             database_url=(env.get("DATABASE_URL") or "").strip(),
             publish_interval=interval,
+            dashboard_admin_password=env.get("DASHBOARD_ADMIN_PASSWORD") or None,
+            dashboard_tls=(env.get("DASHBOARD_TLS") or "").strip().lower() in TRUE_VALUES,
+            dashboard_names=_list_setting(env, "DASHBOARD_NAMES"),
+            dashboard_idle_timeout=_int_setting(env, "DASHBOARD_IDLE_TIMEOUT", 1800, minimum=60),
+            dashboard_secret_key=env.get("DASHBOARD_SECRET_KEY") or None,
         )
 
     @property

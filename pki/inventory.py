@@ -15,6 +15,7 @@ from typing import Any
 from cryptography import x509
 from sqlalchemy import (
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     String,
@@ -137,6 +138,17 @@ class EnrolmentToken(Base):
     requester: Mapped[str | None] = mapped_column(String(255), nullable=True)
     used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     used_serial: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class LockoutFailure(Base):
+    """One wrong passphrase or token, counted against a requester key (pki/lockout.py owns the rules)."""
+
+    __tablename__ = "lockout_failures"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(255), index=True)
+    # Seconds since the epoch (wall clock): counts outlive a restart and are shared by every CA process.
+    failed_at: Mapped[float] = mapped_column(Float, index=True)
 
 
 class _RecordStatements:

@@ -124,12 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _other_components() -> list[Component]:
-    """Components outside pki that share the database, when they are installed (the dashboard's readings)."""
+    """Components outside pki that share the database, when they are installed (the dashboard's tables)."""
     try:
-        from dashboard.readings import READINGS
+        from dashboard.schema import DASHBOARD
     except ImportError:
         return []
-    return [READINGS]
+    return [DASHBOARD]
 
 
 if __name__ == "__main__":

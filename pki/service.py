@@ -1,12 +1,13 @@
 """The CA service behind v1/ssl: validate -> authorise -> sign -> store -> reply.
 
 HTTP (`dashboard/ca_http.py`) and MQTT (`dashboard/ca_mqtt.py`) are thin adapters: they decode a body,
-call one method here with the caller's source (client IP, or `mqtt:<name>`), and send back the
-`Reply` (status, JSON body, headers) unchanged, so both transports give the same answer to the same request.
+call one method here with the caller's source (client IP; `mqtt`, or `cn:<CN>` when the broker proved it),
+and send back the `Reply` (status, JSON body, headers) unchanged, so both transports give the same answer to
+the same request.
 
 Order of checks, so that a refused request never writes anything: the body is validated (400), protected
-names refused (409), the source's lockout checked (429), the passphrase or enrolment token checked (403),
-then the entity looked up (404), and only then is a certificate signed and stored.
+names refused (409), the requester's lockout checked (429, pki/lockout.py), the passphrase or enrolment token
+checked (403), then the entity looked up (404), and only then is a certificate signed and stored.
 
 The root key is decrypted once (with CA_PASSPHRASE from the settings when it is set, otherwise with the first
 correct `pass`) and kept in memory; later passphrases are compared in constant time against an HMAC of the
@@ -16,18 +17,16 @@ key is dropped and unlocked again.
 
 from __future__ import annotations
 
-import collections
 import contextlib
+import contextvars
 import datetime as dt
 import hashlib
 import hmac
 import json
 import logging
-import math
 import os
 import secrets
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,13 +56,13 @@ from .authority import (
 from .broker import BrokerConfigError, BrokerFiles, crl_needs_refresh, reload_broker, write_broker_policy
 from .config import Settings
 from .inventory import ACTIVE, REVOKED, SUPERSEDED, CertificateRecord, Inventory, TokenAlreadyUsed
+from .lockout import Lockout
 from .profiles import BACKDATE, DEVICE, ENTITY, PROFILES, Profile
 from .requests import (
     BAD_REQUEST,
     CONFLICT,
     FORBIDDEN,
     NOT_FOUND,
-    TOO_MANY_REQUESTS,
     UNAVAILABLE,
     CreateRequest,
     RenewRequest,
@@ -89,9 +88,9 @@ from .store import (
 )
 
 log = logging.getLogger(__name__)
+# The operator (logged in to the dashboard) on whose behalf the current call runs; None for `pass` requests.
+_OPERATOR: contextvars.ContextVar[str | None] = contextvars.ContextVar("ca_operator", default=None)
 
-LOCKOUT_ATTEMPTS = 5
-LOCKOUT_WINDOW = 15 * 60  # seconds
 # Statuses `GET /v1/ssl/certs?status=` accepts: the inventory's own, and the computed validity state.
 STORED_STATUSES = (ACTIVE, SUPERSEDED, REVOKED)
 STATES = ("valid", "expiring", "expired", "revoked", "superseded")
@@ -108,65 +107,6 @@ class Reply:
     @property
     def ok(self) -> bool:
         return self.status < 400
-
-
-class FailedAttempts:
-    """Failed passphrases (or tokens) per source; LOCKOUT_ATTEMPTS within LOCKOUT_WINDOW lock it out.
-
-    While locked out every request from that source gets 429, even with the right passphrase, so guessing
-    cannot go on; Retry-After says when the oldest counted failure leaves the window.
-    """
-
-    def __init__(
-        self,
-        limit: int = LOCKOUT_ATTEMPTS,
-        window: float = LOCKOUT_WINDOW,
-        clock: Callable[[], float] = time.monotonic,
-        max_sources: int = 10_000,
-    ) -> None:
-        self.limit = limit
-        self.window = window
-        self.clock = clock
-        self.max_sources = max_sources
-        self._failures: collections.OrderedDict[str, collections.deque[float]] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def _recent(self, source: str, now: float) -> collections.deque[float] | None:
-        failures = self._failures.get(source)
-        if failures is None:
-            return None
-        while failures and failures[0] <= now - self.window:
-            failures.popleft()
-        if not failures:
-            del self._failures[source]
-            return None
-        return failures
-
-    def check(self, source: str) -> None:
-        with self._lock:
-            now = self.clock()
-            failures = self._recent(source, now)
-            if failures is not None and len(failures) >= self.limit:
-                retry_after = max(1, math.ceil(failures[-self.limit] + self.window - now))
-                raise RequestError(
-                    TOO_MANY_REQUESTS,
-                    f"too many wrong passphrases from this source; try again in {retry_after} seconds",
-                    retry_after=retry_after,
-                )
-
-    def failed(self, source: str) -> None:
-        with self._lock:
-            now = self.clock()
-            failures = self._recent(source, now) or collections.deque()
-            failures.append(now)
-            self._failures[source] = failures
-            self._failures.move_to_end(source)
-            while len(self._failures) > self.max_sources:  # bounded memory under a spray of sources
-                self._failures.popitem(last=False)
-
-    def succeeded(self, source: str) -> None:
-        with self._lock:
-            self._failures.pop(source, None)
 
 
 def _first_attribute(name: x509.Name, oid: x509.ObjectIdentifier) -> str | None:
@@ -211,16 +151,17 @@ class CAService:
     """One per process: holds the unlocked root, the inventory and the lockout counters."""
 
     def __init__(
-        self, settings: Settings, *, inventory: Inventory | None = None, attempts: FailedAttempts | None = None
+        self, settings: Settings, *, inventory: Inventory | None = None, lockout: Lockout | None = None
     ) -> None:
         self.settings = settings
         self.layout = CertsLayout(settings.certs_dir)
         self.broker_files = BrokerFiles(settings.certs_dir, settings.data_dir)
         self.inventory = inventory or Inventory(settings.effective_database_url)
-        self.attempts = attempts or FailedAttempts()
+        self.lockout = lockout or Lockout(self.inventory)
         self._state_lock = threading.Lock()  # the cached root and key
         self._write_lock = threading.Lock()  # writers in this process; the file lock covers other processes
         self._mac_key = secrets.token_bytes(32)
+        self._operator_placeholder = secrets.token_urlsafe(32)
         # Read on every request: re-read only when replaced (a stat instead of open + read).
         self._root_file = FileSnapshot(self.layout.ca_cert)
         self._acl_file = FileSnapshot(self.broker_files.acl)
@@ -237,11 +178,18 @@ class CAService:
 
     # -- public operations (each returns a Reply, never raises) ----------------------------------------
 
-    def sign(self, body: object, *, source: str, via: str = "http", requester: str | None = None) -> Reply:
-        return self._run("sign", body, source, lambda: self._sign(body, source, via, requester or source))
+    # `operator`: the dashboard proved a logged-in operator (session or API token) sent the request: no `pass`
+    # is needed and the lockout does not apply. Only an authenticating front end may set it.
 
-    def create(self, body: object, *, source: str, via: str = "http", requester: str | None = None) -> Reply:
-        return self._run("create", body, source, lambda: self._create(body, source, via, requester or source))
+    def sign(self, body: object, *, source: str, via: str = "http", requester: str | None = None,
+             operator: str | None = None) -> Reply:
+        return self._run("sign", body, source,
+                         lambda: self._sign(self._as_operator(body, operator), source, via, requester or source))
+
+    def create(self, body: object, *, source: str, via: str = "http", requester: str | None = None,
+               operator: str | None = None) -> Reply:
+        return self._run("create", body, source,
+                         lambda: self._create(self._as_operator(body, operator), source, via, requester or source))
 
     def renew(self, cn: str, body: object, *, via: str = "mqtt", requester: str | None = None) -> Reply:
         """Renewal with the current certificate as the credential, no passphrase (`ssl/renew/<cn>`).
@@ -252,11 +200,12 @@ class CAService:
         requester = requester or f"{via}:{cn}"
         return self._run("renew", {"name": cn}, requester, lambda: self._renew(cn, body, requester))
 
-    def revoke(self, body: object, *, source: str) -> Reply:
-        return self._run("revoke", body, source, lambda: self._revoke(body, source))
+    def revoke(self, body: object, *, source: str, operator: str | None = None) -> Reply:
+        return self._run("revoke", body, source, lambda: self._revoke(self._as_operator(body, operator), source))
 
-    def issue_token(self, body: object, *, source: str) -> Reply:
-        return self._run("token", body, source, lambda: self._issue_token(body, source))
+    def issue_token(self, body: object, *, source: str, operator: str | None = None) -> Reply:
+        return self._run("token", body, source,
+                         lambda: self._issue_token(self._as_operator(body, operator), source))
 
     def certificates(self, name: str | None = None, status: str | None = None) -> Reply:
         try:
@@ -373,9 +322,24 @@ class CAService:
             self._unlock_with_settings()
             return self._ca
 
-    def _authorise(self, passphrase: str | None, source: str) -> CertificateAuthority:
-        """Check `pass` in constant time; count failures per source; 429 while locked out."""
-        self.attempts.check(source)
+    def _as_operator(self, body: object, operator: str | None) -> object:
+        """Mark this request (this thread, for the duration of the call) as a proven operator's; `pass` and
+        `token` in its body are replaced by a placeholder that only this process knows, so validation passes."""
+        _OPERATOR.set(operator)
+        if operator is None or not isinstance(body, dict):
+            return body
+        return {**{k: v for k, v in body.items() if k != "token"}, "pass": self._operator_placeholder}
+
+    def _authorise(self, passphrase: str | None, source: str, name: str | None = None) -> CertificateAuthority:
+        """Check `pass` in constant time; count failures per requester (pki/lockout.py); 429 while locked out."""
+        operator = _OPERATOR.get()
+        if operator is not None and passphrase == self._operator_placeholder:
+            ca = self._unlocked_ca()
+            if ca is None:
+                raise RequestError(UNAVAILABLE, "the CA key is locked: set CA_PASSPHRASE for the dashboard so "
+                                                "operators can act without typing it")
+            return ca
+        recent_failures = self.lockout.check(source, name)
         self._root_certificate()
         with self._state_lock:
             self._unlock_with_settings()
@@ -386,14 +350,15 @@ class CAService:
                 ca = self._unlock(passphrase or "")
                 ok = ca is not None
         if not ok or ca is None:
-            self.attempts.failed(source)
+            self.lockout.failed(source, name)
             log.warning("wrong CA passphrase from %s", source)
             raise RequestError(FORBIDDEN, "wrong passphrase", "pass")
-        self.attempts.succeeded(source)
+        if recent_failures:
+            self.lockout.succeeded(source, name)
         return ca
 
     def _authorise_token(self, token: str, name: str, source: str) -> tuple[CertificateAuthority, str]:
-        self.attempts.check(source)
+        self.lockout.check(source, name)
         digest = token_digest(token)
         row = self.inventory.token(digest)
         problem = None
@@ -406,7 +371,7 @@ class CAService:
         elif row.expires_at <= utcnow():
             problem = "this enrolment token has expired"
         if problem:
-            self.attempts.failed(source)
+            self.lockout.failed(source, name)
             log.warning("refused an enrolment token for %s from %s: %s", name, source, problem)
             raise RequestError(FORBIDDEN, problem, "token")
         ca = self._unlocked_ca()
@@ -443,7 +408,7 @@ class CAService:
         if request.token is not None:
             ca, token = self._authorise_token(request.token, request.name, source)
         else:
-            ca = self._authorise(request.passphrase, source)
+            ca = self._authorise(request.passphrase, source, request.name)
         # A token enrols a device (client certificate only), whatever the name was before.
         profile = DEVICE if token is not None else self._profile_for(request.name)
         csr = request.csr
@@ -544,7 +509,7 @@ class CAService:
         root = self._root_certificate()
         request = parse(CreateRequest, body, max_days=self._max_days(root))
         refuse_protected(request.name)
-        ca = self._authorise(request.passphrase, source)
+        ca = self._authorise(request.passphrase, source, request.name)
         fields = {**request.replay_fields(), "key_type": self.settings.key_type}
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
         replay = self._replay(ca, request.name, digest)
@@ -694,7 +659,7 @@ class CAService:
         request = parse(RevokeRequest, body)
         if request.name is not None:
             refuse_protected(request.name)
-        ca = self._authorise(request.passphrase, source)
+        ca = self._authorise(request.passphrase, source, request.name or request.serial)
         with self._writer():
             if request.serial is not None:
                 record = self.inventory.by_serial(request.serial)
@@ -732,7 +697,7 @@ class CAService:
     def _issue_token(self, body: object, source: str) -> Reply:
         request = parse(TokenRequest, body)
         refuse_protected(request.name)
-        self._authorise(request.passphrase, source)
+        self._authorise(request.passphrase, source, request.name)
         token = secrets.token_urlsafe(32)
         expires_at = utcnow() + dt.timedelta(seconds=request.ttl)
         self.inventory.add_token(token_digest(token), request.name, expires_at, source)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import re
 import subprocess
 import threading
 import urllib.error
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 from flask import Flask
+from flask.testing import FlaskClient
 from hypothesis import strategies as st
 from sqlalchemy import select
 from werkzeug.serving import BaseWSGIServer, make_server
@@ -149,6 +151,30 @@ def lab_state(lab: LabEnv) -> tuple[Any, ...]:
     return certs_state(lab), inventory_state(lab)
 
 
+def api_token(app: Flask, role: str = "viewer", label: str = "tests") -> str:
+    """A new API token of `role`, made as `python -m dashboard.users token` makes one (shown once)."""
+    _, secret = app.extensions["users"].create_token(label, role)
+    return secret
+
+
+def csrf_of(html: str) -> str:
+    match = re.search(r'name="csrf[-_]token" (?:value|content)="([^"]+)"', html)
+    assert match, "no CSRF token in the page"
+    return match.group(1)
+
+
+def login(client: FlaskClient, password: str, username: str = "admin") -> str:
+    """Log `client` in through the login form, as a browser does; returns the session's CSRF token."""
+    form = client.get("/login")
+    assert form.status_code == 200
+    response = client.post("/login", data={"username": username, "password": password,
+                                           "csrf_token": csrf_of(form.get_data(as_text=True))})
+    assert response.status_code == 302, response.get_data(as_text=True)[:500]
+    page = client.get("/")
+    assert page.status_code == 200
+    return csrf_of(page.get_data(as_text=True))
+
+
 def make_app(lab: LabEnv, **config: Any) -> Flask:
     return create_app({"LAB_SETTINGS": lab.settings(), "MQTT_ENABLED": False, "TESTING": True, **config})
 
@@ -161,6 +187,7 @@ def close_app(app: Flask) -> None:
     if "crl_refresh_stop" in app.extensions:
         app.extensions["crl_refresh_stop"].set()
     app.extensions["ca_service"].close()
+    app.extensions["users"].close()
 
 
 class ServerThread:

@@ -44,6 +44,11 @@ class LabEnv:
     def passphrase(self) -> str:
         return self.env["CA_PASSPHRASE"]
 
+    @property
+    def admin_password(self) -> str:
+        """The `admin` operator's password (DASHBOARD_ADMIN_PASSWORD), as setup.sh writes it into .env."""
+        return self.env["DASHBOARD_ADMIN_PASSWORD"]
+
     def settings(self, **overrides: str) -> Settings:
         return Settings.from_env({**self.env, **overrides})
 
@@ -66,6 +71,7 @@ def make_lab_env(root: Path, database_url: str | None = None) -> LabEnv:
         "DATA_DIR": str(root / "data"),
         "DATABASE_URL": database_url or f"sqlite:///{root / 'data' / 'lab.db'}",
         "CA_PASSPHRASE": secrets.token_urlsafe(24),
+        "DASHBOARD_ADMIN_PASSWORD": secrets.token_urlsafe(18),
         "DEVICES": "device001,device002",
         "LAB_ENV_FILE": str(root / "no.env"),
         "BROKER_PORT": str(free_port()),
@@ -81,7 +87,8 @@ def _isolated_from_developer_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
             "CA_PASSPHRASE", "DEVICES", "CERT_DAYS", "RENEW_BEFORE_DAYS", "KEY_TYPE", "BROKER_ADDRESS",
             "BROKER_PORT", "BROKER_SANS", "DASHBOARD_HOST", "DASHBOARD_PORT", "DATABASE_URL", "CERTS_DIR",
             "DATA_DIR", "PUBLISH_INTERVAL", "RENEW_CHECK_INTERVAL", "ENROL_DEVICES", "ENROL_TOKEN", "ENROL_TOKEN_FILE",
-            "CA_URL",
+            "CA_URL", "DASHBOARD_ADMIN_PASSWORD", "DASHBOARD_TLS", "DASHBOARD_NAMES", "DASHBOARD_IDLE_TIMEOUT",
+            "DASHBOARD_SECRET_KEY", "DASHBOARD_TOKEN",
         }:
             monkeypatch.delenv(key)
     monkeypatch.setenv("LAB_ENV_FILE", str(tmp_path / "absent.env"))
@@ -168,7 +175,27 @@ def app(generated_lab: LabEnv) -> Iterator[Flask]:
 
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
+    """A client without a session: the seed's scripts and devices (`pass` in the body, or an enrolment token)."""
     return app.test_client()
+
+
+@pytest.fixture
+def viewer_headers(app: Flask) -> dict[str, str]:
+    """`Authorization: Bearer` with a viewer API token of this app: what a monitoring script sends."""
+    from .ca_support import api_token
+
+    return bearer(api_token(app, "viewer"))
+
+
+@pytest.fixture
+def operator_headers(app: Flask) -> dict[str, str]:
+    from .ca_support import api_token
+
+    return bearer(api_token(app, "operator"))
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture

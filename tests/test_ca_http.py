@@ -143,7 +143,8 @@ def test_unknown_entity_is_404_and_protected_names_409(generated_lab: LabEnv, cl
             assert (response.status_code, response.json["field"]) == (409, "name")
 
 
-def test_read_only_routes(generated_lab: LabEnv, client: FlaskClient) -> None:
+def test_read_only_routes(generated_lab: LabEnv, client: FlaskClient, viewer_headers: dict[str, str]) -> None:
+    """The root and the CRL are public; the inventory needs a session or an API token (a viewer's will do)."""
     root = client.get("/v1/ssl/ca")
     assert root.status_code == 200 and root.mimetype == "application/x-pem-file"
     assert root.data == (generated_lab.certs_dir / "root_ca" / "root_ca.crt").read_bytes()
@@ -151,15 +152,18 @@ def test_read_only_routes(generated_lab: LabEnv, client: FlaskClient) -> None:
     assert crl.status_code == 200
     parsed = x509.load_pem_x509_crl(crl.data)
     assert parsed.is_signature_valid(load_certificate(root.data).public_key())
-    listing = client.get("/v1/ssl/certs").json["certificates"]
+    refused = client.get("/v1/ssl/certs")
+    assert refused.status_code == 401 and "error" in refused.json and "certificates" not in refused.json
+    assert client.get("/v1/ssl/certs", headers={"Authorization": "Bearer iotca_not-a-token"}).status_code == 401
+    listing = client.get("/v1/ssl/certs", headers=viewer_headers).json["certificates"]
     assert {row["name"] for row in listing} >= {"root_ca", "mosquitto", "dashboard", "device001", "device002"}
     assert all("pem" not in row for row in listing)
-    only = client.get("/v1/ssl/certs?name=device001&status=valid").json["certificates"]
+    only = client.get("/v1/ssl/certs?name=device001&status=valid", headers=viewer_headers).json["certificates"]
     assert [row["name"] for row in only] == ["device001"] and only[0]["state"] == "valid"
-    assert client.get("/v1/ssl/certs?status=revoked").json["certificates"] == []
-    bad = client.get("/v1/ssl/certs?status=weird")
+    assert client.get("/v1/ssl/certs?status=revoked", headers=viewer_headers).json["certificates"] == []
+    bad = client.get("/v1/ssl/certs?status=weird", headers=viewer_headers)
     assert (bad.status_code, bad.json["field"]) == (400, "status")
-    bad = client.get("/v1/ssl/certs?name=a/b")
+    bad = client.get("/v1/ssl/certs?name=a/b", headers=viewer_headers)
     assert (bad.status_code, bad.json["field"]) == (400, "name")
 
 

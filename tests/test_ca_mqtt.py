@@ -203,7 +203,8 @@ def test_shared_subscription_serves_requests(generated_lab: LabEnv, broker: Brok
     device = Collector(generated_lab.certs_dir, "device002", broker.port).connect()
     try:
         assert app.extensions["ca_mqtt"].topic_filters() == ["$share/ca/ssl/sign", "$share/ca/ssl/create",
-                                                             "$share/ca/ssl/renew/+"]
+                                                             "$share/ca/ssl/renew/+", "$share/ca/ssl/sign/+",
+                                                             "$share/ca/ssl/create/+"]
         device.subscribe("ssl/device002")
         wait_ready(device, "device002")
         device.publish("ssl/sign", json.dumps({"name": "device002", "days": 7, "pass": generated_lab.passphrase}))
@@ -211,3 +212,39 @@ def test_shared_subscription_serves_requests(generated_lab: LabEnv, broker: Brok
     finally:
         device.close()
         close_app(app)
+
+
+def test_a_device_that_rotates_names_is_locked_out_by_its_certificate(
+    generated_lab: LabEnv, mqtt_app: Flask, broker: Broker
+) -> None:
+    """200 guesses on ssl/sign/<CN>, each for another name: five 403s, then 429 for the CN, whatever it names.
+
+    The broker's ACL lets only <CN> write ssl/sign/<CN>, so the CA counts on the certificate, not the body.
+    Another device's correct passphrase is not blocked; the guesser's own correct one is, until the window ends.
+    """
+    endpoint = mqtt_app.extensions["ca_mqtt"]
+    guesser = Collector(generated_lab.certs_dir, "device002", broker.port, protocol=mqtt.MQTTv5).connect()
+    honest = Collector(generated_lab.certs_dir, "device001", broker.port).connect()
+    try:
+        honest.subscribe("ssl/device001")
+        guesser.subscribe("ssl/device002")
+        wait_ready(honest, "device001")
+        start = endpoint.stats()
+        for i in range(200):
+            guesser.publish("ssl/sign/device002", json.dumps({"name": f"rotated{i}", "days": 1, "pass": f"g{i}"}))
+        wait_for(lambda: endpoint.stats()["handled"] >= start["handled"] + 200, timeout=30, what="200 guesses handled")
+        after = endpoint.stats()["by_status"]
+        grown = {s: n - start["by_status"].get(s, 0) for s, n in after.items() if n > start["by_status"].get(s, 0)}
+        assert grown == {"403": 5, "429": 195}, grown
+        # the ACL: nobody may speak for another CN (the broker drops the publish; the CA never sees it)
+        handled = endpoint.stats()["handled"]
+        guesser.publish("ssl/sign/device001", json.dumps({"name": "device001", "days": 1, "pass": "x"}))
+        assert honest.nothing("ssl/device001", within=1.0) and endpoint.stats()["handled"] == handled
+        good = {"days": 5, "pass": generated_lab.passphrase}
+        honest.publish("ssl/sign/device001", json.dumps({**good, "name": "device001"}))
+        check_issued(expect_success(honest, "ssl/device001"))
+        guesser.publish("ssl/sign/device002", json.dumps({**good, "name": "device002"}))
+        assert _status(guesser.expect("ssl/device002")) == 429
+    finally:
+        guesser.close()
+        honest.close()

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ import pytest
 import yaml
 from cryptography import x509
 
+from dashboard.accounts import UserStore
 from lab import compose as lab_compose
 from pki.authority import subject_alt_names
 from pki.broker import BrokerFiles, find_mosquitto, render_acl, render_config
@@ -87,7 +89,8 @@ class ComposeRun:
 
 
 def write_env_file(path: Path, lab: LabEnv, **values: str) -> Path:
-    settings = {"CA_PASSPHRASE": lab.passphrase, "LAB_UID": LAB_UID, "LAB_GID": LAB_GID, "PUBLISH_INTERVAL": "0.2",
+    settings = {"CA_PASSPHRASE": lab.passphrase, "DASHBOARD_ADMIN_PASSWORD": lab.admin_password, "LAB_UID": LAB_UID,
+                "LAB_GID": LAB_GID, "PUBLISH_INTERVAL": "0.2",
                 **values}
     path.write_text("".join(f"{key}={value}\n" for key, value in settings.items()))
     return path
@@ -550,13 +553,17 @@ def test_the_dashboard_container_command_serves_the_healthcheck(
     try:
         def healthy() -> bool:
             assert server.poll() is None, log.read_text()
-            return subprocess.run(healthcheck, capture_output=True, timeout=10).returncode == 0
+            # in the container's environment (CERTS_DIR says where the root certificate is)
+            return subprocess.run(healthcheck, capture_output=True, timeout=10, env=env).returncode == 0
 
         wait_for(healthy, timeout=60, interval=0.5, what=f"the dashboard healthcheck\n{log.read_text()}")
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        # 0.0.0.0 in the container: HTTPS only, with the dashboard certificate, verified against the lab's root
+        context = ssl.create_default_context(cafile=str(compose_lab.certs_dir / "root_ca" / "root_ca.crt"))
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                             urllib.request.HTTPSHandler(context=context))
 
         def connected() -> bool:
-            with opener.open(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+            with opener.open(f"https://127.0.0.1:{port}/healthz", timeout=5) as response:
                 return json.loads(response.read())["mqtt"]["connected"]
 
         wait_for(connected, timeout=20, interval=0.3, what="the dashboard's MQTT connection")
@@ -674,19 +681,33 @@ def test_setup_without_a_docker_engine_runs_the_whole_lab_natively(tmp_path: Pat
                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
+    headers: dict[str, str] = {}
+
     def get(path: str) -> Any:
         assert setup.poll() is None, f"setup.sh exited with {setup.returncode}:\n{log_path.read_text()}"
         try:
-            with opener.open(f"http://127.0.0.1:{dashboard_port}{path}", timeout=5) as response:
+            request = urllib.request.Request(f"http://127.0.0.1:{dashboard_port}{path}", headers=headers)
+            with opener.open(request, timeout=5) as response:
                 return json.loads(response.read())
         except OSError:
             return None
 
     try:
         wait_for(lambda: get("/healthz"), timeout=120, interval=0.5, what=f"the dashboard\n{log_path.read_text()}")
+        assert get("/api/data") is None, "the dashboard's data needs a login"
+        # what `python -m dashboard.users token` does: a viewer API token in the lab's database
+        store = UserStore(lab.settings().effective_database_url)
+        try:
+            headers["Authorization"] = f"Bearer {store.create_token('setup-test', 'viewer')[1]}"
+        finally:
+            store.close()
         first_line = log_path.read_text().splitlines()[0]
         assert first_line.startswith("No Docker engine answers (") and "running the lab natively" in first_line
         assert (tmp_path / "lab.env").exists(), "setup.sh writes the settings file it was given"
+        setup_log = log_path.read_text()
+        assert "Log in as admin with DASHBOARD_ADMIN_PASSWORD" in setup_log
+        written = re.findall(r"^DASHBOARD_ADMIN_PASSWORD=(.+)$", (tmp_path / "lab.env").read_text(), re.MULTILINE)
+        assert len(written) == 1 and written[0] not in setup_log, "added once, never printed"
 
         def readings_from_both() -> bool:
             data = get("/api/data") or {}
@@ -776,6 +797,8 @@ def test_setup_docker_mode_builds_generates_in_the_image_then_starts(tmp_path: P
     assert "did not become healthy" in first.stderr and "docker-compose logs --tail 50" in first.stderr
     settings = (repo / ".env").read_text()
     assert f"LAB_UID={os.getuid()}\n" in settings and f"LAB_GID={os.getgid()}\n" in settings
+    (admin_password,) = re.findall(r"^DASHBOARD_ADMIN_PASSWORD=(\S{20,})$", settings, re.MULTILINE)
+    assert admin_password not in first.stdout + first.stderr, "the password is written, never printed"
     certs = repo / "lab-certs"
     assert certs.is_dir() and (certs.stat().st_mode & 0o777) == 0o700, "created by setup.sh, not by Docker as root"
 
@@ -800,3 +823,5 @@ def test_setup_docker_mode_builds_generates_in_the_image_then_starts(tmp_path: P
     assert again.returncode == 1
     assert "BROKER_PORT or DASHBOARD_PORT" in again.stderr, again.stderr
     assert (repo / ".env").read_text().count("LAB_UID=") == 1, "re-running adds nothing twice"
+    assert re.findall(r"^DASHBOARD_ADMIN_PASSWORD=(.*)$", (repo / ".env").read_text(), re.MULTILINE) == [
+        admin_password], "the admin password is added once and never replaced"

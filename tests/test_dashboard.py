@@ -28,8 +28,8 @@ from pki.inventory import REVOKED, CertificateRecord, Inventory
 from pki.service import CAService
 from pki.store import KEY_MODE, atomic_write
 
-from .ca_support import issue_aged_certificate, make_csr
-from .conftest import LabEnv
+from .ca_support import api_token, issue_aged_certificate, login, make_csr
+from .conftest import LabEnv, bearer
 from .support import wait_for
 
 LAB_NAMES = ("root_ca", "mosquitto", "dashboard", "provisioner", "device001", "device002")
@@ -63,6 +63,14 @@ def app(generated_lab: LabEnv) -> Iterator[Flask]:
     app = make_app(generated_lab)
     yield app
     hub_of(app).close()
+    app.extensions["users"].close()
+
+
+def live_tab(app: Flask) -> Any:
+    """A Socket.IO client as a logged-in tab: the handshake carries a viewer API token (refused without one)."""
+    client = socketio.test_client(app, headers={"Authorization": f"Bearer {api_token(app)}"})
+    assert client.is_connected()
+    return client
 
 
 def events(client: Any, name: str) -> list[dict[str, Any]]:
@@ -79,7 +87,7 @@ def test_new_tab_gets_a_snapshot_of_the_current_state(app: Flask) -> None:
     hub.on_status(message("iot/thermometer/device001/status", b"online", retain=True))
     hub.flush()
 
-    client = socketio.test_client(app)
+    client = live_tab(app)
     received = client.get_received()
     assert [e["name"] for e in received] == ["snapshot"]
     snap = received[0]["args"][0]
@@ -97,15 +105,15 @@ def test_new_tab_gets_a_snapshot_of_the_current_state(app: Flask) -> None:
 
 
 def test_snapshot_goes_only_to_the_tab_that_connected(app: Flask) -> None:
-    first = socketio.test_client(app)
+    first = live_tab(app)
     assert events(first, "snapshot")
-    second = socketio.test_client(app)
+    second = live_tab(app)
     assert events(second, "snapshot")
     assert first.get_received() == []  # the first tab got nothing when the second one connected
 
 
 def test_a_reading_reaches_every_tab_as_one_batch(app: Flask) -> None:
-    tabs = [socketio.test_client(app), socketio.test_client(app)]
+    tabs = [live_tab(app), live_tab(app)]
     for tab in tabs:
         tab.get_received()
     hub = hub_of(app)
@@ -126,7 +134,7 @@ def test_a_reading_reaches_every_tab_as_one_batch(app: Flask) -> None:
 
 
 def test_presence_offline_reaches_the_page(app: Flask) -> None:
-    client = socketio.test_client(app)
+    client = live_tab(app)
     client.get_received()
     hub = hub_of(app)
     hub.on_status(message("iot/thermometer/device001/status", b"online", retain=True))
@@ -154,7 +162,7 @@ def test_a_burst_is_batched_and_the_log_capped(generated_lab: LabEnv) -> None:
     app = make_app(generated_lab, LIVE_EMITTER=True)  # the real emitter thread, as in production
     hub = hub_of(app)
     try:
-        client = socketio.test_client(app)
+        client = live_tab(app)
         client.get_received()
         burst = 5000
         for seq in range(burst):
@@ -184,7 +192,7 @@ def test_a_burst_is_batched_and_the_log_capped(generated_lab: LabEnv) -> None:
 
 
 def test_refresh_certs_event_sends_the_table_to_every_tab(app: Flask) -> None:
-    tabs = [socketio.test_client(app), socketio.test_client(app)]
+    tabs = [live_tab(app), live_tab(app)]
     for tab in tabs:
         tab.get_received()
     tabs[0].emit("refresh_certs")
@@ -206,7 +214,7 @@ def test_secrets_never_reach_the_log(app: Flask, generated_lab: LabEnv) -> None:
     hub.on_ca_message(message("ssl/renew/sensor9", key_pem.encode()))
     request, reply, renew = hub.logs()
     assert (request["direction"], reply["direction"], renew["direction"]) == ("in", "out", "in")
-    text = json.dumps(app.test_client().get("/api/data").get_json()["logs"])
+    text = json.dumps(app.test_client().get("/api/data", headers=bearer(api_token(app))).get_json()["logs"])
     assert passphrase not in text
     assert "PRIVATE KEY" not in text and key_pem.splitlines()[1] not in text
     assert '"serial":"ab"' in reply["payload"]  # the rest of the reply is still shown
@@ -231,7 +239,7 @@ def test_bad_telemetry_is_logged_and_rejected(app: Flask) -> None:
 def test_api_data_keeps_the_seed_shape(app: Flask) -> None:
     hub = hub_of(app)
     hub.on_temperature(reading("device001", 23.5))
-    data = app.test_client().get("/api/data").get_json()
+    data = app.test_client().get("/api/data", headers=bearer(api_token(app))).get_json()
     assert set(data) == {"certs_info", "device_data", "logs"}
     assert data["device_data"]["device001"]["temperature"] == 23.5
     assert data["device_data"]["device001"]["history"][0][1] == 23.5
@@ -257,8 +265,9 @@ def test_healthz_reports_broker_and_database(app: Flask) -> None:
                           "readings_stored_since_start": 0}
 
 
-def test_the_page_is_self_contained(app: Flask) -> None:
+def test_the_page_is_self_contained(app: Flask, generated_lab: LabEnv) -> None:
     client = app.test_client()
+    login(client, generated_lab.admin_password)
     response = client.get("/")
     assert response.status_code == 200
     html = response.get_data(as_text=True)
@@ -271,13 +280,16 @@ def test_the_page_is_self_contained(app: Flask) -> None:
         assert client.get(asset).status_code == 200, asset
     assert 'aria-live="polite"' in html and 'role="log"' in html
     assert 'data-devices="device001,device002"' in html
-    # The certificate banner links to the table; renew/revoke ask for the passphrase in a dialog.
+    # The certificate banner links to the table; renew/revoke confirm in a dialog, without the CA passphrase
+    # (the operator's session is the credential).
     assert 'id="cert-banner"' in html and 'href="#certificates"' in html
-    assert '<dialog class="action-dialog"' in html and 'name="pass" type="password"' in html
+    assert '<dialog class="action-dialog"' in html and 'name="pass"' not in html
 
 
-def test_errors_are_json_for_the_api_and_a_page_otherwise(app: Flask) -> None:
+def test_errors_are_json_for_the_api_and_a_page_otherwise(app: Flask, generated_lab: LabEnv) -> None:
     client = app.test_client()
+    assert client.get("/api/nothing-here").status_code == 401  # logged out, nothing is told
+    login(client, generated_lab.admin_password)
     api = client.get("/api/nothing-here")
     assert api.status_code == 404 and "error" in api.get_json()
     page = client.get("/nothing-here")
@@ -425,7 +437,7 @@ def test_every_tab_gets_the_table_as_soon_as_the_ca_changes_a_certificate(genera
     issue_aged_certificate(generated_lab, "device001", days=365, days_left=10)
     app = make_app(generated_lab)
     try:
-        tab = socketio.test_client(app)
+        tab = live_tab(app)
         tab.get_received()
         new_serial, _ = renew_as_the_device(app, "device001")
         (certs,) = events(tab, "certs")
@@ -455,7 +467,7 @@ def test_the_emitter_pushes_a_renewal_without_waiting_for_its_poll(generated_lab
     monkeypatch.setattr("dashboard.live.CERTS_POLL_INTERVAL", 3600.0)  # the periodic check alone would not do it
     app = make_app(generated_lab, LIVE_EMITTER=True)
     try:
-        tab = socketio.test_client(app)
+        tab = live_tab(app)
         wait_for(lambda: events(tab, "snapshot"), timeout=5, what="the snapshot")
         time.sleep(0.3)  # the emitter's first tick reads the table once
         tab.get_received()
@@ -488,7 +500,7 @@ def test_readings_survive_a_dashboard_restart(generated_lab: LabEnv) -> None:
         assert device["temperature"] == 21.0
         assert device["seq"] == 2
         assert device["history"] and device["history"][-1][1] == pytest.approx((20.5 + 20.75 + 21.0) / 3, abs=0.01)
-        snap = events(socketio.test_client(second), "snapshot")[0]
+        snap = events(live_tab(second), "snapshot")[0]
         assert snap["history"]["device001"] == device["history"]
     finally:
         hub_of(second).close()
@@ -513,9 +525,14 @@ def test_stored_readings_are_pruned_by_age_and_count(generated_lab: LabEnv) -> N
 def test_only_the_dashboards_own_origin_may_open_the_live_stream(app: Flask) -> None:
     """Another web page open in the user's browser must not be able to read readings or the MQTT log."""
     client = app.test_client()
-    foreign = client.get("/socket.io/?EIO=4&transport=polling", headers={"Origin": "http://evil.example"},
+    foreign = client.get("/socket.io/?EIO=4&transport=polling",
+                         headers={"Origin": "http://evil.example", **bearer(api_token(app))},
                          base_url="http://127.0.0.1:5000")
-    assert foreign.status_code == 400
-    own = client.get("/socket.io/?EIO=4&transport=polling", headers={"Origin": "http://127.0.0.1:5000"},
+    assert foreign.status_code == 400  # even with valid credentials
+    anonymous = client.get("/socket.io/?EIO=4&transport=polling", headers={"Origin": "http://127.0.0.1:5000"},
+                           base_url="http://127.0.0.1:5000")
+    assert anonymous.status_code == 401 and b'"sid"' not in anonymous.data  # no session, no stream
+    own = client.get("/socket.io/?EIO=4&transport=polling",
+                     headers={"Origin": "http://127.0.0.1:5000", **bearer(api_token(app))},
                      base_url="http://127.0.0.1:5000")
     assert own.status_code == 200 and b'"sid"' in own.data

@@ -12,7 +12,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from dashboard.readings import READINGS, ReadingsBase, ReadingStore
+from dashboard.accounts import UserStore
+from dashboard.readings import ReadingStore
+from dashboard.schema import DASHBOARD, DashboardBase
 from pki import migrate
 from pki.inventory import Base, Inventory
 
@@ -22,11 +24,11 @@ pytestmark = pytest.mark.databases
 
 
 def schema_differences(url: str) -> list[object]:
-    inventory, readings = Inventory(url), ReadingStore(url)
+    inventory, readings, users = Inventory(url), ReadingStore(url), UserStore(url)
     try:
         with inventory.engine.connect() as connection:
             found = []
-            for component, metadata in ((migrate.INVENTORY, Base.metadata), (READINGS, ReadingsBase.metadata)):
+            for component, metadata in ((migrate.INVENTORY, Base.metadata), (DASHBOARD, DashboardBase.metadata)):
                 # Each component compares only its own tables: the other's share the database.
                 def own(name: str | None, type_: str, _parent: object, tables: object = metadata.tables) -> bool:
                     return type_ != "table" or name in tables  # type: ignore[operator]
@@ -38,6 +40,7 @@ def schema_differences(url: str) -> list[object]:
     finally:
         inventory.close()
         readings.close()
+        users.close()
 
 
 def test_a_new_database_is_migrated_to_exactly_the_models(database_url: str) -> None:
@@ -46,7 +49,7 @@ def test_a_new_database_is_migrated_to_exactly_the_models(database_url: str) -> 
     try:
         with inventory.engine.connect() as connection:
             assert migrate.current(connection, migrate.INVENTORY) == migrate.INVENTORY.head()
-            assert migrate.current(connection, READINGS) == READINGS.head()
+            assert migrate.current(connection, DASHBOARD) == DASHBOARD.head()
     finally:
         inventory.close()
 
@@ -63,10 +66,10 @@ def test_a_database_from_before_migrations_keeps_every_row(tmp_path: Path) -> No
     with sqlite3.connect(db) as con:
         after = {t: con.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in before}  # noqa: S608
         versions = {t: con.execute(f"SELECT version_num FROM {t}").fetchall()  # noqa: S608
-                    for t in ("inventory_alembic_version", "readings_alembic_version")}
+                    for t in ("inventory_alembic_version", "dashboard_alembic_version")}
     assert after == before
     assert versions == {"inventory_alembic_version": [(migrate.INVENTORY.head(),)],
-                        "readings_alembic_version": [(READINGS.head(),)]}
+                        "dashboard_alembic_version": [(DASHBOARD.head(),)]}
     # The CA reads the old rows as its own.
     inventory = Inventory(url)
     try:

@@ -106,7 +106,8 @@ def test_revoking_a_connected_device_cuts_it_off(generated_lab: LabEnv, broker: 
         observer.close()
 
 
-def test_revocation_requests(generated_lab: LabEnv, app: Flask, client: FlaskClient) -> None:
+def test_revocation_requests(generated_lab: LabEnv, app: Flask, client: FlaskClient,
+                             viewer_headers: dict[str, str]) -> None:
     passphrase = generated_lab.passphrase
     files = BrokerFiles(generated_lab.certs_dir, generated_lab.data_dir)
     before = lab_state(generated_lab)
@@ -130,7 +131,7 @@ def test_revocation_requests(generated_lab: LabEnv, app: Flask, client: FlaskCli
     assert "user device002\ntopic deny #" in files.acl.read_text()
     row = app.extensions["ca_service"].inventory.by_serial(serial)
     assert (row.status, row.revocation_reason) == ("revoked", "unspecified")
-    listed = client.get("/v1/ssl/certs?name=device002&status=revoked").json["certificates"]
+    listed = client.get("/v1/ssl/certs?name=device002&status=revoked", headers=viewer_headers).json["certificates"]
     assert [r["serial"] for r in listed] == [serial]
 
     again = client.post("/v1/ssl/revoke", json={"name": "device002", "pass": passphrase})

@@ -14,9 +14,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sqlalchemy import update
 
 from pki.authority import load_certificate, load_private_key, public_key_matches
-from pki.inventory import ACTIVE, SUPERSEDED, EnrolmentToken
+from pki.inventory import ACTIVE, SUPERSEDED, EnrolmentToken, Inventory
+from pki.lockout import LOCKOUT_WINDOW, SOURCE_ATTEMPTS, Lockout
 from pki.profiles import PROTECTED_NAMES
-from pki.service import CAService, FailedAttempts
+from pki.service import CAService
 
 from .ca_support import check_issued, lab_state, make_csr
 from .conftest import LabEnv
@@ -26,7 +27,7 @@ class FakeClock:
     """Lockout windows are 15 minutes; the test moves time instead of waiting."""
 
     def __init__(self) -> None:
-        self.now = 1000.0
+        self.now = 2_000_000_000.0  # wall-clock seconds, as the lockout stores them
 
     def __call__(self) -> float:
         return self.now
@@ -42,7 +43,12 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def service(generated_lab: LabEnv, clock: FakeClock) -> Iterator[CAService]:
-    ca = CAService(generated_lab.settings(), attempts=FailedAttempts(clock=clock))
+    yield from _service_with_clock(generated_lab, clock)
+
+
+def _service_with_clock(lab: LabEnv, clock: FakeClock) -> Iterator[CAService]:
+    inventory = Inventory(lab.settings().effective_database_url)
+    ca = CAService(lab.settings(), inventory=inventory, lockout=Lockout(inventory, clock=clock))
     yield ca
     ca.close()
 
@@ -180,7 +186,7 @@ def test_wrong_passphrase_writes_nothing(generated_lab: LabEnv, service: CAServi
     assert not (generated_lab.certs_dir / "newcomer").exists()
 
 
-def test_five_failures_lock_the_source_out_for_the_window(
+def test_five_failures_lock_the_requester_out_for_the_window(
     generated_lab: LabEnv, service: CAService, clock: FakeClock
 ) -> None:
     good = {"name": "device001", "pass": generated_lab.passphrase, "days": 10}
@@ -190,15 +196,54 @@ def test_five_failures_lock_the_source_out_for_the_window(
     locked = service.sign(good, source="10.0.0.9")  # even the right passphrase: guessing must stop
     assert locked.status == 429
     assert locked.headers["Retry-After"] == str(15 * 60 - 5 * 60)
-    # the lockout covers every passphrase-protected operation of that source, and only that source
+    # every passphrase-protected operation of that requester (source and name) is locked ...
     assert service.revoke({"name": "device001", "pass": generated_lab.passphrase}, source="10.0.0.9").status == 429
-    assert service.issue_token({"name": "x", "pass": generated_lab.passphrase}, source="10.0.0.9").status == 429
+    assert service.issue_token({"name": "device001", "pass": generated_lab.passphrase},
+                               source="10.0.0.9").status == 429
+    # ... and nobody else: another client on the same address asking for another name, another address,
+    # and an operator whom the dashboard vouches for (no passphrase at all)
+    assert service.issue_token({"name": "x", "pass": generated_lab.passphrase}, source="10.0.0.9").status == 201
     assert service.sign(good, source="10.0.0.10").status == 201
-    # once the oldest failure leaves the 15-minute window, the source may try again
+    assert service.sign({"name": "device001", "days": 10}, source="10.0.0.9", operator="admin").status == 201
+    # once the oldest failure leaves the 15-minute window, the requester may try again
     clock.now += 15 * 60 - 5 * 60 - 1
     assert service.sign(good, source="10.0.0.9").status == 429
     clock.now += 1
     assert service.sign(good, source="10.0.0.9").status == 201
+
+
+def test_rotating_names_does_not_escape_the_lockout(generated_lab: LabEnv, service: CAService) -> None:
+    """A proven identity (an MQTT CN) is locked after five whatever it names; an address after SOURCE_ATTEMPTS."""
+    statuses = [service.sign({"name": f"guess{i}", "pass": "guess", "days": 1}, source="cn:device002").status
+                for i in range(20)]
+    assert statuses == [403] * 5 + [429] * 15
+    good = {"name": "device001", "pass": generated_lab.passphrase, "days": 10}
+    assert service.sign(good, source="cn:device002").status == 429
+    assert service.sign(good, source="cn:device001").status == 201  # another device is not blocked
+    statuses = [service.create({"name": f"n{i}", "pass": "guess", "days": 1}, source="192.0.2.1").status
+                for i in range(SOURCE_ATTEMPTS + 3)]
+    assert statuses == [403] * SOURCE_ATTEMPTS + [429] * 3
+    assert service.sign(good, source="192.0.2.1").status == 429  # a guessing attack from that address: all stop
+    assert service.sign(good, source="192.0.2.2").status == 201
+
+
+def test_the_lockout_survives_a_restart_and_is_shared(generated_lab: LabEnv, service: CAService,
+                                                      clock: FakeClock) -> None:
+    """The counts live in the database: a new CA process on the same DATABASE_URL sees them at once."""
+    good = {"name": "device001", "pass": generated_lab.passphrase, "days": 10}
+    for _ in range(3):
+        assert service.sign({**good, "pass": "guess"}, source="10.0.0.9").status == 403
+    other = _service_with_clock(generated_lab, clock)
+    second = next(other)
+    try:
+        for _ in range(2):
+            assert second.sign({**good, "pass": "guess"}, source="10.0.0.9").status == 403
+        assert second.sign(good, source="10.0.0.9").status == 429
+        assert service.sign(good, source="10.0.0.9").status == 429  # the first process counts the same
+        clock.now += LOCKOUT_WINDOW
+        assert second.sign(good, source="10.0.0.9").status == 201
+    finally:
+        second.close()
 
 
 def test_unlocks_with_the_first_correct_pass_when_no_passphrase_is_configured(generated_lab: LabEnv) -> None:

@@ -1,6 +1,7 @@
-"""Alembic environment of the dashboard's readings table (pki/migrate.py runs it)."""
+"""Alembic environment of the dashboard's tables: readings, accounts, API tokens (pki/migrate.py runs it)."""
 
-from dashboard.readings import ReadingsBase
+from dashboard import accounts, readings  # noqa: F401 - their models fill the metadata
+from dashboard.schema import DashboardBase
 from pki.migrate import run_env
 
-run_env(ReadingsBase.metadata)
+run_env(DashboardBase.metadata)

@@ -6,6 +6,20 @@
   const body = document.body;
   const PALETTE = ["#4f8cff", "#3ecf8e", "#f59e0b", "#f472b6", "#a78bfa", "#22d3ee", "#fb7185", "#a3e635"];
   const RENEW_BEFORE_DAYS = Number(body.dataset.renewBeforeDays || 30);
+  const IS_OPERATOR = body.dataset.role === "operator";
+  const CSRF_TOKEN = (document.querySelector('meta[name="csrf-token"]') || {}).content || "";
+  // Every state-changing request of the page: JSON, with the session's CSRF token; a lost session
+  // (logged out elsewhere, idle timeout) sends the tab back to the login page.
+  const postJson = async (url, payload) => {
+    const response = await fetch(url, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "application/json", "X-CSRF-Token": CSRF_TOKEN },
+      body: JSON.stringify(payload),
+      credentials: "same-origin",
+    });
+    if (response.status === 401) window.location.assign("/login");
+    return response;
+  };
 
   const state = {
     devices: new Map(),        // id -> device dict from the server
@@ -643,7 +657,7 @@
   $("#device-grid").addEventListener("click", onActionClick);
 
   // -- renew / revoke dialog -------------------------------------------------------------------
-  // The passphrase lives in the dialog's field only while it is open: never kept, never in localStorage.
+  // The operator's session is the credential: the page never asks for the CA passphrase.
   const dialog = $("#action-dialog");
   const dialogForm = $("#action-form");
   let pending = null;  // {action, name, serial, opener}
@@ -656,8 +670,6 @@
     pending = { action, name, serial, opener };
     dialog.dataset.action = action;
     $("#action-error").hidden = true;
-    dialogForm.elements.pass.value = "";
-    dialogForm.elements.pass.removeAttribute("aria-invalid");
     const explain = [];
     if (action === "renew") {
       $("#action-title").textContent = `Renew ${name}`;
@@ -684,10 +696,9 @@
     $("#action-days").hidden = action !== "renew";
     $("#action-reason").hidden = action !== "revoke";
     dialog.showModal();
-    dialogForm.elements.pass.focus();
+    $("#action-submit").focus();
   };
   dialog.addEventListener("close", () => {
-    dialogForm.elements.pass.value = "";
     const opener = pending && pending.opener;
     pending = null;
     if (opener && opener.isConnected) opener.focus();
@@ -704,27 +715,16 @@
     event.preventDefault();
     if (!pending) return;
     const { action, name, serial } = pending;
-    const pass = dialogForm.elements.pass.value;
     const error = $("#action-error");
-    if (!pass) {
-      dialogForm.elements.pass.setAttribute("aria-invalid", "true");
-      error.textContent = "The CA passphrase is required.";
-      error.hidden = false;
-      return;
-    }
     const payload = action === "renew"
-      ? { name, days: Number(dialogForm.elements.days.value), pass }
-      : { ...(serial ? { serial } : { name }), reason: dialogForm.elements.reason.value, pass };
+      ? { name, days: Number(dialogForm.elements.days.value) }
+      : { ...(serial ? { serial } : { name }), reason: dialogForm.elements.reason.value };
     const submit = $("#action-submit");
     submit.disabled = true;
     let status = 0;
     let data = {};
     try {
-      const response = await fetch(action === "renew" ? "/v1/ssl/sign" : "/v1/ssl/revoke", {
-        method: "POST",
-        headers: { "Content-Type": "application/json", Accept: "application/json" },
-        body: JSON.stringify(payload),
-      });
+      const response = await postJson(action === "renew" ? "/v1/ssl/sign" : "/v1/ssl/revoke", payload);
       status = response.status;
       data = await response.json().catch(() => ({ error: response.statusText || "the reply was not JSON" }));
       if (status === 429) data.error = `${data.error || "too many attempts"} (retry in ${response.headers.get("Retry-After")} s)`;
@@ -732,7 +732,6 @@
       data = { error: `could not reach the dashboard: ${ex.message}` };
     } finally {
       submit.disabled = false;
-      payload.pass = "";
     }
     if (status >= 200 && status < 300) {
       dialog.close();
@@ -743,11 +742,9 @@
       if (socket) socket.emit("refresh_certs");
       return;
     }
-    dialogForm.elements.pass.value = "";
-    if (status === 403) dialogForm.elements.pass.setAttribute("aria-invalid", "true");
     error.textContent = `${data.error || "the request failed"}${status ? ` (HTTP ${status})` : ""}`;
     error.hidden = false;
-    dialogForm.elements.pass.focus();
+    $("#action-submit").focus();
   });
 
   // -- CA panel --------------------------------------------------------------------------------
@@ -831,7 +828,7 @@
         field.removeAttribute("aria-invalid");
         const value = field.value.trim();
         if (value === "") continue;
-        payload[field.name] = field.name === "days" ? Number(value) : (field.name === "pass" ? field.value : value);
+        payload[field.name] = field.name === "days" ? Number(value) : value;
       }
       const missing = [...form.elements].find((f) => f.required && !f.value.trim());
       if (missing || (action === "revoke" && !payload.name && !payload.serial)) {
@@ -846,11 +843,7 @@
       let status = 0;
       let data = {};
       try {
-        const response = await fetch(form.dataset.endpoint, {
-          method: "POST",
-          headers: { "Content-Type": "application/json", Accept: "application/json" },
-          body: JSON.stringify(payload),
-        });
+        const response = await postJson(form.dataset.endpoint, payload);
         status = response.status;
         data = await response.json().catch(() => ({ error: response.statusText || "the reply was not JSON" }));
         if (status === 429) data.retry_after = response.headers.get("Retry-After");
@@ -861,12 +854,47 @@
       }
       showResult(status, data, action);
       if (data.field && form.elements[data.field]) form.elements[data.field].setAttribute("aria-invalid", "true");
-      if (status >= 200 && status < 300) {
-        form.elements.pass.value = "";
-        socket.emit("refresh_certs");
-      }
+      if (status >= 200 && status < 300) socket.emit("refresh_certs");
     });
   });
+
+  // -- API tokens (operators) ------------------------------------------------------------------
+  const renderTokens = (tokens) => {
+    $("#token-rows").replaceChildren(...tokens.map((t) => el("tr", { dataset: { tokenId: String(t.id) } },
+      el("td", { text: String(t.id) }), el("td", { text: t.label }), el("td", { text: t.role }),
+      el("td", { text: t.owner || "—" }), el("td", { text: fmtDate(t.created_at) }),
+      el("td", { class: "token-state", text: t.revoked_at ? `revoked ${fmtDate(t.revoked_at)}` : "active" }),
+      el("td", {}, t.revoked_at ? null : el("button", { type: "button", class: "btn btn-danger", dataset: { revokeToken: String(t.id) }, text: "Revoke" })))));
+  };
+  const loadTokens = async () => {
+    const response = await fetch("/api/tokens", { headers: { Accept: "application/json" }, credentials: "same-origin" });
+    if (response.ok) renderTokens((await response.json()).tokens || []);
+  };
+  if (IS_OPERATOR) {
+    loadTokens();
+    $("#token-form").addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const form = event.target;
+      const response = await postJson("/api/tokens", { label: form.elements.label.value.trim(), role: form.elements.role.value });
+      const data = await response.json().catch(() => ({}));
+      const box = $("#token-result");
+      if (response.status === 201) {
+        form.elements.label.value = "";
+        box.replaceChildren(el("div", { class: "alert alert-ok", role: "status" },
+          el("div", { class: "alert-title", text: `Token ${data.id} (${data.role}): copy it now, it is not shown again` }),
+          el("code", { class: "mono", id: "token-secret", text: data.token })));
+      } else {
+        box.replaceChildren(el("div", { class: "alert alert-bad", role: "alert", text: `${data.error || "failed"} (HTTP ${response.status})` }));
+      }
+      loadTokens();
+    });
+    $("#token-rows").addEventListener("click", async (event) => {
+      const button = event.target.closest("button[data-revoke-token]");
+      if (!button) return;
+      await postJson(`/api/tokens/${button.dataset.revokeToken}/revoke`, {});
+      loadTokens();
+    });
+  }
 
   // -- sidebar: highlight the section in view --------------------------------------------------
   const navLinks = [...document.querySelectorAll(".sidebar nav a")];
@@ -896,6 +924,10 @@
     return;
   }
   socket.on("connect", () => setLive("ok", "Live"));
+  // The server refuses the handshake without a session (logged out, idle timeout): back to the login.
+  socket.on("connect_error", () => {
+    fetch("/api/session", { credentials: "same-origin" }).then((r) => { if (r.status === 401) window.location.assign("/login"); }).catch(() => {});
+  });
   socket.on("disconnect", () => setLive("warn", "Reconnecting…"));
   socket.io.on("reconnect_attempt", () => setLive("warn", "Reconnecting…"));
 
