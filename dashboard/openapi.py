@@ -229,6 +229,8 @@ def openapi_document() -> dict[str, Any]:
             "security": [{"bearer": []}, {"session": []}],
         }},
         "/v1/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1"}}}},
+        "/v1/asyncapi.json": {"get": {"summary": "The MQTT API (the CA's topics and the thermometers')",
+                                      "responses": {"200": {"description": "AsyncAPI 3.0"}}}},
         "/healthz": {"get": {
             "summary": "Liveness, and whether the dashboard's MQTT connection is up",
             "responses": {"200": {"description": "Up.", "content": {"application/json": {

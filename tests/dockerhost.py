@@ -17,6 +17,7 @@ Also a script, for a person debugging the Docker lab test: `python -m tests.dock
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import shutil
@@ -28,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Where a private daemon keeps its images between runs (its overlay2 layers need a real file system, not tmpfs).
@@ -35,6 +37,7 @@ CACHE_ROOT = Path(os.environ.get("LAB_DOCKER_CACHE", "/var/cache/iot-ca-lab/dock
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # The tag of the image the fresh-machine check starts from: Debian minbase plus python3, as a user's machine.
 FRESH_IMAGE = "iot-ca-lab/fresh-debian:bookworm"
+LOCK_WAIT_SECONDS = 1200
 Log = Callable[[str], None]
 
 
@@ -138,6 +141,7 @@ class Engine:
     workdir: Path | None = None
     host_state: HostState | None = None
     log: Log = field(default=print)
+    lock: IO[str] | None = None
 
     @property
     def started_here(self) -> bool:
@@ -168,9 +172,23 @@ class Engine:
         dockerd = shutil.which("dockerd") or ("/usr/sbin/dockerd" if Path("/usr/sbin/dockerd").exists() else None)
         if dockerd is None:
             raise EngineUnavailable("no Docker Engine answers and dockerd is not installed (apt-get install docker.io)")
+        # One private daemon at a time on the image cache (two on one data root corrupt it): another test run
+        # on this machine waits here until its daemon is gone.
+        CACHE_ROOT.mkdir(parents=True, exist_ok=True)
+        lock = open(CACHE_ROOT.parent / f"{CACHE_ROOT.name}.lock", "w")  # noqa: SIM115 - held while the daemon runs
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    lock.close()
+                    raise EngineUnavailable(f"another test run kept its dockerd on {CACHE_ROOT} for "
+                                            f"{LOCK_WAIT_SECONDS} s") from None
+                time.sleep(1)
         # A short path: the socket's path must fit in sun_path (108 bytes).
         workdir = Path(tempfile.mkdtemp(prefix="labdk-", dir="/tmp"))
-        CACHE_ROOT.mkdir(parents=True, exist_ok=True)
         socket_path = workdir / "docker.sock"
         env["DOCKER_HOST"] = f"unix://{socket_path}"
         state = HostState.capture()
@@ -180,7 +198,7 @@ class Engine:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                                    start_new_session=True)
         log_file.close()
-        engine = cls(env=env, process=process, workdir=workdir, host_state=state, log=log)
+        engine = cls(env=env, process=process, workdir=workdir, host_state=state, log=log, lock=lock)
         deadline = time.monotonic() + start_timeout
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -214,6 +232,9 @@ class Engine:
         if self.workdir is not None:
             subprocess.run(["umount", "-R", str(self.workdir)], capture_output=True, check=False)
             shutil.rmtree(self.workdir, ignore_errors=True)
+        if self.lock is not None:
+            self.lock.close()  # releases the flock: the next run may start its daemon
+            self.lock = None
 
 
 @contextlib.contextmanager
@@ -234,8 +255,8 @@ def ensure_base_images(engine: Engine, workdir: Path) -> None:
         engine.log(f"base image {debian}: present")
     if not engine.has_image(python):
         build_from(engine, python, workdir, f"""FROM {debian}
-RUN apt-get update \\
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \\
+RUN apt-get -o Acquire::Retries=5 update \\
+    && apt-get -o Acquire::Retries=5 install -y --no-install-recommends python3 python3-venv ca-certificates \\
     && rm -rf /var/lib/apt/lists/* \\
     && python3 -m venv /usr/local/python
 ENV PATH=/usr/local/python/bin:$PATH
@@ -253,8 +274,13 @@ def build_debian(engine: Engine, tag: str, workdir: Path) -> None:
     mirror = apt_mirror()
     engine.log(f"base image {tag}: debootstrap --variant=minbase bookworm from {mirror}")
     started = time.monotonic()
-    result = _run([debootstrap, "--variant=minbase", "bookworm", str(rootfs), mirror], timeout=900)
-    if result.returncode != 0:
+    for attempt in (1, 2):  # a download that breaks half-way fails the whole bootstrap: try once more
+        shutil.rmtree(rootfs, ignore_errors=True)
+        result = _run([debootstrap, "--variant=minbase", "bookworm", str(rootfs), mirror], timeout=900)
+        if result.returncode == 0:
+            break
+        engine.log(f"debootstrap failed (attempt {attempt}): {result.stdout[-300:]}")
+    else:
         raise RuntimeError(f"debootstrap failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
     for leftover in ("var/cache/apt/archives", "var/lib/apt/lists"):
         for entry in (rootfs / leftover).glob("*"):
@@ -287,7 +313,8 @@ def ensure_fresh_image(engine: Engine, workdir: Path) -> str:
     debian, _ = base_image_names()
     if not engine.has_image(FRESH_IMAGE):
         build_from(engine, FRESH_IMAGE, workdir, f"""FROM {debian}
-RUN apt-get update && apt-get install -y --no-install-recommends python3 && rm -rf /var/lib/apt/lists/*
+RUN apt-get -o Acquire::Retries=5 update && apt-get -o Acquire::Retries=5 install -y --no-install-recommends python3 \\
+    && rm -rf /var/lib/apt/lists/*
 """)
     return FRESH_IMAGE
 

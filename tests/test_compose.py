@@ -749,7 +749,8 @@ exit 0
 
 # What setup.sh needs from the repository to run Docker mode in a copy of its own.
 SETUP_FILES = ("setup.sh", "docker-compose.yml", ".env.example", "requirements.txt", "requirements-dev.txt",
-               "requirements-postgres.txt",
+               "requirements-postgres.txt", "requirements.lock", "requirements-postgres.lock", "requirements-dev.lock",
+               "pyproject.toml",
                "generate_ca_and_device_certs.py", "pki", "lab", "mosquitto")
 
 
