@@ -23,9 +23,9 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Integer, String, delete, select
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
+from pki import migrate
 from pki.authority import utcnow
 from pki.config import ConfigError
-from pki import migrate
 from pki.inventory import READ_ONLY_OPTION, UTCDateTime, make_engine
 
 from .schema import DASHBOARD, DashboardBase

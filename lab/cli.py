@@ -8,6 +8,7 @@
     iotca token NAME [--ttl SECONDS]           a single-use enrolment token (shown once)
     iotca crl [--out FILE] [--der]             the CRL
     iotca status                               the CA's health and a count of certificates by status
+    iotca users list|add|remove|role|passwd|token|revoke-token ...   dashboard users and API tokens (local)
 
 Where it connects and with what: `--url` (default: the dashboard of `.env`, DASHBOARD_HOST/DASHBOARD_PORT),
 the CA passphrase from CA_PASSPHRASE (`.env` or the environment) for the operations that need one, and an API
@@ -117,6 +118,11 @@ def write_files(out: Path, name: str, reply: dict[str, Any]) -> list[Path]:
     return written
 
 
+def credential(passphrase: str) -> dict[str, str]:
+    """The body's `pass`, unless an operator's API token stands in for it."""
+    return {"pass": passphrase} if passphrase else {}
+
+
 # -- commands -------------------------------------------------------------------------------------------
 
 
@@ -150,7 +156,7 @@ def _issue(client: Client, args: argparse.Namespace, route: str, body: dict[str,
 
 
 def cmd_create(client: Client, args: argparse.Namespace, passphrase: str) -> int:
-    body: dict[str, Any] = {"name": args.name, "days": args.days, "pass": passphrase}
+    body: dict[str, Any] = {"name": args.name, "days": args.days, **credential(passphrase)}
     for field in ("cn", "org", "unit", "country", "state", "locality", "email"):
         if getattr(args, field):
             body[field] = getattr(args, field)
@@ -162,19 +168,19 @@ def cmd_sign(client: Client, args: argparse.Namespace, passphrase: str) -> int:
         csr = Path(args.csr).read_text()
     except OSError as ex:
         raise CLIError(f"cannot read the CSR {args.csr} ({ex.strerror}); make one with openssl req -new") from None
-    body = {"name": args.name, "days": args.days, "pass": passphrase, "csr": csr}
+    body = {"name": args.name, "days": args.days, **credential(passphrase), "csr": csr}
     return _issue(client, args, "/v1/ssl/sign", body, "signed")
 
 
 def cmd_renew(client: Client, args: argparse.Namespace, passphrase: str) -> int:
-    body = {"name": args.name, "days": args.days, "pass": passphrase}
+    body = {"name": args.name, "days": args.days, **credential(passphrase)}
     return _issue(client, args, "/v1/ssl/sign", body, "renewed")
 
 
 def cmd_revoke(client: Client, args: argparse.Namespace, passphrase: str) -> int:
     if bool(args.name) == bool(args.serial):
         raise CLIError("name either NAME or --serial S (not both); iotca certs lists them")
-    body: dict[str, Any] = {"pass": passphrase, **({"name": args.name} if args.name else {"serial": args.serial})}
+    body: dict[str, Any] = {**credential(passphrase), **({"name": args.name} if args.name else {"serial": args.serial})}
     if args.reason:
         body["reason"] = args.reason
     status, reply = client.json("POST", "/v1/ssl/revoke", body)
@@ -191,7 +197,7 @@ def cmd_revoke(client: Client, args: argparse.Namespace, passphrase: str) -> int
 
 
 def cmd_token(client: Client, args: argparse.Namespace, passphrase: str) -> int:
-    body: dict[str, Any] = {"name": args.name, "pass": passphrase}
+    body: dict[str, Any] = {"name": args.name, **credential(passphrase)}
     if args.ttl:
         body["ttl"] = args.ttl
     status, reply = client.json("POST", "/v1/ssl/tokens", body)
@@ -288,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     crl.add_argument("--der", action="store_true", help="DER instead of PEM")
 
     sub.add_parser("status", help="the CA's health and certificate counts")
+    sub.add_parser("users", help="dashboard users and API tokens: iotca users --help", add_help=False)
     return parser
 
 
@@ -299,6 +306,12 @@ def default_url(settings: Settings) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["users"]:
+        # Accounts live in the lab's database, not behind the API: this runs where the lab's .env is.
+        from dashboard.users import main as users_main
+
+        return users_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -311,11 +324,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     cafile=Path(args.cacert) if args.cacert else (root if root.exists() else None))
     try:
         if args.command in ("create", "sign", "renew", "revoke", "token"):
-            if not settings.ca_passphrase:
-                raise CLIError("CA_PASSPHRASE is not set; run iotca where the lab's .env is, or export it")
+            if not settings.ca_passphrase and not client.token:
+                raise CLIError("CA_PASSPHRASE is not set and no API token was given; run iotca where the lab's "
+                               ".env is, export CA_PASSPHRASE, or pass an operator's --token")
             handler = {"create": cmd_create, "sign": cmd_sign, "renew": cmd_renew, "revoke": cmd_revoke,
                        "token": cmd_token}[args.command]
-            return handler(client, args, settings.ca_passphrase)
+            # With an operator's token the API needs no passphrase (README, Operator access).
+            return handler(client, args, settings.ca_passphrase or "")
         return {"certs": cmd_certs, "crl": cmd_crl, "status": cmd_status}[args.command](client, args)
     except CLIError as ex:
         print(f"iotca: error: {ex}", file=sys.stderr)

@@ -25,14 +25,16 @@ from .dockerhost import Engine, EngineUnavailable, ensure_base_images, ensure_fr
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
-# Reads /api/data inside the container until both devices' readings grew (the image has python3, no curl).
+# Reads /api/data inside the container until both devices' readings grew (the image has python3, no curl), with a
+# viewer API token made by `python -m dashboard.users token` (argv[2]).
 READINGS_PROBE = """
 import json, sys, time, urllib.request
 opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+request = urllib.request.Request("http://127.0.0.1:5000/api/data", headers={"Authorization": "Bearer " + sys.argv[2]})
 first, deadline = None, time.monotonic() + float(sys.argv[1])
 while time.monotonic() < deadline:
     try:
-        data = json.load(opener.open("http://127.0.0.1:5000/api/data", timeout=5))["device_data"]
+        data = json.load(opener.open(request, timeout=5))["device_data"]
         counts = {d: v.get("readings") or 0 for d, v in data.items()}
         first = first or (counts if {"device001", "device002"} <= set(counts) else None)
         if first and all(counts[d] > first[d] for d in ("device001", "device002")):
@@ -80,7 +82,14 @@ def run(engine: Engine, timings: dict[str, float]) -> int:
             return 1
         started = time.monotonic()
         engine.docker("exec", "-d", "-w", "/root/lab", name, "sh", "-c", "./setup.sh > /root/lab-run.log 2>&1")
-        probe = subprocess.run(["docker", "exec", name, "python3", "-c", READINGS_PROBE, "180"], env=engine.env,
+        token = ""
+        deadline = time.monotonic() + 180
+        while not token and time.monotonic() < deadline:  # the database exists once the lab has started
+            made = engine.docker("exec", "-w", "/root/lab", name, ".venv/bin/python", "-m", "dashboard.users", "token",
+                                 "fresh-machine", "--role", "viewer", check=False)
+            token = made.stdout.strip().splitlines()[-1] if made.returncode == 0 and made.stdout.strip() else ""
+            time.sleep(0 if token else 2)
+        probe = subprocess.run(["docker", "exec", name, "python3", "-c", READINGS_PROBE, "180", token], env=engine.env,
                                capture_output=True, text=True, timeout=240, check=False)
         part("./setup.sh (native lab up, readings flowing)", started)
         if probe.returncode != 0:

@@ -27,8 +27,12 @@ def live(broker: Broker, generated_lab: LabEnv, tmp_path: Path) -> Iterator[dict
     if not IOTCA.exists():
         pytest.fail(f"{IOTCA} is missing: ./setup.sh installs the lab into the venv (pip install --no-deps -e .)")
     dashboard = DashboardProcess(generated_lab.env, tmp_path / "dashboard.log").start()
+    env = {**os.environ, **generated_lab.env, "IOTCA_URL": dashboard.url.rstrip("/")}
     try:
-        yield {**os.environ, **generated_lab.env, "IOTCA_URL": dashboard.url.rstrip("/")}
+        # An operator's API token, made with the CLI itself (printed once, last line).
+        made = iotca(env, "users", "token", "cli-tests", "--role", "operator")
+        assert made.returncode == 0, made.stdout + made.stderr
+        yield {**env, "IOTCA_TOKEN": made.stdout.strip().splitlines()[-1]}
     finally:
         dashboard.stop()
 
@@ -88,6 +92,18 @@ def test_every_subcommand_against_a_live_lab(live: dict[str, str], generated_lab
     status = ok_json(live, "status")
     assert status["healthy"] is True and status["certificates"]["revoked"] >= 1
 
+    users = iotca(live, "users", "add", "cli-viewer", "--role", "viewer")
+    assert users.returncode == 0, users.stderr
+    listed_users = iotca(live, "users", "list")
+    assert listed_users.returncode == 0 and "cli-viewer" in listed_users.stdout
+
+
+def test_without_a_token_the_inventory_is_refused_with_the_next_step(live: dict[str, str]) -> None:
+    anonymous = {k: v for k, v in live.items() if k != "IOTCA_TOKEN"}
+    result = iotca(anonymous, "certs")
+    (line,) = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and "401" in line and "--token" in line
+
 
 def test_errors_are_one_line_with_the_next_step(live: dict[str, str]) -> None:
     unknown = iotca(live, "renew", "nobody-here")
@@ -95,7 +111,8 @@ def test_errors_are_one_line_with_the_next_step(live: dict[str, str]) -> None:
     (line,) = unknown.stderr.strip().splitlines()
     assert line.startswith("iotca: error: ") and "404" in line and "iotca certs" in line
 
-    wrong = iotca({**live, "CA_PASSPHRASE": "not-the-passphrase"}, "revoke", "device002")
+    anonymous = {k: v for k, v in live.items() if k != "IOTCA_TOKEN"}  # an operator's token needs no passphrase
+    wrong = iotca({**anonymous, "CA_PASSPHRASE": "not-the-passphrase"}, "revoke", "device002")
     (line,) = wrong.stderr.strip().splitlines()
     assert wrong.returncode == 1 and "403" in line and "CA_PASSPHRASE" in line
 

@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import shutil
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -51,6 +52,7 @@ class DockerLab:
     broker_port: int
     dashboard_port: int
     timings: dict[str, float] = field(default_factory=dict)
+    token: str = ""
 
     @contextlib.contextmanager
     def timed(self, part: str) -> Iterator[None]:
@@ -87,15 +89,31 @@ class DockerLab:
         return {c["Config"]["Labels"]["com.docker.compose.service"]: c for c in found}
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.dashboard_port}{path}"
+        return f"https://127.0.0.1:{self.dashboard_port}{path}"  # Docker mode serves HTTPS only
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        """No proxy (loopback); HTTPS verified against the lab's root, as a user's browser would after import."""
+        context = ssl.create_default_context(cafile=str(self.root / "certs" / "root_ca" / "root_ca.crt"))
+        return urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                           urllib.request.HTTPSHandler(context=context))
+
+    def api_token(self) -> str:
+        """A viewer API token for the console's reads, made in the dashboard container as an operator would."""
+        if not self.token:
+            made = self.compose("exec", "-T", "dashboard", "python", "-m", "dashboard.users", "token", "docker-lab",
+                                "--role", "viewer")
+            assert made.returncode == 0, made.stdout + made.stderr
+            self.token = made.stdout.strip().splitlines()[-1]
+        return self.token
 
     def get_json(self, path: str) -> Any:
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(self.url(path), timeout=10) as response:
+        request = urllib.request.Request(self.url(path), headers={"Authorization": f"Bearer {self.api_token()}"})  # noqa: S310
+        with self.opener().open(request, timeout=10) as response:
             return json.loads(response.read())
 
     def post_json(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        """The seed's API: `pass` in the body, no session or token."""
+        opener = self.opener()
         request = urllib.request.Request(self.url(path), data=json.dumps(body).encode(), method="POST",  # noqa: S310
                                          headers={"Content-Type": "application/json"})
         try:

@@ -15,7 +15,7 @@ from pki.replies import Error, Issued
 
 from .conftest import LabEnv
 from .support import Broker
-from .test_browser import DashboardProcess, browser  # noqa: F401 - the browser fixture
+from .test_browser import DashboardProcess, browser, log_in  # noqa: F401 - the browser fixture
 
 
 def refs(node: Any) -> Iterator[str]:
@@ -39,8 +39,10 @@ def resolve(document: dict[str, Any], ref: str) -> Any:
     return node
 
 
-def test_asyncapi_describes_every_topic_and_every_reference_resolves(client: FlaskClient) -> None:
-    response = client.get("/v1/asyncapi.json")
+def test_asyncapi_describes_every_topic_and_every_reference_resolves(client: FlaskClient,
+                                                                     viewer_headers: dict[str, str]) -> None:
+    assert client.get("/v1/asyncapi.json").status_code == 401  # like the rest of the console: logged in only
+    response = client.get("/v1/asyncapi.json", headers=viewer_headers)
     assert response.status_code == 200
     document = response.get_json()
     assert document["asyncapi"] == "3.0.0"
@@ -85,6 +87,7 @@ def test_docs_render_in_chromium_offline(broker: Broker, generated_lab: LabEnv, 
         page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: problems.append(str(e)))
         page.route("**/*", only_the_lab)
+        log_in(page, dashboard, "admin", generated_lab.admin_password)
         page.goto(dashboard.url + "docs")
         # Swagger UI breaks long paths with <wbr>: find the operation by its data-path.
         page.wait_for_selector('.opblock-summary-path[data-path="/v1/ssl/sign"]', timeout=15000)
