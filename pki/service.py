@@ -44,7 +44,6 @@ from .authority import (
     SubjectFields,
     WrongPassphrase,
     cert_pem,
-    common_name,
     days_left,
     generate_private_key,
     key_pem,
@@ -56,6 +55,7 @@ from .authority import (
 )
 from .broker import BrokerConfigError, BrokerFiles, crl_needs_refresh, reload_broker, write_broker_policy
 from .config import Settings
+from .identity import is_reserved_san
 from .inventory import ACTIVE, REVOKED, SUPERSEDED, CertificateRecord, Inventory, TokenAlreadyUsed
 from .profiles import BACKDATE, DEVICE, ENTITY, PROFILES, Profile
 from .requests import (
@@ -71,11 +71,13 @@ from .requests import (
     RevokeRequest,
     SignRequest,
     TokenRequest,
+    create_identity,
     is_protected,
     normalise_name,
     parse,
     readable_name,
     refuse_protected,
+    refuse_reserved_sans,
 )
 from .store import (
     CERT_MODE,
@@ -448,6 +450,7 @@ class CAService:
         profile = DEVICE if token is not None else self._profile_for(request.name)
         csr = request.csr
         if csr is not None:
+            refuse_reserved_sans([*csr.dns_names, *csr.ip_addresses], self.settings)
             return self._issue(
                 ca, name=request.name, profile=profile, public_key=csr.public_key, cn=request.name, subject=None,
                 dns=csr.dns_names, ips=csr.ip_addresses, emails=csr.emails, days=request.days, via=via,
@@ -456,12 +459,12 @@ class CAService:
         # No CSR: renewal, i.e. the stored key of an entity the generator or `create` made, re-signed.
         key = self._stored_key(request.name)
         current = self._current_certificate(request.name, key)
-        cn, subject, dns, ips, emails = request.name, None, (), (), ()
+        subject, dns, ips, emails = None, [], [], []
         if current is not None:
-            cn, subject = common_name(current) or request.name, _subject_of(current)
-            dns, ips, emails = _sans_of(current)
+            subject = _subject_of(current)
+            dns, ips, emails = self._allowed_sans(current)
         return self._issue(
-            ca, name=request.name, profile=profile, public_key=key.public_key(), cn=cn, subject=subject,
+            ca, name=request.name, profile=profile, public_key=key.public_key(), cn=request.name, subject=subject,
             dns=dns, ips=ips, emails=emails, days=request.days, via=via, requester=requester, reply_key=key,
         )
 
@@ -503,14 +506,21 @@ class CAService:
         days = max(1, round(lifetime.total_seconds() / 86400))
         if request.days is not None:
             days = min(days, request.days)
-        dns, ips, emails = _sans_of(current)
+        dns, ips, emails = self._allowed_sans(current)
         reply = self._issue(
             ca, name=name, profile=PROFILES.get(record.role, ENTITY), public_key=csr.public_key,
-            cn=common_name(current) or name, subject=_subject_of(current), dns=dns, ips=ips, emails=emails,
+            cn=name, subject=_subject_of(current), dns=dns, ips=ips, emails=emails,
             days=min(days, self._max_days(root)), via="renew", requester=requester, from_csr=True, write_files=False,
         )
         log.info("renewed %s: serial %s -> %s", name, record.serial, reply.body["serial"])
         return reply
+
+    def _allowed_sans(self, cert: x509.Certificate) -> tuple[list[str], list[str], list[str]]:
+        """The SANs a renewal carries over: the current certificate's, without any reserved name (`pki.identity`),
+        so a certificate issued before the rule existed does not pass a lab server's name on."""
+        dns, ips, emails = _sans_of(cert)
+        return ([d for d in dns if not is_reserved_san(d, self.settings)],
+                [i for i in ips if not is_reserved_san(i, self.settings)], emails)
 
     def _stored_key(self, name: str) -> PrivateKey:
         data = read_optional(self.layout.key(name))
@@ -544,6 +554,7 @@ class CAService:
         root = self._root_certificate()
         request = parse(CreateRequest, body, max_days=self._max_days(root))
         refuse_protected(request.name)
+        cn, extra_dns = create_identity(request, self.settings)
         ca = self._authorise(request.passphrase, source)
         fields = {**request.replay_fields(), "key_type": self.settings.key_type}
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
@@ -557,7 +568,7 @@ class CAService:
         )
         return self._issue(
             ca, name=request.name, profile=self._profile_for(request.name), public_key=key.public_key(),
-            cn=request.common_name, subject=subject, dns=(), ips=(), emails=(request.email,) if request.email else (),
+            cn=cn, subject=subject, dns=extra_dns, ips=(), emails=(request.email,) if request.email else (),
             days=request.days, via=via, requester=requester, new_key=key, digest=digest,
         )
 
