@@ -36,6 +36,9 @@ CRL_REFRESH_BEFORE = dt.timedelta(days=20)
 DOCKER_CERTS = "/mosquitto/certs"
 DOCKER_POLICY = "/mosquitto/policy"
 DOCKER_DATA = "/mosquitto/data"
+# The broker identity of the CA role, the only reader of the CA request topics (acl.template). The CA runs
+# inside the dashboard process today, so it is the dashboard's; Step 12 gives the CA service its own CN `ca`.
+CA_IDENTITY = "dashboard"
 
 
 class BrokerConfigError(RuntimeError):
@@ -124,7 +127,9 @@ def render_config(
 def render_acl(denied_names: Iterable[str] = ()) -> str:
     """The ACL; `denied_names` (revoked identities) get a `topic deny #` block that beats every pattern."""
     blocks = "".join(f"user {name}\ntopic deny #\n\n" for name in sorted(set(denied_names)))
-    return Template((TEMPLATES / "acl.template").read_text()).substitute(revoked_blocks=blocks or "\n")
+    return Template((TEMPLATES / "acl.template").read_text()).substitute(
+        revoked_blocks=blocks or "\n", ca_identity=CA_IDENTITY
+    )
 
 
 def crl_needs_refresh(path: Path, ca: CertificateAuthority, now: dt.datetime | None = None) -> bool:
