@@ -134,11 +134,13 @@ class CAMqttEndpoint:
                 self.handled += 1
 
     def _refuse_retained(self, topic: str, has_payload: bool) -> None:
+        if not has_payload:  # the deletion of a retained message (ours, below): nothing to do
+            return
         with self._counts_lock:
             self.retained_ignored += 1
-        if has_payload:  # delete it from the broker, so its secrets are not stored there either
-            log.warning("ignored a retained request on %s (never processed) and cleared it", topic)
-            self.bridge.publish(topic, b"", qos=1, retain=True)
+        log.warning("ignored a retained request on %s (never processed) and cleared it", topic)
+        # Delete it from the broker, so its secrets are not kept there (nor sent to the next CA that subscribes).
+        self.bridge.publish(topic, b"", qos=1, retain=True)
 
     # -- worker threads --------------------------------------------------------------------------------
 
