@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -169,7 +170,7 @@ def current_crl_number(path: Path) -> int:
 def write_crl(
     files: BrokerFiles,
     ca: CertificateAuthority,
-    revoked: Iterable[tuple[int, dt.datetime]],
+    revoked: Iterable[tuple[Any, ...]],
     now: dt.datetime | None = None,
 ) -> x509.CertificateRevocationList:
     """Build, check (parses, signed by the root, not expired), then atomically replace the CRL."""
@@ -183,7 +184,7 @@ def write_crl(
         raise BrokerConfigError("the new CRL does not verify against the root; the old one was kept")
     if check.next_update_utc is None or check.next_update_utc <= now:
         raise BrokerConfigError("the new CRL would already be expired; the old one was kept")
-    if len(list(check)) != len({serial for serial, _ in revoked}):
+    if len(list(check)) != len({entry[0] for entry in revoked}):
         raise BrokerConfigError("the new CRL lost entries; the old one was kept")
     atomic_write(files.crl, data, CERT_MODE)
     return crl
@@ -208,7 +209,7 @@ def write_broker_configs(settings: Settings) -> bool:
 def write_broker_policy(
     settings: Settings,
     ca: CertificateAuthority,
-    revoked: Iterable[tuple[int, dt.datetime]],
+    revoked: Iterable[tuple[Any, ...]],
     denied_names: Iterable[str],
     *,
     force_crl: bool = False,
@@ -218,7 +219,8 @@ def write_broker_policy(
     ensure_dir(files.policy_dir, 0o755)
     changed = atomic_write(files.acl, render_acl(denied_names).encode(), CERT_MODE)
     revoked = list(revoked)
-    if force_crl or crl_needs_refresh(files.crl, ca) or _crl_serials(files.crl) != {s for s, _ in revoked}:
+    listed = {entry[0] for entry in revoked}
+    if force_crl or crl_needs_refresh(files.crl, ca) or crl_serials(files.crl) != listed:
         write_crl(files, ca, revoked)
         changed = True
     return changed
@@ -227,7 +229,7 @@ def write_broker_policy(
 def write_broker_files(
     settings: Settings,
     ca: CertificateAuthority,
-    revoked: Iterable[tuple[int, dt.datetime]],
+    revoked: Iterable[tuple[Any, ...]],
     denied_names: Iterable[str],
     *,
     force_crl: bool = False,
@@ -237,7 +239,7 @@ def write_broker_files(
     return write_broker_policy(settings, ca, revoked, denied_names, force_crl=force_crl) or configs
 
 
-def _crl_serials(path: Path) -> set[int]:
+def crl_serials(path: Path) -> set[int]:
     try:
         return {entry.serial_number for entry in x509.load_pem_x509_crl(path.read_bytes())}
     except (OSError, ValueError):

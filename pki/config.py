@@ -82,6 +82,8 @@ class Settings:
     data_dir: Path = PROJECT_ROOT / "data"
     database_url: str = ""
     publish_interval: float = 5.0
+    # Seconds a superseded certificate stays usable before it goes on the CRL (reason superseded); 0 = at once.
+    superseded_grace: int = 900
 
     def __repr__(self) -> str:  # never show the passphrase in logs or tracebacks
         fields = ", ".join(
@@ -125,6 +127,7 @@ class Settings:
             data_dir=data_dir,
             database_url=(env.get("DATABASE_URL") or "").strip(),
             publish_interval=interval,
+            superseded_grace=_int_setting(env, "SUPERSEDED_GRACE_SECONDS", 900, minimum=0),
         )
 
     @property

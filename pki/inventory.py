@@ -178,6 +178,11 @@ def _issued_values(cert: x509.Certificate, *, name: str, role: str, via: str, re
     }
 
 
+def _as_utc(value: dt.datetime) -> dt.datetime:
+    """Core selects bypass UTCDateTime's result processing on some paths: SQLite gives naive UTC back."""
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
+
+
 def make_engine(url: str) -> Engine:
     """An engine with SQLite tuned for several writers: WAL, a busy timeout, BEGIN IMMEDIATE."""
     parsed = make_url(url)
@@ -302,15 +307,41 @@ class Inventory:
         with self.reading() as session:
             return list(session.scalars(query))
 
-    def revoked_serials(self, session: Session | None = None) -> list[tuple[int, dt.datetime]]:
-        """(serial, revocation time) of every revoked certificate: the CRL's content."""
+    def revoked_serials(
+        self, session: Session | None = None, superseded_grace: float | None = None, now: dt.datetime | None = None
+    ) -> list[tuple[int, dt.datetime, str | None]]:
+        """(serial, revocation time, RFC 5280 reason) of every certificate the CRL lists: the CRL's content.
+
+        Revoked certificates with the reason given to `revoke`; with `superseded_grace` (seconds), also every
+        unexpired superseded certificate whose successor was issued at least that long ago, reason `superseded`
+        (so a stolen old key dies with key rotation), dated when its grace ended.
+        """
         if session is None:
             with self.session() as own:
-                return self.revoked_serials(own)
-        query = select(CertificateRecord.serial, CertificateRecord.revoked_at).where(
-            CertificateRecord.status == REVOKED
-        )
-        return [(int(serial, 16), when or utcnow()) for serial, when in session.execute(query)]
+                return self.revoked_serials(own, superseded_grace, now)
+        table = CertificateRecord.__table__
+        query = select(table.c.serial, table.c.revoked_at, table.c.revocation_reason).where(table.c.status == REVOKED)
+        entries = [(int(serial, 16), when or utcnow(), reason) for serial, when, reason in session.execute(query)]
+        if superseded_grace is None:
+            return entries
+        now = now or utcnow()
+        grace = dt.timedelta(seconds=superseded_grace)
+        old = session.execute(select(table.c.name, table.c.id, table.c.serial).where(
+            table.c.status == SUPERSEDED, table.c.not_after > now)).all()
+        if not old:
+            return entries
+        issued: dict[str, list[tuple[int, dt.datetime]]] = {}
+        names = sorted({name for name, _id, _serial in old})
+        for start in range(0, len(names), 500):
+            for name, row_id, issued_at in session.execute(
+                select(table.c.name, table.c.id, table.c.issued_at).where(table.c.name.in_(names[start:start + 500]))
+            ):
+                issued.setdefault(name, []).append((row_id, _as_utc(issued_at)))
+        for name, row_id, serial in old:
+            successors = sorted((i, when) for i, when in issued.get(name, []) if i > row_id)
+            if successors and successors[0][1] + grace <= now:
+                entries.append((int(serial, 16), successors[0][1] + grace, "superseded"))
+        return entries
 
     def denied_names(self, session: Session | None = None) -> list[str]:
         """Identities whose latest certificate is revoked and that hold no active one: the ACL denies them.
