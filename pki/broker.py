@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 
 from .authority import CertificateAuthority, utcnow
 from .config import PROJECT_ROOT, Settings
+from .identity import mac_as_written
 from .store import CERT_MODE, POLICY_DIR, atomic_write, ensure_dir
 
 log = logging.getLogger(__name__)
@@ -125,11 +126,18 @@ def render_config(
     )
 
 
-def render_acl(denied_names: Iterable[str] = ()) -> str:
-    """The ACL; `denied_names` (revoked identities) get a `topic deny #` block that beats every pattern."""
-    blocks = "".join(f"user {name}\ntopic deny #\n\n" for name in sorted(set(denied_names)))
+def render_acl(denied_names: Iterable[str] = (), collectors: Iterable[str] = ()) -> str:
+    """The ACL; `denied_names` (revoked identities) get a `topic deny #` block that beats every pattern.
+
+    `collectors`: identities named by a MAC address (`pki.identity.mac_as_written`); each may also read its reply
+    topic as the seed writes it, `ssl/AA:BB:CC:DD:EE:01` (its CN, the `%u` of the patterns, has no colons).
+    """
+    denied = set(denied_names)
+    blocks = "".join(f"user {name}\ntopic deny #\n\n" for name in sorted(denied))
+    grants = "".join(f"user {name}\ntopic read ssl/{written}\n\n" for name in sorted(set(collectors))
+                     if name not in denied and (written := mac_as_written(name)))
     return Template((TEMPLATES / "acl.template").read_text()).substitute(
-        revoked_blocks=blocks or "\n", ca_identity=CA_IDENTITY
+        revoked_blocks=blocks or "\n", ca_identity=CA_IDENTITY, collector_blocks=grants or "\n"
     )
 
 
@@ -213,11 +221,12 @@ def write_broker_policy(
     denied_names: Iterable[str],
     *,
     force_crl: bool = False,
+    collectors: Iterable[str] = (),
 ) -> bool:
     """Write the ACL and (when its content changed or it is due) the CRL; True when either changed."""
     files = BrokerFiles(settings.certs_dir, settings.data_dir)
     ensure_dir(files.policy_dir, 0o755)
-    changed = atomic_write(files.acl, render_acl(denied_names).encode(), CERT_MODE)
+    changed = atomic_write(files.acl, render_acl(denied_names, collectors).encode(), CERT_MODE)
     revoked = list(revoked)
     listed = {entry[0] for entry in revoked}
     if force_crl or crl_needs_refresh(files.crl, ca) or crl_serials(files.crl) != listed:
@@ -233,10 +242,12 @@ def write_broker_files(
     denied_names: Iterable[str],
     *,
     force_crl: bool = False,
+    collectors: Iterable[str] = (),
 ) -> bool:
     """Everything the broker reads: configs, ACL and CRL; True when anything it reads changed."""
     configs = write_broker_configs(settings)
-    return write_broker_policy(settings, ca, revoked, denied_names, force_crl=force_crl) or configs
+    return write_broker_policy(settings, ca, revoked, denied_names, force_crl=force_crl,
+                               collectors=collectors) or configs
 
 
 def crl_serials(path: Path) -> set[int]:

@@ -30,6 +30,19 @@ def is_protected_identity(name: str) -> bool:
     return name.lower() in PROTECTED_NAMES or bool(_SERVICE_IDENTITY_RE.fullmatch(name))
 
 
+_MAC_RE = re.compile(r"[0-9A-Fa-f]{12}")
+
+
+def mac_as_written(name: str) -> str | None:
+    """`AABBCCDDEE01` -> `AA:BB:CC:DD:EE:01`: the name a collector writes, and its reply topic `ssl/<that>`.
+
+    The broker's `%u` is the CN (colons removed), so the ACL grants each collector this topic by name.
+    """
+    if not _MAC_RE.fullmatch(name):
+        return None
+    return ":".join(name[i:i + 2] for i in range(0, 12, 2))
+
+
 def reserved_host_names(settings: Settings | None) -> frozenset[str]:
     """Lower-cased DNS names and IP addresses that only the broker and dashboard certificates carry."""
     names = set(SERVICE_HOST_NAMES)

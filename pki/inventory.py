@@ -42,6 +42,7 @@ REVOKED = "revoked"
 
 # Names that may appear in a broker ACL `user` line (no spaces, newlines or wildcards).
 _ACL_SAFE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_MAC_NAME_RE = re.compile(r"[0-9A-Fa-f]{12}")
 
 
 class Base(DeclarativeBase):
@@ -365,6 +366,15 @@ class Inventory:
             if status == REVOKED and name not in active_names:
                 denied.update(v for v in (name, cn) if v not in active_cns and _ACL_SAFE_RE.fullmatch(v))
         return sorted(denied)
+
+    def collectors(self, session: Session | None = None) -> list[str]:
+        """Entities named by a MAC address (12 hex digits) with an active certificate: the ACL grants each its
+        reply topic with colons, `ssl/AA:BB:CC:DD:EE:01`."""
+        if session is None:
+            with self.session() as own:
+                return self.collectors(own)
+        names = session.execute(select(CertificateRecord.name).where(CertificateRecord.status == ACTIVE)).scalars()
+        return sorted({name for name in names if _MAC_NAME_RE.fullmatch(name)})
 
     # -- the CA service: lookups, revocation, create replay, enrolment tokens ---------------------------
 

@@ -318,7 +318,8 @@ class LabCertificates:
                 broker_files = BrokerFiles(settings.certs_dir, settings.data_dir)
                 revoked = self._merge_crl_revocations(inventory, broker_files, ca)
                 if write_broker_files(
-                    settings, ca, revoked, inventory.denied_names(), force_crl=report.new_root
+                    settings, ca, revoked, inventory.denied_names(), force_crl=report.new_root,
+                    collectors=inventory.collectors(),
                 ):
                     self.progress(f"Broker config, ACL and CRL written under {settings.certs_dir}")
                     reload_broker(broker_files)

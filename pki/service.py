@@ -61,7 +61,7 @@ from .broker import (
     write_broker_policy,
 )
 from .config import Settings
-from .identity import is_reserved_san
+from .identity import is_reserved_san, mac_as_written
 from .inventory import ACTIVE, REVOKED, SUPERSEDED, CertificateRecord, Inventory, TokenAlreadyUsed
 from .profiles import BACKDATE, DEVICE, ENTITY, PROFILES, Profile
 from .requests import (
@@ -300,7 +300,8 @@ class CAService:
                 entry[0] for entry in entries
             }:
                 return False
-            changed = write_broker_policy(self.settings, ca, entries, self.inventory.denied_names(session))
+            changed = write_broker_policy(self.settings, ca, entries, self.inventory.denied_names(session),
+                                          collectors=self.inventory.collectors(session))
         if changed:
             reload_broker(self.broker_files)
             log.info("CRL refreshed under %s", self.broker_files.crl)
@@ -434,11 +435,20 @@ class CAService:
         acl = self._acl_file.read()
         return acl is not None and any(f"\nuser {n}\ntopic deny #".encode() in acl for n in names)
 
+    def _acl_lacks_collector(self, name: str) -> bool:
+        """A collector named by its MAC whose reply topic with colons the ACL does not grant yet (once each)."""
+        written = mac_as_written(name)
+        if written is None:
+            return False
+        acl = self._acl_file.read()
+        return acl is not None and f"\nuser {name}\ntopic read ssl/{written}\n".encode() not in acl
+
     def _sync_broker(self, ca: CertificateAuthority) -> None:
         """Rewrite ACL and CRL from the inventory (caller holds the writer lock) and reload the broker."""
         with self.inventory.session() as session:
             changed = write_broker_policy(
-                self.settings, ca, self._crl_entries(session), self.inventory.denied_names(session)
+                self.settings, ca, self._crl_entries(session), self.inventory.denied_names(session),
+                collectors=self.inventory.collectors(session),
             )
         if changed:
             reload_broker(self.broker_files)
@@ -651,8 +661,10 @@ class CAService:
         if from_csr and digest is None and self._record_without_files(
             cert, name=name, role=profile.role, via=via, requester=requester, token=token, unless_folder=write_files
         ):
-            if supersedes_now or self._acl_denies(name, cn):  # the CRL lists the superseded certificate, or a
-                with self._writer():  # revoked identity got a new certificate: lift the ACL deny
+            # The CRL lists the superseded certificate, a revoked identity got a new certificate (lift the ACL
+            # deny), or a new collector gets its reply topic.
+            if supersedes_now or self._acl_denies(name, cn) or self._acl_lacks_collector(name):
+                with self._writer():
                     self._sync_broker(ca)
             log.info("issued %s (%s) serial %s, %s days, via %s", name, profile.role, serial, days, via)
             return Reply(201, self._body(name, ca, cert, reply_key))
@@ -669,7 +681,7 @@ class CAService:
                 # Files inside the transaction: if writing fails, the inventory row is rolled back too.
                 if write_files:
                     self._store(name, cert, ca, new_key, from_csr)
-            if supersedes_now or self._acl_denies(name, cn):  # as above
+            if supersedes_now or self._acl_denies(name, cn) or self._acl_lacks_collector(name):  # as above
                 self._sync_broker(ca)
         log.info("issued %s (%s) serial %s, %s days, via %s", name, profile.role, serial, days, via)
         return Reply(201, self._body(name, ca, cert, new_key or reply_key))
@@ -744,6 +756,7 @@ class CAService:
                     # nothing is marked revoked and the caller learns it (revocation never silently lost).
                     changed = write_broker_policy(
                         self.settings, ca, self._crl_entries(session), self.inventory.denied_names(session),
+                        collectors=self.inventory.collectors(session),
                     )
             except BrokerConfigError as ex:
                 log.error("revocation of %s not done: %s", name, ex)
