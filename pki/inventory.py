@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from sqlalchemy import (
     DateTime,
     ForeignKey,
@@ -43,6 +44,8 @@ REVOKED = "revoked"
 # Names that may appear in a broker ACL `user` line (no spaces, newlines or wildcards).
 _ACL_SAFE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _MAC_NAME_RE = re.compile(r"[0-9A-Fa-f]{12}")
+# `issued_via` of certificates the generator wrote (pki/lab.py): their predecessors are not listed as superseded.
+GENERATOR_VIAS = frozenset({"cli", "import"})
 
 
 class Base(DeclarativeBase):
@@ -177,6 +180,12 @@ def _issued_values(cert: x509.Certificate, *, name: str, role: str, via: str, re
         "revocation_reason": None,
         "pem": cert_pem(cert).decode(),
     }
+
+
+def _public_key_der(pem: str) -> bytes:
+    return x509.load_pem_x509_certificate(pem.encode()).public_key().public_bytes(
+        Encoding.DER, PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def _as_utc(value: dt.datetime) -> dt.datetime:
@@ -314,8 +323,11 @@ class Inventory:
         """(serial, revocation time, RFC 5280 reason) of every certificate the CRL lists: the CRL's content.
 
         Revoked certificates with the reason given to `revoke`; with `superseded_grace` (seconds), also every
-        unexpired superseded certificate whose successor was issued at least that long ago, reason `superseded`
-        (so a stolen old key dies with key rotation), dated when its grace ended.
+        unexpired superseded certificate whose successor has a new key and was issued at least that long ago,
+        reason `superseded` (so a stolen old key dies with key rotation), dated when its grace ended. A re-signed
+        key (`sign` without a CSR) supersedes nothing on the CRL: the key did not change. Only successors the CA
+        service issued count (`sign`, `create`, renewal): a running process does not yet switch to files the
+        generator renewed under it (GENERATOR_VIAS), so its old certificate must keep working.
         """
         if session is None:
             with self.session() as own:
@@ -327,21 +339,26 @@ class Inventory:
             return entries
         now = now or utcnow()
         grace = dt.timedelta(seconds=superseded_grace)
-        old = session.execute(select(table.c.name, table.c.id, table.c.serial).where(
+        old = session.execute(select(table.c.name, table.c.id, table.c.serial, table.c.pem).where(
             table.c.status == SUPERSEDED, table.c.not_after > now)).all()
         if not old:
             return entries
         issued: dict[str, list[tuple[int, dt.datetime]]] = {}
-        names = sorted({name for name, _id, _serial in old})
+        names = sorted({row.name for row in old})
         for start in range(0, len(names), 500):
-            for name, row_id, issued_at in session.execute(
-                select(table.c.name, table.c.id, table.c.issued_at).where(table.c.name.in_(names[start:start + 500]))
+            for name, row_id, issued_at, via, pem in session.execute(
+                select(table.c.name, table.c.id, table.c.issued_at, table.c.issued_via, table.c.pem)
+                .where(table.c.name.in_(names[start:start + 500]))
             ):
-                issued.setdefault(name, []).append((row_id, _as_utc(issued_at)))
-        for name, row_id, serial in old:
-            successors = sorted((i, when) for i, when in issued.get(name, []) if i > row_id)
-            if successors and successors[0][1] + grace <= now:
-                entries.append((int(serial, 16), successors[0][1] + grace, "superseded"))
+                issued.setdefault(name, []).append((row_id, _as_utc(issued_at), via, pem))
+        for name, row_id, serial, pem in old:
+            successors = sorted((s for s in issued.get(name, []) if s[0] > row_id), key=lambda s: s[0])
+            if not successors:
+                continue
+            _id, when, via, successor_pem = successors[0]
+            if via in GENERATOR_VIAS or when + grace > now or _public_key_der(pem) == _public_key_der(successor_pem):
+                continue
+            entries.append((int(serial, 16), when + grace, "superseded"))
         return entries
 
     def denied_names(self, session: Session | None = None) -> list[str]:
