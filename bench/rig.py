@@ -138,12 +138,14 @@ class DashboardProcess:
     def errors(self, limit: int = 20) -> list[str]:
         """ERROR lines and tracebacks in the dashboard's log, for the results file.
 
-        Werkzeug's `code 400, message Bad request syntax` is left out: it is the Socket.IO client's last
-        WebSocket frame arriving after the server closed the socket, read as a new HTTP request (the bench's
-        client disconnecting), not something the dashboard did wrong.
+        Werkzeug's `code 400, message Bad request syntax` (or `Bad HTTP/0.9 request type`, when the frame's
+        random masking bytes contain no space) is left out: it is the Socket.IO client's last WebSocket frame
+        arriving after the server closed the socket, read as a new HTTP request (the bench's client
+        disconnecting), not something the dashboard did wrong.
         """
+        benign = ("Bad request syntax", "Bad HTTP/0.9 request type")
         return [line for line in self.log().splitlines()
-                if (" ERROR " in line or "Traceback" in line) and "Bad request syntax" not in line][:limit]
+                if (" ERROR " in line or "Traceback" in line) and not any(b in line for b in benign)][:limit]
 
 
 class BenchLab:
