@@ -246,14 +246,15 @@ def reply_status(message: mqtt.MQTTMessage) -> int:
 class Requester:
     """One MQTT v5 connection (one certificate) that sends CA requests and matches replies by CorrelationData.
 
-    Replies come on `ssl/<own CN>` (the ResponseTopic; every certificate holder may read it), so one
-    connection can have many requests for other names in flight, as a gateway or provisioning station would.
+    Replies come on `ssl/<own CN>/replies` (the ResponseTopic; every certificate holder may read the topics under
+    its own CN, and failures are answered only there), so one connection can have many requests for other
+    names in flight, as a gateway or provisioning station would.
     """
 
     def __init__(self, identity: Identity, name: str, port: int) -> None:
         self.name = name
         self.port = port
-        self.reply_topic = f"ssl/{name}"
+        self.reply_topic = f"ssl/{name}/replies"
         self.client = make_client(identity, name, protocol=mqtt.MQTTv5)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe

@@ -11,6 +11,8 @@ import logging
 import threading
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
 from pki.requests import BAD_REQUEST, UNSUPPORTED_MEDIA_TYPE, RequestError
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 bp = Blueprint("ca_http", __name__, url_prefix="/v1")
 
 PEM_MIMETYPE = "application/x-pem-file"
+DER_CRL_MIMETYPE = "application/pkix-crl"
 # The CRL's next-update is checked this often (seconds); it is rewritten once less than 20 days are left.
 CRL_CHECK_INTERVAL = 3600
 
@@ -117,10 +120,16 @@ def ca_certificate() -> Response:
 
 @bp.get("/ssl/crl")
 def crl() -> Response:
+    """PEM by default; DER (RFC 5280 4.2.1.13, as distribution points serve it) with Accept: application/pkix-crl."""
     try:
-        return Response(service().crl_pem(), mimetype=PEM_MIMETYPE, headers={"Cache-Control": "no-cache"})
+        pem = service().crl_pem()
     except RequestError as ex:
         return _error(ex)
+    headers = {"Cache-Control": "no-cache", "Vary": "Accept"}
+    if request.accept_mimetypes.best_match([PEM_MIMETYPE, DER_CRL_MIMETYPE], default=PEM_MIMETYPE) == DER_CRL_MIMETYPE:
+        der = x509.load_pem_x509_crl(pem).public_bytes(serialization.Encoding.DER)
+        return Response(der, mimetype=DER_CRL_MIMETYPE, headers=headers)
+    return Response(pem, mimetype=PEM_MIMETYPE, headers=headers)
 
 
 @bp.get("/ssl/certs")
@@ -166,7 +175,10 @@ def init_app(app: Flask) -> None:
     ensure_ca_service(app)
     app.register_blueprint(bp)
     # The running lab refreshes the CRL; tests opt in with CRL_REFRESH_SECONDS.
-    interval = app.config.get("CRL_REFRESH_SECONDS", CRL_CHECK_INTERVAL if app.config.get("MQTT_ENABLED") else 0)
+    # Often enough that a superseded certificate is listed soon after its grace ends.
+    grace = app.extensions["lab_settings"].superseded_grace
+    default = min(CRL_CHECK_INTERVAL, max(10, grace // 4)) if grace else CRL_CHECK_INTERVAL
+    interval = app.config.get("CRL_REFRESH_SECONDS", default if app.config.get("MQTT_ENABLED") else 0)
     if interval:
         start_crl_refresh(app, float(interval))
 

@@ -1,11 +1,17 @@
 """The CA's MQTT endpoint: requests on `ssl/sign`, `ssl/create` and `ssl/renew/<CN>`, replies on `ssl/<name>` (QoS 1).
 
+`ssl/sign/<CN>` and `ssl/create/<CN>` take the same requests from a proven CN (the ACL lets only <CN> write
+there), so the lockout counts wrong passphrases per certificate (pki/lockout.py), and a failure can be answered
+on the requester's own `ssl/<CN>`.
+
 Renewal needs no passphrase: the broker's ACL lets a certificate write only `ssl/renew/<its CN>`, so the topic
 proves who asks, and `CAService.renew` takes the CN from the topic (its reply goes to `ssl/<CN>`).
 
 A thin adapter over `pki.service.CAService`, like the HTTP routes: decode the JSON, call the service, publish
-its reply body unchanged. MQTT v5 requests with a ResponseTopic also get the reply there, with their
-CorrelationData; every reply carries the HTTP status as the user property `status` (v5 subscribers see it).
+its reply body unchanged, only where the requester reads (`reply_topics`): a certificate on `ssl/<name as
+written>`, a failure of `sign`/`create` only on the request's MQTT v5 ResponseTopic (`ssl/<CN>/...`), never on
+another identity's `ssl/<name>`. Replies carry the request's CorrelationData and the HTTP status as the user
+property `status` (v5 subscribers see it). Retained requests are never processed, and are cleared.
 
 Messages arrive on paho's network thread through the dashboard's single MqttBridge; they are handed to a small
 worker pool at once, so signing never stalls the connection. Nothing a publisher sends can stop the
@@ -48,6 +54,14 @@ WORKERS = 32
 MAX_PENDING = 4096
 
 
+def _is_reply_topic(topic: str) -> bool:
+    """A topic the CA may answer on: under ssl/, no wildcards, not one of the request topics."""
+    if not topic.startswith("ssl/") or "+" in topic or "#" in topic:
+        return False
+    return not any(topic == f"ssl/{op}" or topic.startswith(f"ssl/{op}/") for op in OPERATIONS) and \
+        not topic.startswith(RENEW_PREFIX)
+
+
 def _truthy(value: object) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes", "on")
 
@@ -69,6 +83,7 @@ class CAMqttEndpoint:
         self.received = 0
         self.handled = 0
         self.by_status: dict[int, int] = {}
+        self.retained_ignored = 0
 
     def topic_filters(self) -> list[str]:
         prefix = f"$share/{SHARE_GROUP}/" if self.shared else ""
@@ -78,7 +93,7 @@ class CAMqttEndpoint:
 
     def register(self) -> None:
         for topic_filter in self.topic_filters():
-            self.bridge.subscribe(topic_filter, self.on_message, qos=1)
+            self.bridge.subscribe(topic_filter, self.on_message, qos=1, retain_as_published=True)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -91,7 +106,8 @@ class CAMqttEndpoint:
     def stats(self) -> dict[str, Any]:
         with self._counts_lock:
             return {"received": self.received, "handled": self.handled,
-                    "by_status": {str(k): v for k, v in sorted(self.by_status.items())}}
+                    "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
+                    "retained_ignored": self.retained_ignored}
 
     # -- network thread: copy what we need, hand over, return ------------------------------------------
 
@@ -107,12 +123,12 @@ class CAMqttEndpoint:
             if operation not in OPERATIONS:
                 return
             # ssl/<op>/<CN>: the ACL lets only <CN> write there, so the lockout can count on the CN.
-            cn = None
-            if len(parts) == 3:
-                cn = parts[2]
-                if not cn:
-                    return
-                operation = f"{operation}/cn"
+            cn = parts[2] if len(parts) == 3 else None
+            if cn == "":
+                return
+        if message.retain:  # one request, one answer: a retained request would be answered again at every
+            self._refuse_retained(topic, bool(message.payload))  # reconnect, so it is never processed at all
+            return
         properties = getattr(message, "properties", None)
         response_topic = getattr(properties, "ResponseTopic", None) or None
         correlation = getattr(properties, "CorrelationData", None)
@@ -120,7 +136,7 @@ class CAMqttEndpoint:
         with self._counts_lock:
             self.received += 1
         if not self._slots.acquire(blocking=False):
-            self._finish(operation, payload, response_topic, correlation,
+            self._finish(operation, None, response_topic, correlation,
                          Reply(UNAVAILABLE, {"error": "the CA is busy; retry in a few seconds"}), cn)
             return
         try:
@@ -130,14 +146,24 @@ class CAMqttEndpoint:
             with self._counts_lock:
                 self.handled += 1
 
+    def _refuse_retained(self, topic: str, has_payload: bool) -> None:
+        if not has_payload:  # the deletion of a retained message (ours, below): nothing to do
+            return
+        with self._counts_lock:
+            self.retained_ignored += 1
+        log.warning("ignored a retained request on %s (never processed) and cleared it", topic)
+        # Delete it from the broker, so its secrets are not kept there (nor sent to the next CA that subscribes).
+        self.bridge.publish(topic, b"", qos=1, retain=True)
+
     # -- worker threads --------------------------------------------------------------------------------
 
     def _work(
         self, operation: str, payload: bytes, response_topic: str | None, correlation: bytes | None, cn: str | None
     ) -> None:
         try:
-            reply = self._handle(operation, payload, cn)
-            self._finish(operation, payload, response_topic, correlation, reply, cn)
+            body, reply = self._handle(operation, payload, cn)
+            written = body.get("name") if isinstance(body, dict) else None
+            self._finish(operation, written, response_topic, correlation, reply, cn)
         except Exception:  # never lose the worker; the service itself already turns errors into replies
             log.exception("ssl/%s: unexpected failure while answering", operation)
             with self._counts_lock:
@@ -145,40 +171,57 @@ class CAMqttEndpoint:
         finally:
             self._slots.release()
 
-    def _handle(self, operation: str, payload: bytes, cn: str | None = None) -> Reply:
+    def _handle(self, operation: str, payload: bytes, cn: str | None = None) -> tuple[object, Reply]:
         try:
             body = json.loads(payload)
         except (ValueError, RecursionError):
-            return Reply(400, {"error": "the payload is not valid JSON"})
+            return None, Reply(400, {"error": "the payload is not valid JSON"})
         if operation == "renew":  # ssl/renew/<cn>: only <cn>'s certificate may publish here (ACL)
             assert cn is not None
-            return self.service.renew(cn, body, via="mqtt", requester=f"mqtt:{cn}")
-        call = self.service.sign if operation.startswith("sign") else self.service.create
+            return body, self.service.renew(cn, body, via="mqtt", requester=f"mqtt:{cn}")
+        call = self.service.sign if operation == "sign" else self.service.create
         if cn is not None:  # ssl/<op>/<cn>: the broker proved the publisher's CN (pki/lockout.py)
-            return call(body, source=f"{IDENTITY_PREFIX}{cn}", via="mqtt", requester=f"mqtt:{cn}")
+            return body, call(body, source=f"{IDENTITY_PREFIX}{cn}", via="mqtt", requester=f"mqtt:{cn}")
         # ssl/sign, ssl/create: the replier never learns who published (MQTT hides it), so the lockout counts
         # per requested name and, with a higher limit, over every such request (pki/lockout.py).
         name = readable_name(body)
-        return call(body, source="mqtt", via="mqtt", requester=f"mqtt:{name or '?'}")
+        return body, call(body, source="mqtt", via="mqtt", requester=f"mqtt:{name or '?'}")
+
+    def reply_topics(
+        self, written_name: object, response_topic: str | None, reply: Reply, cn: str | None = None,
+        operation: str = "sign",
+    ) -> list[str]:
+        """Where an answer goes: only to topics the requester reads, never onto a third party's reply topic.
+
+        - `ssl/renew/<CN>`: only that CN may publish there (ACL), so success or failure goes to `ssl/<CN>`.
+        - `ssl/sign/<CN>`, `ssl/create/<CN>`: the publisher is proven too; a certificate goes to `ssl/<name as
+          written>`, a failure to the requester's own `ssl/<CN>`.
+        - `ssl/sign`, `ssl/create`: the publisher is unknown (MQTT hides it). A certificate goes to
+          `ssl/<name as written>` (a MAC keeps its colons, as the seed names the topic); a failure only to the
+          request's MQTT v5 response topic, and never to a bare `ssl/<x>`, which is some identity's own reply
+          topic: nobody can flood another device's `ssl/<name>` with failures and break its renewal.
+        - A response topic must be under `ssl/` and not a request topic (the CA would answer itself).
+        """
+        topics: list[str] = []
+        own = f"ssl/{cn}" if cn is not None and readable_name({"name": cn}) else None
+        if operation == "renew" or (own and not reply.ok):
+            topics += [own] if own else []
+        elif reply.ok and isinstance(written_name, str) and readable_name({"name": written_name}):
+            topics.append(f"ssl/{written_name}")
+        if response_topic and _is_reply_topic(response_topic) and response_topic not in topics:
+            if reply.ok or response_topic.count("/") >= 2:
+                topics.append(response_topic)
+        return topics
 
     def _finish(
-        self, operation: str, payload: bytes, response_topic: str | None, correlation: bytes | None, reply: Reply,
-        cn: str | None = None,
+        self, operation: str, written_name: object, response_topic: str | None, correlation: bytes | None,
+        reply: Reply, cn: str | None = None,
     ) -> None:
-        name = reply.body.get("name") if reply.ok else None
-        if operation == "renew":  # a renewal is answered to the CN of its topic, whatever the body said
-            name = readable_name({"name": cn})
-        elif name is None:
-            try:
-                name = readable_name(json.loads(payload))
-            except (ValueError, RecursionError):
-                name = None
-        if not reply.ok and name is None:
-            log.info("ssl/%s: %s; no usable name, so no reply on ssl/<name>", operation, reply.body.get("error"))
+        topics = self.reply_topics(written_name, response_topic, reply, cn, operation)
+        if not topics:
+            log.info("ssl/%s: %s; no reply topic the requester is known to read, so no reply", operation,
+                     reply.body.get("error"))
         encoded = json.dumps(reply.body).encode()
-        topics = [f"ssl/{name}"] if name else []
-        if response_topic and response_topic not in topics:
-            topics.append(response_topic)
         for topic in topics:
             self._publish(topic, encoded, reply, correlation)
         with self._counts_lock:

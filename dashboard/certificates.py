@@ -182,7 +182,9 @@ class CertificateView:
             if check.serial and check.serial in rows:
                 row = rows[check.serial]
                 row["in_use"] = True
-                if check.status in (INVALID, MISSING):  # the file on disk is broken even if the record is fine
+                # The file on disk is broken even if the record is fine. Not for a superseded certificate: a device
+                # that is swapping in its renewed pair (new key written, old certificate not yet) is not broken.
+                if check.status in (INVALID, MISSING) and row["current"]:
                     row.update(status=check.status, detail=check.detail)
                 continue
             # A lab file the inventory does not know (e.g. a database reset), or a missing/broken one.

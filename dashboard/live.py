@@ -173,13 +173,26 @@ def _shorten_pem(text: str) -> str:
     return PEM_RE.sub(repl, text)
 
 
+def is_ca_request(topic: str) -> bool:
+    return topic in CA_REQUEST_TOPICS or topic.startswith(CA_RENEW_PREFIX)
+
+
 def preview_payload(topic: str, payload: bytes) -> str:
-    """What the log shows of a payload: text, secrets redacted, at most PAYLOAD_PREVIEW characters."""
+    """What the log shows of a payload: text, secrets redacted, at most PAYLOAD_PREVIEW characters.
+
+    A CA request (passphrase, token, CSR) is never shown, whatever it contains: redaction that depends on
+    parsing misses a passphrase in a payload that is not valid JSON. A reply under ssl/ is shown only as JSON
+    with its secrets redacted.
+    """
+    if is_ca_request(topic):
+        return f"«CA request, {len(payload)} bytes, not shown»"
     text = payload.decode("utf-8", errors="replace")
     if topic.startswith("ssl/") or "PRIVATE KEY" in text:
         try:
             text = json.dumps(_redact(json.loads(text)), separators=(",", ":"))
         except (ValueError, RecursionError):  # not JSON, or nested too deep to walk
+            if topic.startswith("ssl/"):
+                return f"«{len(payload)} bytes, not JSON, not shown»"
             text = "«private key redacted»" if "PRIVATE KEY" in text else _shorten_pem(text)
     if len(text) > PAYLOAD_PREVIEW:
         text = text[: PAYLOAD_PREVIEW - 1] + "…"
@@ -188,7 +201,7 @@ def preview_payload(topic: str, payload: bytes) -> str:
 
 def direction_of(topic: str) -> str:
     """`in`: to the dashboard (telemetry, presence, CA requests); `out`: the dashboard's CA replies."""
-    if topic.startswith("ssl/") and topic not in CA_REQUEST_TOPICS and not topic.startswith(CA_RENEW_PREFIX):
+    if topic.startswith("ssl/") and not is_ca_request(topic):
         return "out"
     return "in"
 

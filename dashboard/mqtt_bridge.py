@@ -25,6 +25,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from lab.mqtt import Identity, make_client
 from pki.config import Settings
@@ -43,6 +44,13 @@ class Subscription:
     # subscription (e.g. `ssl/#` and `ssl/sign`), tagged with its identifier; each copy goes to its own handler
     # only, so overlapping filters never run a handler twice (a CA request signed twice).
     identifier: int = 0
+    # Deliver messages with the retain flag as published (MQTT v5), so a handler can tell a retained publish
+    # from a live one even while subscribed (the CA ignores retained requests).
+    retain_as_published: bool = False
+
+    def subscribe_on(self, client: mqtt.Client) -> None:
+        options = SubscribeOptions(qos=self.qos, retainAsPublished=self.retain_as_published)
+        client.subscribe(self.topic_filter, options=options, properties=self.properties)
 
     @property
     def properties(self) -> Properties:
@@ -258,12 +266,13 @@ class MqttBridge:
 
     # -- registration ----------------------------------------------------------------------------
 
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1, retain_as_published: bool = False) -> None:
         with self._lock:
-            sub = Subscription(topic_filter, qos, handler, identifier=len(self._subscriptions) + 1)
+            sub = Subscription(topic_filter, qos, handler, identifier=len(self._subscriptions) + 1,
+                               retain_as_published=retain_as_published)
             self._subscriptions = (*self._subscriptions, sub)
         if self.client is not None and self.connected.is_set():
-            self.client.subscribe(topic_filter, qos, properties=sub.properties)
+            sub.subscribe_on(self.client)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -316,7 +325,7 @@ class MqttBridge:
             log.warning("MQTT %s", self.last_error)
             return
         for sub in self._subscriptions:
-            client.subscribe(sub.topic_filter, sub.qos, properties=sub.properties)
+            sub.subscribe_on(client)
         self.connected_since = time.time()
         self.last_error = None
         self.connected.set()

@@ -27,14 +27,15 @@ MQTT_DESCRIPTION = """\
 The same requests work over MQTT (mutual TLS on the lab's broker, port 8883):
 
 * publish the JSON body of `POST /v1/ssl/sign` to `ssl/sign`, or of `POST /v1/ssl/create` to `ssl/create`;
-* the reply (the same JSON as the HTTP body, success or error) is published at QoS 1 on `ssl/<name>`, where
-  `<name>` is the request's name with colons removed. A device may read only `ssl/<its CN>`; the `provisioner`
-  identity reads `ssl/#`;
-* MQTT v5: set `ResponseTopic` (under `ssl/`, where the CA may publish) and `CorrelationData`; the reply is also
+* a certificate (the same JSON as the HTTP body) is published at QoS 1 on `ssl/<name as written>` (a MAC keeps
+  its colons: `ssl/AA:BB:CC:DD:EE:01`). Every identity reads only `ssl/<its CN>` and `ssl/<its CN>/#` (a
+  collector named by its MAC also `ssl/<its MAC with colons>`); only the CA reads the request topics;
+* MQTT v5: set `ResponseTopic` (under `ssl/`, not a request topic) and `CorrelationData`; the reply is also
   published there with the same `CorrelationData`, and with a user property `status` holding the HTTP status;
-* a body that is not JSON, or has no usable name, gets no reply on `ssl/<name>` (only on a ResponseTopic) and a
-  line in the dashboard's log. Wrong passphrases count against the request's name (5 within 15 minutes lock it
-  out for the rest of the window).
+* a refusal (4xx, 503) is published only on the ResponseTopic, and only on one under `ssl/<CN>/...`: MQTT does
+  not say who published, so an error never goes to a third party's `ssl/<name>`. Retained requests are never
+  processed. Wrong passphrases count against the request's name (5 within 15 minutes lock it out for the rest
+  of the window).
 
 Renewal, MQTT only, without the passphrase (like step-ca's renew or EST's simplereenroll): a device publishes
 `{"csr": PEM}` (schema `RenewRequest`) to `ssl/renew/<its CN>` and reads the reply on `ssl/<its CN>`. Its current
@@ -65,7 +66,9 @@ def _error(description: str, example: dict[str, Any]) -> dict[str, Any]:
 
 WRONG_PASS = _error("Wrong passphrase; nothing was written.", {"error": "wrong passphrase", "field": "pass"})
 BAD = _error("A field is missing or invalid; `field` names it.", {"error": "days must be at least 1", "field": "days"})
-CONFLICT = _error("A protected name (the lab's own: root_ca, mosquitto, dashboard, provisioner, policy).",
+CONFLICT = _error("A protected identity (case-insensitive: root_ca, mosquitto, dashboard, provisioner, policy, ca, "
+                  "ca-<n>, ingest, ingest-<n>) as name, cn or CSR SAN, or a lab server's name (localhost, "
+                  "mosquitto, dashboard, loopback, BROKER_ADDRESS, BROKER_SANS) as a SAN.",
                   {"error": "'dashboard' is a protected name used by the lab itself", "field": "name"})
 TOO_LARGE = _error("The body is larger than 64 KiB.", {"error": "request body is larger than 64 KiB"})
 NOT_JSON = _error("The body is not JSON (Content-Type must be application/json).",
@@ -102,6 +105,13 @@ def _issued(description: str) -> dict[str, Any]:
 def _pem(description: str, example: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/x-pem-file": {"schema": {"type": "string"},
                                                                               "example": example}}}
+
+
+def _crl_response() -> dict[str, Any]:
+    response = _pem("The CRL (RFC 5280 reason codes; superseded certificates once their grace is over).",
+                    "-----BEGIN X509 CRL-----\n...\n-----END X509 CRL-----\n")
+    response["content"]["application/pkix-crl"] = {"schema": {"type": "string", "format": "binary"}}
+    return response
 
 
 CURL_SIGN = ("curl -s http://127.0.0.1:5000/v1/ssl/sign -H 'Content-Type: application/json' "
@@ -197,8 +207,8 @@ def openapi_document() -> dict[str, Any]:
             "responses": {"200": _pem("The root certificate.", PEM_CERT), "503": UNAVAILABLE},
         }},
         "/v1/ssl/crl": {"get": {
-            "summary": "The current CRL (PEM), the one the broker enforces",
-            "responses": {"200": _pem("The CRL.", "-----BEGIN X509 CRL-----\n...\n-----END X509 CRL-----\n"),
+            "summary": "The current CRL, the one the broker enforces: PEM, or DER with Accept: application/pkix-crl",
+            "responses": {"200": _crl_response(),
                           "503": UNAVAILABLE},
         }},
         "/v1/ssl/certs": {"get": {

@@ -322,13 +322,13 @@ class CertificateAuthority:
 
     def build_crl(
         self,
-        revoked: Iterable[tuple[int, dt.datetime]],
+        revoked: Iterable[tuple[int, dt.datetime] | tuple[int, dt.datetime, str | None]],
         *,
         crl_number: int = 1,
         next_update: dt.timedelta = dt.timedelta(days=7),
         now: dt.datetime | None = None,
     ) -> x509.CertificateRevocationList:
-        """A CRL listing (serial, revocation time) pairs, signed by the root."""
+        """A CRL listing (serial, revocation time[, reason]) entries, signed by the root."""
         now = now or utcnow()
         builder = (
             x509.CertificateRevocationListBuilder()
@@ -338,11 +338,25 @@ class CertificateAuthority:
             .add_extension(self._aki, critical=False)
             .add_extension(x509.CRLNumber(crl_number), critical=False)
         )
-        for serial, when in revoked:
-            builder = builder.add_revoked_certificate(
-                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
-            )
+        for serial, when, *rest in revoked:
+            entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when)
+            flag = REASON_FLAGS.get(rest[0]) if rest and rest[0] else None
+            if flag is not None:
+                entry = entry.add_extension(x509.CRLReason(flag), critical=False)
+            builder = builder.add_revoked_certificate(entry.build())
         return builder.sign(self.private_key, _signing_hash(self.private_key))
+
+
+# RFC 5280 5.3.1 reason codes by the names `revoke` takes; `unspecified` (and anything unknown) gets no reason
+# extension at all, as 5.3.1 recommends.
+REASON_FLAGS = {
+    "keyCompromise": x509.ReasonFlags.key_compromise,
+    "caCompromise": x509.ReasonFlags.ca_compromise,
+    "affiliationChanged": x509.ReasonFlags.affiliation_changed,
+    "superseded": x509.ReasonFlags.superseded,
+    "cessationOfOperation": x509.ReasonFlags.cessation_of_operation,
+    "privilegeWithdrawn": x509.ReasonFlags.privilege_withdrawn,
+}
 
 
 def verify_leaf(ca_cert: x509.Certificate, cert: x509.Certificate) -> bool:

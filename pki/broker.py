@@ -16,12 +16,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from .authority import CertificateAuthority, utcnow
 from .config import PROJECT_ROOT, Settings
+from .identity import mac_as_written
 from .store import CERT_MODE, POLICY_DIR, atomic_write, ensure_dir
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,9 @@ CRL_REFRESH_BEFORE = dt.timedelta(days=20)
 DOCKER_CERTS = "/mosquitto/certs"
 DOCKER_POLICY = "/mosquitto/policy"
 DOCKER_DATA = "/mosquitto/data"
+# The broker identity of the CA role, the only reader of the CA request topics (acl.template). The CA runs
+# inside the dashboard process today, so it is the dashboard's; Step 12 gives the CA service its own CN `ca`.
+CA_IDENTITY = "dashboard"
 
 
 class BrokerConfigError(RuntimeError):
@@ -121,10 +126,19 @@ def render_config(
     )
 
 
-def render_acl(denied_names: Iterable[str] = ()) -> str:
-    """The ACL; `denied_names` (revoked identities) get a `topic deny #` block that beats every pattern."""
-    blocks = "".join(f"user {name}\ntopic deny #\n\n" for name in sorted(set(denied_names)))
-    return Template((TEMPLATES / "acl.template").read_text()).substitute(revoked_blocks=blocks or "\n")
+def render_acl(denied_names: Iterable[str] = (), collectors: Iterable[str] = ()) -> str:
+    """The ACL; `denied_names` (revoked identities) get a `topic deny #` block that beats every pattern.
+
+    `collectors`: identities named by a MAC address (`pki.identity.mac_as_written`); each may also read its reply
+    topic as the seed writes it, `ssl/AA:BB:CC:DD:EE:01` (its CN, the `%u` of the patterns, has no colons).
+    """
+    denied = set(denied_names)
+    blocks = "".join(f"user {name}\ntopic deny #\n\n" for name in sorted(denied))
+    grants = "".join(f"user {name}\ntopic read ssl/{written}\n\n" for name in sorted(set(collectors))
+                     if name not in denied and (written := mac_as_written(name)))
+    return Template((TEMPLATES / "acl.template").read_text()).substitute(
+        revoked_blocks=blocks or "\n", ca_identity=CA_IDENTITY, collector_blocks=grants or "\n"
+    )
 
 
 def crl_needs_refresh(path: Path, ca: CertificateAuthority, now: dt.datetime | None = None) -> bool:
@@ -164,7 +178,7 @@ def current_crl_number(path: Path) -> int:
 def write_crl(
     files: BrokerFiles,
     ca: CertificateAuthority,
-    revoked: Iterable[tuple[int, dt.datetime]],
+    revoked: Iterable[tuple[Any, ...]],
     now: dt.datetime | None = None,
 ) -> x509.CertificateRevocationList:
     """Build, check (parses, signed by the root, not expired), then atomically replace the CRL."""
@@ -178,7 +192,7 @@ def write_crl(
         raise BrokerConfigError("the new CRL does not verify against the root; the old one was kept")
     if check.next_update_utc is None or check.next_update_utc <= now:
         raise BrokerConfigError("the new CRL would already be expired; the old one was kept")
-    if len(list(check)) != len({serial for serial, _ in revoked}):
+    if len(list(check)) != len({entry[0] for entry in revoked}):
         raise BrokerConfigError("the new CRL lost entries; the old one was kept")
     atomic_write(files.crl, data, CERT_MODE)
     return crl
@@ -203,17 +217,19 @@ def write_broker_configs(settings: Settings) -> bool:
 def write_broker_policy(
     settings: Settings,
     ca: CertificateAuthority,
-    revoked: Iterable[tuple[int, dt.datetime]],
+    revoked: Iterable[tuple[Any, ...]],
     denied_names: Iterable[str],
     *,
     force_crl: bool = False,
+    collectors: Iterable[str] = (),
 ) -> bool:
     """Write the ACL and (when its content changed or it is due) the CRL; True when either changed."""
     files = BrokerFiles(settings.certs_dir, settings.data_dir)
     ensure_dir(files.policy_dir, 0o755)
-    changed = atomic_write(files.acl, render_acl(denied_names).encode(), CERT_MODE)
+    changed = atomic_write(files.acl, render_acl(denied_names, collectors).encode(), CERT_MODE)
     revoked = list(revoked)
-    if force_crl or crl_needs_refresh(files.crl, ca) or _crl_serials(files.crl) != {s for s, _ in revoked}:
+    listed = {entry[0] for entry in revoked}
+    if force_crl or crl_needs_refresh(files.crl, ca) or crl_serials(files.crl) != listed:
         write_crl(files, ca, revoked)
         changed = True
     return changed
@@ -222,17 +238,19 @@ def write_broker_policy(
 def write_broker_files(
     settings: Settings,
     ca: CertificateAuthority,
-    revoked: Iterable[tuple[int, dt.datetime]],
+    revoked: Iterable[tuple[Any, ...]],
     denied_names: Iterable[str],
     *,
     force_crl: bool = False,
+    collectors: Iterable[str] = (),
 ) -> bool:
     """Everything the broker reads: configs, ACL and CRL; True when anything it reads changed."""
     configs = write_broker_configs(settings)
-    return write_broker_policy(settings, ca, revoked, denied_names, force_crl=force_crl) or configs
+    return write_broker_policy(settings, ca, revoked, denied_names, force_crl=force_crl,
+                               collectors=collectors) or configs
 
 
-def _crl_serials(path: Path) -> set[int]:
+def crl_serials(path: Path) -> set[int]:
     try:
         return {entry.serial_number for entry in x509.load_pem_x509_crl(path.read_bytes())}
     except (OSError, ValueError):

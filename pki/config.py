@@ -93,6 +93,8 @@ class Settings:
     dashboard_names: list[str] = field(default_factory=list)
     dashboard_idle_timeout: int = 1800
     dashboard_secret_key: str | None = None
+    # Seconds a superseded certificate stays usable before it goes on the CRL (reason superseded); 0 = at once.
+    superseded_grace: int = 900
 
     def __repr__(self) -> str:  # never show the passphrase in logs or tracebacks
         fields = ", ".join(
@@ -141,6 +143,7 @@ class Settings:
             dashboard_names=_list_setting(env, "DASHBOARD_NAMES"),
             dashboard_idle_timeout=_int_setting(env, "DASHBOARD_IDLE_TIMEOUT", 1800, minimum=60),
             dashboard_secret_key=env.get("DASHBOARD_SECRET_KEY") or None,
+            superseded_grace=_int_setting(env, "SUPERSEDED_GRACE_SECONDS", 900, minimum=0),
         )
 
     @property

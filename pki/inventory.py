@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from sqlalchemy import (
     DateTime,
     Float,
@@ -46,6 +47,9 @@ REVOKED = "revoked"
 
 # Names that may appear in a broker ACL `user` line (no spaces, newlines or wildcards).
 _ACL_SAFE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_MAC_NAME_RE = re.compile(r"[0-9A-Fa-f]{12}")
+# `issued_via` of certificates the generator wrote (pki/lab.py): their predecessors are not listed as superseded.
+GENERATOR_VIAS = frozenset({"cli", "import"})
 
 
 class Base(DeclarativeBase):
@@ -193,6 +197,17 @@ def _issued_values(cert: x509.Certificate, *, name: str, role: str, via: str, re
     }
 
 
+def _public_key_der(pem: str) -> bytes:
+    return x509.load_pem_x509_certificate(pem.encode()).public_key().public_bytes(
+        Encoding.DER, PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _as_utc(value: dt.datetime) -> dt.datetime:
+    """Core selects bypass UTCDateTime's result processing on some paths: SQLite gives naive UTC back."""
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
+
+
 def make_engine(url: str, *, serialize_writes: bool = False) -> Engine:
     """An engine for the lab's database: SQLite tuned for several writers (WAL, a busy timeout, BEGIN IMMEDIATE:
     one writer at a time), or a server database (PostgreSQL: `postgresql+psycopg://…`).
@@ -332,15 +347,49 @@ class Inventory:
         with self.reading() as session:
             return list(session.scalars(query))
 
-    def revoked_serials(self, session: Session | None = None) -> list[tuple[int, dt.datetime]]:
-        """(serial, revocation time) of every revoked certificate: the CRL's content."""
+    def revoked_serials(
+        self, session: Session | None = None, superseded_grace: float | None = None, now: dt.datetime | None = None
+    ) -> list[tuple[int, dt.datetime, str | None]]:
+        """(serial, revocation time, RFC 5280 reason) of every certificate the CRL lists: the CRL's content.
+
+        Revoked certificates with the reason given to `revoke`; with `superseded_grace` (seconds), also every
+        unexpired superseded certificate whose successor has a new key and was issued at least that long ago,
+        reason `superseded` (so a stolen old key dies with key rotation), dated when its grace ended. A re-signed
+        key (`sign` without a CSR) supersedes nothing on the CRL: the key did not change. Only successors the CA
+        service issued count (`sign`, `create`, renewal): a running process does not yet switch to files the
+        generator renewed under it (GENERATOR_VIAS), so its old certificate must keep working.
+        """
         if session is None:
             with self.session() as own:
-                return self.revoked_serials(own)
-        query = select(CertificateRecord.serial, CertificateRecord.revoked_at).where(
-            CertificateRecord.status == REVOKED
-        )
-        return [(int(serial, 16), when or utcnow()) for serial, when in session.execute(query)]
+                return self.revoked_serials(own, superseded_grace, now)
+        table = CertificateRecord.__table__
+        query = select(table.c.serial, table.c.revoked_at, table.c.revocation_reason).where(table.c.status == REVOKED)
+        entries = [(int(serial, 16), when or utcnow(), reason) for serial, when, reason in session.execute(query)]
+        if superseded_grace is None:
+            return entries
+        now = now or utcnow()
+        grace = dt.timedelta(seconds=superseded_grace)
+        old = session.execute(select(table.c.name, table.c.id, table.c.serial, table.c.pem).where(
+            table.c.status == SUPERSEDED, table.c.not_after > now)).all()
+        if not old:
+            return entries
+        issued: dict[str, list[tuple[int, dt.datetime]]] = {}
+        names = sorted({row.name for row in old})
+        for start in range(0, len(names), 500):
+            for name, row_id, issued_at, via, pem in session.execute(
+                select(table.c.name, table.c.id, table.c.issued_at, table.c.issued_via, table.c.pem)
+                .where(table.c.name.in_(names[start:start + 500]))
+            ):
+                issued.setdefault(name, []).append((row_id, _as_utc(issued_at), via, pem))
+        for name, row_id, serial, pem in old:
+            successors = sorted((s for s in issued.get(name, []) if s[0] > row_id), key=lambda s: s[0])
+            if not successors:
+                continue
+            _id, when, via, successor_pem = successors[0]
+            if via in GENERATOR_VIAS or when + grace > now or _public_key_der(pem) == _public_key_der(successor_pem):
+                continue
+            entries.append((int(serial, 16), when + grace, "superseded"))
+        return entries
 
     def denied_names(self, session: Session | None = None) -> list[str]:
         """Identities whose latest certificate is revoked and that hold no active one: the ACL denies them.
@@ -364,6 +413,15 @@ class Inventory:
             if status == REVOKED and name not in active_names:
                 denied.update(v for v in (name, cn) if v not in active_cns and _ACL_SAFE_RE.fullmatch(v))
         return sorted(denied)
+
+    def collectors(self, session: Session | None = None) -> list[str]:
+        """Entities named by a MAC address (12 hex digits) with an active certificate: the ACL grants each its
+        reply topic with colons, `ssl/AA:BB:CC:DD:EE:01`."""
+        if session is None:
+            with self.session() as own:
+                return self.collectors(own)
+        names = session.execute(select(CertificateRecord.name).where(CertificateRecord.status == ACTIVE)).scalars()
+        return sorted({name for name in names if _MAC_NAME_RE.fullmatch(name)})
 
     # -- the CA service: lookups, revocation, create replay, enrolment tokens ---------------------------
 

@@ -37,6 +37,7 @@ from .authority import (
 from .broker import CRL_REFRESH_BEFORE, BrokerFiles, crl_revocations, reload_broker, write_broker_files
 from .config import ConfigError, Settings
 from .inventory import REVOKED as REVOKED_STATUS
+from .inventory import SUPERSEDED as SUPERSEDED_STATUS
 from .inventory import CertificateRecord, Inventory
 from .profiles import BROKER, DASHBOARD, DEVICE, PROVISIONER, ROOT_CA, ROOT_CA_DAYS, Profile
 from .store import CERT_MODE, KEY_MODE, CertsLayout, atomic_write, ensure_dir, exclusive_lock, read_optional
@@ -317,7 +318,8 @@ class LabCertificates:
                 broker_files = BrokerFiles(settings.certs_dir, settings.data_dir)
                 revoked = self._merge_crl_revocations(inventory, broker_files, ca)
                 if write_broker_files(
-                    settings, ca, revoked, inventory.denied_names(), force_crl=report.new_root
+                    settings, ca, revoked, inventory.denied_names(), force_crl=report.new_root,
+                    collectors=inventory.collectors(),
                 ):
                     self.progress(f"Broker config, ACL and CRL written under {settings.certs_dir}")
                     reload_broker(broker_files)
@@ -327,19 +329,23 @@ class LabCertificates:
 
     def _merge_crl_revocations(
         self, inventory: Inventory, broker_files: BrokerFiles, ca: CertificateAuthority
-    ) -> list[tuple[int, dt.datetime]]:
-        """Revocations = the inventory's plus those in the current CRL: a revocation is never undone by
-        regenerating with another inventory (say, the host's after a Docker run)."""
+    ) -> list[tuple[int, dt.datetime, str | None]]:
+        """Revocations = the inventory's (with superseded certificates past their grace) plus those in the
+        current CRL: a revocation is never undone by regenerating with another inventory (say, the host's after
+        a Docker run). A certificate this inventory knows as superseded stays superseded."""
         listed = crl_revocations(broker_files.crl, ca)
         if listed:
+            superseded = {int(r.serial, 16) for r in inventory.list(status=SUPERSEDED_STATUS)}
             with inventory.session() as session:
-                imported = inventory.revoke([serial_hex(s) for s in listed], "recorded in the CRL", session)
+                imported = inventory.revoke([serial_hex(s) for s in listed if s not in superseded],
+                                            "recorded in the CRL", session)
             if imported:
                 self.progress(f"{len(imported)} revocation(s) found in the current CRL recorded in the inventory")
-        merged = dict(inventory.revoked_serials())
+        merged = {serial: (when, reason) for serial, when, reason in
+                  inventory.revoked_serials(superseded_grace=self.settings.superseded_grace)}
         for serial, when in listed.items():
-            merged.setdefault(serial, when)
-        return sorted(merged.items())
+            merged.setdefault(serial, (when, None))
+        return sorted((serial, when, reason) for serial, (when, reason) in merged.items())
 
     # -- checking (no passphrase needed) --------------------------------------------------------
 

@@ -60,15 +60,14 @@ DEVICE = Profile(role="device", extended_key_usage=(ExtendedKeyUsageOID.CLIENT_A
 # May request certificates for other names over MQTT and read every reply topic (see the ACL).
 PROVISIONER = Profile(role="provisioner", extended_key_usage=(ExtendedKeyUsageOID.CLIENT_AUTH,))
 
-# Entities issued through the CA API (`v1/ssl/sign`, `v1/ssl/create`): a collector or a server,
-# so both TLS roles, as the seed's flow describes (an MQTT server's CN is its domain name).
-ENTITY = Profile(
-    role="entity",
-    extended_key_usage=(ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH),
-)
+# Entities issued through the CA API (`v1/ssl/sign`, `v1/ssl/create`): TLS clients only. Only the broker and
+# dashboard profiles carry serverAuth, so no certificate the API issues can pose as the lab's broker.
+ENTITY = Profile(role="entity", extended_key_usage=(ExtendedKeyUsageOID.CLIENT_AUTH,))
 
 PROFILES = {p.role: p for p in (ROOT_CA, BROKER, DASHBOARD, DEVICE, PROVISIONER, ENTITY)}
 
-# Entity names the lab's own services use: the API must never re-issue them.
-# `policy` is the folder of the broker's ACL and CRL.
-PROTECTED_NAMES = frozenset({"root_ca", "mosquitto", "dashboard", "provisioner", "policy"})
+# Entity names the lab's own services use: the API must never re-issue them (`pki.identity` adds the service
+# identities `ca`, `ca-<n>`, `ingest`, `ingest-<n>`). `policy` is the folder of the broker's ACL and CRL.
+# The words of the CA's own topics as well: an identity named `sign` would read ssl/sign (every request, with its
+# passphrase) through the ACL's `pattern read ssl/%u`, and ssl/sign/# through `ssl/%u/#`.
+PROTECTED_NAMES = frozenset({"root_ca", "mosquitto", "dashboard", "provisioner", "policy", "sign", "create", "renew"})

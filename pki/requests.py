@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, TypeVar
 
@@ -29,7 +30,8 @@ from pydantic import (
 )
 
 from .authority import PublicKey, is_hostname
-from .profiles import PROTECTED_NAMES
+from .config import Settings
+from .identity import is_protected_identity, reserved_sans
 
 # The contract's status codes.
 BAD_REQUEST = 400
@@ -115,13 +117,39 @@ def readable_name(body: object) -> str | None:
 
 
 def is_protected(name: str) -> bool:
-    """The lab's own identities; compared case-insensitively (folders clash on case-insensitive disks)."""
-    return name.lower() in PROTECTED_NAMES
+    """The lab's own identities (`pki.identity`); compared case-insensitively."""
+    return is_protected_identity(name)
 
 
 def refuse_protected(name: str, field: str = "name") -> None:
     if is_protected(name):
         raise RequestError(CONFLICT, f"{name!r} is a protected name used by the lab itself", field)
+
+
+def refuse_reserved_sans(values: Iterable[str], settings: Settings | None, field: str = "csr") -> None:
+    """409 when a requested SAN names one of the lab's own servers or identities (`pki.identity`)."""
+    reserved = reserved_sans(values, settings)
+    if reserved:
+        raise RequestError(CONFLICT, f"{', '.join(sorted(set(reserved)))}: reserved for the lab's own servers "
+                                     "and identities, never issued to another certificate", field)
+
+
+def create_identity(request: CreateRequest, settings: Settings | None) -> tuple[str, tuple[str, ...]]:
+    """`create`'s rule for `cn`: the CN is always the entity name; a `cn` that differs becomes a DNS SAN.
+
+    So one entity has one broker identity. A differing `cn` must be a host name (400) that is neither a
+    protected identity nor a name of the lab's own servers (409).
+    """
+    cn = request.cn
+    if cn is None or cn == request.name:
+        return request.name, ()
+    if is_protected(cn):
+        raise RequestError(CONFLICT, f"{cn!r} is a protected name used by the lab itself", "cn")
+    if not is_hostname(cn):
+        raise RequestError(BAD_REQUEST, "cn differs from name, so it becomes a DNS name (SAN) of the certificate: "
+                                        "it must be a host name like collector01.example.com", "cn")
+    refuse_reserved_sans([cn], settings, "cn")
+    return request.name, (cn,)
 
 
 def parse_positive_int(value: object, maximum: int, unit: str = "") -> int:
@@ -365,8 +393,9 @@ class CreateRequest(_Request):
          "examples": ["Sensors"]})] = None
     cn: Annotated[str | None, WithJsonSchema(
         {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
-         "description": "Subject CN; default: name. A host name also becomes a DNS SAN. It is the MQTT "
-                        "identity of the certificate, so devices keep it equal to name.",
+         "description": "A host name for the certificate (the seed: the organisation's domain name). The "
+                        "subject CN, which is the MQTT identity, is always name; a cn that differs becomes a "
+                        "DNS SAN (never a protected name or a name of the lab's own servers).",
          "examples": ["collector01.example.com"]})] = None
     email: Annotated[str | None, WithJsonSchema(
         {"type": "string", "format": "email", "description": "emailAddress in the subject and an e-mail SAN.",

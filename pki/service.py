@@ -24,7 +24,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import secrets
 import threading
 from collections.abc import Callable, Iterator
@@ -43,7 +42,6 @@ from .authority import (
     SubjectFields,
     WrongPassphrase,
     cert_pem,
-    common_name,
     days_left,
     generate_private_key,
     key_pem,
@@ -53,8 +51,16 @@ from .authority import (
     serial_hex,
     utcnow,
 )
-from .broker import BrokerConfigError, BrokerFiles, crl_needs_refresh, reload_broker, write_broker_policy
+from .broker import (
+    BrokerConfigError,
+    BrokerFiles,
+    crl_needs_refresh,
+    crl_serials,
+    reload_broker,
+    write_broker_policy,
+)
 from .config import Settings
+from .identity import is_reserved_san, mac_as_written
 from .inventory import ACTIVE, REVOKED, SUPERSEDED, CertificateRecord, Inventory, TokenAlreadyUsed
 from .lockout import Lockout
 from .profiles import BACKDATE, DEVICE, ENTITY, PROFILES, Profile
@@ -70,11 +76,13 @@ from .requests import (
     RevokeRequest,
     SignRequest,
     TokenRequest,
+    create_identity,
     is_protected,
     normalise_name,
     parse,
     readable_name,
     refuse_protected,
+    refuse_reserved_sans,
 )
 from .store import (
     CERT_MODE,
@@ -226,7 +234,8 @@ class CAService:
         return data
 
     def refresh_crl(self) -> bool:
-        """Rewrite the CRL (and reload the broker) when it is due; False when not due or the CA is locked."""
+        """Rewrite the CRL (and reload the broker) when it is due or superseded certificates reached the end of
+        their grace; False when nothing changed or the CA is locked."""
         try:
             ca = self._unlocked_ca()
         except RequestError:
@@ -234,12 +243,14 @@ class CAService:
         if ca is None:
             log.warning("cannot refresh the CRL: the CA key is locked (set CA_PASSPHRASE for the dashboard)")
             return False
-        if not crl_needs_refresh(self.broker_files.crl, ca):
-            return False
         with self._writer(), self.inventory.session() as session:
-            changed = write_broker_policy(
-                self.settings, ca, self.inventory.revoked_serials(session), self.inventory.denied_names(session)
-            )
+            entries = self._crl_entries(session)
+            if not crl_needs_refresh(self.broker_files.crl, ca) and crl_serials(self.broker_files.crl) == {
+                entry[0] for entry in entries
+            }:
+                return False
+            changed = write_broker_policy(self.settings, ca, entries, self.inventory.denied_names(session),
+                                          collectors=self.inventory.collectors(session))
         if changed:
             reload_broker(self.broker_files)
             log.info("CRL refreshed under %s", self.broker_files.crl)
@@ -389,14 +400,27 @@ class CAService:
         acl = self._acl_file.read()
         return acl is not None and any(f"\nuser {n}\ntopic deny #".encode() in acl for n in names)
 
+    def _acl_lacks_collector(self, name: str) -> bool:
+        """A collector named by its MAC whose reply topic with colons the ACL does not grant yet (once each)."""
+        written = mac_as_written(name)
+        if written is None:
+            return False
+        acl = self._acl_file.read()
+        return acl is not None and f"\nuser {name}\ntopic read ssl/{written}\n".encode() not in acl
+
     def _sync_broker(self, ca: CertificateAuthority) -> None:
         """Rewrite ACL and CRL from the inventory (caller holds the writer lock) and reload the broker."""
         with self.inventory.session() as session:
             changed = write_broker_policy(
-                self.settings, ca, self.inventory.revoked_serials(session), self.inventory.denied_names(session)
+                self.settings, ca, self._crl_entries(session), self.inventory.denied_names(session),
+                collectors=self.inventory.collectors(session),
             )
         if changed:
             reload_broker(self.broker_files)
+
+    def _crl_entries(self, session: Any) -> list[tuple[int, dt.datetime, str | None]]:
+        """What the CRL lists: revoked certificates, and superseded ones once their grace is over."""
+        return self.inventory.revoked_serials(session, self.settings.superseded_grace)
 
     # -- issuing -----------------------------------------------------------------------------------
 
@@ -404,6 +428,9 @@ class CAService:
         root = self._root_certificate()
         request = parse(SignRequest, body, max_days=self._max_days(root))
         refuse_protected(request.name)
+        csr = request.csr
+        if csr is not None:  # a CSR's SANs are checked, not copied blindly
+            refuse_reserved_sans([*csr.dns_names, *csr.ip_addresses], self.settings)
         token = None
         if request.token is not None:
             ca, token = self._authorise_token(request.token, request.name, source)
@@ -411,22 +438,24 @@ class CAService:
             ca = self._authorise(request.passphrase, source, request.name)
         # A token enrols a device (client certificate only), whatever the name was before.
         profile = DEVICE if token is not None else self._profile_for(request.name)
-        csr = request.csr
         if csr is not None:
+            # The key stays with the caller: no file of the entity changes (a lab device keeps a matching key and
+            # certificate pair; its old certificate is superseded, and goes on the CRL after the grace).
             return self._issue(
                 ca, name=request.name, profile=profile, public_key=csr.public_key, cn=request.name, subject=None,
                 dns=csr.dns_names, ips=csr.ip_addresses, emails=csr.emails, days=request.days, via=via,
-                requester=requester, from_csr=True, token=token,
+                requester=requester, from_csr=True, token=token, write_files=False,
             )
         # No CSR: renewal, i.e. the stored key of an entity the generator or `create` made, re-signed.
         key = self._stored_key(request.name)
+        self._refuse_superseded_key(request.name, key)
         current = self._current_certificate(request.name, key)
-        cn, subject, dns, ips, emails = request.name, None, (), (), ()
+        subject, dns, ips, emails = None, [], [], []
         if current is not None:
-            cn, subject = common_name(current) or request.name, _subject_of(current)
-            dns, ips, emails = _sans_of(current)
+            subject = _subject_of(current)
+            dns, ips, emails = self._allowed_sans(current)
         return self._issue(
-            ca, name=request.name, profile=profile, public_key=key.public_key(), cn=cn, subject=subject,
+            ca, name=request.name, profile=profile, public_key=key.public_key(), cn=request.name, subject=subject,
             dns=dns, ips=ips, emails=emails, days=request.days, via=via, requester=requester, reply_key=key,
         )
 
@@ -468,14 +497,35 @@ class CAService:
         days = max(1, round(lifetime.total_seconds() / 86400))
         if request.days is not None:
             days = min(days, request.days)
-        dns, ips, emails = _sans_of(current)
+        dns, ips, emails = self._allowed_sans(current)
         reply = self._issue(
             ca, name=name, profile=PROFILES.get(record.role, ENTITY), public_key=csr.public_key,
-            cn=common_name(current) or name, subject=_subject_of(current), dns=dns, ips=ips, emails=emails,
+            cn=name, subject=_subject_of(current), dns=dns, ips=ips, emails=emails,
             days=min(days, self._max_days(root)), via="renew", requester=requester, from_csr=True, write_files=False,
         )
         log.info("renewed %s: serial %s -> %s", name, record.serial, reply.body["serial"])
         return reply
+
+    def _refuse_superseded_key(self, name: str, key: PrivateKey) -> None:
+        """Renewal takes only the entity's current certificate: a stored key whose certificate was superseded (the
+        entity moved to another key) or revoked is never re-signed (403, nothing changes)."""
+        record = self.inventory.current(name)
+        if record is not None:
+            if not public_key_matches(load_certificate(record.pem.encode()), key):
+                raise RequestError(FORBIDDEN, f"the stored key of {name} belongs to a superseded certificate: its "
+                                              "current certificate has another key; send a csr")
+            return
+        latest = self.inventory.latest(name)
+        if latest is not None and latest.status == REVOKED:
+            raise RequestError(FORBIDDEN, f"the certificate of {name} is revoked: its key is never re-signed; "
+                                          "send a csr for a new key")
+
+    def _allowed_sans(self, cert: x509.Certificate) -> tuple[list[str], list[str], list[str]]:
+        """The SANs a renewal carries over: the current certificate's, without any reserved name (`pki.identity`),
+        so a certificate issued before the rule existed does not pass a lab server's name on."""
+        dns, ips, emails = _sans_of(cert)
+        return ([d for d in dns if not is_reserved_san(d, self.settings)],
+                [i for i in ips if not is_reserved_san(i, self.settings)], emails)
 
     def _stored_key(self, name: str) -> PrivateKey:
         data = read_optional(self.layout.key(name))
@@ -509,6 +559,7 @@ class CAService:
         root = self._root_certificate()
         request = parse(CreateRequest, body, max_days=self._max_days(root))
         refuse_protected(request.name)
+        cn, extra_dns = create_identity(request, self.settings)
         ca = self._authorise(request.passphrase, source, request.name)
         fields = {**request.replay_fields(), "key_type": self.settings.key_type}
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
@@ -522,7 +573,7 @@ class CAService:
         )
         return self._issue(
             ca, name=request.name, profile=self._profile_for(request.name), public_key=key.public_key(),
-            cn=request.common_name, subject=subject, dns=(), ips=(), emails=(request.email,) if request.email else (),
+            cn=cn, subject=subject, dns=extra_dns, ips=(), emails=(request.email,) if request.email else (),
             days=request.days, via=via, requester=requester, new_key=key, digest=digest,
         )
 
@@ -564,6 +615,8 @@ class CAService:
         digest: str | None = None,
         write_files: bool = True,
     ) -> Reply:
+        # With no grace, the certificate this one supersedes goes on the CRL as soon as this one is recorded.
+        supersedes_now = self.settings.superseded_grace == 0 and self.inventory.current(name) is not None
         try:
             cert = ca.issue(public_key, profile, cn, days=days, dns_names=dns, ip_addresses=ips, emails=emails,
                             subject=subject)
@@ -573,7 +626,9 @@ class CAService:
         if from_csr and digest is None and self._record_without_files(
             cert, name=name, role=profile.role, via=via, requester=requester, token=token, unless_folder=write_files
         ):
-            if self._acl_denies(name, cn):  # a revoked identity got a new certificate: lift the ACL deny
+            # The CRL lists the superseded certificate, a revoked identity got a new certificate (lift the ACL
+            # deny), or a new collector gets its reply topic.
+            if supersedes_now or self._acl_denies(name, cn) or self._acl_lacks_collector(name):
                 with self._writer():
                     self._sync_broker(ca)
             log.info("issued %s (%s) serial %s, %s days, via %s", name, profile.role, serial, days, via)
@@ -591,7 +646,7 @@ class CAService:
                 # Files inside the transaction: if writing fails, the inventory row is rolled back too.
                 if write_files:
                     self._store(name, cert, ca, new_key, from_csr)
-            if self._acl_denies(name, cn):  # a revoked identity got a new certificate: lift the ACL deny
+            if supersedes_now or self._acl_denies(name, cn) or self._acl_lacks_collector(name):  # as above
                 self._sync_broker(ca)
         log.info("issued %s (%s) serial %s, %s days, via %s", name, profile.role, serial, days, via)
         return Reply(201, self._body(name, ca, cert, new_key or reply_key))
@@ -623,26 +678,10 @@ class CAService:
         self, name: str, cert: x509.Certificate, ca: CertificateAuthority, new_key: PrivateKey | None, from_csr: bool
     ) -> None:
         ensure_dir(self.layout.entity_dir(name))
-        key_path = self.layout.key(name)
         if new_key is not None:
-            atomic_write(key_path, key_pem(new_key), KEY_MODE)
-        elif from_csr:
-            self._retire_stale_key(name, cert)
+            atomic_write(self.layout.key(name), key_pem(new_key), KEY_MODE)
         atomic_write(self.layout.cert(name), cert_pem(cert), CERT_MODE)
         atomic_write(self.layout.ca_copy(name), ca.cert_pem, CERT_MODE)
-
-    def _retire_stale_key(self, name: str, cert: x509.Certificate) -> None:
-        """After a CSR the caller holds the key: a stored key that no longer matches is moved aside, not deleted."""
-        path = self.layout.key(name)
-        data = read_optional(path)
-        if data is None:
-            return
-        try:
-            if public_key_matches(cert, load_private_key(data)):
-                return
-        except CAError:
-            pass
-        os.replace(path, path.with_name(f"{name}.key.previous"))
 
     @staticmethod
     def _body(name: str, ca: CertificateAuthority, cert: x509.Certificate, key: PrivateKey | None) -> dict[str, Any]:
@@ -681,8 +720,8 @@ class CAService:
                     # The CRL and ACL are written before the transaction commits: if they cannot be written,
                     # nothing is marked revoked and the caller learns it (revocation never silently lost).
                     changed = write_broker_policy(
-                        self.settings, ca, self.inventory.revoked_serials(session),
-                        self.inventory.denied_names(session),
+                        self.settings, ca, self._crl_entries(session), self.inventory.denied_names(session),
+                        collectors=self.inventory.collectors(session),
                     )
             except BrokerConfigError as ex:
                 log.error("revocation of %s not done: %s", name, ex)

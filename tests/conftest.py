@@ -89,6 +89,7 @@ def _isolated_from_developer_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
             "DATA_DIR", "PUBLISH_INTERVAL", "RENEW_CHECK_INTERVAL", "ENROL_DEVICES", "ENROL_TOKEN", "ENROL_TOKEN_FILE",
             "CA_URL", "DASHBOARD_ADMIN_PASSWORD", "DASHBOARD_TLS", "DASHBOARD_NAMES", "DASHBOARD_IDLE_TIMEOUT",
             "DASHBOARD_SECRET_KEY", "DASHBOARD_TOKEN",
+            "SUPERSEDED_GRACE_SECONDS",
         }:
             monkeypatch.delenv(key)
     monkeypatch.setenv("LAB_ENV_FILE", str(tmp_path / "absent.env"))

@@ -1,5 +1,6 @@
-"""The CA's MQTT endpoint through a real Mosquitto: the app holds the `dashboard` identity and answers on
-ssl/<name>; devices and the `provisioner` publish requests and watch the replies."""
+"""The CA's MQTT endpoint through a real Mosquitto: the app holds the `dashboard` identity (the CA role) and
+answers on ssl/<name>; devices and the `provisioner` publish requests and read only their own replies
+(ssl/<CN>, and MQTT v5 response topics under ssl/<CN>/)."""
 
 from __future__ import annotations
 
@@ -30,22 +31,46 @@ def _status(message: mqtt.MQTTMessage) -> int | None:
     return None
 
 
-def wait_ready(client: Collector, probe: str | None = None) -> None:
+def wait_ready(client: Collector, cn: str = "provisioner", v5: bool = True) -> None:
     """The app has subscribed once a probe request gets its (error) reply; MQTT gives no other signal.
 
-    `probe` is a name whose reply topic `client` can read (a device: its own name).
+    A v5 client asks with a response topic under its own CN; a v3.1.1 device sends an empty renewal of its own
+    certificate (failures of sign/create are answered only on a response topic, renewals on ssl/<CN>).
     """
-    probe = probe or f"probe-{uuid.uuid4().hex[:8]}"
+    reply_topic = f"ssl/{cn}/ready" if v5 else f"ssl/{cn}"
+    if v5:
+        client.subscribe(reply_topic)
 
     def answered() -> bool:
-        client.publish("ssl/sign", json.dumps({"name": probe}))
+        if v5:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.ResponseTopic = reply_topic
+            client.publish("ssl/sign", json.dumps({"name": "probe"}), properties=properties)
+        else:
+            client.publish(f"ssl/renew/{cn}", "{}")
         try:
-            client.expect(f"ssl/{probe}", timeout=0.5)
+            client.expect(reply_topic, timeout=0.5)
         except AssertionError:
             return False
         return True
 
     wait_for(answered, timeout=15, interval=0, what="the CA endpoint to answer a probe")
+
+
+REPLIES = "ssl/provisioner/replies"
+
+
+def ask(client: Collector, topic: str, payload: bytes | str, reply_topic: str = REPLIES) -> mqtt.MQTTMessage:
+    """One request with a response topic of the asker's own, and its reply (matched by CorrelationData)."""
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.ResponseTopic = reply_topic
+    correlation = uuid.uuid4().bytes
+    properties.CorrelationData = correlation
+    client.publish(topic, payload, properties=properties)
+    while True:
+        message = client.expect(reply_topic)
+        if message.properties.CorrelationData == correlation:
+            return message
 
 
 def expect_success(client: Collector, topic: str) -> dict[str, Any]:
@@ -71,9 +96,9 @@ def mqtt_app(generated_lab: LabEnv, broker: Broker) -> Iterator[Flask]:
 
 @pytest.fixture
 def provisioner(generated_lab: LabEnv, mqtt_app: Flask, broker: Broker) -> Iterator[Collector]:
-    """The provisioner identity (MQTT v5): may publish requests for any name and read every reply."""
+    """The provisioner identity (MQTT v5): may publish requests for any name; reads replies on its own topics."""
     client = Collector(generated_lab.certs_dir, "provisioner", broker.port, protocol=mqtt.MQTTv5).connect()
-    client.subscribe("ssl/#")
+    client.subscribe("ssl/provisioner/#")
     wait_ready(client)
     yield client
     client.close()
@@ -112,9 +137,12 @@ def test_v5_request_gets_its_reply_on_the_response_topic(
     assert message.properties.CorrelationData == b"\x00req-42\xff"
     assert _status(message) == 201
     check_issued(json.loads(message.payload), key)
-    # the same reply also went to ssl/<name>, as for every request (exactly once)
-    on_name = wait_for(lambda: [m for m in provisioner.received if m.topic == "ssl/sensor-v5"], what="ssl/sensor-v5")
-    assert [json.loads(m.payload) for m in on_name] == [json.loads(message.payload)]
+    # the same reply also went to ssl/<name>, as for every certificate (exactly once): the CA role reads it there
+    # (the dashboard's CA log), the provisioner does not (it is not its reply topic)
+    hub = mqtt_app.extensions["live_hub"]
+    on_name = wait_for(lambda: [line for line in hub.logs() if line["topic"] == "ssl/sensor-v5"], what="ssl/sensor-v5")
+    assert len(on_name) == 1 and json.loads(message.payload)["serial"] in on_name[0]["payload"]
+    assert not [m for m in provisioner.received if m.topic == "ssl/sensor-v5"], "not the provisioner's topic"
     # handled once, though the dashboard's own `ssl/#` log subscription also matches ssl/sign
     endpoint = mqtt_app.extensions["ca_mqtt"]
     wait_for(lambda: endpoint.idle, what="the endpoint to be idle")
@@ -142,14 +170,12 @@ def test_mqtt_and_http_give_the_same_answers(generated_lab: LabEnv, mqtt_app: Fl
                         ("sign", {"name": "ghost", "days": 10, "pass": passphrase}),
                         ("sign", {"name": "answer1", "days": 10, "pass": passphrase, "csr": make_csr("other")[0]})]:
         http = client.post(f"/v1/ssl/{route}", json=body)
-        provisioner.publish(f"ssl/{route}", json.dumps(body))
-        message = provisioner.expect(f"ssl/{body['name']}")
+        message = ask(provisioner, f"ssl/{route}", json.dumps(body))
         assert (_status(message), json.loads(message.payload)) == (http.status_code, http.json), (route, body)
     # an identical create over HTTP and then MQTT: the same certificate, whichever transport asks
     create = {"name": "answer2", "days": 10, "pass": passphrase, "org": "ACME"}
     first = client.post("/v1/ssl/create", json=create)
-    provisioner.publish("ssl/create", json.dumps(create))
-    again = provisioner.expect("ssl/answer2")
+    again = ask(provisioner, "ssl/create", json.dumps(create))
     assert (first.status_code, _status(again)) == (201, 200)
     assert json.loads(again.payload) == first.json
 
@@ -164,18 +190,18 @@ def test_malformed_input_never_stops_the_subscriber(
     for payload in junk:
         provisioner.publish("ssl/sign", payload)
         provisioner.publish("ssl/create", payload)
-    for _ in range(6):  # wrong passphrases for one name: five 403s, then the name is locked out
-        provisioner.publish("ssl/sign", json.dumps({"name": "victim", "days": 1, "pass": "guess"}))
+    # wrong passphrases for one name: five 403s, then the name is locked out
+    statuses = [_status(ask(provisioner, "ssl/sign", json.dumps({"name": "victim", "days": 1, "pass": "guess"})))
+                for _ in range(6)]
     wait_for(lambda: endpoint.stats()["handled"] == start + 2 * len(junk) + 6, what="every request handled")
-    statuses = [_status(provisioner.expect("ssl/victim")) for _ in range(6)]
     assert statuses == [403] * 5 + [429]
     assert "500" not in endpoint.stats()["by_status"]
     assert mqtt_app.extensions["mqtt_bridge"].connected.is_set()
     # still serving
     pem, key = make_csr("after-junk")
-    provisioner.publish("ssl/sign", json.dumps({"name": "after-junk", "days": 5, "pass": generated_lab.passphrase,
-                                                "csr": pem}))
-    check_issued(json.loads(provisioner.expect("ssl/after-junk").payload), key)
+    reply = ask(provisioner, "ssl/sign", json.dumps({"name": "after-junk", "days": 5,
+                                                      "pass": generated_lab.passphrase, "csr": pem}))
+    check_issued(json.loads(reply.payload), key)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -206,7 +232,7 @@ def test_shared_subscription_serves_requests(generated_lab: LabEnv, broker: Brok
                                                              "$share/ca/ssl/renew/+", "$share/ca/ssl/sign/+",
                                                              "$share/ca/ssl/create/+"]
         device.subscribe("ssl/device002")
-        wait_ready(device, "device002")
+        wait_ready(device, "device002", v5=False)
         device.publish("ssl/sign", json.dumps({"name": "device002", "days": 7, "pass": generated_lab.passphrase}))
         check_issued(expect_success(device, "ssl/device002"))
     finally:

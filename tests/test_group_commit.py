@@ -150,11 +150,14 @@ def test_csr_entities_live_in_the_inventory_alone(generated_lab: LabEnv, service
     check_issued(reply.body, key)
     assert service.inventory.current("sensor-9").pem == reply.body["crt"]
     assert not (generated_lab.certs_dir / "sensor-9").exists()
-    # an entity with a folder (a generated device) still gets its files, from the writer path
+    # an entity with a folder (a generated device) keeps its files as they are: the CA does not hold the new key,
+    # and a certificate without its key would break the device (Step 9)
+    files = {p.name: p.read_bytes() for p in (generated_lab.certs_dir / "device001").iterdir()}
     pem, key = make_csr("device001")
     reply = service.sign({"name": "device001", "days": 5, "pass": generated_lab.passphrase, "csr": pem}, source="t")
     assert reply.status == 201
-    assert (generated_lab.certs_dir / "device001" / "device001.crt").read_text() == reply.body["crt"]
+    assert service.inventory.current("device001").pem == reply.body["crt"]
+    assert {p.name: p.read_bytes() for p in (generated_lab.certs_dir / "device001").iterdir()} == files
 
 
 def test_one_token_used_by_two_requests_at_once_issues_one_certificate(

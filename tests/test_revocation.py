@@ -19,7 +19,7 @@ from pki.broker import CRL_LIFETIME, BrokerFiles, current_crl_number
 from pki.service import CAService
 from pki.store import atomic_write
 
-from .ca_support import close_app, lab_state, make_app
+from .ca_support import close_app, lab_state, make_app, make_csr
 from .conftest import LabEnv
 from .support import Broker, Collector, ThermometerProcess, wait_for
 
@@ -137,8 +137,12 @@ def test_revocation_requests(generated_lab: LabEnv, app: Flask, client: FlaskCli
     again = client.post("/v1/ssl/revoke", json={"name": "device002", "pass": passphrase})
     assert again.status_code == 200 and (again.json["revoked"], again.json["already_revoked"]) == ([], [])
 
-    # a new certificate for the name lifts the ACL deny; the old serial stays on the CRL
-    renewed = client.post("/v1/ssl/sign", json={"name": "device002", "pass": passphrase, "days": 30})
+    # the revoked key is never re-signed (Step 9: renewal takes only the current certificate)...
+    refused = client.post("/v1/ssl/sign", json={"name": "device002", "pass": passphrase, "days": 30})
+    assert refused.status_code == 403 and "user device002\ntopic deny #" in files.acl.read_text()
+    # ...a new certificate for a new key lifts the ACL deny; the old serial stays on the CRL
+    renewed = client.post("/v1/ssl/sign", json={"name": "device002", "pass": passphrase, "days": 30,
+                                                "csr": make_csr("device002")[0]})
     assert renewed.status_code == 201
     assert "user device002" not in files.acl.read_text()
     assert serial in crl_serials(files.crl.read_bytes())

@@ -155,20 +155,24 @@ def test_sign_with_a_csr_copies_only_allowed_names(generated_lab: LabEnv, servic
     assert not (generated_lab.certs_dir / "sensor-7" / "sensor-7.key").exists()
 
 
-def test_a_csr_for_a_generated_device_retires_its_stored_key(generated_lab: LabEnv, service: CAService) -> None:
+def test_a_csr_for_a_generated_device_never_breaks_its_file_pair(generated_lab: LabEnv, service: CAService) -> None:
+    """The CA does not hold the CSR's key, so the device's key and certificate files stay as they were, a matching
+    pair (never a certificate without its key, never a key moved aside); the new certificate is the current one."""
     folder = generated_lab.certs_dir / "device002"
-    old_key = (folder / "device002.key").read_bytes()
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
     pem, key = make_csr("device002")
     reply = service.sign({"name": "device002", "pass": generated_lab.passphrase, "days": 10, "csr": pem}, source="t")
     assert reply.status == 201, reply.body
     assert service.inventory.current("device002").role == "device"
-    assert public_key_matches(load_certificate((folder / "device002.crt").read_bytes()), key)
-    assert not (folder / "device002.key").exists()
-    assert (folder / "device002.key.previous").read_bytes() == old_key
-    assert (folder / "device002.key.previous").stat().st_mode & 0o777 == 0o600
-    # nothing stored to re-sign any more: the device must send a CSR
+    assert service.inventory.current("device002").serial == reply.body["serial"]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert public_key_matches(load_certificate((folder / "device002.crt").read_bytes()),
+                              load_private_key((folder / "device002.key").read_bytes()))
+    # the stored key now belongs to a superseded certificate: it is never re-signed (403), nothing changes
+    state = lab_state(generated_lab)
     again = service.sign({"name": "device002", "pass": generated_lab.passphrase, "days": 10}, source="t")
-    assert (again.status, again.body["field"]) == (404, "name")
+    assert again.status == 403, again.body
+    assert lab_state(generated_lab) == state
 
 
 def test_wrong_passphrase_writes_nothing(generated_lab: LabEnv, service: CAService) -> None:
