@@ -254,7 +254,7 @@ def test_a_device_that_rotates_names_is_locked_out_by_its_certificate(
     try:
         honest.subscribe("ssl/device001")
         guesser.subscribe("ssl/device002")
-        wait_ready(honest, "device001")
+        wait_ready(honest, "device001", v5=False)
         start = endpoint.stats()
         for i in range(200):
             guesser.publish("ssl/sign/device002", json.dumps({"name": f"rotated{i}", "days": 1, "pass": f"g{i}"}))
@@ -266,6 +266,9 @@ def test_a_device_that_rotates_names_is_locked_out_by_its_certificate(
         handled = endpoint.stats()["handled"]
         guesser.publish("ssl/sign/device001", json.dumps({"name": "device001", "days": 1, "pass": "x"}))
         assert honest.nothing("ssl/device001", within=1.0) and endpoint.stats()["handled"] == handled
+        # Every failure was answered on the guesser's own ssl/<CN> (it proved its CN), and only there.
+        answered = [_status(guesser.expect("ssl/device002")) for _ in range(200)]
+        assert (answered.count(403), answered.count(429)) == (5, 195)
         good = {"days": 5, "pass": generated_lab.passphrase}
         honest.publish("ssl/sign/device001", json.dumps({**good, "name": "device001"}))
         check_issued(expect_success(honest, "ssl/device001"))

@@ -26,7 +26,7 @@ from flask.testing import FlaskClient
 
 from pki.identity import is_protected_identity
 
-from .ca_support import close_app, lab_state, make_app, make_csr
+from .ca_support import api_token, close_app, lab_state, make_app, make_csr
 from .conftest import LabEnv
 from .support import Broker, free_port, wait_for
 
@@ -97,7 +97,8 @@ def test_create_cn_never_becomes_the_broker_identity(generated_lab: LabEnv, clie
                                                  "cn": "under_score"})
     assert (reply.status_code, reply.json["field"]) == (400, "cn")
     # a revoke of the entity covers every certificate with its identity (one identity, one entity)
-    rows = client.get("/v1/ssl/certs").json["certificates"]
+    rows = client.get("/v1/ssl/certs", headers={"Authorization": f"Bearer {api_token(client.application)}"}).json[
+        "certificates"]
     assert {r["common_name"] for r in rows if r["name"].startswith("collector")} == {"collector7", "collector8"}
 
 

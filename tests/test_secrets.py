@@ -23,7 +23,7 @@ from paho.mqtt.properties import Properties
 from dashboard import socketio
 from pki.authority import generate_private_key, key_pem
 
-from .ca_support import close_app, lab_state, make_app, make_csr
+from .ca_support import api_token, close_app, lab_state, make_app, make_csr
 from .conftest import LabEnv
 from .support import Broker, Collector, wait_for
 from .test_ca_mqtt import ask, start_app, wait_ready
@@ -63,7 +63,9 @@ def test_request_payloads_are_never_shown_raw(generated_lab: LabEnv) -> None:
     app = make_app(generated_lab)
     try:
         hub = app.extensions["live_hub"]
-        tab = socketio.test_client(app)
+        viewer = {"Authorization": f"Bearer {api_token(app)}"}  # a logged-in console sees what is shown
+        tab = socketio.test_client(app, headers=viewer)
+        assert tab.is_connected()
         passphrase, token = generated_lab.passphrase, "tok_" + uuid.uuid4().hex
         key = key_pem(generate_private_key("ec")).decode()
         for topic in REQUEST_TOPICS:
@@ -76,7 +78,9 @@ def test_request_payloads_are_never_shown_raw(generated_lab: LabEnv) -> None:
         msg.payload = f"key={key}; pass={passphrase}".encode()
         hub.on_ca_message(msg)
         hub.flush()
-        shown = json.dumps(app.test_client().get("/api/data").get_json())
+        data = app.test_client().get("/api/data", headers=viewer)
+        assert data.status_code == 200
+        shown = json.dumps(data.get_json())
         shown += json.dumps(tab.get_received()) + json.dumps(hub.snapshot())
         for marker in _markers(passphrase, token, key):
             assert marker not in shown
@@ -206,7 +210,9 @@ def test_fuzzing_the_ca_topics_leaks_no_secret(
         else:
             payloads.append(rng.randbytes(rng.randrange(0, 200)))
     device = Collector(generated_lab.certs_dir, "device001", broker.port).connect()
-    tab = socketio.test_client(mqtt_app)
+    viewer = {"Authorization": f"Bearer {api_token(mqtt_app)}"}  # a logged-in console sees what is shown
+    tab = socketio.test_client(mqtt_app, headers=viewer)
+    assert tab.is_connected()
     endpoint = mqtt_app.extensions["ca_mqtt"]
     start = endpoint.stats()["handled"]
     try:
@@ -219,7 +225,9 @@ def test_fuzzing_the_ca_topics_leaks_no_secret(
     assert "500" not in endpoint.stats()["by_status"]
     hub = mqtt_app.extensions["live_hub"]
     hub.flush()
-    shown = json.dumps(mqtt_app.test_client().get("/api/data").get_json()) + json.dumps(tab.get_received())
+    data = mqtt_app.test_client().get("/api/data", headers=viewer)
+    assert data.status_code == 200
+    shown = json.dumps(data.get_json()) + json.dumps(tab.get_received())
     tab.disconnect()
     logged = "\n".join(r.getMessage() + (r.exc_text or "") for r in caplog.records) + broker.log()
     database = b"".join(p.read_bytes() for p in generated_lab.data_dir.rglob("*.db*"))

@@ -18,7 +18,7 @@ from pki.authority import key_pem
 from pki.broker import BrokerFiles
 from pki.service import CAService
 
-from .ca_support import close_app, lab_state, make_csr
+from .ca_support import api_token, close_app, lab_state, make_csr
 from .conftest import LabEnv
 from .support import Broker, Collector, wait_for
 from .test_ca_mqtt import start_app, wait_ready
@@ -60,12 +60,17 @@ def _sign(service: CAService, lab: LabEnv, name: str) -> str:
     return reply.body["serial"]
 
 
+def _viewer(client: FlaskClient) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_token(client.application)}"}
+
+
 def test_revocation_reasons_are_rfc5280_codes_in_the_crl(generated_lab: LabEnv, client: FlaskClient) -> None:
     passphrase = generated_lab.passphrase
     for name, reason in [("device001", "keyCompromise"), ("device002", None)]:
         body = {"name": name, "pass": passphrase, **({"reason": reason} if reason else {})}
         assert client.post("/v1/ssl/revoke", json=body).status_code == 200
-    rows = {r["name"]: r["serial"] for r in client.get("/v1/ssl/certs?status=revoked").json["certificates"]}
+    listed = client.get("/v1/ssl/certs?status=revoked", headers=_viewer(client)).json["certificates"]
+    rows = {r["name"]: r["serial"] for r in listed}
     crl = _crl(generated_lab)
     assert _reason(crl, rows["device001"]) == x509.ReasonFlags.key_compromise
     assert _reason(crl, rows["device002"]) is None  # unspecified: RFC 5280 5.3.1, no reason code extension
@@ -139,8 +144,8 @@ def test_renewal_takes_only_the_current_certificate(generated_lab: LabEnv, clien
     revoked = client.post("/v1/ssl/sign", json={"name": "gw-d", "days": 5, "pass": passphrase})
     assert revoked.status_code == 403, revoked.json
     assert lab_state(generated_lab) == before
-    assert created["serial"] not in {r["serial"] for r in client.get("/v1/ssl/certs?status=active").json[
-        "certificates"]}
+    active = client.get("/v1/ssl/certs?status=active", headers=_viewer(client)).json["certificates"]
+    assert created["serial"] not in {r["serial"] for r in active}
 
 
 @pytest.mark.integration
