@@ -62,9 +62,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.extensions["mqtt_bridge"] = bridge
 
     # Each feature registers its routes, Socket.IO events and MQTT handlers.
-    from . import ca_http, ca_mqtt, events, live, views
+    from . import ca_http, ca_mqtt, events, live, revocation, views
 
-    for feature in (ca_http, ca_mqtt, live, events, views):
+    for feature in (ca_http, ca_mqtt, live, revocation, events, views):
         feature.init_app(app)
 
     if app.config["MQTT_ENABLED"]:

@@ -87,6 +87,7 @@ class DeviceState:
     device_timestamp: str | None = None
     seq: int | None = None
     status: str = "unknown"  # online | offline | unknown (nothing retained yet)
+    certificate: str | None = None  # its certificate's state (valid, expiring, expired, revoked, ...), if known
     status_since: float | None = None
     readings: int = 0
     trend: str = "flat"  # up | down | flat
@@ -371,6 +372,28 @@ class LiveHub:
             if direction_of(message.topic) == "out":
                 self._certs_due = True  # the emitter re-checks on its next tick
 
+    def device_revoked(self, device_id: str) -> None:
+        """The CA revoked this device: revoked and offline now (its open connection is being closed)."""
+        now = time.time()
+        with self._lock:
+            device = self._device(device_id)
+            if device is None:
+                return
+            device.certificate = "revoked"
+            if device.status != "offline":
+                device.status, device.status_since = "offline", now
+            self._dirty_devices.add(device_id)
+
+    def _apply_certificate_states(self, entities: dict[str, Any]) -> None:
+        with self._lock:
+            for device_id, device in self.devices.items():
+                entity = entities.get(device_id)
+                state = entity.get("status") if isinstance(entity, dict) else None
+                if state != device.certificate:
+                    if "revoked" in (state, device.certificate):  # pushed now; other states with its next change
+                        self._dirty_devices.add(device_id)
+                    device.certificate = state
+
     def on_broker_state(self, connected: bool) -> None:
         with self._lock:
             self._broker_changed = True
@@ -506,6 +529,7 @@ class LiveHub:
                 log.exception("could not read the certificate state")
                 return False
             data = self._certs
+        self._apply_certificate_states(data.get("entities") or {})
         if broadcast:
             self._send("certs", data)
         return True

@@ -231,6 +231,9 @@ class CAService:
         self._settings_pass_tried = False
         # Called with the operation after every issuance, renewal or revocation (the dashboard re-reads its table).
         self.on_change: list[Callable[[str], None]] = []
+        # Called with the entity name after a revocation took effect in the broker's files (CRL reloaded): the
+        # process that holds the CA's MQTT connection closes that identity's open sessions (dashboard/revocation.py).
+        self.on_revoked: list[Callable[[str], None]] = []
 
     def close(self) -> None:
         self.inventory.close()
@@ -285,7 +288,7 @@ class CAService:
         if ca is None:
             log.warning("cannot refresh the CRL: the CA key is locked (set CA_PASSPHRASE for the dashboard)")
             return False
-        if not crl_needs_refresh(self.broker_files.crl, ca):
+        if not crl_needs_refresh(self.broker_files.crl, ca, enforced=self.broker_files.broker_crl):
             return False
         with self._writer(), self.inventory.session() as session:
             changed = write_broker_policy(
@@ -726,6 +729,11 @@ class CAService:
                 reload_broker(self.broker_files)
         if revoked:
             log.warning("revoked %s: %s (%s)", name, ", ".join(revoked), request.reason)
+            for callback in self.on_revoked:
+                try:
+                    callback(name)
+                except Exception:  # the revocation is done and recorded; a listener must not turn it into an error
+                    log.exception("a listener failed after revoking %s", name)
         return Reply(200, {"name": name, "revoked": revoked, "reason": request.reason,
                            "already_revoked": [t.serial for t in targets if t.serial not in revoked]})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ssl
+import time
 from typing import Any
 
 import pytest
@@ -13,7 +14,8 @@ from cryptography.hazmat.primitives import serialization
 from flask import Flask
 from flask.testing import FlaskClient
 
-from lab.mqtt import Identity
+from dashboard.ca_http import CRL_CHECK_INTERVAL
+from lab.mqtt import Identity, certificate_revoked
 from pki.authority import CertificateAuthority, load_certificate
 from pki.broker import CRL_LIFETIME, BrokerFiles, current_crl_number
 from pki.service import CAService
@@ -21,7 +23,7 @@ from pki.store import atomic_write
 
 from .ca_support import close_app, lab_state, make_app
 from .conftest import LabEnv
-from .support import Broker, Collector, ThermometerProcess, wait_for
+from .support import Broker, Collector, ThermometerProcess, established_to, wait_for
 
 
 def serial_of(lab: LabEnv, name: str) -> str:
@@ -185,3 +187,126 @@ def test_crl_refresh_needs_the_unlocked_key(generated_lab: LabEnv, caplog: pytes
         assert BrokerFiles(generated_lab.certs_dir, generated_lab.data_dir).crl.read_bytes() != stale
     finally:
         service.close()
+
+
+# -- Step 10: revocation takes the live connection ------------------------------------------------------
+
+
+def dashboard_device(client: FlaskClient, device: str) -> dict[str, Any]:
+    return client.get("/api/data").json["device_data"].get(device) or {}
+
+
+@pytest.mark.integration
+def test_revocation_closes_the_connection_and_the_thermometer_stops(
+    generated_lab: LabEnv, broker: Broker, start_thermometer: Any
+) -> None:
+    app = make_app(generated_lab, MQTT_ENABLED=True)
+    client = app.test_client()
+    try:
+        assert app.extensions["mqtt_bridge"].wait_connected(10)
+        env = {k: v for k, v in generated_lab.env.items() if k != "CA_PASSPHRASE"}
+        devices = {d: start_thermometer({**env, "DEVICE_ID": d, "PUBLISH_INTERVAL": "0.2"})
+                   for d in ("device001", "device002")}
+        pids = {d: t.process.pid for d, t in devices.items()}
+        wait_for(lambda: all(dashboard_device(client, d).get("status") == "online"
+                             and dashboard_device(client, d).get("readings", 0) >= 3 for d in devices)
+                 and all(established_to(pids[d], broker.port) == 1 for d in devices),
+                 timeout=20, what="both thermometers connected and publishing")
+        serial = serial_of(generated_lab, "device001")
+
+        response = client.post("/v1/ssl/revoke", json={"name": "device001", "pass": generated_lab.passphrase})
+        assert response.status_code == 200 and response.json["revoked"] == [serial]
+        replied = time.monotonic()
+
+        # Within 2 s of the reply: the broker closed the connection, and the dashboard says revoked and offline.
+        wait_for(lambda: established_to(pids["device001"], broker.port) == 0, timeout=2, interval=0.02,
+                 what="device001's TCP connection to close")
+        def shown_revoked_and_offline() -> bool:
+            data = client.get("/api/data").json
+            device = data["device_data"].get("device001") or {}
+            rows = [r["status"] for r in data["certs_info"] if r["name"] == "device001" and r["current"]]
+            return (device.get("status"), device.get("certificate"), rows) == ("offline", "revoked", ["revoked"])
+
+        wait_for(shown_revoked_and_offline, timeout=max(0.1, replied + 2 - time.monotonic()), interval=0.02,
+                 what="/api/data to show device001 revoked and offline")
+        assert "device001 been disconnected by administrative action" in broker.log()
+
+        # The thermometer recognises the revocation, says so in one line, and exits with its own code.
+        thermometer = devices["device001"]
+        assert thermometer.process.wait(timeout=15) == 3, thermometer.output()
+        lines = [line for line in thermometer.lines if "the CA revoked its certificate" in line]
+        assert len(lines) == 1 and serial in lines[0] and "--devices device001" in lines[0], thermometer.output()
+
+        # The retained presence a newcomer sees is `offline`; device002 never noticed anything.
+        observer = Collector(generated_lab.certs_dir, "dashboard", broker.port, client_id="observer").connect()
+        try:
+            observer.subscribe("iot/thermometer/+/status")
+            wait_for(lambda: {m.topic: m.payload for m in observer.received}.get(
+                "iot/thermometer/device001/status") == b"offline", timeout=5, what="retained offline")
+        finally:
+            observer.close()
+        before = dashboard_device(client, "device002")["readings"]
+        wait_for(lambda: dashboard_device(client, "device002")["readings"] >= before + 5, timeout=10,
+                 what="more device002 readings")
+        assert established_to(pids["device002"], broker.port) == 1
+        assert dashboard_device(client, "device002")["status"] == "online"
+        assert "lost the broker" not in devices["device002"].output()
+    finally:
+        app.extensions["live_hub"].close()
+        close_app(app)
+
+
+def revoked_at_broker(lab: LabEnv, port: int, name: str) -> bool | None:
+    return certificate_revoked(Identity.of(lab.certs_dir, name), "localhost", port)
+
+
+def crl_lists(lab: LabEnv, path: Any, serial: str) -> bool:
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    root = load_certificate((lab.certs_dir / "root_ca" / "root_ca.crt").read_bytes())
+    return crl.is_signature_valid(root.public_key()) and serial in {format(e.serial_number, "x") for e in crl}
+
+
+@pytest.mark.integration
+def test_a_damaged_or_missing_crl_never_fails_open_and_is_repaired(generated_lab: LabEnv, broker: Broker) -> None:
+    files = BrokerFiles(generated_lab.certs_dir, generated_lab.data_dir)
+    app = make_app(generated_lab, CRL_REFRESH_SECONDS=CRL_CHECK_INTERVAL)  # the running lab's timer
+    try:
+        serial = serial_of(generated_lab, "device001")
+        assert app.test_client().post("/v1/ssl/revoke", json={
+            "name": "device001", "pass": generated_lab.passphrase}).status_code == 200
+        wait_for(lambda: revoked_at_broker(generated_lab, broker.port, "device001"), what="the CRL to be enforced")
+
+        # junk in the published CRL, then a reload: the broker still refuses the revoked certificate
+        reloads = broker.log().count("Reloading config")
+        files.crl.write_bytes(b"junk\n")
+        broker.reload()
+        wait_for(lambda: broker.log().count("Reloading config") > reloads, what="the reload")
+        assert revoked_at_broker(generated_lab, broker.port, "device001") is True
+        assert revoked_at_broker(generated_lab, broker.port, "device002") is False
+        wait_for(lambda: crl_lists(generated_lab, files.crl, serial), timeout=10, what="the CRL to be repaired")
+
+        # deleted before a broker start: the same
+        broker.stop()
+        files.crl.unlink()
+        broker.start()
+        assert revoked_at_broker(generated_lab, broker.port, "device001") is True
+        assert revoked_at_broker(generated_lab, broker.port, "device002") is False
+        wait_for(lambda: crl_lists(generated_lab, files.crl, serial), timeout=10, what="the CRL to be repaired")
+
+        # the broker's own copy gone too: Mosquitto refuses to start at all (everyone refused, never open)...
+        broker.stop()
+        files.crl.unlink()
+        files.broker_crl.write_bytes(b"")
+        with pytest.raises(AssertionError, match="mosquitto exited"):
+            broker.start()
+        # ...until the CA rewrote both from the inventory, within 10 s
+        wait_for(lambda: crl_lists(generated_lab, files.broker_crl, serial) and crl_lists(
+            generated_lab, files.crl, serial), timeout=10, what="both CRLs to be rewritten")
+        broker.start()
+        assert revoked_at_broker(generated_lab, broker.port, "device001") is True
+        assert revoked_at_broker(generated_lab, broker.port, "device002") is False
+    finally:
+        close_app(app)
