@@ -17,7 +17,7 @@ from flask.testing import FlaskClient
 from dashboard.ca_http import CRL_CHECK_INTERVAL
 from lab.mqtt import Identity, certificate_revoked
 from pki.authority import CertificateAuthority, load_certificate
-from pki.broker import CRL_LIFETIME, BrokerFiles, current_crl_number
+from pki.broker import CRL_LIFETIME, DYNSEC_TOPIC, BrokerFiles, current_crl_number, disconnect_command
 from pki.service import CAService
 from pki.store import atomic_write
 
@@ -310,3 +310,57 @@ def test_a_damaged_or_missing_crl_never_fails_open_and_is_repaired(generated_lab
         assert revoked_at_broker(generated_lab, broker.port, "device002") is False
     finally:
         close_app(app)
+
+
+@pytest.mark.integration
+def test_on_revoked_wait_keeps_the_thermometer_waiting_until_a_new_certificate(
+    generated_lab: LabEnv, broker: Broker, start_thermometer: Any
+) -> None:
+    """The compose lab's setting (a restart policy would restart an exiting thermometer in a loop)."""
+    env = {k: v for k, v in generated_lab.env.items() if k != "CA_PASSPHRASE"}
+    device = start_thermometer({**env, "DEVICE_ID": "device001", "PUBLISH_INTERVAL": "0.2", "ON_REVOKED": "wait"})
+    device.wait_output("device001 connected")
+    service = CAService(generated_lab.settings())
+    try:
+        assert service.revoke({"name": "device001", "pass": generated_lab.passphrase}, source="test").ok
+    finally:
+        service.close()
+    wait_for(lambda: "Reloading config" in broker.log(), what="the broker to reload")
+    ca = Collector(generated_lab.certs_dir, "dashboard", broker.port).connect()  # as dashboard/revocation.py does
+    try:
+        ca.publish(DYNSEC_TOPIC, disconnect_command("device001"))
+    finally:
+        ca.close()
+    device.wait_output("waiting for a new certificate")
+    assert device.process.poll() is None
+    attempts = broker.log().count("New connection from")
+    time.sleep(2)  # a reconnect loop would show here
+    assert broker.log().count("New connection from") == attempts
+    assert established_to(device.process.pid, broker.port) == 0
+
+    # the next step it printed: a new certificate; it notices and carries on with it
+    generated_lab.lab().generate(["device001"], reissue_revoked=True)
+    device.wait_output("found a new certificate", timeout=15)
+    wait_for(lambda: device.output().count("device001 connected") == 2, timeout=15, what="the reconnect")
+    assert device.terminate() == 0
+
+
+@pytest.mark.integration
+def test_only_the_ca_identity_can_disconnect_a_client(generated_lab: LabEnv, broker: Broker) -> None:
+    """A device (or the provisioner) publishing the plugin's commands kicks nobody and learns nothing."""
+    victim = Collector(generated_lab.certs_dir, "device001", broker.port).connect()
+    attackers = [Collector(generated_lab.certs_dir, name, broker.port).connect()
+                 for name in ("device002", "provisioner")]
+    try:
+        for attacker in attackers:
+            assert attacker.subscribe("$CONTROL/#")[0].is_failure or attacker.nothing(within=0.1)
+            attacker.client.publish(DYNSEC_TOPIC, disconnect_command("device001"), qos=1)
+            attacker.client.publish(DYNSEC_TOPIC, b'{"commands":[{"command":"listClients"}]}', qos=1)
+        assert victim.nothing(within=1.0)
+        assert victim.connected.is_set() and not victim.disconnected.is_set()
+        assert "administrative action" not in broker.log() and "dynsec:" not in broker.log()
+        for attacker in attackers:
+            assert attacker.nothing(within=0.2)  # no response from the plugin
+    finally:
+        for collector in (victim, *attackers):
+            collector.close()
