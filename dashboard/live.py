@@ -40,10 +40,10 @@ log = logging.getLogger(__name__)
 
 TEMPERATURE_FILTER = "iot/thermometer/+/temperature"
 # The dashboard's own subscription QoS for telemetry (devices still publish at QoS 1, so the broker has each
-# reading). QoS 1 towards the dashboard bought nothing: its session is not persistent, so whatever is in flight
-# when the connection drops is lost either way, and the broker drops either QoS once 1,000 messages wait for
-# the dashboard (max_queued_messages). It cost a PUBACK per message and, with Mosquitto's window of 20
-# unacknowledged messages, capped ingest at what one round trip per 20 readings allows (bench: 2,600 msg/s).
+# reading). QoS 1 would cost a PUBACK per message and, with Mosquitto's window of 20 unacknowledged messages,
+# caps ingest at what one round trip per 20 readings allows (bench: 2,600 msg/s). Readings that arrive while
+# the dashboard is away are still kept: its session is persistent and the broker queues QoS 0 for it
+# (mqtt_bridge.SESSION_EXPIRY, `queue_qos0_messages`), up to max_queued_messages.
 TEMPERATURE_QOS = 0
 STATUS_FILTER = "iot/thermometer/+/status"
 CA_FILTER = "ssl/#"
