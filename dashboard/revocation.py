@@ -32,8 +32,9 @@ from .mqtt_bridge import MqttBridge
 
 log = logging.getLogger(__name__)
 
-# Seconds after the revocation at which the disconnect and the presence correction are repeated.
-ENFORCE_AGAIN_AFTER = (2.0, 5.0)
+# Seconds after the revocation at which the disconnect and the presence correction are repeated: the first
+# comes after the Docker broker's reload (its poll is 1 s), so a device back in that gap is out for good by 2 s.
+ENFORCE_AGAIN_AFTER = (1.5, 3.0, 6.0)
 
 
 def presence_topic(name: str) -> str:
@@ -45,16 +46,41 @@ class RevocationEnforcer:
         self.service = service
         self.bridge = bridge
         self.hub = hub
+        self._timers: set[threading.Timer] = set()
+        self._lock = threading.Lock()
+        self._closed = False
 
     def revoked(self, name: str) -> None:
         """The CA revoked `name` (its files are written and the broker signalled): cut it off now."""
         if self.hub is not None:
             self.hub.device_revoked(name)
         self.enforce(name)
-        for delay in ENFORCE_AGAIN_AFTER:
-            timer = threading.Timer(delay, self.enforce, args=(name,), kwargs={"again": True})
-            timer.daemon = True
-            timer.start()
+        with self._lock:
+            if self._closed:
+                return
+            for delay in ENFORCE_AGAIN_AFTER:
+                timer = threading.Timer(delay, self._again, args=(name,))
+                timer.daemon = True
+                self._timers.add(timer)
+                timer.start()
+
+    def close(self) -> None:
+        """Cancel the repeated rounds still due (the app is shutting down)."""
+        with self._lock:
+            self._closed = True
+            timers, self._timers = self._timers, set()
+        for timer in timers:
+            timer.cancel()
+
+    def _again(self, name: str) -> None:
+        with self._lock:
+            self._timers = {t for t in self._timers if t.is_alive() and t is not threading.current_thread()}
+            if self._closed:
+                return
+        try:
+            self.enforce(name, again=True)
+        except Exception:  # a timer thread: log, never raise
+            log.exception("could not repeat the disconnect of revoked %s", name)
 
     def enforce(self, name: str, again: bool = False) -> None:
         if again:

@@ -4,7 +4,10 @@ both kept across a broker restart; and a CRL that is always fresh."""
 from __future__ import annotations
 
 import datetime as dt
+import os
+import signal
 import ssl
+import subprocess
 import time
 from typing import Any
 
@@ -22,7 +25,7 @@ from pki.service import CAService
 from pki.store import atomic_write
 
 from .ca_support import close_app, lab_state, make_app
-from .conftest import LabEnv
+from .conftest import PROJECT_ROOT, LabEnv
 from .support import Broker, Collector, ThermometerProcess, established_to, wait_for
 
 
@@ -86,7 +89,8 @@ def test_revoking_a_connected_device_cuts_it_off(generated_lab: LabEnv, broker: 
         wait_for(lambda: len(from_device(observer.received, "device002")) >= seen + 5, timeout=10,
                  what="more device002 readings")
         assert len(from_device(observer.received, "device001")) == seen
-        assert devices[0].process is not None and devices[0].process.poll() is None  # still trying, in vain
+        # (no dashboard MQTT connection in this test to close it: it stays connected, every publish denied)
+        assert devices[0].process is not None and devices[0].process.poll() is None
 
         # A new connection with the revoked certificate is refused; device002 is unaffected.
         assert refused(generated_lab, broker.port, "device001")
@@ -364,3 +368,58 @@ def test_only_the_ca_identity_can_disconnect_a_client(generated_lab: LabEnv, bro
     finally:
         for collector in (victim, *attackers):
             collector.close()
+
+
+@pytest.mark.integration
+def test_revocation_with_a_broker_that_reloads_only_by_polling_as_in_docker(
+    generated_lab: LabEnv, start_thermometer: Any
+) -> None:
+    """The compose lab's broker: nobody can signal it, its entrypoint polls the files every second
+    (mosquitto/entrypoint.sh). The connection is still closed for good within 2 s, and the thermometer
+    (ON_REVOKED=wait, as compose sets it) waits instead of reconnecting."""
+    files = BrokerFiles(generated_lab.certs_dir, generated_lab.data_dir)
+    conf = generated_lab.root / "polled.conf"  # the CA finds no pid file: it cannot SIGHUP this broker
+    conf.write_text(files.conf.read_text().replace(str(files.pid_file), str(generated_lab.root / "polled.pid")))
+    log_path = generated_lab.root / "entrypoint.log"
+    env = {**os.environ, "POLL_SECONDS": "1", "TMPDIR": str(generated_lab.root)}
+    with open(log_path, "wb") as out:
+        entry = subprocess.Popen(["sh", str(PROJECT_ROOT / "mosquitto" / "entrypoint.sh"), str(conf)], env=env,
+                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    app = None
+    try:
+        wait_for(lambda: "running" in log_path.read_text(), what="the broker")
+        app = make_app(generated_lab, MQTT_ENABLED=True)
+        client = app.test_client()
+        assert app.extensions["mqtt_bridge"].wait_connected(10)
+        env = {k: v for k, v in generated_lab.env.items() if k != "CA_PASSPHRASE"}
+        devices = {d: start_thermometer({**env, "DEVICE_ID": d, "PUBLISH_INTERVAL": "0.2", "ON_REVOKED": "wait"})
+                   for d in ("device001", "device002")}
+        pid = devices["device001"].process.pid
+        port = generated_lab.broker_port
+        wait_for(lambda: all(dashboard_device(client, d).get("readings", 0) >= 3 for d in devices), timeout=20,
+                 what="both thermometers publishing")
+        assert client.post("/v1/ssl/revoke", json={"name": "device001", "pass": generated_lab.passphrase}
+                           ).status_code == 200
+        replied = time.monotonic()
+        wait_for(lambda: established_to(pid, port) == 0 and (
+            dashboard_device(client, "device001").get("status"),
+            dashboard_device(client, "device001").get("certificate")) == ("offline", "revoked"),
+            timeout=2, interval=0.02, what="device001 closed, revoked and offline")
+        # A reconnect before the broker's poll reloaded the CRL is closed again by 2 s, and then for good.
+        while time.monotonic() < replied + 2:
+            time.sleep(0.05)
+        until = time.monotonic() + 3
+        while time.monotonic() < until:
+            assert established_to(pid, port) == 0, devices["device001"].output()
+            assert dashboard_device(client, "device001").get("status") == "offline"
+            time.sleep(0.05)
+        devices["device001"].wait_output("waiting for a new certificate", timeout=10)
+        assert devices["device001"].process.poll() is None
+        assert established_to(devices["device002"].process.pid, port) == 1
+        assert dashboard_device(client, "device002").get("status") == "online"
+    finally:
+        if app is not None:
+            app.extensions["live_hub"].close()
+            close_app(app)
+        os.killpg(entry.pid, signal.SIGTERM)
+        entry.wait(timeout=15)
