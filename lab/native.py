@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pki.authority import CAError, WrongPassphrase
-from pki.broker import BrokerConfigError, BrokerFiles, broker_command
+from pki.broker import BrokerConfigError, BrokerFiles, broker_command, find_dynsec_plugin
 from pki.config import PROJECT_ROOT, ConfigError, Settings, lab_environ, parse_devices
 from pki.lab import LabCertificates, revoked_next_step
 from pki.service import CAService
@@ -442,6 +442,10 @@ class LabRunner:
             return self._fail(RunnerError(str(ex)))
         except RunnerError as ex:
             return self._fail(ex)
+        if find_dynsec_plugin() is None:
+            self.say("warning: Mosquitto's dynamic-security plugin (mosquitto_dynamic_security.so) was not found: a "
+                     "revoked device is denied every topic but its open connection is not closed; set "
+                     "MOSQUITTO_DYNSEC_PLUGIN to its path, then run ./setup.sh certs")
         try:
             broker, *others = self.services
             self.start(broker)

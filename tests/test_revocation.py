@@ -8,6 +8,7 @@ import os
 import signal
 import ssl
 import subprocess
+import threading
 import time
 from typing import Any
 
@@ -17,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from flask import Flask
 from flask.testing import FlaskClient
 
-from dashboard.ca_http import CRL_CHECK_INTERVAL
+from dashboard.ca_http import CRL_CHECK_INTERVAL, start_crl_refresh
 from lab.mqtt import Identity, certificate_revoked
 from pki.authority import CertificateAuthority, load_certificate
 from pki.broker import CRL_LIFETIME, DYNSEC_TOPIC, BrokerFiles, current_crl_number, disconnect_command
@@ -301,12 +302,17 @@ def test_a_damaged_or_missing_crl_never_fails_open_and_is_repaired(generated_lab
         wait_for(lambda: crl_lists(generated_lab, files.crl, serial), timeout=10, what="the CRL to be repaired")
 
         # the broker's own copy gone too: Mosquitto refuses to start at all (everyone refused, never open)...
+        app.extensions["crl_refresh_stop"].set()  # (the CA's timer paused, or it could repair first)
+        for thread in threading.enumerate():
+            if thread.name == "crl-refresh":
+                thread.join(timeout=10)
         broker.stop()
         files.crl.unlink()
         files.broker_crl.write_bytes(b"")
         with pytest.raises(AssertionError, match="mosquitto exited"):
             broker.start()
-        # ...until the CA rewrote both from the inventory, within 10 s
+        # ...until the CA (its timer running again) rewrote both from the inventory, within 10 s
+        start_crl_refresh(app, CRL_CHECK_INTERVAL)
         wait_for(lambda: crl_lists(generated_lab, files.broker_crl, serial) and crl_lists(
             generated_lab, files.crl, serial), timeout=10, what="both CRLs to be rewritten")
         broker.start()
