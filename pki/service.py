@@ -86,6 +86,7 @@ from .store import (
     ensure_dir,
     exclusive_lock,
     read_optional,
+    remove_temp_files,
 )
 
 log = logging.getLogger(__name__)
@@ -229,6 +230,10 @@ class CAService:
         self._ca: CertificateAuthority | None = None
         self._pass_mac: bytes | None = None
         self._settings_pass_tried = False
+        if settings.certs_dir.is_dir():
+            with exclusive_lock(self.layout.lock):  # no writer is half-way through a file while this runs
+                for leftover in remove_temp_files(settings.certs_dir):
+                    log.warning("removed %s, left by a writer that was killed while writing it", leftover)
         # Called with the operation after every issuance, renewal or revocation (the dashboard re-reads its table).
         self.on_change: list[Callable[[str], None]] = []
         # Called with the entity name after a revocation took effect in the broker's files (CRL reloaded): the
@@ -619,6 +624,8 @@ class CAService:
         with self._writer():
             if digest is not None and (replay := self._replay(ca, name, digest)) is not None:
                 return replay  # an identical create finished while this one was signing
+            # Recorded and committed before the certificate is written anywhere or leaves the CA: whatever
+            # happens next (a kill -9 while the files are written), the inventory lists it and it can be revoked.
             with self.inventory.session() as session:
                 if token is not None and not self.inventory.consume_token(token, serial, session):
                     raise RequestError(FORBIDDEN, "this enrolment token has already been used", "token")
@@ -626,9 +633,14 @@ class CAService:
                                              session=session)
                 if digest is not None:
                     self.inventory.record_create_digest(serial, name, digest, session)
-                # Files inside the transaction: if writing fails, the inventory row is rolled back too.
-                if write_files:
+            if write_files:
+                try:
                     self._store(name, cert, ca, new_key, from_csr)
+                except OSError as ex:
+                    log.error("certificate %s of %s is recorded but its files could not be written: %s", serial,
+                              name, ex)
+                    raise RequestError(UNAVAILABLE, f"the certificate files of {name} could not be written; "
+                                                    f"certificate {serial} is recorded (revoke it by serial)") from None
             if self._acl_denies(name, cn):  # a revoked identity got a new certificate: lift the ACL deny
                 self._sync_broker(ca)
         log.info("issued %s (%s) serial %s, %s days, via %s", name, profile.role, serial, days, via)
