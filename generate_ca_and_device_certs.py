@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pki.authority import CAError, WrongPassphrase
-from pki.config import ConfigError, Settings, parse_devices
-from pki.lab import LabCertificates, revoked_next_step
+from pki.config import ConfigError, Settings, parse_devices, revoked_next_step
+from pki.lab import LabCertificates
 
 
 def build_parser() -> argparse.ArgumentParser:

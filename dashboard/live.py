@@ -361,6 +361,10 @@ class LiveHub:
             device = self._device(device_id)
             if device is None:
                 return
+            if status == "online" and device.certificate == "revoked":
+                # Only possible from a connection opened before the broker reloaded its CRL, which the CA closes
+                # again (dashboard/revocation.py): a revoked identity is never shown online.
+                return
             if device.status != status:
                 device.status, device.status_since = status, now
             self._dirty_devices.add(device_id)

@@ -55,6 +55,8 @@ class RevocationEnforcer:
         if self.hub is not None:
             self.hub.device_revoked(name)
         self.enforce(name)
+        if self.hub is not None:  # the table too, now rather than on the emitter's next due tick (>= 1 s apart)
+            self.hub.refresh_certs(force=True)
         with self._lock:
             if self._closed:
                 return

@@ -54,7 +54,7 @@ from pki.authority import (
     utcnow,
     verify_leaf,
 )
-from pki.config import DEVICE_ID_RE, ConfigError, Settings, lab_environ
+from pki.config import DEVICE_ID_RE, ConfigError, Settings, lab_environ, revoked_next_step
 
 from .credentials import recover
 from .enrolment import EnrolmentError, EnrolmentRefused, enrol_if_needed, with_claimed_token
@@ -660,9 +660,7 @@ def revoked_line(config: DeviceConfig, serial: str, waiting: bool) -> str:
     then = (f"waiting for a new certificate in {config.identity.cert}" if waiting
             else f"exiting with code {EXIT_REVOKED}, not to be restarted")
     return (f"{config.device_id}: the CA revoked its certificate (serial {serial}, {config.identity.cert}); it will "
-            f"not connect with it again. Next step: issue a new certificate (python generate_ca_and_device_certs.py "
-            f"--devices {config.device_id}, or a token enrolment), or remove {config.device_id} from DEVICES. "
-            f"Now {then}.")
+            f"not connect with it again. Next step: {revoked_next_step(config.device_id)}. Now {then}.")
 
 
 def wait_for_new_certificate(config: DeviceConfig, revoked: bytes, stopped: Callable[[], bool]) -> bool:

@@ -39,8 +39,8 @@ from typing import IO, Any
 
 from pki.authority import CAError, WrongPassphrase
 from pki.broker import BrokerConfigError, BrokerFiles, broker_command, find_dynsec_plugin
-from pki.config import PROJECT_ROOT, ConfigError, Settings, lab_environ, parse_devices
-from pki.lab import LabCertificates, revoked_next_step
+from pki.config import PROJECT_ROOT, ConfigError, Settings, lab_environ, parse_devices, revoked_next_step
+from pki.lab import LabCertificates
 from pki.service import CAService
 from pki.store import CERT_MODE, CertsLayout, atomic_write, ensure_dir
 

@@ -35,7 +35,7 @@ from .authority import (
     verify_leaf,
 )
 from .broker import CRL_REFRESH_BEFORE, BrokerFiles, crl_revocations, reload_broker, write_broker_files
-from .config import ConfigError, Settings
+from .config import ConfigError, Settings, revoked_next_step
 from .inventory import REVOKED as REVOKED_STATUS
 from .inventory import CertificateRecord, Inventory
 from .profiles import BROKER, DASHBOARD, DEVICE, PROVISIONER, ROOT_CA, ROOT_CA_DAYS, Profile
@@ -124,12 +124,6 @@ def _read_key(path: Path) -> tuple[object | None, str]:
         return load_private_key(data), ""
     except CAError:
         return None, "unreadable key"
-
-
-def revoked_next_step(name: str) -> str:
-    """The one next step for a lab device whose certificate is revoked (generator, --check, runner, thermometer)."""
-    return (f"issue it a new certificate with `./setup.sh certs --devices {name}` (the generator's --devices), "
-            f"or remove {name} from DEVICES in .env")
 
 
 def revoked_in_inventory(database_url: str, serials: Sequence[str]) -> dict[str, tuple[dt.datetime | None, str]]:
