@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pki.authority import CAError, WrongPassphrase
-from pki.config import ConfigError, Settings, parse_devices
+from pki.config import ConfigError, Settings, parse_devices, revoked_next_step
 from pki.lab import LabCertificates
 
 
@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Create or renew the lab's root CA, broker, dashboard and device certificates. "
         "Only what is missing, unreadable, not from the current root or inside RENEW_BEFORE_DAYS is reissued."
     )
-    parser.add_argument("--devices", help="comma-separated device ids (default: DEVICES from .env)")
+    parser.add_argument("--devices", help="comma-separated device ids (default: DEVICES from .env); a device named "
+                        "here whose certificate is revoked gets a new one (from DEVICES it is only reported)")
     parser.add_argument("--force", action="store_true", help="reissue every leaf certificate (the root is kept)")
     parser.add_argument(
         "--check", action="store_true", help="only report; exit 1 if anything is expiring, expired or invalid"
@@ -60,15 +61,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         crl = lab.check_crl()
         print_check_table([*rows, crl])
         bad = [row for row in rows if not row.ok]
+        renewable = [row for row in bad if row.status != "revoked"]
         if bad:
-            print(f"\n{len(bad)} certificate(s) need attention: run ./setup.sh certs (or this script) to renew them.")
-        if any(row.status == "revoked" for row in bad):
-            print("A revoked certificate stays revoked: drop the device from DEVICES, or reissue it with --force.")
+            print()
+        if renewable:
+            print(f"{len(renewable)} certificate(s) need attention: run ./setup.sh certs (or this script) to "
+                  "renew them.")
+        for row in bad:
+            if row.status == "revoked":
+                print(f"{row.name} is revoked: {revoked_next_step(row.name)}.")
         if not crl.ok:
             print(f"The CRL is {crl.status}: {crl.detail}.")
         return 1 if bad or not crl.ok else 0
     try:
-        report = lab.generate(devices, force=args.force)
+        report = lab.generate(devices, force=args.force, reissue_revoked=devices is not None)
     except WrongPassphrase:
         print(
             f"error: CA_PASSPHRASE does not unlock {lab.layout.ca_key}. Nothing was written.\n"
@@ -80,8 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, CAError) as ex:
         print(f"error: {ex}", file=sys.stderr)
         return 2
-    changed = sum(1 for r in report.results if r.action != "kept")
-    print(f"Done: {changed} issued, {len(report.results) - changed} kept, in {settings.certs_dir}")
+    revoked = [r for r in report.results if r.action == "revoked"]
+    changed = sum(1 for r in report.results if r.action not in ("kept", "revoked"))
+    kept = len(report.results) - changed - len(revoked)
+    print(f"Done: {changed} issued, {kept} kept, {len(revoked)} revoked (not reissued), in {settings.certs_dir}"
+          if revoked else f"Done: {changed} issued, {kept} kept, in {settings.certs_dir}")
     return 0
 
 

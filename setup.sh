@@ -936,7 +936,7 @@ cmd_status() {
         if [[ $rc -eq 0 ]]; then
             info "certificates: all present and valid"
         else
-            info "certificates: --check exited $rc (missing, expiring, expired or invalid: ./setup.sh certs reissues)"
+            info "certificates: --check exited $rc: the table above says what needs attention and what to do"
         fi
     else
         rc=1

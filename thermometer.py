@@ -6,7 +6,9 @@ BROKER_PORT (8883), PUBLISH_INTERVAL (5); flags override them (see --help). With
 certificate files default to certs/<DEVICE_ID>/. The device renews its own certificate over MQTT
 (RENEW_CHECK_INTERVAL, RENEW_BEFORE_DAYS) and, with no certificate but ENROL_TOKEN (and CA_URL), enrols first.
 Exit codes: 0 stopped by SIGTERM/Ctrl-C, 1 the CA could not be reached to enrol, 2 configuration or
-certificate problem (one line on stderr naming the file), or an enrolment token the CA refused.
+certificate problem (one line on stderr naming the file), or an enrolment token the CA refused, 3 the
+broker refuses the certificate as revoked (one log line says the next step; ON_REVOKED=wait waits for a
+new certificate instead of exiting).
 """
 
 from __future__ import annotations

@@ -64,9 +64,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.extensions["mqtt_bridge"] = bridge
 
     # Each feature registers its routes, Socket.IO events and MQTT handlers.
-    from . import auth, ca_http, ca_mqtt, docs, events, live, views
+    from . import auth, ca_http, ca_mqtt, docs, events, live, revocation, views
 
-    for feature in (auth, ca_http, ca_mqtt, live, events, views, docs):
+    for feature in (auth, ca_http, ca_mqtt, live, revocation, events, views, docs):
         feature.init_app(app)
 
     if app.config["MQTT_ENABLED"]:

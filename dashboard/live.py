@@ -40,10 +40,10 @@ log = logging.getLogger(__name__)
 
 TEMPERATURE_FILTER = "iot/thermometer/+/temperature"
 # The dashboard's own subscription QoS for telemetry (devices still publish at QoS 1, so the broker has each
-# reading). QoS 1 towards the dashboard bought nothing: its session is not persistent, so whatever is in flight
-# when the connection drops is lost either way, and the broker drops either QoS once 1,000 messages wait for
-# the dashboard (max_queued_messages). It cost a PUBACK per message and, with Mosquitto's window of 20
-# unacknowledged messages, capped ingest at what one round trip per 20 readings allows (bench: 2,600 msg/s).
+# reading). QoS 1 would cost a PUBACK per message and, with Mosquitto's window of 20 unacknowledged messages,
+# caps ingest at what one round trip per 20 readings allows (bench: 2,600 msg/s). Readings that arrive while
+# the dashboard is away are still kept: its session is persistent and the broker queues QoS 0 for it
+# (mqtt_bridge.SESSION_EXPIRY, `queue_qos0_messages`), up to max_queued_messages.
 TEMPERATURE_QOS = 0
 STATUS_FILTER = "iot/thermometer/+/status"
 CA_FILTER = "ssl/#"
@@ -87,6 +87,7 @@ class DeviceState:
     device_timestamp: str | None = None
     seq: int | None = None
     status: str = "unknown"  # online | offline | unknown (nothing retained yet)
+    certificate: str | None = None  # its certificate's state (valid, expiring, expired, revoked, ...), if known
     status_since: float | None = None
     readings: int = 0
     trend: str = "flat"  # up | down | flat
@@ -373,6 +374,10 @@ class LiveHub:
             device = self._device(device_id)
             if device is None:
                 return
+            if status == "online" and device.certificate == "revoked":
+                # Only possible from a connection opened before the broker reloaded its CRL, which the CA closes
+                # again (dashboard/revocation.py): a revoked identity is never shown online.
+                return
             if device.status != status:
                 device.status, device.status_since = status, now
             self._dirty_devices.add(device_id)
@@ -383,6 +388,28 @@ class LiveHub:
             self._log_locked(message, time.time(), None).to_dict()  # redacted now: keys are never kept raw
             if direction_of(message.topic) == "out":
                 self._certs_due = True  # the emitter re-checks on its next tick
+
+    def device_revoked(self, device_id: str) -> None:
+        """The CA revoked this device: revoked and offline now (its open connection is being closed)."""
+        now = time.time()
+        with self._lock:
+            device = self._device(device_id)
+            if device is None:
+                return
+            device.certificate = "revoked"
+            if device.status != "offline":
+                device.status, device.status_since = "offline", now
+            self._dirty_devices.add(device_id)
+
+    def _apply_certificate_states(self, entities: dict[str, Any]) -> None:
+        with self._lock:
+            for device_id, device in self.devices.items():
+                entity = entities.get(device_id)
+                state = entity.get("status") if isinstance(entity, dict) else None
+                if state != device.certificate:
+                    if "revoked" in (state, device.certificate):  # pushed now; other states with its next change
+                        self._dirty_devices.add(device_id)
+                    device.certificate = state
 
     def on_broker_state(self, connected: bool) -> None:
         with self._lock:
@@ -519,6 +546,7 @@ class LiveHub:
                 log.exception("could not read the certificate state")
                 return False
             data = self._certs
+        self._apply_certificate_states(data.get("entities") or {})
         if broadcast:
             self._send("certs", data)
         return True

@@ -1,4 +1,5 @@
-"""The dashboard's single MQTT connection (dashboard certificate, MQTT v5), shared by every feature.
+"""The dashboard's single MQTT connection (dashboard certificate, MQTT v5, a persistent session), shared by
+every feature.
 
 Features register handlers for topic filters; subscriptions are (re)made in on_connect so a reconnect
 restores them. Handlers run on paho's network thread: they must be quick (hand heavy work to a pool) and
@@ -66,6 +67,11 @@ class Subscription:
 
 
 SUBSCRIPTION_IDENTIFIER = 11  # MQTT v5 property id
+# The dashboard's session outlives its connection by this long (MQTT v5 Session Expiry Interval, seconds): while
+# it is away (a broker restart, its own restart) the broker keeps its subscriptions and queues what matches them
+# (QoS 0 too: `queue_qos0_messages` in mosquitto.conf), so readings that devices flush before the dashboard is
+# back are delivered when it is. Persisted by the broker (autosave_interval), so a kill -9 of the broker keeps it.
+SESSION_EXPIRY = 3600
 PUBLISH_QOS0 = 0x30  # first byte of a PUBLISH with QoS 0, once the DUP and RETAIN bits are masked out (0xF6)
 
 
@@ -284,7 +290,10 @@ class MqttBridge:
         # Jittered backoff between 1 and 30 s (paho's own doubling has no jitter).
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.client = client
-        client.connect_async(self.settings.broker_address, self.settings.broker_port, keepalive=30)
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = SESSION_EXPIRY
+        client.connect_async(self.settings.broker_address, self.settings.broker_port, keepalive=30,
+                             clean_start=False, properties=properties)
         client.loop_start()
 
     def stop(self) -> None:

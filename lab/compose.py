@@ -64,6 +64,7 @@ THERMOMETER = """\
       BROKER_ADDRESS: mosquitto
       BROKER_PORT: "8883"
       PUBLISH_INTERVAL: "$${PUBLISH_INTERVAL:-5}"
+      ON_REVOKED: wait
       DEVICE_ID: $device
       CA_CERT_PATH: $ca_cert
       CLIENT_CERT_PATH: $cert

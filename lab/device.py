@@ -10,6 +10,11 @@
 - Readings are produced on schedule whether or not the broker is reachable; the ones that could not be
   sent wait in a bounded buffer and go out, oldest first, after the reconnect. `seq` numbers each
   reading of this process (1, 2, ...), so a consumer can prove there is no gap.
+- Revocation: when a connection is lost or refused, one TLS handshake asks the broker whether it refuses this
+  certificate as revoked (`lab.mqtt.certificate_revoked`). If so the thermometer logs one line saying so and
+  what to do, never connects with that certificate again, and exits with EXIT_REVOKED (3); with
+  ON_REVOKED=wait (the compose lab, whose restart policy would otherwise start it again) it waits instead
+  until a new certificate replaces the file, then carries on with it.
 - SIGTERM/SIGINT: the last readings are delivered, retained `offline` is acknowledged, then a clean
   DISCONNECT (so the broker does not also fire the will), exit 0.
 - Certificate lifecycle: with no certificate but an enrolment token (ENROL_TOKEN, or a line claimed from
@@ -49,11 +54,11 @@ from pki.authority import (
     utcnow,
     verify_leaf,
 )
-from pki.config import DEVICE_ID_RE, ConfigError, Settings, lab_environ
+from pki.config import DEVICE_ID_RE, ConfigError, Settings, lab_environ, revoked_next_step
 
 from .credentials import recover
 from .enrolment import EnrolmentError, EnrolmentRefused, enrol_if_needed, with_claimed_token
-from .mqtt import Identity, make_client
+from .mqtt import Identity, certificate_revoked, make_client
 from .renewal import RENEW_CHECK_INTERVAL, RenewalPolicy, Renewer
 
 log = logging.getLogger("thermometer")
@@ -61,6 +66,9 @@ log = logging.getLogger("thermometer")
 EXIT_OK = 0
 EXIT_UNAVAILABLE = 1
 EXIT_CONFIG = 2
+EXIT_REVOKED = 3  # the broker refuses this certificate as revoked; not restarted (lab/native.py, compose: wait)
+ON_REVOKED = ("exit", "wait")
+NEW_CERTIFICATE_POLL = 5.0  # seconds between two looks at the certificate file while waiting (ON_REVOKED=wait)
 
 BUFFER_SIZE = 1000  # readings kept while the broker is unreachable (~83 min at the default 5 s)
 MAX_IN_FLIGHT = 100  # messages handed to paho and not yet acknowledged; the rest wait in the buffer
@@ -329,6 +337,7 @@ class Thermometer:
         self._sending.set()
         self._send_lock = threading.Lock()  # held by flush() while it hands readings to the client
         self._failures = 0  # connection attempts since the last success, for the backoff
+        self.revoked = False  # the broker refused the certificate as revoked: run() returns, never reconnects
         self.reply_handler: Callable[[bytes], None] | None = None  # CA replies on ssl/<id> (renewal)
         self.client = self._build_client()
         self.renewer = Renewer(self, renewal) if renewal is not None else None
@@ -376,6 +385,8 @@ class Thermometer:
         if client is not self.client:
             return
         error = sys.exc_info()[1]
+        if self._refused_as_revoked(client):
+            return
         delay = self._schedule_reconnect(client)
         log.warning("cannot connect to %s:%s: %s; retrying in %.1f s", self.config.broker_address,
                     self.config.broker_port, error or "connection failed", delay)
@@ -384,7 +395,7 @@ class Thermometer:
         if client is not self.client:
             return
         self.connected.clear()
-        if self._closing.is_set():
+        if self._closing.is_set() or self._refused_as_revoked(client):
             return
         delay = self._schedule_reconnect(client)
         log.info("%s lost the broker (%s); reconnecting in %.1f s, readings are buffered meanwhile",
@@ -404,6 +415,18 @@ class Thermometer:
         handler = self.reply_handler
         if client is self.client and handler is not None and message.topic == f"ssl/{self.config.device_id}":
             handler(bytes(message.payload))
+
+    def _refused_as_revoked(self, client: mqtt.Client) -> bool:
+        """After a lost or refused connection: is it the CA's revocation? Then stop instead of retrying."""
+        if self.revoked:
+            return True
+        if certificate_revoked(self.config.identity, self.config.broker_address, self.config.broker_port) is not True:
+            return False
+        self.revoked = True
+        # No retry before run() notices (within STOP_POLL) and shuts the client down.
+        client.reconnect_delay_set(min_delay=RECONNECT_MAX_DELAY, max_delay=RECONNECT_MAX_DELAY)  # type: ignore[arg-type]
+        self.request_stop("its certificate is revoked")
+        return True
 
     def _schedule_reconnect(self, client: mqtt.Client) -> float:
         """Exponential backoff with jitter: the n-th retry waits a random time in [b/2, b], b = min(1 * 2^(n-1), 30).
@@ -632,9 +655,37 @@ def _configure_logging(verbose: bool, environ: Mapping[str, str]) -> None:
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
 
 
+def revoked_line(config: DeviceConfig, serial: str, waiting: bool) -> str:
+    """The one line a revoked thermometer logs: what happened and the next step (the same as ./setup.sh status)."""
+    then = (f"waiting for a new certificate in {config.identity.cert}" if waiting
+            else f"exiting with code {EXIT_REVOKED}, not to be restarted")
+    return (f"{config.device_id}: the CA revoked its certificate (serial {serial}, {config.identity.cert}); it will "
+            f"not connect with it again. Next step: {revoked_next_step(config.device_id)}. Now {then}.")
+
+
+def wait_for_new_certificate(config: DeviceConfig, revoked: bytes, stopped: Callable[[], bool]) -> bool:
+    """ON_REVOKED=wait: True once the certificate file holds another certificate that passes check_identity."""
+    while not stopped():
+        deadline = time.monotonic() + NEW_CERTIFICATE_POLL
+        while time.monotonic() < deadline:
+            if stopped():
+                return False
+            time.sleep(STOP_POLL)
+        try:
+            if config.identity.cert.read_bytes() == revoked:
+                continue
+            check_identity(config)
+        except (OSError, DeviceConfigError) as ex:
+            log.debug("no usable new certificate yet: %s", ex)
+            continue
+        log.info("%s found a new certificate in %s: connecting with it", config.device_id, config.identity.cert)
+        return True
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit codes: 0 stopped by SIGTERM/SIGINT, 1 the CA could not be reached to enrol, 2 configuration or
-    certificate problem, or the CA refused the enrolment token."""
+    certificate problem, or the CA refused the enrolment token, 3 the CA revoked the certificate (EXIT_REVOKED)."""
     args = build_parser().parse_args(argv)
     environ = lab_environ()
     _configure_logging(args.verbose, environ)
@@ -650,19 +701,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EnrolmentError as ex:
         print(f"error: {ex}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    on_revoked = (environ.get("ON_REVOKED") or "exit").strip().lower()
+    if on_revoked not in ON_REVOKED:
+        print(f"error: ON_REVOKED={on_revoked!r} must be one of {', '.join(ON_REVOKED)}", file=sys.stderr)
+        return EXIT_CONFIG
     renewal = None
     if config.renew_check_interval > 0:
         renewal = RenewalPolicy.for_device(config.renew_before_days, config.renew_check_interval)
-    try:
-        thermometer = Thermometer(config, renewal=renewal)
-    except (OSError, ValueError) as ex:  # ssl could still refuse the files (e.g. an unsupported key)
-        print(f"error: cannot use {config.identity.cert} / {config.identity.key}: {ex}", file=sys.stderr)
-        return EXIT_CONFIG
+    # Plain values, set from the signal handler (which must not take locks).
+    stop: list[str] = []
+    current: list[Thermometer] = []
 
     def request_stop(signum: int, _frame: Any) -> None:
-        thermometer.request_stop(signal.Signals(signum).name)
+        stop.append(signal.Signals(signum).name)
+        if current:
+            current[-1].request_stop(stop[0])
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, request_stop)
-    thermometer.run()
-    return EXIT_OK
+    while True:
+        try:
+            thermometer = Thermometer(config, renewal=renewal)
+        except (OSError, ValueError) as ex:  # ssl could still refuse the files (e.g. an unsupported key)
+            print(f"error: cannot use {config.identity.cert} / {config.identity.key}: {ex}", file=sys.stderr)
+            return EXIT_CONFIG
+        current.append(thermometer)
+        if stop:
+            thermometer.request_stop(stop[0])
+        thermometer.run()
+        if not thermometer.revoked:
+            return EXIT_OK
+        try:
+            revoked = config.identity.cert.read_bytes()
+            serial = format(load_certificate(revoked).serial_number, "x")
+        except (OSError, CAError):
+            revoked, serial = b"", "?"
+        log.error(revoked_line(config, serial, on_revoked == "wait"))
+        if on_revoked != "wait" or not wait_for_new_certificate(config, revoked, lambda: bool(stop)):
+            return EXIT_REVOKED

@@ -34,6 +34,25 @@ def tls_context(identity: Identity) -> ssl.SSLContext:
     return context
 
 
+def certificate_revoked(identity: Identity, host: str, port: int, timeout: float = 5.0) -> bool | None:
+    """Ask the broker whether it refuses this certificate as revoked: True, False, or None (could not tell).
+
+    A TLS handshake only, no MQTT CONNECT (so an open session with this identity is not taken over), capped at
+    TLS 1.2, where the server checks the client certificate inside the handshake: a CRL-listed certificate gets
+    the alert `certificate_revoked` (Mosquitto's log says only "verify failed", for every kind of refusal).
+    """
+    try:
+        context = tls_context(identity)
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            with context.wrap_socket(raw, server_hostname=host):
+                return False
+    except ssl.SSLError as ex:
+        return True if ex.reason == "SSLV3_ALERT_CERTIFICATE_REVOKED" else None
+    except (OSError, ValueError):
+        return None
+
+
 def _nodelay(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
     # Request/reply and QoS 1 acks otherwise wait on Nagle + delayed ACK (40-90 ms per round trip).
     try:

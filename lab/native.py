@@ -38,12 +38,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from pki.authority import CAError, WrongPassphrase
-from pki.broker import BrokerConfigError, BrokerFiles, broker_command
-from pki.config import PROJECT_ROOT, ConfigError, Settings, lab_environ, parse_devices
+from pki.broker import BrokerConfigError, BrokerFiles, broker_command, find_dynsec_plugin
+from pki.config import PROJECT_ROOT, ConfigError, Settings, lab_environ, parse_devices, revoked_next_step
 from pki.lab import LabCertificates
 from pki.service import CAService
 from pki.store import CERT_MODE, CertsLayout, atomic_write, ensure_dir
 
+from .device import EXIT_REVOKED
 from .enrolment import default_ca_url
 from .mqtt import Identity
 
@@ -264,6 +265,11 @@ class LabRunner:
         changed = [r for r in report.results if r.action != "kept"]
         for result in changed:
             self.out.line("certs", result.line())
+        # A revoked device is not started (it could not connect); its line above says the next step.
+        revoked = {r.name for r in report.results if r.action == "revoked"}
+        if revoked:
+            self.devices = [d for d in self.devices if d not in revoked]
+            self.out.line("certs", f"not starting {', '.join(sorted(revoked))}: certificate revoked")
         self.out.line("certs", f"{len(report.results)} certificates current ({len(changed)} issued now) "
                                f"in {self.settings.certs_dir}")
 
@@ -347,6 +353,11 @@ class LabRunner:
         if service.output is not None:
             service.output.join(timeout=1)  # its last lines first, then our report
         service.process = None
+        if service.kind == "device" and returncode == EXIT_REVOKED:  # it said why; it would only be refused again
+            self.say(f"{service.name}'s certificate is revoked (exit {EXIT_REVOKED}): not restarted. Next step: "
+                     f"{revoked_next_step(service.name)}, then restart the lab")
+            self.write_pids()
+            return
         delay = self._schedule_restart(service)
         service.restarts += 1
         self.say(f"{service.name} {exit_description(returncode)}; restarting in {delay:g}s")
@@ -431,6 +442,10 @@ class LabRunner:
             return self._fail(RunnerError(str(ex)))
         except RunnerError as ex:
             return self._fail(ex)
+        if find_dynsec_plugin() is None:
+            self.say("warning: Mosquitto's dynamic-security plugin (mosquitto_dynamic_security.so) was not found: a "
+                     "revoked device is denied every topic but its open connection is not closed; set "
+                     "MOSQUITTO_DYNSEC_PLUGIN to its path, then run ./setup.sh certs")
         try:
             broker, *others = self.services
             self.start(broker)

@@ -4,8 +4,9 @@
 #   lab-mosquitto [CONFIG]         run Mosquitto on CONFIG (default: the Docker config the generator renders)
 #   lab-mosquitto health [CONFIG]  the healthcheck: exit 0 when the config's TLS listener is open
 #
-# Why a script and not just `mosquitto -c`: the CA (the dashboard container) rewrites the ACL and the CRL in
-# certs/policy when it revokes a certificate, and the generator renews the broker's own certificate in
+# Why a script and not just `mosquitto -c`: the CA (the dashboard container) rewrites the ACL in certs/policy
+# and the CRL the broker enforces in certs/mosquitto/crl.pem (only ever with a CRL that verified against the
+# root) when it revokes a certificate, and the generator renews the broker's own certificate in
 # certs/mosquitto. Mosquitto re-reads all of them on SIGHUP (2.0.11 reloads the ACL, the CRL and the listener
 # certificates), but nothing would send it one: there is no Docker socket in any container, on purpose. So
 # this script polls the files every POLL_SECONDS and sends SIGHUP when one was replaced (the CA writes by
@@ -41,6 +42,17 @@ stamp() {
     for file in "$@"; do
         stat -L -c '%i %s %y %n' "$file" 2>/dev/null || printf 'missing %s\n' "$file"
     done
+}
+
+# ensure_dynsec_state CONFIG: the dynamic-security plugin's state file (in the data volume) must exist, or the
+# plugin does nothing; it defines no clients (acl_file decides every permission) and the plugin owns it after.
+# The same content as pki/broker.py DYNSEC_INITIAL.
+ensure_dynsec_state() {
+    state=$(awk '$1 == "plugin_opt_config_file" { print $2; exit }' "$1")
+    if [ -n "$state" ] && [ ! -e "$state" ]; then
+        printf '%s\n' '{"defaultACLAccess": {"publishClientSend": false, "publishClientReceive": false, "subscribe": false, "unsubscribe": true}, "clients": [], "groups": [], "roles": []}' >"$state.tmp"
+        mv -f "$state.tmp" "$state"
+    fi
 }
 
 health() {
@@ -81,6 +93,7 @@ run() {
         config=${TMPDIR:-/tmp}/lab-mosquitto.conf
     fi
     refresh_config
+    ensure_dynsec_state "$source_config"
     set -f # the paths below are data, never patterns
     set -- $(watched_files "$source_config")
     previous=$(stamp "$@")

@@ -3,11 +3,20 @@
 Templates live in `mosquitto/`; the rendered copies go under the certificates folder:
 `certs/mosquitto/mosquitto.conf` (native paths), `certs/mosquitto/mosquitto.docker.conf` (container paths)
 and `certs/policy/{acl,crl.pem}`, the part the CA service rewrites when it revokes.
+
+The CRL exists twice: `certs/policy/crl.pem` is the published one (`GET /v1/ssl/crl`), and
+`certs/mosquitto/crl.pem` is the one the broker enforces. Both are only ever replaced by a CRL that parsed and
+verified against the root (`write_crl`), but only the published one is anybody else's business: whatever
+happens to it (damaged, emptied, deleted), a broker reload keeps enforcing the last good CRL, because Mosquitto
+2.0.11 runs with no revocation check at all when its crlfile is unreadable at a reload (it refuses to start
+without one, which fails closed). `crl_needs_refresh` sees a damaged copy and the CA rewrites both.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import glob
+import json
 import logging
 import os
 import shutil
@@ -41,6 +50,22 @@ DOCKER_DATA = "/mosquitto/data"
 # The broker identity of the CA role, the only reader of the CA request topics (acl.template). The CA runs
 # inside the dashboard process today, so it is the dashboard's; Step 12 gives the CA service its own CN `ca`.
 CA_IDENTITY = "dashboard"
+# The dynamic-security plugin of Debian's mosquitto package, in the broker image (mosquitto/Dockerfile links it).
+DOCKER_DYNSEC_PLUGIN = "/usr/local/lib/mosquitto_dynamic_security.so"
+# Where packages install it natively (Debian/Ubuntu multiarch, Fedora, Homebrew); MOSQUITTO_DYNSEC_PLUGIN first.
+DYNSEC_PLUGIN_GLOBS = ("/usr/lib/*/mosquitto_dynamic_security.so", "/usr/lib/mosquitto_dynamic_security.so",
+                       "/usr/lib64/mosquitto_dynamic_security.so", "/usr/local/lib/mosquitto_dynamic_security.so",
+                       "/opt/homebrew/lib/mosquitto_dynamic_security.so")
+# The plugin's own state file: it defines no clients (every identity keeps the acl_file permissions) and is
+# only used to disconnect revoked identities (`disconnect_command`). The plugin rewrites it after each command,
+# so it lives in the broker's writable data folder; written here only when missing.
+DYNSEC_FILE = "dynamic-security.json"
+DYNSEC_INITIAL = (
+    '{"defaultACLAccess": {"publishClientSend": false, "publishClientReceive": false, "subscribe": false, '
+    '"unsubscribe": true}, "clients": [], "groups": [], "roles": []}\n'
+)
+# The control topic of the plugin. Only the CA's identity (CA_IDENTITY) may write it (mosquitto/acl.template).
+DYNSEC_TOPIC = "$CONTROL/dynamic-security/v1"
 
 
 class BrokerConfigError(RuntimeError):
@@ -74,7 +99,17 @@ class BrokerFiles:
 
     @property
     def crl(self) -> Path:
+        """The published CRL (GET /v1/ssl/crl; what the generator and --check read)."""
         return self.policy_dir / "crl.pem"
+
+    @property
+    def broker_crl(self) -> Path:
+        """The CRL the broker enforces: the last good one, written only by `write_crl`."""
+        return self.folder / "crl.pem"
+
+    @property
+    def dynsec_file(self) -> Path:
+        return self.persistence_dir / DYNSEC_FILE
 
     @property
     def pid_file(self) -> Path:
@@ -100,12 +135,13 @@ def render_config(
             "certfile": f"{DOCKER_CERTS}/mosquitto.crt",
             "keyfile": f"{DOCKER_CERTS}/mosquitto.key",
             "acl_file": f"{DOCKER_POLICY}/acl",
-            "crlfile": f"{DOCKER_POLICY}/crl.pem",
+            "crlfile": f"{DOCKER_CERTS}/crl.pem",
             "pid_file": f"{DOCKER_DATA}/mosquitto.pid",
             "persistence_location": f"{DOCKER_DATA}/",
             # The container runs as LAB_UID; if that is 0, root must not switch to `mosquitto` (who cannot
             # read the keys). For any other uid Mosquitto ignores this line.
             "user_line": "user root",
+            "dynsec_lines": dynsec_lines(DOCKER_DYNSEC_PLUGIN, f"{DOCKER_DATA}/{DYNSEC_FILE}"),
         }
     else:
         values = {
@@ -113,17 +149,47 @@ def render_config(
             "certfile": str(files.folder / "mosquitto.crt"),
             "keyfile": str(files.folder / "mosquitto.key"),
             "acl_file": str(files.acl),
-            "crlfile": str(files.crl),
+            "crlfile": str(files.broker_crl),
             "pid_file": str(files.pid_file),
             "persistence_location": f"{files.persistence_dir}/",
             # Started as root, Mosquitto switches to the `mosquitto` user, which cannot read the 0600 keys in
             # the 0700 folders: stay root then. Started as anyone else it never switches (no line needed).
             "user_line": "user root" if os.geteuid() == 0 else "",
+            "dynsec_lines": dynsec_lines(find_dynsec_plugin(), str(files.dynsec_file)),
         }
     template = Template((TEMPLATES / "mosquitto.conf.template").read_text())
     return template.substitute(
         values, port=port, bind_address=bind_address, persistence="true" if persistence else "false"
     )
+
+
+def find_dynsec_plugin() -> str | None:
+    """The dynamic-security plugin shipped with the system's mosquitto (MOSQUITTO_DYNSEC_PLUGIN first)."""
+    explicit = os.environ.get("MOSQUITTO_DYNSEC_PLUGIN")
+    if explicit:
+        return explicit if os.path.exists(explicit) else None
+    for pattern in DYNSEC_PLUGIN_GLOBS:
+        found = sorted(glob.glob(pattern))
+        if found:
+            return found[0]
+    return None
+
+
+def dynsec_lines(plugin: str | None, state_file: str) -> str:
+    if plugin is None:  # the native runner says so when it starts the broker (lab/native.py)
+        return "# (the dynamic-security plugin was not found: revoked connections stay open, denied every topic)"
+    return f"plugin {plugin}\nplugin_opt_config_file {state_file}"
+
+
+def disconnect_command(name: str) -> bytes:
+    """The plugin command that closes `name`'s connections now: define the client, then delete it.
+
+    Deleting a client disconnects it ("disconnected by administrative action"), and leaves the plugin with no
+    client definitions, so `acl_file` keeps deciding every permission. It does not stop a reconnect (the plugin
+    skips its password check for certificate identities): the CRL, reloaded before, refuses that.
+    """
+    return json.dumps({"commands": [{"command": "createClient", "username": name},
+                                    {"command": "deleteClient", "username": name}]}).encode()
 
 
 def render_acl(denied_names: Iterable[str] = (), collectors: Iterable[str] = ()) -> str:
@@ -141,10 +207,15 @@ def render_acl(denied_names: Iterable[str] = (), collectors: Iterable[str] = ())
     )
 
 
-def crl_needs_refresh(path: Path, ca: CertificateAuthority, now: dt.datetime | None = None) -> bool:
+def crl_needs_refresh(path: Path, ca: CertificateAuthority, now: dt.datetime | None = None,
+                      enforced: Path | None = None) -> bool:
+    """True when the CRL at `path` is unreadable, not this root's, due, or differs from the `enforced` copy."""
     now = now or utcnow()
     try:
-        crl = x509.load_pem_x509_crl(path.read_bytes())
+        data = path.read_bytes()
+        crl = x509.load_pem_x509_crl(data)
+        if enforced is not None and enforced.read_bytes() != data:
+            return True
     except (OSError, ValueError):
         return True
     if crl.issuer != ca.certificate.subject or not crl.is_signature_valid(ca.certificate.public_key()):
@@ -185,7 +256,8 @@ def write_crl(
     now = now or utcnow()
     ensure_dir(files.policy_dir, 0o755)
     revoked = list(revoked)
-    crl = ca.build_crl(revoked, crl_number=current_crl_number(files.crl) + 1, next_update=CRL_LIFETIME, now=now)
+    number = max(current_crl_number(files.crl), current_crl_number(files.broker_crl)) + 1  # never goes back
+    crl = ca.build_crl(revoked, crl_number=number, next_update=CRL_LIFETIME, now=now)
     data = crl.public_bytes(serialization.Encoding.PEM)
     check = x509.load_pem_x509_crl(data)
     if not check.is_signature_valid(ca.certificate.public_key()) or check.issuer != ca.certificate.subject:
@@ -194,6 +266,9 @@ def write_crl(
         raise BrokerConfigError("the new CRL would already be expired; the old one was kept")
     if len(list(check)) != len({entry[0] for entry in revoked}):
         raise BrokerConfigError("the new CRL lost entries; the old one was kept")
+    # The broker's copy first: what it enforces is never behind what is published.
+    ensure_dir(files.folder)
+    atomic_write(files.broker_crl, data, CERT_MODE)
     atomic_write(files.crl, data, CERT_MODE)
     return crl
 
@@ -211,6 +286,8 @@ def write_broker_configs(settings: Settings) -> bool:
     changed = atomic_write(files.conf, native.encode(), CERT_MODE)
     docker = render_config(files, port=8883, bind_address="0.0.0.0", docker=True)  # noqa: S104 - inside the container
     atomic_write(files.docker_conf, docker.encode(), CERT_MODE)
+    if not files.dynsec_file.exists():  # the plugin owns it from then on (mosquitto/entrypoint.sh does the same)
+        atomic_write(files.dynsec_file, DYNSEC_INITIAL.encode(), CERT_MODE)
     return changed
 
 
@@ -229,7 +306,8 @@ def write_broker_policy(
     changed = atomic_write(files.acl, render_acl(denied_names, collectors).encode(), CERT_MODE)
     revoked = list(revoked)
     listed = {entry[0] for entry in revoked}
-    if force_crl or crl_needs_refresh(files.crl, ca) or crl_serials(files.crl) != listed:
+    if (force_crl or crl_needs_refresh(files.crl, ca, enforced=files.broker_crl)
+            or crl_serials(files.crl) != listed):
         write_crl(files, ca, revoked)
         changed = True
     return changed

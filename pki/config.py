@@ -149,3 +149,9 @@ class Settings:
     @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'lab.db'}"
+
+
+def revoked_next_step(name: str) -> str:
+    """The one next step for a lab device whose certificate is revoked (generator, --check, runner, thermometer)."""
+    return (f"issue it a new certificate with `./setup.sh certs --devices {name}` (the generator's --devices), "
+            f"or remove {name} from DEVICES in .env")

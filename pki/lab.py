@@ -35,7 +35,7 @@ from .authority import (
     verify_leaf,
 )
 from .broker import CRL_REFRESH_BEFORE, BrokerFiles, crl_revocations, reload_broker, write_broker_files
-from .config import ConfigError, Settings
+from .config import ConfigError, Settings, revoked_next_step
 from .inventory import REVOKED as REVOKED_STATUS
 from .inventory import SUPERSEDED as SUPERSEDED_STATUS
 from .inventory import CertificateRecord, Inventory
@@ -272,8 +272,13 @@ class LabCertificates:
 
     # -- the whole run --------------------------------------------------------------------------
 
-    def generate(self, devices: Sequence[str] | None = None, force: bool = False) -> GenerateReport:
-        """Bring every lab certificate up to date. Wrong passphrase: raises before writing anything."""
+    def generate(self, devices: Sequence[str] | None = None, force: bool = False,
+                 reissue_revoked: bool = False) -> GenerateReport:
+        """Bring every lab certificate up to date. Wrong passphrase: raises before writing anything.
+
+        A revoked certificate is reported as `revoked` and left alone (the revocation was meant), unless
+        `reissue_revoked` (the CLI names the device in --devices) or `force`.
+        """
         settings = self.settings
         if settings.renew_before_days >= settings.cert_days:
             raise ConfigError(
@@ -300,8 +305,26 @@ class LabCertificates:
                     report.results.append(self._result(ROOT_NAME, ROOT_CA, "kept", "", ca.certificate, now))
                 self.progress(report.results[-1].line())
                 inventory.record_issued(ca.certificate, name=ROOT_NAME, role=ROOT_CA.role, via="cli")
+                broker_files = BrokerFiles(settings.certs_dir, settings.data_dir)
+                in_crl = {serial_hex(s) for path in (broker_files.crl, broker_files.broker_crl)
+                          for s in crl_revocations(path, ca)}
                 for entity in entities:
                     action, reason = self._leaf_problem(ca, entity, now)
+                    if action == "kept":
+                        cert, _ = _read_cert(self.layout.cert(entity.name))
+                        assert cert is not None
+                        record = inventory.by_serial(serial_hex(cert))
+                        if serial_hex(cert) in in_crl or (record is not None and record.status == REVOKED_STATUS):
+                            if force or reissue_revoked:
+                                action, reason = "renewed", "revoked"
+                            else:  # recorded (an import is a no-op when known), then marked revoked below
+                                inventory.record_issued(cert, name=entity.name, role=entity.profile.role,
+                                                        via="import")
+                                result = self._result(entity.name, entity.profile, "revoked",
+                                                      revoked_next_step(entity.name), cert, now)
+                                report.results.append(result)
+                                self.progress(result.line())
+                                continue
                     if action == "kept" and force:
                         action, reason = "renewed", "forced"
                     if action == "kept":
@@ -315,7 +338,6 @@ class LabCertificates:
                     result = self._result(entity.name, entity.profile, action, reason, cert, now)
                     report.results.append(result)
                     self.progress(result.line())
-                broker_files = BrokerFiles(settings.certs_dir, settings.data_dir)
                 revoked = self._merge_crl_revocations(inventory, broker_files, ca)
                 if write_broker_files(
                     settings, ca, revoked, inventory.denied_names(), force_crl=report.new_root,
@@ -333,7 +355,7 @@ class LabCertificates:
         """Revocations = the inventory's (with superseded certificates past their grace) plus those in the
         current CRL: a revocation is never undone by regenerating with another inventory (say, the host's after
         a Docker run). A certificate this inventory knows as superseded stays superseded."""
-        listed = crl_revocations(broker_files.crl, ca)
+        listed = {**crl_revocations(broker_files.broker_crl, ca), **crl_revocations(broker_files.crl, ca)}
         if listed:
             superseded = {int(r.serial, 16) for r in inventory.list(status=SUPERSEDED_STATUS)}
             with inventory.session() as session:
@@ -376,8 +398,9 @@ class LabCertificates:
         """The dashboard's rule: a revoked certificate is `revoked`, whatever its dates. Revoked means marked so in
         the inventory, or listed in the CRL the broker enforces (which also covers a Docker run's inventory)."""
         revoked = revoked_in_inventory(self.settings.effective_database_url, [r.serial for r in rows if r.serial])
-        crl, _ = _load_crl(BrokerFiles(self.settings.certs_dir, self.settings.data_dir).crl, root)
-        for entry in crl or ():
+        files = BrokerFiles(self.settings.certs_dir, self.settings.data_dir)
+        crls = [_load_crl(path, root)[0] for path in (files.crl, files.broker_crl)]
+        for entry in [entry for crl in crls for entry in crl or ()]:
             revoked.setdefault(serial_hex(entry.serial_number), (entry.revocation_date_utc, "listed in the CRL"))
         for row in rows:
             if row.serial in revoked and row.status in (VALID, EXPIRING, EXPIRED):

@@ -93,6 +93,7 @@ from .store import (
     ensure_dir,
     exclusive_lock,
     read_optional,
+    remove_temp_files,
 )
 
 log = logging.getLogger(__name__)
@@ -178,8 +179,15 @@ class CAService:
         self._ca: CertificateAuthority | None = None
         self._pass_mac: bytes | None = None
         self._settings_pass_tried = False
+        if settings.certs_dir.is_dir():
+            with exclusive_lock(self.layout.lock):  # no writer is half-way through a file while this runs
+                for leftover in remove_temp_files(settings.certs_dir):
+                    log.warning("removed %s, left by a writer that was killed while writing it", leftover)
         # Called with the operation after every issuance, renewal or revocation (the dashboard re-reads its table).
         self.on_change: list[Callable[[str], None]] = []
+        # Called with the entity name after a revocation took effect in the broker's files (CRL reloaded): the
+        # process that holds the CA's MQTT connection closes that identity's open sessions (dashboard/revocation.py).
+        self.on_revoked: list[Callable[[str], None]] = []
 
     def close(self) -> None:
         self.inventory.close()
@@ -245,7 +253,8 @@ class CAService:
             return False
         with self._writer(), self.inventory.session() as session:
             entries = self._crl_entries(session)
-            if not crl_needs_refresh(self.broker_files.crl, ca) and crl_serials(self.broker_files.crl) == {
+            if not crl_needs_refresh(self.broker_files.crl, ca, enforced=self.broker_files.broker_crl) and \
+                    crl_serials(self.broker_files.crl) == {
                 entry[0] for entry in entries
             }:
                 return False
@@ -636,6 +645,8 @@ class CAService:
         with self._writer():
             if digest is not None and (replay := self._replay(ca, name, digest)) is not None:
                 return replay  # an identical create finished while this one was signing
+            # Recorded and committed before the certificate is written anywhere or leaves the CA: whatever
+            # happens next (a kill -9 while the files are written), the inventory lists it and it can be revoked.
             with self.inventory.session() as session:
                 if token is not None and not self.inventory.consume_token(token, serial, session):
                     raise RequestError(FORBIDDEN, "this enrolment token has already been used", "token")
@@ -643,9 +654,14 @@ class CAService:
                                              session=session)
                 if digest is not None:
                     self.inventory.record_create_digest(serial, name, digest, session)
-                # Files inside the transaction: if writing fails, the inventory row is rolled back too.
-                if write_files:
+            if write_files:
+                try:
                     self._store(name, cert, ca, new_key, from_csr)
+                except OSError as ex:
+                    log.error("certificate %s of %s is recorded but its files could not be written: %s", serial,
+                              name, ex)
+                    raise RequestError(UNAVAILABLE, f"the certificate files of {name} could not be written; "
+                                                    f"certificate {serial} is recorded (revoke it by serial)") from None
             if supersedes_now or self._acl_denies(name, cn) or self._acl_lacks_collector(name):  # as above
                 self._sync_broker(ca)
         log.info("issued %s (%s) serial %s, %s days, via %s", name, profile.role, serial, days, via)
@@ -730,6 +746,11 @@ class CAService:
                 reload_broker(self.broker_files)
         if revoked:
             log.warning("revoked %s: %s (%s)", name, ", ".join(revoked), request.reason)
+            for callback in self.on_revoked:
+                try:
+                    callback(name)
+                except Exception:  # the revocation is done and recorded; a listener must not turn it into an error
+                    log.exception("a listener failed after revoking %s", name)
         return Reply(200, {"name": name, "revoked": revoked, "reason": request.reason,
                            "already_revoked": [t.serial for t in targets if t.serial not in revoked]})
 

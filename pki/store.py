@@ -46,6 +46,17 @@ def atomic_write(path: Path, data: bytes, mode: int = CERT_MODE) -> bool:
     return True
 
 
+def remove_temp_files(certs_dir: Path) -> list[Path]:
+    """Delete what `atomic_write` leaves behind when its process is killed before the rename (a certificate or a
+    private key in `.<name>.<random>.tmp`). Call it holding the lock every writer of `certs_dir` takes."""
+    removed = []
+    for path in [*Path(certs_dir).glob(".*.tmp"), *Path(certs_dir).glob("*/.*.tmp")]:
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)

@@ -181,6 +181,8 @@ def make_app(lab: LabEnv, **config: Any) -> Flask:
 
 def close_app(app: Flask) -> None:
     """Stop what create_app started: the MQTT client, the CA workers, the CRL timer, the database engine."""
+    if "revocation" in app.extensions:
+        app.extensions["revocation"].close()
     app.extensions["mqtt_bridge"].stop()
     if "ca_mqtt" in app.extensions:
         app.extensions["ca_mqtt"].close()

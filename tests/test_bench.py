@@ -67,12 +67,13 @@ def test_enrol_storm_bench_with_tokens(tmp_path: Path) -> None:
 
 
 def test_revocation_bench_cuts_the_device_off(tmp_path: Path) -> None:
-    _, results = run_bench("revocation.py", "revocation", tmp_path, "--rounds", "1", "--observe", "0.6",
+    _, results = run_bench("revocation.py", "revocation", tmp_path, "--rounds", "1", "--observe", "1.5",
                            "--quiet-timeout", "0")
     figures = results["figures"]
-    assert {"cutoff", "refused", "revoke_reply", "per_round", "target_met"} <= set(figures)
+    assert {"closed", "shown", "cutoff", "refused", "revoke_reply", "per_round", "target_met"} <= set(figures)
     assert figures["failures"] == []
     (round_,) = figures["per_round"]
+    assert round_["closed_ms"] is not None and round_["shown_ms"] is not None
     assert round_["dropped_after_revoke"] > 0 and round_["cutoff_ms"] is not None
     assert round_["refused_ms"] is not None and "REVOKED" in round_["refusal"].upper()
     assert round_["reconnect_refused"] is True

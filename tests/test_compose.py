@@ -32,7 +32,16 @@ from cryptography import x509
 from dashboard.accounts import UserStore
 from lab import compose as lab_compose
 from pki.authority import subject_alt_names
-from pki.broker import BrokerFiles, find_mosquitto, render_acl, render_config
+from pki.broker import (
+    DOCKER_DYNSEC_PLUGIN,
+    DYNSEC_INITIAL,
+    DYNSEC_TOPIC,
+    BrokerFiles,
+    disconnect_command,
+    find_mosquitto,
+    render_acl,
+    render_config,
+)
 from pki.config import Settings
 from pki.lab import LabCertificates, lab_entities
 from pki.profiles import BROKER
@@ -343,6 +352,11 @@ def test_the_broker_runs_the_docker_config_the_generator_renders(
         value = re.search(rf"^{key} (\S+)$", text, re.M).group(1)
         path = PurePosixPath(value)
         assert path == PurePosixPath(data) or PurePosixPath(data) in path.parents, f"{key} {value} is not in the volume"
+    # the dynamic-security plugin (revocation closes connections): the image links it there, its state is in the volume
+    assert re.search(rf"^plugin {re.escape(DOCKER_DYNSEC_PLUGIN)}$", text, re.M)
+    assert DOCKER_DYNSEC_PLUGIN in (PROJECT_ROOT / "mosquitto" / "Dockerfile").read_text()
+    state = PurePosixPath(re.search(r"^plugin_opt_config_file (\S+)$", text, re.M).group(1))
+    assert PurePosixPath(data) in state.parents
     healthcheck = broker["healthcheck"]["test"]
     assert healthcheck[1:4] == ["/bin/sh", "/usr/local/bin/lab-mosquitto", "health"]
     assert healthcheck[4] == config_path
@@ -594,6 +608,7 @@ def test_the_broker_entrypoint_reloads_on_revocation_and_stops_on_sigterm(genera
     log_path = generated_lab.root / "entrypoint.log"
     env = {**os.environ, "POLL_SECONDS": "0.2", "TMPDIR": str(generated_lab.root)}
     health = ["sh", str(ENTRYPOINT), "health", str(files.conf)]
+    files.dynsec_file.unlink()  # a new data volume: the entrypoint writes the plugin's state file
     with open(log_path, "wb") as out:
         entry = subprocess.Popen(["sh", str(ENTRYPOINT), str(files.conf)], env=env, stdout=out,
                                  stderr=subprocess.STDOUT)
@@ -602,6 +617,7 @@ def test_the_broker_entrypoint_reloads_on_revocation_and_stops_on_sigterm(genera
         wait_for(lambda: subprocess.run(health, capture_output=True, timeout=10).returncode == 0, timeout=15,
                  what=f"the healthcheck\n{log_path.read_text()}")
         (broker_pid,) = [c for c in children(entry.pid) if b"mosquitto" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert json.loads(files.dynsec_file.read_text()) == json.loads(DYNSEC_INITIAL)
         watcher = Collector(generated_lab.certs_dir, "dashboard", port).connect()
         watcher.subscribe("iot/thermometer/#")
         device = Collector(generated_lab.certs_dir, "device001", port).connect()
@@ -613,6 +629,9 @@ def test_the_broker_entrypoint_reloads_on_revocation_and_stops_on_sigterm(genera
         wait_for(lambda: "Reloading config" in log_path.read_text(), timeout=10, what="Mosquitto reloading")
         device.publish("iot/thermometer/device001/temperature", "21.5")
         assert watcher.nothing("iot/thermometer/device001/temperature", within=1.5), "the revoked device still writes"
+        # ...and the CA has the plugin close its connection (dashboard/revocation.py)
+        watcher.publish(DYNSEC_TOPIC, disconnect_command("device001"))
+        wait_for(device.disconnected.is_set, timeout=2, what="the broker to close device001's connection")
 
         entry.send_signal(signal.SIGTERM)
         assert entry.wait(timeout=15) == 0, log_path.read_text()

@@ -498,3 +498,35 @@ def test_regenerating_with_another_inventory_keeps_revocations(
         other.close()
     # and the revoked device is not silently re-issued by the generator
     assert load_cert(generated_lab.certs_dir / "device001" / "device001.crt").serial_number == revoked_serial
+
+
+def test_a_revoked_device_is_reported_revoked_and_reissued_only_when_named(
+    generated_lab: LabEnv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pki.service import CAService
+
+    service = CAService(generated_lab.settings())
+    try:
+        assert service.revoke({"name": "device001", "pass": generated_lab.passphrase}, source="test").ok
+    finally:
+        service.close()
+    path = generated_lab.certs_dir / "device001" / "device001.crt"
+    revoked = load_cert(path).serial_number
+    next_step = "issue it a new certificate with `./setup.sh certs --devices device001`"
+
+    code, out, _ = run(capsys)  # DEVICES: reported, not reissued, never "kept"
+    line = next(line for line in out.splitlines() if line.startswith("device001"))
+    assert code == 0 and line.split()[1] == "revoked" and next_step in line, out
+    assert "1 revoked (not reissued)" in out
+    assert load_cert(path).serial_number == revoked
+
+    code, out, _ = run(capsys, "--check")
+    assert code == 1 and f"device001 is revoked: {next_step}" in out, out
+    assert "renew them" not in out  # nothing else needs attention, and ./setup.sh certs alone would not help
+
+    code, out, _ = run(capsys, "--devices", "device001")  # the next step, as printed
+    line = next(line for line in out.splitlines() if line.startswith("device001"))
+    assert code == 0 and line.split()[1] == "renewed" and "(revoked)" in line, out
+    assert load_cert(path).serial_number != revoked
+    code, out, _ = run(capsys, "--check")
+    assert code == 0, out

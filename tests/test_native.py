@@ -205,3 +205,40 @@ def test_wrong_passphrase_exits_2_and_starts_nothing(generated_lab: LabEnv) -> N
     assert "[mosquitto]" not in result.stdout
     assert not (generated_lab.data_dir / PIDS_FILE).exists()
     assert not port_accepts("127.0.0.1", generated_lab.broker_port)
+
+
+def test_a_revoked_thermometer_is_not_restarted_nor_started_again(
+    lab_env: LabEnv, native_labs: list[NativeLab]
+) -> None:
+    from pki.broker import DYNSEC_TOPIC, disconnect_command
+    from pki.service import CAService
+
+    lab = start(native_labs, lab_env, "--no-dashboard")
+    lab.wait_output("The lab is up")
+    lab.wait_output("device001 connected")
+    service = CAService(lab_env.settings())
+    try:
+        assert service.revoke({"name": "device001", "pass": lab_env.passphrase}, source="test").ok
+    finally:
+        service.close()
+    # No dashboard app in this run: the test closes the revoked connection as the CA would (dashboard/revocation.py).
+    dashboard = Collector(lab_env.certs_dir, "dashboard", lab_env.broker_port).connect()
+    try:
+        dashboard.publish(DYNSEC_TOPIC, disconnect_command("device001"))
+    finally:
+        dashboard.close()
+    lab.wait_output("[runner] device001's certificate is revoked (exit 3): not restarted", timeout=20)
+    assert "the CA revoked its certificate" in lab.output()
+    assert "--devices device001" in lab.output()
+    wait_for(lambda: "device001" not in lab.pids(), timeout=5, what="device001 to leave lab.pids")
+    lab.wait_output("device002 connected")
+    assert lab.ctrl_c() == 0, lab.output()
+    assert "restarting device001" not in lab.output()
+
+    # The next run does not start it, and says the one next step.
+    again = start(native_labs, lab_env, "--no-dashboard")
+    again.wait_output("The lab is up")
+    assert "not starting device001: certificate revoked" in again.output()
+    assert "./setup.sh certs --devices device001" in again.output()
+    assert "device001" not in again.pids() and "device002" in again.pids()
+    assert again.ctrl_c() == 0, again.output()
