@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
+from dashboard.accounts import UserStore
 from pki.authority import load_certificate
 
 from .ca_support import close_app, make_app, make_csr, post_json
@@ -140,7 +141,12 @@ def test_kill_9_of_the_ca_under_200_requests_leaves_every_certificate_listed_and
         found = {r["serial"] for r in replies}
         for path in certs_dir.glob("crash-*/crash-*.crt"):  # (not the root_ca.crt copies)
             found.add(format(load_certificate(path.read_bytes()).serial_number, "x"))
-        with urllib.request.urlopen(f"{base}/v1/ssl/certs", timeout=10) as response:  # noqa: S310 - loopback
+        users = UserStore(generated_lab.settings().effective_database_url)
+        _, token = users.create_token("fault-tests", "viewer")  # the inventory is for logged-in readers
+        users.close()
+        request = urllib.request.Request(f"{base}/v1/ssl/certs",  # noqa: S310 - loopback
+                                         headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback
             listed = [row["serial"] for row in json.loads(response.read())["certificates"]]
         assert len(listed) == len(set(listed)), "duplicate serials"
         assert found - set(listed) == set(), "certificates the inventory does not list"

@@ -25,7 +25,7 @@ from pki.broker import CRL_LIFETIME, DYNSEC_TOPIC, BrokerFiles, current_crl_numb
 from pki.service import CAService
 from pki.store import atomic_write
 
-from .ca_support import close_app, lab_state, make_app, make_csr
+from .ca_support import api_token, close_app, lab_state, make_app, make_csr
 from .conftest import PROJECT_ROOT, LabEnv
 from .support import Broker, Collector, ThermometerProcess, established_to, wait_for
 
@@ -202,8 +202,18 @@ def test_crl_refresh_needs_the_unlocked_key(generated_lab: LabEnv, caplog: pytes
 # -- Step 10: revocation takes the live connection ------------------------------------------------------
 
 
+def page_data(client: FlaskClient) -> dict[str, Any]:
+    """/api/data as a logged-in viewer sees it (a viewer token of the app, made once)."""
+    app = client.application
+    if "test_viewer" not in app.config:
+        app.config["test_viewer"] = {"Authorization": f"Bearer {api_token(app)}"}
+    response = client.get("/api/data", headers=app.config["test_viewer"])
+    assert response.status_code == 200
+    return response.json
+
+
 def dashboard_device(client: FlaskClient, device: str) -> dict[str, Any]:
-    return client.get("/api/data").json["device_data"].get(device) or {}
+    return page_data(client)["device_data"].get(device) or {}
 
 
 @pytest.mark.integration
@@ -232,7 +242,7 @@ def test_revocation_closes_the_connection_and_the_thermometer_stops(
         wait_for(lambda: established_to(pids["device001"], broker.port) == 0, timeout=2, interval=0.02,
                  what="device001's TCP connection to close")
         def shown_revoked_and_offline() -> bool:
-            data = client.get("/api/data").json
+            data = page_data(client)
             device = data["device_data"].get("device001") or {}
             rows = [r["status"] for r in data["certs_info"] if r["name"] == "device001" and r["current"]]
             return (device.get("status"), device.get("certificate"), rows) == ("offline", "revoked", ["revoked"])
