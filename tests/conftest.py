@@ -80,7 +80,7 @@ def _isolated_from_developer_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
             "CA_PASSPHRASE", "DEVICES", "CERT_DAYS", "RENEW_BEFORE_DAYS", "KEY_TYPE", "BROKER_ADDRESS",
             "BROKER_PORT", "BROKER_SANS", "DASHBOARD_HOST", "DASHBOARD_PORT", "DATABASE_URL", "CERTS_DIR",
             "DATA_DIR", "PUBLISH_INTERVAL", "RENEW_CHECK_INTERVAL", "ENROL_DEVICES", "ENROL_TOKEN", "ENROL_TOKEN_FILE",
-            "CA_URL",
+            "CA_URL", "CA_HTTPS_HOST", "CA_HTTPS_PORT", "ACME_HTTP01_PORT", "ACME_ALLOWED_NAMES", "ENROL",
         }:
             monkeypatch.delenv(key)
     monkeypatch.setenv("LAB_ENV_FILE", str(tmp_path / "absent.env"))
