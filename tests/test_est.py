@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import shlex
+import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +17,10 @@ from flask import Flask
 from ca.server import CAHttpsServer
 from pki.service import CAService
 
-from .ca_support import lab_state
+from .ca_support import issue_aged_certificate, lab_state
 from .conftest import LabEnv
-from .support import Broker
+from .support import Broker, ThermometerProcess
+from .test_thermometer import device_env
 
 
 @dataclass
@@ -200,3 +202,30 @@ def test_a_certificate_from_another_ca_is_refused_by_tls(est: EST, tmp_path: Pat
     result = est.sh(f"curl -sS --cacert {est.root} --cert rogue.crt --key rogue.key --data-binary @new.b64 "
                     f"-H 'Content-Type: application/pkcs10' {est.base}/simplereenroll", check=False)
     assert result.returncode != 0  # the handshake fails: the server verifies offered certificates against the root
+
+
+def test_a_thermometer_enrols_and_renews_by_est(
+    est: EST, broker: Broker, start_thermometer: Callable[..., ThermometerProcess], tmp_path: Path
+) -> None:
+    # First enrolment: a new device with only the root pinned and a token; ENROL=est.
+    folder = tmp_path / "est-therm"
+    folder.mkdir()
+    shutil.copy(est.root, folder / "root_ca.crt")
+    files = {"CA_CERT_PATH": str(folder / "root_ca.crt"), "CLIENT_CERT_PATH": str(folder / "est-therm.crt"),
+             "CLIENT_KEY_PATH": str(folder / "est-therm.key")}
+    env = device_env(est.lab, "est-therm", ENROL="est", EST_URL=est.base, ENROL_TOKEN=est.token("est-therm"),
+                     RENEW_CHECK_INTERVAL="0", **files)
+    thermometer = start_thermometer(env)
+    thermometer.wait_output("est-therm connected to localhost")
+    (record,) = est.service.inventory.list(name="est-therm")
+    assert record.issued_via == "est" and (folder / "est-therm.key").stat().st_mode & 0o777 == 0o600
+    thermometer.terminate()
+    # Renewal: a device inside its renewal window renews by simplereenroll (--enrol est), not over MQTT.
+    aged = issue_aged_certificate(est.lab, "device002", days=365, days_left=10)
+    renewing = start_thermometer(device_env(est.lab, "device002", EST_URL=est.base, RENEW_CHECK_INTERVAL="1"),
+                                 "--enrol", "est")
+    renewing.wait_output("renewed the certificate", timeout=30)
+    renewing.wait_output("device002 connected to localhost")
+    current = est.service.inventory.current("device002")
+    assert current is not None and current.serial != f"{aged.serial_number:x}"
+    assert current.requester == "est:device002"
