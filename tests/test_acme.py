@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
 import re
 import shutil
 import socket
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,3 +247,62 @@ def test_jws_checks_nonce_url_algorithm_and_ownership(acme: ACME) -> None:
     assert answered.json()["status"] == "invalid"
     assert alice.post(order_url, None).json()["status"] == "invalid"
     assert lab_state(acme.lab) == before  # no certificate issued, no file written
+
+
+def test_only_the_ordering_account_or_the_certificate_key_may_revoke(acme: ACME) -> None:
+    alice, mallory = Client(acme).register(), Client(acme).register()
+    order = alice.post(alice.directory["newOrder"], {"identifiers": [{"type": "dns", "value": "localhost"}]}).json()
+    challenge = alice.post(order["authorizations"][0], None).json()["challenges"][0]
+    answer = f"{challenge['token']}.{jose.b64.b64encode(alice.key.thumbprint()).decode()}".encode()
+    with _serving(acme.http01_port, f"/.well-known/acme-challenge/{challenge['token']}", answer):
+        assert alice.post(challenge["url"], {}).json()["status"] == "valid"
+    cert_key = ec.generate_private_key(ec.SECP256R1())
+    csr_pem, _ = make_csr("localhost", cert_key, dns=["localhost"])
+    csr_der = x509.load_pem_x509_csr(csr_pem.encode()).public_bytes(Encoding.DER)
+    done = alice.post(order["finalize"], {"csr": jose.b64.b64encode(csr_der).decode()}).json()
+    assert done["status"] == "valid", done
+    chain = alice.post(done["certificate"], None)
+    assert chain.headers["Content-Type"] == "application/pem-certificate-chain"
+    cert = x509.load_pem_x509_certificates(chain.content)[0]
+    der = jose.b64.b64encode(cert.public_bytes(Encoding.DER)).decode()
+    assert mallory.post(done["certificate"], None).status_code == 404  # not hers to download
+    before = lab_state(acme.lab)
+    refused = mallory.post(alice.directory["revokeCert"], {"certificate": der})
+    assert (refused.status_code, refused.json()["type"]) == (403, "urn:ietf:params:acme:error:unauthorized")
+    stranger = mallory.post(alice.directory["revokeCert"], {"certificate": der}, use_jwk=True)
+    assert stranger.status_code == 403  # a key that is not the certificate's
+    assert lab_state(acme.lab) == before
+    # The certificate's own key (jwk) may revoke it, with a reason.
+    holder = Client(acme)
+    revoked = holder.post(alice.directory["revokeCert"], {"certificate": der, "reason": 1}, use_jwk=True,
+                          key=jose.JWKEC(key=cert_key))
+    assert revoked.status_code == 200, revoked.text
+    record = acme.service.inventory.by_serial(f"{cert.serial_number:x}")
+    assert (record.status, record.revocation_reason) == ("revoked", "keyCompromise")
+    again = alice.post(alice.directory["revokeCert"], {"certificate": der})
+    assert again.json()["type"] == "urn:ietf:params:acme:error:alreadyRevoked"
+
+
+@contextlib.contextmanager
+def _serving(port: int, path: str, body: bytes) -> Iterator[None]:
+    """A throwaway http-01 responder on 127.0.0.1 (what certbot --standalone does)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            found = self.path == path
+            self.send_response(200 if found else 404)
+            self.end_headers()
+            if found:
+                self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -229,3 +229,15 @@ def test_a_thermometer_enrols_and_renews_by_est(
     current = est.service.inventory.current("device002")
     assert current is not None and current.serial != f"{aged.serial_number:x}"
     assert current.requester == "est:device002"
+
+
+def test_wrong_secrets_lock_the_source_out(est: EST) -> None:
+    """Guessing tokens or the passphrase over EST counts towards the same lockout as v1/ssl: 429 after five."""
+    token = est.token("est-device7")
+    est.csr("est-device7", "dev")
+    for attempt in range(5):
+        assert est.enrol("est-device7", f"guess-{attempt}", "dev")[0] == 401
+    before = lab_state(est.lab)
+    status, headers = est.enrol("est-device7", token, "dev")
+    assert status == 429 and "retry-after:" in headers.lower()
+    assert lab_state(est.lab) == before
