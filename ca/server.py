@@ -13,7 +13,7 @@ import ssl
 import threading
 
 from flask import Flask
-from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
 from pki.config import Settings
 from pki.service import CAService
@@ -22,6 +22,7 @@ from pki.store import CertsLayout
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024
+CLIENT_TIMEOUT = 30.0  # seconds a connection may stay silent, in the TLS handshake or between requests
 
 
 def create_ca_app(service: CAService, settings: Settings) -> Flask:
@@ -48,16 +49,30 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
     return context
 
 
+class _Handler(WSGIRequestHandler):
+    """Werkzeug's handler with a socket timeout: a client that stalls (in the handshake too) is dropped."""
+
+    timeout = CLIENT_TIMEOUT
+
+
 class CAHttpsServer:
-    """The app behind Werkzeug's threaded server with TLS, in a daemon thread (`start`, `stop`)."""
+    """The app behind Werkzeug's threaded server with TLS, in a daemon thread (`start`, `stop`).
+
+    The listening socket is wrapped with `do_handshake_on_connect=False`, so each TLS handshake runs in the
+    connection's own thread (on its first read) under CLIENT_TIMEOUT: wrapped by Werkzeug, the handshake would
+    run inside `accept`, and one local process that connects and never speaks would stall the endpoint.
+    """
 
     def __init__(self, service: CAService, settings: Settings, *, host: str | None = None,
                  port: int | None = None) -> None:
         self.app = create_ca_app(service, settings)
-        self.server: BaseWSGIServer = make_server(
+        context = tls_context(settings)
+        self.server = ThreadedWSGIServer(
             host or settings.ca_https_host, settings.ca_https_port if port is None else port, self.app,
-            threaded=True, ssl_context=tls_context(settings),
+            handler=_Handler,
         )
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True, do_handshake_on_connect=False)
+        self.server.ssl_context = context  # Werkzeug then reports https and the client certificate
         self.port = self.server.server_port
         self._thread = threading.Thread(target=self.server.serve_forever, name="ca-https", daemon=True)
 

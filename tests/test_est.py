@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import shutil
+import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -241,3 +242,10 @@ def test_wrong_secrets_lock_the_source_out(est: EST) -> None:
     status, headers = est.enrol("est-device7", token, "dev")
     assert status == 429 and "retry-after:" in headers.lower()
     assert lab_state(est.lab) == before
+
+
+def test_a_silent_client_does_not_stall_the_endpoint(est: EST) -> None:
+    """A local process that connects and never starts TLS holds one connection, not the whole endpoint."""
+    port = int(est.base.split(":")[2].split("/")[0])
+    with socket.create_connection(("127.0.0.1", port)), socket.create_connection(("127.0.0.1", port)):
+        est.sh(f"curl -sS --max-time 10 --cacert {est.root} -o /dev/null {est.base}/cacerts")
