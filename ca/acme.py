@@ -140,6 +140,9 @@ def _handled(view: Callable[..., Response]) -> Callable[..., Response]:
         except Problem as problem:
             log.info("acme %s -> %s %s: %s", request.path, problem.status, problem.kind, problem.detail)
             return _problem(problem)
+        except Exception:  # a bug, not the client's fault: log it, answer without details
+            log.exception("acme %s failed unexpectedly", request.path)
+            return _problem(Problem("serverInternal", "internal error; the server log has the details", 500))
 
     wrapper.__name__ = view.__name__
     wrapper.__doc__ = view.__doc__
@@ -218,7 +221,7 @@ def _iso(moment: dt.datetime) -> str:
 
 def _account_json(account: AcmeAccount) -> dict[str, Any]:
     return {"status": account.status, "contact": json.loads(account.contact),
-            "orders": _url("account", account_id=account.id) + "/orders"}
+            "orders": _url("account_orders", account_id=account.id)}
 
 
 def _order_json(order: AcmeOrder) -> dict[str, Any]:
@@ -307,6 +310,16 @@ def account(account_id: str) -> Response:
     current = _store().account(account_id)
     assert current is not None
     return _respond(_account_json(current))
+
+
+@bp.post("/account/<account_id>/orders")
+@_handled
+def account_orders(account_id: str) -> Response:
+    signed = _verify()
+    _post_as_get(signed)
+    if signed.account is None or signed.account.id != account_id:
+        raise Problem("unauthorized", "this is not your account", 403)
+    return _respond({"orders": [_url("order", order_id=o) for o in _store().order_ids(account_id)]})
 
 
 @bp.post("/new-order")

@@ -145,6 +145,12 @@ class AcmeStore:
                 ))
             return order
 
+    def order_ids(self, account_id: str) -> list[str]:
+        """The account's orders that are not invalid or expired (RFC 8555 7.1.2.1)."""
+        with self.inventory.reading() as session:
+            return list(session.scalars(select(AcmeOrder.id).where(
+                AcmeOrder.account_id == account_id, AcmeOrder.status != INVALID, AcmeOrder.expires_at > utcnow())))
+
     def order(self, order_id: str) -> AcmeOrder | None:
         with self.inventory.reading() as session:
             return session.get(AcmeOrder, order_id)

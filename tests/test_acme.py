@@ -251,7 +251,8 @@ def test_jws_checks_nonce_url_algorithm_and_ownership(acme: ACME) -> None:
 
 def test_only_the_ordering_account_or_the_certificate_key_may_revoke(acme: ACME) -> None:
     alice, mallory = Client(acme).register(), Client(acme).register()
-    order = alice.post(alice.directory["newOrder"], {"identifiers": [{"type": "dns", "value": "localhost"}]}).json()
+    created = alice.post(alice.directory["newOrder"], {"identifiers": [{"type": "dns", "value": "localhost"}]})
+    order, order_url = created.json(), created.headers["Location"]
     challenge = alice.post(order["authorizations"][0], None).json()["challenges"][0]
     answer = f"{challenge['token']}.{jose.b64.b64encode(alice.key.thumbprint()).decode()}".encode()
     with _serving(acme.http01_port, f"/.well-known/acme-challenge/{challenge['token']}", answer):
@@ -266,6 +267,9 @@ def test_only_the_ordering_account_or_the_certificate_key_may_revoke(acme: ACME)
     cert = x509.load_pem_x509_certificates(chain.content)[0]
     der = jose.b64.b64encode(cert.public_bytes(Encoding.DER)).decode()
     assert mallory.post(done["certificate"], None).status_code == 404  # not hers to download
+    account = alice.post(alice.kid, None).json()
+    orders = alice.post(account["orders"], None).json()["orders"]
+    assert orders == [order_url] and mallory.post(account["orders"], None).status_code == 403
     before = lab_state(acme.lab)
     refused = mallory.post(alice.directory["revokeCert"], {"certificate": der})
     assert (refused.status_code, refused.json()["type"]) == (403, "urn:ietf:params:acme:error:unauthorized")
