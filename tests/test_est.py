@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import socket
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +18,12 @@ from cryptography.x509.oid import NameOID
 from flask import Flask
 
 from ca.server import CAHttpsServer
+from pki.config import ConfigError, Settings
 from pki.service import CAService
 
 from .ca_support import issue_aged_certificate, lab_state
-from .conftest import LabEnv
-from .support import Broker, ThermometerProcess
+from .conftest import PROJECT_ROOT, LabEnv
+from .support import Broker, ThermometerProcess, free_port, wait_for
 from .test_thermometer import device_env
 
 
@@ -249,3 +252,32 @@ def test_a_silent_client_does_not_stall_the_endpoint(est: EST) -> None:
     port = int(est.base.split(":")[2].split("/")[0])
     with socket.create_connection(("127.0.0.1", port)), socket.create_connection(("127.0.0.1", port)):
         est.sh(f"curl -sS --max-time 10 --cacert {est.root} -o /dev/null {est.base}/cacerts")
+
+
+def test_python_m_dashboard_serves_est_and_acme_on_ca_https_port(generated_lab: LabEnv, tmp_path: Path) -> None:
+    """The serving entry point starts the CA's HTTPS endpoint next to the dashboard (Step 12 moves it)."""
+    port = free_port()
+    env = {**os.environ, **generated_lab.env, "DASHBOARD_PORT": str(free_port()), "CA_HTTPS_PORT": str(port),
+           "PYTHONUNBUFFERED": "1"}
+    log_path = tmp_path / "dashboard.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "dashboard"], env=env, cwd=PROJECT_ROOT,
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: process.poll() is None and f"EST and ACME on https://127.0.0.1:{port}/" in
+                 log_path.read_text(), timeout=20, what=f"the EST/ACME line; log:\n{log_path.read_text()}")
+        root = generated_lab.certs_dir / "root_ca" / "root_ca.crt"
+        for path in ("/.well-known/est/cacerts", "/acme/directory"):
+            result = subprocess.run(["curl", "-sS", "--fail", "--cacert", str(root), f"https://localhost:{port}{path}",
+                                     "-o", "/dev/null"], capture_output=True, text=True, timeout=30)
+            assert result.returncode == 0, result.stderr
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+@pytest.mark.parametrize("key, value", [("CA_HTTPS_PORT", "70000"), ("ACME_HTTP01_PORT", "0"),
+                                        ("ACME_ALLOWED_NAMES", "*.example.com"), ("ACME_ALLOWED_NAMES", "a b")])
+def test_bad_ca_https_settings_are_clear_errors(key: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        Settings.from_env({key: value})
