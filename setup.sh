@@ -710,9 +710,9 @@ cmd_test() {
     ensure_venv dev
     ensure_system_packages mosquitto mosquitto_pub chromium docker-compose
     # Playwright's bundled driver (node) needs libatomic1; the Docker lab test needs an engine (docker.io) and
-    # debootstrap for its base images; the database tests a PostgreSQL server. On systems without apt those
-    # tests skip (they fail under CI).
-    ensure_debian_packages libatomic1 openssl docker.io debootstrap postgresql
+    # debootstrap for its base images; the database tests a PostgreSQL server; the ACME test runs Debian's certbot.
+    # On systems without apt those tests skip (they fail under CI).
+    ensure_debian_packages libatomic1 openssl docker.io debootstrap postgresql certbot
     local mosquitto chromium out mosquitto_version="unknown version" chromium_version="unknown version"
     local re_version='([0-9]+(\.[0-9]+)+)'
     mosquitto=$(find_system_command mosquitto)

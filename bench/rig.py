@@ -180,6 +180,7 @@ class BenchLab:
             "BROKER_PORT": str(self.broker_port),
             "DASHBOARD_HOST": "127.0.0.1",
             "DASHBOARD_PORT": str(self.dashboard_port),
+            "CA_HTTPS_PORT": str(free_port()),
             "LOG_LEVEL": "WARNING",
             "PYTHONUNBUFFERED": "1",
         }

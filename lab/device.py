@@ -20,6 +20,7 @@
 - Certificate lifecycle: with no certificate but an enrolment token (ENROL_TOKEN, or a line claimed from
   ENROL_TOKEN_FILE) the device first enrols over the CA's HTTP API (`lab/enrolment.py`); afterwards it renews
   its certificate itself over MQTT (`lab/renewal.py`), switching to a new client without losing a reading.
+  With ENROL=est (`--enrol est`) both go over EST instead (`lab/est.py`).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from pki.authority import (
 )
 from pki.config import DEVICE_ID_RE, ConfigError, Settings, lab_environ, revoked_next_step
 
+from . import est
 from .credentials import recover
 from .enrolment import EnrolmentError, EnrolmentRefused, enrol_if_needed, with_claimed_token
 from .mqtt import Identity, certificate_revoked, make_client
@@ -149,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default localhost)")
     parser.add_argument("--port", type=_port, help="broker TLS port (BROKER_PORT; default 8883)")
     parser.add_argument("--interval", type=_seconds, help="seconds between readings (PUBLISH_INTERVAL; default 5)")
+    parser.add_argument("--enrol", choices=est.ENROL_MODES, help="how the device enrols and renews (ENROL; "
+                        "default mqtt: a token at CA_URL's v1/ssl/sign, renewal over MQTT; est: EST simpleenroll "
+                        "and simplereenroll at EST_URL, default https://localhost:<CA_HTTPS_PORT>/.well-known/est)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every reading (LOG_LEVEL=DEBUG)")
     return parser
 
@@ -317,7 +322,8 @@ class Thermometer:
     """One device's MQTT session. `run()` publishes until `request_stop()`, then shuts down cleanly."""
 
     def __init__(self, config: DeviceConfig, walk: TemperatureWalk | None = None,
-                 buffer_size: int = BUFFER_SIZE, renewal: RenewalPolicy | None = None) -> None:
+                 buffer_size: int = BUFFER_SIZE, renewal: RenewalPolicy | None = None,
+                 renew_request: Callable[[str], dict[str, Any]] | None = None) -> None:
         self.config = config
         self.walk = walk or TemperatureWalk(baseline_for(config.device_id))
         self.seq = 0
@@ -340,7 +346,7 @@ class Thermometer:
         self.revoked = False  # the broker refused the certificate as revoked: run() returns, never reconnects
         self.reply_handler: Callable[[bytes], None] | None = None  # CA replies on ssl/<id> (renewal)
         self.client = self._build_client()
-        self.renewer = Renewer(self, renewal) if renewal is not None else None
+        self.renewer = Renewer(self, renewal, request=renew_request) if renewal is not None else None
 
     def _build_client(self) -> mqtt.Client:
         client = make_client(self.config.identity, self.config.device_id)
@@ -648,6 +654,16 @@ class Thermometer:
 # -- the command line ---------------------------------------------------------------------------
 
 
+def est_renewal(config: DeviceConfig, environ: Mapping[str, str]) -> Callable[[str], dict[str, Any]] | None:
+    """With ENROL=est the renewer asks the CA by EST simplereenroll instead of MQTT; None: over MQTT."""
+    try:
+        if est.enrol_mode(environ) != "est":
+            return None
+        return est.renewal_request(est.est_url(environ, Settings.from_env(environ)), config.identity)
+    except (ValueError, ConfigError) as ex:
+        raise DeviceConfigError(str(ex)) from None
+
+
 def _configure_logging(verbose: bool, environ: Mapping[str, str]) -> None:
     level_name = "DEBUG" if verbose else (environ.get("LOG_LEVEL") or "INFO").strip().upper()
     level = logging.getLevelName(level_name)
@@ -689,9 +705,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     environ = lab_environ()
     _configure_logging(args.verbose, environ)
+    if args.enrol:
+        environ = {**environ, "ENROL": args.enrol}
     try:
         environ = with_claimed_token(environ)
         config = load_config(args, environ)
+        renew_request = est_renewal(config, environ)
         recover(config.identity)
         enrol_if_needed(config.device_id, config.identity, environ)
         check_identity(config)
@@ -721,7 +740,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signum, request_stop)
     while True:
         try:
-            thermometer = Thermometer(config, renewal=renewal)
+            thermometer = Thermometer(config, renewal=renewal, renew_request=renew_request)
         except (OSError, ValueError) as ex:  # ssl could still refuse the files (e.g. an unsupported key)
             print(f"error: cannot use {config.identity.cert} / {config.identity.key}: {ex}", file=sys.stderr)
             return EXIT_CONFIG

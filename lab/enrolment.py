@@ -39,6 +39,7 @@ from pki.authority import CAError, cert_pem, key_pem, load_certificate, serial_h
 from pki.config import DEVICE_ID_RE, ConfigError, Settings, lab_environ, parse_devices
 from pki.store import CERT_MODE, KEY_MODE, atomic_write, exclusive_lock, read_optional
 
+from . import est
 from .credentials import CredentialError, check_issued, load_roots, new_key_and_csr, store
 from .mqtt import Identity
 
@@ -62,6 +63,7 @@ class Enrolment:
     token: str = field(repr=False)
     ca_url: str
     days: int
+    est_url: str | None = None  # ENROL=est: simpleenroll there instead of v1/ssl/sign (lab/est.py)
 
 
 def default_ca_url(settings: Settings) -> str:
@@ -82,7 +84,11 @@ def enrolment_from_env(environ: Mapping[str, str]) -> Enrolment | None:
     url = (environ.get("CA_URL") or "").strip().rstrip("/") or default_ca_url(settings)
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
         raise EnrolmentRefused(f"CA_URL={url!r} must be an http:// or https:// URL")
-    return Enrolment(token, url, settings.cert_days)
+    try:
+        by_est = est.enrol_mode(environ) == "est"
+    except ValueError as ex:
+        raise EnrolmentRefused(str(ex)) from None
+    return Enrolment(token, url, settings.cert_days, est.est_url(environ, settings) if by_est else None)
 
 
 # -- HTTP ----------------------------------------------------------------------------------------------
@@ -158,12 +164,23 @@ def enrol(device_id: str, identity: Identity, enrolment: Enrolment, *, wait: flo
     key, csr = new_key_and_csr(device_id)
     body = {"name": device_id, "days": enrolment.days, "token": enrolment.token, "csr": csr}
     ca_file = identity.ca_cert if pinned else None
+    if enrolment.est_url is not None:
+        if not pinned:
+            raise EnrolmentRefused(f"EST enrolment needs the root certificate at {identity.ca_cert} first "
+                                   "(CA_CERT_PATH), to verify the CA's https certificate")
+        url = f"{enrolment.est_url}/simpleenroll"
+
+    def send() -> tuple[int, dict[str, Any], Mapping[str, str]]:
+        if enrolment.est_url is not None:
+            return _est_enrol(url, csr, identity.ca_cert, device_id, enrolment.token)
+        return post_json(url, body, ca_file)
+
     deadline = time.monotonic() + wait
     attempt = 0
     while True:
         attempt += 1
         try:
-            status, reply, headers = post_json(url, body, ca_file)
+            status, reply, headers = send()
         except EnrolmentError as ex:
             status, reply, headers, problem = 0, {}, {}, str(ex)
         else:
@@ -196,6 +213,16 @@ def enrol(device_id: str, identity: Identity, enrolment: Enrolment, *, wait: flo
     log.info("enrolled %s with the CA at %s: serial %s, valid until %s", device_id, enrolment.ca_url,
              serial_hex(cert), cert.not_valid_after_utc.isoformat(timespec="seconds"))
     return cert
+
+
+def _est_enrol(url: str, csr: str, ca_file: Path, device_id: str,
+               token: str) -> tuple[int, dict[str, Any], Mapping[str, str]]:
+    try:
+        return est.post_csr(url, csr, ca_file=ca_file, basic=(device_id, token))
+    except est.ESTUntrusted as ex:
+        raise EnrolmentRefused(str(ex)) from None
+    except est.ESTUnreachable as ex:
+        raise EnrolmentError(str(ex)) from None
 
 
 def _self_signed_root(pem: object) -> x509.Certificate:

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography import x509
 
@@ -129,8 +129,12 @@ class Renewer:
 
     def __init__(self, device: RenewingDevice, policy: RenewalPolicy, *, rng: random.Random | None = None,
                  reply_timeout: float = REPLY_TIMEOUT, drain_timeout: float = DRAIN_TIMEOUT,
-                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT,
+                 request: Callable[[str], dict[str, Any]] | None = None) -> None:
         self.device = device
+        # How the CSR reaches the CA: over MQTT (`ssl/renew/<id>`) unless another transport is given (EST,
+        # lab/est.py); either returns the CA's answer with the certificate in "crt", or raises RenewalError.
+        self.request = request
         self.policy = policy
         self.rng = rng or random.Random()  # noqa: S311 - spreading, not security
         self.reply_timeout = reply_timeout
@@ -221,7 +225,7 @@ class Renewer:
         started = time.monotonic()
         device_id, identity = self.device.device_id, self.device.identity
         key, csr = new_key_and_csr(device_id)
-        reply = self._request(csr, key)
+        reply = self.request(csr) if self.request is not None else self._request(csr, key)
         try:
             new = check_issued(reply, key, load_roots(identity.ca_cert), device_id)
             with lab_lock(identity):

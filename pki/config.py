@@ -10,6 +10,8 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
+from .authority import is_hostname
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 KEY_TYPES = ("ec", "rsa", "rsa2048", "rsa3072")
@@ -42,6 +44,23 @@ def _list_setting(env: Mapping[str, str], key: str, default: str = "") -> list[s
     if raw is None or not raw.strip():
         raw = default
     return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def _port_setting(env: Mapping[str, str], key: str, default: int, minimum: int = 1) -> int:
+    value = _int_setting(env, key, default, minimum)
+    if value > 65535:
+        raise ConfigError(f"{key}={value} is not a port number (at most 65535); fix it in .env")
+    return value
+
+
+def _host_names(names: list[str], key: str) -> list[str]:
+    result = []
+    for name in names:
+        name = name.lower().rstrip(".")
+        if not is_hostname(name):
+            raise ConfigError(f"{key}: {name!r} is not a DNS host name (letters, digits, '-' and dots; no wildcards)")
+        result.append(name)
+    return result
 
 
 def parse_devices(value: str | list[str]) -> list[str]:
@@ -95,6 +114,12 @@ class Settings:
     dashboard_secret_key: str | None = None
     # Seconds a superseded certificate stays usable before it goes on the CRL (reason superseded); 0 = at once.
     superseded_grace: int = 900
+    # The CA's HTTPS endpoint for EST and ACME (`ca/`): CA_HTTPS_HOST, CA_HTTPS_PORT (0 = off), the port http-01
+    # is validated on (RFC 8555 8.3: 80), and the DNS names ACME may issue server certificates for.
+    ca_https_host: str = "127.0.0.1"
+    ca_https_port: int = 8443
+    acme_http01_port: int = 80
+    acme_allowed_names: list[str] = field(default_factory=lambda: ["localhost"])
 
     def __repr__(self) -> str:  # never show the passphrase in logs or tracebacks
         fields = ", ".join(
@@ -144,6 +169,10 @@ class Settings:
             dashboard_idle_timeout=_int_setting(env, "DASHBOARD_IDLE_TIMEOUT", 1800, minimum=60),
             dashboard_secret_key=env.get("DASHBOARD_SECRET_KEY") or None,
             superseded_grace=_int_setting(env, "SUPERSEDED_GRACE_SECONDS", 900, minimum=0),
+            ca_https_host=(env.get("CA_HTTPS_HOST") or "127.0.0.1").strip(),
+            ca_https_port=_port_setting(env, "CA_HTTPS_PORT", 8443, minimum=0),
+            acme_http01_port=_port_setting(env, "ACME_HTTP01_PORT", 80),
+            acme_allowed_names=_host_names(_list_setting(env, "ACME_ALLOWED_NAMES", "localhost"), "ACME_ALLOWED_NAMES"),
         )
 
     @property

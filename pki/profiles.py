@@ -64,7 +64,12 @@ PROVISIONER = Profile(role="provisioner", extended_key_usage=(ExtendedKeyUsageOI
 # dashboard profiles carry serverAuth, so no certificate the API issues can pose as the lab's broker.
 ENTITY = Profile(role="entity", extended_key_usage=(ExtendedKeyUsageOID.CLIENT_AUTH,))
 
-PROFILES = {p.role: p for p in (ROOT_CA, BROKER, DASHBOARD, DEVICE, PROVISIONER, ENTITY)}
+# A TLS server certificate for DNS names whose control an ACME order proved (`ca/acme.py`), only for names in the
+# operator's allow-list (ACME_ALLOWED_NAMES, default the lab's own server names): the one profile other than the
+# broker's and the dashboard's that may name `localhost`, because the operator approved it.
+SERVER = Profile(role="server", extended_key_usage=(ExtendedKeyUsageOID.SERVER_AUTH,))
+
+PROFILES = {p.role: p for p in (ROOT_CA, BROKER, DASHBOARD, DEVICE, PROVISIONER, ENTITY, SERVER)}
 
 # Entity names the lab's own services use: the API must never re-issue them (`pki.identity` adds the service
 # identities `ca`, `ca-<n>`, `ingest`, `ingest-<n>`). `policy` is the folder of the broker's ACL and CRL.

@@ -231,8 +231,12 @@ class CSRInfo:
     emails: tuple[str, ...]
 
 
-def parse_csr(pem: str) -> CSRInfo:
-    """Parse and check a PEM CSR; ValueError says what is wrong with it."""
+def parse_csr(pem: str, *, require_cn: bool = True) -> CSRInfo:
+    """Parse and check a PEM CSR; ValueError says what is wrong with it.
+
+    `require_cn=False` (ACME: certbot's CSRs name their hosts in SANs only) allows a subject without CN; then
+    `common_name` is "".
+    """
     if len(pem) > MAX_CSR:
         raise ValueError(f"is longer than {MAX_CSR} characters")
     try:
@@ -255,9 +259,9 @@ def parse_csr(pem: str) -> CSRInfo:
     else:
         raise ValueError("key must be EC (P-256, P-384, P-521) or RSA")
     cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if len(cns) != 1:
+    if len(cns) > 1 or (require_cn and not cns):
         raise ValueError("subject must contain exactly one CN")
-    cn = cns[0].value
+    cn = cns[0].value if cns else ""
     dns: list[str] = []
     ips: list[str] = []
     emails: list[str] = []

@@ -42,7 +42,9 @@ from .authority import (
     SubjectFields,
     WrongPassphrase,
     cert_pem,
+    common_name,
     days_left,
+    fingerprint_sha256,
     generate_private_key,
     key_pem,
     load_certificate,
@@ -63,7 +65,7 @@ from .config import Settings
 from .identity import is_reserved_san, mac_as_written
 from .inventory import ACTIVE, REVOKED, SUPERSEDED, CertificateRecord, Inventory, TokenAlreadyUsed
 from .lockout import Lockout
-from .profiles import BACKDATE, DEVICE, ENTITY, PROFILES, Profile
+from .profiles import BACKDATE, DEVICE, ENTITY, PROFILES, SERVER, Profile
 from .requests import (
     BAD_REQUEST,
     CONFLICT,
@@ -80,6 +82,7 @@ from .requests import (
     is_protected,
     normalise_name,
     parse,
+    parse_csr,
     readable_name,
     refuse_protected,
     refuse_reserved_sans,
@@ -156,6 +159,11 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def server_entity_name(dns_name: str) -> str:
+    """The inventory name of an ACME server certificate: `acme-<host>` with dots as '_' (an entity name)."""
+    return ("acme-" + dns_name.lower().replace(".", "_"))[:64].rstrip("_-")
+
+
 class CAService:
     """One per process: holds the unlocked root, the inventory and the lockout counters."""
 
@@ -222,6 +230,80 @@ class CAService:
     def issue_token(self, body: object, *, source: str, operator: str | None = None) -> Reply:
         return self._run("token", body, source,
                          lambda: self._issue_token(self._as_operator(body, operator), source))
+
+    # -- the standard protocols (ca/est.py, ca/acme.py): the same checks, other credentials ------------
+
+    def enrol_basic(self, name: str, csr_pem: str, secret: str, *, source: str, via: str = "est") -> Reply:
+        """First enrolment with HTTP Basic `name:secret` (EST simpleenroll): `secret` is a single-use enrolment
+        token for `name` or the CA passphrase; then exactly `sign` with a CSR (lockout, profile, inventory)."""
+        kind = "token" if self.inventory.token(token_digest(secret)) is not None else "pass"
+        days = self.settings.cert_days
+        with contextlib.suppress(RequestError):  # no root: `sign` gives the 503
+            days = min(days, self._max_days(self._root_certificate()))
+        return self.sign({"name": name, "days": days, kind: secret, "csr": csr_pem}, source=source, via=via,
+                         requester=source)
+
+    def renew_presented(self, presented: x509.Certificate, csr_pem: str, *, via: str = "est") -> Reply:
+        """Renewal where the transport verified the caller's TLS client certificate (EST simplereenroll).
+
+        The chain was checked by TLS; here the certificate must also be the entity's CURRENT one in the
+        inventory: a superseded, revoked or unknown certificate cannot renew. Then exactly `renew`.
+        """
+        cn = common_name(presented) or "-"
+        requester = f"{via}:{cn}"
+
+        def work() -> Reply:
+            record = self.inventory.by_serial(serial_hex(presented))
+            if record is None or record.fingerprint_sha256 != fingerprint_sha256(presented):
+                raise RequestError(FORBIDDEN, "this certificate is not in the CA's inventory")
+            if record.status != ACTIVE:
+                raise RequestError(FORBIDDEN, f"this certificate is {record.status}: only the current certificate "
+                                              f"of {record.name} can renew it")
+            return self._renew(record.name, {"csr": csr_pem}, requester)
+
+        return self._run("renew", {"name": cn}, requester, work)
+
+    def issue_server(self, csr_pem: str, names: list[str], *, days: int, requester: str) -> Reply:
+        """A `server` certificate for DNS `names` whose control was proven (ACME finalize; the adapter checked
+        them against the operator's allow-list). The CSR must name exactly these hosts, nothing else."""
+        entity = server_entity_name(names[0]) if names else "-"
+        return self._run("acme", {"name": entity}, requester,
+                         lambda: self._issue_server(csr_pem, names, entity, days, requester))
+
+    def revoke_certificate(self, cert: x509.Certificate, reason: str, *, source: str) -> Reply:
+        """Revoke one certificate whose holder the transport authenticated (ACME revokeCert: the account that
+        ordered it, or the certificate's own key), without the passphrase."""
+        return self._run("revoke", {}, source, lambda: self._revoke_certificate(cert, reason))
+
+    def _issue_server(self, csr_pem: str, names: list[str], entity: str, days: int, requester: str) -> Reply:
+        root = self._root_certificate()
+        try:
+            csr = parse_csr(csr_pem, require_cn=False)
+        except ValueError as ex:
+            raise RequestError(BAD_REQUEST, f"csr {ex}", "csr") from None
+        asked = {n.lower() for n in csr.dns_names} | ({csr.common_name.lower()} if csr.common_name else set())
+        if not names or csr.ip_addresses or csr.emails or asked != {n.lower() for n in names}:
+            raise RequestError(BAD_REQUEST, "the CSR must name exactly the order's DNS identifiers", "csr")
+        ca = self._unlocked_ca()
+        if ca is None:
+            raise RequestError(UNAVAILABLE, "the CA key is locked: set CA_PASSPHRASE so ACME can issue")
+        return self._issue(
+            ca, name=entity, profile=SERVER, public_key=csr.public_key, cn=names[0], subject=None, dns=names,
+            ips=(), emails=(), days=min(days, self._max_days(root)), via="acme", requester=requester,
+            from_csr=True, write_files=False,
+        )
+
+    def _revoke_certificate(self, cert: x509.Certificate, reason: str) -> Reply:
+        record = self.inventory.by_serial(serial_hex(cert))
+        if record is None or record.fingerprint_sha256 != fingerprint_sha256(cert):
+            raise RequestError(NOT_FOUND, "this certificate was not issued by this CA", "certificate")
+        if is_protected(record.name):
+            raise RequestError(CONFLICT, f"{record.name!r} is a protected name used by the lab itself", "certificate")
+        ca = self._unlocked_ca()
+        if ca is None:
+            raise RequestError(UNAVAILABLE, "the CA key is locked: set CA_PASSPHRASE so certificates can be revoked")
+        with self._writer():
+            return self._revoke_records(ca, record.name, [record], reason)
 
     def certificates(self, name: str | None = None, status: str | None = None) -> Reply:
         try:
@@ -730,28 +812,35 @@ class CAService:
                 if self.inventory.latest(name) is None:
                     raise RequestError(NOT_FOUND, f"no certificate was issued to {name}", "name")
                 targets = self.inventory.revocable(name)
-            try:
-                with self.inventory.session() as session:
-                    revoked = self.inventory.revoke([t.serial for t in targets], request.reason, session)
-                    # The CRL and ACL are written before the transaction commits: if they cannot be written,
-                    # nothing is marked revoked and the caller learns it (revocation never silently lost).
-                    changed = write_broker_policy(
-                        self.settings, ca, self._crl_entries(session), self.inventory.denied_names(session),
-                        collectors=self.inventory.collectors(session),
-                    )
-            except BrokerConfigError as ex:
-                log.error("revocation of %s not done: %s", name, ex)
-                raise RequestError(UNAVAILABLE, "the CRL could not be written; nothing was revoked") from None
-            if changed:
-                reload_broker(self.broker_files)
+            return self._revoke_records(ca, name, targets, request.reason)
+
+    def _revoke_records(
+        self, ca: CertificateAuthority, name: str, targets: list[CertificateRecord], reason: str
+    ) -> Reply:
+        """Mark `targets` revoked and rewrite CRL and ACL in one transaction (caller holds the writer lock), then
+        tell the listeners (`on_revoked`: the live connection is closed)."""
+        try:
+            with self.inventory.session() as session:
+                revoked = self.inventory.revoke([t.serial for t in targets], reason, session)
+                # The CRL and ACL are written before the transaction commits: if they cannot be written,
+                # nothing is marked revoked and the caller learns it (revocation never silently lost).
+                changed = write_broker_policy(
+                    self.settings, ca, self._crl_entries(session), self.inventory.denied_names(session),
+                    collectors=self.inventory.collectors(session),
+                )
+        except BrokerConfigError as ex:
+            log.error("revocation of %s not done: %s", name, ex)
+            raise RequestError(UNAVAILABLE, "the CRL could not be written; nothing was revoked") from None
+        if changed:
+            reload_broker(self.broker_files)
         if revoked:
-            log.warning("revoked %s: %s (%s)", name, ", ".join(revoked), request.reason)
+            log.warning("revoked %s: %s (%s)", name, ", ".join(revoked), reason)
             for callback in self.on_revoked:
                 try:
                     callback(name)
                 except Exception:  # the revocation is done and recorded; a listener must not turn it into an error
                     log.exception("a listener failed after revoking %s", name)
-        return Reply(200, {"name": name, "revoked": revoked, "reason": request.reason,
+        return Reply(200, {"name": name, "revoked": revoked, "reason": reason,
                            "already_revoked": [t.serial for t in targets if t.serial not in revoked]})
 
     def _issue_token(self, body: object, source: str) -> Reply:

@@ -90,6 +90,7 @@ def _isolated_from_developer_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
             "CA_URL", "DASHBOARD_ADMIN_PASSWORD", "DASHBOARD_TLS", "DASHBOARD_NAMES", "DASHBOARD_IDLE_TIMEOUT",
             "DASHBOARD_SECRET_KEY", "DASHBOARD_TOKEN",
             "SUPERSEDED_GRACE_SECONDS",
+            "CA_HTTPS_HOST", "CA_HTTPS_PORT", "ACME_HTTP01_PORT", "ACME_ALLOWED_NAMES", "ENROL",
         }:
             monkeypatch.delenv(key)
     monkeypatch.setenv("LAB_ENV_FILE", str(tmp_path / "absent.env"))

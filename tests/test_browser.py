@@ -39,7 +39,8 @@ class DashboardProcess:
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.port = free_port()
-        self.env = {**os.environ, **env, "DASHBOARD_PORT": str(self.port), "PYTHONUNBUFFERED": "1"}
+        self.env = {**os.environ, **env, "DASHBOARD_PORT": str(self.port),
+                    "CA_HTTPS_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -28,7 +28,7 @@ class NativeLab:
     def __init__(self, lab: LabEnv, *args: str) -> None:
         self.lab = lab
         self.env = {**os.environ, **lab.env, "DASHBOARD_PORT": str(free_port()), "PUBLISH_INTERVAL": "0.5",
-                    "PYTHONUNBUFFERED": "1"}
+                    "CA_HTTPS_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "lab.native", *args], env=self.env, cwd=PROJECT_ROOT,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
