@@ -1,18 +1,21 @@
 """ACME state (RFC 8555 7.1): nonces, accounts, orders and authorizations, as tables in the lab's inventory
-database (the same SQLAlchemy engine as the certificates, so `DATABASE_URL` moves them all together)."""
+database (the same SQLAlchemy engine as the certificates, so `DATABASE_URL` moves them all together), with their
+own migration history (ca/migrations, run by pki.migrate)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 import secrets
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import ForeignKey, String, Text, delete, select, update
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from pki import migrate
 from pki.authority import utcnow
-from pki.inventory import Base, Inventory, UTCDateTime
+from pki.inventory import Inventory, UTCDateTime
 
 NONCE_LIFETIME = dt.timedelta(hours=1)
 ORDER_LIFETIME = dt.timedelta(days=7)
@@ -20,18 +23,30 @@ ORDER_LIFETIME = dt.timedelta(days=7)
 PENDING, READY, PROCESSING, VALID, INVALID = "pending", "ready", "processing", "valid", "invalid"
 
 
+class AcmeBase(DeclarativeBase):
+    pass
+
+
+ACME = migrate.Component(
+    name="acme",
+    script_location=Path(__file__).resolve().parent / "migrations",
+    baseline="0001",
+    baseline_tables=frozenset({"acme_nonces", "acme_accounts", "acme_orders", "acme_authorizations"}),
+)
+
+
 def new_id() -> str:
     return secrets.token_urlsafe(18)
 
 
-class AcmeNonce(Base):
+class AcmeNonce(AcmeBase):
     __tablename__ = "acme_nonces"
 
     value: Mapped[str] = mapped_column(String(64), primary_key=True)
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), index=True)
 
 
-class AcmeAccount(Base):
+class AcmeAccount(AcmeBase):
     __tablename__ = "acme_accounts"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -42,7 +57,7 @@ class AcmeAccount(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
 
 
-class AcmeOrder(Base):
+class AcmeOrder(AcmeBase):
     __tablename__ = "acme_orders"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -58,7 +73,7 @@ class AcmeOrder(Base):
         return json.loads(self.names)
 
 
-class AcmeAuthorization(Base):
+class AcmeAuthorization(AcmeBase):
     """One DNS name of one order and its single http-01 challenge."""
 
     __tablename__ = "acme_authorizations"
@@ -84,7 +99,7 @@ class AcmeStore:
 
     def __init__(self, inventory: Inventory) -> None:
         self.inventory = inventory
-        Base.metadata.create_all(inventory.engine, tables=TABLES)
+        migrate.upgrade(inventory.engine, ACME)
 
     # -- nonces (RFC 8555 7.2): single use, stored so several processes can share them -----------------
 

@@ -124,12 +124,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _other_components() -> list[Component]:
-    """Components outside pki that share the database, when they are installed (the dashboard's tables)."""
+    """Components outside pki that share the database, when they are installed (the dashboard's, ACME's)."""
+    found = []
     try:
         from dashboard.schema import DASHBOARD
+
+        found.append(DASHBOARD)
     except ImportError:
-        return []
-    return [DASHBOARD]
+        pass
+    try:
+        from ca.acme_store import ACME
+
+        found.append(ACME)
+    except ImportError:
+        pass
+    return found
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
+from ca.acme_store import ACME, AcmeBase, AcmeStore
 from dashboard.accounts import UserStore
 from dashboard.readings import ReadingStore
 from dashboard.schema import DASHBOARD, DashboardBase
@@ -25,10 +26,12 @@ pytestmark = pytest.mark.databases
 
 def schema_differences(url: str) -> list[object]:
     inventory, readings, users = Inventory(url), ReadingStore(url), UserStore(url)
+    AcmeStore(inventory)
     try:
         with inventory.engine.connect() as connection:
             found = []
-            for component, metadata in ((migrate.INVENTORY, Base.metadata), (DASHBOARD, DashboardBase.metadata)):
+            for component, metadata in ((migrate.INVENTORY, Base.metadata), (DASHBOARD, DashboardBase.metadata),
+                                        (ACME, AcmeBase.metadata)):
                 # Each component compares only its own tables: the other's share the database.
                 def own(name: str | None, type_: str, _parent: object, tables: object = metadata.tables) -> bool:
                     return type_ != "table" or name in tables  # type: ignore[operator]
