@@ -278,6 +278,8 @@ def test_down_and_up_again_keeps_certificates_and_readings(lab: DockerLab) -> No
 
 
 def test_revoking_device001_shuts_it_out_of_the_broker_container(lab: DockerLab) -> None:
+    containers = lab.containers()
+    broker_id, device_id = containers["mosquitto"]["Id"], containers["device001_thermometer"]["Id"]
     with lab.timed("checks"):
         # A valid certificate from the CA gets in: the broker container is reachable with mutual TLS.
         accepted = lab.mosquitto_pub("dockertest")
@@ -285,6 +287,22 @@ def test_revoking_device001_shuts_it_out_of_the_broker_container(lab: DockerLab)
         status, body = lab.post_json("/v1/ssl/revoke", {"name": "device001", "pass": lab.passphrase})
         assert status == 200, body
         revoked_at = time.monotonic()
+
+        # Within 2 s the broker closed the live connection and the dashboard shows device001 revoked and offline.
+        def closed_and_shown() -> bool:
+            device = lab.get_json("/api/data")["device_data"]["device001"]
+            logged = lab.engine.docker("logs", broker_id).stderr + lab.engine.docker("logs", broker_id).stdout
+            return (device.get("status"), device.get("certificate")) == ("offline", "revoked") and \
+                "device001 been disconnected by administrative action" in logged
+
+        wait_for(closed_and_shown, timeout=max(0.1, revoked_at + 2 - time.monotonic()), interval=0.1,
+                 what="the broker container to close device001's connection and the dashboard to show it revoked")
+        # The thermometer says so once and waits for a new certificate (ON_REVOKED=wait): no restart loop.
+        wait_for(lambda: "the CA revoked its certificate" in lab.engine.docker("logs", device_id).stderr
+                 + lab.engine.docker("logs", device_id).stdout, timeout=15, interval=0.5,
+                 what="device001's container to log its revocation")
+
+        # New connections with its certificate are refused, within 5 s of the reply.
         refusal = wait_for(lambda: (r := lab.mosquitto_pub("device001")).returncode != 0 and r, timeout=5,
                            interval=0.25, what="the broker container refusing device001")
         print(f"docker lab: device001 refused {time.monotonic() - revoked_at:.2f} s after the revoke reply: "
@@ -298,12 +316,15 @@ def test_revoking_device001_shuts_it_out_of_the_broker_container(lab: DockerLab)
             input="", capture_output=True, text=True, timeout=20, check=False)
         assert "certificate revoked" in handshake.stdout + handshake.stderr, handshake.stderr[-2000:]
         # Its readings stop; device002's go on.
-        time.sleep(3)
         stopped = lab.readings()
         time.sleep(4)
         later = lab.readings()
+        state = lab.containers()["device001_thermometer"]
     assert later["device001"] == stopped["device001"], (stopped, later)
     assert later["device002"] > stopped["device002"], (stopped, later)
+    assert (state["RestartCount"], state["State"]["Status"]) == (0, "running"), "restarted in a loop"
+    logs = lab.engine.docker("logs", device_id)
+    assert (logs.stdout + logs.stderr).count("the CA revoked its certificate") == 1
     assert lab.mosquitto_pub("dockertest").returncode == 0
 
 
