@@ -160,9 +160,6 @@ class _RecordStatements:
 
     def __init__(self) -> None:
         table = CertificateRecord.__table__
-        self.serial_exists = select(table.c.id).where(table.c.serial == bindparam("serial"))
-        self.supersede = (update(table).where(table.c.name == bindparam("entity"), table.c.status == ACTIVE)
-                          .values(status=SUPERSEDED))
         self.insert = insert(table)
         self.serials_known = select(table.c.serial).where(table.c.serial.in_(bindparam("serials", expanding=True)))
         self.supersede_many = (update(table)
@@ -311,22 +308,17 @@ class Inventory:
     ) -> CertificateRecord:
         """Add `cert` as the entity's current certificate; earlier active ones become superseded.
 
-        Recording the same serial twice is a no-op that returns the existing row. The writes are plain SQL
-        statements built once (`_RecordStatements`), not ORM unit-of-work flushes: they run for every issued
-        certificate, and the ORM's bookkeeping cost ten times the SQL. The row returned is a detached copy.
+        Recording the same serial twice is a no-op that returns the existing row. The rows are written by the same
+        statements as the group commit's (`_insert_issued`): one write path for the fact "issued".
         """
         if session is None:
             with self.session() as own:
                 return self.record_issued(cert, name=name, role=role, via=via, requester=requester, session=own)
-        serial = serial_hex(cert)
-        if session.execute(_RECORD.serial_exists, {"serial": serial}).first() is not None:
-            existing = session.scalar(select(CertificateRecord).where(CertificateRecord.serial == serial))
-            assert existing is not None
-            return existing
-        session.execute(_RECORD.supersede, {"entity": name})
-        values = _issued_values(cert, name=name, role=role, via=via, requester=requester)
-        result = session.execute(_RECORD.insert, values)
-        return CertificateRecord(id=result.inserted_primary_key[0], **values)  # type: ignore[attr-defined]
+        _insert_issued(session.connection(), [_issued_values(cert, name=name, role=role, via=via,
+                                                              requester=requester)])
+        row = session.scalar(select(CertificateRecord).where(CertificateRecord.serial == serial_hex(cert)))
+        assert row is not None
+        return row
 
     def current(self, name: str) -> CertificateRecord | None:
         with self.reading() as session:

@@ -64,6 +64,7 @@ from .broker import (
 from .config import Settings
 from .identity import is_reserved_san, mac_as_written
 from .inventory import ACTIVE, REVOKED, SUPERSEDED, CertificateRecord, Inventory, TokenAlreadyUsed
+from .issuance import Issuance
 from .lockout import Lockout
 from .profiles import BACKDATE, DEVICE, ENTITY, PROFILES, SERVER, Profile
 from .requests import (
@@ -287,11 +288,10 @@ class CAService:
         ca = self._unlocked_ca()
         if ca is None:
             raise RequestError(UNAVAILABLE, "the CA key is locked: set CA_PASSPHRASE so ACME can issue")
-        return self._issue(
-            ca, name=entity, profile=SERVER, public_key=csr.public_key, cn=names[0], subject=None, dns=names,
-            ips=(), emails=(), days=min(days, self._max_days(root)), via="acme", requester=requester,
-            from_csr=True, write_files=False,
-        )
+        return self._issue(ca, Issuance(
+            "acme", entity, SERVER, csr.public_key, cn=names[0], dns=tuple(names), days=min(days, self._max_days(root)),
+            via="acme", requester=requester,
+        ))
 
     def _revoke_certificate(self, cert: x509.Certificate, reason: str) -> Reply:
         record = self.inventory.by_serial(serial_hex(cert))
@@ -532,11 +532,11 @@ class CAService:
         if csr is not None:
             # The key stays with the caller: no file of the entity changes (a lab device keeps a matching key and
             # certificate pair; its old certificate is superseded, and goes on the CRL after the grace).
-            return self._issue(
-                ca, name=request.name, profile=profile, public_key=csr.public_key, cn=request.name, subject=None,
-                dns=csr.dns_names, ips=csr.ip_addresses, emails=csr.emails, days=request.days, via=via,
-                requester=requester, from_csr=True, token=token, write_files=False,
-            )
+            return self._issue(ca, Issuance(
+                "csr", request.name, profile, csr.public_key, cn=request.name, dns=tuple(csr.dns_names),
+                ips=tuple(csr.ip_addresses), emails=tuple(csr.emails), days=request.days, via=via,
+                requester=requester, token=token,
+            ))
         # No CSR: renewal, i.e. the stored key of an entity the generator or `create` made, re-signed.
         key = self._stored_key(request.name)
         self._refuse_superseded_key(request.name, key)
@@ -545,10 +545,10 @@ class CAService:
         if current is not None:
             subject = _subject_of(current)
             dns, ips, emails = self._allowed_sans(current)
-        return self._issue(
-            ca, name=request.name, profile=profile, public_key=key.public_key(), cn=request.name, subject=subject,
-            dns=dns, ips=ips, emails=emails, days=request.days, via=via, requester=requester, reply_key=key,
-        )
+        return self._issue(ca, Issuance(
+            "resign", request.name, profile, key.public_key(), cn=request.name, subject=subject, dns=tuple(dns),
+            ips=tuple(ips), emails=tuple(emails), days=request.days, via=via, requester=requester, key=key,
+        ))
 
     def _renew(self, cn: str, body: object, requester: str) -> Reply:
         """Checks in order (a refusal writes nothing): the name (400/409), the body and its CSR (400), the current
@@ -589,11 +589,11 @@ class CAService:
         if request.days is not None:
             days = min(days, request.days)
         dns, ips, emails = self._allowed_sans(current)
-        reply = self._issue(
-            ca, name=name, profile=PROFILES.get(record.role, ENTITY), public_key=csr.public_key,
-            cn=name, subject=_subject_of(current), dns=dns, ips=ips, emails=emails,
-            days=min(days, self._max_days(root)), via="renew", requester=requester, from_csr=True, write_files=False,
-        )
+        reply = self._issue(ca, Issuance(
+            "renew", name, PROFILES.get(record.role, ENTITY), csr.public_key, cn=name, subject=_subject_of(current),
+            dns=tuple(dns), ips=tuple(ips), emails=tuple(emails), days=min(days, self._max_days(root)), via="renew",
+            requester=requester,
+        ))
         log.info("renewed %s: serial %s -> %s", name, record.serial, reply.body["serial"])
         return reply
 
@@ -662,11 +662,11 @@ class CAService:
             country=request.country, state=request.state, locality=request.locality, org=request.org,
             unit=request.unit, email=request.email,
         )
-        return self._issue(
-            ca, name=request.name, profile=self._profile_for(request.name), public_key=key.public_key(),
-            cn=cn, subject=subject, dns=extra_dns, ips=(), emails=(request.email,) if request.email else (),
-            days=request.days, via=via, requester=requester, new_key=key, digest=digest,
-        )
+        return self._issue(ca, Issuance(
+            "create", request.name, self._profile_for(request.name), key.public_key(), cn=cn, subject=subject,
+            dns=tuple(extra_dns), emails=(request.email,) if request.email else (), days=request.days, via=via,
+            requester=requester, key=key, digest=digest,
+        ))
 
     def _replay(self, ca: CertificateAuthority, name: str, digest: str) -> Reply | None:
         """The certificate an identical earlier `create` produced, while it is valid and its files intact."""
@@ -684,97 +684,57 @@ class CAService:
             return None
         return Reply(200, self._body(name, ca, cert, key))
 
-    def _issue(
-        self,
-        ca: CertificateAuthority,
-        *,
-        name: str,
-        profile: Profile,
-        public_key: PublicKey,
-        cn: str,
-        subject: SubjectFields | None,
-        dns: tuple[str, ...] | list[str],
-        ips: tuple[str, ...] | list[str],
-        emails: tuple[str, ...] | list[str],
-        days: int,
-        via: str,
-        requester: str,
-        new_key: PrivateKey | None = None,
-        reply_key: PrivateKey | None = None,
-        from_csr: bool = False,
-        token: str | None = None,
-        digest: str | None = None,
-        write_files: bool = True,
-    ) -> Reply:
+    def _issue(self, ca: CertificateAuthority, job: Issuance) -> Reply:
+        """Sign, record, then release: the one issuing path. The inventory row is committed before the certificate
+        is written anywhere or leaves the CA, so whatever happens next (a kill -9 while the files are written) the
+        inventory lists it and it can be revoked. A CSR's certificate is recorded by group commit and nothing else
+        (the key stays with its owner); one whose key the CA holds also goes to the entity's folder."""
+        name = job.name
+        assert job.token is None or not job.writes_files, "an enrolment token comes with a CSR only"
         # With no grace, the certificate this one supersedes goes on the CRL as soon as this one is recorded.
         supersedes_now = self.settings.superseded_grace == 0 and self.inventory.current(name) is not None
         try:
-            cert = ca.issue(public_key, profile, cn, days=days, dns_names=dns, ip_addresses=ips, emails=emails,
-                            subject=subject)
+            cert = ca.issue(job.public_key, job.profile, job.cn, days=job.days, dns_names=job.dns,
+                            ip_addresses=job.ips, emails=job.emails, subject=job.subject)
         except CAError as ex:
-            raise RequestError(400, str(ex), "csr" if from_csr else "name") from None
+            raise RequestError(400, str(ex), "csr" if job.from_csr else "name") from None
         serial = serial_hex(cert)
-        if from_csr and digest is None and self._record_without_files(
-            cert, name=name, role=profile.role, via=via, requester=requester, token=token, unless_folder=write_files
-        ):
-            # The CRL lists the superseded certificate, a revoked identity got a new certificate (lift the ACL
-            # deny), or a new collector gets its reply topic.
-            if supersedes_now or self._acl_denies(name, cn) or self._acl_lacks_collector(name):
+        # The CRL lists the superseded certificate, a revoked identity got a new certificate (lift the ACL deny),
+        # or a new collector gets its reply topic: the broker's files change.
+        def broker_changes() -> bool:
+            return supersedes_now or self._acl_denies(name, job.cn) or self._acl_lacks_collector(name)
+
+        if not job.writes_files:
+            try:
+                self.inventory.record_issued_grouped(cert, name=name, role=job.profile.role, via=job.via,
+                                                     requester=job.requester, token_sha256=job.token)
+            except TokenAlreadyUsed:
+                raise RequestError(FORBIDDEN, "this enrolment token has already been used", "token") from None
+            if broker_changes():
                 with self._writer():
                     self._sync_broker(ca)
-            log.info("issued %s (%s) serial %s, %s days, via %s", name, profile.role, serial, days, via)
-            return Reply(201, self._body(name, ca, cert, reply_key))
-        with self._writer():
-            if digest is not None and (replay := self._replay(ca, name, digest)) is not None:
-                return replay  # an identical create finished while this one was signing
-            # Recorded and committed before the certificate is written anywhere or leaves the CA: whatever
-            # happens next (a kill -9 while the files are written), the inventory lists it and it can be revoked.
-            with self.inventory.session() as session:
-                if token is not None and not self.inventory.consume_token(token, serial, session):
-                    raise RequestError(FORBIDDEN, "this enrolment token has already been used", "token")
-                self.inventory.record_issued(cert, name=name, role=profile.role, via=via, requester=requester,
-                                             session=session)
-                if digest is not None:
-                    self.inventory.record_create_digest(serial, name, digest, session)
-            if write_files:
+        else:
+            with self._writer():
+                if job.digest is not None and (replay := self._replay(ca, name, job.digest)) is not None:
+                    return replay  # an identical create finished while this one was signing
+                with self.inventory.session() as session:
+                    self.inventory.record_issued(cert, name=name, role=job.profile.role, via=job.via,
+                                                 requester=job.requester, session=session)
+                    if job.digest is not None:
+                        self.inventory.record_create_digest(serial, name, job.digest, session)
                 try:
-                    self._store(name, cert, ca, new_key, from_csr)
+                    self._store(name, cert, ca, job.key if job.kind == "create" else None)
                 except OSError as ex:
                     log.error("certificate %s of %s is recorded but its files could not be written: %s", serial,
                               name, ex)
                     raise RequestError(UNAVAILABLE, f"the certificate files of {name} could not be written; "
                                                     f"certificate {serial} is recorded (revoke it by serial)") from None
-            if supersedes_now or self._acl_denies(name, cn) or self._acl_lacks_collector(name):  # as above
-                self._sync_broker(ca)
-        log.info("issued %s (%s) serial %s, %s days, via %s", name, profile.role, serial, days, via)
-        return Reply(201, self._body(name, ca, cert, new_key or reply_key))
+                if broker_changes():
+                    self._sync_broker(ca)
+        log.info("issued %s (%s) serial %s, %s days, via %s", name, job.profile.role, serial, job.days, job.via)
+        return Reply(201, self._body(name, ca, cert, job.key))
 
-    def _record_without_files(
-        self, cert: x509.Certificate, *, name: str, role: str, via: str, requester: str, token: str | None,
-        unless_folder: bool,
-    ) -> bool:
-        """Record a certificate issued for a CSR in the inventory alone, by group commit; False if not done.
-
-        The key of a CSR stays with its owner, so the inventory row (which holds the PEM) is the CA's whole
-        record of the certificate: no folder, no files, no fsync of its own. Concurrent issuances share one
-        transaction and one fsync (`Inventory.record_issued_grouped`), and each caller returns once its row is
-        durable. With `unless_folder`, an entity that already has a folder here (a lab device, an entity made
-        by `create`) is left to the writer path, which keeps its files current: the check runs inside the
-        write transaction, so it cannot race a `create` that makes the folder (its files are written inside
-        its own transaction).
-        """
-        folder = self.layout.entity_dir(name)
-        try:
-            return self.inventory.record_issued_grouped(
-                cert, name=name, role=role, via=via, requester=requester, token_sha256=token,
-                unless=folder.exists if unless_folder else None,
-            )
-        except TokenAlreadyUsed:
-            raise RequestError(FORBIDDEN, "this enrolment token has already been used", "token") from None
-
-    def _store(
-        self, name: str, cert: x509.Certificate, ca: CertificateAuthority, new_key: PrivateKey | None, from_csr: bool
-    ) -> None:
+    def _store(self, name: str, cert: x509.Certificate, ca: CertificateAuthority, new_key: PrivateKey | None) -> None:
         ensure_dir(self.layout.entity_dir(name))
         if new_key is not None:
             atomic_write(self.layout.key(name), key_pem(new_key), KEY_MODE)
