@@ -708,7 +708,8 @@ dashboard_url() {
 
 cmd_test() {
     ensure_venv dev
-    ensure_system_packages mosquitto mosquitto_pub chromium docker-compose
+    # curl: the EST tests use it as a real client (RFC 7030's own examples do).
+    ensure_system_packages mosquitto mosquitto_pub chromium docker-compose curl
     # Playwright's bundled driver (node) needs libatomic1; the Docker lab test needs an engine (docker.io) and
     # debootstrap for its base images; the database tests a PostgreSQL server; the ACME test runs Debian's certbot.
     # On systems without apt those tests skip (they fail under CI).
