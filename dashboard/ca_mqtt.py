@@ -93,7 +93,12 @@ class CAMqttEndpoint:
 
     def register(self) -> None:
         for topic_filter in self.topic_filters():
-            self.bridge.subscribe(topic_filter, self.on_message, qos=1, retain_as_published=True)
+            # QoS 0 towards the CA: the dashboard's connection keeps a persistent session (a broker restart loses
+            # no reading), and the broker saves the in-flight QoS 1 messages of a persistent session to its
+            # persistence file, so requests, passphrases and all, would land on disk. A request lost in the
+            # instant the connection drops gets no reply, and the requester asks again. (Step 12 gives the CA a
+            # connection of its own, with a clean session.)
+            self.bridge.subscribe(topic_filter, self.on_message, qos=0, retain_as_published=True)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
