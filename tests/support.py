@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import random
 import signal
 import socket
 import subprocess
@@ -20,11 +21,35 @@ from lab.mqtt import Identity, make_client
 from pki.broker import BrokerFiles, broker_command
 from pki.config import PROJECT_ROOT
 
+# Ports handed to servers the tests start. The suite runs in several pytest-xdist workers at once, and a port
+# that bind(0) found free in one worker could be taken by another before its server binds it. So each worker
+# draws from its own block, below the kernel's ephemeral range (net.ipv4.ip_local_port_range starts at 32768
+# on Linux; outgoing connections take theirs from there), and never hands out the same port twice.
+PORT_BASE, PORT_BLOCK = 10000, 2500
+_ports_given: set[int] = set()
+_ports_lock = threading.Lock()
+
+
+def _worker_index() -> int:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # gw0, gw1, ... (unset without xdist)
+    return int(worker[2:]) if worker[2:].isdigit() else 0
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback TCP port that is free now and that no other worker of this test run will hand out."""
+    first = PORT_BASE + (_worker_index() % 8) * PORT_BLOCK
+    with _ports_lock:
+        for port in random.sample(range(first, first + PORT_BLOCK), PORT_BLOCK):
+            if port in _ports_given:
+                continue
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _ports_given.add(port)
+            return port
+    raise RuntimeError(f"no free port left in {first}-{first + PORT_BLOCK - 1}")
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> Any:
