@@ -332,6 +332,12 @@ class LabCertificates:
                         assert cert is not None
                         inventory.record_issued(cert, name=entity.name, role=entity.profile.role, via="import")
                     else:
+                        replaced, _ = _read_cert(self.layout.cert(entity.name))
+                        if replaced is not None and ca.issued(replaced):
+                            # Known to the inventory (a no-op) or recorded now: the new key supersedes it, and after
+                            # the grace it goes on the CRL like any superseded certificate.
+                            inventory.record_issued(replaced, name=entity.name, role=entity.profile.role,
+                                                    via="import")
                         cert = self._issue_leaf(ca, entity, now)
                         inventory.record_issued(cert, name=entity.name, role=entity.profile.role, via="cli")
                     atomic_write(self.layout.ca_copy(entity.name), ca.cert_pem, CERT_MODE)
