@@ -345,11 +345,15 @@ class LabCertificates:
                     report.results.append(result)
                     self.progress(result.line())
                 revoked = self._merge_crl_revocations(inventory, broker_files, ca)
-                if write_broker_files(
+                written = write_broker_files(
                     settings, ca, revoked, inventory.denied_names(), force_crl=report.new_root,
                     collectors=inventory.collectors(),
-                ):
+                )
+                if written:
                     self.progress(f"Broker config, ACL and CRL written under {settings.certs_dir}")
+                # Mosquitto 2.0.11 loads its own certificate again on SIGHUP too (tests/test_rotation.py); in Docker
+                # the broker container sends itself one when the files change (mosquitto/entrypoint.sh).
+                if written or any(r.name == "mosquitto" and r.action != "kept" for r in report.results):
                     reload_broker(broker_files)
             finally:
                 inventory.close()

@@ -7,6 +7,7 @@ import queue
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from cryptography import x509
 
 from lab.mqtt import Identity, make_client
 from pki.broker import BrokerFiles, broker_command
@@ -62,6 +64,17 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(interval)
+
+
+def served_serial(port: int, cafile: Path, host: str = "localhost") -> str:
+    """Serial (hex) of the certificate a TLS server on `port` presents to a client that verifies it (chain to
+    `cafile`, host name `host`)."""
+    context = ssl.create_default_context(cafile=str(cafile))
+    with socket.create_connection((host, port), timeout=5) as raw, \
+            context.wrap_socket(raw, server_hostname=host) as sock:
+        der = sock.getpeercert(binary_form=True)
+    assert der is not None
+    return format(x509.load_der_x509_certificate(der).serial_number, "x")
 
 
 def established_to(pid: int, port: int) -> int:
