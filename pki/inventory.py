@@ -371,19 +371,29 @@ class Inventory:
             table.c.role.not_in(list(NEVER_SUPERSEDED_ROLES)))).all()
         if not old:
             return entries
-        issued: dict[str, list[tuple[int, dt.datetime, str, bytes]]] = {}
+        issued: dict[str, list[tuple[int, dt.datetime, str, str]]] = {}
         names = sorted({row.name for row in old})
         for start in range(0, len(names), 500):
             for name, row_id, issued_at, via, pem in session.execute(
                 select(table.c.name, table.c.id, table.c.issued_at, table.c.issued_via, table.c.pem)
                 .where(table.c.name.in_(names[start:start + 500])).order_by(table.c.id)
             ):
-                issued.setdefault(name, []).append((row_id, _as_utc(issued_at), via, _public_key_der(pem)))
+                issued.setdefault(name, []).append((row_id, _as_utc(issued_at), via, pem))
+        keys: dict[int, bytes] = {}  # row id -> public key, parsed only for rows past the grace
+
+        def key_of(row_id: int, pem: str) -> bytes:
+            if row_id not in keys:
+                keys[row_id] = _public_key_der(pem)
+            return keys[row_id]
+
         for name, row_id, serial, pem in old:
-            key = _public_key_der(pem)
+            later = [s for s in issued.get(name, []) if s[0] > row_id]
+            if not later or later[0][1] + grace > now:  # no successor, or the first one is still inside the grace
+                continue
             # The key rotated with the first later certificate for another key (re-signs of this key in between
-            # keep it in use); grace runs from then.
-            rotated = next((s for s in issued.get(name, []) if s[0] > row_id and s[3] != key), None)
+            # keep it in use); the grace runs from then.
+            key = key_of(row_id, pem)
+            rotated = next((s for s in later if key_of(s[0], s[3]) != key), None)
             if rotated is None or rotated[2] in RECORDED_VIAS or rotated[1] + grace > now:
                 continue
             entries.append((int(serial, 16), rotated[1] + grace, "superseded"))

@@ -129,6 +129,19 @@ def test_superseded_certificates_go_on_the_crl_after_the_grace(generated_lab: La
     assert _reason(_crl(generated_lab), first) == x509.ReasonFlags.superseded
 
 
+def test_a_generator_renewal_goes_on_the_crl_after_the_grace(generated_lab: LabEnv, service_for) -> None:
+    """The generator renews with a new key: within the grace its own CRL does not list the old certificate; the
+    CA's refresh lists it once the grace ended (was: never)."""
+    identity = Identity.of(generated_lab.certs_dir, "device001")
+    old = format(x509.load_pem_x509_certificate(identity.cert.read_bytes()).serial_number, "x")
+    generated_lab.lab(SUPERSEDED_GRACE_SECONDS="3600").generate(["device001"], force=True)
+    assert not _listed(generated_lab, old), "listed before its grace ended"
+    short = service_for("1")
+    wait_for(lambda: short.refresh_crl() and _listed(generated_lab, old), timeout=15, interval=0.2,
+             what="the certificate the generator superseded to be listed once its grace ended")
+    assert _reason(_crl(generated_lab), old) == x509.ReasonFlags.superseded
+
+
 def test_renewal_takes_only_the_current_certificate(generated_lab: LabEnv, client: FlaskClient) -> None:
     """`sign` without a CSR re-signs the stored key only while it is the current certificate's (403 otherwise)."""
     passphrase = generated_lab.passphrase
