@@ -70,7 +70,7 @@ class CAHttpsServer:
         layout = CertsLayout(settings.certs_dir)
         # New handshakes get the dashboard certificate the generator renewed (lab/rotation.py).
         self.tls = ServerContext(lambda: tls_context(settings), layout.cert("dashboard"), layout.key("dashboard"),
-                                 interval=settings.cert_watch_seconds, name="ca-https-cert-watch")
+                                 ca=layout.ca_cert, interval=settings.cert_watch_seconds, name="ca-https-cert-watch")
         context = self.tls.context
         self.server = ThreadedWSGIServer(
             host or settings.ca_https_host, settings.ca_https_port if port is None else port, self.app,

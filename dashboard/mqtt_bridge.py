@@ -287,7 +287,8 @@ class MqttBridge:
     def start(self) -> None:
         # Watching from before the client reads the files: a renewal in between is seen on the first look.
         self._watcher = PairWatcher(self.identity.cert, self.identity.key, self._files_renewed,
-                                    interval=self.settings.cert_watch_seconds, name="mqtt-cert-watch")
+                                    ca=self.identity.ca_cert, interval=self.settings.cert_watch_seconds,
+                                    name="mqtt-cert-watch")
         self.client = self._new_client()
         self._connect(self.client)
         self._watcher.start()

@@ -354,7 +354,7 @@ class Thermometer:
         self.reply_handler: Callable[[bytes], None] | None = None  # CA replies on ssl/<id> (renewal)
         # Its `in_use` is the pair the current client was built from; it calls back when the files hold another.
         self.watcher = PairWatcher(config.identity.cert, config.identity.key, self._files_renewed,
-                                   interval=config.watch_interval, name="cert-watch")
+                                   ca=config.identity.ca_cert, interval=config.watch_interval, name="cert-watch")
         self._switch_lock = threading.RLock()  # one client replacement at a time (renewer, watcher)
         self._refused_pair: Pair | None = None  # renewed files that failed check_identity (warned once)
         self.client = self._build_client()

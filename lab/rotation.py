@@ -43,12 +43,17 @@ class Pair:
 
 
 class PairFiles:
-    """A certificate file and its key file, read again only when one of them was replaced (FileSnapshot)."""
+    """A certificate file and its key file, read again only when one of them was replaced (FileSnapshot).
 
-    def __init__(self, cert: Path, key: Path) -> None:
+    With `ca`, the root the process verifies its peers with counts too: a new root (the generator reissues
+    every leaf and rewrites each folder's root_ca.crt after the leaf) changes the pair once more.
+    """
+
+    def __init__(self, cert: Path, key: Path, ca: Path | None = None) -> None:
         self.cert, self.key = Path(cert), Path(key)
         self._cert, self._key = FileSnapshot(self.cert), FileSnapshot(self.key)
-        self._last: tuple[bytes, bytes, Pair | None] | None = None
+        self._ca = FileSnapshot(Path(ca)) if ca is not None else None
+        self._last: tuple[bytes, bytes, bytes, Pair | None] | None = None
         self._lock = threading.Lock()  # the watcher's thread and the one replacing a client both read
 
     def read(self) -> Pair | None:
@@ -59,21 +64,23 @@ class PairFiles:
     def _read(self) -> Pair | None:
         try:
             cert_data, key_data = self._cert.read(), self._key.read()
+            ca_data = (self._ca.read() or b"") if self._ca is not None else b""
         except OSError:
             return None
         if cert_data is None or key_data is None:
             return None
-        if self._last is not None and self._last[:2] == (cert_data, key_data):
-            return self._last[2]
+        if self._last is not None and self._last[:3] == (cert_data, key_data, ca_data):
+            return self._last[3]
         pair = None
         try:
             cert = load_certificate(cert_data)
             if public_key_matches(cert, load_private_key(key_data)):  # type: ignore[arg-type]
-                digest = hashlib.sha256(b"%d:" % len(cert_data) + cert_data + key_data).hexdigest()
+                digest = hashlib.sha256(b"".join(b"%d:%s" % (len(part), part)
+                                                 for part in (cert_data, key_data, ca_data))).hexdigest()
                 pair = Pair(serial_hex(cert), digest)
         except CAError:  # unreadable, or an encrypted key: no pair a process could load
             pair = None
-        self._last = (cert_data, key_data, pair)
+        self._last = (cert_data, key_data, ca_data, pair)
         return pair
 
 
@@ -82,9 +89,9 @@ class PairWatcher:
     `in_use`. The callback returns True once the pair is in use (then it is `in_use`); False, or an exception
     (logged), and the next round tries again."""
 
-    def __init__(self, cert: Path, key: Path, on_change: Callable[[Pair], bool], *,
+    def __init__(self, cert: Path, key: Path, on_change: Callable[[Pair], bool], *, ca: Path | None = None,
                  interval: float = WATCH_SECONDS, name: str = "cert-watch") -> None:
-        self.files = PairFiles(cert, key)
+        self.files = PairFiles(cert, key, ca)
         self.on_change = on_change
         self.interval = interval
         self.name = name
@@ -130,13 +137,13 @@ class ServerContext:
     changed in a context that is in use: a handshake sees either the old pair or the new one, never half of each.
     """
 
-    def __init__(self, make: Callable[[], ssl.SSLContext], cert: Path, key: Path, *,
+    def __init__(self, make: Callable[[], ssl.SSLContext], cert: Path, key: Path, *, ca: Path | None = None,
                  interval: float = WATCH_SECONDS, name: str = "tls-cert-watch") -> None:
         self._make = make
         self.context = make()
         self._current = self.context
         self.context.sni_callback = self._select
-        self.watcher = PairWatcher(cert, key, self._reload, interval=interval, name=name)
+        self.watcher = PairWatcher(cert, key, self._reload, ca=ca, interval=interval, name=name)
 
     @property
     def serial(self) -> str | None:

@@ -140,7 +140,8 @@ def test_a_generator_renewal_is_followed_by_the_running_lab_and_the_old_pairs_di
 def test_the_watcher_switches_only_to_a_complete_new_pair(generated_lab: LabEnv) -> None:
     """A renewal replaces the key, then the certificate (two renames, pki/lab.py): in between the files are no pair
     and nothing switches. Then one callback with the new serial; a callback that could not switch is asked again,
-    one that did is not asked twice for the same pair."""
+    one that did is not asked twice for the same pair. A new root file (a new root reissues every leaf and then
+    each folder's root_ca.crt) counts as a change too."""
     identity = Identity.of(generated_lab.certs_dir, "device001")
     old_cert, old_key = identity.cert.read_bytes(), identity.key.read_bytes()
     generated_lab.lab().generate(["device001"], force=True)
@@ -149,7 +150,8 @@ def test_the_watcher_switches_only_to_a_complete_new_pair(generated_lab: LabEnv)
     atomic_write(identity.key, old_key, KEY_MODE)
 
     answers, seen = [False, True], []
-    watcher = PairWatcher(identity.cert, identity.key, lambda pair: seen.append(pair.serial) or answers.pop(0))
+    watcher = PairWatcher(identity.cert, identity.key, lambda pair: seen.append(pair.serial) or answers.pop(0),
+                          ca=identity.ca_cert)
     assert watcher.in_use is not None and watcher.in_use.serial == serial_of(identity.cert)
     assert not watcher.check() and seen == []
     atomic_write(identity.key, new_key, KEY_MODE)  # half-way: the new key beside the old certificate
@@ -160,3 +162,6 @@ def test_the_watcher_switches_only_to_a_complete_new_pair(generated_lab: LabEnv)
     assert watcher.check() and seen == [new_serial, new_serial]
     assert watcher.in_use.serial == new_serial
     assert not watcher.check() and len(seen) == 2
+    answers.append(True)
+    atomic_write(identity.ca_cert, identity.ca_cert.read_bytes() + b"\n", CERT_MODE)
+    assert watcher.check() and len(seen) == 3
