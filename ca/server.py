@@ -19,6 +19,7 @@ from lab.rotation import ServerContext
 from pki.config import Settings
 from pki.service import CAService
 from pki.store import CertsLayout
+from pki.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,7 @@ def create_ca_app(service: CAService, settings: Settings) -> Flask:
 def tls_context(settings: Settings) -> ssl.SSLContext:
     """TLS 1.2+, the dashboard's certificate, client certificates requested and checked against the root."""
     layout = CertsLayout(settings.certs_dir)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(layout.cert("dashboard"), layout.key("dashboard"))
+    context = server_context(layout.cert("dashboard"), layout.key("dashboard"))
     context.load_verify_locations(cafile=str(layout.ca_cert))
     context.verify_mode = ssl.CERT_OPTIONAL
     return context

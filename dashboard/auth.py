@@ -49,6 +49,7 @@ from flask_limiter.util import get_remote_address
 
 from lab.rotation import ServerContext
 from pki.config import ConfigError, Settings
+from pki.tls import server_context
 
 from .accounts import Principal, UserError, UserStore, session_epoch, token_info
 from .errors import json_error
@@ -108,10 +109,7 @@ def https_context(settings: Settings) -> ServerContext:
     cert, key = tls_files(settings)
 
     def make() -> ssl.SSLContext:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(cert, key)
-        return context
+        return server_context(cert, key)
 
     return ServerContext(make, cert, key, interval=settings.cert_watch_seconds, name="https-cert-watch")
 

@@ -8,7 +8,12 @@ a dashboard certificate the generator renews is served from the next connection 
 
 from __future__ import annotations
 
+import ssl
+from collections.abc import Callable
+from typing import Any
+
 from pki.config import Settings
+from pki.tls import TLS12_CIPHERS, apply_server_policy
 
 from .auth import check_exposure, tls_files
 
@@ -17,3 +22,9 @@ check_exposure(_settings)
 if _settings.dashboard_tls:
     _cert, _key = tls_files(_settings)
     certfile, keyfile = str(_cert), str(_key)
+    ciphers = TLS12_CIPHERS  # gunicorn sets them on its context for each connection
+
+
+def ssl_context(config: Any, default_ssl_context_factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+    """gunicorn's server hook: its context, with the lab's TLS policy (TLS 1.2 at least, pki/tls.py)."""
+    return apply_server_policy(default_ssl_context_factory())

@@ -34,6 +34,7 @@ from .authority import CertificateAuthority, utcnow
 from .config import PROJECT_ROOT, Settings
 from .identity import mac_as_written
 from .store import CERT_MODE, POLICY_DIR, atomic_write, ensure_dir
+from .tls import TLS12_CIPHERS, TLS13_CIPHERSUITES
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,8 @@ def render_config(
         }
     template = Template((TEMPLATES / "mosquitto.conf.template").read_text())
     return template.substitute(
-        values, port=port, bind_address=bind_address, persistence="true" if persistence else "false"
+        values, port=port, bind_address=bind_address, persistence="true" if persistence else "false",
+        tls12_ciphers=TLS12_CIPHERS, tls13_ciphersuites=TLS13_CIPHERSUITES,
     )
 
 

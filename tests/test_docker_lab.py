@@ -33,6 +33,7 @@ import pytest
 
 from .dockerhost import Engine, EngineUnavailable, ensure_base_images
 from .support import free_port, wait_for
+from .test_identity import assert_intermediate_tls_only
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PROJECT = "iotcalabtest"
@@ -230,6 +231,13 @@ def test_every_service_is_up_and_healthy(lab: DockerLab) -> None:
     for service in ("mosquitto", "dashboard"):
         bindings = lab.containers()[service]["HostConfig"]["PortBindings"]
         assert {b["HostIp"] for ports in bindings.values() for b in ports} == {"127.0.0.1"}, (service, bindings)
+
+
+def test_the_broker_and_the_dashboard_containers_offer_only_intermediate_tls(lab: DockerLab) -> None:
+    """gunicorn in the dashboard image and Mosquitto in its own: TLS 1.3, and on TLS 1.2 ECDHE + AEAD only."""
+    with lab.timed("checks"):
+        for port in (lab.dashboard_port, lab.broker_port):
+            assert_intermediate_tls_only(port, lab.root / "certs")
 
 
 def test_readings_of_both_thermometer_containers_reach_the_dashboard(lab: DockerLab) -> None:

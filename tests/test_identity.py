@@ -13,6 +13,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from flask.testing import FlaskClient
 
+from pki.config import PROJECT_ROOT
 from pki.identity import is_protected_identity
 
 from .ca_support import api_token, close_app, lab_state, make_app, make_csr
@@ -169,19 +171,52 @@ def _s_client(port: int, certs: Path, *args: str) -> subprocess.CompletedProcess
     )
 
 
-def test_broker_refuses_every_cbc_and_sha1_suite_on_tls12(session_lab: LabEnv, session_broker: Broker) -> None:
+def weak_tls12_suites() -> list[str]:
+    """Every TLS 1.2 suite OpenSSL knows that is CBC (or otherwise not AEAD) or has a SHA-1 MAC."""
     weak = [s for s in _tls12_suites() if "GCM" not in s and "CHACHA20" not in s and "CCM" not in s]
     weak += [s for s in _tls12_suites() if s.endswith("-SHA") and s not in weak]
     assert "ECDHE-ECDSA-AES128-SHA" in weak and "ECDHE-ECDSA-AES256-SHA384" in weak
-    for suite in weak:
-        result = _s_client(session_broker.port, session_lab.certs_dir, "-tls1_2", "-cipher", f"{suite}:@SECLEVEL=0")
+    return weak
+
+
+def assert_intermediate_tls_only(port: int, certs: Path) -> None:
+    """The server on `port` refuses every weak TLS 1.2 suite and accepts ECDHE + AEAD on TLS 1.2, and TLS 1.3."""
+    for suite in weak_tls12_suites():
+        result = _s_client(port, certs, "-tls1_2", "-cipher", f"{suite}:@SECLEVEL=0")
         assert "Cipher is" not in result.stdout + result.stderr and "CONNECTION ESTABLISHED" not in result.stderr, \
-            (suite, result.stderr[-500:])
-    # the strong ones are still there: TLS 1.2 ECDHE + AEAD, and TLS 1.3
+            (port, suite, result.stderr[-500:])
     for args in (["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"],
                  ["-tls1_2", "-cipher", "ECDHE-ECDSA-CHACHA20-POLY1305"], ["-tls1_3"]):
-        result = _s_client(session_broker.port, session_lab.certs_dir, *args)
-        assert "CONNECTION ESTABLISHED" in result.stderr, (args, result.stderr[-500:])
+        result = _s_client(port, certs, *args)
+        assert "CONNECTION ESTABLISHED" in result.stderr, (port, args, result.stderr[-500:])
+
+
+def test_broker_refuses_every_cbc_and_sha1_suite_on_tls12(session_lab: LabEnv, session_broker: Broker) -> None:
+    assert_intermediate_tls_only(session_broker.port, session_lab.certs_dir)
+
+
+def test_the_dashboards_https_and_the_ca_port_refuse_every_cbc_and_sha1_suite(session_lab: LabEnv,
+                                                                            tmp_path: Path) -> None:
+    """`python -m dashboard` with DASHBOARD_TLS=1: its HTTPS port and the CA's EST/ACME port offer what the broker
+    offers (pki/tls.py), and nothing weaker."""
+    port, ca_port = free_port(), free_port()
+    env = {**os.environ, **session_lab.env, "DASHBOARD_TLS": "1", "DASHBOARD_PORT": str(port),
+           "CA_HTTPS_PORT": str(ca_port), "DASHBOARD_FLASK_MQTT_ENABLED": "false"}
+    log = tmp_path / "dashboard.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "dashboard"], env=env, cwd=PROJECT_ROOT,
+                                  stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: server.poll() is not None or "Dashboard on https://" in log.read_text(), timeout=30,
+                 what="the dashboard to start")
+        assert server.poll() is None, log.read_text()
+        wait_for(lambda: _s_client(port, session_lab.certs_dir, "-tls1_3").stderr.count("CONNECTION ESTABLISHED"),
+                 timeout=20, interval=0.2, what=f"the dashboard's HTTPS\n{log.read_text()}")
+        for served in (port, ca_port):
+            assert_intermediate_tls_only(served, session_lab.certs_dir)
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
 
 
 # -- a fake broker with every certificate the API or `create` hands out ---------------------------------------
