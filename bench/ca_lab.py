@@ -29,11 +29,11 @@ from paho.mqtt.properties import Properties
 from bench.common import DOCS_DIR, RESULTS_DIR, Progress
 from bench.rig import BenchLab, wait_until_quiet
 from lab.mqtt import Identity, make_client
+from lab.testing import wait_for
 from pki.authority import PrivateKey, generate_private_key, key_pem, load_certificate, verify_leaf
 from pki.config import Settings
-from tests.support import wait_for
 
-SERVERS = ("werkzeug", "gunicorn")  # bench.rig.DashboardProcess: `python -m dashboard`, or gunicorn as in Docker
+SERVERS = ("werkzeug", "gunicorn")  # lab.testing.DashboardProcess: `python -m dashboard`, or gunicorn as in Docker
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:

@@ -41,7 +41,7 @@ import paho.mqtt.client as mqtt
 from bench.ca_lab import CALab, HttpClient, add_common_arguments, enrol, environment_note, output_dirs, wait_for_quiet
 from bench.common import Progress, plot_timeseries, summary_ms, write_results
 from lab.mqtt import Identity, make_client, tls_context
-from tests.support import wait_for
+from lab.testing import wait_for
 
 TARGET_S = 2.0
 

@@ -5,38 +5,20 @@ from __future__ import annotations
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
 from lab.mqtt import Identity, make_client
-from pki.broker import BrokerFiles, broker_command
+from lab.testing import Broker, free_port, stop_process, wait_for
 from pki.config import PROJECT_ROOT
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> Any:
-    """Poll `predicate` until it returns something truthy; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(interval)
+__all__ = ["Broker", "Collector", "ThermometerProcess", "established_to", "free_port", "stop_process", "wait_for"]
 
 
 def established_to(pid: int, port: int) -> int:
@@ -64,59 +46,6 @@ def established_to(pid: int, port: int) -> int:
             if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
                 count += 1
     return count
-
-
-class Broker:
-    """Mosquitto running the config the generator rendered into `certs/mosquitto/mosquitto.conf`."""
-
-    def __init__(self, certs_dir: Path, data_dir: Path, port: int) -> None:
-        self.files = BrokerFiles(certs_dir, data_dir)
-        self.port = port
-        self.log_path = data_dir / "mosquitto.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Broker:
-        self.files.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        self.process = subprocess.Popen(broker_command(self.files), stdout=log, stderr=log)
-        log.close()
-        wait_for(self._accepting, timeout=10, what=f"mosquitto on port {self.port}; log:\n{self.log()}")
-        return self
-
-    def _accepting(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            raise AssertionError(f"mosquitto exited with {self.process.returncode}:\n{self.log()}")
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                return True
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def reload(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGHUP)
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
 
 
 class Collector:

@@ -33,6 +33,19 @@ def test_bench_help(script: str) -> None:
     assert "usage: bench/" in result.stdout and "--out" in result.stdout
 
 
+def test_the_benches_import_nothing_from_tests() -> None:
+    """bench/ and tests/ share lab.testing; `python -m bench.…` needs no tests package."""
+    modules = sorted(f"bench.{path.stem}" for path in (PROJECT_ROOT / "bench").glob("*.py") if path.stem != "__init__")
+    code = (f"import sys; [__import__(m) for m in {modules!r}]; "
+            "sys.exit(', '.join(m for m in sys.modules if m.split('.')[0] == 'tests') or None)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    fleet = subprocess.run([sys.executable, "-m", "bench.fleet", "--help"], cwd=PROJECT_ROOT, capture_output=True,
+                           text=True, timeout=60)
+    assert fleet.returncode == 0 and "--out" in fleet.stdout, fleet.stderr
+
+
 def test_issuance_bench_runs_every_level(tmp_path: Path) -> None:
     tiny = ["--duration", "1", "--count", "20", "--csrs", "20", "--threads", "2", "--http-clients", "2",
             "--requesters", "2", "--window", "2", "--renewers", "2", "--quiet-timeout", "0"]
