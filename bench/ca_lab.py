@@ -27,27 +27,22 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bench.common import DOCS_DIR, RESULTS_DIR, Progress
-from bench.rig import BenchLab, wait_until_quiet
+from bench.rig import BenchLab, add_lab_arguments, wait_until_quiet
 from lab.mqtt import Identity, make_client
 from lab.testing import wait_for
 from pki.authority import PrivateKey, generate_private_key, key_pem, load_certificate, verify_leaf
 from pki.config import Settings
 
-SERVERS = ("werkzeug", "gunicorn")  # lab.testing.DashboardProcess: `python -m dashboard`, or gunicorn as in Docker
 
-
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+def bench_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
+    """The parser of a CA bench (`python -m bench.<module>`), with the options every one of them takes."""
+    parser = argparse.ArgumentParser(prog=f"python -m bench.{module}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--key-type", choices=("ec", "rsa"), default="ec",
                         help="the root CA's key: EC P-256 or RSA-2048 (KEY_TYPE); the devices' CSRs are EC P-256 "
                              "either way, as the lab's devices are (default ec)")
-    parser.add_argument("--server", choices=SERVERS, default="werkzeug",
-                        help="how the dashboard/CA is served: `python -m dashboard` (Werkzeug, as natively) or "
-                             "gunicorn with one worker and threads (as in Docker) (default werkzeug)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="write the results JSON and the plots here instead of bench/results and docs/bench")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary lab folder (logs, database)")
-    parser.add_argument("--quiet-timeout", type=float, default=120,
-                        help="first wait up to this many seconds for the machine to be idle (0: do not wait)")
+    add_lab_arguments(parser)
+    return parser
 
 
 def wait_for_quiet(args: argparse.Namespace) -> float | None:

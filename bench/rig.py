@@ -9,6 +9,8 @@ dashboard/Dockerfile).
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import contextlib
 import logging
 import os
@@ -17,10 +19,11 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.common import DOCS_DIR, RESULTS_DIR
 from lab.mqtt import Identity
 from lab.testing import Broker, DashboardProcess, free_port
 from pki.authority import CertificateAuthority, cert_pem, generate_private_key, key_pem
@@ -41,6 +44,38 @@ def raise_fd_limit(wanted: int) -> int:
     if target != soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return target
+
+
+SERVERS = ("werkzeug", "gunicorn")  # lab.testing.DashboardProcess: `python -m dashboard`, or gunicorn as in Docker
+
+
+def add_lab_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of every bench that runs on a BenchLab of its own: the dashboard's server, where results go."""
+    parser.add_argument("--server", choices=SERVERS, default="werkzeug",
+                        help="how the dashboard/CA is served: `python -m dashboard` (Werkzeug, as natively) or "
+                             "gunicorn with one worker and threads (as in Docker)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write results JSON and plots here instead of bench/results and docs/bench")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary lab folder (logs, database)")
+    parser.add_argument("--quiet-timeout", type=float, default=120,
+                        help="first wait up to this many seconds for the machine to be idle (0: do not wait)")
+
+
+Figures = dict[str, Any]
+
+
+def run_on_lab(args: argparse.Namespace, run: Callable[[argparse.Namespace, BenchLab], Coroutine[Any, Any, Figures]],
+               report: Callable[[Figures, Path, Path], None]) -> int:
+    """A bench's main: wait for a quiet machine, run on a fresh lab, then report (results and plots to --out, else
+    bench/results and docs/bench)."""
+    results_dir, plots_dir = (args.out, args.out) if args.out else (RESULTS_DIR, DOCS_DIR)
+    busy = wait_until_quiet(timeout=args.quiet_timeout) if args.quiet_timeout > 0 else None
+    with BenchLab(keep=args.keep) as lab:
+        lab.generate()
+        figures = asyncio.run(run(args, lab))
+    figures["machine_busy_pct_before"] = busy
+    report(figures, results_dir, plots_dir)
+    return 0
 
 
 class BenchLab:

@@ -59,6 +59,16 @@ def stop_process(process: subprocess.Popen[Any] | None, timeout: float = 10.0) -
     return process.wait()
 
 
+def mqtt_varint(n: int) -> bytes:
+    """MQTT's variable byte integer (the remaining length, v5 property lengths and identifiers), for raw packets."""
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | 0x80 if n else byte)
+        if not n:
+            return bytes(out)
+
+
 def read_log(path: Path) -> str:
     try:
         return path.read_text(errors="replace")
@@ -66,19 +76,22 @@ def read_log(path: Path) -> str:
         return ""
 
 
-def child_pids(pid: int) -> list[int]:
-    """Direct children of `pid` (a gunicorn master's worker), from /proc."""
-    children = []
+def processes(matching: Callable[[Path], bool]) -> list[int]:
+    """The PIDs whose /proc/<pid> folder `matching` accepts (Linux); one that vanishes meanwhile is skipped."""
+    found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            children.append(int(entry.name))
-    return children
+        if entry.name.isdigit():
+            try:
+                if matching(entry):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of `pid` (a gunicorn master's worker)."""
+    return processes(lambda proc: int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid)
 
 
 class Broker:

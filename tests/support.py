@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -18,7 +19,8 @@ from lab.mqtt import Identity, make_client
 from lab.testing import Broker, free_port, stop_process, wait_for
 from pki.config import PROJECT_ROOT
 
-__all__ = ["Broker", "Collector", "ThermometerProcess", "established_to", "free_port", "stop_process", "wait_for"]
+__all__ = ["Broker", "Collector", "ThermometerProcess", "established_to", "free_port", "refused", "stop_process",
+           "wait_for"]
 
 
 def established_to(pid: int, port: int) -> int:
@@ -135,6 +137,21 @@ class Collector:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def refused(port: int, identity: Identity) -> bool:
+    """A fresh connection with `identity` gets no CONNACK (the TLS handshake fails, or the broker says no)."""
+    client = Collector(Path("."), "", port, identity=identity)  # the identity names its own files
+    try:
+        client.client.connect("localhost", port, keepalive=10)
+    except (ssl.SSLError, OSError):
+        return True
+    client.client.loop_start()
+    try:
+        return not client.connected.wait(3)
+    finally:
+        client.client.disconnect()
+        client.client.loop_stop()
 
 
 class ThermometerProcess:
