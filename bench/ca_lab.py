@@ -27,21 +27,19 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bench.common import DOCS_DIR, RESULTS_DIR, Progress
-from bench.rig import BenchLab, add_lab_arguments, wait_until_quiet
+from bench.rig import BenchLab, lab_bench_parser, wait_until_quiet
 from lab.mqtt import Identity, make_client
-from lab.testing import wait_for
+from lab.testing import start_client, wait_for
 from pki.authority import PrivateKey, generate_private_key, key_pem, load_certificate, verify_leaf
 from pki.config import Settings
 
 
 def bench_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
     """The parser of a CA bench (`python -m bench.<module>`), with the options every one of them takes."""
-    parser = argparse.ArgumentParser(prog=f"python -m bench.{module}", description=doc,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = lab_bench_parser(module, doc, from_docstring=True)
     parser.add_argument("--key-type", choices=("ec", "rsa"), default="ec",
                         help="the root CA's key: EC P-256 or RSA-2048 (KEY_TYPE); the devices' CSRs are EC P-256 "
                              "either way, as the lab's devices are (default ec)")
-    add_lab_arguments(parser)
     return parser
 
 
@@ -263,10 +261,7 @@ class Requester:
         self.unmatched = 0
 
     def connect(self, timeout: float = 15) -> Requester:
-        self.client.connect("localhost", self.port, keepalive=60)
-        self.client.loop_start()
-        if not self.ready.wait(timeout):
-            self.client.loop_stop()
+        if not start_client(self.client, self.port, self.ready, timeout, keepalive=60):
             raise RuntimeError(f"{self.name} could not connect and subscribe to {self.reply_topic}")
         return self
 

@@ -32,7 +32,7 @@ from bench.common import (
     summary_ms,
     write_results,
 )
-from bench.rig import BenchLab, MachineMeter, add_lab_arguments, raise_fd_limit, run_on_lab
+from bench.rig import BenchLab, MachineMeter, lab_bench_parser, raise_fd_limit, run_on_lab
 from bench.simdevices import Fleet, publish_at_rate
 from bench.telemetry import positive_float, positive_int
 
@@ -41,11 +41,10 @@ FDS_PER_DEVICE = 2  # the device's socket here, and its socket in the broker (ou
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.fleet",
-        description="Fleet: N concurrent mTLS devices on one broker; connect rate, broker memory per connection, "
-                    "and whether the dashboard lists all N online.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = lab_bench_parser(
+        "fleet",
+        "Fleet: N concurrent mTLS devices on one broker; connect rate, broker memory per connection, "
+        "and whether the dashboard lists all N online.",
     )
     parser.add_argument("--devices", type=positive_int, default=TARGET_DEVICES, help="devices to connect")
     parser.add_argument("--concurrency", type=positive_int, default=50,
@@ -55,7 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=positive_float, default=20, help="how long the fleet publishes")
     parser.add_argument("--online-timeout", type=positive_float, default=60,
                         help="how long to wait for the dashboard to list every device online")
-    add_lab_arguments(parser)
     return parser
 
 

@@ -49,8 +49,12 @@ def raise_fd_limit(wanted: int) -> int:
 SERVERS = ("werkzeug", "gunicorn")  # lab.testing.DashboardProcess: `python -m dashboard`, or gunicorn as in Docker
 
 
-def add_lab_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of every bench that runs on a BenchLab of its own: the dashboard's server, where results go."""
+def lab_bench_parser(module: str, description: str | None, *, from_docstring: bool = False) -> argparse.ArgumentParser:
+    """The parser of a bench that runs on a BenchLab of its own (`python -m bench.<module>`), with the options all
+    of them take: the dashboard's server, where results go, the lab folder, the wait for a quiet machine."""
+    formatter = argparse.RawDescriptionHelpFormatter if from_docstring else argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog=f"python -m bench.{module}", description=description,
+                                     formatter_class=formatter)
     parser.add_argument("--server", choices=SERVERS, default="werkzeug",
                         help="how the dashboard/CA is served: `python -m dashboard` (Werkzeug, as natively) or "
                              "gunicorn with one worker and threads (as in Docker)")
@@ -59,6 +63,7 @@ def add_lab_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temporary lab folder (logs, database)")
     parser.add_argument("--quiet-timeout", type=float, default=120,
                         help="first wait up to this many seconds for the machine to be idle (0: do not wait)")
+    return parser
 
 
 Figures = dict[str, Any]

@@ -41,7 +41,7 @@ from bench.common import (
     summary_ms,
     write_results,
 )
-from bench.rig import BenchLab, MachineMeter, SocketIOWatcher, add_lab_arguments, run_on_lab, wait_until_quiet
+from bench.rig import BenchLab, MachineMeter, SocketIOWatcher, lab_bench_parser, run_on_lab, wait_until_quiet
 from bench.simdevices import DeviceConnection, Fleet, publish_at_rate
 
 TARGET_INGEST = 10_000  # messages/s with zero loss
@@ -75,11 +75,10 @@ def rate_list(value: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.telemetry",
-        description="Telemetry pipeline: highest sustained ingest rate with zero loss (dashboard vs a bare paho "
-                    "subscriber), and publish-to-browser latency at a fixed rate.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = lab_bench_parser(
+        "telemetry",
+        "Telemetry pipeline: highest sustained ingest rate with zero loss (dashboard vs a bare paho "
+        "subscriber), and publish-to-browser latency at a fixed rate.",
     )
     parser.add_argument("--devices", type=positive_int, default=200,
                         help="simulated devices (one mTLS connection each)")
@@ -103,7 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", type=Path, default=None, metavar="SVG",
                         help="py-spy flame graph of the dashboard during one flood step, written here")
     parser.add_argument("--profile-rate", type=positive_float, default=8000, help="msg/s of the profiled step")
-    add_lab_arguments(parser)
     return parser
 
 

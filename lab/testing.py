@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -67,6 +68,17 @@ def mqtt_varint(n: int) -> bytes:
         out.append(byte | 0x80 if n else byte)
         if not n:
             return bytes(out)
+
+
+def start_client(client: Any, port: int, ready: threading.Event, timeout: float, keepalive: int = 30) -> bool:
+    """Connect a paho client to the local broker and start its network loop; False (loop stopped) when `ready`
+    is not set within `timeout` seconds."""
+    client.connect("localhost", port, keepalive=keepalive)
+    client.loop_start()
+    if ready.wait(timeout):
+        return True
+    client.loop_stop()
+    return False
 
 
 def read_log(path: Path) -> str:

@@ -34,7 +34,14 @@ from .authority import (
     utcnow,
     verify_leaf,
 )
-from .broker import CRL_REFRESH_BEFORE, BrokerFiles, crl_revocations, reload_broker, write_broker_files
+from .broker import (
+    CRL_REFRESH_BEFORE,
+    BrokerFiles,
+    crl_revocations,
+    reload_broker,
+    write_broker_configs,
+    write_broker_policy,
+)
 from .config import ConfigError, Settings, revoked_next_step
 from .inventory import REVOKED as REVOKED_STATUS
 from .inventory import SUPERSEDED as SUPERSEDED_STATUS
@@ -340,10 +347,9 @@ class LabCertificates:
                     report.results.append(result)
                     self.progress(result.line())
                 revoked = self._merge_crl_revocations(inventory, broker_files, ca)
-                if write_broker_files(
-                    settings, ca, revoked, inventory.denied_names(), force_crl=report.new_root,
-                    collectors=inventory.collectors(),
-                ):
+                configs = write_broker_configs(settings)
+                if write_broker_policy(settings, ca, revoked, inventory.denied_names(), force_crl=report.new_root,
+                                       collectors=inventory.collectors()) or configs:
                     self.progress(f"Broker config, ACL and CRL written under {settings.certs_dir}")
                     reload_broker(broker_files)
             finally:

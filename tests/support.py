@@ -16,7 +16,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from lab.mqtt import Identity, make_client
-from lab.testing import Broker, free_port, stop_process, wait_for
+from lab.testing import Broker, free_port, start_client, stop_process, wait_for
 from pki.config import PROJECT_ROOT
 
 __all__ = ["Broker", "Collector", "ThermometerProcess", "established_to", "free_port", "refused", "stop_process",
@@ -93,10 +93,7 @@ class Collector:
         self.published.add(mid)
 
     def connect(self, timeout: float = 10) -> Collector:
-        self.client.connect("localhost", self.port, keepalive=30)
-        self.client.loop_start()
-        if not self.connected.wait(timeout):
-            self.client.loop_stop()
+        if not start_client(self.client, self.port, self.connected, timeout):
             raise AssertionError(f"could not connect (reason {self.connect_reason})")
         return self
 
