@@ -50,10 +50,15 @@ Usage: ./setup.sh [COMMAND] [ARGS...]
   down          stop the lab (docker compose down, and the processes of a native run)
   status        certificate status (generator --check: days left), what listens on the lab's
                 ports, and the containers with their health
-  help, -h      this text
+  help, -h, --help  this text
 
-Settings come from .env (LAB_ENV_FILE names another file), created on the first run.
-PYTHON=/path/to/python3.12 picks the Python for the venv.
+Settings come from .env (created on the first run with a random CA_PASSPHRASE and
+DASHBOARD_ADMIN_PASSWORD; .env.example documents every key). Also read from the environment:
+  PYTHON=/path/to/python3.12   the Python for the venv (default: python3.13 .. python3)
+  LAB_ENV_FILE=FILE            another settings file instead of .env
+  SETUP_HEALTH_WAIT=SECONDS    how long docker waits for the dashboard's /healthz (default 120)
+  MOSQUITTO_BIN, CHROMIUM_PATH the binaries the tests use (default: found by test)
+
 Exit codes: 0 success, 1 failure, 2 usage error (or a wrong CA passphrase from the generator).
 USAGE
 }
