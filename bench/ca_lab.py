@@ -27,27 +27,20 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bench.common import DOCS_DIR, RESULTS_DIR, Progress
-from bench.rig import BenchLab, wait_until_quiet
+from bench.rig import BenchLab, lab_bench_parser, wait_until_quiet
 from lab.mqtt import Identity, make_client
+from lab.testing import start_client, wait_for
 from pki.authority import PrivateKey, generate_private_key, key_pem, load_certificate, verify_leaf
 from pki.config import Settings
-from tests.support import wait_for
-
-SERVERS = ("werkzeug", "gunicorn")  # bench.rig.DashboardProcess: `python -m dashboard`, or gunicorn as in Docker
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+def bench_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
+    """The parser of a CA bench (`python -m bench.<module>`), with the options every one of them takes."""
+    parser = lab_bench_parser(module, doc, from_docstring=True)
     parser.add_argument("--key-type", choices=("ec", "rsa"), default="ec",
                         help="the root CA's key: EC P-256 or RSA-2048 (KEY_TYPE); the devices' CSRs are EC P-256 "
                              "either way, as the lab's devices are (default ec)")
-    parser.add_argument("--server", choices=SERVERS, default="werkzeug",
-                        help="how the dashboard/CA is served: `python -m dashboard` (Werkzeug, as natively) or "
-                             "gunicorn with one worker and threads (as in Docker) (default werkzeug)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="write the results JSON and the plots here instead of bench/results and docs/bench")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary lab folder (logs, database)")
-    parser.add_argument("--quiet-timeout", type=float, default=120,
-                        help="first wait up to this many seconds for the machine to be idle (0: do not wait)")
+    return parser
 
 
 def wait_for_quiet(args: argparse.Namespace) -> float | None:
@@ -268,10 +261,7 @@ class Requester:
         self.unmatched = 0
 
     def connect(self, timeout: float = 15) -> Requester:
-        self.client.connect("localhost", self.port, keepalive=60)
-        self.client.loop_start()
-        if not self.ready.wait(timeout):
-            self.client.loop_stop()
+        if not start_client(self.client, self.port, self.ready, timeout, keepalive=60):
             raise RuntimeError(f"{self.name} could not connect and subscribe to {self.reply_topic}")
         return self
 

@@ -130,6 +130,12 @@ def write_results(name: str, figures: dict[str, Any], out_dir: Path | None = Non
     return path
 
 
+def print_targets(targets: dict[str, bool | None]) -> None:
+    """One line per target of a bench: met, NOT met, or n/a (not measured in this run)."""
+    for target, met in targets.items():
+        print(f"  target {target}: {'n/a' if met is None else 'met' if met else 'NOT met'}")
+
+
 def print_table(rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> None:
     rows = list(rows)
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}

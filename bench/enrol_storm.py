@@ -10,7 +10,7 @@ Figures: total time (first request sent to last certificate received), per-devic
 certificate) and time-to-certificate from the start of the storm, p50/p99/max, CPU of the dashboard, the broker
 and this process. Written to bench/results/enrol-storm.json, plotted to docs/bench/enrol-storm-*.png.
 
-    python bench/enrol_storm.py --devices 1000
+    python -m bench.enrol_storm --devices 1000
 """
 
 from __future__ import annotations
@@ -25,15 +25,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-if not __package__:  # `python bench/enrol_storm.py`: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from bench.ca_lab import (
     CALab,
     Csr,
     Outcome,
     Requester,
-    add_common_arguments,
+    bench_parser,
     check_certificate,
     connect_requesters,
     environment_note,
@@ -49,9 +46,7 @@ DAYS = 30
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench/enrol_storm.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser)
+    parser = bench_parser("enrol_storm", __doc__)
     parser.add_argument("--devices", type=int, default=1000, help="devices enrolling at once (default 1000)")
     parser.add_argument("--requesters", type=int, default=8,
                         help="MQTT connections the requests go through (default 8)")

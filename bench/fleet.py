@@ -10,8 +10,8 @@ Reported: connect rate and per-connect latency, broker memory per connection (RS
 after the connects, divided by N), broker and dashboard CPU while publishing, loss at the dashboard, and
 how long after the last connect the dashboard showed all N online.
 
-    python bench/fleet.py                                  # 2,000 devices (about 1 minute)
-    python bench/fleet.py --devices 200 --seconds 5        # a quick look
+    python -m bench.fleet                                  # 2,000 devices (about 1 minute)
+    python -m bench.fleet --devices 200 --seconds 5        # a quick look
 """
 
 from __future__ import annotations
@@ -24,19 +24,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-if not __package__:  # `python bench/fleet.py`: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from bench.common import (
-    DOCS_DIR,
-    RESULTS_DIR,
     CpuMeter,
     Progress,
+    print_targets,
     process_rss_kib,
     summary_ms,
     write_results,
 )
-from bench.rig import BenchLab, MachineMeter, raise_fd_limit, wait_until_quiet
+from bench.rig import BenchLab, MachineMeter, lab_bench_parser, raise_fd_limit, run_on_lab
 from bench.simdevices import Fleet, publish_at_rate
 from bench.telemetry import positive_float, positive_int
 
@@ -45,11 +41,10 @@ FDS_PER_DEVICE = 2  # the device's socket here, and its socket in the broker (ou
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="bench/fleet.py",
-        description="Fleet: N concurrent mTLS devices on one broker; connect rate, broker memory per connection, "
-                    "and whether the dashboard lists all N online.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = lab_bench_parser(
+        "fleet",
+        "Fleet: N concurrent mTLS devices on one broker; connect rate, broker memory per connection, "
+        "and whether the dashboard lists all N online.",
     )
     parser.add_argument("--devices", type=positive_int, default=TARGET_DEVICES, help="devices to connect")
     parser.add_argument("--concurrency", type=positive_int, default=50,
@@ -59,13 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=positive_float, default=20, help="how long the fleet publishes")
     parser.add_argument("--online-timeout", type=positive_float, default=60,
                         help="how long to wait for the dashboard to list every device online")
-    parser.add_argument("--server", choices=("werkzeug", "gunicorn"), default="werkzeug",
-                        help="`python -m dashboard` (as natively) or gunicorn (as in Docker)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="write results JSON and plots here instead of bench/results and docs/bench")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary lab folder (logs, database)")
-    parser.add_argument("--quiet-timeout", type=float, default=120,
-                        help="first wait up to this many seconds for the machine to be idle (0: do not wait)")
     return parser
 
 
@@ -252,20 +240,11 @@ def report(figures: dict[str, Any], results_dir: Path, plots_dir: Path) -> None:
           + (f" (all within {figures['seconds_until_all_online']} s of the last connect)"
              if figures.get("seconds_until_all_online") is not None else "")
           + f"; after publishing {figures.get('dashboard_online_after_publishing')}")
-    for target, met in figures["targets"].items():
-        print(f"  target {target}: {'met' if met else 'NOT met'}")
+    print_targets(figures["targets"])
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    results_dir, plots_dir = (args.out, args.out) if args.out else (RESULTS_DIR, DOCS_DIR)
-    busy = wait_until_quiet(timeout=args.quiet_timeout) if args.quiet_timeout > 0 else None
-    with BenchLab(keep=args.keep) as lab:
-        lab.generate()
-        figures = asyncio.run(run(args, lab))
-    figures["machine_busy_pct_before"] = busy
-    report(figures, results_dir, plots_dir)
-    return 0
+    return run_on_lab(build_parser().parse_args(argv), run, report)
 
 
 if __name__ == "__main__":

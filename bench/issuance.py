@@ -18,12 +18,13 @@ and name). Throughput, p50/p90/p99 latency, CPU of the dashboard, the broker and
 level's ratio to the raw rate are printed, written to bench/results/issuance-<key>.json, and plotted to
 docs/bench/issuance-<key>-*.png.
 
-    python bench/issuance.py --key-type ec --duration 10
+    python -m bench.issuance --key-type ec --duration 10
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -36,9 +37,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-if not __package__:  # `python bench/issuance.py`: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from bench.ca_lab import (
     CALab,
     Csr,
@@ -46,7 +44,7 @@ from bench.ca_lab import (
     LoadResult,
     Outcome,
     Requester,
-    add_common_arguments,
+    bench_parser,
     check_certificate,
     connect_requesters,
     enrol,
@@ -79,9 +77,7 @@ TARGETS = {"mqtt_per_s": 1000, "http_per_s": 500, "p99_ms": 50}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench/issuance.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser)
+    parser = bench_parser("issuance", __doc__)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per level (default 10)")
     parser.add_argument("--count", type=int, default=30000, help="at most this many requests per level (default 30000)")
     parser.add_argument("--csrs", type=int, default=4000,
@@ -99,7 +95,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "a summary of the heaviest frames next to the results)")
     parser.add_argument("--summarise-profile", type=Path, metavar="FILE",
                         help="print the heaviest frames of a py-spy `--format raw` file (e.g. one recorded with "
-                             "`py-spy record --idle --format raw -- python bench/issuance.py ...`) and exit")
+                             "`py-spy record --idle --format raw -- python -m bench.issuance ...`) and exit")
     args = parser.parse_args(argv)
     args.levels = [level.strip() for level in args.levels.split(",") if level.strip()]
     unknown = set(args.levels) - set(LEVELS)
@@ -135,41 +131,59 @@ class Ticker:
         self.progress.close()
 
 
+class LoadRun:
+    """What the threads of one load share: the next request index (until `count` or `duration`), the outcomes, and
+    a sample of the reply payloads by index (checked afterwards)."""
+
+    def __init__(self, duration: float, count: int, label: str) -> None:
+        self.counter = itertools.count()
+        self.count, self.duration, self.label = count, duration, label
+        self.result = LoadResult(started=time.perf_counter())
+        self.deadline = self.result.started + duration
+        self.sample_every = max(1, count // (VERIFY_SAMPLE * 4))
+        self.samples: dict[int, bytes] = {}
+        self.lock = threading.Lock()
+
+    def next_index(self) -> int | None:
+        i = next(self.counter)
+        return None if i >= self.count or time.perf_counter() >= self.deadline else i
+
+    def keep(self, i: int, payload: bytes) -> None:
+        if i % self.sample_every == 0:
+            self.samples[i] = payload
+
+    def drive(self, loops: list[Callable[[], None]]) -> None:
+        """Run every loop in a thread of its own, with the progress ticker, until all of them return."""
+        ticker = Ticker(self.label, self.duration)
+        threads = [threading.Thread(target=loop, daemon=True) for loop in loops]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        ticker.close()
+
+
 def run_threads(threads: int, duration: float, count: int, call: Callable[[int], tuple[int, bytes]],
                 label: str) -> tuple[LoadResult, dict[int, bytes]]:
     """`threads` closed loops calling `call(i)`; returns the result and a sample of reply payloads by index."""
-    counter = itertools.count()
-    result = LoadResult(started=time.perf_counter())
-    deadline = result.started + duration
-    sample_every = max(1, count // (VERIFY_SAMPLE * 4))
-    samples: dict[int, bytes] = {}
-    lock = threading.Lock()
+    load = LoadRun(duration, count, label)
+    result = load.result
 
     def loop() -> None:
         mine = []
-        while True:
-            i = next(counter)
-            if i >= count or time.perf_counter() >= deadline:
-                break
+        while (i := load.next_index()) is not None:
             outcome = Outcome(sent=time.perf_counter())
             status, payload = call(i)
             outcome.received, outcome.status = time.perf_counter(), status
             mine.append(outcome)
-            if i % sample_every == 0:
-                samples[i] = payload
-        with lock:
+            load.keep(i, payload)
+        with load.lock:
             result.outcomes.extend(mine)
 
-    ticker = Ticker(label, duration)
-    workers = [threading.Thread(target=loop, daemon=True) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    ticker.close()
+    load.drive([loop] * threads)
     result.outcomes.sort(key=lambda o: o.received)
     result.finished = max((o.received for o in result.outcomes), default=result.started)
-    return result, samples
+    return result, load.samples
 
 
 def run_mqtt(requesters: list[Requester], window: int, duration: float, count: int,
@@ -177,27 +191,22 @@ def run_mqtt(requesters: list[Requester], window: int, duration: float, count: i
              label: str) -> tuple[LoadResult, dict[int, bytes]]:
     """Each requester keeps `window` requests in flight; `request(requester, i)` gives (topic, payload), or None
     when that requester has nothing more to send."""
-    counter = itertools.count()
-    result = LoadResult(started=time.perf_counter())
-    deadline = result.started + duration
-    sample_every = max(1, count // (VERIFY_SAMPLE * 4))
-    samples: dict[int, bytes] = {}
-    lock = threading.Lock()
+    load = LoadRun(duration, count, label)
+    result, lock = load.result, load.lock
     sent = [0]
 
     def feed(requester: Requester) -> None:
         slots = threading.Semaphore(window)
         while True:
             slots.acquire()
-            i = next(counter)
-            if i >= count or time.perf_counter() >= deadline:
+            i = load.next_index()
+            if i is None:
                 break
 
             def done(outcome: Outcome, i: int = i) -> None:
                 with lock:
                     result.outcomes.append(outcome)
-                if i % sample_every == 0:
-                    samples[i] = outcome.payload
+                load.keep(i, outcome.payload)
                 slots.release()
 
             message = request(requester, i)
@@ -207,13 +216,7 @@ def run_mqtt(requesters: list[Requester], window: int, duration: float, count: i
             with lock:
                 sent[0] += 1
 
-    ticker = Ticker(label, duration)
-    feeders = [threading.Thread(target=feed, args=(r,), daemon=True) for r in requesters]
-    for feeder in feeders:
-        feeder.start()
-    for feeder in feeders:
-        feeder.join()
-    ticker.close()
+    load.drive([functools.partial(feed, r) for r in requesters])
     # the last requests still in flight: wait for them (bounded), then count what never came back
     drain_until = time.perf_counter() + 30
     while time.perf_counter() < drain_until:
@@ -226,7 +229,7 @@ def run_mqtt(requesters: list[Requester], window: int, duration: float, count: i
         result.outcomes.sort(key=lambda o: o.received)
     result.finished = max((o.received for o in result.outcomes), default=result.started)
     result.outcomes.extend(Outcome(sent=result.started, received=result.finished, status=0) for _ in range(lost))
-    return result, samples
+    return result, load.samples
 
 
 # -- levels -----------------------------------------------------------------------------------------

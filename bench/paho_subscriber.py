@@ -4,7 +4,7 @@ Run by bench/telemetry.py as its own process (so it has a core and a GIL to itse
 with the same identity, protocol and subscription QoS as the dashboard's bridge. It prints `ready` once
 subscribed, then `count <n>` ten times a second on stdout; it stops when stdin closes or on SIGTERM.
 
-    python bench/paho_subscriber.py --certs-dir CERTS --port 8883 [--name dashboard] [--qos 1] [--protocol 5]
+    python -m bench.paho_subscriber --certs-dir CERTS --port 8883 [--name dashboard] [--qos 1] [--protocol 5]
 """
 
 from __future__ import annotations
@@ -16,9 +16,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-if not __package__:  # `python bench/paho_subscriber.py`: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import paho.mqtt.client as mqtt
 
 from lab.mqtt import Identity, make_client
@@ -27,7 +24,7 @@ PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bench/paho_subscriber.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.paho_subscriber", description=__doc__.split("\n\n")[0])
     parser.add_argument("--certs-dir", type=Path, required=True, help="the lab's certificates folder")
     parser.add_argument("--port", type=int, required=True, help="the broker's TLS port")
     parser.add_argument("--host", default="localhost", help="the broker's host name (default localhost)")

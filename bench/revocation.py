@@ -17,7 +17,7 @@ Once readings flow, the device is revoked over HTTP while it keeps publishing fo
                  CONNECT, so the probes never kick the publishing device off): the start of the first
                  handshake the broker refuses (CRL). After the round a full MQTT reconnect must be refused too.
 
-    python bench/revocation.py --rounds 5
+    python -m bench.revocation --rounds 5
 """
 
 from __future__ import annotations
@@ -33,23 +33,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-if not __package__:  # `python bench/revocation.py`: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import paho.mqtt.client as mqtt
 
-from bench.ca_lab import CALab, HttpClient, add_common_arguments, enrol, environment_note, output_dirs, wait_for_quiet
+from bench.ca_lab import CALab, HttpClient, bench_parser, enrol, environment_note, output_dirs, wait_for_quiet
 from bench.common import Progress, plot_timeseries, summary_ms, write_results
 from lab.mqtt import Identity, make_client, tls_context
-from tests.support import wait_for
+from lab.testing import wait_for
 
 TARGET_S = 2.0
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench/revocation.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser)
+    parser = bench_parser("revocation", __doc__)
     parser.add_argument("--rounds", type=int, default=5, help="devices revoked, one after the other (default 5)")
     parser.add_argument("--interval-ms", type=float, default=10.0,
                         help="the device publishes a reading this often (default 10 ms)")

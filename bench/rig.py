@@ -3,35 +3,34 @@
 Everything lives in one temporary folder (removed on close) so a bench never touches the developer's
 `certs/`, `data/` or `.env`, and two benches can run side by side. The lab is the real one: certificates
 from `pki.lab.LabCertificates`, the broker config the generator renders (mutual TLS, ACL, CRL), the
-dashboard as a subprocess (`python -m dashboard`, or gunicorn as in dashboard/Dockerfile).
+dashboard as a subprocess (`lab.testing.DashboardProcess`: `python -m dashboard`, or gunicorn as in
+dashboard/Dockerfile).
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import contextlib
-import json
 import logging
 import os
 import secrets
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.common import DOCS_DIR, RESULTS_DIR
 from lab.mqtt import Identity
+from lab.testing import Broker, DashboardProcess, free_port
 from pki.authority import CertificateAuthority, cert_pem, generate_private_key, key_pem
-from pki.config import PROJECT_ROOT, Settings
+from pki.config import Settings
 from pki.lab import LabCertificates
 from pki.profiles import DEVICE
 from pki.store import CertsLayout
-from tests.support import Broker, free_port, wait_for
 
 log = logging.getLogger(__name__)
 
@@ -47,116 +46,41 @@ def raise_fd_limit(wanted: int) -> int:
     return target
 
 
-def child_pids(pid: int) -> list[int]:
-    """Direct children of `pid` (a gunicorn master's worker), from /proc."""
-    children = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            children.append(int(entry.name))
-    return children
+SERVERS = ("werkzeug", "gunicorn")  # lab.testing.DashboardProcess: `python -m dashboard`, or gunicorn as in Docker
 
 
-def api_token(database_url: str, label: str, role: str = "viewer") -> str:
-    """A new API token in the lab's database, as `python -m dashboard.users token` makes one."""
-    from dashboard.accounts import UserStore
+def lab_bench_parser(module: str, description: str | None, *, from_docstring: bool = False) -> argparse.ArgumentParser:
+    """The parser of a bench that runs on a BenchLab of its own (`python -m bench.<module>`), with the options all
+    of them take: the dashboard's server, where results go, the lab folder, the wait for a quiet machine."""
+    formatter = argparse.RawDescriptionHelpFormatter if from_docstring else argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog=f"python -m bench.{module}", description=description,
+                                     formatter_class=formatter)
+    parser.add_argument("--server", choices=SERVERS, default="werkzeug",
+                        help="how the dashboard/CA is served: `python -m dashboard` (Werkzeug, as natively) or "
+                             "gunicorn with one worker and threads (as in Docker)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write results JSON and plots here instead of bench/results and docs/bench")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary lab folder (logs, database)")
+    parser.add_argument("--quiet-timeout", type=float, default=120,
+                        help="first wait up to this many seconds for the machine to be idle (0: do not wait)")
+    return parser
 
-    store = UserStore(database_url)
-    try:
-        return store.create_token(label, role)[1]
-    finally:
-        store.close()
+
+Figures = dict[str, Any]
 
 
-class DashboardProcess:
-    """The dashboard as a real subprocess; `pid` is the process that does the work (the gunicorn worker)."""
-
-    def __init__(self, env: dict[str, str], port: int, log_path: Path, server: str = "werkzeug") -> None:
-        if server not in ("werkzeug", "gunicorn"):
-            raise ValueError(f"unknown server {server!r}: werkzeug or gunicorn")
-        self.env = env
-        self.port = port
-        self.log_path = log_path
-        self.server = server
-        self.process: subprocess.Popen[bytes] | None = None
-        self.pid = 0
-        # A viewer API token for everything but /healthz (the dashboard needs a login since Step 11).
-        self.token = api_token(Settings.from_env(env).effective_database_url, "bench")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def auth_headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-    def start(self, timeout: float = 30) -> DashboardProcess:
-        if self.server == "gunicorn":
-            argv = [sys.executable, "-m", "gunicorn", "--workers", "1", "--threads", "50", "--bind",
-                    f"127.0.0.1:{self.port}", "--graceful-timeout", "5", "--no-control-socket",
-                    "dashboard:create_app()"]
-        else:
-            argv = [sys.executable, "-m", "dashboard"]
-        with open(self.log_path, "ab") as out:
-            self.process = subprocess.Popen(argv, env=self.env, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL,
-                                            stdout=out, stderr=subprocess.STDOUT)
-        wait_for(self._healthy, timeout=timeout, interval=0.1,
-                 what=f"the dashboard on {self.url} connected to MQTT; log:\n{self.log()[-3000:]}")
-        self.pid = self.process.pid
-        if self.server == "gunicorn":
-            self.pid = wait_for(lambda: next(iter(child_pids(self.process.pid)), 0), timeout=5,  # type: ignore[union-attr]
-                                what="the gunicorn worker")
-        return self
-
-    def _healthy(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise RuntimeError(f"the dashboard exited with {self.process.returncode}:\n{self.log()[-3000:]}")
-        try:
-            return bool(self.health()["mqtt"]["connected"])
-        except OSError:
-            return False
-
-    def get_json(self, path: str, timeout: float = 10) -> Any:
-        request = urllib.request.Request(self.url + path, headers=self.auth_headers)  # noqa: S310 - our loopback URL
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - our loopback URL
-            return json.loads(response.read())
-
-    def health(self) -> dict[str, Any]:
-        return self.get_json("/healthz", timeout=5)
-
-    def readings_ingested(self) -> int:
-        """Readings the live hub accepted since the dashboard started (the ingest counter behind /healthz)."""
-        return int(self.health()["db"]["readings_stored_since_start"])
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def errors(self, limit: int = 20) -> list[str]:
-        """ERROR lines, tracebacks and refused requests in the dashboard's log, for the results file."""
-        return [line for line in self.log().splitlines()
-                if " ERROR " in line or "Traceback" in line or "Bad request" in line][:limit]
+def run_on_lab(args: argparse.Namespace, run: Callable[[argparse.Namespace, BenchLab], Coroutine[Any, Any, Figures]],
+               report: Callable[[Figures, Path, Path], None]) -> int:
+    """A bench's main: wait for a quiet machine, run on a fresh lab, then report (results and plots to --out, else
+    bench/results and docs/bench)."""
+    results_dir, plots_dir = (args.out, args.out) if args.out else (RESULTS_DIR, DOCS_DIR)
+    busy = wait_until_quiet(timeout=args.quiet_timeout) if args.quiet_timeout > 0 else None
+    with BenchLab(keep=args.keep) as lab:
+        lab.generate()
+        figures = asyncio.run(run(args, lab))
+    figures["machine_busy_pct_before"] = busy
+    report(figures, results_dir, plots_dir)
+    return 0
 
 
 class BenchLab:
@@ -243,8 +167,8 @@ class BenchLab:
         return self.broker
 
     def start_dashboard(self, server: str = "werkzeug", env: dict[str, str] | None = None) -> DashboardProcess:
-        self.dashboard = DashboardProcess({**self.env, **(env or {})}, self.dashboard_port,
-                                          self.settings.data_dir / "dashboard.log", server).start()
+        self.dashboard = DashboardProcess({**self.env, **(env or {})}, self.settings.data_dir / "dashboard.log",
+                                          self.dashboard_port, server).start()
         return self.dashboard
 
     def stop_dashboard(self) -> None:

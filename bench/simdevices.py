@@ -18,19 +18,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from lab.mqtt import Identity, tls_context
+from lab.testing import mqtt_varint
 
 CONNECT, CONNACK, PUBLISH, PUBACK, PINGREQ, PINGRESP, DISCONNECT = 0x10, 0x20, 0x30, 0x40, 0xC0, 0xD0, 0xE0
 CONNACK_CODES = {1: "unacceptable protocol version", 2: "identifier rejected", 3: "server unavailable",
                  4: "bad user name or password", 5: "not authorised"}
-
-
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | 0x80 if n else byte)
-        if not n:
-            return bytes(out)
 
 
 def _string(value: bytes) -> bytes:
@@ -45,13 +37,13 @@ def connect_packet(client_id: str, keepalive: int, will_topic: str | None = None
         flags |= 0x04 | (will_qos << 3) | (0x20 if will_retain else 0)
         payload += _string(will_topic.encode()) + _string(will_payload)
     body = _string(b"MQTT") + bytes([4, flags]) + keepalive.to_bytes(2, "big") + payload
-    return bytes([CONNECT]) + _remaining_length(len(body)) + body
+    return bytes([CONNECT]) + mqtt_varint(len(body)) + body
 
 
 def publish_packet(topic: bytes, payload: bytes, qos: int = 0, packet_id: int = 0, retain: bool = False) -> bytes:
     """`topic` is already length-prefixed (see DeviceConnection), so a hot loop encodes it once."""
     body_len = len(topic) + len(payload) + (2 if qos else 0)
-    header = bytes([PUBLISH | (qos << 1) | (1 if retain else 0)]) + _remaining_length(body_len)
+    header = bytes([PUBLISH | (qos << 1) | (1 if retain else 0)]) + mqtt_varint(body_len)
     if qos:
         return b"".join((header, topic, packet_id.to_bytes(2, "big"), payload))
     return b"".join((header, topic, payload))

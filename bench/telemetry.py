@@ -13,8 +13,8 @@ A rate is *sustained* when every message the broker acknowledged was ingested (z
 consumer caught up within --max-lag seconds of the last publish. The ladder multiplies the rate until a
 step fails, then bisects. Broker, consumer and load-generator CPU come from /proc.
 
-    python bench/telemetry.py                      # the full run (about 3 minutes)
-    python bench/telemetry.py --devices 20 --rates 500,1000 --latency-seconds 5   # a quick look
+    python -m bench.telemetry                      # the full run (about 3 minutes)
+    python -m bench.telemetry --devices 20 --rates 500,1000 --latency-seconds 5   # a quick look
 """
 
 from __future__ import annotations
@@ -32,20 +32,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-if not __package__:  # `python bench/telemetry.py`: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from bench.common import (
-    DOCS_DIR,
-    RESULTS_DIR,
     CpuMeter,
     Progress,
     plot_latency_histograms,
     plot_timeseries,
+    print_targets,
     summary_ms,
     write_results,
 )
-from bench.rig import BenchLab, MachineMeter, SocketIOWatcher, wait_until_quiet
+from bench.rig import BenchLab, MachineMeter, SocketIOWatcher, lab_bench_parser, run_on_lab, wait_until_quiet
 from bench.simdevices import DeviceConnection, Fleet, publish_at_rate
 
 TARGET_INGEST = 10_000  # messages/s with zero loss
@@ -79,11 +75,10 @@ def rate_list(value: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="bench/telemetry.py",
-        description="Telemetry pipeline: highest sustained ingest rate with zero loss (dashboard vs a bare paho "
-                    "subscriber), and publish-to-browser latency at a fixed rate.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = lab_bench_parser(
+        "telemetry",
+        "Telemetry pipeline: highest sustained ingest rate with zero loss (dashboard vs a bare paho "
+        "subscriber), and publish-to-browser latency at a fixed rate.",
     )
     parser.add_argument("--devices", type=positive_int, default=200,
                         help="simulated devices (one mTLS connection each)")
@@ -104,16 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="subscription QoS of the bare paho subscriber (default: the dashboard's)")
     parser.add_argument("--skip-baseline", action="store_true", help="no bare paho subscriber phase")
     parser.add_argument("--skip-ladder", action="store_true", help="no dashboard ingest ladder (latency only)")
-    parser.add_argument("--server", choices=("werkzeug", "gunicorn"), default="werkzeug",
-                        help="`python -m dashboard` (as natively) or gunicorn (as in Docker)")
     parser.add_argument("--profile", type=Path, default=None, metavar="SVG",
                         help="py-spy flame graph of the dashboard during one flood step, written here")
     parser.add_argument("--profile-rate", type=positive_float, default=8000, help="msg/s of the profiled step")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="write results JSON and plots here instead of bench/results and docs/bench")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary lab folder (logs, database)")
-    parser.add_argument("--quiet-timeout", type=float, default=120,
-                        help="first wait up to this many seconds for the machine to be idle (0: do not wait)")
     return parser
 
 
@@ -528,20 +516,11 @@ def report(figures: dict[str, Any], results_dir: Path, plots_dir: Path) -> None:
     lat = figures["latency"]["browser_ms"]
     print(f"publish-to-browser at {figures['latency']['rate']:.0f} msg/s: p50 {lat.get('p50_ms', float('nan'))} ms, "
           f"p99 {lat.get('p99_ms', float('nan'))} ms")
-    for target, met in figures["targets"].items():
-        print(f"  target {target}: {'n/a' if met is None else 'met' if met else 'NOT met'}")
+    print_targets(figures["targets"])
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    results_dir, plots_dir = (args.out, args.out) if args.out else (RESULTS_DIR, DOCS_DIR)
-    busy = wait_until_quiet(timeout=args.quiet_timeout) if args.quiet_timeout > 0 else None
-    with BenchLab(keep=args.keep) as lab:
-        lab.generate()
-        figures = asyncio.run(run(args, lab))
-    figures["machine_busy_pct_before"] = busy
-    report(figures, results_dir, plots_dir)
-    return 0
+    return run_on_lab(build_parser().parse_args(argv), run, report)
 
 
 if __name__ == "__main__":

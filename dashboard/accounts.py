@@ -14,19 +14,16 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Integer, String, delete, select
-from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import Mapped, mapped_column
 
-from pki import migrate
 from pki.authority import utcnow
 from pki.config import ConfigError
-from pki.inventory import READ_ONLY_OPTION, UTCDateTime, make_engine
+from pki.inventory import Database, UTCDateTime
 
 from .schema import DASHBOARD, DashboardBase
 
@@ -109,29 +106,12 @@ def session_epoch(user: DashboardUser) -> str:
     return hashlib.sha256(f"{user.id}:{user.password_hash}".encode()).hexdigest()[:32]
 
 
-class UserStore:
-    """Users and API tokens in the lab database (DATABASE_URL)."""
+class UserStore(Database):
+    """Users and API tokens in the lab database (DATABASE_URL). Every request reads a user or a token: in `reading`
+    transactions, which never take SQLite's write lock."""
 
     def __init__(self, url: str) -> None:
-        self.engine = make_engine(url)
-        migrate.upgrade(self.engine, DASHBOARD)
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        # Every request reads a user or a token: deferred transactions, so they never take SQLite's write lock.
-        self._read_sessions = sessionmaker(self.engine.execution_options(**{READ_ONLY_OPTION: True}),
-                                           expire_on_commit=False)
-
-    def close(self) -> None:
-        self.engine.dispose()
-
-    @contextmanager
-    def session(self) -> Iterator[Session]:
-        with self._sessions.begin() as session:
-            yield session
-
-    @contextmanager
-    def reading(self) -> Iterator[Session]:
-        with self._read_sessions.begin() as session:
-            yield session
+        super().__init__(url, DASHBOARD)
 
     # -- users ---------------------------------------------------------------------------------
 

@@ -21,9 +21,10 @@ from pki.authority import CAError, load_certificate, load_private_key, public_ke
 from pki.broker import BrokerFiles
 from pki.config import Settings
 from pki.inventory import REVOKED, SUPERSEDED, CertificateRecord, Inventory
-from pki.lab import EXPIRED, EXPIRING, INVALID, MISSING, ROOT_NAME, VALID, LabCertificates, lab_entities
+from pki.lab import ROOT_NAME, LabCertificates, lab_entities
 from pki.profiles import DEVICE
 from pki.requests import is_protected
+from pki.status import EXPIRED, EXPIRING, INVALID, MISSING, VALID, expiry_state
 from pki.store import CertsLayout, read_optional
 
 log = logging.getLogger(__name__)
@@ -34,14 +35,6 @@ ATTENTION = (EXPIRED, REVOKED, INVALID, MISSING, EXPIRING)
 ATTENTION_ITEMS = 50  # entities listed by name in the banner data; the counts cover all of them
 RENEWED_VIA = "renew"  # `issued_via` of a certificate a device got over MQTT with its previous one (ssl/renew/<CN>)
 KEY_CACHE_LIMIT = 4096
-
-
-def expiry_status(days_left: float, renew_before_days: int) -> str:
-    if days_left <= 0:
-        return EXPIRED
-    if days_left < renew_before_days:
-        return EXPIRING
-    return VALID
 
 
 def _when(row: dict[str, Any] | None) -> dt.datetime:
@@ -174,7 +167,7 @@ class CertificateView:
             data = record.to_dict(now)
             status = data["status"]
             if status not in (REVOKED, SUPERSEDED):
-                status = expiry_status(data["days_left"], renew)
+                status = expiry_state(data["days_left"], renew)
             data.update(status=status, detail=data.get("revocation_reason") or "", source="inventory",
                         current=record.status != SUPERSEDED)
             rows[record.serial] = data

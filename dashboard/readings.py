@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Float, Index, Integer, String, delete, func, select, text
-from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import Mapped, mapped_column
 
-from pki import migrate
-from pki.inventory import make_engine
+from pki.inventory import Database
 
 from .schema import DASHBOARD, DashboardBase
 
@@ -63,25 +62,19 @@ class ReadingIn:
         }
 
 
-class ReadingStore:
+class ReadingStore(Database):
     """Append readings in batches, read back a time window, prune by age and count."""
 
     def __init__(self, url: str, retention_seconds: float = RETENTION_SECONDS, max_rows: int = MAX_ROWS) -> None:
-        self.url = url
+        super().__init__(url, DASHBOARD)
         self.retention_seconds = retention_seconds
         self.max_rows = max_rows
-        self.engine = make_engine(url)
-        migrate.upgrade(self.engine, DASHBOARD)
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # The INSERT compiled once for this database's driver: at thousands of readings a second, SQLAlchemy's
         # per-row parameter processing was the emitter's largest cost (py-spy, docs/benchmarks.md).
         compiled = Reading.__table__.insert().compile(dialect=self.engine.dialect, column_keys=list(READING_COLUMNS))
         self._insert_sql = str(compiled)
         self._insert_row = (operator.attrgetter(*compiled.positiontup) if compiled.positional  # type: ignore[misc]
                             else ReadingIn.as_row)
-
-    def close(self) -> None:
-        self.engine.dispose()
 
     def add_many(self, readings: Sequence[ReadingIn]) -> int:
         if not readings:

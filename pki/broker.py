@@ -22,7 +22,6 @@ import os
 import shutil
 import signal
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 from typing import Any
@@ -73,52 +72,27 @@ class BrokerConfigError(RuntimeError):
     """The broker's files could not be written safely; the old ones stay in place."""
 
 
-@dataclass(frozen=True)
 class BrokerFiles:
-    certs_dir: Path
-    data_dir: Path
+    """Where the broker's files live: its config and the policy (ACL, CRL) under the certificates folder, its
+    state (persistence, dynamic-security, PID) under the data folder."""
 
-    @property
-    def folder(self) -> Path:
-        return self.certs_dir / "mosquitto"
+    def __init__(self, certs_dir: Path, data_dir: Path) -> None:
+        self.certs_dir, self.data_dir = certs_dir, data_dir
+        self.folder = certs_dir / "mosquitto"
+        self.policy_dir = certs_dir / POLICY_DIR
+        self.conf = self.folder / "mosquitto.conf"
+        self.docker_conf = self.folder / "mosquitto.docker.conf"
+        self.acl = self.policy_dir / "acl"
+        # The published CRL (GET /v1/ssl/crl; what the generator and --check read) ...
+        self.crl = self.policy_dir / "crl.pem"
+        # ... and the one the broker enforces: the last good one, written only by `write_crl`.
+        self.broker_crl = self.folder / "crl.pem"
+        self.persistence_dir = data_dir / "mosquitto"
+        self.dynsec_file = self.persistence_dir / DYNSEC_FILE
+        self.pid_file = data_dir / "mosquitto.pid"
 
-    @property
-    def policy_dir(self) -> Path:
-        return self.certs_dir / POLICY_DIR
-
-    @property
-    def conf(self) -> Path:
-        return self.folder / "mosquitto.conf"
-
-    @property
-    def docker_conf(self) -> Path:
-        return self.folder / "mosquitto.docker.conf"
-
-    @property
-    def acl(self) -> Path:
-        return self.policy_dir / "acl"
-
-    @property
-    def crl(self) -> Path:
-        """The published CRL (GET /v1/ssl/crl; what the generator and --check read)."""
-        return self.policy_dir / "crl.pem"
-
-    @property
-    def broker_crl(self) -> Path:
-        """The CRL the broker enforces: the last good one, written only by `write_crl`."""
-        return self.folder / "crl.pem"
-
-    @property
-    def dynsec_file(self) -> Path:
-        return self.persistence_dir / DYNSEC_FILE
-
-    @property
-    def pid_file(self) -> Path:
-        return self.data_dir / "mosquitto.pid"
-
-    @property
-    def persistence_dir(self) -> Path:
-        return self.data_dir / "mosquitto"
+    def __repr__(self) -> str:
+        return f"BrokerFiles({self.certs_dir!r}, {self.data_dir!r})"
 
 
 def render_config(
@@ -313,21 +287,6 @@ def write_broker_policy(
         write_crl(files, ca, revoked)
         changed = True
     return changed
-
-
-def write_broker_files(
-    settings: Settings,
-    ca: CertificateAuthority,
-    revoked: Iterable[tuple[Any, ...]],
-    denied_names: Iterable[str],
-    *,
-    force_crl: bool = False,
-    collectors: Iterable[str] = (),
-) -> bool:
-    """Everything the broker reads: configs, ACL and CRL; True when anything it reads changed."""
-    configs = write_broker_configs(settings)
-    return write_broker_policy(settings, ca, revoked, denied_names, force_crl=force_crl,
-                               collectors=collectors) or configs
 
 
 def crl_serials(path: Path) -> set[int]:

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from .config import Settings
 from .profiles import PROTECTED_NAMES
 
-# The CA service replicas (Step 12) and telemetry ingest services: `ca`, `ca-2`, `ingest`, `ingest-3`, ...
+# The CA service replicas and telemetry ingest services: `ca`, `ca-2`, `ingest`, `ingest-3`, ...
 _SERVICE_IDENTITY_RE = re.compile(r"(ca|ingest)(-[0-9]+)?", re.IGNORECASE)
 # Host names of the lab's own servers, whatever the settings say.
 SERVICE_HOST_NAMES = frozenset({"localhost", "mosquitto", "dashboard"})

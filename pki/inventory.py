@@ -252,18 +252,20 @@ def make_engine(url: str, *, serialize_writes: bool = False) -> Engine:
     return engine
 
 
-class Inventory:
-    """Every issued certificate; exactly one `active` row per entity name."""
+class Database:
+    """One component's tables in the lab database (DATABASE_URL), migrated on open: write transactions, and
+    read-only ones that take no write lock."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, component: migrate.Component, *, serialize_writes: bool = False) -> None:
         self.url = url
-        self.engine = make_engine(url, serialize_writes=True)
-        migrate.upgrade(self.engine, migrate.INVENTORY)
+        self.engine = make_engine(url, serialize_writes=serialize_writes)
+        migrate.upgrade(self.engine, component)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._read_engine = self.engine.execution_options(**{READ_ONLY_OPTION: True})
-        self._roles_compiled = _RECORD.roles.compile(dialect=self.engine.dialect)
         self._read_sessions = sessionmaker(self._read_engine, expire_on_commit=False)
-        self.recorder = IssuanceRecorder(self)
+
+    def close(self) -> None:
+        self.engine.dispose()
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -275,6 +277,15 @@ class Inventory:
         """A read-only transaction: a consistent snapshot that takes no write lock."""
         with self._read_sessions.begin() as session:
             yield session
+
+
+class Inventory(Database):
+    """Every issued certificate; exactly one `active` row per entity name."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url, migrate.INVENTORY, serialize_writes=True)
+        self._roles_compiled = _RECORD.roles.compile(dialect=self.engine.dialect)
+        self.recorder = IssuanceRecorder(self)
 
     def record_issued_grouped(
         self,
@@ -298,7 +309,7 @@ class Inventory:
 
     def close(self) -> None:
         self.recorder.close()
-        self.engine.dispose()
+        super().close()
 
     def record_issued(
         self,

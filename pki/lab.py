@@ -34,18 +34,25 @@ from .authority import (
     utcnow,
     verify_leaf,
 )
-from .broker import CRL_REFRESH_BEFORE, BrokerFiles, crl_revocations, reload_broker, write_broker_files
+from .broker import (
+    CRL_REFRESH_BEFORE,
+    BrokerFiles,
+    crl_revocations,
+    reload_broker,
+    write_broker_configs,
+    write_broker_policy,
+)
 from .config import ConfigError, Settings, revoked_next_step
 from .inventory import REVOKED as REVOKED_STATUS
 from .inventory import SUPERSEDED as SUPERSEDED_STATUS
 from .inventory import CertificateRecord, Inventory
 from .profiles import BROKER, DASHBOARD, DEVICE, PROVISIONER, ROOT_CA, ROOT_CA_DAYS, Profile
+from .status import EXPIRED, EXPIRING, INVALID, MISSING, VALID, expiry_state
 from .store import CERT_MODE, KEY_MODE, CertsLayout, atomic_write, ensure_dir, exclusive_lock, read_optional
 
 ROOT_NAME = "root_ca"
 
-# Statuses shared by `--check`, `./setup.sh status`, the dashboard and the API.
-VALID, EXPIRING, EXPIRED, INVALID, MISSING, REVOKED = "valid", "expiring", "expired", "invalid", "missing", "revoked"
+REVOKED = "revoked"
 
 
 @dataclass(frozen=True)
@@ -207,7 +214,7 @@ class LabCertificates:
                     f"{self.layout.ca_key} does not belong to {self.layout.ca_cert}; restore the pair from a backup, "
                     f"or delete {self.layout.ca_dir} to start a new CA (every certificate is then reissued)"
                 )
-            elif days_left(cert, now) < settings.renew_before_days:
+            elif expiry_state(days_left(cert, now), settings.renew_before_days) != VALID:
                 reason = f"expires in {days_left(cert, now):.0f} days, re-signed with the existing key"
             if not reason:
                 assert cert is not None
@@ -246,8 +253,9 @@ class LabCertificates:
         if not ca.issued(cert):
             return "renewed", "not from the current root"
         left = days_left(cert, now)
-        if left < self.settings.renew_before_days:
-            return "renewed", "expired" if left <= 0 else f"expires in {left:.0f} days"
+        state = expiry_state(left, self.settings.renew_before_days)
+        if state != VALID:
+            return "renewed", EXPIRED if state == EXPIRED else f"expires in {left:.0f} days"
         wanted = subject_alt_names(entity.profile, entity.name, entity.dns_names, entity.ip_addresses)
         if _san_set(wanted) != _cert_sans(cert):
             return "renewed", "names changed"
@@ -345,10 +353,9 @@ class LabCertificates:
                     report.results.append(result)
                     self.progress(result.line())
                 revoked = self._merge_crl_revocations(inventory, broker_files, ca)
-                written = write_broker_files(
-                    settings, ca, revoked, inventory.denied_names(), force_crl=report.new_root,
-                    collectors=inventory.collectors(),
-                )
+                configs = write_broker_configs(settings)
+                written = write_broker_policy(settings, ca, revoked, inventory.denied_names(),
+                                              force_crl=report.new_root, collectors=inventory.collectors()) or configs
                 if written:
                     self.progress(f"Broker config, ACL and CRL written under {settings.certs_dir}")
                 # Mosquitto 2.0.11 loads its own certificate again on SIGHUP too (tests/test_rotation.py); in Docker
@@ -436,9 +443,10 @@ class LabCertificates:
         left = (next_update - now).total_seconds() / 86400 if next_update else None
         row = CheckRow("CRL", "crl", VALID, f"CRL number {number or '?'}, {len(list(crl))} revoked", number,
                        next_update, left)
-        if next_update is None or next_update <= now:
+        state = EXPIRED if left is None else expiry_state(left, CRL_REFRESH_BEFORE.total_seconds() / 86400)
+        if state == EXPIRED:
             row.status, row.detail = EXPIRED, "the broker refuses every client until it is rewritten: ./setup.sh certs"
-        elif next_update - now < CRL_REFRESH_BEFORE:
+        elif state == EXPIRING:
             row.status, row.detail = EXPIRING, ("due for refresh: the running dashboard rewrites it within the "
                                                 "hour, or run ./setup.sh certs")
         return row
@@ -451,12 +459,13 @@ class LabCertificates:
             name, role, VALID, cert.subject.rfc4514_string(), serial_hex(cert), cert.not_valid_after_utc, left
         )
         issuer = root if root is not None else cert
+        state = expiry_state(left, self.settings.renew_before_days)
         if not verify_leaf(issuer, cert):
             row.status, row.detail = INVALID, "not signed by the current root" if root is not None else "bad signature"
-        elif left <= 0:
+        elif state == EXPIRED:
             row.status, row.detail = EXPIRED, f"expired {-left:.0f} days ago"
         elif cert.not_valid_before_utc > now:
             row.status, row.detail = INVALID, "not valid yet"
-        elif left < self.settings.renew_before_days:
+        elif state == EXPIRING:
             row.status, row.detail = EXPIRING, f"inside the {self.settings.renew_before_days}-day renewal window"
         return row

@@ -88,6 +88,7 @@ from .requests import (
     refuse_protected,
     refuse_reserved_sans,
 )
+from .status import EXPIRED, EXPIRING, VALID, expiry_state
 from .store import (
     CERT_MODE,
     KEY_MODE,
@@ -106,7 +107,7 @@ _OPERATOR: contextvars.ContextVar[str | None] = contextvars.ContextVar("ca_opera
 
 # Statuses `GET /v1/ssl/certs?status=` accepts: the inventory's own, and the computed validity state.
 STORED_STATUSES = (ACTIVE, SUPERSEDED, REVOKED)
-STATES = ("valid", "expiring", "expired", "revoked", "superseded")
+STATES = (VALID, EXPIRING, EXPIRED, REVOKED, SUPERSEDED)
 
 
 @dataclass(frozen=True)
@@ -838,7 +839,4 @@ class CAService:
     def _state(self, record: CertificateRecord, now: dt.datetime) -> str:
         if record.status in (REVOKED, SUPERSEDED):
             return record.status
-        left = (record.not_after - now).total_seconds() / 86400
-        if left <= 0:
-            return "expired"
-        return "expiring" if left < self.settings.renew_before_days else "valid"
+        return expiry_state((record.not_after - now).total_seconds() / 86400, self.settings.renew_before_days)

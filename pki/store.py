@@ -8,7 +8,6 @@ import fcntl
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 KEY_MODE = 0o600
@@ -91,31 +90,19 @@ def exclusive_lock(lock_path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-@dataclass(frozen=True)
 class CertsLayout:
     """Where everything lives under the certificates folder (see the README's certificate layout)."""
 
-    root: Path
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.ca_dir = root / ROOT_CA_DIR
+        self.ca_cert = self.ca_dir / "root_ca.crt"
+        self.ca_key = self.ca_dir / "root_ca.key"
+        self.crl = self.ca_dir / "crl.pem"
+        self.lock = root / LOCK_FILE
 
-    @property
-    def ca_dir(self) -> Path:
-        return self.root / ROOT_CA_DIR
-
-    @property
-    def ca_cert(self) -> Path:
-        return self.ca_dir / "root_ca.crt"
-
-    @property
-    def ca_key(self) -> Path:
-        return self.ca_dir / "root_ca.key"
-
-    @property
-    def crl(self) -> Path:
-        return self.ca_dir / "crl.pem"
-
-    @property
-    def lock(self) -> Path:
-        return self.root / LOCK_FILE
+    def __repr__(self) -> str:
+        return f"CertsLayout({self.root!r})"
 
     def entity_dir(self, name: str) -> Path:
         if not name or "/" in name or name.startswith(".") or name in (ROOT_CA_DIR, POLICY_DIR):

@@ -36,12 +36,15 @@ from pki.authority import (
     public_key_matches,
 )
 from pki.authority import verify_leaf as signed_by
+from pki.broker import DYNSEC_TOPIC, disconnect_command
 from pki.inventory import CertificateRecord, EnrolmentToken, Inventory
 from pki.profiles import DEVICE
 from pki.requests import readable_name
+from pki.service import CAService
 from pki.store import KEY_MODE, atomic_write
 
 from .conftest import LabEnv
+from .support import Collector
 
 ISSUED_FIELDS = {"name", "ca", "crt", "key", "serial", "not_after"}
 
@@ -155,6 +158,25 @@ def api_token(app: Flask, role: str = "viewer", label: str = "tests") -> str:
     """A new API token of `role`, made as `python -m dashboard.users token` makes one (shown once)."""
     _, secret = app.extensions["users"].create_token(label, role)
     return secret
+
+
+def revoke_in_process(lab: LabEnv, name: str) -> None:
+    """Revoke `name` with a CA service in this process, as the CA API would."""
+    service = CAService(lab.settings())
+    try:
+        assert service.revoke({"name": name, "pass": lab.passphrase}, source="test").ok
+    finally:
+        service.close()
+
+
+def disconnect_as_the_ca(lab: LabEnv, port: int, name: str) -> None:
+    """Close `name`'s open connection as dashboard/revocation.py does: a dynamic-security disconnect, as the
+    dashboard."""
+    ca = Collector(lab.certs_dir, "dashboard", port).connect()
+    try:
+        ca.publish(DYNSEC_TOPIC, disconnect_command(name))
+    finally:
+        ca.close()
 
 
 def csrf_of(html: str) -> str:

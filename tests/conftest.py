@@ -37,6 +37,10 @@ class LabEnv:
         return Path(self.env["DATA_DIR"])
 
     @property
+    def root_cert(self) -> Path:
+        return self.certs_dir / "root_ca" / "root_ca.crt"
+
+    @property
     def broker_port(self) -> int:
         return int(self.env["BROKER_PORT"])
 

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from lab.testing import stop_process
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Where a private daemon keeps its images between runs (its overlay2 layers need a real file system, not tmpfs).
 CACHE_ROOT = Path(os.environ.get("LAB_DOCKER_CACHE", "/var/cache/iot-ca-lab/docker"))
@@ -216,13 +218,7 @@ class Engine:
         """Stop a daemon started here (by its PID), then restore the host state it changed. Else nothing."""
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout=30)
         # Its managed containerd and shims run in the daemon's session: nothing of it may outlive the test.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)

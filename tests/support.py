@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import queue
-import random
 import signal
 import socket
 import ssl
@@ -12,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,50 +18,11 @@ import paho.mqtt.client as mqtt
 from cryptography import x509
 
 from lab.mqtt import Identity, make_client
-from pki.broker import BrokerFiles, broker_command
+from lab.testing import Broker, free_port, start_client, stop_process, wait_for
 from pki.config import PROJECT_ROOT
 
-# Ports handed to servers the tests start. The suite runs in several pytest-xdist workers at once, and a port
-# that bind(0) found free in one worker could be taken by another before its server binds it. So each worker
-# draws from its own block, below the kernel's ephemeral range (net.ipv4.ip_local_port_range starts at 32768
-# on Linux; outgoing connections take theirs from there), and never hands out the same port twice.
-PORT_BASE, PORT_BLOCK = 10000, 2500
-_ports_given: set[int] = set()
-_ports_lock = threading.Lock()
-
-
-def _worker_index() -> int:
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # gw0, gw1, ... (unset without xdist)
-    return int(worker[2:]) if worker[2:].isdigit() else 0
-
-
-def free_port() -> int:
-    """A loopback TCP port that is free now and that no other worker of this test run will hand out."""
-    first = PORT_BASE + (_worker_index() % 8) * PORT_BLOCK
-    with _ports_lock:
-        for port in random.sample(range(first, first + PORT_BLOCK), PORT_BLOCK):
-            if port in _ports_given:
-                continue
-            with socket.socket() as sock:
-                try:
-                    sock.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            _ports_given.add(port)
-            return port
-    raise RuntimeError(f"no free port left in {first}-{first + PORT_BLOCK - 1}")
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> Any:
-    """Poll `predicate` until it returns something truthy; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(interval)
+__all__ = ["Broker", "Collector", "ThermometerProcess", "established_to", "free_port", "refused", "stop_process",
+           "wait_for"]
 
 
 def served_serial(port: int, cafile: Path, host: str = "localhost") -> str:
@@ -102,59 +61,6 @@ def established_to(pid: int, port: int) -> int:
             if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
                 count += 1
     return count
-
-
-class Broker:
-    """Mosquitto running the config the generator rendered into `certs/mosquitto/mosquitto.conf`."""
-
-    def __init__(self, certs_dir: Path, data_dir: Path, port: int) -> None:
-        self.files = BrokerFiles(certs_dir, data_dir)
-        self.port = port
-        self.log_path = data_dir / "mosquitto.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Broker:
-        self.files.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        self.process = subprocess.Popen(broker_command(self.files), stdout=log, stderr=log)
-        log.close()
-        wait_for(self._accepting, timeout=10, what=f"mosquitto on port {self.port}; log:\n{self.log()}")
-        return self
-
-    def _accepting(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            raise AssertionError(f"mosquitto exited with {self.process.returncode}:\n{self.log()}")
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                return True
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def reload(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGHUP)
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
 
 
 class Collector:
@@ -200,10 +106,7 @@ class Collector:
         self.published.add(mid)
 
     def connect(self, timeout: float = 10) -> Collector:
-        self.client.connect("localhost", self.port, keepalive=30)
-        self.client.loop_start()
-        if not self.connected.wait(timeout):
-            self.client.loop_stop()
+        if not start_client(self.client, self.port, self.connected, timeout):
             raise AssertionError(f"could not connect (reason {self.connect_reason})")
         return self
 
@@ -244,6 +147,21 @@ class Collector:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def refused(port: int, identity: Identity) -> bool:
+    """A fresh connection with `identity` gets no CONNACK (the TLS handshake fails, or the broker says no)."""
+    client = Collector(Path("."), "", port, identity=identity)  # the identity names its own files
+    try:
+        client.client.connect("localhost", port, keepalive=10)
+    except (ssl.SSLError, OSError):
+        return True
+    client.client.loop_start()
+    try:
+        return not client.connected.wait(3)
+    finally:
+        client.client.disconnect()
+        client.client.loop_stop()
 
 
 class ThermometerProcess:

@@ -52,17 +52,14 @@ class ACME:
     http01_port: int
     work: Path
 
-    @property
-    def root(self) -> Path:
-        return self.lab.certs_dir / "root_ca" / "root_ca.crt"
-
     def certbot(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """certbot with temporary dirs, trusting the lab root for its requests (REQUESTS_CA_BUNDLE)."""
         dirs = ["--config-dir", str(self.work / "config"), "--work-dir", str(self.work / "work"),
                 "--logs-dir", str(self.work / "logs")]
         assert CERTBOT is not None
         result = subprocess.run([CERTBOT, *args, *dirs], text=True, capture_output=True, timeout=120,
-                                env={**os.environ, "REQUESTS_CA_BUNDLE": str(self.root)}, stdin=subprocess.DEVNULL)
+                                env={**os.environ, "REQUESTS_CA_BUNDLE": str(self.lab.root_cert)},
+                                stdin=subprocess.DEVNULL)
         if check:
             assert result.returncode == 0, f"certbot {args}\n{result.stdout}\n{result.stderr}\n{self.log()}"
         return result
@@ -99,7 +96,8 @@ def acme(app: Flask, generated_lab: LabEnv, tmp_path: Path) -> Iterator[ACME]:
 
 def test_certbot_issues_renews_and_revokes_a_server_certificate(acme: ACME) -> None:
     acme.certonly("localhost")
-    verify = acme.openssl("verify", "-CAfile", str(acme.root), "-purpose", "sslserver", str(acme.live("localhost")))
+    verify = acme.openssl("verify", "-CAfile", str(acme.lab.root_cert), "-purpose", "sslserver",
+                          str(acme.live("localhost")))
     assert verify.returncode == 0, verify.stderr
     first = x509.load_pem_x509_certificate(acme.live("localhost").read_bytes())
     san = first.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -152,7 +150,8 @@ def test_mosquitto_runs_on_the_acme_certificate_and_a_thermometer_connects(
     try:
         wait_for(lambda: _accepting(port, broker), timeout=10, what="mosquitto on the ACME certificate")
         # The broker really presents the ACME certificate.
-        shown = subprocess.run(["openssl", "s_client", "-connect", f"localhost:{port}", "-CAfile", str(acme.root),
+        shown = subprocess.run(["openssl", "s_client", "-connect", f"localhost:{port}", "-CAfile",
+                                str(acme.lab.root_cert),
                                 "-verify_return_error", "-verify_hostname", "localhost"], input="", text=True,
                                capture_output=True, timeout=30)
         issued = x509.load_pem_x509_certificate(acme.live("localhost").read_bytes())
@@ -184,7 +183,7 @@ class Client:
     def __init__(self, acme: ACME) -> None:
         self.acme = acme
         self.session = requests.Session()
-        self.session.verify = str(acme.root)
+        self.session.verify = str(acme.lab.root_cert)
         self.session.trust_env = False
         self.directory = self.session.get(acme.directory, timeout=10).json()
         self.key = jose.JWKEC(key=ec.generate_private_key(ec.SECP256R1()))

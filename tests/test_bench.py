@@ -18,19 +18,31 @@ pytestmark = pytest.mark.integration
 
 
 def run_bench(script: str, results: str, out: Path, *args: str, timeout: float = 240) -> tuple[str, dict[str, Any]]:
-    """Run `bench/<script> --out <out> <args>`; (its stdout, the results file `<out>/<results>.json`)."""
-    result = subprocess.run([sys.executable, f"bench/{script}", "--out", str(out), *args], cwd=PROJECT_ROOT,
+    """Run `python -m bench.<script> --out <out> <args>`; (its stdout, the results file `<out>/<results>.json`)."""
+    result = subprocess.run([sys.executable, "-m", f"bench.{script.removesuffix('.py')}", "--out", str(out), *args],
+                            cwd=PROJECT_ROOT,
                             capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout, json.loads((out / f"{results}.json").read_text())
 
 
-@pytest.mark.parametrize("script", ["issuance.py", "enrol_storm.py", "revocation.py"])
-def test_bench_help(script: str) -> None:
-    result = subprocess.run([sys.executable, f"bench/{script}", "--help"], cwd=PROJECT_ROOT, capture_output=True,
-                            text=True, timeout=60)
+@pytest.mark.parametrize("module", ["issuance", "enrol_storm", "revocation", "telemetry", "fleet", "paho_subscriber"])
+def test_bench_help(module: str) -> None:
+    result = subprocess.run([sys.executable, "-m", f"bench.{module}", "--help"], cwd=PROJECT_ROOT,
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "usage: bench/" in result.stdout and "--out" in result.stdout
+    assert f"usage: python -m bench.{module}" in result.stdout
+    assert module == "paho_subscriber" or "--out" in result.stdout
+
+
+def test_the_benches_import_nothing_from_tests() -> None:
+    """bench/ and tests/ share lab.testing; `python -m bench.…` needs no tests package."""
+    modules = sorted(f"bench.{path.stem}" for path in (PROJECT_ROOT / "bench").glob("*.py") if path.stem != "__init__")
+    code = (f"import sys; [__import__(m) for m in {modules!r}]; "
+            "sys.exit(', '.join(m for m in sys.modules if m.split('.')[0] == 'tests') or None)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
 
 
 def test_issuance_bench_runs_every_level(tmp_path: Path) -> None:
@@ -81,14 +93,6 @@ def test_revocation_bench_cuts_the_device_off(tmp_path: Path) -> None:
 
 
 # -- the telemetry half: pipeline and fleet --------------------------------------------------------------
-
-
-@pytest.mark.parametrize("script", ["telemetry.py", "fleet.py", "paho_subscriber.py"])
-def test_telemetry_bench_help(script: str) -> None:
-    result = subprocess.run([sys.executable, f"bench/{script}", "--help"], cwd=PROJECT_ROOT, capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert f"usage: bench/{script}" in result.stdout
 
 
 def test_telemetry_bench_measures_baseline_ingest_and_latency(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from pki.authority import CertificateAuthority, cert_pem, generate_private_key, 
 from pki.profiles import DEVICE
 
 from .conftest import LabEnv
-from .support import Broker, Collector, wait_for
+from .support import Broker, Collector, refused, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -47,20 +47,6 @@ def _foreign_identity(tmp_path: Path, cn: str, *, days: int = 30, now: dt.dateti
     (tmp_path / f"{cn}.crt").write_bytes(cert_pem(cert))
     (tmp_path / f"{cn}.key").write_bytes(key_pem(key))
     return Identity(root, tmp_path / f"{cn}.crt", tmp_path / f"{cn}.key")
-
-
-def _refused(session_lab: LabEnv, port: int, identity: Identity) -> bool:
-    client = Collector(session_lab.certs_dir, "", port, identity=identity)
-    try:
-        client.client.connect("localhost", port, keepalive=10)
-    except (ssl.SSLError, OSError):
-        return True
-    client.client.loop_start()
-    try:
-        connected = client.connected.wait(3)
-        return not connected
-    finally:
-        client.client.loop_stop()
 
 
 def test_client_without_a_certificate_is_refused(session_lab: LabEnv, session_broker: Broker) -> None:
@@ -92,14 +78,14 @@ def test_self_signed_client_is_refused(session_lab: LabEnv, session_broker: Brok
     (tmp_path / "ss.crt").write_bytes(cert_pem(self_signed))
     (tmp_path / "ss.key").write_bytes(key_pem(key))
     identity = Identity(session_lab.certs_dir / "root_ca" / "root_ca.crt", tmp_path / "ss.crt", tmp_path / "ss.key")
-    assert _refused(session_lab, session_broker.port, identity)
+    assert refused(session_broker.port, identity)
 
 
 def test_certificate_from_another_ca_with_the_same_cn_is_refused(
     session_lab: LabEnv, session_broker: Broker, tmp_path: Path
 ) -> None:
     identity = _foreign_identity(tmp_path, "device001", root=session_lab.certs_dir / "root_ca" / "root_ca.crt")
-    assert _refused(session_lab, session_broker.port, identity)
+    assert refused(session_broker.port, identity)
 
 
 def test_expired_certificate_is_refused(session_lab: LabEnv, session_broker: Broker, tmp_path: Path) -> None:
@@ -108,10 +94,10 @@ def test_expired_certificate_is_refused(session_lab: LabEnv, session_broker: Bro
                                    session_lab.passphrase)
     past = dt.datetime.now(dt.UTC) - dt.timedelta(days=10)
     identity = _foreign_identity(tmp_path, "device001", days=2, now=past, ca=ca, root=root_dir / "root_ca.crt")
-    assert _refused(session_lab, session_broker.port, identity)
+    assert refused(session_broker.port, identity)
     # the same CA's fresh certificate is accepted, so the refusal above is about the dates
     fresh = _foreign_identity(tmp_path, "device001", days=2, ca=ca, root=root_dir / "root_ca.crt")
-    assert not _refused(session_lab, session_broker.port, fresh)
+    assert not refused(session_broker.port, fresh)
 
 
 def test_tls_1_1_is_refused(session_lab: LabEnv, session_broker: Broker) -> None:

@@ -6,10 +6,8 @@ CA API behind the form, signals to stop a device. The screenshot lands in test-o
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import urllib.error
@@ -21,9 +19,11 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
+from lab.testing import DashboardProcess
+
 from .ca_support import issue_aged_certificate
 from .conftest import PROJECT_ROOT, LabEnv
-from .support import Broker, ThermometerProcess, free_port, wait_for
+from .support import Broker, ThermometerProcess, wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
@@ -32,58 +32,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 OUTPUT = PROJECT_ROOT / "test-output"
 DEVICES = ("device001", "device002")
-
-
-class DashboardProcess:
-    """`python -m dashboard` with the lab's environment, as `./setup.sh native` runs it."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
-        self.env = {**os.environ, **env, "DASHBOARD_PORT": str(self.port),
-                    "CA_HTTPS_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
-        self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/"
-
-    def start(self) -> DashboardProcess:
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "dashboard"], env=self.env, cwd=PROJECT_ROOT,
-                                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        wait_for(self._mqtt_connected, timeout=20, what=f"the dashboard's MQTT connection; log:\n{self.log()}")
-        return self
-
-    def health(self) -> dict[str, Any] | None:
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        try:
-            with opener.open(self.url + "healthz", timeout=2) as response:
-                return json.load(response)
-        except OSError:
-            return None
-
-    def _mqtt_connected(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"the dashboard exited with {self.process.returncode}:\n{self.log()}")
-        health = self.health()
-        return bool(health and health["mqtt"]["connected"])
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 @pytest.fixture

@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 from cryptography import x509
 
+from lab.testing import DashboardProcess
+
 from .conftest import LabEnv
 from .support import Broker
-from .test_browser import DashboardProcess
 
 pytestmark = pytest.mark.integration
 

@@ -31,6 +31,7 @@ from cryptography import x509
 
 from dashboard.accounts import UserStore
 from lab import compose as lab_compose
+from lab.testing import child_pids, processes
 from pki.authority import subject_alt_names
 from pki.broker import (
     DOCKER_DYNSEC_PLUGIN,
@@ -594,13 +595,6 @@ def test_the_dashboard_container_command_serves_the_healthcheck(
 # -- the broker's entrypoint ---------------------------------------------------------------------------
 
 
-def children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
 @pytest.mark.integration
 def test_the_broker_entrypoint_reloads_on_revocation_and_stops_on_sigterm(generated_lab: LabEnv) -> None:
     files = BrokerFiles(generated_lab.certs_dir, generated_lab.data_dir)
@@ -616,7 +610,7 @@ def test_the_broker_entrypoint_reloads_on_revocation_and_stops_on_sigterm(genera
     try:
         wait_for(lambda: subprocess.run(health, capture_output=True, timeout=10).returncode == 0, timeout=15,
                  what=f"the healthcheck\n{log_path.read_text()}")
-        (broker_pid,) = [c for c in children(entry.pid) if b"mosquitto" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        (broker_pid,) = [c for c in child_pids(entry.pid) if b"mosquitto" in Path(f"/proc/{c}/cmdline").read_bytes()]
         assert json.loads(files.dynsec_file.read_text()) == json.loads(DYNSEC_INITIAL)
         watcher = Collector(generated_lab.certs_dir, "dashboard", port).connect()
         watcher.subscribe("iot/thermometer/#")
@@ -645,7 +639,7 @@ def test_the_broker_entrypoint_reloads_on_revocation_and_stops_on_sigterm(genera
         if entry.poll() is None:
             entry.kill()
             entry.wait()
-        for pid in children(entry.pid):
+        for pid in child_pids(entry.pid):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -665,16 +659,7 @@ def test_setup_sh_parses() -> None:
 
 def lab_processes(marker: str) -> list[int]:
     """Processes whose environment carries this test's marker (children inherit it)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if marker.encode() in (proc / "environ").read_bytes():
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
+    return processes(lambda proc: marker.encode() in (proc / "environ").read_bytes())
 
 
 @pytest.mark.integration
@@ -720,7 +705,8 @@ def test_setup_without_a_docker_engine_runs_the_whole_lab_natively(tmp_path: Pat
             headers["Authorization"] = f"Bearer {store.create_token('setup-test', 'viewer')[1]}"
         finally:
             store.close()
-        first_line = log_path.read_text().splitlines()[0]
+        # The first line after the bootstrap's own steps (`==> ...`, when the venv needs work) says the mode.
+        first_line = next(line for line in log_path.read_text().splitlines() if not line.startswith(("==> ", "    ")))
         assert first_line.startswith("No Docker engine answers (") and "running the lab natively" in first_line
         assert (tmp_path / "lab.env").exists(), "setup.sh writes the settings file it was given"
         setup_log = log_path.read_text()
@@ -811,7 +797,8 @@ def test_setup_docker_mode_builds_generates_in_the_image_then_starts(tmp_path: P
                               timeout=300, stdin=subprocess.DEVNULL)
 
     first = setup()
-    assert first.stdout.splitlines()[0].startswith("Docker engine found"), first.stdout
+    mode = next(line for line in first.stdout.splitlines() if not line.startswith(("==> ", "    ")))
+    assert mode.startswith("Docker engine found"), first.stdout
     # Nothing answers on the dashboard port: the health wait fails and says where to look.
     assert first.returncode == 1
     assert "did not become healthy" in first.stderr and "docker-compose logs --tail 50" in first.stderr

@@ -278,6 +278,23 @@ def test_the_page_is_self_contained(app: Flask, generated_lab: LabEnv) -> None:
         "/static/app.css", "/static/app.js", "/static/vendor/chart.umd.min.js", "/static/vendor/socket.io.min.js"}
     for asset in assets:
         assert client.get(asset).status_code == 200, asset
+    # app.js is the entry of native ES modules (no build step); every module it reaches is served from here and
+    # renders text only (no innerHTML, no eval, nothing CSP's script-src 'self' would have to allow).
+    assert re.search(r'<script type="module" src="/static/app.js\?', html)
+    seen, todo = set(), ["app.js"]
+    while todo:
+        module = todo.pop()
+        source = client.get(f"/static/{module}")
+        assert source.status_code == 200 and "javascript" in source.content_type, module
+        text = source.get_data(as_text=True)
+        assert not re.search(r"innerHTML|outerHTML|insertAdjacentHTML|\beval\(|new Function", text), module
+        seen.add(module)
+        base = module.rsplit("/", 1)[0] + "/" if "/" in module else ""
+        for found in re.findall(r'^import (?:.* from )?"\./([^"]+)";', text, re.MULTILINE):
+            name = base + found
+            if name not in seen:
+                todo.append(name)
+    assert len(seen) >= 8, seen
     assert 'aria-live="polite"' in html and 'role="log"' in html
     assert 'data-devices="device001,device002"' in html
     # The certificate banner links to the table; renew/revoke confirm in a dialog, without the CA passphrase

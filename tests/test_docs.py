@@ -11,11 +11,12 @@ import pytest
 from flask.testing import FlaskClient
 from playwright.sync_api import Browser, Route
 
+from lab.testing import DashboardProcess
 from pki.replies import Error, Issued
 
 from .conftest import LabEnv
 from .support import Broker
-from .test_browser import DashboardProcess, browser, log_in  # noqa: F401 - the browser fixture
+from .test_browser import browser, log_in  # noqa: F401 - the browser fixture
 
 
 def refs(node: Any) -> Iterator[str]:

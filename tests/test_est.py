@@ -36,13 +36,11 @@ class EST:
     base: str
     work: Path
 
-    @property
-    def root(self) -> Path:
-        return self.lab.certs_dir / "root_ca" / "root_ca.crt"
-
     def sh(self, command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """`command` in bash, in the work folder; $ROOT is the lab's root certificate."""
         result = subprocess.run(["bash", "-c", "set -euo pipefail\n" + command], cwd=self.work, text=True,
-                                capture_output=True, timeout=60)
+                                capture_output=True, timeout=60,
+                                env={**os.environ, "ROOT": str(self.lab.root_cert)})
         if check:
             assert result.returncode == 0, f"{command}\nexit {result.returncode}\n{result.stdout}\n{result.stderr}"
         return result
@@ -60,14 +58,14 @@ class EST:
     def enrol(self, user: str, secret: str, stem: str, *, extra: str = "") -> tuple[int, str]:
         """curl simpleenroll (or `extra` curl options); (HTTP status, headers). 200: <stem>.crt holds the cert."""
         result = self.sh(
-            f"curl -sS --cacert {self.root} -u {shlex.quote(user + ':' + secret)} --data-binary @{stem}.b64 "
+            f"curl -sS --cacert $ROOT -u {shlex.quote(user + ':' + secret)} --data-binary @{stem}.b64 "
             f"-H 'Content-Type: application/pkcs10' -D {stem}.headers -o {stem}.p7.b64 -w '%{{http_code}}' "
             f"{extra} {self.base}/simpleenroll")
         return int(result.stdout), (self.work / f"{stem}.headers").read_text()
 
     def reenrol(self, cert: str, key: str, stem: str) -> int:
         result = self.sh(
-            f"curl -sS --cacert {self.root} --cert {cert} --key {key} --data-binary @{stem}.b64 "
+            f"curl -sS --cacert $ROOT --cert {cert} --key {key} --data-binary @{stem}.b64 "
             f"-H 'Content-Type: application/pkcs10' -o {stem}.p7.b64 -w '%{{http_code}}' {self.base}/simplereenroll")
         return int(result.stdout)
 
@@ -90,17 +88,17 @@ def est(app: Flask, generated_lab: LabEnv, tmp_path: Path) -> Iterator[EST]:
 
 
 def test_cacerts_gives_the_root(est: EST) -> None:
-    est.sh(f"curl -sS --cacert {est.root} {est.base}/cacerts | base64 -d | "
+    est.sh(f"curl -sS --cacert $ROOT {est.base}/cacerts | base64 -d | "
            "openssl pkcs7 -inform DER -print_certs -out cacerts.pem")
     got = x509.load_pem_x509_certificates((est.work / "cacerts.pem").read_bytes())
-    assert got == [x509.load_pem_x509_certificate(est.root.read_bytes())]
-    headers = est.sh(f"curl -sS --cacert {est.root} -D - -o /dev/null {est.base}/cacerts").stdout.lower()
+    assert got == [x509.load_pem_x509_certificate(est.lab.root_cert.read_bytes())]
+    headers = est.sh(f"curl -sS --cacert $ROOT -D - -o /dev/null {est.base}/cacerts").stdout.lower()
     assert "content-type: application/pkcs7-mime; smime-type=certs-only" in headers
     assert "content-transfer-encoding: base64" in headers
 
 
 def test_csrattrs_asks_for_ecdsa_with_sha256(est: EST) -> None:
-    out = est.sh(f"curl -sS --cacert {est.root} {est.base}/csrattrs | base64 -d | openssl asn1parse -inform DER")
+    out = est.sh(f"curl -sS --cacert $ROOT {est.base}/csrattrs | base64 -d | openssl asn1parse -inform DER")
     assert "ecdsa-with-SHA256" in out.stdout
 
 
@@ -112,13 +110,13 @@ def test_simpleenroll_with_a_token_issues_a_client_certificate_that_connects_to_
     assert status == 200, (est.work / "dev.p7.b64").read_text()
     assert "content-type: application/pkcs7-mime; smime-type=certs-only" in headers.lower()
     cert = est.unpack("dev")
-    est.sh(f"openssl verify -CAfile {est.root} -purpose sslclient dev.crt")
-    assert est.sh(f"openssl verify -CAfile {est.root} -purpose sslserver dev.crt", check=False).returncode != 0
+    est.sh("openssl verify -CAfile $ROOT -purpose sslclient dev.crt")
+    assert est.sh("openssl verify -CAfile $ROOT -purpose sslserver dev.crt", check=False).returncode != 0
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "est-device1"
     (record,) = est.service.inventory.list(name="est-device1")
     assert (record.issued_via, record.role, record.status) == ("est", "device", "active")
     # The certificate and its key (made by openssl, never seen by the CA) log in to the real broker.
-    est.sh(f"mosquitto_pub -h localhost -p {broker.port} --cafile {est.root} --cert dev.crt --key dev.key "
+    est.sh(f"mosquitto_pub -h localhost -p {broker.port} --cafile $ROOT --cert dev.crt --key dev.key "
            "-i est-device1 -q 1 -t iot/thermometer/est-device1/temperature -m '{\"temperature\": 21.5}'")
 
 
@@ -133,7 +131,7 @@ def test_a_reused_or_wrong_token_gets_401_and_nothing_is_written(est: EST) -> No
         assert status == 401, (user, (est.work / "again.p7.b64").read_text())
         assert 'www-authenticate: basic realm="iot-ca-est"' in headers.lower()
     # No credential at all: 401 with the challenge too.
-    no_auth = est.sh(f"curl -sS --cacert {est.root} --data-binary @again.b64 -H 'Content-Type: application/pkcs10' "
+    no_auth = est.sh(f"curl -sS --cacert $ROOT --data-binary @again.b64 -H 'Content-Type: application/pkcs10' "
                      f"-D - -o /dev/null {est.base}/simpleenroll").stdout.lower()
     assert no_auth.startswith("http/1.1 401") and "www-authenticate: basic" in no_auth
     assert lab_state(est.lab) == before
@@ -157,7 +155,7 @@ def test_the_ca_passphrase_also_enrols(est: EST) -> None:
     est.csr("collector7", "c7")
     assert est.enrol("collector7", est.lab.passphrase, "c7")[0] == 200
     est.unpack("c7")
-    est.sh(f"openssl verify -CAfile {est.root} -purpose sslclient c7.crt")
+    est.sh("openssl verify -CAfile $ROOT -purpose sslclient c7.crt")
 
 
 def test_bad_requests_get_400_and_415(est: EST) -> None:
@@ -180,14 +178,14 @@ def test_simplereenroll_with_the_current_certificate_and_not_with_a_superseded_o
     est.csr("est-device5", "v2")
     assert est.reenrol("v1.crt", "v1.key", "v2") == 200
     second = est.unpack("v2")
-    est.sh(f"openssl verify -CAfile {est.root} -purpose sslclient v2.crt")
+    est.sh("openssl verify -CAfile $ROOT -purpose sslclient v2.crt")
     assert second.serial_number != first.serial_number and second.subject == first.subject
     # The superseded certificate cannot renew again (it would fork the identity).
     before = lab_state(est.lab)
     est.csr("est-device5", "v3")
     assert est.reenrol("v1.crt", "v1.key", "v3") == 403
     # Without a client certificate: 401; and with the current certificate the CSR must be for a new key.
-    assert int(est.sh(f"curl -sS --cacert {est.root} --data-binary @v3.b64 -H 'Content-Type: application/pkcs10' "
+    assert int(est.sh(f"curl -sS --cacert $ROOT --data-binary @v3.b64 -H 'Content-Type: application/pkcs10' "
                       f"-o /dev/null -w '%{{http_code}}' {est.base}/simplereenroll").stdout) == 401
     (est.work / "same.b64").write_bytes((est.work / "v2.b64").read_bytes())
     assert est.reenrol("v2.crt", "v2.key", "same") == 400
@@ -203,7 +201,7 @@ def test_a_certificate_from_another_ca_is_refused_by_tls(est: EST, tmp_path: Pat
     est.sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout rogue.key -out rogue.crt "
            "-subj /CN=est-device6 -days 1")
     est.csr("est-device6", "new")
-    result = est.sh(f"curl -sS --cacert {est.root} --cert rogue.crt --key rogue.key --data-binary @new.b64 "
+    result = est.sh(f"curl -sS --cacert $ROOT --cert rogue.crt --key rogue.key --data-binary @new.b64 "
                     f"-H 'Content-Type: application/pkcs10' {est.base}/simplereenroll", check=False)
     assert result.returncode != 0  # the handshake fails: the server verifies offered certificates against the root
 
@@ -214,7 +212,7 @@ def test_a_thermometer_enrols_and_renews_by_est(
     # First enrolment: a new device with only the root pinned and a token; ENROL=est.
     folder = tmp_path / "est-therm"
     folder.mkdir()
-    shutil.copy(est.root, folder / "root_ca.crt")
+    shutil.copy(est.lab.root_cert, folder / "root_ca.crt")
     files = {"CA_CERT_PATH": str(folder / "root_ca.crt"), "CLIENT_CERT_PATH": str(folder / "est-therm.crt"),
              "CLIENT_KEY_PATH": str(folder / "est-therm.key")}
     env = device_env(est.lab, "est-therm", ENROL="est", EST_URL=est.base, ENROL_TOKEN=est.token("est-therm"),
@@ -251,7 +249,7 @@ def test_a_silent_client_does_not_stall_the_endpoint(est: EST) -> None:
     """A local process that connects and never starts TLS holds one connection, not the whole endpoint."""
     port = int(est.base.split(":")[2].split("/")[0])
     with socket.create_connection(("127.0.0.1", port)), socket.create_connection(("127.0.0.1", port)):
-        est.sh(f"curl -sS --max-time 10 --cacert {est.root} -o /dev/null {est.base}/cacerts")
+        est.sh(f"curl -sS --max-time 10 --cacert $ROOT -o /dev/null {est.base}/cacerts")
 
 
 def test_python_m_dashboard_serves_est_and_acme_on_ca_https_port(generated_lab: LabEnv, tmp_path: Path) -> None:

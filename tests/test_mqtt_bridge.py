@@ -16,20 +16,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from dashboard.mqtt_bridge import ChunkedReadClient, MqttBridge, PublishProperties, decode_plain_publish
+from lab.testing import mqtt_varint as varint
 
 from .conftest import LabEnv
 from .support import Broker, Collector, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | 0x80 if n else byte)
-        if not n:
-            return bytes(out)
 
 
 def publish_body(topic: bytes, identifiers: list[int], payload: bytes, extra_properties: bytes = b"") -> bytes:

@@ -16,6 +16,7 @@ import pytest
 
 from lab.native import PIDS_FILE, pid_alive, port_accepts, read_pids
 
+from .ca_support import disconnect_as_the_ca, revoke_in_process
 from .conftest import PROJECT_ROOT, LabEnv
 from .support import Collector, free_port, wait_for
 
@@ -210,23 +211,12 @@ def test_wrong_passphrase_exits_2_and_starts_nothing(generated_lab: LabEnv) -> N
 def test_a_revoked_thermometer_is_not_restarted_nor_started_again(
     lab_env: LabEnv, native_labs: list[NativeLab]
 ) -> None:
-    from pki.broker import DYNSEC_TOPIC, disconnect_command
-    from pki.service import CAService
-
     lab = start(native_labs, lab_env, "--no-dashboard")
     lab.wait_output("The lab is up")
     lab.wait_output("device001 connected")
-    service = CAService(lab_env.settings())
-    try:
-        assert service.revoke({"name": "device001", "pass": lab_env.passphrase}, source="test").ok
-    finally:
-        service.close()
-    # No dashboard app in this run: the test closes the revoked connection as the CA would (dashboard/revocation.py).
-    dashboard = Collector(lab_env.certs_dir, "dashboard", lab_env.broker_port).connect()
-    try:
-        dashboard.publish(DYNSEC_TOPIC, disconnect_command("device001"))
-    finally:
-        dashboard.close()
+    revoke_in_process(lab_env, "device001")
+    # No dashboard app in this run: the test closes the revoked connection as the CA would.
+    disconnect_as_the_ca(lab_env, lab_env.broker_port, "device001")
     lab.wait_output("[runner] device001's certificate is revoked (exit 3): not restarted", timeout=20)
     assert "the CA revoked its certificate" in lab.output()
     assert "--devices device001" in lab.output()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import signal
-import ssl
 import subprocess
 import threading
 import time
@@ -25,9 +24,9 @@ from pki.broker import CRL_LIFETIME, DYNSEC_TOPIC, BrokerFiles, current_crl_numb
 from pki.service import CAService
 from pki.store import atomic_write
 
-from .ca_support import api_token, close_app, lab_state, make_app, make_csr
+from .ca_support import api_token, close_app, disconnect_as_the_ca, lab_state, make_app, make_csr, revoke_in_process
 from .conftest import PROJECT_ROOT, LabEnv
-from .support import Broker, Collector, ThermometerProcess, established_to, wait_for
+from .support import Broker, Collector, ThermometerProcess, established_to, refused, wait_for
 
 
 def serial_of(lab: LabEnv, name: str) -> str:
@@ -36,21 +35,6 @@ def serial_of(lab: LabEnv, name: str) -> str:
 
 def crl_serials(data: bytes) -> set[str]:
     return {format(entry.serial_number, "x") for entry in x509.load_pem_x509_crl(data)}
-
-
-def refused(lab: LabEnv, port: int, name: str) -> bool:
-    """A fresh connection with `name`'s certificate gets no CONNACK (the TLS handshake fails)."""
-    client = Collector(lab.certs_dir, name, port, identity=Identity.of(lab.certs_dir, name))
-    try:
-        client.client.connect("localhost", port, keepalive=10)
-    except (ssl.SSLError, OSError):
-        return True
-    client.client.loop_start()
-    try:
-        return not client.connected.wait(3)
-    finally:
-        client.client.disconnect()
-        client.client.loop_stop()
 
 
 def thermometer(lab: LabEnv, device: str) -> ThermometerProcess:
@@ -94,8 +78,8 @@ def test_revoking_a_connected_device_cuts_it_off(generated_lab: LabEnv, broker: 
         assert devices[0].process is not None and devices[0].process.poll() is None
 
         # A new connection with the revoked certificate is refused; device002 is unaffected.
-        assert refused(generated_lab, broker.port, "device001")
-        assert not refused(generated_lab, broker.port, "device002")
+        assert refused(broker.port, Identity.of(generated_lab.certs_dir, "device001"))
+        assert not refused(broker.port, Identity.of(generated_lab.certs_dir, "device002"))
 
         # The revocation survives a broker restart: CRL and ACL are files the broker reads at start.
         observer.close()
@@ -105,7 +89,7 @@ def test_revoking_a_connected_device_cuts_it_off(generated_lab: LabEnv, broker: 
         wait_for(lambda: len(from_device(observer.received, "device002")) >= 5, timeout=20,
                  what="device002's thermometer to reconnect and publish")
         assert from_device(observer.received, "device001") == []
-        assert refused(generated_lab, broker.port, "device001")
+        assert refused(broker.port, Identity.of(generated_lab.certs_dir, "device001"))
         assert serial in crl_serials(client.get("/v1/ssl/crl").data)
     finally:
         for device in devices:
@@ -345,17 +329,9 @@ def test_on_revoked_wait_keeps_the_thermometer_waiting_until_a_new_certificate(
     env = {k: v for k, v in generated_lab.env.items() if k != "CA_PASSPHRASE"}
     device = start_thermometer({**env, "DEVICE_ID": "device001", "PUBLISH_INTERVAL": "0.2", "ON_REVOKED": "wait"})
     device.wait_output("device001 connected")
-    service = CAService(generated_lab.settings())
-    try:
-        assert service.revoke({"name": "device001", "pass": generated_lab.passphrase}, source="test").ok
-    finally:
-        service.close()
+    revoke_in_process(generated_lab, "device001")
     wait_for(lambda: "Reloading config" in broker.log(), what="the broker to reload")
-    ca = Collector(generated_lab.certs_dir, "dashboard", broker.port).connect()  # as dashboard/revocation.py does
-    try:
-        ca.publish(DYNSEC_TOPIC, disconnect_command("device001"))
-    finally:
-        ca.close()
+    disconnect_as_the_ca(generated_lab, broker.port, "device001")
     device.wait_output("waiting for a new certificate")
     assert device.process.poll() is None
     attempts = broker.log().count("New connection from")

@@ -48,6 +48,16 @@ def expect_status(collector: Collector, device_id: str, wanted: str, timeout: fl
             return bool(message.retain)
 
 
+def retained_status(lab: LabEnv, port: int, device_id: str, wanted: str) -> bool:
+    """What a subscriber that arrives later learns: is `wanted` the device's retained status?"""
+    late = Collector(lab.certs_dir, "dashboard", port).connect()
+    try:
+        late.subscribe(f"iot/thermometer/{device_id}/status")
+        return expect_status(late, device_id, wanted) is True
+    finally:
+        late.close()
+
+
 # -- against the broker -----------------------------------------------------------------------------
 
 
@@ -79,12 +89,7 @@ def test_readings_reach_the_dashboard_with_the_contract_shape(
     assert len({r["temperature"] for r in got}) > 1  # and not a constant either
 
     # A subscriber that arrives later learns the device is online from the retained status.
-    late = Collector(session_lab.certs_dir, "dashboard", session_broker.port).connect()
-    try:
-        late.subscribe("iot/thermometer/device001/status")
-        assert expect_status(late, "device001", "online") is True
-    finally:
-        late.close()
+    assert retained_status(session_lab, session_broker.port, "device001", "online")
     assert thermometer.terminate() == 0
 
 
@@ -115,12 +120,7 @@ def test_sigterm_publishes_offline_delivers_everything_and_exits_0(
     assert sorted(set(sent)) == list(range(1, max(sent) + 1))
     assert "offline acknowledged" in output
     # A new subscriber sees the retained `offline` (the device said goodbye; no will was needed).
-    late = Collector(session_lab.certs_dir, "dashboard", session_broker.port).connect()
-    try:
-        late.subscribe("iot/thermometer/device002/status")
-        assert expect_status(late, "device002", "offline") is True
-    finally:
-        late.close()
+    assert retained_status(session_lab, session_broker.port, "device002", "offline")
     assert "Client device002 disconnected." in session_broker.log()  # a clean DISCONNECT, not a timeout
 
 

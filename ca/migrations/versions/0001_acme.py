@@ -1,4 +1,4 @@
-"""ACME state: nonces, accounts, orders, authorizations (Step 14).
+"""ACME state: nonces, accounts, orders, authorizations.
 
 Revision ID: 0001
 Revises:

@@ -1,4 +1,4 @@
-"""Dashboard accounts and API tokens (Step 11: operator access).
+"""Dashboard accounts and API tokens (operator access).
 
 Revision ID: 0002
 Revises: 0001

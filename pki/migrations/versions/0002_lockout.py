@@ -1,4 +1,4 @@
-"""The lockout's failures in the database (Step 11): counted per requester, kept across restarts, shared by every
+"""The lockout's failures in the database: counted per requester, kept across restarts, shared by every
 CA process.
 
 Revision ID: 0002
