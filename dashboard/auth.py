@@ -59,7 +59,7 @@ SESSION_COOKIE = "iotca_session"
 CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 # Endpoints anyone may call; the seed's CA routes check their own credential (`pass` or an enrolment token).
-PUBLIC_ENDPOINTS = {"static", "auth.login", "views.healthz", "ca_http.ca_certificate", "ca_http.crl",
+PUBLIC_ENDPOINTS = {"static", "auth.login", "health.healthz", "ca_http.ca_certificate", "ca_http.crl",
                     "ca_http.openapi"}
 SEED_CA_ENDPOINTS = {"ca_http.sign", "ca_http.create", "ca_http.revoke", "ca_http.tokens"}
 LOGIN_LIMIT_PER_SOURCE = "20 per minute;100 per hour"
