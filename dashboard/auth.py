@@ -45,6 +45,7 @@ from flask import (
 )
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
+from werkzeug.exceptions import MethodNotAllowed
 
 from pki.config import ConfigError, Settings
 
@@ -256,6 +257,8 @@ def guard() -> Response | None:
                 return _refuse(403, "missing or wrong CSRF token: reload the page")
     if endpoint in PUBLIC_ENDPOINTS or principal is not None:
         return None
+    if isinstance(request.routing_exception, MethodNotAllowed):
+        return None  # a route every client may know of (the API document lists them): 405 with Allow, not 401
     if endpoint in SEED_CA_ENDPOINTS and request.method == "POST":
         return None  # the body's `pass` or enrolment token is the credential, checked by the CA service
     if endpoint == "auth.logout":

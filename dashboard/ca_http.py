@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
 from pki.metrics import CAMetrics
-from pki.requests import BAD_REQUEST, UNSUPPORTED_MEDIA_TYPE, RequestError
+from pki.requests import BAD_REQUEST, MAX_DAYS_WITHOUT_CA, UNSUPPORTED_MEDIA_TYPE, RequestError
 from pki.service import CAService, Reply
 
 from .auth import current_principal, require_operator
@@ -150,7 +150,7 @@ def certificates() -> Response:
 
 @bp.get("/openapi.json")
 def openapi() -> Response:
-    return jsonify(openapi_document())
+    return jsonify(openapi_document(service().max_days() or MAX_DAYS_WITHOUT_CA))
 
 
 def _crl_refresher(ca: CAService, interval: float, stop: threading.Event) -> None:

@@ -8,9 +8,11 @@ refuses every client, or checks no revocation). The compose healthcheck and `./s
 
 from __future__ import annotations
 
-from typing import Any
+import datetime as dt
+from typing import Any, Literal
 
 from flask import Blueprint, Flask, Response, current_app, jsonify
+from pydantic import BaseModel, Field
 
 from pki.lab import EXPIRED, INVALID, MISSING
 from pki.metrics import CONTENT_TYPE, IngestCollector, InventoryCollector, MqttCollector, exposition
@@ -21,6 +23,37 @@ from .mqtt_bridge import MqttBridge
 bp = Blueprint("health", __name__)
 
 CRL_DEGRADED = (EXPIRED, INVALID, MISSING)
+
+
+class MqttState(BaseModel):
+    connected: bool
+    broker: str = Field(description="host:port")
+    since: float | None = Field(description="Unix time of the current connection.")
+    last_error: str | None
+    enabled: bool = Field(description="Whether this process runs an MQTT connection at all.")
+
+
+class DatabaseState(BaseModel):
+    ok: bool
+    error: str | None
+    readings_stored_since_start: int
+
+
+class CrlState(BaseModel):
+    status: str | None = Field(description="valid, expiring (due for refresh), expired, invalid or missing.")
+    detail: str | None
+    next_update: dt.datetime | None
+    days_left: float | None
+
+
+class Health(BaseModel):
+    """The body of /healthz, 200 (ok) or 503 (degraded)."""
+
+    status: Literal["ok", "degraded"]
+    reasons: list[str] = Field(description="Why it is degraded, one line each; empty when ok.")
+    mqtt: MqttState
+    db: DatabaseState
+    crl: CrlState
 
 
 def health_report(app: Flask) -> dict[str, Any]:
@@ -38,13 +71,9 @@ def health_report(app: Flask) -> dict[str, Any]:
         reasons.append(f"database: {db['error']}")
     if crl.get("status") in CRL_DEGRADED:
         reasons.append(f"crl: {crl['status']}: {crl.get('detail') or crl.get('error')}")
-    return {
-        "status": "degraded" if reasons else "ok",
-        "reasons": reasons,
-        "mqtt": mqtt,
-        "db": db,
-        "crl": {key: crl.get(key) for key in ("status", "detail", "next_update", "days_left")},
-    }
+    return Health(status="degraded" if reasons else "ok", reasons=reasons, mqtt=mqtt, db=db,
+                  crl={key: crl.get(key) for key in ("status", "detail", "next_update", "days_left")}
+                  ).model_dump(mode="json")
 
 
 @bp.get("/healthz")

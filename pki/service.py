@@ -75,6 +75,7 @@ from .requests import (
     FORBIDDEN,
     NOT_FOUND,
     UNAVAILABLE,
+    CertificatesQuery,
     CreateRequest,
     RenewRequest,
     RequestError,
@@ -318,6 +319,13 @@ class CAService:
             return Reply(200, {"certificates": self._certificates(name, status)})
         except RequestError as ex:
             return Reply(ex.status, ex.body(), ex.headers())
+
+    def max_days(self) -> int | None:
+        """The longest validity a request may ask for now (the root's remaining life); None without a usable root."""
+        try:
+            return self._max_days(self._root_certificate())
+        except RequestError:
+            return None
 
     def ca_pem(self) -> bytes:
         """The root certificate (public); RequestError 503 when the lab has none yet."""
@@ -835,14 +843,8 @@ class CAService:
     # -- reading -----------------------------------------------------------------------------------
 
     def _certificates(self, name: str | None, status: str | None) -> list[dict[str, Any]]:
-        if name:
-            try:
-                name = normalise_name(name)
-            except ValueError as ex:
-                raise RequestError(400, f"name {ex}", "name") from None
-        if status and status not in STORED_STATUSES + STATES:
-            raise RequestError(400, f"status must be one of {', '.join(dict.fromkeys(STORED_STATUSES + STATES))}",
-                               "status")
+        query = parse(CertificatesQuery, {"name": name, "status": status})
+        name, status = query.name, query.status
         now = utcnow()
         rows = []
         stored = status if status in STORED_STATUSES else None
