@@ -246,6 +246,8 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
         mqtt = health.get("mqtt", {}) if isinstance(health, dict) else {}
         if mqtt:
             print(f"  broker connection: {'up' if mqtt.get('connected') else 'down'}")
+        for reason in health.get("reasons", []) if isinstance(health, dict) else []:
+            print(f"  degraded: {reason}")
         if counts:
             print("  certificates: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
         elif certs_status != 200:

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
+import yaml
 from cryptography.hazmat.primitives.serialization import Encoding
 from flask import Flask
 from flask.testing import FlaskClient
@@ -18,8 +22,8 @@ from pki.broker import BrokerFiles
 from pki.lockout import LOCKOUT_ATTEMPTS
 from pki.store import atomic_write
 
-from .ca_support import api_token, close_app, make_app, make_csr
-from .conftest import LabEnv, bearer
+from .ca_support import ServerThread, api_token, close_app, make_app, make_csr
+from .conftest import PROJECT_ROOT, LabEnv, bearer
 from .support import Broker, Collector, wait_for
 
 FAMILIES = {
@@ -156,10 +160,25 @@ def mqtt_app(generated_lab: LabEnv, broker: Broker) -> Iterator[Flask]:
     close_app(app)
 
 
+def compose_healthcheck(port: int, lab: LabEnv) -> bool:
+    """docker-compose.yml's own dashboard healthcheck command, pointed at this test's server: passes or fails."""
+    command = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())["services"]["dashboard"]["healthcheck"]
+    argv = [sys.executable if word == "python" else
+            word.replace("https://127.0.0.1:5000/", f"http://127.0.0.1:{port}/") for word in command["test"][1:]]
+    env = {**os.environ, "CERTS_DIR": str(lab.certs_dir)}
+    return subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode == 0
+
+
 @pytest.mark.integration
 def test_healthz_is_503_while_the_broker_is_down_and_200_after_it_restarts(
     generated_lab: LabEnv, broker: Broker, mqtt_app: Flask
 ) -> None:
+    """And the compose healthcheck, which relies on it, fails while it is 503."""
+    with ServerThread(mqtt_app) as server:
+        _broker_down_and_up(generated_lab, broker, mqtt_app, server.port)
+
+
+def _broker_down_and_up(generated_lab: LabEnv, broker: Broker, mqtt_app: Flask, port: int) -> None:
     client = mqtt_app.test_client()
     headers = bearer(api_token(mqtt_app))
     wait_for(lambda: client.get("/healthz").status_code == 200, timeout=20, what="the dashboard's MQTT connection")
@@ -177,6 +196,7 @@ def test_healthz_is_503_while_the_broker_is_down_and_200_after_it_restarts(
     assert value(up, "iotca_mqtt_connected", client="dashboard") == 1
     assert value(up, "iotca_mqtt_messages_received_total") >= 2
     assert value(up, "iotca_devices_online") == 1
+    assert compose_healthcheck(port, generated_lab)
 
     broker.stop()
     down = wait_for(lambda: (r := client.get("/healthz")).status_code == 503 and r, timeout=20,
@@ -184,8 +204,10 @@ def test_healthz_is_503_while_the_broker_is_down_and_200_after_it_restarts(
     assert down.json["status"] == "degraded" and down.json["mqtt"]["connected"] is False
     assert [r for r in down.json["reasons"] if r.startswith("mqtt: not connected to")], down.json
     assert value(scrape(client, headers), "iotca_mqtt_connected", client="dashboard") == 0
+    assert not compose_healthcheck(port, generated_lab)  # urllib raises on the 503: the container is unhealthy
 
     broker.start()
     wait_for(lambda: client.get("/healthz").status_code == 200, timeout=45,
              what="/healthz back to 200 after the broker restarted")
     assert value(scrape(client, headers), "iotca_mqtt_connected", client="dashboard") == 1
+    assert compose_healthcheck(port, generated_lab)
