@@ -59,15 +59,16 @@ def test_the_document_is_valid_openapi_3_1_and_every_schema_comes_from_a_model(c
 
 BODIES = {"/v1/ssl/sign": SignRequest, "/v1/ssl/create": CreateRequest, "/v1/ssl/revoke": RevokeRequest,
           "/v1/ssl/tokens": TokenRequest}
-ORACLE_EXAMPLES = 150
+ORACLE_EXAMPLES = 100
 ORACLE_MAX_DAYS = 3649
 
 
-@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=["valid", "invalid"])
 @pytest.mark.parametrize("path", list(BODIES))
-def test_each_request_schema_allows_exactly_what_its_model_accepts(path: str, mode: GenerationMode) -> None:
-    """In-process and so many more bodies than over HTTP: every body schemathesis generates as valid from the
-    document passes the model (and `create`'s cn rule), every one it generates as invalid is refused with 400."""
+def test_each_request_schema_allows_nothing_its_model_refuses(path: str) -> None:
+    """In-process, and so many more bodies than over HTTP: every body schemathesis generates as valid from the
+    document passes the model (and `create`'s cn rule). The other direction, invalid bodies refused, is the live
+    run's (its coverage phase aims at every constraint of the document)."""
+    mode = GenerationMode.POSITIVE
     schema = schemathesis.openapi.from_dict(openapi_document(ORACLE_MAX_DAYS))
     schema.config.update(base_url="http://127.0.0.1:9")  # never called
     model = BODIES[path]
