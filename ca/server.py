@@ -15,6 +15,7 @@ import threading
 from flask import Flask
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
+from lab.rotation import ServerContext
 from pki.config import Settings
 from pki.service import CAService
 from pki.store import CertsLayout
@@ -66,7 +67,11 @@ class CAHttpsServer:
     def __init__(self, service: CAService, settings: Settings, *, host: str | None = None,
                  port: int | None = None) -> None:
         self.app = create_ca_app(service, settings)
-        context = tls_context(settings)
+        layout = CertsLayout(settings.certs_dir)
+        # New handshakes get the dashboard certificate the generator renewed (lab/rotation.py).
+        self.tls = ServerContext(lambda: tls_context(settings), layout.cert("dashboard"), layout.key("dashboard"),
+                                 ca=layout.ca_cert, interval=settings.cert_watch_seconds, name="ca-https-cert-watch")
+        context = self.tls.context
         self.server = ThreadedWSGIServer(
             host or settings.ca_https_host, settings.ca_https_port if port is None else port, self.app,
             handler=_Handler,
@@ -77,12 +82,14 @@ class CAHttpsServer:
         self._thread = threading.Thread(target=self.server.serve_forever, name="ca-https", daemon=True)
 
     def start(self) -> CAHttpsServer:
+        self.tls.start()
         self._thread.start()
         log.info("EST and ACME on https://%s:%d/ (.well-known/est/, acme/directory)",
                  self.server.server_address[0], self.port)
         return self
 
     def stop(self) -> None:
+        self.tls.stop()
         self.server.shutdown()
         self._thread.join(timeout=10)
         self.server.server_close()

@@ -11,7 +11,7 @@ from ca.server import start_ca_https
 from pki.config import ConfigError, Settings
 
 from . import create_app, socketio
-from .auth import check_exposure, tls_files
+from .auth import check_exposure, https_context
 
 
 class RequestHandler(WSGIRequestHandler):
@@ -31,7 +31,7 @@ def main() -> int:
     try:
         settings = Settings.from_env()
         check_exposure(settings)
-        ssl_context = tls_files(settings) if settings.dashboard_tls else None
+        https = https_context(settings) if settings.dashboard_tls else None
         app = create_app({"LAB_SETTINGS": settings})
     except ConfigError as ex:
         print(f"error: {ex}", file=sys.stderr)
@@ -46,13 +46,15 @@ def main() -> int:
     if ca_https is not None:
         print(f"EST and ACME on https://{settings.ca_https_host}:{ca_https.port}/ "
               "(.well-known/est/, acme/directory)", flush=True)
-    scheme = "https" if ssl_context else "http"
+    if https is not None:
+        https.start()  # follows the dashboard certificate when the generator renews it
+    scheme = "https" if https else "http"
     print(f"Dashboard on {scheme}://{settings.dashboard_host}:{settings.dashboard_port}/", flush=True)
     # The reloader would start a second MQTT client that kicks the first off: never use it.
     socketio.run(app, host=settings.dashboard_host, port=settings.dashboard_port, debug=False,
                  use_reloader=False, allow_unsafe_werkzeug=True, log_output=False,
                  request_handler=RequestHandler,
-                 ssl_context=tuple(str(p) for p in ssl_context) if ssl_context else None)
+                 ssl_context=https.context if https else None)
     return 0
 
 

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import secrets
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -47,6 +48,7 @@ from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from werkzeug.exceptions import MethodNotAllowed
 
+from lab.rotation import ServerContext
 from pki.config import ConfigError, Settings
 
 from .accounts import Principal, UserError, UserStore, session_epoch, token_info
@@ -98,6 +100,21 @@ def tls_files(settings: Settings) -> tuple[Path, Path]:
         if not path.is_file():
             raise ConfigError(f"DASHBOARD_TLS=1 needs {path}: run ./setup.sh certs")
     return cert, key
+
+
+def https_context(settings: Settings) -> ServerContext:
+    """DASHBOARD_TLS=1 under `python -m dashboard`: the dashboard certificate, followed when the generator renews it
+    (lab/rotation.py: new connections get the new pair within CERT_WATCH_SECONDS; start() the watcher). Under
+    gunicorn (the Docker image) nothing is needed: its threaded worker loads certfile/keyfile for each connection."""
+    cert, key = tls_files(settings)
+
+    def make() -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(cert, key)
+        return context
+
+    return ServerContext(make, cert, key, interval=settings.cert_watch_seconds, name="https-cert-watch")
 
 
 def allowed_hosts(settings: Settings) -> set[str]:

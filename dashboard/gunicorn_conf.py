@@ -1,7 +1,9 @@
 """gunicorn settings of the dashboard image (`gunicorn --config python:dashboard.gunicorn_conf`).
 
 HTTPS with the lab's dashboard certificate when DASHBOARD_TLS=1, which beyond loopback (the container binds
-0.0.0.0) is mandatory: the same check as `python -m dashboard`, before any worker starts.
+0.0.0.0) is mandatory: the same check as `python -m dashboard`, before any worker starts. gunicorn's threaded
+worker builds the TLS context from certfile/keyfile for each connection (gunicorn/sock.py `ssl_wrap_socket`), so
+a dashboard certificate the generator renews is served from the next connection on.
 """
 
 from __future__ import annotations

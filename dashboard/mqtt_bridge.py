@@ -29,6 +29,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from lab.mqtt import Identity, make_client
+from lab.rotation import Pair, PairWatcher
 from pki.config import Settings
 
 log = logging.getLogger(__name__)
@@ -269,6 +270,7 @@ class MqttBridge:
         self.connected_since: float | None = None
         self.on_state_change: list[Callable[[bool], None]] = []
         self.client: mqtt.Client | None = None
+        self._watcher: PairWatcher | None = None
 
     # -- registration ----------------------------------------------------------------------------
 
@@ -283,20 +285,58 @@ class MqttBridge:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
+        # Watching from before the client reads the files: a renewal in between is seen on the first look.
+        self._watcher = PairWatcher(self.identity.cert, self.identity.key, self._files_renewed,
+                                    ca=self.identity.ca_cert, interval=self.settings.cert_watch_seconds,
+                                    name="mqtt-cert-watch")
+        self.client = self._new_client()
+        self._connect(self.client)
+        self._watcher.start()
+
+    def _new_client(self) -> mqtt.Client:
         client = make_client(self.identity, self.name, protocol=mqtt.MQTTv5, client_class=ChunkedReadClient)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         # Jittered backoff between 1 and 30 s (paho's own doubling has no jitter).
         client.reconnect_delay_set(min_delay=1, max_delay=30)
-        self.client = client
+        return client
+
+    def _connect(self, client: mqtt.Client) -> None:
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = SESSION_EXPIRY
         client.connect_async(self.settings.broker_address, self.settings.broker_port, keepalive=30,
                              clean_start=False, properties=properties)
         client.loop_start()
 
+    def reconnect_with_files(self) -> None:
+        """A new client that reads the certificate files again (paho cannot change a client's TLS identity).
+
+        The old client disconnects cleanly first (the same client id would otherwise kick the new one off); the
+        new one resumes the persistent session, in which the broker queued what matched the subscriptions
+        meanwhile (SESSION_EXPIRY), so no reading is lost across the switch.
+        """
+        old = self.client
+        if old is None:
+            return
+        new = self._new_client()
+        self.client = new  # publishes from now on wait in the new client (QoS 1 goes out once it is connected)
+        self.connected.clear()
+        self.connected_since = None
+        old.disconnect()
+        old.loop_stop()
+        self._connect(new)
+
+    def _files_renewed(self, pair: Pair) -> bool:
+        """The watcher's callback: the generator (or the CA) renewed this identity's certificate files."""
+        log.info("MQTT certificate of %s renewed (serial %s): reconnecting with it", self.name, pair.serial)
+        self.reconnect_with_files()
+        return True
+
     def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
         if self.client is None:
             return
         self.client.disconnect()
@@ -334,6 +374,8 @@ class MqttBridge:
     # -- paho callbacks (network thread) ---------------------------------------------------------
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if client is not self.client:  # replaced by reconnect_with_files
+            return
         if reason.is_failure:
             self.last_error = f"connection refused: {reason}"
             log.warning("MQTT %s", self.last_error)
@@ -347,6 +389,8 @@ class MqttBridge:
         self._notify(True)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if client is not self.client:  # replaced by reconnect_with_files: its goodbye concerns nobody
+            return
         was = self.connected.is_set()
         self.connected.clear()
         self.connected_since = None

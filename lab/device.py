@@ -21,6 +21,10 @@
   ENROL_TOKEN_FILE) the device first enrols over the CA's HTTP API (`lab/enrolment.py`); afterwards it renews
   its certificate itself over MQTT (`lab/renewal.py`), switching to a new client without losing a reading.
   With ENROL=est (`--enrol est`) both go over EST instead (`lab/est.py`).
+- Files renewed under it (the generator, `./setup.sh certs`, or the CA): every CERT_WATCH_SECONDS (default 5)
+  it looks at its certificate and key files (`lab/rotation.py`); once they hold another complete pair that
+  passes the checks above, it switches to a new client with them the same way, long before the superseded
+  certificate goes on the CRL (SUPERSEDED_GRACE_SECONDS, default 900).
 """
 
 from __future__ import annotations
@@ -58,10 +62,11 @@ from pki.authority import (
 from pki.config import DEVICE_ID_RE, ConfigError, Settings, lab_environ, revoked_next_step
 
 from . import est
-from .credentials import recover
+from .credentials import has_previous, recover
 from .enrolment import EnrolmentError, EnrolmentRefused, enrol_if_needed, with_claimed_token
 from .mqtt import Identity, certificate_revoked, make_client
-from .renewal import RENEW_CHECK_INTERVAL, RenewalPolicy, Renewer
+from .renewal import CONNECT_TIMEOUT, DRAIN_TIMEOUT, RENEW_CHECK_INTERVAL, RenewalPolicy, Renewer
+from .rotation import WATCH_SECONDS, Pair, PairWatcher
 
 log = logging.getLogger("thermometer")
 
@@ -98,6 +103,7 @@ class DeviceConfig:
     interval: float = 5.0
     renew_before_days: float = 30.0
     renew_check_interval: float = RENEW_CHECK_INTERVAL  # 0: never renew
+    watch_interval: float = WATCH_SECONDS  # seconds between looks at the certificate files (CERT_WATCH_SECONDS)
 
     @property
     def temperature_topic(self) -> str:
@@ -200,6 +206,7 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str]) -> DeviceC
         interval=args.interval if args.interval is not None else settings.publish_interval,
         renew_before_days=settings.renew_before_days,
         renew_check_interval=check_interval,
+        watch_interval=settings.cert_watch_seconds,
     )
 
 
@@ -345,10 +352,16 @@ class Thermometer:
         self._failures = 0  # connection attempts since the last success, for the backoff
         self.revoked = False  # the broker refused the certificate as revoked: run() returns, never reconnects
         self.reply_handler: Callable[[bytes], None] | None = None  # CA replies on ssl/<id> (renewal)
+        # Its `in_use` is the pair the current client was built from; it calls back when the files hold another.
+        self.watcher = PairWatcher(config.identity.cert, config.identity.key, self._files_renewed,
+                                   ca=config.identity.ca_cert, interval=config.watch_interval, name="cert-watch")
+        self._switch_lock = threading.RLock()  # one client replacement at a time (renewer, watcher)
+        self._refused_pair: Pair | None = None  # renewed files that failed check_identity (warned once)
         self.client = self._build_client()
         self.renewer = Renewer(self, renewal, request=renew_request) if renewal is not None else None
 
     def _build_client(self) -> mqtt.Client:
+        self.watcher.in_use = self.watcher.files.read()  # read before the TLS context loads the files
         client = make_client(self.config.identity, self.config.device_id)
         client.will_set(self.config.status_topic, "offline", qos=1, retain=True)
         client.reconnect_delay_set(min_delay=RECONNECT_MIN_DELAY, max_delay=RECONNECT_MAX_DELAY)  # type: ignore[arg-type]
@@ -534,6 +547,11 @@ class Thermometer:
         unacknowledged are put back in front of the buffer (sent again: at least once, never lost). It
         disconnects cleanly, so the broker does not publish its will (`offline`).
         """
+        with self._switch_lock:
+            return self._reconnect_with_files(drain_timeout, connect_timeout, stop, which)
+
+    def _reconnect_with_files(self, drain_timeout: float, connect_timeout: float, stop: threading.Event,
+                              which: str) -> bool:
         self._sending.clear()
         with self._send_lock:  # a flush in progress finishes; later ones hand nothing to the old client
             pass
@@ -569,6 +587,31 @@ class Thermometer:
                 return False
         return True
 
+    def _files_renewed(self, pair: Pair) -> bool:
+        """The watcher's callback: the files hold another complete pair than the client's (the generator or the CA
+        renewed them). Switch to it as a renewal does; True once the client is built from it."""
+        if has_previous(self.config.identity):
+            return False  # this device's own renewal is switching to the files, or rolling back (lab/renewal.py)
+        with self._switch_lock:
+            if self.watcher.files.read() == self.watcher.in_use:
+                return True  # the renewer switched meanwhile
+            try:
+                check_identity(self.config)
+            except DeviceConfigError as ex:
+                if self._refused_pair != pair:
+                    self._refused_pair = pair
+                    log.warning("%s: the renewed certificate files are not usable (%s); staying on serial %s",
+                                self.config.device_id, ex, self.watcher.in_use.serial if self.watcher.in_use else "?")
+                return False
+            was = self.watcher.in_use.serial if self.watcher.in_use else "?"
+            log.info("%s: its certificate files were renewed (serial %s -> %s): switching to the new pair",
+                     self.config.device_id, was, pair.serial)
+            if not self._reconnect_with_files(DRAIN_TIMEOUT, CONNECT_TIMEOUT, self._closing, "renewed"):
+                if self._stop_reason is None:
+                    log.warning("%s: the broker has not accepted the renewed certificate (serial %s) yet; it keeps "
+                                "trying", self.config.device_id, pair.serial)
+            return True
+
     def _requeue(self, readings: list[dict[str, Any]]) -> None:
         """Put unacknowledged readings back in front of the buffer, oldest first (the oldest go if it is full)."""
         if not readings:
@@ -597,6 +640,7 @@ class Thermometer:
         self.client.loop_start()
         if self.renewer is not None:
             self.renewer.start()
+        self.watcher.start()
         try:
             next_due = time.monotonic()
             last = next_due - config.interval
@@ -629,6 +673,7 @@ class Thermometer:
     def shutdown(self) -> None:
         """Deliver what is in flight, publish retained `offline`, wait for the acks, then disconnect."""
         config = self.config
+        self.watcher.stop()
         if self.renewer is not None:
             self.renewer.stop()
         if self.connected.is_set():

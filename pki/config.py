@@ -39,6 +39,20 @@ def _int_setting(env: Mapping[str, str], key: str, default: int, minimum: int = 
     return value
 
 
+def _seconds_setting(env: Mapping[str, str], key: str, default: float) -> float:
+    """A positive, finite number of seconds (fractions allowed)."""
+    raw = (env.get(key) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{key}={raw!r} is not a number of seconds; fix it in .env") from None
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"{key}={raw} must be a positive number of seconds; fix it in .env")
+    return value
+
+
 def _list_setting(env: Mapping[str, str], key: str, default: str = "") -> list[str]:
     raw = env.get(key)
     if raw is None or not raw.strip():
@@ -114,6 +128,9 @@ class Settings:
     dashboard_secret_key: str | None = None
     # Seconds a superseded certificate stays usable before it goes on the CRL (reason superseded); 0 = at once.
     superseded_grace: int = 900
+    # Seconds between two looks of a running process (thermometer, dashboard) at its certificate and key files, so
+    # that it switches to a pair renewed under it well inside the grace above (lab/rotation.py).
+    cert_watch_seconds: float = 5.0
     # The CA's HTTPS endpoint for EST and ACME (`ca/`): CA_HTTPS_HOST, CA_HTTPS_PORT (0 = off), the port http-01
     # is validated on (RFC 8555 8.3: 80), and the DNS names ACME may issue server certificates for.
     ca_https_host: str = "127.0.0.1"
@@ -169,6 +186,7 @@ class Settings:
             dashboard_idle_timeout=_int_setting(env, "DASHBOARD_IDLE_TIMEOUT", 1800, minimum=60),
             dashboard_secret_key=env.get("DASHBOARD_SECRET_KEY") or None,
             superseded_grace=_int_setting(env, "SUPERSEDED_GRACE_SECONDS", 900, minimum=0),
+            cert_watch_seconds=_seconds_setting(env, "CERT_WATCH_SECONDS", 5.0),
             ca_https_host=(env.get("CA_HTTPS_HOST") or "127.0.0.1").strip(),
             ca_https_port=_port_setting(env, "CA_HTTPS_PORT", 8443, minimum=0),
             acme_http01_port=_port_setting(env, "ACME_HTTP01_PORT", 80),

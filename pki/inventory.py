@@ -48,8 +48,12 @@ REVOKED = "revoked"
 # Names that may appear in a broker ACL `user` line (no spaces, newlines or wildcards).
 _ACL_SAFE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _MAC_NAME_RE = re.compile(r"[0-9A-Fa-f]{12}")
-# `issued_via` of certificates the generator wrote (pki/lab.py): their predecessors are not listed as superseded.
-GENERATOR_VIAS = frozenset({"cli", "import"})
+# `issued_via` of a certificate the generator found on disk and only recorded (pki/lab.py, a file it did not write,
+# say after a run with another inventory): it rotated no key, and the certificate it displaces in the inventory
+# may still be in use by whoever holds that key, so its predecessor is never listed as superseded.
+RECORDED_VIAS = frozenset({"import"})
+# A CA certificate is never listed on a CRL (the root's successor is a new root, not a leaf of it).
+NEVER_SUPERSEDED_ROLES = frozenset({"root_ca"})
 
 
 class Base(DeclarativeBase):
@@ -346,10 +350,11 @@ class Inventory:
 
         Revoked certificates with the reason given to `revoke`; with `superseded_grace` (seconds), also every
         unexpired superseded certificate whose successor has a new key and was issued at least that long ago,
-        reason `superseded` (so a stolen old key dies with key rotation), dated when its grace ended. A re-signed
-        key (`sign` without a CSR) supersedes nothing on the CRL: the key did not change. Only successors the CA
-        service issued count (`sign`, `create`, renewal): a running process does not yet switch to files the
-        generator renewed under it (GENERATOR_VIAS), so its old certificate must keep working.
+        reason `superseded` (so a stolen old key dies with key rotation), dated when its grace ended. The CA
+        service's successors (`sign`, `create`, renewal) and the generator's reissues (`cli`: always a new key)
+        count alike; running processes switch to renewed files well inside the grace (lab/rotation.py). A
+        re-signed key (`sign` without a CSR, the same public key) supersedes nothing on the CRL: the key is
+        still in use. Nor does a certificate the generator only recorded (RECORDED_VIAS), nor a root.
         """
         if session is None:
             with self.session() as own:
@@ -362,25 +367,36 @@ class Inventory:
         now = now or utcnow()
         grace = dt.timedelta(seconds=superseded_grace)
         old = session.execute(select(table.c.name, table.c.id, table.c.serial, table.c.pem).where(
-            table.c.status == SUPERSEDED, table.c.not_after > now)).all()
+            table.c.status == SUPERSEDED, table.c.not_after > now,
+            table.c.role.not_in(list(NEVER_SUPERSEDED_ROLES)))).all()
         if not old:
             return entries
-        issued: dict[str, list[tuple[int, dt.datetime]]] = {}
+        issued: dict[str, list[tuple[int, dt.datetime, str, str]]] = {}
         names = sorted({row.name for row in old})
         for start in range(0, len(names), 500):
             for name, row_id, issued_at, via, pem in session.execute(
                 select(table.c.name, table.c.id, table.c.issued_at, table.c.issued_via, table.c.pem)
-                .where(table.c.name.in_(names[start:start + 500]))
+                .where(table.c.name.in_(names[start:start + 500])).order_by(table.c.id)
             ):
                 issued.setdefault(name, []).append((row_id, _as_utc(issued_at), via, pem))
+        keys: dict[int, bytes] = {}  # row id -> public key, parsed only for rows past the grace
+
+        def key_of(row_id: int, pem: str) -> bytes:
+            if row_id not in keys:
+                keys[row_id] = _public_key_der(pem)
+            return keys[row_id]
+
         for name, row_id, serial, pem in old:
-            successors = sorted((s for s in issued.get(name, []) if s[0] > row_id), key=lambda s: s[0])
-            if not successors:
+            later = [s for s in issued.get(name, []) if s[0] > row_id]
+            if not later or later[0][1] + grace > now:  # no successor, or the first one is still inside the grace
                 continue
-            _id, when, via, successor_pem = successors[0]
-            if via in GENERATOR_VIAS or when + grace > now or _public_key_der(pem) == _public_key_der(successor_pem):
+            # The key rotated with the first later certificate for another key (re-signs of this key in between
+            # keep it in use); the grace runs from then.
+            key = key_of(row_id, pem)
+            rotated = next((s for s in later if key_of(s[0], s[3]) != key), None)
+            if rotated is None or rotated[2] in RECORDED_VIAS or rotated[1] + grace > now:
                 continue
-            entries.append((int(serial, 16), when + grace, "superseded"))
+            entries.append((int(serial, 16), rotated[1] + grace, "superseded"))
         return entries
 
     def denied_names(self, session: Session | None = None) -> list[str]:

@@ -332,6 +332,12 @@ class LabCertificates:
                         assert cert is not None
                         inventory.record_issued(cert, name=entity.name, role=entity.profile.role, via="import")
                     else:
+                        replaced, _ = _read_cert(self.layout.cert(entity.name))
+                        if replaced is not None and ca.issued(replaced):
+                            # Known to the inventory (a no-op) or recorded now: the new key supersedes it, and after
+                            # the grace it goes on the CRL like any superseded certificate.
+                            inventory.record_issued(replaced, name=entity.name, role=entity.profile.role,
+                                                    via="import")
                         cert = self._issue_leaf(ca, entity, now)
                         inventory.record_issued(cert, name=entity.name, role=entity.profile.role, via="cli")
                     atomic_write(self.layout.ca_copy(entity.name), ca.cert_pem, CERT_MODE)
@@ -339,11 +345,15 @@ class LabCertificates:
                     report.results.append(result)
                     self.progress(result.line())
                 revoked = self._merge_crl_revocations(inventory, broker_files, ca)
-                if write_broker_files(
+                written = write_broker_files(
                     settings, ca, revoked, inventory.denied_names(), force_crl=report.new_root,
                     collectors=inventory.collectors(),
-                ):
+                )
+                if written:
                     self.progress(f"Broker config, ACL and CRL written under {settings.certs_dir}")
+                # Mosquitto 2.0.11 loads its own certificate again on SIGHUP too (tests/test_rotation.py); in Docker
+                # the broker container sends itself one when the files change (mosquitto/entrypoint.sh).
+                if written or any(r.name == "mosquitto" and r.action != "kept" for r in report.results):
                     reload_broker(broker_files)
             finally:
                 inventory.close()

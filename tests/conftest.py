@@ -89,7 +89,7 @@ def _isolated_from_developer_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
             "DATA_DIR", "PUBLISH_INTERVAL", "RENEW_CHECK_INTERVAL", "ENROL_DEVICES", "ENROL_TOKEN", "ENROL_TOKEN_FILE",
             "CA_URL", "DASHBOARD_ADMIN_PASSWORD", "DASHBOARD_TLS", "DASHBOARD_NAMES", "DASHBOARD_IDLE_TIMEOUT",
             "DASHBOARD_SECRET_KEY", "DASHBOARD_TOKEN",
-            "SUPERSEDED_GRACE_SECONDS",
+            "SUPERSEDED_GRACE_SECONDS", "CERT_WATCH_SECONDS",
             "CA_HTTPS_HOST", "CA_HTTPS_PORT", "ACME_HTTP01_PORT", "ACME_ALLOWED_NAMES", "ENROL",
         }:
             monkeypatch.delenv(key)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import queue
+import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -15,16 +17,41 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from cryptography import x509
 
 from lab.mqtt import Identity, make_client
 from pki.broker import BrokerFiles, broker_command
 from pki.config import PROJECT_ROOT
 
+# Ports handed to servers the tests start. The suite runs in several pytest-xdist workers at once, and a port
+# that bind(0) found free in one worker could be taken by another before its server binds it. So each worker
+# draws from its own block, below the kernel's ephemeral range (net.ipv4.ip_local_port_range starts at 32768
+# on Linux; outgoing connections take theirs from there), and never hands out the same port twice.
+PORT_BASE, PORT_BLOCK = 10000, 2500
+_ports_given: set[int] = set()
+_ports_lock = threading.Lock()
+
+
+def _worker_index() -> int:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # gw0, gw1, ... (unset without xdist)
+    return int(worker[2:]) if worker[2:].isdigit() else 0
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback TCP port that is free now and that no other worker of this test run will hand out."""
+    first = PORT_BASE + (_worker_index() % 8) * PORT_BLOCK
+    with _ports_lock:
+        for port in random.sample(range(first, first + PORT_BLOCK), PORT_BLOCK):
+            if port in _ports_given:
+                continue
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _ports_given.add(port)
+            return port
+    raise RuntimeError(f"no free port left in {first}-{first + PORT_BLOCK - 1}")
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> Any:
@@ -37,6 +64,17 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(interval)
+
+
+def served_serial(port: int, cafile: Path, host: str = "localhost") -> str:
+    """Serial (hex) of the certificate a TLS server on `port` presents to a client that verifies it (chain to
+    `cafile`, host name `host`)."""
+    context = ssl.create_default_context(cafile=str(cafile))
+    with socket.create_connection((host, port), timeout=5) as raw, \
+            context.wrap_socket(raw, server_hostname=host) as sock:
+        der = sock.getpeercert(binary_form=True)
+    assert der is not None
+    return format(x509.load_der_x509_certificate(der).serial_number, "x")
 
 
 def established_to(pid: int, port: int) -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
+from cryptography import x509
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select
@@ -29,7 +30,7 @@ from dashboard.users import main as users_main
 
 from .ca_support import api_token, close_app, csrf_of, lab_state, login, make_app, make_csr
 from .conftest import PROJECT_ROOT, LabEnv, bearer
-from .support import free_port, wait_for
+from .support import free_port, served_serial, wait_for
 
 VIEWER_PASSWORD = "viewer-password-123"
 
@@ -340,9 +341,12 @@ def test_no_admin_without_dashboard_admin_password(anonymous_app: Flask) -> None
 
 def test_dashboard_tls_serves_https_with_the_dashboard_certificate(generated_lab: LabEnv, tmp_path: Path) -> None:
     """DASHBOARD_TLS=1: the page, the login and the API over HTTPS, verified against the lab's root as
-    `localhost` and `127.0.0.1`; the session cookie is Secure; plain HTTP gets no answer from the app."""
-    port = free_port()
-    env = {**os.environ, **generated_lab.env, "DASHBOARD_TLS": "1", "DASHBOARD_PORT": str(port)}
+    `localhost` and `127.0.0.1`; the session cookie is Secure; plain HTTP gets no answer from the app. When the
+    generator renews the dashboard certificate, new connections get the new one (CERT_WATCH_SECONDS), on the
+    dashboard's port and on the CA's EST/ACME port, which serves the same certificate."""
+    port, ca_port = free_port(), free_port()
+    env = {**os.environ, **generated_lab.env, "DASHBOARD_TLS": "1", "DASHBOARD_PORT": str(port),
+           "CA_HTTPS_PORT": str(ca_port), "CERT_WATCH_SECONDS": "0.3"}
     log = tmp_path / "dashboard.log"
     with open(log, "wb") as out:
         server = subprocess.Popen([sys.executable, "-m", "dashboard"], env=env, cwd=PROJECT_ROOT,
@@ -373,6 +377,19 @@ def test_dashboard_tls_serves_https_with_the_dashboard_certificate(generated_lab
         with pytest.raises((OSError, http.client.HTTPException)):  # no clear-text HTTP answer on the TLS port
             urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f"http://127.0.0.1:{port}/healthz",
                                                                                timeout=5)
+
+        root, dashboard_cert = generated_lab.certs_dir / "root_ca" / "root_ca.crt", generated_lab.certs_dir / \
+            "dashboard" / "dashboard.crt"
+        old = format(x509.load_pem_x509_certificate(dashboard_cert.read_bytes()).serial_number, "x")
+        assert served_serial(port, root) == served_serial(ca_port, root) == old
+        generated_lab.lab().generate(force=True)
+        new = format(x509.load_pem_x509_certificate(dashboard_cert.read_bytes()).serial_number, "x")
+        assert new != old
+        wait_for(lambda: served_serial(port, root) == new and served_serial(ca_port, root) == new, timeout=20,
+                 interval=0.2, what=f"the renewed dashboard certificate on both ports\n{log.read_text()}")
+        with opener.open(f"https://localhost:{port}/healthz", timeout=5) as response:
+            assert response.status == 200
+        assert server.poll() is None
     finally:
         server.terminate()
         server.wait(timeout=20)

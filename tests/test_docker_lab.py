@@ -193,7 +193,9 @@ def lab(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Do
     env = {k: v for k, v in engine.env.items() if not k.startswith(("PYTEST", "LAB_", "CERTS_DIR", "DATA_DIR"))}
     # Image builds trust the host's CA bundle (HTTPS here goes through a proxy with its own CA).
     env.setdefault("PIP_CERT", "/etc/ssl/certs/ca-certificates.crt")
-    lab.env = {**env, "COMPOSE_PROJECT_NAME": PROJECT, "SETUP_HEALTH_WAIT": "180"}
+    # COLUMNS: without a terminal, docker-compose 1.29 fits `ps` into 80 columns and cuts container names short
+    # ("iotcalabtest_mosq..."), which a user at a terminal never sees.
+    lab.env = {**env, "COMPOSE_PROJECT_NAME": PROJECT, "SETUP_HEALTH_WAIT": "180", "COLUMNS": "250"}
     # Left over by an interrupted earlier run: its containers would hold the names and the volumes old data.
     lab.compose("down", "-v", "--remove-orphans")
     try:

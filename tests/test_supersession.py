@@ -98,19 +98,23 @@ def test_superseded_certificates_go_on_the_crl_at_once_with_no_grace(generated_l
     assert not _listed(generated_lab, second)
 
 
-def test_a_re_signed_key_or_a_generator_renewal_lists_nothing(generated_lab: LabEnv, service_for) -> None:
-    """Only a successor with a new key from the CA service supersedes onto the CRL: `sign` without a CSR re-signs
-    the same key, and a running device does not yet switch to files the generator renewed under it."""
+def test_a_re_signed_key_lists_nothing_until_the_key_rotates(generated_lab: LabEnv, service_for) -> None:
+    """`sign` without a CSR re-signs the same key: nothing goes on the CRL, the key is still in use. Once the
+    generator renews with a new key, both certificates of the old key are superseded onto the CRL, like an API
+    renewal (was: the generator's renewals listed nothing); the current one is not."""
     service = service_for("0")
     old = format(x509.load_pem_x509_certificate(
         (generated_lab.certs_dir / "device001" / "device001.crt").read_bytes()).serial_number, "x")
     reply = service.sign({"name": "device001", "days": 5, "pass": generated_lab.passphrase}, source="t")
     assert reply.status == 201, reply.body
     assert not _listed(generated_lab, old)
-    generated_lab.lab(SUPERSEDED_GRACE_SECONDS="0").generate(force=True)
-    assert not _listed(generated_lab, reply.body["serial"])
-    assert service.inventory.current("device001").serial != reply.body["serial"]
-    assert not list(_crl(generated_lab))
+    generated_lab.lab(SUPERSEDED_GRACE_SECONDS="0").generate(["device001"], force=True)
+    current = service.inventory.current("device001").serial
+    assert current not in (old, reply.body["serial"])
+    crl = _crl(generated_lab)
+    assert _reason(crl, old) == x509.ReasonFlags.superseded
+    assert _reason(crl, reply.body["serial"]) == x509.ReasonFlags.superseded
+    assert not _listed(generated_lab, current)
 
 
 def test_superseded_certificates_go_on_the_crl_after_the_grace(generated_lab: LabEnv, service_for) -> None:
@@ -123,6 +127,19 @@ def test_superseded_certificates_go_on_the_crl_after_the_grace(generated_lab: La
     wait_for(lambda: short.refresh_crl() and _listed(generated_lab, first), timeout=15, interval=0.2,
              what="the superseded certificate to be listed once its grace ended")
     assert _reason(_crl(generated_lab), first) == x509.ReasonFlags.superseded
+
+
+def test_a_generator_renewal_goes_on_the_crl_after_the_grace(generated_lab: LabEnv, service_for) -> None:
+    """The generator renews with a new key: within the grace its own CRL does not list the old certificate; the
+    CA's refresh lists it once the grace ended (was: never)."""
+    identity = Identity.of(generated_lab.certs_dir, "device001")
+    old = format(x509.load_pem_x509_certificate(identity.cert.read_bytes()).serial_number, "x")
+    generated_lab.lab(SUPERSEDED_GRACE_SECONDS="3600").generate(["device001"], force=True)
+    assert not _listed(generated_lab, old), "listed before its grace ended"
+    short = service_for("1")
+    wait_for(lambda: short.refresh_crl() and _listed(generated_lab, old), timeout=15, interval=0.2,
+             what="the certificate the generator superseded to be listed once its grace ended")
+    assert _reason(_crl(generated_lab), old) == x509.ReasonFlags.superseded
 
 
 def test_renewal_takes_only_the_current_certificate(generated_lab: LabEnv, client: FlaskClient) -> None:
