@@ -18,6 +18,7 @@ from flask_socketio import SocketIO
 from socketio.packet import Packet
 
 from pki.config import Settings
+from pki.metrics import new_registry
 
 from .auth import check_exposure
 from .errors import register_error_handlers
@@ -60,13 +61,15 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     # cors_allowed_origins left at None: same-origin only, so no other web page can read the live stream.
     socketio.init_app(app, async_mode="threading", serializer=JsonPacket)
 
+    # This app's own Prometheus registry (GET /metrics, dashboard/health.py), never the process-global one.
+    app.extensions["metrics_registry"] = new_registry()
     bridge = MqttBridge(settings)
     app.extensions["mqtt_bridge"] = bridge
 
     # Each feature registers its routes, Socket.IO events and MQTT handlers.
-    from . import auth, ca_http, ca_mqtt, docs, events, live, revocation, views
+    from . import auth, ca_http, ca_mqtt, docs, events, health, live, revocation, views
 
-    for feature in (auth, ca_http, ca_mqtt, live, revocation, events, views, docs):
+    for feature in (auth, ca_http, ca_mqtt, live, revocation, events, views, health, docs):
         feature.init_app(app)
 
     if app.config["MQTT_ENABLED"]:

@@ -46,6 +46,7 @@ from flask import (
 )
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
+from werkzeug.exceptions import MethodNotAllowed
 
 from lab.rotation import ServerContext
 from pki.config import ConfigError, Settings
@@ -62,7 +63,7 @@ SESSION_COOKIE = "iotca_session"
 CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 # Endpoints anyone may call; the seed's CA routes check their own credential (`pass` or an enrolment token).
-PUBLIC_ENDPOINTS = {"static", "auth.login", "views.healthz", "ca_http.ca_certificate", "ca_http.crl",
+PUBLIC_ENDPOINTS = {"static", "auth.login", "health.healthz", "ca_http.ca_certificate", "ca_http.crl",
                     "ca_http.openapi"}
 SEED_CA_ENDPOINTS = {"ca_http.sign", "ca_http.create", "ca_http.revoke", "ca_http.tokens"}
 LOGIN_LIMIT_PER_SOURCE = "20 per minute;100 per hour"
@@ -271,6 +272,8 @@ def guard() -> Response | None:
                 return _refuse(403, "missing or wrong CSRF token: reload the page")
     if endpoint in PUBLIC_ENDPOINTS or principal is not None:
         return None
+    if isinstance(request.routing_exception, MethodNotAllowed):
+        return None  # a route every client may know of (the API document lists them): 405 with Allow, not 401
     if endpoint in SEED_CA_ENDPOINTS and request.method == "POST":
         return None  # the body's `pass` or enrolment token is the credential, checked by the CA service
     if endpoint == "auth.logout":

@@ -15,7 +15,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
-from pki.requests import BAD_REQUEST, UNSUPPORTED_MEDIA_TYPE, RequestError
+from pki.metrics import CAMetrics
+from pki.requests import BAD_REQUEST, MAX_DAYS_WITHOUT_CA, UNSUPPORTED_MEDIA_TYPE, RequestError
 from pki.service import CAService, Reply
 
 from .auth import current_principal, require_operator
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 bp = Blueprint("ca_http", __name__, url_prefix="/v1")
 
 PEM_MIMETYPE = "application/x-pem-file"
+CLI_USER_AGENT = "iotca/"
 DER_CRL_MIMETYPE = "application/pkix-crl"
 # Seconds between two checks of the CRL (a parse and a signature check, well under a millisecond): rewritten
 # from the inventory when damaged, deleted or less than 20 days from its next update (Step 10: within 10 s).
@@ -80,15 +82,23 @@ def _call(operation: str) -> Response:
     principal = current_principal()
     operator = principal.name if principal is not None else None
     requester = f"{operator}@{source}" if operator else source
+    transport = _transport()
     if operation == "sign":
-        reply = ca.sign(body, source=source, via="http", requester=requester, operator=operator)
+        reply = ca.sign(body, source=source, via="http", requester=requester, operator=operator, transport=transport)
     elif operation == "create":
-        reply = ca.create(body, source=source, via="http", requester=requester, operator=operator)
+        reply = ca.create(body, source=source, via="http", requester=requester, operator=operator,
+                          transport=transport)
     elif operation == "revoke":
-        reply = ca.revoke(body, source=source, operator=operator)
+        reply = ca.revoke(body, source=source, operator=operator, transport=transport)
     else:
-        reply = ca.issue_token(body, source=source, operator=operator)
+        reply = ca.issue_token(body, source=source, operator=operator, transport=transport)
     return _respond(reply)
+
+
+def _transport() -> str:
+    """`cli` for the `iotca` command line (its User-Agent, lab/cli.py), `http` for everything else: a metrics label
+    only, never a credential."""
+    return "cli" if request.user_agent.string.startswith(CLI_USER_AGENT) else "http"
 
 
 @bp.post("/ssl/sign")
@@ -140,7 +150,7 @@ def certificates() -> Response:
 
 @bp.get("/openapi.json")
 def openapi() -> Response:
-    return jsonify(openapi_document())
+    return jsonify(openapi_document(service().max_days() or MAX_DAYS_WITHOUT_CA))
 
 
 def _crl_refresher(ca: CAService, interval: float, stop: threading.Event) -> None:
@@ -168,7 +178,8 @@ def start_crl_refresh(app: Flask, interval: float) -> threading.Event:
 def ensure_ca_service(app: Flask) -> CAService:
     """The app's one CAService (HTTP and MQTT share it, so they share the lockout and the unlocked key)."""
     if "ca_service" not in app.extensions:
-        app.extensions["ca_service"] = CAService(app.extensions["lab_settings"])
+        app.extensions["ca_service"] = CAService(app.extensions["lab_settings"],
+                                                 metrics=CAMetrics(app.extensions["metrics_registry"]))
     return app.extensions["ca_service"]
 
 

@@ -11,7 +11,8 @@ from pydantic import BaseModel, Field
 
 from pki.config import Settings
 from pki.replies import Error, Issued
-from pki.requests import CreateRequest, RenewRequest, SignRequest
+from pki.requests import MAX_DAYS_WITHOUT_CA, CreateRequest, RenewRequest, SignRequest
+from pki.schemas import bound_days
 
 from .views import CONTENT_SECURITY_POLICY, static_url
 
@@ -47,7 +48,7 @@ def _message(name: str, summary: str, schema: str | None = None, content_type: s
 
 
 @functools.cache
-def _asyncapi(broker: str) -> dict[str, Any]:
+def _asyncapi(broker: str, max_days: int) -> dict[str, Any]:
     messages = {
         "SignRequest": _message("SignRequest", "Sign a CSR, or renew a stored key (the HTTP sign body).",
                                 "SignRequest"),
@@ -108,7 +109,7 @@ def _asyncapi(broker: str) -> dict[str, Any]:
         },
         "components": {
             "messages": messages,
-            "schemas": _schemas(SignRequest, CreateRequest, RenewRequest, Issued, Error, Reading),
+            "schemas": bound_days(_schemas(SignRequest, CreateRequest, RenewRequest, Issued, Error, Reading), max_days),
             "securitySchemes": {"clientCertificate": {"type": "X509", "description": "A certificate from the "
                                                       "lab's root; its CN is the identity the ACL applies to."}},
         },
@@ -118,7 +119,8 @@ def _asyncapi(broker: str) -> dict[str, Any]:
 @bp.get("/v1/asyncapi.json")
 def asyncapi() -> Response:
     settings: Settings = current_app.extensions["lab_settings"]
-    return jsonify(_asyncapi(f"{settings.broker_address}:{settings.broker_port}"))
+    max_days = current_app.extensions["ca_service"].max_days() or MAX_DAYS_WITHOUT_CA
+    return jsonify(_asyncapi(f"{settings.broker_address}:{settings.broker_port}", max_days))
 
 
 @bp.get("/docs")

@@ -37,9 +37,11 @@ def register_error_handlers(app: Flask) -> None:
         message = ex.description or ex.name
         if code == 413:
             message = "request body is larger than 64 KiB"
+        # The exception's own headers (405's Allow, RFC 9110 15.5.6), except the type of the page it would render.
+        headers = {key: value for key, value in ex.get_headers() if key.lower() != "content-type"}
         if wants_json():
-            return json_error(code, message)
-        return render_template_string(_FRIENDLY_PAGE, code=code, message=message), code
+            return json_error(code, message, headers=headers)
+        return render_template_string(_FRIENDLY_PAGE, code=code, message=message), code, headers
 
     @app.errorhandler(Exception)
     def _unexpected(ex: Exception) -> Any:  # never a traceback to the client

@@ -679,6 +679,14 @@ class LiveHub:
         if self.store is not None:
             self.store.close()
 
+    def counts(self) -> dict[str, int]:
+        """Totals since start for /metrics (plain reads of ints: no lock on the message path)."""
+        return {"messages": self.messages_total, "readings": self.readings_total, "rejected": self.rejected_total}
+
+    def devices_online(self) -> int:
+        with self._lock:
+            return sum(1 for device in self.devices.values() if device.status == "online")
+
     def health(self) -> dict[str, Any]:
         ok, error = (True, None) if self.store is None else self.store.ping()
         if ok and self.db_error:

@@ -344,6 +344,11 @@ class MqttBridge:
         self.client = None
         self.connected.clear()
 
+    @property
+    def started(self) -> bool:
+        """The process runs this connection (start() was called, stop() not yet): only then can it be down."""
+        return self.client is not None
+
     def wait_connected(self, timeout: float = 10) -> bool:
         return self.connected.wait(timeout)
 

@@ -1,23 +1,38 @@
-"""GET /v1/openapi.json: the CA API described for humans and tools, request schemas taken from the models.
+"""GET /v1/openapi.json: the CA API, generated from the pydantic models of the requests (`pki.requests`), the replies
+(`pki.replies`) and /healthz (`dashboard.health`).
 
-The request bodies' schemas come from `pki.requests` (the same pydantic models that validate them), so the
-document cannot drift from what the service accepts.
+Every schema in the document is a model's own JSON schema, the one that validates the request or shapes the
+reply, so the document cannot drift from what the server accepts; what is written here is the prose, the
+examples and which route answers which model with which status. `days` is bounded by the CA's remaining life,
+filled in when the document is served (`pki.schemas.bound_days`). tests/test_openapi.py validates the document
+(openapi-spec-validator) and runs schemathesis against a live dashboard.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from pki.replies import Certificates, Error, Issued, Revoked, Token
 from pki.requests import (
+    MAX_DAYS_WITHOUT_CA,
     TOKEN_TTL_DEFAULT,
+    CertificatesQuery,
     CreateRequest,
     RenewRequest,
     RevokeRequest,
     SignRequest,
     TokenRequest,
 )
+from pki.schemas import bound_days
 
+from .health import Health
+
+REF = "#/components/schemas/{model}"
 PEM_CERT = "-----BEGIN CERTIFICATE-----\nMIIB...\n-----END CERTIFICATE-----\n"
 PEM_KEY = "-----BEGIN PRIVATE KEY-----\nMIGH...\n-----END PRIVATE KEY-----\n"
 PEM_CSR = "-----BEGIN CERTIFICATE REQUEST-----\nMIH...\n-----END CERTIFICATE REQUEST-----\n"
@@ -51,234 +66,224 @@ and `csr`).
 """
 
 
-def _schema(model: type[Any]) -> dict[str, Any]:
-    schema = model.model_json_schema(by_alias=True, mode="validation")
-    schema.pop("title", None)
-    return schema
+CURL_SIGN = ("curl -s http://127.0.0.1:5000/v1/ssl/sign -H 'Content-Type: application/json' "
+             "-d '{\"name\": \"client\", \"days\": 360, \"pass\": \"'\"$CA_PASSPHRASE\"'\"}'")
+JSON = "application/json"
+PEM = "application/x-pem-file"
+# Who may call: anyone; a session or an API token; anyone with the body's own credential, or a logged-in operator.
+PUBLIC: list[dict[str, list[str]]] = []
+LOGIN = [{"bearer": []}, {"session": []}]
+OPTIONAL_LOGIN = [{}, {"bearer": []}, {"session": []}]
+MODELS: tuple[type[BaseModel], ...] = (SignRequest, CreateRequest, RevokeRequest, TokenRequest, RenewRequest, Issued,
+                                       Error, Revoked, Token, Certificates, Health)
 
 
-def _error(description: str, example: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}, "example": example}},
-    }
+@dataclass(frozen=True)
+class Answer:
+    """One documented response: its description, and a model (JSON) or other media types with their schemas."""
+
+    description: str
+    model: type[BaseModel] | None = None
+    example: Any = None
+    media: dict[str, dict[str, Any]] = field(default_factory=dict)
+    headers: dict[str, Any] = field(default_factory=dict)
+
+    def render(self) -> dict[str, Any]:
+        content = dict(self.media)
+        if self.model is not None:
+            content[JSON] = {"schema": {"$ref": REF.format(model=self.model.__name__)}}
+            if self.example is not None:
+                content[JSON]["example"] = self.example
+        answer: dict[str, Any] = {"description": self.description}
+        if content:
+            answer["content"] = content
+        if self.headers:
+            answer["headers"] = self.headers
+        return answer
 
 
-WRONG_PASS = _error("Wrong passphrase; nothing was written.", {"error": "wrong passphrase", "field": "pass"})
+def _error(description: str, example: dict[str, Any] | None = None) -> Answer:
+    return Answer(description, Error, example)
+
+
+WRONG_PASS = _error("Wrong passphrase (or a viewer's login); nothing was written.",
+                    {"error": "wrong passphrase", "field": "pass"})
 BAD = _error("A field is missing or invalid; `field` names it.", {"error": "days must be at least 1", "field": "days"})
 CONFLICT = _error("A protected identity (case-insensitive: root_ca, mosquitto, dashboard, provisioner, policy, ca, "
-                  "ca-<n>, ingest, ingest-<n>) as name, cn or CSR SAN, or a lab server's name (localhost, "
-                  "mosquitto, dashboard, loopback, BROKER_ADDRESS, BROKER_SANS) as a SAN.",
+                  "ca-<n>, ingest, ingest-<n>) as name, cn or CSR SAN, or a lab server's name (localhost, mosquitto, "
+                  "dashboard, loopback, BROKER_ADDRESS, BROKER_SANS) as a SAN.",
                   {"error": "'dashboard' is a protected name used by the lab itself", "field": "name"})
 TOO_LARGE = _error("The body is larger than 64 KiB.", {"error": "request body is larger than 64 KiB"})
 NOT_JSON = _error("The body is not JSON (Content-Type must be application/json).",
                   {"error": "send the request as JSON (Content-Type: application/json)"})
-LOCKED_OUT = {
-    **_error("Five wrong passphrases or tokens from this requester (source and name; an MQTT CN) within "
-             "15 minutes; retry after Retry-After seconds.",
-             {"error": "too many wrong passphrases or tokens from this client; try again in 840 seconds"}),
-    "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds until the lockout ends."}},
-}
-NO_LOGIN = _error("No session and no valid API token.",
-                  {"error": "log in, or send Authorization: Bearer <API token>"})
-UNAVAILABLE = _error("The CA is not set up (no root yet) or cannot write its CRL.",
+LOCKED_OUT = Answer(
+    "Five wrong passphrases or tokens from this requester (source and name; an MQTT CN) within 15 minutes; retry "
+    "after Retry-After seconds.", Error,
+    {"error": "too many wrong passphrases or tokens from this client; try again in 840 seconds"},
+    headers={"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds until the lockout ends."}})
+NO_LOGIN = _error("No session and no valid API token.", {"error": "log in, or send Authorization: Bearer <API token>"})
+BAD_TOKEN = _error("An Authorization header that is not a valid API token.", {"error": "unknown or revoked API token"})
+UNAVAILABLE = _error("The CA is not set up (no root yet), its key is locked, or it cannot write its CRL.",
                      {"error": "the CA has no root certificate yet: run ./setup.sh certs"})
+POST_ERRORS = {"400": BAD, "401": BAD_TOKEN, "403": WRONG_PASS, "409": CONFLICT, "413": TOO_LARGE, "415": NOT_JSON,
+               "429": LOCKED_OUT, "503": UNAVAILABLE}
+ISSUED_EXAMPLE = {"name": "client", "ca": PEM_CERT, "crt": PEM_CERT, "key": PEM_KEY, "serial": "5e3c1f0a9b7d",
+                  "not_after": "2027-11-17T15:00:00+00:00"}
+ROW_EXAMPLE = {
+    "serial": "5e3c1f0a9b7d", "name": "device001", "common_name": "device001", "role": "device",
+    "subject": "CN=device001,O=IoT CA Lab", "issuer": "CN=IoT Lab Root CA,O=IoT CA Lab",
+    "not_before": "2026-11-22T14:55:00+00:00", "not_after": "2027-11-22T15:00:00+00:00", "days_left": 365.0,
+    "fingerprint_sha256": "ab12...", "issued_via": "cli", "requester": None, "status": "active",
+    "issued_at": "2026-11-22T15:00:00+00:00", "revoked_at": None, "revocation_reason": None, "state": "valid"}
+DOCUMENT = Answer("A JSON document.", media={JSON: {"schema": {"type": "object"}}})
 
 
-def _json_request(model: type[Any], examples: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "required": True,
-        "content": {"application/json": {
-            "schema": {"$ref": f"#/components/schemas/{model.__name__}"},
-            "examples": {key: {"summary": summary, "value": value} for key, (summary, value) in examples.items()},
-        }},
-    }
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    summary: str
+    answers: dict[str, Answer]
+    security: list[dict[str, list[str]]]
+    description: str = ""
+    body: type[BaseModel] | None = None
+    examples: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    query: type[BaseModel] | None = None
+
+    def render(self, queries: dict[str, Any]) -> dict[str, Any]:
+        operation: dict[str, Any] = {"summary": self.summary, "security": self.security,
+                                     "operationId": f"{self.method}_{self.path.strip('/').replace('/', '_')}"}
+        if self.description:
+            operation["description"] = self.description
+        if self.query is not None:
+            properties = queries[self.query.__name__]["properties"]
+            operation["parameters"] = [
+                {"name": name, "in": "query", "required": False, "description": schema.get("description", ""),
+                 "schema": {key: value for key, value in schema.items()
+                            if key not in ("description", "title", "default")}}
+                for name, schema in properties.items()]
+        if self.body is not None:
+            operation["requestBody"] = {"required": True, "content": {JSON: {
+                "schema": {"$ref": REF.format(model=self.body.__name__)},
+                "examples": {key: {"summary": summary, "value": value}
+                             for key, (summary, value) in self.examples.items()}}}}
+        operation["responses"] = {status: answer.render() for status, answer in self.answers.items()}
+        return operation
 
 
-def _issued(description: str) -> dict[str, Any]:
-    example = {"name": "client", "ca": PEM_CERT, "crt": PEM_CERT, "key": PEM_KEY, "serial": "5e3c1f0a9b7d",
-               "not_after": "2027-11-17T15:00:00+00:00"}
-    return {"description": description, "content": {"application/json": {
-        "schema": {"$ref": "#/components/schemas/Issued"}, "example": example}}}
-
-
-def _pem(description: str, example: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/x-pem-file": {"schema": {"type": "string"},
-                                                                              "example": example}}}
-
-
-def _crl_response() -> dict[str, Any]:
-    response = _pem("The CRL (RFC 5280 reason codes; superseded certificates once their grace is over).",
-                    "-----BEGIN X509 CRL-----\n...\n-----END X509 CRL-----\n")
-    response["content"]["application/pkix-crl"] = {"schema": {"type": "string", "format": "binary"}}
-    return response
-
-
-CURL_SIGN = ("curl -s http://127.0.0.1:5000/v1/ssl/sign -H 'Content-Type: application/json' "
-             "-d '{\"name\": \"client\", \"days\": 360, \"pass\": \"'\"$CA_PASSPHRASE\"'\"}'")
+ROUTES = (
+    Route("post", "/v1/ssl/sign", "Issue or renew the certificate of an entity", security=OPTIONAL_LOGIN,
+          description=(
+              "With `csr` (PEM), the CSR's signature is verified, its CN must equal `name`, and only its DNS, IP and "
+              "e-mail SANs are copied; no file of the entity changes (the key stays with the caller). Without `csr`, "
+              "the entity's stored key (made by `create` or the generator) is re-signed with the same subject and "
+              "SANs: renewal; the reply then includes that key. `token` (an enrolment token) replaces `pass` when a "
+              "`csr` is given. A logged-in operator (session or operator API token) needs no `pass`.\n\n"
+              "Example: `" + CURL_SIGN + "`"),
+          body=SignRequest, examples={
+              "renew": ("The seed's body: re-sign the stored key of an existing entity (renewal).",
+                        {"name": "client", "pass": PLACEHOLDER, "days": 360}),
+              "csr": ("Sign a CSR; the private key never leaves the caller.",
+                      {"name": "AA:BB:CC:DD:EE:FF", "days": "360", "pass": PLACEHOLDER, "csr": PEM_CSR}),
+              "token": ("First enrolment with a single-use token instead of the passphrase.",
+                        {"name": "device042", "days": 90, "token": "<token from /v1/ssl/tokens>", "csr": PEM_CSR})},
+          answers={"201": Answer("Signed.", Issued, ISSUED_EXAMPLE), **POST_ERRORS,
+                   "403": _error("Wrong passphrase; an unknown, used, expired or other name's token; a viewer's "
+                                 "login; or a stored key whose certificate was superseded or revoked.",
+                                 {"error": "wrong passphrase", "field": "pass"}),
+                   "404": _error("No csr and no stored key for this name.",
+                                 {"error": "no stored key for client: send a csr, or create the entity first",
+                                  "field": "name"})}),
+    Route("post", "/v1/ssl/create", "Create a key and a certificate with the given subject", security=OPTIONAL_LOGIN,
+          description=(
+              "The CA makes the key (EC P-256, or RSA with KEY_TYPE=rsa) and signs it. Required: name, days, pass "
+              "(or a logged-in operator). Optional subject fields: country (2 letters), state, locality, org, unit, "
+              "cn (a host name; the subject CN is always name, a differing cn becomes a DNS SAN), email (subject "
+              "emailAddress and an e-mail SAN). Blank or null optional fields count as absent. Repeating an "
+              "identical request (every field but pass equal) while the certificate is valid returns the same "
+              "certificate and key with 200."),
+          body=CreateRequest, examples={
+              "seed": ("The seed's full body.", {
+                  "name": "AA:BB:CC:DD:EE:FF", "days": "360", "pass": PLACEHOLDER, "country": "BR", "state": "SP",
+                  "locality": "Campinas", "org": "ACME", "unit": "Sensors", "cn": "AABBCCDDEEFF",
+                  "email": "ops@example.com"}),
+              "minimal": ("Only the required fields; the CN is the name.",
+                          {"name": "client", "days": 360, "pass": PLACEHOLDER})},
+          answers={"201": Answer("Created; `key` is the new private key (PKCS#8 PEM, unencrypted).", Issued,
+                                 ISSUED_EXAMPLE),
+                   "200": Answer("Identical request repeated: the same certificate (same serial).", Issued,
+                                 ISSUED_EXAMPLE),
+                   **POST_ERRORS}),
+    Route("post", "/v1/ssl/revoke", "Revoke a certificate (by serial) or every unexpired certificate of a name",
+          security=OPTIONAL_LOGIN,
+          description=(
+              "Marks the certificates revoked, writes a new CRL (verified before it replaces the old one), denies the "
+              "identity every topic in the broker's ACL (this also stops a connection that is already open) and makes "
+              "Mosquitto reload both. New TLS connections with a revoked certificate are refused. Revoking again is "
+              "harmless (`already_revoked`)."),
+          body=RevokeRequest, examples={
+              "name": ("Cut a device off.", {"name": "device001", "pass": PLACEHOLDER, "reason": "keyCompromise"}),
+              "serial": ("One certificate.", {"serial": "5e3c1f0a9b7d", "pass": PLACEHOLDER})},
+          answers={"200": Answer("Revoked.", Revoked, {"name": "device001", "revoked": ["5e3c1f0a9b7d"],
+                                                       "reason": "keyCompromise", "already_revoked": []}),
+                   **POST_ERRORS,
+                   "404": _error("No certificate with that name or serial.",
+                                 {"error": "no certificate was issued to device009", "field": "name"})}),
+    Route("post", "/v1/ssl/tokens", "Issue a single-use enrolment token for one name", security=OPTIONAL_LOGIN,
+          description=(
+              f"The token replaces `pass` in one `sign` request with a CSR for that name, until it expires (`ttl` "
+              f"seconds, default {TOKEN_TTL_DEFAULT}); that request gets a device certificate (client authentication "
+              f"only), which the device then renews itself over MQTT (`ssl/renew/<CN>`). Only the token's SHA-256 is "
+              f"stored."),
+          body=TokenRequest, examples={
+              "token": ("A token for a new device.", {"name": "device042", "pass": PLACEHOLDER, "ttl": 3600})},
+          answers={"201": Answer("The token (shown once).", Token, {
+              "name": "device042", "token": "q8Jm...", "expires_at": "2026-11-22T16:00:00+00:00"}), **POST_ERRORS}),
+    Route("get", "/v1/ssl/ca", "The root CA certificate (PEM)", security=PUBLIC,
+          answers={"200": Answer("The root certificate.", media={PEM: {"schema": {"type": "string"},
+                                                                       "example": PEM_CERT}}),
+                   "503": UNAVAILABLE}),
+    Route("get", "/v1/ssl/crl", "The current CRL, the one the broker enforces: PEM, or DER with Accept: "
+          "application/pkix-crl", security=PUBLIC,
+          answers={"200": Answer("The CRL (RFC 5280 reason codes; superseded certificates once their grace is over).",
+                                 media={PEM: {"schema": {"type": "string"}},
+                                        "application/pkix-crl": {"schema": {"type": "string", "format": "binary"}}}),
+                   "503": UNAVAILABLE}),
+    Route("get", "/v1/ssl/certs", "The inventory: every certificate the CA issued", security=LOGIN,
+          query=CertificatesQuery,
+          answers={"200": Answer("Certificates, oldest first.", Certificates, {"certificates": [ROW_EXAMPLE]}),
+                   "400": _error("Bad filter.", {"error": "status must be one of ...", "field": "status"}),
+                   "401": NO_LOGIN}),
+    Route("get", "/v1/openapi.json", "This document (OpenAPI 3.1)", security=PUBLIC, answers={"200": DOCUMENT}),
+    Route("get", "/v1/asyncapi.json", "The MQTT API (the CA's topics and the thermometers'), AsyncAPI 3.0",
+          security=LOGIN, answers={"200": DOCUMENT, "401": NO_LOGIN}),
+    Route("get", "/healthz", "Health: 200 while everything works, 503 (with the reasons) while degraded",
+          security=PUBLIC,
+          description="Degraded: the MQTT connection this process runs is down, the database does not answer, or "
+                      "the CRL the broker enforces is expired, missing or not the current root's.",
+          answers={"200": Answer("Healthy.", Health), "503": Answer("Degraded; `reasons` says why.", Health)}),
+    Route("get", "/metrics", "Prometheus metrics (text exposition format)", security=LOGIN,
+          description="Counters and histograms of this process, and the inventory's facts computed at scrape time; "
+                      "the README lists the families. Scrape with a viewer API token.",
+          answers={"200": Answer("The metrics.", media={"text/plain": {"schema": {"type": "string"}}}),
+                   "401": NO_LOGIN}),
+)
 
 
 @functools.cache
-def openapi_document() -> dict[str, Any]:
-    sign_examples = {
-        "renew": ("The seed's body: re-sign the stored key of an existing entity (renewal).",
-                  {"name": "client", "pass": PLACEHOLDER, "days": 360}),
-        "csr": ("Sign a CSR; the private key never leaves the caller.",
-                {"name": "AA:BB:CC:DD:EE:FF", "days": "360", "pass": PLACEHOLDER, "csr": PEM_CSR}),
-        "token": ("First enrolment with a single-use token instead of the passphrase.",
-                  {"name": "device042", "days": 90, "token": "<token from /v1/ssl/tokens>", "csr": PEM_CSR}),
-    }
-    create_examples = {
-        "seed": ("The seed's full body.", {
-            "name": "AA:BB:CC:DD:EE:FF", "days": "360", "pass": PLACEHOLDER, "country": "BR", "state": "SP",
-            "locality": "Campinas", "org": "ACME", "unit": "Sensors", "cn": "AABBCCDDEEFF",
-            "email": "ops@example.com"}),
-        "minimal": ("Only the required fields; the CN is the name.",
-                    {"name": "client", "days": 360, "pass": PLACEHOLDER}),
-    }
-    post_errors = {"400": BAD, "403": WRONG_PASS, "409": CONFLICT, "413": TOO_LARGE, "415": NOT_JSON,
-                   "429": LOCKED_OUT, "503": UNAVAILABLE}
-    paths: dict[str, Any] = {
-        "/v1/ssl/sign": {"post": {
-            "summary": "Issue or renew the certificate of an entity",
-            "description": (
-                "With `csr` (PEM), the CSR's signature is verified, its CN must equal `name`, and only its DNS, "
-                "IP and e-mail SANs are copied; the certificate is stored under certs/<name>/ (a stored key "
-                "that no longer matches is moved to <name>.key.previous). Without `csr`, the entity's stored "
-                "key (made by `create` or the generator) is re-signed with the same subject and SANs: renewal; "
-                "the reply then includes that key.\n\nExample: `" + CURL_SIGN + "`"),
-            "requestBody": _json_request(SignRequest, sign_examples),
-            "responses": {"201": _issued("Signed."), **post_errors,
-                          "403": _error("Wrong passphrase, or an unknown, used, expired or other name's token.",
-                                        {"error": "wrong passphrase", "field": "pass"}),
-                          "404": _error("No csr and no stored key for this name.",
-                                        {"error": "no stored key for client: send a csr, or create the entity "
-                                                  "first", "field": "name"})},
-        }},
-        "/v1/ssl/create": {"post": {
-            "summary": "Create a key and a certificate with the given subject",
-            "description": (
-                "The CA makes the key (EC P-256, or RSA with KEY_TYPE=rsa) and signs it. Required: name, days, "
-                "pass. Optional subject fields: country (2 letters), state, locality, org, unit, cn (default: "
-                "name; a host name also becomes a DNS SAN), email (subject emailAddress and an e-mail SAN). "
-                "Blank optional fields count as absent. Repeating an identical request (every field but pass "
-                "equal) while the certificate is valid returns the same certificate and key with 200."),
-            "requestBody": _json_request(CreateRequest, create_examples),
-            "responses": {"201": _issued("Created; `key` is the new private key (PKCS#8 PEM, unencrypted)."),
-                          "200": _issued("Identical request repeated: the same certificate (same serial)."),
-                          **post_errors},
-        }},
-        "/v1/ssl/revoke": {"post": {
-            "summary": "Revoke a certificate (by serial) or every unexpired certificate of a name",
-            "description": (
-                "Marks the certificates revoked, writes a new CRL (verified before it replaces the old one), "
-                "denies the identity every topic in the broker's ACL (this also stops a connection that is "
-                "already open) and makes Mosquitto reload both. New TLS connections with a revoked certificate "
-                "are refused. Revoking again is harmless (`already_revoked`)."),
-            "requestBody": _json_request(RevokeRequest, {
-                "name": ("Cut a device off.", {"name": "device001", "pass": PLACEHOLDER, "reason": "keyCompromise"}),
-                "serial": ("One certificate.", {"serial": "5e3c1f0a9b7d", "pass": PLACEHOLDER})}),
-            "responses": {
-                "200": {"description": "Revoked.", "content": {"application/json": {
-                    "schema": {"$ref": "#/components/schemas/Revoked"},
-                    "example": {"name": "device001", "revoked": ["5e3c1f0a9b7d"], "reason": "keyCompromise",
-                                "already_revoked": []}}}},
-                **post_errors,
-                "404": _error("No certificate with that name or serial.",
-                              {"error": "no certificate was issued to device009", "field": "name"})},
-        }},
-        "/v1/ssl/tokens": {"post": {
-            "summary": "Issue a single-use enrolment token for one name",
-            "description": (
-                f"The token replaces `pass` in one `sign` request with a CSR for that name, until it expires "
-                f"(`ttl` seconds, default {TOKEN_TTL_DEFAULT}); that request gets a device certificate (client "
-                f"authentication only), which the device then renews itself over MQTT (`ssl/renew/<CN>`). "
-                f"Only the token's SHA-256 is stored."),
-            "requestBody": _json_request(TokenRequest, {
-                "token": ("A token for a new device.", {"name": "device042", "pass": PLACEHOLDER, "ttl": 3600})}),
-            "responses": {
-                "201": {"description": "The token (shown once).", "content": {"application/json": {
-                    "schema": {"$ref": "#/components/schemas/Token"},
-                    "example": {"name": "device042", "token": "q3V...", "expires_at": "2026-11-22T16:00:00+00:00"}}}},
-                **post_errors},
-        }},
-        "/v1/ssl/ca": {"get": {
-            "summary": "The root CA certificate (PEM)",
-            "responses": {"200": _pem("The root certificate.", PEM_CERT), "503": UNAVAILABLE},
-        }},
-        "/v1/ssl/crl": {"get": {
-            "summary": "The current CRL, the one the broker enforces: PEM, or DER with Accept: application/pkix-crl",
-            "responses": {"200": _crl_response(),
-                          "503": UNAVAILABLE},
-        }},
-        "/v1/ssl/certs": {"get": {
-            "summary": "The inventory: every certificate the CA issued",
-            "parameters": [
-                {"name": "name", "in": "query", "schema": {"type": "string"}, "example": "device001",
-                 "description": "Only this entity (colons removed as in requests)."},
-                {"name": "status", "in": "query", "example": "valid", "schema": {"type": "string", "enum": [
-                    "active", "superseded", "revoked", "valid", "expiring", "expired"]},
-                 "description": "Stored status (active/superseded/revoked) or computed state "
-                                "(valid/expiring/expired)."},
-            ],
-            "responses": {
-                "200": {"description": "Certificates, oldest first.", "content": {"application/json": {
-                    "schema": {"type": "object", "properties": {"certificates": {
-                        "type": "array", "items": {"$ref": "#/components/schemas/InventoryRow"}}}},
-                    "example": {"certificates": [{
-                        "serial": "5e3c1f0a9b7d", "name": "device001", "common_name": "device001",
-                        "role": "device", "subject": "CN=device001,O=IoT CA Lab", "issuer": "CN=IoT Lab Root CA,"
-                        "O=IoT CA Lab", "not_before": "2026-11-22T14:55:00+00:00",
-                        "not_after": "2027-11-22T15:00:00+00:00", "days_left": 365.0, "fingerprint_sha256": "ab12...",
-                        "issued_via": "cli", "requester": None, "status": "active", "state": "valid",
-                        "issued_at": "2026-11-22T15:00:00+00:00", "revoked_at": None,
-                        "revocation_reason": None}]}}}},
-                "400": _error("Bad filter.", {"error": "status must be one of ...", "field": "status"}),
-                "401": NO_LOGIN,
-            },
-            "security": [{"bearer": []}, {"session": []}],
-        }},
-        "/v1/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1"}}}},
-        "/v1/asyncapi.json": {"get": {"summary": "The MQTT API (the CA's topics and the thermometers')",
-                                      "responses": {"200": {"description": "AsyncAPI 3.0"}}}},
-        "/healthz": {"get": {
-            "summary": "Liveness, and whether the dashboard's MQTT connection is up",
-            "responses": {"200": {"description": "Up.", "content": {"application/json": {
-                "example": {"status": "ok", "mqtt": {"connected": True, "broker": "localhost:8883"}}}}}},
-        }},
-    }
-    string = {"type": "string"}
-    schemas: dict[str, Any] = {
-        "SignRequest": _schema(SignRequest),
-        "CreateRequest": _schema(CreateRequest),
-        "RevokeRequest": _schema(RevokeRequest),
-        "TokenRequest": _schema(TokenRequest),
-        "RenewRequest": _schema(RenewRequest),
-        "Error": {"type": "object", "required": ["error"], "properties": {
-            "error": {"type": "string", "description": "What is wrong, never containing a secret."},
-            "field": {"type": "string", "description": "The request field at fault."}}},
-        "Issued": {"type": "object", "required": ["name", "ca", "crt", "serial", "not_after"], "properties": {
-            "name": {**string, "description": "The normalised name (colons removed)."},
-            "ca": {**string, "description": "Root certificate, PEM."},
-            "crt": {**string, "description": "The issued certificate, PEM."},
-            "key": {**string, "description": "Private key (PKCS#8 PEM), only when the CA holds it: create, and "
-                                             "sign without csr."},
-            "serial": {**string, "description": "Serial number, hex."},
-            "not_after": {**string, "format": "date-time"}}},
-        "Revoked": {"type": "object", "properties": {
-            "name": string, "reason": string,
-            "revoked": {"type": "array", "items": string},
-            "already_revoked": {"type": "array", "items": string}}},
-        "Token": {"type": "object", "properties": {
-            "name": string, "token": {**string, "format": "password"},
-            "expires_at": {**string, "format": "date-time"}}},
-        "InventoryRow": {"type": "object", "additionalProperties": True, "properties": {
-            key: string for key in ("serial", "name", "common_name", "role", "subject", "issuer", "not_before",
-                                    "not_after", "fingerprint_sha256", "issued_via", "status", "state")}},
-    }
+def openapi_document(max_days: int = MAX_DAYS_WITHOUT_CA) -> dict[str, Any]:
+    """The document, with `days` at most `max_days` (the CA's remaining life when it is served)."""
+    _, definitions = models_json_schema([(model, "validation") for model in MODELS], by_alias=True,
+                                        ref_template=REF)
+    schemas = bound_days(definitions["$defs"], max_days)
+    queries = {route.query.__name__: route.query.model_json_schema(by_alias=True) for route in ROUTES if route.query}
+    paths: dict[str, Any] = {}
+    for route in ROUTES:
+        paths.setdefault(route.path, {})[route.method] = route.render(queries)
     return {
         "openapi": "3.1.0",
-        "info": {"title": "IoT CA Lab: CA API", "version": "1", "description": MQTT_DESCRIPTION},
+        "info": {"title": "IoT CA Lab: CA API", "version": "1", "description": MQTT_DESCRIPTION +
+                 "\nThe MQTT API as an AsyncAPI 3.0 document: `GET /v1/asyncapi.json`.\n"},
         "paths": paths,
         "components": {"schemas": schemas, "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer", "description": (
@@ -286,18 +291,4 @@ def openapi_document() -> dict[str, Any]:
                 "viewer or operator. On the POST routes an operator token replaces `pass`; a viewer's gets 403.")},
             "session": {"type": "apiKey", "in": "cookie", "name": "iotca_session", "description": (
                 "The dashboard's login; state-changing requests also need the page's X-CSRF-Token header.")}}},
-        "x-mqtt": {
-            "ssl/sign": {"publish": "#/components/schemas/SignRequest", "reply": "ssl/<name>"},
-            "ssl/create": {"publish": "#/components/schemas/CreateRequest", "reply": "ssl/<name>"},
-            "ssl/sign/<CN>": {"publish": "#/components/schemas/SignRequest", "reply": "ssl/<name>",
-                              "lockout": "counted on the publishing certificate's CN (only <CN> may write here)"},
-            "ssl/create/<CN>": {"publish": "#/components/schemas/CreateRequest", "reply": "ssl/<name>",
-                                "lockout": "counted on the publishing certificate's CN"},
-            "ssl/renew/<CN>": {
-                "publish": "#/components/schemas/RenewRequest", "reply": "ssl/<CN>",
-                "credential": "the publishing certificate (the ACL lets a CN write only ssl/renew/<its CN>)",
-                "responses": {"201": "#/components/schemas/Issued", "400": "bad csr (CN differs or key reused)",
-                              "403": "revoked or expired", "404": "nothing issued to this CN",
-                              "409": "a protected name"}},
-        },
     }

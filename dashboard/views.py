@@ -1,4 +1,5 @@
-"""Pages and read-only JSON: `/` (the live dashboard), `/api/data` (the seed's shape) and `/healthz`."""
+"""Pages and read-only JSON: `/` (the live dashboard) and `/api/data` (the seed's shape); /healthz and /metrics are
+in health.py."""
 
 from __future__ import annotations
 
@@ -71,17 +72,6 @@ def api_data() -> Response:
     """The seed's polling endpoint, kept for scripts: certificates, per-device data and the MQTT log."""
     hub = _hub()
     return jsonify({"certs_info": hub.certs()["certs"], "device_data": hub.device_data(), "logs": hub.logs()})
-
-
-@bp.get("/healthz")
-def healthz() -> Response:
-    """200 while the app runs; the body says whether the broker connection and the database are up."""
-    bridge = current_app.extensions["mqtt_bridge"]
-    hub = _hub()
-    mqtt_state = bridge.status()
-    db_state = hub.health()
-    status = "ok" if mqtt_state["connected"] and db_state["ok"] else "degraded"
-    return jsonify({"status": status, "mqtt": mqtt_state, "db": db_state})
 
 
 def init_app(app: Flask) -> None:

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives import serialization
 from pki.config import ConfigError, Settings
 from pki.store import CERT_MODE, KEY_MODE, atomic_write
 
+USER_AGENT = "iotca/1"  # the CA counts the CLI's requests as transport `cli` (pki/metrics.py)
 LOOPBACK_HOSTS = {"", "0.0.0.0", "::", "127.0.0.1", "localhost", "::1"}  # noqa: S104 - bind-all means "this host"
 
 
@@ -55,7 +56,7 @@ class Client:
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None,
                 accept: str = "application/json") -> tuple[int, bytes]:
-        headers = {"Accept": accept}
+        headers = {"Accept": accept, "User-Agent": USER_AGENT}
         data = None
         if body is not None:
             data = json.dumps(body).encode()
@@ -245,6 +246,8 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
         mqtt = health.get("mqtt", {}) if isinstance(health, dict) else {}
         if mqtt:
             print(f"  broker connection: {'up' if mqtt.get('connected') else 'down'}")
+        for reason in health.get("reasons", []) if isinstance(health, dict) else []:
+            print(f"  degraded: {reason}")
         if counts:
             print("  certificates: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
         elif certs_status != 200:

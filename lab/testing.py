@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -231,10 +232,15 @@ class DashboardProcess:
             return json.loads(response.read())
 
     def health(self) -> dict[str, Any] | None:
-        """/healthz (public), or None while nothing answers."""
+        """/healthz (public), healthy (200) or degraded (503: the broker is down, say, in a fault run); None while
+        nothing answers."""
         try:
             with LOCAL.open(self.url + "healthz", timeout=5) as response:
                 return json.load(response)
+        except urllib.error.HTTPError as ex:
+            if ex.code != 503:
+                raise
+            return json.loads(ex.read())
         except OSError:
             return None
 

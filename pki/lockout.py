@@ -77,12 +77,18 @@ class Lockout:
                     own = len(times)
         return own
 
-    def failed(self, source: str, name: str | None) -> None:
+    def failed(self, source: str, name: str | None) -> bool:
+        """Count a failure; True when it is the one that locks the requester out (a counter reached its limit)."""
         now = self.clock()
+        keys = requester_keys(source, name)
         with self.inventory.session() as session:
             # Rows that left the window are of no use: the table stays small under a spray of sources.
             session.execute(delete(LockoutFailure).where(LockoutFailure.failed_at <= now - self.window))
-            session.add_all(LockoutFailure(key=key, failed_at=now) for key, _ in requester_keys(source, name))
+            session.add_all(LockoutFailure(key=key, failed_at=now) for key, _ in keys)
+            session.flush()
+            return any(session.scalar(select(func.count()).select_from(LockoutFailure).where(
+                LockoutFailure.key == key, LockoutFailure.failed_at > now - self.window)) == limit
+                for key, limit in keys)
 
     def succeeded(self, source: str, name: str | None) -> None:
         """The right credentials clear this requester's own counter (not its source's, which ages out)."""

@@ -4,6 +4,7 @@ is generated from them, beside the request models of `pki.requests`."""
 from __future__ import annotations
 
 import datetime as dt
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -49,4 +50,33 @@ class Token(_Reply):
     expires_at: dt.datetime = Field(description="When the token stops working (UTC).")
 
 
-REPLIES: tuple[type[BaseModel], ...] = (Error, Issued, Revoked, Token)
+class InventoryRow(_Reply):
+    """One certificate of the inventory (`GET /v1/ssl/certs`)."""
+
+    serial: str = Field(description="Serial number, hex.")
+    name: str = Field(description="The entity.")
+    common_name: str
+    role: str = Field(description="Its profile: root_ca, broker, dashboard, device, entity, server, ...")
+    subject: str = Field(description="RFC 4514.")
+    issuer: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+    days_left: float = Field(description="Days until not_after (negative once expired).")
+    fingerprint_sha256: str
+    issued_via: str = Field(description="cli (the generator), import, http, mqtt, renew, est, acme.")
+    requester: str | None = Field(description="Who asked (address, operator@address, mqtt:<CN>), when known.")
+    status: Literal["active", "superseded", "revoked"] = Field(description="As stored.")
+    issued_at: dt.datetime
+    revoked_at: dt.datetime | None
+    revocation_reason: str | None
+    state: Literal["valid", "expiring", "expired", "revoked", "superseded"] = Field(
+        description="Computed now, with RENEW_BEFORE_DAYS.")
+
+
+class Certificates(_Reply):
+    """The inventory, oldest first."""
+
+    certificates: list[InventoryRow]
+
+
+REPLIES: tuple[type[BaseModel], ...] = (Error, Issued, Revoked, Token, Certificates)

@@ -29,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from . import schemas
 from .authority import PublicKey, is_hostname
 from .config import Settings
 from .identity import is_protected_identity, reserved_sans
@@ -51,11 +52,12 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 CN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 SERIAL_RE = re.compile(r"[0-9a-f]{1,40}")
 EMAIL_RE = re.compile(r"(?P<local>[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64})@(?P<domain>[^@]+)")
-_DAYS_STRING_RE = re.compile(r"\s*\+?([0-9]{1,7})\s*")
+_DAYS_STRING_RE = re.compile(r"\s*\+?0*([0-9]{1,7})\s*")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 MAX_DAYS_WITHOUT_CA = 36500  # only when validating without a CA (tests, docs); the service passes the CA's life
 MAX_PASSPHRASE = 1024
+MAX_TOKEN = 256
 MAX_CSR = 32 * 1024
 MAX_SANS = 32
 TOKEN_TTL_DEFAULT = 3600
@@ -296,20 +298,27 @@ def parse_csr(pem: str, *, require_cn: bool = True) -> CSRInfo:
 
 # -- request models ------------------------------------------------------------------------------------
 
-_NAME_SCHEMA = {"type": "string", "pattern": "^[A-Za-z0-9:][A-Za-z0-9:_-]{0,}$",
-                "description": "Entity id or a collector's MAC address; colons are removed, then it must match "
-                               "^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$. Becomes the certificate CN and the reply "
-                               "topic ssl/<name>.",
-                "examples": ["client", "AA:BB:CC:DD:EE:FF"]}
-_DAYS_SCHEMA = {"oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": "^[0-9]+$"}],
-                "description": "Validity in days, a number or a numeric string; at most the CA's remaining life.",
-                "examples": [360, "360"]}
-_PASS_SCHEMA = {"type": "string", "format": "password", "description": "The CA passphrase.",
-                "examples": ["<CA passphrase>"]}
+Name = Annotated[str, WithJsonSchema(schemas.NAME)]
+Days = Annotated[int, WithJsonSchema(schemas.days(
+    MAX_DAYS_WITHOUT_CA, "Validity in days, a number or a numeric string; at most the CA's remaining life."))]
+PASSPHRASE_SCHEMA = schemas.secret(MAX_PASSPHRASE, "The CA passphrase.")
+TOKEN_SCHEMA = schemas.secret(MAX_TOKEN, "Single-use enrolment token from POST /v1/ssl/tokens, instead of pass (only "
+                                         "together with csr).")
+Passphrase = Annotated[StrictStr, Field(min_length=1, max_length=MAX_PASSPHRASE), WithJsonSchema(PASSPHRASE_SCHEMA)]
+Token = Annotated[StrictStr, Field(min_length=1, max_length=MAX_TOKEN), WithJsonSchema(TOKEN_SCHEMA)]
 
-Name = Annotated[str, WithJsonSchema(_NAME_SCHEMA)]
-Days = Annotated[int, WithJsonSchema(_DAYS_SCHEMA)]
-Passphrase = Annotated[StrictStr, Field(min_length=1, max_length=MAX_PASSPHRASE), WithJsonSchema(_PASS_SCHEMA)]
+
+def _no_default(schema: dict[str, Any]) -> None:
+    """An optional field whose schema does not allow null says nothing of a default (absent means absent)."""
+    schema.pop("default", None)
+
+
+def _not_null(value: object) -> object:
+    """`pass` and `token` are absent or strings: an explicit null is refused, so the document can say which
+    credential a body carries."""
+    if value is None:
+        raise ValueError("must be a string")
+    return value
 
 
 class _Request(BaseModel):
@@ -329,22 +338,24 @@ class SignRequest(_Request):
 
     operation: ClassVar[str] = "sign"
 
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["pass"], "not": {"required": ["token"]}},
+        {"required": ["token", "csr"], "not": {"required": ["pass"]}, "properties": {"csr": schemas.CSR}},
+    ]})
+
     name: Name
     days: Days
-    passphrase: Passphrase | None = Field(default=None, alias="pass", repr=False)
-    token: Annotated[
-        StrictStr | None,
-        Field(min_length=1, max_length=256, repr=False),
-        WithJsonSchema({"type": "string", "format": "password",
-                        "description": "Single-use enrolment token from POST /v1/ssl/tokens, instead of pass "
-                                       "(only together with csr)."}),
-    ] = None
-    csr: Annotated[
-        CSRInfo | None,
-        WithJsonSchema({"type": "string", "description": "PEM PKCS#10 request; its CN must equal name. Only DNS, "
-                                                         "IP and e-mail SANs are copied, nothing else from it.",
-                        "examples": ["-----BEGIN CERTIFICATE REQUEST-----\n...\n-----END CERTIFICATE REQUEST-----\n"]}),
-    ] = None
+    # Absent or a string (an explicit null is refused), so the schemas are the non-null ones.
+    passphrase: Annotated[Passphrase | None, WithJsonSchema(PASSPHRASE_SCHEMA)] = Field(
+        default=None, alias="pass", repr=False, json_schema_extra=_no_default)
+    token: Annotated[Token | None, WithJsonSchema(TOKEN_SCHEMA)] = Field(
+        default=None, repr=False, json_schema_extra=_no_default)
+    csr: Annotated[CSRInfo | None, WithJsonSchema({"anyOf": [schemas.CSR, schemas.NULL], "default": None})] = None
+
+    @field_validator("passphrase", "token", mode="before")
+    @classmethod
+    def _credential(cls, value: object) -> object:
+        return _not_null(value)
 
     @field_validator("days", mode="before")
     @classmethod
@@ -383,27 +394,14 @@ class CreateRequest(_Request):
     name: Name
     days: Days
     passphrase: Passphrase = Field(alias="pass", repr=False)
-    country: Annotated[str | None, WithJsonSchema(
-        {"type": "string", "pattern": "^[A-Za-z]{2}$", "description": "ISO 3166 two-letter code (C).",
-         "examples": ["BR"]})] = None
-    state: Annotated[str | None, WithJsonSchema(
-        {"type": "string", "maxLength": 128, "description": "State or province (ST).", "examples": ["SP"]})] = None
-    locality: Annotated[str | None, WithJsonSchema(
-        {"type": "string", "maxLength": 128, "description": "City (L).", "examples": ["Campinas"]})] = None
-    org: Annotated[str | None, WithJsonSchema(
-        {"type": "string", "maxLength": 64, "description": "Organisation (O).", "examples": ["ACME"]})] = None
-    unit: Annotated[str | None, WithJsonSchema(
-        {"type": "string", "maxLength": 64, "description": "Organisational unit (OU).",
-         "examples": ["Sensors"]})] = None
-    cn: Annotated[str | None, WithJsonSchema(
-        {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
-         "description": "A host name for the certificate (the seed: the organisation's domain name). The "
-                        "subject CN, which is the MQTT identity, is always name; a cn that differs becomes a "
-                        "DNS SAN (never a protected name or a name of the lab's own servers).",
-         "examples": ["collector01.example.com"]})] = None
-    email: Annotated[str | None, WithJsonSchema(
-        {"type": "string", "format": "email", "description": "emailAddress in the subject and an e-mail SAN.",
-         "examples": ["ops@example.com"]})] = None
+    country: Annotated[str | None, WithJsonSchema(schemas.COUNTRY)] = None
+    state: Annotated[str | None, WithJsonSchema(schemas.optional_text(128, "State or province (ST).", "SP"))] = None
+    locality: Annotated[str | None, WithJsonSchema(schemas.optional_text(128, "City (L).", "Campinas"))] = None
+    org: Annotated[str | None, WithJsonSchema(schemas.optional_text(64, "Organisation (O).", "ACME"))] = None
+    unit: Annotated[str | None, WithJsonSchema(schemas.optional_text(64, "Organisational unit (OU).",
+                                                                     "Sensors"))] = None
+    cn: Annotated[str | None, WithJsonSchema(schemas.CN)] = None
+    email: Annotated[str | None, WithJsonSchema(schemas.EMAIL)] = None
 
     @field_validator("days", mode="before")
     @classmethod
@@ -458,13 +456,15 @@ class RevokeRequest(_Request):
 
     operation: ClassVar[str] = "revoke"
 
-    name: Name | None = None
-    serial: Annotated[str | None, WithJsonSchema(
-        {"type": "string", "pattern": "^[0-9A-Fa-f:]+$", "description": "Hex serial of one certificate.",
-         "examples": ["4f1c2a9e0b"]})] = None
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["name"], "properties": {"name": schemas.NAME, "serial": schemas.NULL}},
+        {"required": ["serial"], "properties": {"serial": schemas.SERIAL, "name": schemas.NULL}},
+    ]})
+
+    name: Annotated[str | None, WithJsonSchema({"anyOf": [schemas.NAME, schemas.NULL], "default": None})] = None
+    serial: Annotated[str | None, WithJsonSchema({"anyOf": [schemas.SERIAL, schemas.NULL], "default": None})] = None
     passphrase: Passphrase = Field(alias="pass", repr=False)
-    reason: Annotated[str, WithJsonSchema(
-        {"type": "string", "enum": list(REVOCATION_REASONS), "default": "unspecified"})] = "unspecified"
+    reason: Annotated[str, WithJsonSchema(schemas.reason(REVOCATION_REASONS))] = "unspecified"
 
     @field_validator("name", mode="before")
     @classmethod
@@ -501,10 +501,9 @@ class TokenRequest(_Request):
 
     name: Name
     passphrase: Passphrase = Field(alias="pass", repr=False)
-    ttl: Annotated[int, WithJsonSchema(
-        {"oneOf": [{"type": "integer"}, {"type": "string", "pattern": "^[0-9]+$"}],
-         "minimum": TOKEN_TTL_MIN, "maximum": TOKEN_TTL_MAX, "default": TOKEN_TTL_DEFAULT,
-         "description": "Seconds until the token expires."})] = TOKEN_TTL_DEFAULT
+    ttl: Annotated[int | None, WithJsonSchema({"anyOf": [schemas.positive_integer(
+        TOKEN_TTL_MIN, TOKEN_TTL_MAX, "Seconds until the token expires."), schemas.NULL],
+        "default": TOKEN_TTL_DEFAULT})] = TOKEN_TTL_DEFAULT
 
     @field_validator("ttl", mode="before")
     @classmethod
@@ -523,16 +522,13 @@ class RenewRequest(_Request):
 
     operation: ClassVar[str] = "renew"
 
-    csr: Annotated[
-        CSRInfo,
-        WithJsonSchema({"type": "string", "description": "PEM PKCS#10 request for a NEW key; its CN must equal the "
-                                                         "CN in the topic. Only its public key is used: subject, "
-                                                         "SANs and profile are those of the current certificate.",
-                        "examples": ["-----BEGIN CERTIFICATE REQUEST-----\n...\n-----END CERTIFICATE REQUEST-----\n"]}),
-    ]
-    days: Annotated[int | None, WithJsonSchema({
-        **_DAYS_SCHEMA, "description": "Optional, shorter validity in days; default and maximum: the lifetime of "
-                                       "the current certificate (and the CA's remaining life)."})] = None
+    csr: Annotated[CSRInfo, WithJsonSchema({
+        **schemas.CSR, "description": "PEM PKCS#10 request for a NEW key; its CN must equal the CN in the topic. Only "
+                                      "its public key is used: subject, SANs and profile are those of the current "
+                                      "certificate."})]
+    days: Annotated[int | None, WithJsonSchema({"anyOf": [schemas.days(
+        MAX_DAYS_WITHOUT_CA, "Optional, shorter validity in days; default and maximum: the lifetime of the current "
+                             "certificate (and the CA's remaining life)."), schemas.NULL], "default": None})] = None
 
     @field_validator("csr", mode="before")
     @classmethod
@@ -547,6 +543,37 @@ class RenewRequest(_Request):
         if value is None:
             return None
         return parse_positive_int(value, _max_days(info), " days (the CA's remaining life)")
+
+
+# `GET /v1/ssl/certs?status=`: the inventory's stored statuses, then the computed validity states.
+CERTIFICATE_FILTERS = ("active", "superseded", "revoked", "valid", "expiring", "expired")
+
+
+class CertificatesQuery(_Request):
+    """`GET /v1/ssl/certs?name=&status=`: both optional; an empty value is no filter."""
+
+    operation: ClassVar[str] = "certificates"
+
+    name: Annotated[str | None, WithJsonSchema({"anyOf": [schemas.NAME, {"type": "string", "maxLength": 0}],
+                                                "description": "Only this entity (colons removed as in requests)."})
+                    ] = None
+    status: Annotated[str | None, WithJsonSchema({"type": "string", "enum": [*CERTIFICATE_FILTERS, ""],
+                                                  "description": "Stored status (active, superseded, revoked) or "
+                                                                 "computed state (valid, expiring, expired)."})] = None
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name(cls, value: object) -> str | None:
+        return normalise_name(value) if value else None
+
+    @field_validator("status", mode="before")
+    @classmethod
+    def _status(cls, value: object) -> str | None:
+        if not value:
+            return None
+        if value not in CERTIFICATE_FILTERS:
+            raise ValueError(f"must be one of {', '.join(CERTIFICATE_FILTERS)}")
+        return str(value)
 
 
 class _FieldError(ValueError):

@@ -26,6 +26,7 @@ import json
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +67,7 @@ from .identity import is_reserved_san, mac_as_written
 from .inventory import ACTIVE, REVOKED, SUPERSEDED, CertificateRecord, Inventory, TokenAlreadyUsed
 from .issuance import Issuance
 from .lockout import Lockout
+from .metrics import CAMetrics
 from .profiles import BACKDATE, DEVICE, ENTITY, PROFILES, SERVER, Profile
 from .requests import (
     BAD_REQUEST,
@@ -73,6 +75,7 @@ from .requests import (
     FORBIDDEN,
     NOT_FOUND,
     UNAVAILABLE,
+    CertificatesQuery,
     CreateRequest,
     RenewRequest,
     RequestError,
@@ -104,6 +107,8 @@ from .store import (
 log = logging.getLogger(__name__)
 # The operator (logged in to the dashboard) on whose behalf the current call runs; None for `pass` requests.
 _OPERATOR: contextvars.ContextVar[str | None] = contextvars.ContextVar("ca_operator", default=None)
+# The transport the current call came by (pki/metrics.py TRANSPORTS), for the counters of `_issue` and the lockout.
+_TRANSPORT: contextvars.ContextVar[str] = contextvars.ContextVar("ca_transport", default="http")
 
 # Statuses `GET /v1/ssl/certs?status=` accepts: the inventory's own, and the computed validity state.
 STORED_STATUSES = (ACTIVE, SUPERSEDED, REVOKED)
@@ -170,9 +175,11 @@ class CAService:
     """One per process: holds the unlocked root, the inventory and the lockout counters."""
 
     def __init__(
-        self, settings: Settings, *, inventory: Inventory | None = None, lockout: Lockout | None = None
+        self, settings: Settings, *, inventory: Inventory | None = None, lockout: Lockout | None = None,
+        metrics: CAMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or CAMetrics()  # the app's registry, or none (pki/metrics.py)
         self.layout = CertsLayout(settings.certs_dir)
         self.broker_files = BrokerFiles(settings.certs_dir, settings.data_dir)
         self.inventory = inventory or Inventory(settings.effective_database_url)
@@ -206,15 +213,16 @@ class CAService:
 
     # `operator`: the dashboard proved a logged-in operator (session or API token) sent the request: no `pass`
     # is needed and the lockout does not apply. Only an authenticating front end may set it.
+    # `transport`: how the request came, for the metrics (default: `via`; the HTTP adapter says `cli` for iotca).
 
     def sign(self, body: object, *, source: str, via: str = "http", requester: str | None = None,
-             operator: str | None = None) -> Reply:
-        return self._run("sign", body, source,
+             operator: str | None = None, transport: str | None = None) -> Reply:
+        return self._run("sign", transport or via, body, source,
                          lambda: self._sign(self._as_operator(body, operator), source, via, requester or source))
 
     def create(self, body: object, *, source: str, via: str = "http", requester: str | None = None,
-               operator: str | None = None) -> Reply:
-        return self._run("create", body, source,
+               operator: str | None = None, transport: str | None = None) -> Reply:
+        return self._run("create", transport or via, body, source,
                          lambda: self._create(self._as_operator(body, operator), source, via, requester or source))
 
     def renew(self, cn: str, body: object, *, via: str = "mqtt", requester: str | None = None) -> Reply:
@@ -224,13 +232,14 @@ class CAService:
         broker's ACL lets only that CN publish to `ssl/renew/<cn>`.
         """
         requester = requester or f"{via}:{cn}"
-        return self._run("renew", {"name": cn}, requester, lambda: self._renew(cn, body, requester))
+        return self._run("renew", via, {"name": cn}, requester, lambda: self._renew(cn, body, requester))
 
-    def revoke(self, body: object, *, source: str, operator: str | None = None) -> Reply:
-        return self._run("revoke", body, source, lambda: self._revoke(self._as_operator(body, operator), source))
+    def revoke(self, body: object, *, source: str, operator: str | None = None, transport: str = "http") -> Reply:
+        return self._run("revoke", transport, body, source,
+                         lambda: self._revoke(self._as_operator(body, operator), source))
 
-    def issue_token(self, body: object, *, source: str, operator: str | None = None) -> Reply:
-        return self._run("token", body, source,
+    def issue_token(self, body: object, *, source: str, operator: str | None = None, transport: str = "http") -> Reply:
+        return self._run("token", transport, body, source,
                          lambda: self._issue_token(self._as_operator(body, operator), source))
 
     # -- the standard protocols (ca/est.py, ca/acme.py): the same checks, other credentials ------------
@@ -263,19 +272,19 @@ class CAService:
                                               f"of {record.name} can renew it")
             return self._renew(record.name, {"csr": csr_pem}, requester)
 
-        return self._run("renew", {"name": cn}, requester, work)
+        return self._run("renew", via, {"name": cn}, requester, work)
 
     def issue_server(self, csr_pem: str, names: list[str], *, days: int, requester: str) -> Reply:
         """A `server` certificate for DNS `names` whose control was proven (ACME finalize; the adapter checked
         them against the operator's allow-list). The CSR must name exactly these hosts, nothing else."""
         entity = server_entity_name(names[0]) if names else "-"
-        return self._run("acme", {"name": entity}, requester,
+        return self._run("acme", "acme", {"name": entity}, requester,
                          lambda: self._issue_server(csr_pem, names, entity, days, requester))
 
     def revoke_certificate(self, cert: x509.Certificate, reason: str, *, source: str) -> Reply:
         """Revoke one certificate whose holder the transport authenticated (ACME revokeCert: the account that
         ordered it, or the certificate's own key), without the passphrase."""
-        return self._run("revoke", {}, source, lambda: self._revoke_certificate(cert, reason))
+        return self._run("revoke", "acme", {}, source, lambda: self._revoke_certificate(cert, reason))
 
     def _issue_server(self, csr_pem: str, names: list[str], entity: str, days: int, requester: str) -> Reply:
         root = self._root_certificate()
@@ -311,6 +320,13 @@ class CAService:
             return Reply(200, {"certificates": self._certificates(name, status)})
         except RequestError as ex:
             return Reply(ex.status, ex.body(), ex.headers())
+
+    def max_days(self) -> int | None:
+        """The longest validity a request may ask for now (the root's remaining life); None without a usable root."""
+        try:
+            return self._max_days(self._root_certificate())
+        except RequestError:
+            return None
 
     def ca_pem(self) -> bytes:
         """The root certificate (public); RequestError 503 when the lab has none yet."""
@@ -350,7 +366,10 @@ class CAService:
 
     # -- plumbing ----------------------------------------------------------------------------------
 
-    def _run(self, operation: str, body: object, source: str, work: Callable[[], Reply]) -> Reply:
+    def _run(self, operation: str, transport: str, body: object, source: str, work: Callable[[], Reply]) -> Reply:
+        """Every operation's one way in and out: the answer as a Reply, timed and counted (refusals by reason)."""
+        started = time.perf_counter()
+        context = _TRANSPORT.set(transport)
         try:
             reply = work()
         except RequestError as ex:
@@ -358,6 +377,10 @@ class CAService:
         except Exception:  # a bug, not the caller's fault: log it, answer without details
             log.exception("%s request from %s failed unexpectedly", operation, source)
             reply = Reply(500, {"error": "internal error; the server log has the details"})
+        finally:
+            _TRANSPORT.reset(context)
+        self.metrics.answered(operation, transport, reply.status, reply.body.get("field"),
+                              time.perf_counter() - started)
         # Only validated names reach the log; never a body, a passphrase or a token.
         log.info("ssl/%s %s from %s -> %s", operation, readable_name(body) or "-", source, reply.status)
         if reply.ok and operation != "token":  # a token changes no certificate
@@ -453,7 +476,8 @@ class CAService:
                 ca = self._unlock(passphrase or "")
                 ok = ca is not None
         if not ok or ca is None:
-            self.lockout.failed(source, name)
+            if self.lockout.failed(source, name):
+                self.metrics.locked_out(_TRANSPORT.get())
             log.warning("wrong CA passphrase from %s", source)
             raise RequestError(FORBIDDEN, "wrong passphrase", "pass")
         if recent_failures:
@@ -474,7 +498,8 @@ class CAService:
         elif row.expires_at <= utcnow():
             problem = "this enrolment token has expired"
         if problem:
-            self.lockout.failed(source, name)
+            if self.lockout.failed(source, name):
+                self.metrics.locked_out(_TRANSPORT.get())
             log.warning("refused an enrolment token for %s from %s: %s", name, source, problem)
             raise RequestError(FORBIDDEN, problem, "token")
         ca = self._unlocked_ca()
@@ -732,6 +757,7 @@ class CAService:
                                                     f"certificate {serial} is recorded (revoke it by serial)") from None
                 if broker_changes():
                     self._sync_broker(ca)
+        self.metrics.issued(job.kind, _TRANSPORT.get())
         log.info("issued %s (%s) serial %s, %s days, via %s", name, job.profile.role, serial, job.days, job.via)
         return Reply(201, self._body(name, ca, cert, job.key))
 
@@ -795,6 +821,7 @@ class CAService:
         if changed:
             reload_broker(self.broker_files)
         if revoked:
+            self.metrics.revoked(len(revoked), reason, _TRANSPORT.get())
             log.warning("revoked %s: %s (%s)", name, ", ".join(revoked), reason)
             for callback in self.on_revoked:
                 try:
@@ -817,14 +844,8 @@ class CAService:
     # -- reading -----------------------------------------------------------------------------------
 
     def _certificates(self, name: str | None, status: str | None) -> list[dict[str, Any]]:
-        if name:
-            try:
-                name = normalise_name(name)
-            except ValueError as ex:
-                raise RequestError(400, f"name {ex}", "name") from None
-        if status and status not in STORED_STATUSES + STATES:
-            raise RequestError(400, f"status must be one of {', '.join(dict.fromkeys(STORED_STATUSES + STATES))}",
-                               "status")
+        query = parse(CertificatesQuery, {"name": name, "status": status})
+        name, status = query.name, query.status
         now = utcnow()
         rows = []
         stored = status if status in STORED_STATUSES else None
