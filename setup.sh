@@ -648,15 +648,15 @@ write_compose_override() {
     fi
 }
 
-# docker_generate_certs: the generator, run inside the dashboard image. In Docker mode the CA's inventory
+# docker_generate_certs: the generator, run inside the CA service's image. In Docker mode the CA's inventory
 # lives in the dashboard's volume, and the generator must use that one: it rewrites the CRL and the ACL
 # from the inventory's revocations, so a generator with another inventory would undo revocations.
 docker_generate_certs() {
     local rc=0
     # A bind-mount source that does not exist is created by Docker, owned by root: create it as you.
     (umask 077 && mkdir -p -- "$LAB_CERTS_DIR") || fail "cannot create the certificates folder $LAB_CERTS_DIR"
-    log "Certificates: $GENERATOR in the dashboard image (${COMPOSE[*]} run --rm --no-deps dashboard)"
-    compose run --rm --no-deps -T dashboard python "$GENERATOR" || rc=$?
+    log "Certificates: $GENERATOR in the CA service's image (${COMPOSE[*]} run --rm --no-deps ca)"
+    compose run --rm --no-deps -T ca python "$GENERATOR" || rc=$?
     if [[ $rc -ne 0 && $rc -ne 2 ]]; then
         printf '%s\n' "error: the generator container failed with exit code $rc (see above)." \
             "       'Permission denied' under /certs: LAB_UID/LAB_GID in $ENV_FILE must be the owner of $LAB_CERTS_DIR" \

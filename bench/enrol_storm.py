@@ -7,7 +7,8 @@ token`, tokens fetched over HTTP before the storm). Every reply is checked: stat
 device's CSR key and name, signed by the root. All must succeed.
 
 Figures: total time (first request sent to last certificate received), per-device latency (its request to its
-certificate) and time-to-certificate from the start of the storm, p50/p99/max, CPU of the dashboard, the broker
+certificate) and time-to-certificate from the start of the storm, p50/p99/max, CPU of the CA replicas
+(`--ca-replicas`, default 2, splitting the requests through the shared subscription), the dashboard, the broker
 and this process. Written to bench/results/enrol-storm.json, plotted to docs/bench/enrol-storm-*.png.
 
     python bench/enrol_storm.py --devices 1000
@@ -58,6 +59,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--auth", choices=("pass", "token"), default="pass",
                         help="what authorises each request: the CA passphrase, or a single-use enrolment token "
                              "per device (default pass)")
+    parser.add_argument("--ca-replicas", type=int, default=2, choices=(1, 2),
+                        help="CA service replicas (`python -m ca`) splitting the storm (default 2)")
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="give up waiting for replies after this many seconds (default 120)")
     args = parser.parse_args(argv)
@@ -148,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with CALab(args.key_type, keep=args.keep) as lab:
         lab.generate()
         lab.start_broker()
+        lab.start_cas(args.ca_replicas)
         dashboard = lab.start_dashboard(args.server)
         names = [f"storm-{i:05d}" for i in range(args.devices)]
         csrs = make_csrs(names)
@@ -161,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             wait_ca_answers(requesters[0])
             meter = CpuMeter({"dashboard": dashboard.pid, "broker": lab.broker.process.pid,  # type: ignore[union-attr]
-                              "bench": os.getpid()}).start()
+                              "bench": os.getpid(), **{f"ca{ca.instance}": ca.pid for ca in lab.cas}}).start()
             started, outcomes = storm(requesters, bodies, args.timeout)
             cpu = meter.stop()
         finally:
@@ -177,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "auth": args.auth,
         "key_type": args.key_type,
         "server": args.server,
+        "ca_replicas": args.ca_replicas,
         "total_s": round(total, 3),
         "certificates_per_s": round(len(done) / total, 1) if total > 0 else None,
         "failures": len(failures),

@@ -159,6 +159,60 @@ class DashboardProcess:
                 if " ERROR " in line or "Traceback" in line or "Bad request" in line][:limit]
 
 
+class CAProcess:
+    """One CA service replica (`python -m ca`) as a real subprocess, identity `ca-<n>`."""
+
+    def __init__(self, env: dict[str, str], instance: int, log_path: Path) -> None:
+        self.instance = instance
+        self.port = free_port()
+        self.env = {**env, "CA_INSTANCE": str(instance), "CA_INTERNAL_PORT": str(self.port),
+                    **({} if instance == 1 else {"CA_HTTPS_PORT": "0"})}
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid if self.process is not None else 0
+
+    def start(self, timeout: float = 30) -> CAProcess:
+        with open(self.log_path, "ab") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", "ca"], env=self.env, cwd=PROJECT_ROOT,
+                                            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        wait_for(self._connected, timeout=timeout, interval=0.1,
+                 what=f"ca-{self.instance} connected to MQTT; log:\n{self.log()[-3000:]}")
+        return self
+
+    def _connected(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"ca-{self.instance} exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+        try:
+            with urllib.request.urlopen(self.url + "/healthz", timeout=5) as response:  # noqa: S310 - loopback
+                return bool(json.loads(response.read())["mqtt"]["connected"])
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
 class BenchLab:
     """Certificates, broker and dashboard of one bench run, all under `root` (a temp folder by default)."""
 
@@ -181,6 +235,8 @@ class BenchLab:
             "DASHBOARD_HOST": "127.0.0.1",
             "DASHBOARD_PORT": str(self.dashboard_port),
             "CA_HTTPS_PORT": str(free_port()),
+            # Certificates for two CA replicas (ca-1, ca-2): the benchmarks compare 1 and 2.
+            "CA_REPLICAS": "2",
             "LOG_LEVEL": "WARNING",
             "PYTHONUNBUFFERED": "1",
         }
@@ -188,6 +244,7 @@ class BenchLab:
         self.layout = CertsLayout(self.settings.certs_dir)
         self.broker: Broker | None = None
         self.dashboard: DashboardProcess | None = None
+        self.cas: list[CAProcess] = []
         self._ca: CertificateAuthority | None = None
 
     def __enter__(self) -> BenchLab:
@@ -242,15 +299,33 @@ class BenchLab:
         self.broker = Broker(self.settings.certs_dir, self.settings.data_dir, self.broker_port).start()
         return self.broker
 
+    def start_cas(self, replicas: int = 1) -> list[CAProcess]:
+        """`replicas` CA service processes (ca-1 ...), started before the dashboard that forwards to them."""
+        self.stop_cas()
+        self.cas = [CAProcess(self.env, n, self.settings.data_dir / f"ca-{n}.log").start()
+                    for n in range(1, replicas + 1)]
+        return self.cas
+
+    def stop_cas(self) -> None:
+        for ca in self.cas:
+            ca.stop()
+        self.cas = []
+
     def start_dashboard(self, server: str = "werkzeug", env: dict[str, str] | None = None) -> DashboardProcess:
-        self.dashboard = DashboardProcess({**self.env, **(env or {})}, self.dashboard_port,
+        """The dashboard, forwarding /v1/ssl/* to the running CA replicas (one is started when none runs)."""
+        if not self.cas:
+            self.start_cas(1)
+        urls = ",".join(ca.url for ca in self.cas)
+        self.dashboard = DashboardProcess({**self.env, "CA_URLS": urls, **(env or {})}, self.dashboard_port,
                                           self.settings.data_dir / "dashboard.log", server).start()
         return self.dashboard
 
     def stop_dashboard(self) -> None:
+        """The dashboard and its CA replicas."""
         if self.dashboard is not None:
             self.dashboard.stop()
             self.dashboard = None
+        self.stop_cas()
 
     def close(self) -> None:
         self.stop_dashboard()

@@ -35,20 +35,29 @@ DEVICES = ("device001", "device002")
 
 
 class DashboardProcess:
-    """`python -m dashboard` with the lab's environment, as `./setup.sh native` runs it."""
+    """`python -m ca` then `python -m dashboard` with the lab's environment, as `./setup.sh native` runs them:
+    the dashboard forwards /v1/ssl/* to the CA and gets no CA_PASSPHRASE."""
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.port = free_port()
-        self.env = {**os.environ, **env, "DASHBOARD_PORT": str(self.port),
-                    "CA_HTTPS_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
+        ca_port = free_port()
+        base = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.ca_env = {**base, "CA_INSTANCE": "1", "CA_INTERNAL_PORT": str(ca_port),
+                       "CA_HTTPS_PORT": str(free_port())}
+        self.env = {**{k: v for k, v in base.items() if k != "CA_PASSPHRASE"}, "DASHBOARD_PORT": str(self.port),
+                    "CA_URLS": f"http://127.0.0.1:{ca_port}"}
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
+        self.ca: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/"
 
     def start(self) -> DashboardProcess:
+        with open(self.log_path.with_name(self.log_path.stem + "-ca.log"), "wb") as log:
+            self.ca = subprocess.Popen([sys.executable, "-m", "ca"], env=self.ca_env, cwd=PROJECT_ROOT,
+                                       stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "dashboard"], env=self.env, cwd=PROJECT_ROOT,
                                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
@@ -67,8 +76,17 @@ class DashboardProcess:
         assert self.process is not None
         if self.process.poll() is not None:
             raise AssertionError(f"the dashboard exited with {self.process.returncode}:\n{self.log()}")
+        assert self.ca is not None
+        if self.ca.poll() is not None:
+            raise AssertionError(f"the CA service exited with {self.ca.returncode}")
         health = self.health()
-        return bool(health and health["mqtt"]["connected"])
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(self.env["CA_URLS"] + "/healthz", timeout=2) as response:
+                ca_connected = json.load(response)["mqtt"]["connected"]
+        except OSError:
+            return False
+        return bool(health and health["mqtt"]["connected"] and ca_connected)
 
     def log(self) -> str:
         try:
@@ -77,13 +95,14 @@ class DashboardProcess:
             return ""
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        for process in (self.process, self.ca):
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
 
 
 @pytest.fixture

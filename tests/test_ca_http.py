@@ -192,7 +192,7 @@ def test_fifty_concurrent_sign_requests(generated_lab: LabEnv, app: Flask) -> No
     bodies = [{"name": f"bulk{i:02d}", "days": 30, "pass": passphrase, "csr": make_csr(f"bulk{i:02d}")[0]}
               for i in range(40)]
     bodies += [{"name": "device001", "days": 30, "pass": passphrase} for _ in range(10)]
-    before = len(app.extensions["ca_service"].inventory.list())
+    before = len(app.extensions["test_ca"].service.inventory.list())
     start = threading.Barrier(len(bodies))
 
     def send(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -204,7 +204,7 @@ def test_fifty_concurrent_sign_requests(generated_lab: LabEnv, app: Flask) -> No
     assert [status for status, _ in results] == [201] * 50, [r for r in results if r[0] != 201][:3]
     serials = {body["serial"] for _, body in results}
     assert len(serials) == 50
-    inventory = app.extensions["ca_service"].inventory
+    inventory = app.extensions["test_ca"].service.inventory
     rows = inventory.list()
     assert len(rows) == before + 50
     assert serials <= {row.serial for row in rows}

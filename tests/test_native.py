@@ -221,12 +221,13 @@ def test_a_revoked_thermometer_is_not_restarted_nor_started_again(
         assert service.revoke({"name": "device001", "pass": lab_env.passphrase}, source="test").ok
     finally:
         service.close()
-    # No dashboard app in this run: the test closes the revoked connection as the CA would (dashboard/revocation.py).
-    dashboard = Collector(lab_env.certs_dir, "dashboard", lab_env.broker_port).connect()
+    # No CA service in this run (--no-dashboard): the test closes the revoked connection as the CA would, as ca-1
+    # (ca/revocation.py).
+    ca = Collector(lab_env.certs_dir, "ca-1", lab_env.broker_port).connect()
     try:
-        dashboard.publish(DYNSEC_TOPIC, disconnect_command("device001"))
+        ca.publish(DYNSEC_TOPIC, disconnect_command("device001"))
     finally:
-        dashboard.close()
+        ca.close()
     lab.wait_output("[runner] device001's certificate is revoked (exit 3): not restarted", timeout=20)
     assert "the CA revoked its certificate" in lab.output()
     assert "--devices device001" in lab.output()
