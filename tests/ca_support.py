@@ -245,11 +245,12 @@ class ServerThread:
         return f"http://127.0.0.1:{self.port}{path}"
 
 
-def post_json(url: str, body: Any, timeout: float = 30) -> tuple[int, dict[str, Any]]:
+def post_json(url: str, body: Any, timeout: float = 30,
+              headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
     """POST JSON with the standard library; returns (status, decoded body) for errors too."""
     assert url.startswith("http://127.0.0.1:")
     request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",  # noqa: S310
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - http://127.0.0.1 only
             return response.status, json.loads(response.read())

@@ -186,6 +186,14 @@ def test_wrong_passphrases_split_across_replicas_still_lock_after_5(pair: Pair) 
         assert {pair.replies[c][0]["status"] for c in right} == {429}
 
 
+def test_a_replica_beyond_ca_replicas_finds_no_free_identity_and_says_so(pair: Pair) -> None:
+    env = {**pair.replicas[0].env, "CA_INTERNAL_PORT": str(free_port())}
+    extra = subprocess.run([sys.executable, "-m", "ca"], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True,
+                           timeout=60, stdin=subprocess.DEVNULL)
+    assert extra.returncode == 2
+    assert "all 2 CA identities (ca-1 ... ca-2) are held by running replicas: raise CA_REPLICAS" in extra.stderr
+
+
 def test_killing_a_replica_mid_burst_leaves_no_request_unanswered(pair: Pair) -> None:
     """A request the killed replica had taken is lost with it (QoS 0 to the CA, no redelivery in Mosquitto
     2.0.11); the documented client retry (same CorrelationData, after a reply timeout) gets it answered by the
@@ -200,7 +208,7 @@ def test_killing_a_replica_mid_burst_leaves_no_request_unanswered(pair: Pair) ->
     survivor = pair.replicas[0]
     for _round in range(5):  # the client's retry: ask again for what is still unanswered after a timeout
         try:
-            wait_for(lambda: len(pair.answered(correlations)) == len(correlations), timeout=10, interval=0.2,
+            wait_for(lambda: len(pair.answered(correlations)) == len(correlations), timeout=5, interval=0.2,
                      what="every request answered")
             break
         except AssertionError:
