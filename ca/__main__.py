@@ -22,14 +22,20 @@ from .slots import SlotError, claim_slot
 
 def main() -> int:
     env = lab_environ()
-    logging.basicConfig(level=(env.get("LOG_LEVEL") or "INFO").upper(),
+    level = (env.get("LOG_LEVEL") or "INFO").upper()
+    logging.basicConfig(level=level if level in logging.getLevelNamesMapping() else "INFO",
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    wait = ""
     try:
         settings = Settings.from_env()
-        slot = claim_slot(settings, env.get("CA_INSTANCE"))
+        wait = (env.get("CA_SLOT_WAIT") or "").strip()
+        slot = claim_slot(settings, env.get("CA_INSTANCE"), *([float(wait)] if wait else []))
     except (ConfigError, SlotError) as ex:
         print(f"error: {ex}", file=sys.stderr)
+        return 2
+    except ValueError:
+        print(f"error: CA_SLOT_WAIT={wait!r} is not a number of seconds", file=sys.stderr)
         return 2
     try:
         process = CAProcess(settings, name=slot.name, secret=internal_secret(settings),
@@ -50,13 +56,17 @@ def main() -> int:
     print(f"CA service {slot.name}: internal API on {process.internal_url}"
           + (f", EST and ACME on https://{settings.ca_https_host}:{process.https.port}/" if process.https else ""),
           flush=True)
+    code = 0
     try:
         while not stop.wait(slot.heartbeat_interval):
             slot.heartbeat()
+    except SlotError as ex:  # another replica holds our identity now: two processes must never share it
+        print(f"error: {ex}", file=sys.stderr)
+        code = 1
     finally:
         process.shutdown()
         slot.release()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ off). So a replica started without CA_INSTANCE claims the lowest slot n in 1..CA
 or whose holder stopped renewing its lease for LEASE seconds (it was killed), and becomes `ca-<n>`. The claim is
 one write transaction of the inventory's database, serialised across processes and hosts (PostgreSQL's advisory
 lock, SQLite's write lock: pki/inventory.py), so two replicas never take the same slot. A replica renews its
-lease every HEARTBEAT seconds and gives it back when it stops. More replicas than CA_REPLICAS: the extra ones
-exit with an error that says so (each identity needs a certificate, which the generator issues per CA_REPLICAS).
+lease every HEARTBEAT seconds and gives it back when it stops. When every slot is held, a starting replica waits
+up to CA_SLOT_WAIT seconds (default LEASE + HEARTBEAT: a replica restarted right after a crash gets its slot
+back once the dead one's lease has run out). More replicas than CA_REPLICAS: the extra ones then exit with an
+error that says so (each identity needs a certificate, which the generator issues per CA_REPLICAS).
 
 The native runner sets CA_INSTANCE=<n> for each replica it starts: no claim, the slot is the runner's to give.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import secrets
+import time
 from dataclasses import dataclass, field
 
 from sqlalchemy import Integer, String, delete, select, update
@@ -78,8 +81,10 @@ class Slot:
             self.inventory.close()
 
 
-def claim_slot(settings: Settings, instance: str | None = None) -> Slot:
-    """CA_INSTANCE=<n> as given (the native runner's), else the first free slot in the database."""
+def claim_slot(settings: Settings, instance: str | None = None,
+               wait: float = LEASE.total_seconds() + HEARTBEAT) -> Slot:
+    """CA_INSTANCE=<n> as given (the native runner's), else the first free slot in the database, waiting up to
+    `wait` seconds for one (a replica restarted right after a crash waits for its old lease to run out)."""
     if instance and instance.strip():
         raw = instance.strip()
         if not raw.isdigit() or not 1 <= int(raw) <= settings.ca_replicas:
@@ -89,20 +94,31 @@ def claim_slot(settings: Settings, instance: str | None = None) -> Slot:
     from pki import migrate
 
     migrate.upgrade(inventory.engine, COMPONENT)
+    deadline = time.monotonic() + wait
+    while True:
+        slot = _try_claim(inventory, settings.ca_replicas)
+        if slot is not None:
+            log.info("claimed the CA identity %s", slot.name)
+            return slot
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(1)
+    inventory.close()
+    raise SlotError(f"all {settings.ca_replicas} CA identities (ca-1 ... ca-{settings.ca_replicas}) are held by "
+                    "running replicas: raise CA_REPLICAS in .env and run ./setup.sh certs (each replica needs "
+                    "its own certificate), or scale down")
+
+
+def _try_claim(inventory: Inventory, replicas: int) -> Slot | None:
+    """One transaction: the lowest slot nobody holds (or whose lease ran out), taken; None when all are held."""
     slot = Slot(0, inventory)
     now = utcnow()
     with inventory.session() as session:
         held = {row.slot: row for row in session.scalars(select(CASlot))}
-        free = [n for n in range(1, settings.ca_replicas + 1)
-                if n not in held or held[n].heartbeat_at < now - LEASE]
-        if free:
-            slot.number = free[0]
-            session.execute(delete(CASlot).where(CASlot.slot == slot.number))
-            session.add(CASlot(slot=slot.number, holder=slot.holder, heartbeat_at=now))
-    if not slot.number:
-        inventory.close()
-        raise SlotError(f"all {settings.ca_replicas} CA identities (ca-1 ... ca-{settings.ca_replicas}) are held by "
-                        "running replicas: raise CA_REPLICAS in .env and run ./setup.sh certs (each replica needs "
-                        "its own certificate), or scale down")
-    log.info("claimed the CA identity %s", slot.name)
+        free = [n for n in range(1, replicas + 1) if n not in held or held[n].heartbeat_at < now - LEASE]
+        if not free:
+            return None
+        slot.number = free[0]
+        session.execute(delete(CASlot).where(CASlot.slot == slot.number))
+        session.add(CASlot(slot=slot.number, holder=slot.holder, heartbeat_at=now))
     return slot

@@ -187,7 +187,7 @@ def test_wrong_passphrases_split_across_replicas_still_lock_after_5(pair: Pair) 
 
 
 def test_a_replica_beyond_ca_replicas_finds_no_free_identity_and_says_so(pair: Pair) -> None:
-    env = {**pair.replicas[0].env, "CA_INTERNAL_PORT": str(free_port())}
+    env = {**pair.replicas[0].env, "CA_INTERNAL_PORT": str(free_port()), "CA_SLOT_WAIT": "0"}
     extra = subprocess.run([sys.executable, "-m", "ca"], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True,
                            timeout=60, stdin=subprocess.DEVNULL)
     assert extra.returncode == 2
