@@ -226,7 +226,8 @@ class BenchLab:
             **os.environ,
             "CERTS_DIR": str(self.root / "certs"),
             "DATA_DIR": str(self.root / "data"),
-            "DATABASE_URL": f"sqlite:///{self.root / 'data' / 'lab.db'}",
+            # BENCH_DATABASE_URL: run on another database (e.g. a PostgreSQL server), else the lab's SQLite file.
+            "DATABASE_URL": os.environ.get("BENCH_DATABASE_URL") or f"sqlite:///{self.root / 'data' / 'lab.db'}",
             "CA_PASSPHRASE": secrets.token_urlsafe(24),
             "DEVICES": "device001,device002",
             "LAB_ENV_FILE": str(self.root / "no.env"),  # never the developer's .env
