@@ -6,12 +6,16 @@ Levels (each a closed loop for `--duration` seconds or `--count` requests, which
                  the inventory rows (`Inventory.record_issued`) committed durably RAW_BATCH to a transaction
   service        in-process `pki.service.CAService.sign` from `--threads` threads (validation, passphrase,
                  inventory, files: the whole CA without a transport)
-  http-werkzeug  POST /v1/ssl/sign from `--http-clients` keep-alive connections to `python -m dashboard`
+  http-werkzeug  POST /v1/ssl/sign from `--http-clients` keep-alive connections to `python -m dashboard`, which
+                 forwards each to a CA service replica (`python -m ca`)
   http-gunicorn  the same against gunicorn (one worker, threads), as dashboard/Dockerfile serves it
   mqtt           `ssl/sign` over MQTT v5 from `--requesters` connections (each its own certificate) with
                  `--window` requests in flight each, replies matched by CorrelationData
   renew          `ssl/renew/<CN>` from the same connections, each renewing its own certificate with a CSR
                  (only when the CA implements renewal over MQTT)
+
+The transport levels run once per `--ca-replicas` count (default 1 and 2 replicas; with 2 the level is named
+`mqtt-2ca`, `http-werkzeug-2ca`, `renew-2ca`); `renew` is also given as a ratio to `service`.
 
 Every reply's status is checked and a sample of certificates is verified (signed by the root, the CSR's key
 and name). Throughput, p50/p90/p99 latency, CPU of the dashboard, the broker and this process, and each
@@ -90,6 +94,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--renewers", type=int, default=32,
                         help="devices renewing their own certificates in the renew level, one connection and one "
                              "renewal in flight each (default 32)")
+    parser.add_argument("--ca-replicas", default="1,2",
+                        help="run the transport levels with each of these numbers of CA service replicas "
+                             "(`python -m ca` processes; default 1,2; levels with 2 are named e.g. mqtt-2ca)")
     parser.add_argument("--profile", action="store_true",
                         help="sample the dashboard with py-spy during each transport level (collapsed stacks and "
                              "a summary of the heaviest frames next to the results)")
@@ -98,6 +105,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "`py-spy record --idle --format raw -- python -m bench.issuance ...`) and exit")
     args = parser.parse_args(argv)
     args.levels = [level.strip() for level in args.levels.split(",") if level.strip()]
+    try:
+        args.ca_replicas = sorted({int(n) for n in args.ca_replicas.split(",") if n.strip()})
+    except ValueError:
+        parser.error("--ca-replicas: comma-separated numbers, e.g. 1,2")
+    if not args.ca_replicas or not 1 <= min(args.ca_replicas) <= max(args.ca_replicas) <= 2:
+        parser.error("--ca-replicas: 1 and/or 2 (the bench lab has certificates for ca-1 and ca-2)")
     unknown = set(args.levels) - set(LEVELS)
     if unknown:
         parser.error(f"unknown level(s) {', '.join(sorted(unknown))}; choose from {', '.join(LEVELS)}")
@@ -356,12 +369,12 @@ def level_mqtt(lab: CALab, csrs: list[Csr], requesters: list[Requester], args: a
 
 
 def level_renew(lab: CALab, args: argparse.Namespace, pids: dict[str, int],
-                profile_to: Path | None) -> tuple[dict[str, Any], LoadResult]:
+                profile_to: Path | None, prefix: str = "bench-renewer") -> tuple[dict[str, Any], LoadResult]:
     """Enrolled devices renew their own certificates: `{"csr"}` on ssl/renew/<CN>, the certificate the credential.
 
     `--renewers` devices (each its own connection: one per certificate), one renewal in flight each.
     """
-    names = [f"bench-renewer-{i:03d}" for i in range(args.renewers)]
+    names = [f"{prefix}-{i:03d}" for i in range(args.renewers)]
     requesters = connect_requesters(lab, enrol(lab, names, "enrolling renewers"))
     try:
         wait_ca_answers(requesters[0])
@@ -494,37 +507,46 @@ def main(argv: Sequence[str] | None = None) -> int:
             order = [s for s in servers if s != mqtt_server]
             if mqtt_server in servers or {"mqtt", "renew"} & set(args.levels):
                 order.append(mqtt_server)
-            for server in order:
-                dashboard = lab.start_dashboard(server)
-                pids = {"dashboard": dashboard.pid, "broker": lab.broker.process.pid,  # type: ignore[union-attr]
-                        "bench": os.getpid()}
-                level = f"http-{server}"
-                if level in args.levels:
-                    profile_to = results_dir / f"{name}-{level}.pyspy.txt" if args.profile else None
-                    levels[level], loads[level] = level_http(lab, csrs, args, pids, profile_to, level)
-                if server == mqtt_server and "mqtt" in args.levels:
-                    requesters = connect_requesters(lab, lab.issue_devices(requester_names))
-                    try:
-                        wait_ca_answers(requesters[0])
-                        profile_to = results_dir / f"{name}-mqtt.pyspy.txt" if args.profile else None
-                        levels["mqtt"], loads["mqtt"] = level_mqtt(lab, csrs, requesters, args, pids, profile_to)
-                    finally:
-                        for requester in requesters:
-                            requester.close()
-                if server == mqtt_server and "renew" in args.levels:
-                    if renewal_supported():
-                        profile_to = results_dir / f"{name}-renew.pyspy.txt" if args.profile else None
-                        levels["renew"], loads["renew"] = level_renew(lab, args, pids, profile_to)
-                    else:
-                        levels["renew"] = {"skipped": "this CA has no renewal over MQTT (CAService.renew)"}
-                lab.stop_dashboard()
+            for replicas in args.ca_replicas:
+                suffix = "" if replicas == 1 else f"-{replicas}ca"
+                for server in order:
+                    lab.start_cas(replicas)  # `python -m ca` x replicas, then the dashboard forwarding to them
+                    dashboard = lab.start_dashboard(server)
+                    pids = {"dashboard": dashboard.pid, "broker": lab.broker.process.pid,  # type: ignore[union-attr]
+                            "bench": os.getpid(), **{f"ca{ca.instance}": ca.pid for ca in lab.cas}}
+                    level = f"http-{server}"
+                    if level in args.levels:
+                        profile_to = results_dir / f"{name}-{level}{suffix}.pyspy.txt" if args.profile else None
+                        levels[level + suffix], loads[level + suffix] = level_http(lab, csrs, args, pids, profile_to,
+                                                                                   level + suffix)
+                    if server == mqtt_server and "mqtt" in args.levels:
+                        requesters = connect_requesters(lab, lab.issue_devices(requester_names))
+                        try:
+                            wait_ca_answers(requesters[0])
+                            profile_to = results_dir / f"{name}-mqtt{suffix}.pyspy.txt" if args.profile else None
+                            levels["mqtt" + suffix], loads["mqtt" + suffix] = level_mqtt(lab, csrs, requesters, args,
+                                                                                         pids, profile_to)
+                        finally:
+                            for requester in requesters:
+                                requester.close()
+                    if server == mqtt_server and "renew" in args.levels:
+                        if renewal_supported():
+                            profile_to = results_dir / f"{name}-renew{suffix}.pyspy.txt" if args.profile else None
+                            levels["renew" + suffix], loads["renew" + suffix] = level_renew(
+                                lab, args, pids, profile_to, prefix=f"bench-renewer{suffix}")
+                        else:
+                            levels["renew"] = {"skipped": "this CA has no renewal over MQTT (CAService.renew)"}
+                    lab.stop_dashboard()
 
     raw_rate = levels.get("raw", {}).get("throughput_per_s")
     crypto_rate = levels.get("raw", {}).get("crypto_only_per_s")
-    for figures in levels.values():
+    service_rate = levels.get("service", {}).get("throughput_per_s")
+    for level, figures in levels.items():
         if raw_rate and "throughput_per_s" in figures:
             figures["ratio_to_raw"] = round(figures["throughput_per_s"] / raw_rate, 3)
             figures["ratio_to_crypto"] = round(figures["throughput_per_s"] / crypto_rate, 3)
+        if service_rate and level.startswith("renew") and "throughput_per_s" in figures:
+            figures["ratio_to_service"] = round(figures["throughput_per_s"] / service_rate, 3)
     report(levels, args)
     figures_out = {
         "key_type": args.key_type,
@@ -551,15 +573,16 @@ def report(levels: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
             continue
         rows.append({
             "level": level, "per_s": figures.get("throughput_per_s"), "ratio": figures.get("ratio_to_raw", ""),
-            "vs_crypto": figures.get("ratio_to_crypto", ""),
+            "vs_crypto": figures.get("ratio_to_crypto", ""), "vs_service": figures.get("ratio_to_service", ""),
             "ok": figures.get("count"), "errors": figures.get("errors"), "p50_ms": figures.get("p50_ms", ""),
             "p99_ms": figures.get("p99_ms", ""), "dashboard_cpu": figures.get("dashboard_cpu_pct", ""),
+            "ca_cpu": "+".join(str(figures[k]) for k in ("ca1_cpu_pct", "ca2_cpu_pct") if k in figures),
             "broker_cpu": figures.get("broker_cpu_pct", ""), "bench_cpu": figures.get("bench_cpu_pct", ""),
         })
     print(f"\nissuance, {args.key_type.upper()} CA, {args.duration:g} s per level "
           f"(raw crypto only: {levels.get('raw', {}).get('crypto_only_per_s', '-')}/s)")
-    print_table(rows, ["level", "per_s", "ratio", "vs_crypto", "ok", "errors", "p50_ms", "p99_ms", "dashboard_cpu",
-                       "broker_cpu", "bench_cpu"])
+    print_table(rows, ["level", "per_s", "ratio", "vs_crypto", "vs_service", "ok", "errors", "p50_ms", "p99_ms",
+                       "dashboard_cpu", "ca_cpu", "broker_cpu", "bench_cpu"])
 
 
 def plot(name: str, loads: dict[str, LoadResult], plots_dir: Path, key_type: str) -> None:

@@ -7,7 +7,7 @@ app's own ingest is the observer: its `/api/data` shows the newest sequence numb
 Once readings flow, the device is revoked over HTTP while it keeps publishing for `--observe` seconds.
 
   closed         from the revoke request to the broker closing the device's connection (the CA asks Mosquitto's
-                 dynamic-security plugin to disconnect it before it replies: dashboard/revocation.py)
+                 dynamic-security plugin to disconnect it before it replies: ca/revocation.py)
   shown          from the revoke request to `/api/data` showing the device offline with its certificate revoked
                  (polled every 20 ms)
   cut-off        the first reading the dashboard never received was sent this long after the revoke request

@@ -25,7 +25,7 @@ from typing import Any
 
 from bench.common import DOCS_DIR, RESULTS_DIR
 from lab.mqtt import Identity
-from lab.testing import Broker, DashboardProcess, free_port
+from lab.testing import Broker, CAServiceProcess, DashboardProcess, free_port
 from pki.authority import CertificateAuthority, cert_pem, generate_private_key, key_pem
 from pki.config import Settings
 from pki.lab import LabCertificates
@@ -96,7 +96,8 @@ class BenchLab:
             **os.environ,
             "CERTS_DIR": str(self.root / "certs"),
             "DATA_DIR": str(self.root / "data"),
-            "DATABASE_URL": f"sqlite:///{self.root / 'data' / 'lab.db'}",
+            # BENCH_DATABASE_URL: run on another database (e.g. a PostgreSQL server), else the lab's SQLite file.
+            "DATABASE_URL": os.environ.get("BENCH_DATABASE_URL") or f"sqlite:///{self.root / 'data' / 'lab.db'}",
             "CA_PASSPHRASE": secrets.token_urlsafe(24),
             "DEVICES": "device001,device002",
             "LAB_ENV_FILE": str(self.root / "no.env"),  # never the developer's .env
@@ -105,6 +106,8 @@ class BenchLab:
             "DASHBOARD_HOST": "127.0.0.1",
             "DASHBOARD_PORT": str(self.dashboard_port),
             "CA_HTTPS_PORT": str(free_port()),
+            # Certificates for two CA replicas (ca-1, ca-2): the benchmarks compare 1 and 2.
+            "CA_REPLICAS": "2",
             "LOG_LEVEL": "WARNING",
             "PYTHONUNBUFFERED": "1",
         }
@@ -112,6 +115,7 @@ class BenchLab:
         self.layout = CertsLayout(self.settings.certs_dir)
         self.broker: Broker | None = None
         self.dashboard: DashboardProcess | None = None
+        self.cas: list[CAServiceProcess] = []
         self._ca: CertificateAuthority | None = None
 
     def __enter__(self) -> BenchLab:
@@ -166,9 +170,25 @@ class BenchLab:
         self.broker = Broker(self.settings.certs_dir, self.settings.data_dir, self.broker_port).start()
         return self.broker
 
+    def start_cas(self, replicas: int = 1) -> list[CAServiceProcess]:
+        """`replicas` CA service processes (ca-1 ...), started before the dashboard that forwards to them."""
+        self.stop_cas()
+        self.cas = [CAServiceProcess(self.env, n, self.settings.data_dir / f"ca-{n}.log").start()
+                    for n in range(1, replicas + 1)]
+        return self.cas
+
+    def stop_cas(self) -> None:
+        for ca in self.cas:
+            ca.stop()
+        self.cas = []
+
     def start_dashboard(self, server: str = "werkzeug", env: dict[str, str] | None = None) -> DashboardProcess:
-        self.dashboard = DashboardProcess({**self.env, **(env or {})}, self.settings.data_dir / "dashboard.log",
-                                          self.dashboard_port, server).start()
+        """The dashboard, forwarding /v1/ssl/* to the running CA replicas (one is started when none runs)."""
+        if not self.cas:
+            self.start_cas(1)
+        urls = ",".join(ca.url for ca in self.cas)
+        self.dashboard = DashboardProcess({**self.env, "CA_URLS": urls, **(env or {})},
+                                          self.settings.data_dir / "dashboard.log", self.dashboard_port, server).start()
         return self.dashboard
 
     def stop_dashboard(self) -> None:
@@ -177,7 +197,9 @@ class BenchLab:
             self.dashboard = None
 
     def close(self) -> None:
+        """The dashboard and its CA replicas, then the broker."""
         self.stop_dashboard()
+        self.stop_cas()
         if self.broker is not None:
             self.broker.stop()
             self.broker = None

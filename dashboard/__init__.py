@@ -1,4 +1,4 @@
-"""The dashboard: live readings, the MQTT log, certificate status, and the CA's HTTP/MQTT API.
+"""The dashboard: live readings, the MQTT log, certificate status, and the CA's HTTP API (forwarded to `python -m ca`).
 
 `create_app(test_config=None)` builds a fresh app (one per test); `socketio` is shared at package level
 (Flask-SocketIO's threading mode with simple-websocket). The MQTT connection is started only when
@@ -67,9 +67,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.extensions["mqtt_bridge"] = bridge
 
     # Each feature registers its routes, Socket.IO events and MQTT handlers.
-    from . import auth, ca_http, ca_mqtt, docs, events, health, live, revocation, views
+    # The CA API is forwarded to the CA service (`python -m ca`, which alone holds the CA key): dashboard/ca_http.py.
+    from . import auth, ca_http, docs, events, health, live, views
 
-    for feature in (auth, ca_http, ca_mqtt, live, revocation, events, views, health, docs):
+    for feature in (auth, ca_http, live, events, views, health, docs):
         feature.init_app(app)
 
     if app.config["MQTT_ENABLED"]:

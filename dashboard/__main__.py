@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Any
 
 from werkzeug.serving import WSGIRequestHandler
 
-from ca.server import start_ca_https
 from pki.config import ConfigError, Settings
 
 from . import create_app, socketio
@@ -29,23 +29,15 @@ class RequestHandler(WSGIRequestHandler):
 
 def main() -> int:
     try:
-        settings = Settings.from_env()
+        # The dashboard never holds the CA passphrase (the CA service `python -m ca` does): dropped even when the
+        # environment or .env carries it.
+        settings = dataclasses.replace(Settings.from_env(), ca_passphrase=None)
         check_exposure(settings)
         https = https_context(settings) if settings.dashboard_tls else None
         app = create_app({"LAB_SETTINGS": settings})
     except ConfigError as ex:
         print(f"error: {ex}", file=sys.stderr)
         return 2
-    # EST and ACME on their own HTTPS port, over the dashboard's CA service (Step 12 moves them to `python -m ca`).
-    try:
-        ca_https = start_ca_https(app.extensions["ca_service"], settings)
-    except OSError as ex:  # the port is taken, or the dashboard certificate is missing (ssl.SSLError too)
-        print(f"error: cannot serve EST/ACME on {settings.ca_https_host}:{settings.ca_https_port} "
-              f"(CA_HTTPS_PORT, 0 = off): {ex}", file=sys.stderr)
-        return 2
-    if ca_https is not None:
-        print(f"EST and ACME on https://{settings.ca_https_host}:{ca_https.port}/ "
-              "(.well-known/est/, acme/directory)", flush=True)
     if https is not None:
         https.start()  # follows the dashboard certificate when the generator renews it
     scheme = "https" if https else "http"

@@ -1,23 +1,31 @@
-"""The CA's HTTP API under /v1: a thin adapter over `pki.service.CAService` (decode, call, encode).
+"""The seed's CA API under /v1/ssl on the dashboard's port, forwarded to the CA service (`python -m ca`).
 
-Every answer, errors included, is JSON `{"error", "field"?}` or the service's reply body; a body that is not
-JSON gets 415, one over 64 KiB gets 413 (Flask's MAX_CONTENT_LENGTH, shaped by `errors.py`).
+The dashboard holds no CA key and no passphrase. It keeps the public contract of these routes (which need a
+session, which are public, CSRF, the Host check: dashboard/auth.py) and forwards each request to a CA
+replica's internal API (ca/http.py) with the body unchanged, the operator it proved (session or API token) and
+the client's address, under the secret that only the dashboard and the CA share (ca/internal.py). The CA's
+answer (status, JSON body, Retry-After, Cache-Control) comes back unchanged.
+
+Replicas (CA_URLS, comma-separated; natively the runner sets one URL per replica) are used round-robin, one
+persistent connection per replica and thread; a replica that refuses the connection is skipped, so a request
+reaches a live replica while another one restarts. None reachable: 503.
 """
 
 from __future__ import annotations
 
-import json
+import http.client
+import itertools
 import logging
 import threading
 from typing import Any
+from urllib.parse import urlsplit
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
-from pki.metrics import CAMetrics
-from pki.requests import BAD_REQUEST, MAX_DAYS_WITHOUT_CA, UNSUPPORTED_MEDIA_TYPE, RequestError
-from pki.service import CAService, Reply
+from ca.internal import OPERATOR_HEADER, SECRET_HEADER, SOURCE_HEADER, ca_urls, internal_secret
+from pki.authority import CAError, days_left, load_certificate
+from pki.requests import MAX_DAYS_WITHOUT_CA
+from pki.store import CertsLayout, read_optional
 
 from .auth import current_principal, require_operator
 from .errors import json_error
@@ -27,170 +35,185 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("ca_http", __name__, url_prefix="/v1")
 
-PEM_MIMETYPE = "application/x-pem-file"
-CLI_USER_AGENT = "iotca/"
-DER_CRL_MIMETYPE = "application/pkix-crl"
-# Seconds between two checks of the CRL (a parse and a signature check, well under a millisecond): rewritten
-# from the inventory when damaged, deleted or less than 20 days from its next update (Step 10: within 10 s).
-CRL_CHECK_INTERVAL = 5
+FORWARD_TIMEOUT = 60.0  # seconds: a signing with an RSA key generation, under load
+# Answer headers worth passing back (the body is JSON or PEM/DER; Retry-After with 429, caching rules).
+PASSED_HEADERS = ("Content-Type", "Retry-After", "Cache-Control", "Vary")
+# Failures that mean the request never reached a replica's application: safe to try the next replica.
+NOT_SENT = (ConnectionRefusedError, ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected)
 
 
-def service() -> CAService:
-    return current_app.extensions["ca_service"]
+class CAClient:
+    """Forwards requests to the CA replicas, round-robin, over persistent HTTP/1.1 connections."""
+
+    def __init__(self, urls: list[str], secret: str, timeout: float = FORWARD_TIMEOUT) -> None:
+        self.targets = [urlsplit(url) for url in urls]
+        for target in self.targets:
+            if target.scheme != "http" or not target.hostname:
+                raise ValueError(f"CA_URLS: {target.geturl()!r} is not an http://host:port URL")
+        self.secret = secret
+        self.timeout = timeout
+        self._next = itertools.count()
+        self._local = threading.local()
+
+    def _connection(self, index: int, fresh: bool = False) -> http.client.HTTPConnection:
+        pool: dict[int, http.client.HTTPConnection] = self._local.__dict__.setdefault("pool", {})
+        connection = pool.get(index)
+        if connection is None or fresh:
+            if connection is not None:
+                connection.close()
+            target = self.targets[index]
+            connection = http.client.HTTPConnection(target.hostname, target.port or 80, timeout=self.timeout)
+            pool[index] = connection
+        return connection
+
+    def forward(
+        self, method: str, path: str, body: bytes | None, headers: dict[str, str]
+    ) -> tuple[int, dict[str, str], bytes]:
+        headers = {**headers, SECRET_HEADER: self.secret}
+        start = next(self._next)
+        last: Exception | None = None
+        for attempt in range(len(self.targets) * 2):
+            index = (start + attempt // 2) % len(self.targets)
+            connection = self._connection(index, fresh=attempt % 2 == 1)
+            try:
+                connection.request(method, path, body=body, headers=headers)
+                response = connection.getresponse()
+                data = response.read()
+            except NOT_SENT as ex:  # a stale kept-alive connection, or this replica is down: the next try
+                connection.close()
+                last = ex
+                continue
+            except OSError as ex:  # a timeout after sending: the request may have been served; do not repeat it
+                connection.close()
+                raise CAUnavailable(f"the CA service did not answer: {ex}") from ex
+            if response.will_close:
+                connection.close()
+            return response.status, {k: v for k, v in response.getheaders() if k in PASSED_HEADERS}, data
+        raise CAUnavailable(f"no CA replica is reachable ({last})")
 
 
-def _source() -> str:
-    """Who the lockout counts against: the client address the server saw (X-Forwarded-For is not trusted)."""
-    return request.remote_addr or "unknown"
+    def each(self, path: str) -> list[tuple[str, bytes | None]]:
+        """GET `path` from every replica in turn: (its host:port, the body of a 200, or None when it is down)."""
+        answers: list[tuple[str, bytes | None]] = []
+        for index, target in enumerate(self.targets):
+            connection = self._connection(index, fresh=True)
+            try:
+                connection.request("GET", path, headers={SECRET_HEADER: self.secret})
+                response = connection.getresponse()
+                data = response.read()
+                answers.append((target.netloc, data if response.status == 200 else None))
+            except OSError:
+                answers.append((target.netloc, None))
+            finally:
+                connection.close()
+        return answers
 
 
-def _json_body() -> Any:
-    if not request.is_json:
-        raise RequestError(UNSUPPORTED_MEDIA_TYPE, "send the request as JSON (Content-Type: application/json)")
-    data = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
+class CAUnavailable(RuntimeError):
+    pass
+
+
+def client() -> CAClient:
+    return current_app.extensions["ca_client"]
+
+
+def _forward(method: str = "GET", *, operator: str | None = None) -> Response:
+    headers = {SOURCE_HEADER: request.remote_addr or "unknown"}
+    if operator:
+        headers[OPERATOR_HEADER] = operator
+    body = None
+    if method == "POST":
+        body = request.get_data(cache=False)  # 413 past MAX_CONTENT_LENGTH, before anything is forwarded
+        if request.content_type:
+            headers["Content-Type"] = request.content_type
+    for passed in ("Accept", "User-Agent"):  # User-Agent: the CA's metrics tell `iotca` from other HTTP clients
+        if request.headers.get(passed):
+            headers[passed] = request.headers[passed]
+    path = request.full_path if request.query_string else request.path
     try:
-        return json.loads(data)
-    except (ValueError, RecursionError):
-        raise RequestError(BAD_REQUEST, "the body is not valid JSON") from None
+        status, answer_headers, data = client().forward(method, path, body, headers)
+    except CAUnavailable as ex:
+        log.warning("%s %s: %s", method, request.path, ex)
+        return json_error(503, "the CA service is not reachable; retry in a few seconds", headers={"Retry-After": "5"})
+    return Response(data, status=status, headers=answer_headers)
 
 
-def _respond(reply: Reply) -> Response:
-    # json.dumps keeps the contract's field order ({"name", "ca", "crt", "key", "serial", "not_after"}),
-    # byte for byte what the MQTT endpoint publishes.
-    response = Response(json.dumps(reply.body), status=reply.status, mimetype="application/json")
-    response.headers.update(reply.headers)
-    response.headers["Cache-Control"] = "no-store"  # replies may carry private keys and tokens
-    return response
-
-
-def _error(ex: RequestError) -> Response:
-    return json_error(ex.status, ex.message, ex.field, ex.headers())
-
-
-def _call(operation: str) -> Response:
-    try:
-        body = _json_body()
-    except RequestError as ex:
-        log.info("ssl/%s from %s -> %s (%s)", operation, _source(), ex.status, ex.message)
-        return _error(ex)
-    ca = service()
-    source = _source()
+def _call() -> Response:
     # A logged-in operator (session or API token) needs no `pass`; a viewer may not act at all; without a
     # session the body's own credential decides, exactly as the seed's API always did (dashboard/auth.py).
     if (refused := require_operator()) is not None:
         return refused
     principal = current_principal()
-    operator = principal.name if principal is not None else None
-    requester = f"{operator}@{source}" if operator else source
-    transport = _transport()
-    if operation == "sign":
-        reply = ca.sign(body, source=source, via="http", requester=requester, operator=operator, transport=transport)
-    elif operation == "create":
-        reply = ca.create(body, source=source, via="http", requester=requester, operator=operator,
-                          transport=transport)
-    elif operation == "revoke":
-        reply = ca.revoke(body, source=source, operator=operator, transport=transport)
+    response = _forward("POST", operator=principal.name if principal is not None else None)
+    hub = current_app.extensions.get("live_hub")
+    if hub is None or response.status_code >= 300 or request.path == "/v1/ssl/tokens":
+        return response
+    if request.path == "/v1/ssl/revoke":  # the page says revoked and offline now, as the CA cuts the device off
+        name = (response.get_json(silent=True) or {}).get("name")
+        if isinstance(name, str):
+            hub.device_revoked(name)
+        hub.refresh_certs(force=True)
     else:
-        reply = ca.issue_token(body, source=source, operator=operator, transport=transport)
-    return _respond(reply)
-
-
-def _transport() -> str:
-    """`cli` for the `iotca` command line (its User-Agent, lab/cli.py), `http` for everything else: a metrics label
-    only, never a credential."""
-    return "cli" if request.user_agent.string.startswith(CLI_USER_AGENT) else "http"
+        hub.certificates_changed()  # every open page re-reads the table on its next tick (dashboard/events.py)
+    return response
 
 
 @bp.post("/ssl/sign")
 def sign() -> Response:
-    return _call("sign")
+    return _call()
 
 
 @bp.post("/ssl/create")
 def create() -> Response:
-    return _call("create")
+    return _call()
 
 
 @bp.post("/ssl/revoke")
 def revoke() -> Response:
-    return _call("revoke")
+    return _call()
 
 
 @bp.post("/ssl/tokens")
 def tokens() -> Response:
-    return _call("tokens")
+    return _call()
 
 
 @bp.get("/ssl/ca")
 def ca_certificate() -> Response:
-    try:
-        return Response(service().ca_pem(), mimetype=PEM_MIMETYPE)
-    except RequestError as ex:
-        return _error(ex)
+    return _forward()
 
 
 @bp.get("/ssl/crl")
 def crl() -> Response:
-    """PEM by default; DER (RFC 5280 4.2.1.13, as distribution points serve it) with Accept: application/pkix-crl."""
-    try:
-        pem = service().crl_pem()
-    except RequestError as ex:
-        return _error(ex)
-    headers = {"Cache-Control": "no-cache", "Vary": "Accept"}
-    if request.accept_mimetypes.best_match([PEM_MIMETYPE, DER_CRL_MIMETYPE], default=PEM_MIMETYPE) == DER_CRL_MIMETYPE:
-        der = x509.load_pem_x509_crl(pem).public_bytes(serialization.Encoding.DER)
-        return Response(der, mimetype=DER_CRL_MIMETYPE, headers=headers)
-    return Response(pem, mimetype=PEM_MIMETYPE, headers=headers)
+    return _forward()
 
 
 @bp.get("/ssl/certs")
 def certificates() -> Response:
-    return _respond(service().certificates(request.args.get("name"), request.args.get("status")))
+    return _forward()
+
+
+def max_days() -> int:
+    """The longest validity a request may ask for now, as the CA computes it (the root's remaining life), from the
+    root certificate the dashboard has (public; no CA key here); MAX_DAYS_WITHOUT_CA while there is none."""
+    data = read_optional(CertsLayout(current_app.extensions["lab_settings"].certs_dir).ca_cert)
+    try:
+        remaining = int(days_left(load_certificate(data))) if data else 0
+    except CAError:
+        remaining = 0
+    return remaining if remaining >= 1 else MAX_DAYS_WITHOUT_CA
 
 
 @bp.get("/openapi.json")
 def openapi() -> Response:
-    return jsonify(openapi_document(service().max_days() or MAX_DAYS_WITHOUT_CA))
-
-
-def _crl_refresher(ca: CAService, interval: float, stop: threading.Event) -> None:
-    """Check the CRL now and every `interval` seconds; an expired CRL would lock every client out."""
-    while True:
-        try:
-            ca.refresh_crl()
-        except Exception:  # keep the timer alive whatever happens; the next round tries again
-            log.exception("CRL refresh failed")
-        if stop.wait(interval):
-            return
-
-
-def start_crl_refresh(app: Flask, interval: float) -> threading.Event:
-    """A daemon thread that keeps the CRL fresh; set the returned event to stop it."""
-    stop = threading.Event()
-    thread = threading.Thread(
-        target=_crl_refresher, args=(app.extensions["ca_service"], interval, stop), name="crl-refresh", daemon=True
-    )
-    thread.start()
-    app.extensions["crl_refresh_stop"] = stop
-    return stop
-
-
-def ensure_ca_service(app: Flask) -> CAService:
-    """The app's one CAService (HTTP and MQTT share it, so they share the lockout and the unlocked key)."""
-    if "ca_service" not in app.extensions:
-        app.extensions["ca_service"] = CAService(app.extensions["lab_settings"],
-                                                 metrics=CAMetrics(app.extensions["metrics_registry"]))
-    return app.extensions["ca_service"]
+    return jsonify(openapi_document(max_days()))
 
 
 def init_app(app: Flask) -> None:
-    ensure_ca_service(app)
+    settings = app.extensions["lab_settings"]
+    urls: Any = app.config.get("CA_URLS") or ca_urls()
+    if isinstance(urls, str):
+        urls = [u.strip() for u in urls.split(",") if u.strip()]
+    secret = app.config.get("CA_INTERNAL_SECRET") or internal_secret(settings)
+    app.extensions["ca_client"] = CAClient(list(urls), secret)
     app.register_blueprint(bp)
-    # The running lab refreshes the CRL; tests opt in with CRL_REFRESH_SECONDS.
-    # Often enough that a superseded certificate is listed soon after its grace ends.
-    grace = app.extensions["lab_settings"].superseded_grace
-    default = min(CRL_CHECK_INTERVAL, max(10, grace // 4)) if grace else CRL_CHECK_INTERVAL
-    interval = app.config.get("CRL_REFRESH_SECONDS", default if app.config.get("MQTT_ENABLED") else 0)
-    if interval:
-        start_crl_refresh(app, float(interval))
-

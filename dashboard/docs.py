@@ -11,9 +11,10 @@ from pydantic import BaseModel, Field
 
 from pki.config import Settings
 from pki.replies import Error, Issued
-from pki.requests import MAX_DAYS_WITHOUT_CA, CreateRequest, RenewRequest, SignRequest
+from pki.requests import CreateRequest, RenewRequest, SignRequest
 from pki.schemas import bound_days
 
+from .ca_http import max_days
 from .views import CONTENT_SECURITY_POLICY, static_url
 
 bp = Blueprint("docs", __name__)
@@ -119,8 +120,7 @@ def _asyncapi(broker: str, max_days: int) -> dict[str, Any]:
 @bp.get("/v1/asyncapi.json")
 def asyncapi() -> Response:
     settings: Settings = current_app.extensions["lab_settings"]
-    max_days = current_app.extensions["ca_service"].max_days() or MAX_DAYS_WITHOUT_CA
-    return jsonify(_asyncapi(f"{settings.broker_address}:{settings.broker_port}", max_days))
+    return jsonify(_asyncapi(f"{settings.broker_address}:{settings.broker_port}", max_days()))
 
 
 @bp.get("/docs")

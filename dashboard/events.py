@@ -51,7 +51,6 @@ def init_app(app: Flask) -> None:
     """
     socketio.on_event("connect", on_connect)
     socketio.on_event("refresh_certs", on_refresh_certs)
-    # The CA of this app changed a certificate (over HTTP or MQTT, a device's own renewal included): every tab
-    # gets the new table on the emitter's next tick, without waiting for its periodic check.
-    hub: LiveHub = app.extensions["live_hub"]
-    app.extensions["ca_service"].on_change.append(lambda _operation: hub.certificates_changed())
+    # A certificate changed through this dashboard's forwarded CA API (dashboard/ca_http.py calls
+    # `certificates_changed`): every tab gets the new table on the emitter's next tick. Changes over MQTT (made by
+    # the CA process) show on the emitter's periodic check of the inventory.

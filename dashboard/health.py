@@ -14,8 +14,9 @@ from typing import Any, Literal
 from flask import Blueprint, Flask, Response, current_app, jsonify
 from pydantic import BaseModel, Field
 
+from pki.broker import BrokerFiles
 from pki.lab import EXPIRED, INVALID, MISSING
-from pki.metrics import CONTENT_TYPE, IngestCollector, InventoryCollector, MqttCollector, exposition
+from pki.metrics import CONTENT_TYPE, IngestCollector, InventoryCollector, MqttCollector, ReplicaCollector, exposition
 
 from .live import LiveHub
 from .mqtt_bridge import MqttBridge
@@ -92,14 +93,17 @@ def metrics() -> Response:
 
 
 def init_app(app: Flask) -> None:
-    """Register the scrape-time collectors of this process on the app's registry (the CA's counters are there
-    already: `CAService.metrics`)."""
+    """Register the scrape-time collectors of this process on the app's registry, the CA replicas' counters
+    among them (`ReplicaCollector`)."""
     registry = app.extensions["metrics_registry"]
     bridge: MqttBridge = app.extensions["mqtt_bridge"]
     hub: LiveHub = app.extensions["live_hub"]
-    service = app.extensions["ca_service"]
+    settings = app.extensions["lab_settings"]
     registry.register(MqttCollector(bridge.name, bridge.status))
     registry.register(IngestCollector(hub.counts, hub.devices_online))
-    registry.register(InventoryCollector(service.inventory, service.broker_files.crl,
-                                         service.settings.renew_before_days))
+    crl = BrokerFiles(settings.certs_dir, settings.data_dir).crl
+    registry.register(InventoryCollector(hub.certificates.inventory, crl, settings.renew_before_days))
+    # The CA's counters live in the CA replicas (python -m ca): fetched from each at scrape time.
+    client = app.extensions["ca_client"]
+    registry.register(ReplicaCollector(lambda: client.each("/v1/metrics")))
     app.register_blueprint(bp)

@@ -376,7 +376,7 @@ class LiveHub:
                 return
             if status == "online" and device.certificate == "revoked":
                 # Only possible from a connection opened before the broker reloaded its CRL, which the CA closes
-                # again (dashboard/revocation.py): a revoked identity is never shown online.
+                # again (ca/revocation.py): a revoked identity is never shown online.
                 return
             if device.status != status:
                 device.status, device.status_since = status, now

@@ -2,7 +2,7 @@
 
 The order of `up`: the settings docker-compose.yml interpolates (LAB_UID/LAB_GID in .env, LAB_CERTS_DIR,
 LAB_PIP_CERT), docker-compose.override.yml from DEVICES (lab/compose.py), the images, the certificates (the
-generator inside the dashboard image, next to the CA's inventory), `compose up`, then the dashboard's /healthz.
+generator inside the CA service's image, next to the CA's inventory), `compose up`, then the dashboard's /healthz.
 """
 
 from __future__ import annotations
@@ -162,16 +162,16 @@ def write_compose_override(engine: DockerEngine) -> None:
 
 
 def generate_certs(engine: DockerEngine, certs_dir: Path) -> int:
-    """The generator, run inside the dashboard image. In Docker mode the CA's inventory lives in the dashboard's
-    volume, and the generator must use that one: it rewrites the CRL and the ACL from the inventory's revocations,
-    so a generator with another inventory would undo revocations."""
+    """The generator, run in the CA service's container (the only one that mounts the CA key). In Docker mode the
+    CA's inventory lives in the dashboard-data volume, and the generator must use that one: it rewrites the CRL
+    and the ACL from the inventory's revocations, so a generator with another inventory would undo revocations."""
     # A bind-mount source that does not exist is created by Docker, owned by root: create it as you.
     try:
         certs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as ex:
         raise Failure(f"cannot create the certificates folder {certs_dir}: {ex}") from ex
-    log(f"Certificates: {GENERATOR} in the dashboard image ({engine.name()} run --rm --no-deps dashboard)")
-    code = engine.run("run", "--rm", "--no-deps", "-T", "dashboard", "python", GENERATOR)
+    log(f"Certificates: {GENERATOR} in the CA service's image ({engine.name()} run --rm --no-deps ca)")
+    code = engine.run("run", "--rm", "--no-deps", "-T", "ca", "python", GENERATOR)
     if code not in (0, 2):
         error(f"the generator container failed with exit code {code} (see above).",
               f"'Permission denied' under /certs: LAB_UID/LAB_GID in {env_file()} must be the owner of {certs_dir}",

@@ -2,12 +2,13 @@
 
 Used by `./setup.sh native` (and by `./setup.sh` when no Docker engine answers). In order: the
 certificates are brought up to date (the generator's logic), Mosquitto starts on the rendered config,
-then the dashboard and one thermometer per device. Every child's output is shown prefixed with its name
-(`[mosquitto] ...`, `[device001] ...`); the runner's own lines say `[runner]`.
+then the CA service replicas (`python -m ca`, CA_REPLICAS of them: `ca-1` ...), the dashboard (which
+forwards /v1/ssl/* to them and never gets CA_PASSPHRASE) and one thermometer per device. Every child's
+output is shown prefixed with its name (`[mosquitto] ...`, `[device001] ...`); the runner's own lines say `[runner]`.
 
 Children run in their own sessions, so a Ctrl-C in the terminal reaches only the runner, which stops
-them in order: thermometers first (SIGTERM: they publish retained `offline`), then the dashboard, then
-Mosquitto; whatever ignores SIGTERM is killed. On Linux each child also gets PR_SET_PDEATHSIG, so even
+them in order: thermometers first (SIGTERM: they publish retained `offline`), then the dashboard, the CA
+replicas, then Mosquitto; whatever ignores SIGTERM is killed. On Linux each child also gets PR_SET_PDEATHSIG, so even
 a SIGKILLed runner leaves nothing behind. A child that dies is reported and restarted with backoff.
 
 Devices that were never pre-generated (`--enrol device003`, or ENROL_DEVICES in .env) enrol themselves: the
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from ca.internal import internal_port
 from pki.authority import CAError, WrongPassphrase
 from pki.broker import BrokerConfigError, BrokerFiles, broker_command, find_dynsec_plugin
 from pki.config import PROJECT_ROOT, ConfigError, Settings, lab_environ, parse_devices, revoked_next_step
@@ -55,7 +57,7 @@ BROKER_LOG_GRACE = 3.0  # after this long without that line, probe the port inst
 DASHBOARD_START_TIMEOUT = 30.0
 # How long each kind of child gets between SIGTERM and SIGKILL. Thermometers wait up to 5 s for the
 # broker to acknowledge their last readings and `offline`.
-STOP_TIMEOUTS = {"device": 10.0, "dashboard": 5.0, "broker": 10.0}
+STOP_TIMEOUTS = {"device": 10.0, "dashboard": 5.0, "ca": 5.0, "broker": 10.0}
 RESTART_MAX_DELAY = 30.0
 STABLE_AFTER = 60.0  # a child that ran this long starts its backoff from scratch when it dies
 ENROL_TOKEN_TTL = 3600  # seconds; a thermometer that crashes before enrolling restarts with the same token
@@ -145,7 +147,7 @@ class Service:
     """One child the runner keeps alive: how to start it, and its current process."""
 
     name: str
-    kind: str  # broker | dashboard | device
+    kind: str  # broker | ca | dashboard | device
     argv: list[str]
     env: dict[str, str]
     process: subprocess.Popen[bytes] | None = None
@@ -194,15 +196,29 @@ def child_env(base: dict[str, str], **values: str) -> dict[str, str]:
 
 def build_services(settings: Settings, devices: Sequence[str], *, dashboard: bool,
                    base_env: dict[str, str] | None = None, enrol: dict[str, str | None] | None = None) -> list[Service]:
-    """Mosquitto, the dashboard (when asked and present), one thermometer per device, in start order.
+    """Mosquitto, the CA replicas and the dashboard (when asked and present), one thermometer per device, in
+    start order.
 
+    The CA replicas (`python -m ca`, CA_REPLICAS of them) come before the dashboard, each as `ca-<n>`
+    (CA_INSTANCE) with its own internal port (CA_INTERNAL_PORT + n - 1); the first also serves EST and ACME on
+    CA_HTTPS_PORT. The dashboard gets their URLs (CA_URLS) and no CA_PASSPHRASE.
     `enrol`: devices that enrol themselves, each with its token (None: it already has a certificate).
     """
     base = dict(os.environ if base_env is None else base_env)
     files = BrokerFiles(settings.certs_dir, settings.data_dir)
     services = [Service("mosquitto", "broker", broker_command(files), child_env(base))]
     if dashboard and (PROJECT_ROOT / "dashboard" / "__main__.py").exists():
-        services.append(Service("dashboard", "dashboard", [sys.executable, "-m", "dashboard"], child_env(base)))
+        first_port = internal_port(lab_environ() if base_env is None else base)
+        urls = []
+        for n in range(1, settings.ca_replicas + 1):
+            port = first_port + n - 1
+            urls.append(f"http://127.0.0.1:{port}")
+            env = child_env(base, CA_INSTANCE=str(n), CA_INTERNAL_PORT=str(port), CA_INTERNAL_HOST="127.0.0.1",
+                            **({} if n == 1 else {"CA_HTTPS_PORT": "0"}))
+            services.append(Service(f"ca-{n}", "ca", [sys.executable, "-m", "ca"], env))
+        dashboard_env = {k: v for k, v in base.items() if k != "CA_PASSPHRASE"}
+        services.append(Service("dashboard", "dashboard", [sys.executable, "-m", "dashboard"],
+                                child_env(dashboard_env, CA_URLS=",".join(urls))))
     device_base = {k: v for k, v in base.items() if k not in ("CA_PASSPHRASE", "ENROL_TOKEN")}  # never needed
     enrol = enrol or {}
     for device in [*devices, *(d for d in enrol if d not in devices)]:
@@ -503,8 +519,8 @@ class LabRunner:
             self.say(f"  {label:<10} {value}")
 
     def stop_all(self) -> None:
-        """Thermometers (they publish `offline`), then the dashboard, then Mosquitto; SIGKILL stragglers."""
-        for kind in ("device", "dashboard", "broker"):
+        """Thermometers (they publish `offline`), the dashboard, the CA replicas, Mosquitto; SIGKILL stragglers."""
+        for kind in ("device", "dashboard", "ca", "broker"):
             group = [s for s in self.services if s.kind == kind and s.running]
             if not group:
                 continue
@@ -576,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
         "thermometer per device. Ctrl-C stops everything.",
     )
     parser.add_argument("--devices", help="comma-separated device ids (default: DEVICES from .env)")
-    parser.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard")
+    parser.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard nor the CA service")
     parser.add_argument("--enrol", help="comma-separated device ids that enrol themselves with a single-use token "
                         "(no pre-generated certificate; default: ENROL_DEVICES from .env)")
     return parser

@@ -174,16 +174,72 @@ class Broker:
         self.start()
 
 
+class CAServiceProcess:
+    """One CA service replica (`python -m ca`) as a real subprocess, identity `ca-<instance>`."""
+
+    def __init__(self, env: dict[str, str], instance: int, log_path: Path) -> None:
+        self.instance = instance
+        self.port = free_port()
+        self.env = {**env, "CA_INSTANCE": str(instance), "CA_INTERNAL_PORT": str(self.port),
+                    **({} if instance == 1 else {"CA_HTTPS_PORT": "0"})}
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid if self.process is not None else 0
+
+    def start(self, timeout: float = 30) -> CAServiceProcess:
+        with open(self.log_path, "ab") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", "ca"], env=self.env, cwd=PROJECT_ROOT,
+                                            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        wait_for(self._connected, timeout=timeout, interval=0.1,
+                 what=f"ca-{self.instance} connected to MQTT; log:\n{self.log()[-3000:]}")
+        return self
+
+    def _connected(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"ca-{self.instance} exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+        try:
+            with LOCAL.open(self.url + "/healthz", timeout=5) as response:
+                return bool(json.loads(response.read())["mqtt"]["connected"])
+        except OSError:  # not up yet, or 503 while its MQTT connection is not
+            return False
+
+    def stop(self) -> None:
+        stop_process(self.process, timeout=15)
+        self.process = None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
 class DashboardProcess:
     """The dashboard as a real subprocess with the lab's environment, as `./setup.sh native` runs it (or gunicorn,
-    as in Docker), ready once its MQTT client is connected; `pid` is the process that does the work."""
+    as in Docker), ready once its MQTT client is connected; `pid` is the process that does the work.
+
+    It forwards /v1/ssl/* to the CA replicas in CA_URLS; without CA_URLS it starts one of its own first (`ca`, a
+    `python -m ca` subprocess, stopped with it). The dashboard itself never gets CA_PASSPHRASE."""
 
     def __init__(self, env: dict[str, str], log_path: Path, port: int | None = None, server: str = "werkzeug") -> None:
         if server not in ("werkzeug", "gunicorn"):
             raise ValueError(f"unknown server {server!r}: werkzeug or gunicorn")
         self.port = port or free_port()
-        self.env = {**os.environ, **env, "DASHBOARD_PORT": str(self.port), "CA_HTTPS_PORT": str(free_port()),
-                    "PYTHONUNBUFFERED": "1"}
+        base = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.ca: CAServiceProcess | None = None
+        if not base.get("CA_URLS"):
+            self.ca = CAServiceProcess({**base, "CA_HTTPS_PORT": str(free_port())}, 1,
+                                       log_path.with_name(log_path.stem + "-ca.log"))
+            base["CA_URLS"] = self.ca.url
+        self.env = {**{k: v for k, v in base.items() if k != "CA_PASSPHRASE"}, "DASHBOARD_PORT": str(self.port)}
         self.log_path = log_path
         self.server = server
         self.process: subprocess.Popen[bytes] | None = None
@@ -209,6 +265,8 @@ class DashboardProcess:
         return {"Authorization": f"Bearer {self.token}"}
 
     def start(self, timeout: float = 30) -> DashboardProcess:
+        if self.ca is not None:
+            self.ca.start(timeout)
         argv = [sys.executable, "-m", "dashboard"]
         if self.server == "gunicorn":
             argv = [sys.executable, "-m", "gunicorn", "--workers", "1", "--threads", "50", "--bind",
@@ -268,3 +326,5 @@ class DashboardProcess:
 
     def stop(self, timeout: float = 15) -> None:
         stop_process(self.process, timeout)
+        if self.ca is not None:
+            self.ca.stop()

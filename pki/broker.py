@@ -47,9 +47,15 @@ CRL_REFRESH_BEFORE = dt.timedelta(days=20)
 DOCKER_CERTS = "/mosquitto/certs"
 DOCKER_POLICY = "/mosquitto/policy"
 DOCKER_DATA = "/mosquitto/data"
-# The broker identity of the CA role, the only reader of the CA request topics (acl.template). The CA runs
-# inside the dashboard process today, so it is the dashboard's; Step 12 gives the CA service its own CN `ca`.
-CA_IDENTITY = "dashboard"
+# The CA role's lines in the ACL (acl.template), one block per CA replica identity (`ca_identities`).
+CA_BLOCK = """user {name}
+topic read ssl/#
+topic write ssl/#
+topic write $CONTROL/dynamic-security/v1
+topic read $CONTROL/dynamic-security/v1/response
+topic write iot/thermometer/+/status
+
+"""
 # The dynamic-security plugin of Debian's mosquitto package, in the broker image (mosquitto/Dockerfile links it).
 DOCKER_DYNSEC_PLUGIN = "/usr/local/lib/mosquitto_dynamic_security.so"
 # Where packages install it natively (Debian/Ubuntu multiarch, Fedora, Homebrew); MOSQUITTO_DYNSEC_PLUGIN first.
@@ -64,7 +70,7 @@ DYNSEC_INITIAL = (
     '{"defaultACLAccess": {"publishClientSend": false, "publishClientReceive": false, "subscribe": false, '
     '"unsubscribe": true}, "clients": [], "groups": [], "roles": []}\n'
 )
-# The control topic of the plugin. Only the CA's identity (CA_IDENTITY) may write it (mosquitto/acl.template).
+# The control topic of the plugin. Only the CA's identities (`ca_identities`) may write it (mosquitto/acl.template).
 DYNSEC_TOPIC = "$CONTROL/dynamic-security/v1"
 
 
@@ -168,7 +174,12 @@ def disconnect_command(name: str) -> bytes:
                                     {"command": "deleteClient", "username": name}]}).encode()
 
 
-def render_acl(denied_names: Iterable[str] = (), collectors: Iterable[str] = ()) -> str:
+def ca_identities(replicas: int) -> list[str]:
+    """The broker identities of the CA service replicas: `ca-1` ... `ca-<replicas>` (CA_REPLICAS)."""
+    return [f"ca-{n}" for n in range(1, max(1, replicas) + 1)]
+
+
+def render_acl(denied_names: Iterable[str] = (), collectors: Iterable[str] = (), ca_replicas: int = 1) -> str:
     """The ACL; `denied_names` (revoked identities) get a `topic deny #` block that beats every pattern.
 
     `collectors`: identities named by a MAC address (`pki.identity.mac_as_written`); each may also read its reply
@@ -179,7 +190,8 @@ def render_acl(denied_names: Iterable[str] = (), collectors: Iterable[str] = ())
     grants = "".join(f"user {name}\ntopic read ssl/{written}\n\n" for name in sorted(set(collectors))
                      if name not in denied and (written := mac_as_written(name)))
     return Template((TEMPLATES / "acl.template").read_text()).substitute(
-        revoked_blocks=blocks or "\n", ca_identity=CA_IDENTITY, collector_blocks=grants or "\n"
+        revoked_blocks=blocks or "\n", collector_blocks=grants or "\n",
+        ca_blocks="".join(CA_BLOCK.format(name=name) for name in ca_identities(ca_replicas)),
     )
 
 
@@ -279,7 +291,7 @@ def write_broker_policy(
     """Write the ACL and (when its content changed or it is due) the CRL; True when either changed."""
     files = BrokerFiles(settings.certs_dir, settings.data_dir)
     ensure_dir(files.policy_dir, 0o755)
-    changed = atomic_write(files.acl, render_acl(denied_names, collectors).encode(), CERT_MODE)
+    changed = atomic_write(files.acl, render_acl(denied_names, collectors, settings.ca_replicas).encode(), CERT_MODE)
     revoked = list(revoked)
     listed = {entry[0] for entry in revoked}
     if (force_crl or crl_needs_refresh(files.crl, ca, enforced=files.broker_crl)

@@ -137,6 +137,9 @@ class Settings:
     ca_https_port: int = 8443
     acme_http01_port: int = 80
     acme_allowed_names: list[str] = field(default_factory=lambda: ["localhost"])
+    # The CA service (`python -m ca`, Step 12): how many replicas, each with its own identity `ca-<n>` (the
+    # generator issues their certificates, the ACL lists them; compose's `--scale ca=N` needs N <= CA_REPLICAS).
+    ca_replicas: int = 1
 
     def __repr__(self) -> str:  # never show the passphrase in logs or tracebacks
         fields = ", ".join(
@@ -190,6 +193,7 @@ class Settings:
             ca_https_host=(env.get("CA_HTTPS_HOST") or "127.0.0.1").strip(),
             ca_https_port=_port_setting(env, "CA_HTTPS_PORT", 8443, minimum=0),
             acme_http01_port=_port_setting(env, "ACME_HTTP01_PORT", 80),
+            ca_replicas=_int_setting(env, "CA_REPLICAS", 1, minimum=1),
             acme_allowed_names=_host_names(_list_setting(env, "ACME_ALLOWED_NAMES", "localhost"), "ACME_ALLOWED_NAMES"),
         )
 

@@ -37,6 +37,7 @@ from .authority import (
 from .broker import (
     CRL_REFRESH_BEFORE,
     BrokerFiles,
+    ca_identities,
     crl_revocations,
     reload_broker,
     write_broker_configs,
@@ -46,7 +47,7 @@ from .config import ConfigError, Settings, revoked_next_step
 from .inventory import REVOKED as REVOKED_STATUS
 from .inventory import SUPERSEDED as SUPERSEDED_STATUS
 from .inventory import CertificateRecord, Inventory
-from .profiles import BROKER, DASHBOARD, DEVICE, PROVISIONER, ROOT_CA, ROOT_CA_DAYS, Profile
+from .profiles import BROKER, CA_SERVICE, DASHBOARD, DEVICE, PROVISIONER, ROOT_CA, ROOT_CA_DAYS, Profile
 from .status import EXPIRED, EXPIRING, INVALID, MISSING, VALID, expiry_state
 from .store import CERT_MODE, KEY_MODE, CertsLayout, atomic_write, ensure_dir, exclusive_lock, read_optional
 
@@ -101,13 +102,14 @@ class GenerateReport:
 
 
 def lab_entities(settings: Settings, devices: Sequence[str] | None = None) -> list[Entity]:
-    """Everything the generator keeps: the broker, the dashboard, the provisioner and each device."""
+    """Everything the generator keeps: the broker, the dashboard, the CA replicas, the provisioner, each device."""
     broker_names = [*settings.broker_sans]
     if settings.broker_address:
         broker_names.append(settings.broker_address)
     entities = [
         Entity("mosquitto", BROKER, dns_names=tuple(broker_names)),
         Entity("dashboard", DASHBOARD),
+        *(Entity(name, CA_SERVICE) for name in ca_identities(settings.ca_replicas)),
         Entity("provisioner", PROVISIONER),
     ]
     entities += [Entity(device, DEVICE) for device in (devices if devices is not None else settings.devices)]

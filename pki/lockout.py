@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 
 from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
 
 from .inventory import Inventory, LockoutFailure
 from .requests import TOO_MANY_REQUESTS, RequestError
@@ -61,27 +62,40 @@ class Lockout:
         own = 0
         with self.inventory.reading() as session:
             for index, (key, limit) in enumerate(requester_keys(source, name)):
-                times = session.scalars(
-                    select(LockoutFailure.failed_at)
-                    .where(LockoutFailure.key == key, LockoutFailure.failed_at > now - self.window)
-                    .order_by(LockoutFailure.failed_at.desc()).limit(limit)
-                ).all()
-                if len(times) >= limit:
-                    retry_after = max(1, math.ceil(times[-1] + self.window - now))
-                    raise RequestError(
-                        TOO_MANY_REQUESTS,
-                        f"too many wrong passphrases or tokens from this client; try again in {retry_after} seconds",
-                        retry_after=retry_after,
-                    )
+                recent = self._recent_or_refuse(session, key, limit, now)
                 if index == 0:
-                    own = len(times)
+                    own = recent
         return own
 
+    def _recent_or_refuse(self, session: Session, key: str, limit: int, now: float) -> int:
+        """The key's failures inside the window; RequestError 429 (with Retry-After) when at `limit`."""
+        times = session.scalars(
+            select(LockoutFailure.failed_at)
+            .where(LockoutFailure.key == key, LockoutFailure.failed_at > now - self.window)
+            .order_by(LockoutFailure.failed_at.desc()).limit(limit)
+        ).all()
+        if len(times) >= limit:
+            retry_after = max(1, math.ceil(times[-1] + self.window - now))
+            raise RequestError(
+                TOO_MANY_REQUESTS,
+                f"too many wrong passphrases or tokens from this client; try again in {retry_after} seconds",
+                retry_after=retry_after,
+            )
+        return len(times)
+
     def failed(self, source: str, name: str | None) -> bool:
-        """Count a failure; True when it is the one that locks the requester out (a counter reached its limit)."""
+        """Count one failure; True when it is the one that locks the requester out (a counter reached its limit);
+        RequestError 429 instead when a counter is already at its limit.
+
+        Check and count are one write transaction, serialised across processes (PostgreSQL's advisory lock,
+        SQLite's write lock: pki/inventory.py), so CA replicas answering wrong passphrases at the same moment
+        still refuse with 403 exactly LOCKOUT_ATTEMPTS times, and with 429 from then on.
+        """
         now = self.clock()
         keys = requester_keys(source, name)
         with self.inventory.session() as session:
+            for key, limit in keys:
+                self._recent_or_refuse(session, key, limit, now)
             # Rows that left the window are of no use: the table stays small under a spray of sources.
             session.execute(delete(LockoutFailure).where(LockoutFailure.failed_at <= now - self.window))
             session.add_all(LockoutFailure(key=key, failed_at=now) for key, _ in keys)

@@ -28,6 +28,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
@@ -215,3 +216,35 @@ class IngestCollector(Collector):
                                   "malformed.", value=counts["rejected"])
         yield GaugeMetricFamily(f"{PREFIX}_devices_online", "Devices whose retained presence is online.",
                                 value=self.online())
+
+
+class ReplicaCollector(Collector):
+    """The counters of other processes (the CA replicas: their `CAMetrics`), re-exposed here with a label naming
+    the process, so one scrape of the dashboard shows every replica's (`sum without (ca)` adds them up).
+
+    `fetch()` returns (replica label, its metrics in the text format, or None while it does not answer); a
+    replica's families are merged with the same families of the others, and `iotca_ca_replica_up` says which
+    answered.
+    """
+
+    def __init__(self, fetch: Callable[[], list[tuple[str, bytes | None]]], label: str = "ca") -> None:
+        self.fetch = fetch
+        self.label = label
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(f"{PREFIX}_ca_replica_up", "1 when the CA replica answered this scrape.",
+                               labels=[self.label])
+        families: dict[str, Metric] = {}
+        for replica, text in self.fetch():
+            up.add_metric([replica], 0.0 if text is None else 1.0)
+            if text is None:
+                continue
+            for parsed in text_string_to_metric_families(text.decode()):
+                family = families.setdefault(parsed.name, Metric(parsed.name, parsed.documentation, parsed.type))
+                for sample in parsed.samples:
+                    family.add_sample(sample.name, {**sample.labels, self.label: replica}, sample.value)
+        yield up
+        yield from families.values()

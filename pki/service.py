@@ -1,7 +1,7 @@
 """The CA service behind v1/ssl: validate -> authorise -> sign -> store -> reply.
 
-HTTP (`dashboard/ca_http.py`) and MQTT (`dashboard/ca_mqtt.py`) are thin adapters: they decode a body,
-call one method here with the caller's source (client IP; `mqtt`, or `cn:<CN>` when the broker proved it),
+HTTP (`ca/http.py`, behind the dashboard's forwarding) and MQTT (`ca/mqtt.py`) are thin adapters: they decode
+a body, call one method here with the caller's source (client IP; `mqtt`, or `cn:<CN>` when the broker proved it),
 and send back the `Reply` (status, JSON body, headers) unchanged, so both transports give the same answer to
 the same request.
 
@@ -203,7 +203,7 @@ class CAService:
         # Called with the operation after every issuance, renewal or revocation (the dashboard re-reads its table).
         self.on_change: list[Callable[[str], None]] = []
         # Called with the entity name after a revocation took effect in the broker's files (CRL reloaded): the
-        # process that holds the CA's MQTT connection closes that identity's open sessions (dashboard/revocation.py).
+        # process that holds the CA's MQTT connection closes that identity's open sessions (ca/revocation.py).
         self.on_revoked: list[Callable[[str], None]] = []
 
     def close(self) -> None:

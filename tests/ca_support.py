@@ -6,6 +6,7 @@ import datetime as dt
 import ipaddress
 import json
 import re
+import secrets
 import subprocess
 import threading
 import urllib.error
@@ -24,6 +25,7 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 from werkzeug.serving import BaseWSGIServer, make_server
 
+from ca.process import CAProcess
 from dashboard import create_app
 from pki.authority import (
     CertificateAuthority,
@@ -37,6 +39,7 @@ from pki.authority import (
 )
 from pki.authority import verify_leaf as signed_by
 from pki.broker import DYNSEC_TOPIC, disconnect_command
+from pki.config import Settings
 from pki.inventory import CertificateRecord, EnrolmentToken, Inventory
 from pki.profiles import DEVICE
 from pki.requests import readable_name
@@ -170,9 +173,8 @@ def revoke_in_process(lab: LabEnv, name: str) -> None:
 
 
 def disconnect_as_the_ca(lab: LabEnv, port: int, name: str) -> None:
-    """Close `name`'s open connection as dashboard/revocation.py does: a dynamic-security disconnect, as the
-    dashboard."""
-    ca = Collector(lab.certs_dir, "dashboard", port).connect()
+    """Close `name`'s open connection as ca/revocation.py does: a dynamic-security disconnect, as `ca-1`."""
+    ca = Collector(lab.certs_dir, "ca-1", port).connect()
     try:
         ca.publish(DYNSEC_TOPIC, disconnect_command(name))
     finally:
@@ -197,21 +199,51 @@ def login(client: FlaskClient, password: str, username: str = "admin") -> str:
     return csrf_of(page.get_data(as_text=True))
 
 
+def start_ca(lab: LabEnv, settings: Settings | None = None, *, mqtt: bool = False, crl_interval: float = 0,
+             name: str = "ca-1", secret: str | None = None) -> CAProcess:
+    """A CA service replica in this process (as `python -m ca` runs one): internal API on a free port, its own
+    MQTT connection as `name` when `mqtt` (connecting in the background); EST/ACME off (their tests start
+    CAHttpsServer themselves)."""
+    return CAProcess(settings or lab.settings(), name=name, secret=secret or secrets.token_urlsafe(16), mqtt=mqtt,
+                     https_port=0, crl_interval=crl_interval).start()
+
+
 def make_app(lab: LabEnv, **config: Any) -> Flask:
-    return create_app({"LAB_SETTINGS": lab.settings(), "MQTT_ENABLED": False, "TESTING": True, **config})
+    """The dashboard app, and the CA service replica it forwards /v1/ssl/* to (`app.extensions["test_ca"]`, for
+    the tests' own inspection only: the dashboard itself knows just its URL and the shared secret)."""
+    settings = config.get("LAB_SETTINGS") or lab.settings()
+    mqtt = bool(config.get("MQTT_ENABLED", False))
+    crl_interval = float(config.pop("CRL_REFRESH_SECONDS", 5 if mqtt else 0))
+    secret = secrets.token_urlsafe(16)
+    ca = start_ca(lab, settings, mqtt=mqtt, crl_interval=crl_interval, secret=secret)
+    try:
+        app = create_app({"LAB_SETTINGS": settings, "MQTT_ENABLED": False, "TESTING": True,
+                          "CA_URLS": [ca.internal_url], "CA_INTERNAL_SECRET": secret, **config})
+    except BaseException:
+        ca.shutdown()
+        raise
+    app.extensions["test_ca"] = ca
+    return app
+
+
+def mqtt_connected(app: Flask, timeout: float = 10) -> bool:
+    """Both MQTT connections are up: the dashboard's and its CA replica's."""
+    ca = ca_of(app)
+    return app.extensions["mqtt_bridge"].wait_connected(timeout) and (
+        ca.connection is None or ca.connection.wait_connected(timeout))
+
+
+def ca_of(app: Flask) -> CAProcess:
+    """The CA replica started with this test app (make_app)."""
+    return app.extensions["test_ca"]
 
 
 def close_app(app: Flask) -> None:
-    """Stop what create_app started: the MQTT client, the CA workers, the CRL timer, the database engine."""
-    if "revocation" in app.extensions:
-        app.extensions["revocation"].close()
+    """Stop what create_app started (the MQTT client, the database engines), then the app's CA replica."""
     app.extensions["mqtt_bridge"].stop()
-    if "ca_mqtt" in app.extensions:
-        app.extensions["ca_mqtt"].close()
-    if "crl_refresh_stop" in app.extensions:
-        app.extensions["crl_refresh_stop"].set()
-    app.extensions["ca_service"].close()
     app.extensions["users"].close()
+    if "test_ca" in app.extensions:
+        app.extensions["test_ca"].shutdown()
 
 
 class ServerThread:
@@ -234,11 +266,12 @@ class ServerThread:
         return f"http://127.0.0.1:{self.port}{path}"
 
 
-def post_json(url: str, body: Any, timeout: float = 30) -> tuple[int, dict[str, Any]]:
+def post_json(url: str, body: Any, timeout: float = 30,
+              headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
     """POST JSON with the standard library; returns (status, decoded body) for errors too."""
     assert url.startswith("http://127.0.0.1:")
     request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",  # noqa: S310
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - http://127.0.0.1 only
             return response.status, json.loads(response.read())

@@ -84,11 +84,11 @@ class ACME:
 def acme(app: Flask, generated_lab: LabEnv, tmp_path: Path) -> Iterator[ACME]:
     http01 = free_port()
     settings = generated_lab.settings(ACME_HTTP01_PORT=str(http01))
-    server = CAHttpsServer(app.extensions["ca_service"], settings, port=0).start()
+    server = CAHttpsServer(app.extensions["test_ca"].service, settings, port=0).start()
     work = tmp_path / "certbot"
     work.mkdir()
     try:
-        yield ACME(generated_lab, app.extensions["ca_service"], f"https://localhost:{server.port}/acme/directory",
+        yield ACME(generated_lab, app.extensions["test_ca"].service, f"https://localhost:{server.port}/acme/directory",
                    http01, work)
     finally:
         server.stop()

@@ -118,7 +118,7 @@ def test_an_operator_acts_without_the_ca_passphrase(generated_lab: LabEnv, app: 
     headers = {"X-CSRF-Token": csrf}
     created = client.post("/v1/ssl/create", json=create_body("op-made"), headers=headers)
     assert created.status_code == 201 and "key" in created.json
-    row = app.extensions["ca_service"].inventory.current("op-made")
+    row = app.extensions["test_ca"].service.inventory.current("op-made")
     assert row is not None and row.requester.startswith("admin@")
     revoked = client.post("/v1/ssl/revoke", json={"name": "op-made", "reason": "keyCompromise"}, headers=headers)
     assert revoked.status_code == 200 and revoked.json["revoked"] == [created.json["serial"]]

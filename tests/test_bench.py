@@ -47,21 +47,25 @@ def test_the_benches_import_nothing_from_tests() -> None:
 
 def test_issuance_bench_runs_every_level(tmp_path: Path) -> None:
     tiny = ["--duration", "1", "--count", "20", "--csrs", "20", "--threads", "2", "--http-clients", "2",
-            "--requesters", "2", "--window", "2", "--renewers", "2", "--quiet-timeout", "0"]
+            "--requesters", "2", "--window", "2", "--renewers", "2", "--quiet-timeout", "0", "--ca-replicas", "2"]
     stdout, results = run_bench("issuance.py", "issuance-ec", tmp_path, *tiny)
     assert results["bench"] == "issuance-ec" and {"cpu", "cores", "date"} <= set(results["machine"])
     figures = results["figures"]
     assert {"key_type", "config", "environment", "targets", "levels"} <= set(figures)
     levels = figures["levels"]
-    assert set(levels) == {"raw", "service", "http-werkzeug", "http-gunicorn", "mqtt", "renew"}
+    # the transport levels with two CA service replicas (`--ca-replicas 2`: named ...-2ca)
+    transports = ("http-werkzeug-2ca", "http-gunicorn-2ca", "mqtt-2ca", "renew-2ca")
+    assert set(levels) == {"raw", "service", *transports}
     assert levels["raw"]["count"] > 0 and levels["raw"]["crypto_only_per_s"] > 0
-    for name in ("service", "http-werkzeug", "http-gunicorn", "mqtt", "renew"):
+    for name in ("service", *transports):
         level = levels[name]
         assert {"throughput_per_s", "ratio_to_raw", "p50_ms", "p99_ms", "by_status"} <= set(level), name
         assert level["count"] > 0 and level["errors"] == 0, (name, level["by_status"])
         assert level["verified_sample"] > 0 and level["verification_problems"] == [], name
-    for name in ("http-werkzeug", "http-gunicorn", "mqtt", "renew"):
-        assert {"dashboard_cpu_pct", "broker_cpu_pct", "bench_cpu_pct"} <= set(levels[name])
+    for name in transports:
+        cpu = {"dashboard_cpu_pct", "ca1_cpu_pct", "ca2_cpu_pct", "broker_cpu_pct", "bench_cpu_pct"}
+        assert cpu <= set(levels[name]), name
+    assert levels["renew-2ca"]["ratio_to_service"] > 0
     assert "ratio" in stdout and "mqtt" in stdout
     assert (tmp_path / "issuance-ec-latency.png").stat().st_size > 0
     assert (tmp_path / "issuance-ec-throughput.png").stat().st_size > 0

@@ -132,6 +132,7 @@ def test_client_expecting_another_hostname_refuses_the_broker(session_lab: LabEn
 def test_device_cannot_write_or_read_another_devices_topics(session_lab: LabEnv, session_broker: Broker) -> None:
     port = session_broker.port
     dashboard = Collector(session_lab.certs_dir, "dashboard", port).connect()
+    ca = Collector(session_lab.certs_dir, "ca-1", port).connect()  # the CA role writes the replies
     device1 = Collector(session_lab.certs_dir, "device001", port).connect()
     device2 = Collector(session_lab.certs_dir, "device002", port).connect()
     try:
@@ -144,8 +145,8 @@ def test_device_cannot_write_or_read_another_devices_topics(session_lab: LabEnv,
         device1.subscribe("ssl/device001")
         device1.subscribe("iot/thermometer/#")
         device2.publish("iot/thermometer/device002/temperature", '{"genuine": true}')
-        dashboard.publish("ssl/device002", '{"for": "device002"}')
-        dashboard.publish("ssl/device001", '{"for": "device001"}')
+        ca.publish("ssl/device002", '{"for": "device002"}')
+        ca.publish("ssl/device001", '{"for": "device001"}')
         got = dashboard.expect("iot/thermometer/device002/temperature")
         assert json.loads(got.payload) == {"genuine": True}
         assert dashboard.nothing("iot/thermometer/device002/temperature", within=0.5)
@@ -153,7 +154,7 @@ def test_device_cannot_write_or_read_another_devices_topics(session_lab: LabEnv,
         assert json.loads(device1.expect("ssl/device001").payload) == {"for": "device001"}
         assert [m.topic for m in device1.received] == ["ssl/device001"]
     finally:
-        for c in (device1, device2, dashboard):
+        for c in (device1, device2, dashboard, ca):
             c.close()
 
 

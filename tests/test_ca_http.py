@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import threading
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from pki.authority import load_certificate, verify_leaf
 
 from .ca_support import (
     ServerThread,
+    ca_of,
     check_issued,
     concrete_body,
     json_values,
@@ -192,7 +195,7 @@ def test_fifty_concurrent_sign_requests(generated_lab: LabEnv, app: Flask) -> No
     bodies = [{"name": f"bulk{i:02d}", "days": 30, "pass": passphrase, "csr": make_csr(f"bulk{i:02d}")[0]}
               for i in range(40)]
     bodies += [{"name": "device001", "days": 30, "pass": passphrase} for _ in range(10)]
-    before = len(app.extensions["ca_service"].inventory.list())
+    before = len(app.extensions["test_ca"].service.inventory.list())
     start = threading.Barrier(len(bodies))
 
     def send(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -204,7 +207,7 @@ def test_fifty_concurrent_sign_requests(generated_lab: LabEnv, app: Flask) -> No
     assert [status for status, _ in results] == [201] * 50, [r for r in results if r[0] != 201][:3]
     serials = {body["serial"] for _, body in results}
     assert len(serials) == 50
-    inventory = app.extensions["ca_service"].inventory
+    inventory = app.extensions["test_ca"].service.inventory
     rows = inventory.list()
     assert len(rows) == before + 50
     assert serials <= {row.serial for row in rows}
@@ -260,3 +263,42 @@ def test_arbitrary_bytes_never_break_the_api(generated_lab: LabEnv, client: Flas
     response = client.post("/v1/ssl/sign", data=raw, content_type=content_type or None)
     assert response.status_code in (400, 403, 404, 409, 415, 429)
     assert response.is_json and response.json["error"]
+
+
+# -- Step 12: the dashboard forwards to the CA service; the CA's internal port answers only the dashboard ------
+
+
+def test_the_cas_internal_port_gives_a_local_process_nothing(generated_lab: LabEnv, app: Flask) -> None:
+    """Without the secret only the dashboard and the CA share, every request on the CA's port is 401 and changes
+    nothing: no signing with the passphrase, no inventory, no posing as an operator or as another address."""
+    ca = ca_of(app)
+    before = lab_state(generated_lab)
+    body = {"name": "sneak", "days": 5, "pass": generated_lab.passphrase}
+    for headers in ({}, {"X-IoTCA-Operator": "admin"}, {"X-IoTCA-Internal": "guess", "X-IoTCA-Operator": "admin"}):
+        status, reply = post_json(f"{ca.internal_url}/v1/ssl/create", body, headers=headers)
+        assert status == 401 and "error" in reply, (headers, status, reply)
+        status, reply = post_json(f"{ca.internal_url}/v1/ssl/revoke", {"name": "device001", "pass": "x"},
+                                  headers=headers)
+        assert status == 401, headers
+        request = urllib.request.Request(f"{ca.internal_url}/v1/ssl/certs", headers=headers)  # noqa: S310
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)  # noqa: S310 - loopback
+        assert refused.value.code == 401
+    assert lab_state(generated_lab) == before
+    # The same create through the dashboard's port works, as the seed's API always did (no session, `pass`).
+    status, reply = post_json_via(app, "/v1/ssl/create", body)
+    assert status == 201 and reply["name"] == "sneak"
+
+
+def post_json_via(app: Flask, path: str, body: Any) -> tuple[int, Any]:
+    response = app.test_client().post(path, json=body)
+    return response.status_code, response.get_json()
+
+
+def test_the_dashboard_answers_503_while_no_ca_replica_is_reachable(generated_lab: LabEnv, app: Flask) -> None:
+    ca_of(app).server.shutdown()
+    ca_of(app).server.server_close()
+    response = app.test_client().post("/v1/ssl/sign", json={"name": "device001", "days": 5,
+                                                            "pass": generated_lab.passphrase})
+    assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+    assert response.get_json() == {"error": "the CA service is not reachable; retry in a few seconds"}

@@ -1,5 +1,5 @@
-"""The CA's MQTT endpoint through a real Mosquitto: the app holds the `dashboard` identity (the CA role) and
-answers on ssl/<name>; devices and the `provisioner` publish requests and read only their own replies
+"""The CA's MQTT endpoint through a real Mosquitto: the CA replica (identity `ca-1`, the CA role) answers on
+ssl/<name>; devices and the `provisioner` publish requests and read only their own replies
 (ssl/<CN>, and MQTT v5 response topics under ssl/<CN>/)."""
 
 from __future__ import annotations
@@ -84,6 +84,8 @@ def expect_success(client: Collector, topic: str) -> dict[str, Any]:
 def start_app(lab: LabEnv, **config: Any) -> Flask:
     app = make_app(lab, MQTT_ENABLED=True, **config)
     assert app.extensions["mqtt_bridge"].wait_connected(10), app.extensions["mqtt_bridge"].status()
+    ca = app.extensions["test_ca"]
+    assert ca.connection.wait_connected(10), ca.health()
     return app
 
 
@@ -118,7 +120,7 @@ def test_device_publishes_a_csr_and_gets_its_certificate(
         cert = check_issued(reply, key)
         assert "key" not in reply
         assert 89 <= (cert.not_valid_after_utc - cert.not_valid_before_utc).days <= 90
-        record = mqtt_app.extensions["ca_service"].inventory.by_serial(reply["serial"])
+        record = mqtt_app.extensions["test_ca"].service.inventory.by_serial(reply["serial"])
         assert (record.name, record.issued_via, record.requester) == ("device001", "mqtt", "mqtt:device001")
     finally:
         device.close()
@@ -137,16 +139,13 @@ def test_v5_request_gets_its_reply_on_the_response_topic(
     assert message.properties.CorrelationData == b"\x00req-42\xff"
     assert _status(message) == 201
     check_issued(json.loads(message.payload), key)
-    # the same reply also went to ssl/<name>, as for every certificate (exactly once): the CA role reads it there
-    # (the dashboard's CA log), the provisioner does not (it is not its reply topic)
-    hub = mqtt_app.extensions["live_hub"]
-    on_name = wait_for(lambda: [line for line in hub.logs() if line["topic"] == "ssl/sensor-v5"], what="ssl/sensor-v5")
-    assert len(on_name) == 1 and json.loads(message.payload)["serial"] in on_name[0]["payload"]
+    # the same reply also went to ssl/<name>, as for every certificate; the provisioner does not read it there
+    # (it is not its reply topic), nor does the dashboard (not the CA since Step 12: nothing under ssl/ for it)
     assert not [m for m in provisioner.received if m.topic == "ssl/sensor-v5"], "not the provisioner's topic"
-    # handled once, though the dashboard's own `ssl/#` log subscription also matches ssl/sign
-    endpoint = mqtt_app.extensions["ca_mqtt"]
+    assert not [line for line in mqtt_app.extensions["live_hub"].logs() if line["topic"].startswith("ssl/")]
+    endpoint = mqtt_app.extensions["test_ca"].mqtt
     wait_for(lambda: endpoint.idle, what="the endpoint to be idle")
-    assert len(mqtt_app.extensions["ca_service"].inventory.list(name="sensor-v5")) == 1
+    assert len(mqtt_app.extensions["test_ca"].service.inventory.list(name="sensor-v5")) == 1
     # a request with no usable name can still be answered on its response topic
     properties.CorrelationData = b"bad-1"
     provisioner.publish("ssl/create", b"{not json", properties=properties)
@@ -183,7 +182,7 @@ def test_mqtt_and_http_give_the_same_answers(generated_lab: LabEnv, mqtt_app: Fl
 def test_malformed_input_never_stops_the_subscriber(
     generated_lab: LabEnv, mqtt_app: Flask, provisioner: Collector
 ) -> None:
-    endpoint = mqtt_app.extensions["ca_mqtt"]
+    endpoint = mqtt_app.extensions["test_ca"].mqtt
     start = endpoint.stats()["received"]
     junk: list[bytes] = [b"", b"not json", b"\xff\xfe\x00", b"[]", b"null", b'"text"', b"[" * 50000,
                          b'{"name": 5}', b'{"name": "a/b", "days": 1}', b'{"name": "+"}', b'{"name": "#"}']
@@ -210,7 +209,7 @@ def test_malformed_input_never_stops_the_subscriber(
 def test_arbitrary_payloads_never_break_the_endpoint(
     generated_lab: LabEnv, mqtt_app: Flask, provisioner: Collector, body: Any, topic: str, raw: bytes | None
 ) -> None:
-    endpoint = mqtt_app.extensions["ca_mqtt"]
+    endpoint = mqtt_app.extensions["test_ca"].mqtt
     payload = raw if raw is not None else json.dumps(concrete_body(body, generated_lab.passphrase)).encode()
     before_state = lab_state(generated_lab)
     before = endpoint.stats()
@@ -225,10 +224,11 @@ def test_arbitrary_payloads_never_break_the_endpoint(
 
 
 def test_shared_subscription_serves_requests(generated_lab: LabEnv, broker: Broker) -> None:
-    app = start_app(generated_lab, CA_SHARED_SUBSCRIPTION="1")
+    """The CA always subscribes through the share group `ca`, so its replicas split the requests."""
+    app = start_app(generated_lab)
     device = Collector(generated_lab.certs_dir, "device002", broker.port).connect()
     try:
-        assert app.extensions["ca_mqtt"].topic_filters() == ["$share/ca/ssl/sign", "$share/ca/ssl/create",
+        assert app.extensions["test_ca"].mqtt.topic_filters() == ["$share/ca/ssl/sign", "$share/ca/ssl/create",
                                                              "$share/ca/ssl/renew/+", "$share/ca/ssl/sign/+",
                                                              "$share/ca/ssl/create/+"]
         device.subscribe("ssl/device002")
@@ -248,7 +248,7 @@ def test_a_device_that_rotates_names_is_locked_out_by_its_certificate(
     The broker's ACL lets only <CN> write ssl/sign/<CN>, so the CA counts on the certificate, not the body.
     Another device's correct passphrase is not blocked; the guesser's own correct one is, until the window ends.
     """
-    endpoint = mqtt_app.extensions["ca_mqtt"]
+    endpoint = mqtt_app.extensions["test_ca"].mqtt
     guesser = Collector(generated_lab.certs_dir, "device002", broker.port, protocol=mqtt.MQTTv5).connect()
     honest = Collector(generated_lab.certs_dir, "device001", broker.port).connect()
     try:

@@ -59,7 +59,8 @@ DOCKERFILES = {
     PROJECT_ROOT / "Dockerfile_thermometer": PROJECT_ROOT,
     PROJECT_ROOT / "mosquitto" / "Dockerfile": PROJECT_ROOT / "mosquitto",
 }
-SEED_SERVICES = {"mosquitto", "dashboard", "device001_thermometer", "device002_thermometer"}
+SEED_SERVICES = {"mosquitto", "ca", "dashboard", "device001_thermometer", "device002_thermometer"}
+OPTIONAL_SERVICES = {"postgres"}  # profile `postgres`
 LAB_UID, LAB_GID = "4321", "8765"
 CONTAINER_BIND = "0.0.0.0"  # noqa: S104 - inside a container, published on 127.0.0.1 only
 
@@ -195,8 +196,9 @@ def test_compose_files_are_valid_for_the_real_compose(compose_lab: LabEnv, three
     for run in (base, three_devices):
         result = run.run("config", "-q")
         assert result.returncode == 0, result.stderr
-    assert set(base.config()["services"]) == SEED_SERVICES
-    assert set(three_devices.config()["services"]) == SEED_SERVICES | {"device003_thermometer"}
+    assert set(base.config()["services"]) == SEED_SERVICES | OPTIONAL_SERVICES
+    assert set(three_devices.config()["services"]) == SEED_SERVICES | OPTIONAL_SERVICES | {"device003_thermometer"}
+    assert base.config()["services"]["postgres"]["profiles"] == ["postgres"]
 
 
 def test_a_missing_passphrase_fails_with_the_fix(compose_lab: LabEnv, tmp_path: Path) -> None:
@@ -212,14 +214,20 @@ def test_services_wait_for_a_healthy_broker_restart_and_run_as_the_lab_user(
 ) -> None:
     for name, service in services.items():
         assert service["restart"] == "unless-stopped", name
-        assert service["user"] == f"{LAB_UID}:{LAB_GID}", name
-        assert service["read_only"] is True and "ALL" in service["cap_drop"], name
         for mount in mounts(service):
             assert "docker.sock" not in mount.source, f"{name} must not get the Docker socket"
-        if name != "mosquitto":
+        if name in OPTIONAL_SERVICES:  # postgres runs as the image's own user, owner of its volume only
+            continue
+        assert service["user"] == f"{LAB_UID}:{LAB_GID}", name
+        assert service["read_only"] is True and "ALL" in service["cap_drop"], name
+        if name == "dashboard":  # the CA first: the dashboard forwards /v1/ssl/* to it
+            assert service["depends_on"] == {"mosquitto": {"condition": "service_healthy"},
+                                             "ca": {"condition": "service_healthy"}}, name
+        elif name != "mosquitto":
             assert service["depends_on"] == {"mosquitto": {"condition": "service_healthy"}}, name
-    assert services["mosquitto"]["healthcheck"]["test"][0] == "CMD"
-    assert services["dashboard"]["healthcheck"]["test"][0] == "CMD"
+    for name in ("mosquitto", "ca", "dashboard", "postgres"):
+        assert services[name]["healthcheck"]["test"][0] == "CMD", name
+    assert "ports" not in services["ca"] and "ports" not in services["postgres"]
 
 
 def test_ports_are_published_on_localhost_and_match_the_settings(
@@ -254,9 +262,11 @@ def names_read_by(*entries: str) -> set[str]:
 
 
 def test_every_environment_variable_is_one_the_code_reads(services: dict[str, dict[str, Any]]) -> None:
-    dashboard_reads = names_read_by("pki", "lab", "dashboard", "generate_ca_and_device_certs.py")
+    dashboard_reads = names_read_by("pki", "lab", "ca", "dashboard", "generate_ca_and_device_certs.py")
     thermometer_reads = names_read_by("pki", "lab", "thermometer.py")
     assert set(environment(services["dashboard"])) <= dashboard_reads
+    assert set(environment(services["ca"])) <= dashboard_reads
+    assert "CA_PASSPHRASE" not in environment(services["dashboard"]), "only the CA service knows the passphrase"
     assert not environment(services["mosquitto"])
     for name, service in services.items():
         if name.endswith("_thermometer"):
@@ -273,13 +283,20 @@ def test_the_dashboard_environment_is_valid_settings_for_the_container(
 ) -> None:
     env = environment(services["dashboard"])
     settings = Settings.from_env(env)
-    assert settings.ca_passphrase == compose_lab.passphrase
+    assert settings.ca_passphrase is None
     assert settings.dashboard_host == CONTAINER_BIND
     assert settings.certs_dir == Path("/certs") and host_path(services["dashboard"], "/certs") == compose_lab.certs_dir
     assert settings.data_dir == Path("/data")
     assert settings.effective_database_url == "sqlite:////data/lab.db"
     (data,) = [m for m in mounts(services["dashboard"]) if m.target == "/data"]
     assert not data.bind and data.source in resolved["volumes"], "the database lives in a named volume"
+    # The CA service: the passphrase, the same certificates folder, database and data volume (the shared secret).
+    ca = Settings.from_env(environment(services["ca"]))
+    assert ca.ca_passphrase == compose_lab.passphrase
+    assert (ca.certs_dir, ca.data_dir, ca.effective_database_url) == (settings.certs_dir, settings.data_dir,
+                                                                     settings.effective_database_url)
+    assert host_path(services["ca"], "/certs") == compose_lab.certs_dir
+    assert [m.source for m in mounts(services["ca"]) if m.target == "/data"] == [data.source]
     (broker_data,) = [m for m in mounts(services["mosquitto"]) if not m.bind]
     assert broker_data.source in resolved["volumes"] and broker_data.source != data.source
 
@@ -321,10 +338,13 @@ def test_every_mount_is_a_folder_the_generator_writes(
             if mount.bind:
                 assert Path(mount.source).is_dir(), f"{name}: {mount.source} is not generated"
                 assert Path(mount.source) == certs or certs in Path(mount.source).parents, name
-            if name != "dashboard":
+            if name != "ca":
                 assert mount.read_only or not mount.bind, f"{name} must mount its certificates read-only"
-                assert not (mount.bind and (Path(mount.source) == certs or Path(mount.source) in ca_key.parents)), \
-                    f"{name} must not see the CA key"
+    for name, service in services.items():  # only the CA service sees the CA key (resolved through the mounts)
+        if name != "ca":
+            assert host_path(service, "/certs/root_ca/root_ca.key") != ca_key, f"{name} must not see the CA key"
+            assert all(not (m.bind and Path(m.source) == certs / "root_ca") for m in mounts(service)), name
+    assert host_path(services["ca"], "/certs/root_ca/root_ca.key") == ca_key
     for device in ("device001", "device002", "device003"):
         service = services[lab_compose.service_name(device)]
         assert [Path(m.source) for m in mounts(service)] == [certs / device], "each device mounts only its folder"
@@ -606,7 +626,7 @@ def test_the_broker_entrypoint_reloads_on_revocation_and_stops_on_sigterm(genera
     with open(log_path, "wb") as out:
         entry = subprocess.Popen(["sh", str(ENTRYPOINT), str(files.conf)], env=env, stdout=out,
                                  stderr=subprocess.STDOUT)
-    watcher = device = None
+    watcher = device = ca = None
     try:
         wait_for(lambda: subprocess.run(health, capture_output=True, timeout=10).returncode == 0, timeout=15,
                  what=f"the healthcheck\n{log_path.read_text()}")
@@ -614,6 +634,7 @@ def test_the_broker_entrypoint_reloads_on_revocation_and_stops_on_sigterm(genera
         assert json.loads(files.dynsec_file.read_text()) == json.loads(DYNSEC_INITIAL)
         watcher = Collector(generated_lab.certs_dir, "dashboard", port).connect()
         watcher.subscribe("iot/thermometer/#")
+        ca = Collector(generated_lab.certs_dir, "ca-1", port).connect()
         device = Collector(generated_lab.certs_dir, "device001", port).connect()
         device.publish("iot/thermometer/device001/temperature", "20.5")
         watcher.expect("iot/thermometer/device001/temperature")
@@ -623,8 +644,8 @@ def test_the_broker_entrypoint_reloads_on_revocation_and_stops_on_sigterm(genera
         wait_for(lambda: "Reloading config" in log_path.read_text(), timeout=10, what="Mosquitto reloading")
         device.publish("iot/thermometer/device001/temperature", "21.5")
         assert watcher.nothing("iot/thermometer/device001/temperature", within=1.5), "the revoked device still writes"
-        # ...and the CA has the plugin close its connection (dashboard/revocation.py)
-        watcher.publish(DYNSEC_TOPIC, disconnect_command("device001"))
+        # ...and the CA has the plugin close its connection (ca/revocation.py)
+        ca.publish(DYNSEC_TOPIC, disconnect_command("device001"))
         wait_for(device.disconnected.is_set, timeout=2, what="the broker to close device001's connection")
 
         entry.send_signal(signal.SIGTERM)
@@ -633,7 +654,7 @@ def test_the_broker_entrypoint_reloads_on_revocation_and_stops_on_sigterm(genera
         assert "terminating" in log_path.read_text()
         assert subprocess.run(health, capture_output=True, timeout=10).returncode == 1
     finally:
-        for client in (device, watcher):
+        for client in (device, watcher, ca):
             if client is not None:
                 client.close()
         if entry.poll() is None:
@@ -756,7 +777,7 @@ exit 0
 SETUP_FILES = ("setup.sh", "docker-compose.yml", ".env.example", "requirements.txt", "requirements-dev.txt",
                "requirements-postgres.txt", "requirements.lock", "requirements-postgres.lock", "requirements-dev.lock",
                "pyproject.toml",
-               "generate_ca_and_device_certs.py", "pki", "lab", "mosquitto")
+               "generate_ca_and_device_certs.py", "pki", "lab", "ca", "mosquitto", "postgres")
 
 
 @pytest.mark.integration
@@ -814,7 +835,7 @@ def test_setup_docker_mode_builds_generates_in_the_image_then_starts(tmp_path: P
     commands = [command.replace("--env-file .env ", "") for _, command in steps]
     assert all(command != full for command, (_, full) in zip(commands, steps, strict=True)), "--env-file .env"
     order = [next((c for c in commands if c.startswith(prefix)), None) for prefix in
-             ("rm --stop --force device002_thermometer", "build", "run --rm --no-deps -T dashboard python "
+             ("rm --stop --force device002_thermometer", "build", "run --rm --no-deps -T ca python "
               "generate_ca_and_device_certs.py", "up --build -d --remove-orphans", "ps")]
     assert None not in order, commands
     assert [commands.index(c) for c in order] == sorted(commands.index(c) for c in order)

@@ -225,12 +225,19 @@ def test_every_service_is_up_and_healthy(lab: DockerLab) -> None:
 
     with lab.timed("checks"):
         states = wait_for(all_healthy, timeout=90, interval=1, what=f"healthy containers:\n{lab.compose_logs()}")
-    assert set(states) == {"mosquitto", "dashboard", "device001_thermometer", "device002_thermometer"}
-    assert states["mosquitto"] == states["dashboard"] == "healthy"
-    # Published on loopback only, as the native lab binds.
+    assert set(states) == {"mosquitto", "ca", "dashboard", "device001_thermometer", "device002_thermometer"}
+    assert states["mosquitto"] == states["ca"] == states["dashboard"] == "healthy"
+    # Published on loopback only, as the native lab binds; the CA service not at all (the dashboard forwards).
     for service in ("mosquitto", "dashboard"):
         bindings = lab.containers()[service]["HostConfig"]["PortBindings"]
         assert {b["HostIp"] for ports in bindings.values() for b in ports} == {"127.0.0.1"}, (service, bindings)
+    assert not lab.containers()["ca"]["HostConfig"]["PortBindings"]
+    # Only the CA service has the CA key and the passphrase: the dashboard's /certs/root_ca is its own folder.
+    probe = ("import os; print(os.path.exists('/certs/root_ca/root_ca.key'), 'CA_PASSPHRASE' in os.environ, "
+             "os.path.exists('/certs/root_ca/root_ca.crt'))")
+    for service, expected in (("ca", "True True True"), ("dashboard", "False False True")):
+        seen = lab.compose("exec", "-T", service, "python", "-c", probe)
+        assert seen.stdout.strip() == expected, (service, seen.stdout, seen.stderr)
 
 
 def test_the_broker_and_the_dashboard_containers_offer_only_intermediate_tls(lab: DockerLab) -> None:

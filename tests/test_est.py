@@ -77,11 +77,11 @@ class EST:
 
 @pytest.fixture
 def est(app: Flask, generated_lab: LabEnv, tmp_path: Path) -> Iterator[EST]:
-    server = CAHttpsServer(app.extensions["ca_service"], generated_lab.settings(), port=0).start()
+    server = CAHttpsServer(app.extensions["test_ca"].service, generated_lab.settings(), port=0).start()
     work = tmp_path / "client"
     work.mkdir()
     try:
-        yield EST(generated_lab, app.extensions["ca_service"], f"https://localhost:{server.port}/.well-known/est",
+        yield EST(generated_lab, app.extensions["test_ca"].service, f"https://localhost:{server.port}/.well-known/est",
                   work)
     finally:
         server.stop()
@@ -252,14 +252,14 @@ def test_a_silent_client_does_not_stall_the_endpoint(est: EST) -> None:
         est.sh(f"curl -sS --max-time 10 --cacert $ROOT -o /dev/null {est.base}/cacerts")
 
 
-def test_python_m_dashboard_serves_est_and_acme_on_ca_https_port(generated_lab: LabEnv, tmp_path: Path) -> None:
-    """The serving entry point starts the CA's HTTPS endpoint next to the dashboard (Step 12 moves it)."""
+def test_python_m_ca_serves_est_and_acme_on_ca_https_port(generated_lab: LabEnv, tmp_path: Path) -> None:
+    """The CA service's entry point (`python -m ca`) starts the CA's HTTPS endpoint; SIGTERM stops it cleanly."""
     port = free_port()
-    env = {**os.environ, **generated_lab.env, "DASHBOARD_PORT": str(free_port()), "CA_HTTPS_PORT": str(port),
-           "PYTHONUNBUFFERED": "1"}
-    log_path = tmp_path / "dashboard.log"
+    env = {**os.environ, **generated_lab.env, "CA_INTERNAL_PORT": str(free_port()), "CA_HTTPS_PORT": str(port),
+           "CA_INSTANCE": "1", "PYTHONUNBUFFERED": "1"}
+    log_path = tmp_path / "ca.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "dashboard"], env=env, cwd=PROJECT_ROOT,
+        process = subprocess.Popen([sys.executable, "-m", "ca"], env=env, cwd=PROJECT_ROOT,
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: process.poll() is None and f"EST and ACME on https://127.0.0.1:{port}/" in
@@ -271,7 +271,8 @@ def test_python_m_dashboard_serves_est_and_acme_on_ca_https_port(generated_lab: 
             assert result.returncode == 0, result.stderr
     finally:
         process.terminate()
-        process.wait(timeout=20)
+        code = process.wait(timeout=20)
+    assert code == 0, log_path.read_text()
 
 
 @pytest.mark.parametrize("key, value", [("CA_HTTPS_PORT", "70000"), ("ACME_HTTP01_PORT", "0"),

@@ -22,7 +22,7 @@ from flask import Flask
 from dashboard.accounts import UserStore
 from pki.authority import load_certificate
 
-from .ca_support import close_app, make_app, make_csr, post_json
+from .ca_support import close_app, make_app, make_csr, mqtt_connected, post_json
 from .conftest import PROJECT_ROOT, LabEnv
 from .support import Broker, ThermometerProcess, free_port, wait_for
 
@@ -43,7 +43,7 @@ def test_kill_9_of_the_broker_four_times_loses_no_reading(
     app = make_app(generated_lab, MQTT_ENABLED=True)
     bridge = app.extensions["mqtt_bridge"]
     try:
-        assert bridge.wait_connected(10)
+        assert mqtt_connected(app)
         # The broker keeps the dashboard's persistent session on disk from its first autosave (autosave_interval,
         # 5 s) after the dashboard subscribed: a running lab has long done that; this fresh broker has to first.
         db = generated_lab.data_dir / "mosquitto" / "mosquitto.db"
@@ -88,7 +88,17 @@ def test_kill_9_of_the_broker_four_times_loses_no_reading(
 
 
 def _ca_process(lab: LabEnv, port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **lab.env, "DASHBOARD_PORT": str(port), "PYTHONUNBUFFERED": "1"}
+    """The CA service (`python -m ca`, replica ca-1) with its internal API on `port`; no broker here."""
+    env = {**os.environ, **lab.env, "CA_INSTANCE": "1", "CA_INTERNAL_PORT": str(port), "CA_HTTPS_PORT": "0",
+           "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "ca"], env=env, cwd=PROJECT_ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _dashboard_process(lab: LabEnv, port: int, ca_port: int) -> subprocess.Popen[bytes]:
+    """The dashboard on `port`, forwarding /v1/ssl/* to the CA on `ca_port`."""
+    env = {**os.environ, **lab.env, "DASHBOARD_PORT": str(port), "CA_URLS": f"http://127.0.0.1:{ca_port}",
+           "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "dashboard"], env=env, cwd=PROJECT_ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -106,12 +116,13 @@ def _healthy(port: int) -> bool:
 def test_kill_9_of_the_ca_under_200_requests_leaves_every_certificate_listed_and_revocable(
     generated_lab: LabEnv
 ) -> None:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    ca = _ca_process(generated_lab, port)
+    port, ca_port = free_port(), free_port()
+    base = f"http://127.0.0.1:{port}"  # the dashboard's port: the CA API as users call it, forwarded to the CA
+    ca = _ca_process(generated_lab, ca_port)
+    dashboard = _dashboard_process(generated_lab, port, ca_port)
     replies: list[dict[str, Any]] = []
     try:
-        wait_for(lambda: _healthy(port), timeout=30, what="the CA to answer")
+        wait_for(lambda: _healthy(ca_port) and _healthy(port), timeout=30, what="the CA and the dashboard to answer")
         bodies = [{"name": f"crash-create-{i:03d}", "days": 30, "pass": generated_lab.passphrase, "country": "BR",
                    "org": "lab", "cn": f"crash-create-{i:03d}"} for i in range(100)]
         bodies += [{"name": f"crash-sign-{i:03d}", "days": 30, "pass": generated_lab.passphrase,
@@ -135,8 +146,8 @@ def test_kill_9_of_the_ca_under_200_requests_leaves_every_certificate_listed_and
                 future.result()
         assert len(replies) < len(bodies), "the kill came too late to test anything"
 
-        ca = _ca_process(generated_lab, port)
-        wait_for(lambda: _healthy(port), timeout=30, what="the restarted CA to answer")
+        ca = _ca_process(generated_lab, ca_port)
+        wait_for(lambda: _healthy(ca_port), timeout=30, what="the restarted CA to answer")
         certs_dir = generated_lab.certs_dir
         # No temporary file holds a certificate (a crash inside atomic_write leaves one behind otherwise).
         leftovers = [p for p in certs_dir.rglob(".*.tmp") if b"CERTIFICATE" in p.read_bytes()]
@@ -157,6 +168,7 @@ def test_kill_9_of_the_ca_under_200_requests_leaves_every_certificate_listed_and
             status, reply = post_json(f"{base}/v1/ssl/revoke", {"serial": serial, "pass": generated_lab.passphrase})
             assert status == 200 and reply["revoked"] == [serial], reply
     finally:
-        if ca.poll() is None:
-            ca.kill()
-            ca.wait()
+        for process in (ca, dashboard):
+            if process.poll() is None:
+                process.kill()
+                process.wait()

@@ -28,7 +28,7 @@ from pki.profiles import DEVICE
 
 from .conftest import PROJECT_ROOT, LabEnv
 
-LEAVES = ["mosquitto", "dashboard", "provisioner", "device001", "device002"]
+LEAVES = ["mosquitto", "dashboard", "ca-1", "provisioner", "device001", "device002"]
 
 
 def load_cert(path: Path) -> x509.Certificate:
@@ -199,7 +199,7 @@ def test_second_run_changes_no_file(generated_lab: LabEnv, capsys: pytest.Captur
     assert code == 0
     certs_only = {k: v for k, v in generated_lab.snapshot().items() if not k.startswith("data/")}
     assert certs_only == {k: v for k, v in before.items() if not k.startswith("data/")}
-    assert out.count(" kept ") == 6 and " created " not in out and " renewed " not in out
+    assert out.count(" kept ") == 7 and " created " not in out and " renewed " not in out
 
 
 def test_leaf_near_expiry_is_renewed_and_others_kept(
@@ -377,7 +377,7 @@ def test_check_all_valid_exits_0(generated_lab: LabEnv, capsys: pytest.CaptureFi
     assert code == 0
     for name in ["root_ca", *LEAVES]:
         assert f"{name}" in out
-    assert out.count(" valid ") == 7  # six certificates and the CRL
+    assert out.count(" valid ") == 8  # seven certificates and the CRL
 
 
 def test_check_one_expiring_exits_1(generated_lab: LabEnv, capsys: pytest.CaptureFixture[str]) -> None:
@@ -386,7 +386,7 @@ def test_check_one_expiring_exits_1(generated_lab: LabEnv, capsys: pytest.Captur
     assert code == 1
     line = next(line for line in out.splitlines() if line.startswith("device002"))
     assert "expiring" in line
-    assert out.count(" valid ") == 6
+    assert out.count(" valid ") == 7
 
 
 def test_check_one_expired_exits_1(generated_lab: LabEnv, capsys: pytest.CaptureFixture[str]) -> None:

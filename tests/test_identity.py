@@ -322,7 +322,7 @@ def _refused_by_every_client(lab: LabEnv, fake: FakeBroker, start_thermometer: A
     time.sleep(0.5)
     thermometer.stop()
     assert fake.handshakes == 0, thermometer.output()
-    # the dashboard's MQTT client (MqttBridge, the dashboard identity)
+    # the dashboard's MQTT client (MqttBridge, the dashboard identity) and the CA's (ca/mqtt.py, ca-1)
     attempts = fake.attempts
     app = make_app(lab, MQTT_ENABLED=True, LAB_SETTINGS=lab.settings(BROKER_PORT=str(fake.port),
                                                                        BROKER_ADDRESS="localhost"))
@@ -330,6 +330,7 @@ def _refused_by_every_client(lab: LabEnv, fake: FakeBroker, start_thermometer: A
         wait_for(lambda: fake.attempts > attempts, timeout=15, what="the dashboard to try the fake broker")
         time.sleep(0.5)
         assert not app.extensions["mqtt_bridge"].connected.is_set()
+        assert not app.extensions["test_ca"].connection.connected.is_set()  # nor the CA's (identity ca-1)
         assert fake.handshakes == 0
     finally:
         close_app(app)

@@ -49,6 +49,7 @@ from .ca_support import (
     lab_state,
     make_app,
     make_csr,
+    mqtt_connected,
     post_json,
 )
 from .conftest import LabEnv
@@ -67,7 +68,7 @@ def device_env(lab: LabEnv, device_id: str, **extra: str) -> dict[str, str]:
 def mqtt_app(generated_lab: LabEnv, broker: Broker) -> Iterator[Flask]:
     """The dashboard app with its MQTT connection: the CA endpoint and the readings ingest."""
     app = make_app(generated_lab, MQTT_ENABLED=True)
-    assert app.extensions["mqtt_bridge"].wait_connected(10), app.extensions["mqtt_bridge"].status()
+    assert mqtt_connected(app), app.extensions["mqtt_bridge"].status()
     yield app
     app.extensions["live_hub"].close()
     close_app(app)
@@ -130,7 +131,7 @@ def test_a_device_inside_its_renewal_window_renews_itself_without_losing_a_readi
     assert not has_previous(identity) and not previous(identity.key).exists()
 
     # the inventory has both: the old one superseded, the new one current and issued by renewal
-    rows = {r.serial: r for r in mqtt_app.extensions["ca_service"].inventory.list(name="device001")}
+    rows = {r.serial: r for r in mqtt_app.extensions["test_ca"].service.inventory.list(name="device001")}
     assert rows[match.group(1)].status == "superseded"
     assert (rows[match.group(2)].status, rows[match.group(2)].issued_via, rows[match.group(2)].requester) == (
         "active", "renew", "mqtt:device001")
@@ -148,7 +149,7 @@ def test_a_renewed_certificate_the_broker_refuses_is_rolled_back(
     old = issue_aged_certificate(generated_lab, "device001", days=365, days_left=10)
     identity = Identity.of(generated_lab.certs_dir, "device001")
     old_files = (identity.cert.read_bytes(), identity.key.read_bytes())
-    inventory = mqtt_app.extensions["ca_service"].inventory
+    inventory = mqtt_app.extensions["test_ca"].service.inventory
     with inventory.session() as session:
         session.execute(update(CertificateRecord).where(CertificateRecord.serial == format(old.serial_number, "x"))
                         .values(role="broker"))
@@ -229,8 +230,8 @@ def test_renewal_rules_in_the_service(generated_lab: LabEnv) -> None:
 def test_renewal_over_mqtt_is_refused_for_a_wrong_cn_another_device_and_a_revoked_one(
     generated_lab: LabEnv, mqtt_app: Flask, broker: Broker
 ) -> None:
-    endpoint = mqtt_app.extensions["ca_mqtt"]
-    inventory = mqtt_app.extensions["ca_service"].inventory
+    endpoint = mqtt_app.extensions["test_ca"].mqtt
+    inventory = mqtt_app.extensions["test_ca"].service.inventory
     device1 = Collector(generated_lab.certs_dir, "device001", broker.port, protocol=mqtt.MQTTv5).connect()
     device2 = Collector(generated_lab.certs_dir, "device002", broker.port, protocol=mqtt.MQTTv5).connect()
     try:
@@ -341,7 +342,7 @@ def test_a_thermometer_with_only_a_token_enrols_once_and_publishes(
     caplog: pytest.LogCaptureFixture, tmp_path: Path,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    service = mqtt_app.extensions["ca_service"]
+    service = mqtt_app.extensions["test_ca"].service
     with ServerThread(mqtt_app) as server:
         ca_url = server.url("").rstrip("/")
 
@@ -405,7 +406,7 @@ def test_tokens_command_fills_a_token_file_from_the_running_ca(
             assert enrolment.main([*argv[:2], "thermo03", *argv[3:]]) == 0  # appends
             name, token = claim_token(path, "replica-1")
             assert name == "thermo01"
-            assert app.extensions["ca_service"].inventory.token(token_digest(token)).name == "thermo01"
+            assert app.extensions["test_ca"].service.inventory.token(token_digest(token)).name == "thermo01"
             assert [line.split()[0] for line in path.read_text().splitlines()] == ["thermo01", "thermo02", "thermo03"]
             assert (path.parent / "root_ca.crt").read_bytes() == \
                 (generated_lab.certs_dir / "root_ca" / "root_ca.crt").read_bytes()

@@ -215,7 +215,7 @@ def test_a_revoked_thermometer_is_not_restarted_nor_started_again(
     lab.wait_output("The lab is up")
     lab.wait_output("device001 connected")
     revoke_in_process(lab_env, "device001")
-    # No dashboard app in this run: the test closes the revoked connection as the CA would.
+    # No CA service in this run (--no-dashboard): the test closes the revoked connection as the CA would.
     disconnect_as_the_ca(lab_env, lab_env.broker_port, "device001")
     lab.wait_output("[runner] device001's certificate is revoked (exit 3): not restarted", timeout=20)
     assert "the CA revoked its certificate" in lab.output()

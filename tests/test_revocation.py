@@ -7,7 +7,6 @@ import datetime as dt
 import os
 import signal
 import subprocess
-import threading
 import time
 from typing import Any
 
@@ -17,14 +16,24 @@ from cryptography.hazmat.primitives import serialization
 from flask import Flask
 from flask.testing import FlaskClient
 
-from dashboard.ca_http import CRL_CHECK_INTERVAL, start_crl_refresh
+from ca.process import CRL_CHECK_INTERVAL
 from lab.mqtt import Identity, certificate_revoked
 from pki.authority import CertificateAuthority, load_certificate
 from pki.broker import CRL_LIFETIME, DYNSEC_TOPIC, BrokerFiles, current_crl_number, disconnect_command
 from pki.service import CAService
 from pki.store import atomic_write
 
-from .ca_support import api_token, close_app, disconnect_as_the_ca, lab_state, make_app, make_csr, revoke_in_process
+from .ca_support import (
+    api_token,
+    ca_of,
+    close_app,
+    disconnect_as_the_ca,
+    lab_state,
+    make_app,
+    make_csr,
+    mqtt_connected,
+    revoke_in_process,
+)
 from .conftest import PROJECT_ROOT, LabEnv
 from .support import Broker, Collector, ThermometerProcess, established_to, refused, wait_for
 
@@ -120,7 +129,7 @@ def test_revocation_requests(generated_lab: LabEnv, app: Flask, client: FlaskCli
     assert response.status_code == 200 and response.json["revoked"] == [serial]
     assert serial in crl_serials(client.get("/v1/ssl/crl").data)
     assert "user device002\ntopic deny #" in files.acl.read_text()
-    row = app.extensions["ca_service"].inventory.by_serial(serial)
+    row = app.extensions["test_ca"].service.inventory.by_serial(serial)
     assert (row.status, row.revocation_reason) == ("revoked", "unspecified")
     listed = client.get("/v1/ssl/certs?name=device002&status=revoked", headers=viewer_headers).json["certificates"]
     assert [r["serial"] for r in listed] == [serial]
@@ -207,7 +216,7 @@ def test_revocation_closes_the_connection_and_the_thermometer_stops(
     app = make_app(generated_lab, MQTT_ENABLED=True)
     client = app.test_client()
     try:
-        assert app.extensions["mqtt_bridge"].wait_connected(10)
+        assert mqtt_connected(app)
         env = {k: v for k, v in generated_lab.env.items() if k != "CA_PASSPHRASE"}
         devices = {d: start_thermometer({**env, "DEVICE_ID": d, "PUBLISH_INTERVAL": "0.2"})
                    for d in ("device001", "device002")}
@@ -301,17 +310,14 @@ def test_a_damaged_or_missing_crl_never_fails_open_and_is_repaired(generated_lab
         wait_for(lambda: crl_lists(generated_lab, files.crl, serial), timeout=10, what="the CRL to be repaired")
 
         # the broker's own copy gone too: Mosquitto refuses to start at all (everyone refused, never open)...
-        app.extensions["crl_refresh_stop"].set()  # (the CA's timer paused, or it could repair first)
-        for thread in threading.enumerate():
-            if thread.name == "crl-refresh":
-                thread.join(timeout=10)
+        ca_of(app).stop_crl_refresh()  # (the CA's timer paused, or it could repair first)
         broker.stop()
         files.crl.unlink()
         files.broker_crl.write_bytes(b"")
         with pytest.raises(AssertionError, match="mosquitto exited"):
             broker.start()
         # ...until the CA (its timer running again) rewrote both from the inventory, within 10 s
-        start_crl_refresh(app, CRL_CHECK_INTERVAL)
+        ca_of(app).start_crl_refresh(CRL_CHECK_INTERVAL)
         wait_for(lambda: crl_lists(generated_lab, files.broker_crl, serial) and crl_lists(
             generated_lab, files.crl, serial), timeout=10, what="both CRLs to be rewritten")
         broker.start()
@@ -387,7 +393,7 @@ def test_revocation_with_a_broker_that_reloads_only_by_polling_as_in_docker(
         wait_for(lambda: "running" in log_path.read_text(), what="the broker")
         app = make_app(generated_lab, MQTT_ENABLED=True)
         client = app.test_client()
-        assert app.extensions["mqtt_bridge"].wait_connected(10)
+        assert mqtt_connected(app)
         env = {k: v for k, v in generated_lab.env.items() if k != "CA_PASSPHRASE"}
         devices = {d: start_thermometer({**env, "DEVICE_ID": d, "PUBLISH_INTERVAL": "0.2", "ON_REVOKED": "wait"})
                    for d in ("device001", "device002")}

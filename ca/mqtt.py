@@ -13,12 +13,16 @@ written>`, a failure of `sign`/`create` only on the request's MQTT v5 ResponseTo
 another identity's `ssl/<name>`. Replies carry the request's CorrelationData and the HTTP status as the user
 property `status` (v5 subscribers see it). Retained requests are never processed, and are cleared.
 
-Messages arrive on paho's network thread through the dashboard's single MqttBridge; they are handed to a small
-worker pool at once, so signing never stalls the connection. Nothing a publisher sends can stop the
-subscriber: every failure is answered (when there is somewhere to answer) and logged.
+The CA process has its own MQTT connection (`CAConnection`: stock paho, MQTT v5, clean session, as its own
+identity `ca-<n>`) and always subscribes through the shared subscription `$share/ca/...`, so each request goes
+to exactly one replica (round-robin, Mosquitto) and replicas split the load. Messages are handed from paho's
+network thread to a small worker pool at once, so signing never stalls the connection. Nothing a publisher
+sends can stop the subscriber: every failure is answered (when there is somewhere to answer) and logged.
 
-With CA_SHARED_SUBSCRIPTION=1 the endpoint subscribes to `$share/ca/ssl/sign`, `$share/ca/ssl/create` and
-`$share/ca/ssl/renew/+`, so several dashboard/CA processes split the requests between them.
+Requests reach the CA at QoS 0: a request lost in the instant a replica dies (or its connection drops) gets no
+reply, and the requester asks again after a timeout (a device renewing does: lab/renewal.py; README, "CA
+replicas"). Mosquitto 2.0.11 does not hand a departed member's in-flight messages to another member, so QoS 1
+would not save them either.
 """
 
 from __future__ import annotations
@@ -26,21 +30,20 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from flask import Flask
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from pki.config import lab_environ
+from lab.mqtt import Identity, make_client
+from pki.config import Settings
 from pki.lockout import IDENTITY_PREFIX
 from pki.requests import UNAVAILABLE, readable_name
 from pki.service import CAService, Reply
-
-from .ca_http import ensure_ca_service
-from .mqtt_bridge import MqttBridge
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +51,11 @@ OPERATIONS = ("sign", "create")
 RENEW_PREFIX = "ssl/renew/"
 SHARE_GROUP = "ca"
 # Workers mostly wait (for the inventory's group commit, i.e. an fsync): enough of them lets concurrent requests
-# share one commit. Requests queued beyond MAX_PENDING (a few MB) get a 503 instead of growing memory without
-# bound; it is sized for an enrolment storm of a thousand devices.
+# share one commit. Requests queued beyond MAX_PENDING (some 30 MB of requests) get a 503 instead of growing memory
+# without bound; it is sized for an enrolment storm of ten thousand devices on one replica.
 WORKERS = 32
-MAX_PENDING = 4096
+MAX_PENDING = 16384
+MAX_INFLIGHT = 1000
 
 
 def _is_reply_topic(topic: str) -> bool:
@@ -62,20 +66,97 @@ def _is_reply_topic(topic: str) -> bool:
         not topic.startswith(RENEW_PREFIX)
 
 
-def _truthy(value: object) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
+class CAConnection:
+    """The CA's own MQTT connection (public paho API only): subscribes in on_connect, so reconnects resubscribe."""
+
+    def __init__(self, settings: Settings, name: str) -> None:
+        self.settings = settings
+        self.name = name
+        self.identity = Identity.of(settings.certs_dir, name)
+        self.connected = threading.Event()
+        self.last_error: str | None = None
+        self._filters: list[str] = []
+        self._handler: Callable[[mqtt.MQTTMessage], None] | None = None
+        self.client: mqtt.Client | None = None
+
+    def subscribe(self, topic_filters: list[str], handler: Callable[[mqtt.MQTTMessage], None]) -> None:
+        self._filters, self._handler = list(topic_filters), handler
+
+    def start(self) -> None:
+        client = make_client(self.identity, self.name, protocol=mqtt.MQTTv5)
+        # Replies are QoS 1: let many be in flight (paho's default of 20 serialises a burst on round trips).
+        client.max_inflight_messages_set(MAX_INFLIGHT)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.reconnect_delay_set(min_delay=1, max_delay=10)
+        self.client = client
+        # A clean session that ends with the connection: the broker keeps nothing of ours (no request, with its
+        # passphrase, saved in its persistence file), and a departed replica leaves no queue behind.
+        client.connect_async(self.settings.broker_address, self.settings.broker_port, keepalive=30,
+                             clean_start=True)
+        client.loop_start()
+
+    def stop(self) -> None:
+        if self.client is None:
+            return
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.client = None
+        self.connected.clear()
+
+    def wait_connected(self, timeout: float = 10) -> bool:
+        return self.connected.wait(timeout)
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False,
+                properties: Properties | None = None) -> mqtt.MQTTMessageInfo | None:
+        client = self.client
+        if client is None:
+            log.warning("MQTT not started; dropped a message for %s", topic)
+            return None
+        return client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+
+    def status(self) -> dict[str, Any]:
+        return {"connected": self.connected.is_set(), "identity": self.name,
+                "broker": f"{self.settings.broker_address}:{self.settings.broker_port}", "last_error": self.last_error}
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            self.last_error = f"connection refused: {reason}"
+            log.warning("MQTT %s", self.last_error)
+            return
+        # QoS 0 towards the CA (module docstring); the retain flag as published, so retained requests are seen.
+        options = SubscribeOptions(qos=0, retainAsPublished=True)
+        if self._filters:
+            client.subscribe([(f, options) for f in self._filters])
+        self.last_error = None
+        self.connected.set()
+        log.info("MQTT connected to %s:%s as %s", self.settings.broker_address, self.settings.broker_port, self.name)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self.connected.clear()
+        if reason is not None and getattr(reason, "is_failure", False):
+            self.last_error = f"disconnected: {reason}"
+            log.warning("MQTT %s; reconnecting", self.last_error)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if self._handler is None:
+            return
+        try:
+            self._handler(message)
+        except Exception:  # a bad message must never stop the network loop
+            log.exception("the CA failed on a message to %s", message.topic)
 
 
 class CAMqttEndpoint:
-    """Subscribes through the bridge, works in a pool, replies through the bridge."""
+    """Subscribes on the CA's connection, works in a pool, replies on the same connection."""
 
     def __init__(
-        self, service: CAService, bridge: MqttBridge, *, shared: bool = False, workers: int = WORKERS,
+        self, service: CAService, connection: CAConnection, *, workers: int = WORKERS,
         max_pending: int = MAX_PENDING,
     ) -> None:
         self.service = service
-        self.bridge = bridge
-        self.shared = shared
+        self.connection = connection
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ca-mqtt")
         self._slots = threading.BoundedSemaphore(max_pending)
         self._counts_lock = threading.Lock()
@@ -85,20 +166,15 @@ class CAMqttEndpoint:
         self.by_status: dict[int, int] = {}
         self.retained_ignored = 0
 
-    def topic_filters(self) -> list[str]:
-        prefix = f"$share/{SHARE_GROUP}/" if self.shared else ""
+    @staticmethod
+    def topic_filters() -> list[str]:
+        prefix = f"$share/{SHARE_GROUP}/"
         return ([f"{prefix}ssl/{operation}" for operation in OPERATIONS]
                 + [f"{prefix}{RENEW_PREFIX}+"]
                 + [f"{prefix}ssl/{operation}/+" for operation in OPERATIONS])
 
     def register(self) -> None:
-        for topic_filter in self.topic_filters():
-            # QoS 0 towards the CA: the dashboard's connection keeps a persistent session (a broker restart loses
-            # no reading), and the broker saves the in-flight QoS 1 messages of a persistent session to its
-            # persistence file, so requests, passphrases and all, would land on disk. A request lost in the
-            # instant the connection drops gets no reply, and the requester asks again. (Step 12 gives the CA a
-            # connection of its own, with a clean session.)
-            self.bridge.subscribe(topic_filter, self.on_message, qos=0, retain_as_published=True)
+        self.connection.subscribe(self.topic_filters(), self.on_message)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -146,7 +222,7 @@ class CAMqttEndpoint:
             return
         try:
             self.pool.submit(self._work, operation, payload, response_topic, correlation, cn)
-        except RuntimeError:  # the pool is shut down (app closing)
+        except RuntimeError:  # the pool is shut down (the CA is stopping)
             self._slots.release()
             with self._counts_lock:
                 self.handled += 1
@@ -158,7 +234,7 @@ class CAMqttEndpoint:
             self.retained_ignored += 1
         log.warning("ignored a retained request on %s (never processed) and cleared it", topic)
         # Delete it from the broker, so its secrets are not kept there (nor sent to the next CA that subscribes).
-        self.bridge.publish(topic, b"", qos=1, retain=True)
+        self.connection.publish(topic, b"", qos=1, retain=True)
 
     # -- worker threads --------------------------------------------------------------------------------
 
@@ -240,15 +316,6 @@ class CAMqttEndpoint:
         if correlation is not None:
             properties.CorrelationData = correlation
         try:
-            self.bridge.publish(topic, payload, qos=1, properties=properties)
+            self.connection.publish(topic, payload, qos=1, properties=properties)
         except (ValueError, TypeError) as ex:  # e.g. a ResponseTopic with wildcards
             log.warning("could not reply on %r: %s", topic, ex)
-
-
-def init_app(app: Flask) -> None:
-    service = ensure_ca_service(app)
-    # From the app config, else the environment or .env like every other lab setting.
-    shared = app.config.get("CA_SHARED_SUBSCRIPTION", lab_environ().get("CA_SHARED_SUBSCRIPTION", ""))
-    endpoint = CAMqttEndpoint(service, app.extensions["mqtt_bridge"], shared=_truthy(shared))
-    endpoint.register()
-    app.extensions["ca_mqtt"] = endpoint

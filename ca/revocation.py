@@ -1,14 +1,15 @@
 """Revocation takes the live connection: after the CA revoked an identity, close its open MQTT sessions.
 
 Mosquitto 2.0.11 does not drop a connection when the ACL or the CRL changes. Its dynamic-security plugin
-(loaded by mosquitto.conf, defining no clients) can: the CA, over the dashboard's own MQTT connection, sends
-the plugin `disconnect_command(name)` on `$CONTROL/dynamic-security/v1` (only `dashboard` may write it).
+(loaded by mosquitto.conf, defining no clients) can: the CA, over its own MQTT connection (ca/mqtt.py), sends
+the plugin `disconnect_command(name)` on `$CONTROL/dynamic-security/v1` (only the CA identities may write it).
 The CRL was reloaded before (natively the CA signals the broker; in Docker the broker container polls
 certs/ every second), so the device's reconnect is refused in the TLS handshake ("certificate revoked"),
 which the thermometer recognises (lab/device.py, exit code 3).
 
 The device's retained presence is corrected to `offline` by the CA: once revoked, the device's own `offline`
-and its last will are denied by the ACL, so the retained `online` would otherwise stay forever.
+and its last will are denied by the ACL, so the retained `online` would otherwise stay forever. The dashboard
+sees that presence, and the revoked status in the inventory it reads (it no longer shares a process with the CA).
 
 In Docker the reload can lag the revocation by the broker container's poll (about a second): a device that
 reconnected in that gap is disconnected again by the later rounds (ENFORCE_AGAIN_AFTER), each one only while
@@ -20,15 +21,11 @@ from __future__ import annotations
 import logging
 import threading
 
-from flask import Flask
-
 from pki.broker import DYNSEC_TOPIC, disconnect_command
 from pki.inventory import REVOKED
 from pki.service import CAService
 
-from .ca_http import ensure_ca_service
-from .live import LiveHub
-from .mqtt_bridge import MqttBridge
+from .mqtt import CAConnection
 
 log = logging.getLogger(__name__)
 
@@ -42,21 +39,16 @@ def presence_topic(name: str) -> str:
 
 
 class RevocationEnforcer:
-    def __init__(self, service: CAService, bridge: MqttBridge, hub: LiveHub | None) -> None:
+    def __init__(self, service: CAService, connection: CAConnection) -> None:
         self.service = service
-        self.bridge = bridge
-        self.hub = hub
+        self.connection = connection
         self._timers: set[threading.Timer] = set()
         self._lock = threading.Lock()
         self._closed = False
 
     def revoked(self, name: str) -> None:
         """The CA revoked `name` (its files are written and the broker signalled): cut it off now."""
-        if self.hub is not None:
-            self.hub.device_revoked(name)
         self.enforce(name)
-        if self.hub is not None:  # the table too, now rather than on the emitter's next due tick (>= 1 s apart)
-            self.hub.refresh_certs(force=True)
         with self._lock:
             if self._closed:
                 return
@@ -89,17 +81,10 @@ class RevocationEnforcer:
             latest = self.service.inventory.latest(name)
             if latest is None or latest.status != REVOKED:
                 return  # reissued meanwhile: the new certificate's session is not ours to close
-        if self.bridge.publish(DYNSEC_TOPIC, disconnect_command(name), qos=1) is None:
+        if self.connection.publish(DYNSEC_TOPIC, disconnect_command(name), qos=1) is None:
             log.warning("revoked %s, but MQTT is not connected: its open connection stays until it reconnects "
                         "(then the broker refuses it)", name)
             return
-        self.bridge.publish(presence_topic(name), "offline", qos=1, retain=True)
+        self.connection.publish(presence_topic(name), "offline", qos=1, retain=True)
         if not again:
             log.info("asked the broker to disconnect %s and set its presence to offline", name)
-
-
-def init_app(app: Flask) -> None:
-    service = ensure_ca_service(app)
-    enforcer = RevocationEnforcer(service, app.extensions["mqtt_bridge"], app.extensions.get("live_hub"))
-    service.on_revoked.append(enforcer.revoked)
-    app.extensions["revocation"] = enforcer
