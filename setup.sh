@@ -171,7 +171,7 @@ find_system_command() {
         mosquitto) candidates+=(/usr/sbin/mosquitto /usr/local/sbin/mosquitto /opt/homebrew/sbin/mosquitto
             /usr/local/opt/mosquitto/sbin/mosquitto /opt/homebrew/opt/mosquitto/sbin/mosquitto) ;;
         chromium) candidates+=(chromium-browser) ;;
-        dockerd | debootstrap) candidates+=("/usr/sbin/$1") ;;
+        dockerd | debootstrap | nginx) candidates+=("/usr/sbin/$1") ;;
     esac
     for candidate in "${candidates[@]}"; do
         if command -v "$candidate" 2>/dev/null; then
@@ -185,7 +185,7 @@ debian_package_for() {
     case $1 in
         mosquitto_pub | mosquitto_sub) printf 'mosquitto-clients' ;;
         dockerd) printf 'docker.io' ;;
-        *) printf '%s' "$1" ;; # mosquitto, chromium, docker-compose: same name
+        *) printf '%s' "$1" ;; # mosquitto, chromium, docker-compose, redis-server, nginx: same name
     esac
 }
 
@@ -194,6 +194,8 @@ brew_formula_for() {
     case $1 in
         mosquitto | mosquitto_pub | mosquitto_sub) printf 'mosquitto' ;;
         docker-compose) printf 'docker-compose' ;;
+        redis-server) printf 'redis' ;;
+        nginx) printf 'nginx' ;;
         *) printf '' ;;
     esac
 }
@@ -708,8 +710,9 @@ dashboard_url() {
 
 cmd_test() {
     ensure_venv dev
-    # curl: the EST tests use it as a real client (RFC 7030's own examples do).
-    ensure_system_packages mosquitto mosquitto_pub chromium docker-compose curl
+    # curl: the EST tests use it as a real client (RFC 7030's own examples do). redis-server and nginx: the
+    # dashboard-replica tests run two dashboards over a real Redis behind a real nginx (tests/test_scale.py).
+    ensure_system_packages mosquitto mosquitto_pub chromium docker-compose curl redis-server nginx
     # Playwright's bundled driver (node) needs libatomic1; the Docker lab test needs an engine (docker.io) and
     # debootstrap for its base images; the database tests a PostgreSQL server; the ACME test runs Debian's certbot.
     # On systems without apt those tests skip (they fail under CI).

@@ -100,7 +100,7 @@ class DashboardProcess:
         if self.server == "gunicorn":
             argv = [sys.executable, "-m", "gunicorn", "--workers", "1", "--threads", "50", "--bind",
                     f"127.0.0.1:{self.port}", "--graceful-timeout", "5", "--no-control-socket",
-                    "dashboard:create_app()"]
+                    "--config", "python:dashboard.gunicorn_conf", "dashboard:create_app()"]
         else:
             argv = [sys.executable, "-m", "dashboard"]
         with open(self.log_path, "ab") as out:

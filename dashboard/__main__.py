@@ -1,7 +1,12 @@
-"""`python -m dashboard`: serve the dashboard natively (Werkzeug via socketio.run, no reloader)."""
+"""`python -m dashboard`: serve the dashboard natively (Werkzeug via socketio.run, no reloader).
+
+The serving entry point: it starts the app's services (`dashboard.start`: MQTT connections, emitter, timers) and
+the EST/ACME server, and `dashboard.shutdown` stops all of them when the server returns (Ctrl-C, SIGTERM).
+"""
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any
 
@@ -10,7 +15,7 @@ from werkzeug.serving import WSGIRequestHandler
 from ca.server import start_ca_https
 from pki.config import ConfigError, Settings
 
-from . import create_app, socketio
+from . import create_app, shutdown, socketio, start
 from .auth import check_exposure, tls_files
 
 
@@ -42,18 +47,32 @@ def main() -> int:
     except OSError as ex:  # the port is taken, or the dashboard certificate is missing (ssl.SSLError too)
         print(f"error: cannot serve EST/ACME on {settings.ca_https_host}:{settings.ca_https_port} "
               f"(CA_HTTPS_PORT, 0 = off): {ex}", file=sys.stderr)
+        shutdown(app)
         return 2
+    app.extensions["ca_https"] = ca_https
+    signal.signal(signal.SIGTERM, _stop_serving)
+    start(app)
     if ca_https is not None:
         print(f"EST and ACME on https://{settings.ca_https_host}:{ca_https.port}/ "
               "(.well-known/est/, acme/directory)", flush=True)
     scheme = "https" if ssl_context else "http"
     print(f"Dashboard on {scheme}://{settings.dashboard_host}:{settings.dashboard_port}/", flush=True)
     # The reloader would start a second MQTT client that kicks the first off: never use it.
-    socketio.run(app, host=settings.dashboard_host, port=settings.dashboard_port, debug=False,
-                 use_reloader=False, allow_unsafe_werkzeug=True, log_output=False,
-                 request_handler=RequestHandler,
-                 ssl_context=tuple(str(p) for p in ssl_context) if ssl_context else None)
+    try:
+        socketio.run(app, host=settings.dashboard_host, port=settings.dashboard_port, debug=False,
+                     use_reloader=False, allow_unsafe_werkzeug=True, log_output=False,
+                     request_handler=RequestHandler,
+                     ssl_context=tuple(str(p) for p in ssl_context) if ssl_context else None)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        shutdown(app)
     return 0
+
+
+def _stop_serving(_signum: int, _frame: Any) -> None:
+    """SIGTERM ends the server like Ctrl-C does, so `shutdown` runs (the ingest's session is closed cleanly)."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

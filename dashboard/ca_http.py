@@ -172,14 +172,15 @@ def ensure_ca_service(app: Flask) -> CAService:
     return app.extensions["ca_service"]
 
 
+def crl_refresh_interval(app: Flask) -> float:
+    """Seconds between CRL checks of a started app: the running lab refreshes the CRL; tests opt in with
+    CRL_REFRESH_SECONDS. Often enough that a superseded certificate is listed soon after its grace ends."""
+    grace = app.extensions["lab_settings"].superseded_grace
+    default = min(CRL_CHECK_INTERVAL, max(10, grace // 4)) if grace else CRL_CHECK_INTERVAL
+    return float(app.config.get("CRL_REFRESH_SECONDS", default if app.config.get("MQTT_ENABLED") else 0))
+
+
 def init_app(app: Flask) -> None:
     ensure_ca_service(app)
     app.register_blueprint(bp)
-    # The running lab refreshes the CRL; tests opt in with CRL_REFRESH_SECONDS.
-    # Often enough that a superseded certificate is listed soon after its grace ends.
-    grace = app.extensions["lab_settings"].superseded_grace
-    default = min(CRL_CHECK_INTERVAL, max(10, grace // 4)) if grace else CRL_CHECK_INTERVAL
-    interval = app.config.get("CRL_REFRESH_SECONDS", default if app.config.get("MQTT_ENABLED") else 0)
-    if interval:
-        start_crl_refresh(app, float(interval))
 

@@ -9,9 +9,10 @@ one point per device per second (the mean of that second's readings).
 
 A new tab gets `snapshot()` on connect (see events.py), then the deltas.
 
-The handlers are the dashboard's ingest path, measured by bench/telemetry.py (docs/benchmarks.md): telemetry
-is subscribed at QoS 0 (TEMPERATURE_QOS), a log line is only turned into a dict if it is ever shown, and
-the emitter runs on a fixed 100 ms clock so a reading waits at most one period for its push.
+Readings come from the telemetry ingest's own connection (dashboard/ingest.py), presence and the CA's traffic
+from the dashboard's (dashboard/mqtt_bridge.py). `on_temperature` is the ingest's per-message cost, measured by
+bench/telemetry.py (docs/benchmarks.md): a log line is only turned into a dict if it is ever shown, and the
+emitter runs on a fixed 100 ms clock so a reading waits at most one period for its push.
 """
 
 from __future__ import annotations
@@ -32,20 +33,14 @@ from flask import Flask
 
 from pki.config import DEVICE_ID_RE, Settings
 
+from .bus import ReadingsBus, Received
 from .certificates import CertificateView
+from .ingest import TelemetryIngest
 from .mqtt_bridge import MqttBridge
 from .readings import ReadingIn, ReadingStore
 
 log = logging.getLogger(__name__)
 
-TEMPERATURE_FILTER = "iot/thermometer/+/temperature"
-# The dashboard's own subscription QoS for telemetry (devices still publish at QoS 1, so the broker has each
-# reading). QoS 1 would cost a PUBACK per message and, with Mosquitto's window of 20 unacknowledged messages,
-# caps ingest at what one round trip per 20 readings allows (bench: 2,600 msg/s). Readings that arrive while
-# the dashboard is away are still kept: its session is persistent and the broker queues QoS 0 for it
-# (mqtt_bridge.SESSION_EXPIRY, `queue_qos0_messages`), up to max_queued_messages.
-TEMPERATURE_QOS = 0
-STATUS_FILTER = "iot/thermometer/+/status"
 CA_FILTER = "ssl/#"
 CA_REQUEST_TOPICS = ("ssl/sign", "ssl/create")
 CA_RENEW_PREFIX = "ssl/renew/"
@@ -271,6 +266,10 @@ class LiveHub:
         self._pending_log: deque[LogLine] = deque(maxlen=LOG_BATCH_LIMIT)
         self._skipped_log = 0
         self._pending_readings: deque[ReadingIn] = deque(maxlen=PENDING_READINGS_LIMIT)
+        # With dashboard replicas: what this process's ingest received, for the other processes (dashboard/bus.py).
+        self.bus: ReadingsBus | None = None
+        self._outbox: list[Received] = []
+        self._outgoing: list[Received] = []
         self._broker_changed = False
         # Counters for the header and /healthz.
         self.messages_total = 0
@@ -290,9 +289,7 @@ class LiveHub:
     # -- wiring ----------------------------------------------------------------------------------
 
     def attach(self, bridge: MqttBridge) -> None:
-        """Subscribe through the app's single MQTT connection and follow its state."""
-        bridge.subscribe(TEMPERATURE_FILTER, self.on_temperature, qos=TEMPERATURE_QOS)
-        bridge.subscribe(STATUS_FILTER, self.on_status, qos=1)
+        """Log the CA's traffic through the dashboard's connection, and follow its state."""
         bridge.subscribe(CA_FILTER, self.on_ca_message, qos=1)
         bridge.on_state_change.append(self.on_broker_state)
 
@@ -326,8 +323,11 @@ class LiveHub:
 
     # -- MQTT handlers (paho's network thread: quick, no I/O) --------------------------------------
 
-    def on_temperature(self, message: mqtt.MQTTMessage) -> None:
-        now = time.time()
+    def on_temperature(self, message: mqtt.MQTTMessage, received_at: float | None = None,
+                       from_peer: bool = False) -> None:
+        """A reading from this process's ingest (stored on the next flush, and published on the readings bus when
+        there is one), or `from_peer`: one another process's ingest received and stored (dashboard/bus.py)."""
+        now = time.time() if received_at is None else received_at
         topic = message.topic  # a property that decodes the bytes on every access
         device_id = device_of(topic)
         note = None
@@ -342,6 +342,8 @@ class LiveHub:
                 note = f"rejected: {ex}"
         with self._lock:
             self._log_locked(message, now, note, topic)
+            if self.bus is not None and not from_peer:
+                self._outbox.append((topic, now, message.payload))
             if reading is None:
                 self.rejected_total += 1
                 return
@@ -357,8 +359,16 @@ class LiveHub:
                 device.status, device.status_since = "online", now
             self._add_point(reading.device_id, now, reading.temperature)
             self._dirty_devices.add(device.device_id)  # its trend is computed once per push, in drain()
-            self._pending_readings.append(reading)
+            if not from_peer:
+                self._pending_readings.append(reading)
             self.readings_total += 1
+
+    def apply_peer(self, received: list[Received]) -> None:
+        """Readings another process's ingest received (the readings bus's thread): shown here, stored there."""
+        for topic, when, payload in received:
+            message = mqtt.MQTTMessage(topic=topic.encode())
+            message.payload = payload
+            self.on_temperature(message, received_at=when, from_peer=True)
 
     def on_status(self, message: mqtt.MQTTMessage) -> None:
         now = time.time()
@@ -575,6 +585,7 @@ class LiveHub:
         with self._lock:
             readings = list(self._pending_readings)
             self._pending_readings.clear()
+            self._outgoing, self._outbox = self._outbox, []
             if not (self._dirty_devices or self._dirty_points or self._pending_log or self._broker_changed) and (
                 now - self._last_emit < IDLE_STATS_INTERVAL
             ):
@@ -603,6 +614,12 @@ class LiveHub:
     def flush(self) -> dict[str, Any] | None:
         """One emitter tick: push the batch (one event for everything), then store the readings."""
         batch, readings = self.drain()
+        outgoing, self._outgoing = self._outgoing, []
+        if outgoing and self.bus is not None:  # the other dashboards first: they push on their next tick
+            try:
+                self.bus.publish(outgoing)
+            except Exception:
+                log.exception("could not publish %d readings to the other dashboards", len(outgoing))
         if batch is not None:
             self._send("batch", batch)
         if readings and self.store is not None:
@@ -687,7 +704,7 @@ class LiveHub:
 
 
 def init_app(app: Flask) -> None:
-    """Create the hub, subscribe it, reload the last hour; start the emitter when MQTT runs."""
+    """Create the hub and its ingest connection (not started: `dashboard.start`), reload the last hour."""
     from . import socketio
 
     settings: Settings = app.extensions["lab_settings"]
@@ -695,12 +712,30 @@ def init_app(app: Flask) -> None:
     server = socketio.server  # this app's Socket.IO server (a test may create several apps)
 
     def emit(event: str, data: dict[str, Any]) -> None:
-        server.emit(event, data, namespace="/")
+        # To this process's tabs only, even with a message queue: every process's hub holds the whole live state
+        # (its own ingest's readings and, over the readings bus, the others'), so each pushes to its own tabs.
+        server.emit(event, data, namespace="/", ignore_queue=True)
 
     store = ReadingStore(settings.effective_database_url)
     hub = LiveHub(settings, emit, store=store, bridge_status=bridge.status)
     hub.load_history()
     hub.attach(bridge)
     app.extensions["live_hub"] = hub
-    if app.config.get("LIVE_EMITTER", app.config["MQTT_ENABLED"]):
+    # The ingest replica inside this process (INGEST_EMBEDDED, the default); replicas share the readings with a
+    # shared subscription once dashboards share a Redis (SOCKETIO_MESSAGE_QUEUE).
+    shared = bool(settings.socketio_message_queue)
+    if shared:  # replicas: what this process ingests goes to the others, and theirs comes here
+        hub.bus = app.extensions["readings_bus"] = ReadingsBus(settings.socketio_message_queue)
+    app.extensions["ingest"] = (TelemetryIngest(settings, hub.on_temperature, shared=shared, presence=hub.on_status)
+                                if settings.ingest_embedded else None)
+
+
+def start_live(app: Flask, emitter: bool) -> None:
+    """Part of `dashboard.start`: the emitter thread (batched pushes, database writes)."""
+    from . import socketio
+
+    hub: LiveHub = app.extensions["live_hub"]
+    if hub.bus is not None:
+        hub.bus.listen(hub.apply_peer)
+    if emitter:
         hub.start(socketio.start_background_task)

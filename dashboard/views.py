@@ -75,13 +75,18 @@ def api_data() -> Response:
 
 @bp.get("/healthz")
 def healthz() -> Response:
-    """200 while the app runs; the body says whether the broker connection and the database are up."""
+    """200 while the app runs; the body says whether the broker connections and the database are up."""
     bridge = current_app.extensions["mqtt_bridge"]
+    ingest = current_app.extensions.get("ingest")
     hub = _hub()
     mqtt_state = bridge.status()
+    ingest_state = ingest.status() if ingest is not None else None
     db_state = hub.health()
-    status = "ok" if mqtt_state["connected"] and db_state["ok"] else "degraded"
-    return jsonify({"status": status, "mqtt": mqtt_state, "db": db_state})
+    settings = current_app.extensions["lab_settings"]
+    mqtt_ok = mqtt_state["connected"] or not settings.dashboard_mqtt  # a replica without the `dashboard` connection
+    ok = mqtt_ok and (ingest_state is None or ingest_state["connected"]) and db_state["ok"]
+    return jsonify({"status": "ok" if ok else "degraded", "mqtt": mqtt_state, "ingest": ingest_state,
+                    "db": db_state})
 
 
 def init_app(app: Flask) -> None:

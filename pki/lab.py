@@ -39,7 +39,7 @@ from .config import ConfigError, Settings, revoked_next_step
 from .inventory import REVOKED as REVOKED_STATUS
 from .inventory import SUPERSEDED as SUPERSEDED_STATUS
 from .inventory import CertificateRecord, Inventory
-from .profiles import BROKER, DASHBOARD, DEVICE, PROVISIONER, ROOT_CA, ROOT_CA_DAYS, Profile
+from .profiles import BROKER, DASHBOARD, DEVICE, INGEST, PROVISIONER, ROOT_CA, ROOT_CA_DAYS, Profile
 from .store import CERT_MODE, KEY_MODE, CertsLayout, atomic_write, ensure_dir, exclusive_lock, read_optional
 
 ROOT_NAME = "root_ca"
@@ -94,7 +94,8 @@ class GenerateReport:
 
 
 def lab_entities(settings: Settings, devices: Sequence[str] | None = None) -> list[Entity]:
-    """Everything the generator keeps: the broker, the dashboard, the provisioner and each device."""
+    """Everything the generator keeps: the broker, the dashboard, the provisioner, the telemetry ingest
+    identities (`ingest-1` .. `ingest-<INGEST_REPLICAS>`) and each device."""
     broker_names = [*settings.broker_sans]
     if settings.broker_address:
         broker_names.append(settings.broker_address)
@@ -102,6 +103,7 @@ def lab_entities(settings: Settings, devices: Sequence[str] | None = None) -> li
         Entity("mosquitto", BROKER, dns_names=tuple(broker_names)),
         Entity("dashboard", DASHBOARD),
         Entity("provisioner", PROVISIONER),
+        *(Entity(name, INGEST) for name in settings.ingest_identities),
     ]
     entities += [Entity(device, DEVICE) for device in (devices if devices is not None else settings.devices)]
     return entities

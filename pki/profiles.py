@@ -60,6 +60,9 @@ DEVICE = Profile(role="device", extended_key_usage=(ExtendedKeyUsageOID.CLIENT_A
 # May request certificates for other names over MQTT and read every reply topic (see the ACL).
 PROVISIONER = Profile(role="provisioner", extended_key_usage=(ExtendedKeyUsageOID.CLIENT_AUTH,))
 
+# The telemetry ingest services (`ingest-<n>`, dashboard/ingest.py): TLS clients that may only read telemetry.
+INGEST = Profile(role="ingest", extended_key_usage=(ExtendedKeyUsageOID.CLIENT_AUTH,), protected=True)
+
 # Entities issued through the CA API (`v1/ssl/sign`, `v1/ssl/create`): TLS clients only. Only the broker and
 # dashboard profiles carry serverAuth, so no certificate the API issues can pose as the lab's broker.
 ENTITY = Profile(role="entity", extended_key_usage=(ExtendedKeyUsageOID.CLIENT_AUTH,))
@@ -69,7 +72,7 @@ ENTITY = Profile(role="entity", extended_key_usage=(ExtendedKeyUsageOID.CLIENT_A
 # broker's and the dashboard's that may name `localhost`, because the operator approved it.
 SERVER = Profile(role="server", extended_key_usage=(ExtendedKeyUsageOID.SERVER_AUTH,))
 
-PROFILES = {p.role: p for p in (ROOT_CA, BROKER, DASHBOARD, DEVICE, PROVISIONER, ENTITY, SERVER)}
+PROFILES = {p.role: p for p in (ROOT_CA, BROKER, DASHBOARD, DEVICE, PROVISIONER, INGEST, ENTITY, SERVER)}
 
 # Entity names the lab's own services use: the API must never re-issue them (`pki.identity` adds the service
 # identities `ca`, `ca-<n>`, `ingest`, `ingest-<n>`). `policy` is the folder of the broker's ACL and CRL.

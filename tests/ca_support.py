@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from dashboard import create_app
+from dashboard import create_app, shutdown, start
 from pki.authority import (
     CertificateAuthority,
     PrivateKey,
@@ -176,20 +176,13 @@ def login(client: FlaskClient, password: str, username: str = "admin") -> str:
 
 
 def make_app(lab: LabEnv, **config: Any) -> Flask:
-    return create_app({"LAB_SETTINGS": lab.settings(), "MQTT_ENABLED": False, "TESTING": True, **config})
+    """The app, started as the serving process starts it (`dashboard.start`: MQTT only with MQTT_ENABLED=True)."""
+    return start(create_app({"LAB_SETTINGS": lab.settings(), "MQTT_ENABLED": False, "TESTING": True, **config}))
 
 
 def close_app(app: Flask) -> None:
-    """Stop what create_app started: the MQTT client, the CA workers, the CRL timer, the database engine."""
-    if "revocation" in app.extensions:
-        app.extensions["revocation"].close()
-    app.extensions["mqtt_bridge"].stop()
-    if "ca_mqtt" in app.extensions:
-        app.extensions["ca_mqtt"].close()
-    if "crl_refresh_stop" in app.extensions:
-        app.extensions["crl_refresh_stop"].set()
-    app.extensions["ca_service"].close()
-    app.extensions["users"].close()
+    """Stop what `dashboard.start` started and release what create_app holds (`dashboard.shutdown`)."""
+    shutdown(app)
 
 
 class ServerThread:
