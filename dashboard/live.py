@@ -716,8 +716,15 @@ def init_app(app: Flask) -> None:
         # (its own ingest's readings and, over the readings bus, the others'), so each pushes to its own tabs.
         server.emit(event, data, namespace="/", ignore_queue=True)
 
+    def broker_status() -> dict[str, Any]:
+        """The page's broker pill: the dashboard's connection, or the ingest's in a replica without one."""
+        ingest = app.extensions.get("ingest")
+        if settings.dashboard_mqtt or ingest is None:
+            return bridge.status()
+        return {**bridge.status(), "connected": ingest.connected.is_set(), "last_error": ingest.last_error}
+
     store = ReadingStore(settings.effective_database_url)
-    hub = LiveHub(settings, emit, store=store, bridge_status=bridge.status)
+    hub = LiveHub(settings, emit, store=store, bridge_status=broker_status)
     hub.load_history()
     hub.attach(bridge)
     app.extensions["live_hub"] = hub
