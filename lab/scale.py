@@ -97,8 +97,9 @@ class NginxServer(LocalServer):
 
     name = "nginx"
 
-    def __init__(self, folder: Path, port: int, upstreams: Sequence[str]) -> None:
+    def __init__(self, folder: Path, port: int, upstreams: Sequence[str], host: str = "127.0.0.1") -> None:
         super().__init__(folder, port)
+        self.host = host
         self.upstreams = list(upstreams)
         self.conf = self.folder / "nginx.conf"
 
@@ -109,6 +110,31 @@ class NginxServer(LocalServer):
     def argv(self) -> list[str]:
         for name in NGINX_TEMP_DIRS:
             (self.folder / name).mkdir(parents=True, exist_ok=True)
-        self.conf.write_text(render_nginx_conf(f"127.0.0.1:{self.port}", self.upstreams, self.folder))
+        self.conf.write_text(render_nginx_conf(f"{self.host}:{self.port}", self.upstreams, self.folder))
         binary = shutil.which("nginx") or "/usr/sbin/nginx"
         return [binary, "-p", str(self.folder), "-c", str(self.conf), "-e", str(self.folder / "error.log")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lab.scale nginx --listen HOST:PORT --upstream HOST:PORT ... [--prefix DIR]`: render
+    deploy/nginx for these dashboards into DIR and run nginx in the foreground (Ctrl-C stops it)."""
+    import argparse
+    import os
+
+    parser = argparse.ArgumentParser(prog="python -m lab.scale", description=main.__doc__)
+    parser.add_argument("command", choices=["nginx"])
+    parser.add_argument("--listen", default="127.0.0.1:5000", help="where nginx listens (default 127.0.0.1:5000)")
+    parser.add_argument("--upstream", action="append", required=True, help="a dashboard's HOST:PORT (repeat)")
+    parser.add_argument("--prefix", type=Path, default=PROJECT_ROOT / "data" / "nginx",
+                        help="nginx's state folder (default data/nginx)")
+    args = parser.parse_args(argv)
+    host, port = args.listen.rsplit(":", 1)
+    server = NginxServer(args.prefix.resolve(), int(port), args.upstream, host=host)
+    argv_nginx = server.argv()
+    print(f"nginx on http://{args.listen}/ in front of {', '.join(args.upstream)} ({server.conf})", flush=True)
+    os.execv(argv_nginx[0], argv_nginx)  # noqa: S606 - nginx from the OS package, arguments ours
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
