@@ -118,8 +118,8 @@ class DashboardProcess:
         assert self.process is not None
         if self.process.poll() is not None:
             raise RuntimeError(f"the dashboard exited with {self.process.returncode}:\n{self.log()[-3000:]}")
-        try:
-            return bool(self.health()["mqtt"]["connected"])
+        try:  # its MQTT connections (the ingest's too) and the database are up
+            return self.health()["status"] == "ok"
         except OSError:
             return False
 

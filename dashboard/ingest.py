@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     hub = LiveHub(settings, lambda *_: None, store=ReadingStore(settings.effective_database_url))
     if settings.socketio_message_queue:
         hub.bus = ReadingsBus(settings.socketio_message_queue)
+        hub.bus.start()
     else:
         log.warning("SOCKETIO_MESSAGE_QUEUE is not set: readings are stored, but no dashboard shows them live")
     ingest = TelemetryIngest(settings, hub.on_temperature, shared=True)
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{ingest.name} subscribed to {ingest.topic_filter}", flush=True)
         while not stop.wait(args.stats or 1.0):
             if args.stats:
-                print(f"received {ingest.received} stored {hub.readings_total}", flush=True)
+                print(f"received {ingest.received} stored {hub.stored_total}", flush=True)
     finally:
         ingest.stop()
         hub.close()  # the last flush stores what is pending

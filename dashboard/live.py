@@ -266,14 +266,13 @@ class LiveHub:
         self._pending_log: deque[LogLine] = deque(maxlen=LOG_BATCH_LIMIT)
         self._skipped_log = 0
         self._pending_readings: deque[ReadingIn] = deque(maxlen=PENDING_READINGS_LIMIT)
-        # With dashboard replicas: what this process's ingest received, for the other processes (dashboard/bus.py).
+        # With dashboard replicas: what this process's ingest received goes to the other processes (dashboard/bus.py).
         self.bus: ReadingsBus | None = None
-        self._outbox: list[Received] = []
-        self._outgoing: list[Received] = []
         self._broker_changed = False
         # Counters for the header and /healthz.
         self.messages_total = 0
         self.readings_total = 0
+        self.stored_total = 0  # readings this process wrote to the database
         self.rejected_total = 0
         self.emits_total = 0
         self._rate_samples: deque[tuple[float, int]] = deque(maxlen=64)
@@ -343,7 +342,7 @@ class LiveHub:
         with self._lock:
             self._log_locked(message, now, note, topic)
             if self.bus is not None and not from_peer:
-                self._outbox.append((topic, now, message.payload))
+                self.bus.offer(topic, now, message.payload)
             if reading is None:
                 self.rejected_total += 1
                 return
@@ -585,7 +584,6 @@ class LiveHub:
         with self._lock:
             readings = list(self._pending_readings)
             self._pending_readings.clear()
-            self._outgoing, self._outbox = self._outbox, []
             if not (self._dirty_devices or self._dirty_points or self._pending_log or self._broker_changed) and (
                 now - self._last_emit < IDLE_STATS_INTERVAL
             ):
@@ -614,17 +612,12 @@ class LiveHub:
     def flush(self) -> dict[str, Any] | None:
         """One emitter tick: push the batch (one event for everything), then store the readings."""
         batch, readings = self.drain()
-        outgoing, self._outgoing = self._outgoing, []
-        if outgoing and self.bus is not None:  # the other dashboards first: they push on their next tick
-            try:
-                self.bus.publish(outgoing)
-            except Exception:
-                log.exception("could not publish %d readings to the other dashboards", len(outgoing))
         if batch is not None:
             self._send("batch", batch)
         if readings and self.store is not None:
             try:
                 self.store.add_many(readings)
+                self.stored_total += len(readings)
                 self.db_error = None
             except Exception as ex:
                 self.db_error = f"{type(ex).__name__}: {ex}"
@@ -743,6 +736,7 @@ def start_live(app: Flask, emitter: bool) -> None:
 
     hub: LiveHub = app.extensions["live_hub"]
     if hub.bus is not None:
+        hub.bus.start()
         hub.bus.listen(hub.apply_peer)
     if emitter:
         hub.start(socketio.start_background_task)
