@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from tests.support import free_port
 TARGET_RATIO = 0.3  # ingest / the C pipeline
 TARGET_P99_MS = 150.0  # publish-to-browser at 1,000 msg/s from 200 devices, through nginx, two dashboards
 TELEMETRY = "iot/thermometer/+/temperature"
+FOREIGN_LOAD_PCT = 25.0  # CPU used by processes outside the bench during a failed step: measure it again
 
 
 def positive_int(value: str) -> int:
@@ -71,6 +72,16 @@ def positive_float(value: str) -> float:
     return number
 
 
+def rate_list(value: str) -> list[float]:
+    try:
+        rates = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a comma-separated list of rates") from None
+    if not rates or any(r <= 0 for r in rates):
+        raise argparse.ArgumentTypeError("rates must be positive numbers of messages per second")
+    return rates
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench/telemetry.py",
@@ -81,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--publishers", type=positive_int, default=4, help="mosquitto_pub processes in the flood")
     parser.add_argument("--messages", type=positive_int, default=50_000, help="readings each publisher sends")
     parser.add_argument("--replicas", type=str, default="1,2", help="ingest replica counts to measure")
+    parser.add_argument("--devices", type=positive_int, default=200,
+                        help="simulated devices (one mTLS connection each) feeding the ingest ladders")
+    parser.add_argument("--rates", type=rate_list, default=None,
+                        help="comma-separated rates (msg/s) to step through instead of the automatic ladder")
+    parser.add_argument("--start-rate", type=positive_float, default=2000, help="first rate of the automatic ladder")
+    parser.add_argument("--factor", type=positive_float, default=1.5, help="ladder growth per passed step")
+    parser.add_argument("--refine", type=int, default=2, help="bisection steps after the first failed rate")
+    parser.add_argument("--max-rate", type=positive_float, default=60_000, help="the ladder stops here")
+    parser.add_argument("--step-seconds", type=positive_float, default=5, help="duration of one ladder step")
+    parser.add_argument("--max-lag", type=positive_float, default=0.5,
+                        help="a step passes only if the consumer caught up within this many seconds")
     parser.add_argument("--latency-rate", type=positive_float, default=1000, help="msg/s of the latency phase")
     parser.add_argument("--latency-devices", type=positive_int, default=200, help="devices in the latency phase")
     parser.add_argument("--latency-seconds", type=positive_float, default=20, help="duration of the latency phase")
@@ -382,20 +404,59 @@ class Phase:
 
 
 
+async def ladder(phase: Phase, label: str, rates: list[float] | None, start: float, factor: float, refine: int,
+                 max_rate: float) -> tuple[float, list[Step]]:
+    """Step through `rates`, or grow from `start` until a step fails and bisect; returns (max sustained, steps)."""
+    steps: list[Step] = []
+
+    async def run(rate: float) -> Step:
+        step = await phase.run(rate)
+        for _ in range(1):  # a step that failed while something else loaded the machine is measured again
+            if step.ok or step.cpu.get("other_cpu_pct", 0) < FOREIGN_LOAD_PCT:
+                break
+            print(f"  {label:<9} {rate:>8.0f} msg/s  failed while other processes used "
+                  f"{step.cpu['other_cpu_pct']:.0f}% CPU: again once the machine is quiet", flush=True)
+            await asyncio.to_thread(wait_until_quiet)
+            step = await phase.run(rate)
+        steps.append(step)
+        mark = "ok" if step.ok else f"FAIL ({step.why})"
+        cpu = "  ".join(f"{k.removesuffix('_cpu_pct')} {v:.0f}%" for k, v in step.cpu.items())
+        print(f"  {label:<9} {rate:>8.0f} msg/s  published {step.published:>7}  ingested {step.ingested:>7}  "
+              f"lag {step.lag_s:5.2f} s  cpu: {cpu}  {mark}", flush=True)
+        return step
+
+    if rates:
+        for rate in rates:
+            await run(rate)
+    else:
+        low, high, rate = 0.0, 0.0, start
+        while rate <= max_rate:
+            if (await run(rate)).ok:
+                low, rate = rate, rate * factor
+            else:
+                high = rate
+                break
+        for _ in range(refine if high else 0):
+            mid = round((low + high) / 2, -2) if high - low > 200 else 0
+            if not mid or mid in (low, high):
+                break
+            if (await run(mid)).ok:
+                low = mid
+            else:
+                high = mid
+    passed = [s.rate for s in steps if s.ok]
+    return (max(passed) if passed else 0.0), steps
+
+
 # -- the run ----------------------------------------------------------------------------------------------
 
 
-async def latency_phase(args: argparse.Namespace, lab: BenchLab, redis_url: str,
-                        broker_pid: int) -> dict[str, Any]:
+async def latency_phase(args: argparse.Namespace, lab: BenchLab, redis_url: str, broker_pid: int, fleet: Fleet,
+                        connections: list[DeviceConnection]) -> dict[str, Any]:
     """Two dashboards over Redis behind nginx; one Socket.IO client per dashboard, through nginx."""
-    names = [f"bench-{i:05d}" for i in range(args.latency_devices)]
-    progress = Progress(len(names), "device certificates")
-    identities = lab.issue_devices(names, progress=progress.update)
-    progress.close()
     dashboards: list[DashboardProcess] = []
     nginx: NginxServer | None = None
     watchers: list[SocketIOWatcher] = []
-    fleet = Fleet(identities, "localhost", lab.broker_port)
     try:
         for n in range(args.dashboards):
             port = free_port()
@@ -406,12 +467,6 @@ async def latency_phase(args: argparse.Namespace, lab: BenchLab, redis_url: str,
             dashboards.append(DashboardProcess(env, port, lab.settings.data_dir / f"dashboard-{n + 1}.log")
                               .start())
         nginx = NginxServer(lab.root / "nginx", free_port(), [f"127.0.0.1:{d.port}" for d in dashboards]).start()
-        fleet.prepare()
-        await fleet.connect_all()
-        if fleet.failures:
-            raise RuntimeError(f"{len(fleet.failures)} devices could not connect")
-        await fleet.wait_acked()
-        keepalive = asyncio.ensure_future(fleet.keep_alive())
         probes = []
         for dashboard in dashboards:
             probe = BrowserProbe()
@@ -420,13 +475,12 @@ async def latency_phase(args: argparse.Namespace, lab: BenchLab, redis_url: str,
                                             headers={**dashboard.auth_headers, "Cookie": f"iotlab_route={route}"})
                             .connect())
             probes.append(probe)
-        connections = [fleet.connections[name] for name in names]
         pids = {"broker": broker_pid, **{f"dashboard{n + 1}": d.pid for n, d in enumerate(dashboards)},
                 "bench": os.getpid()}
         # Every dashboard counts every reading (its own ingest's and, over the bus, the others'): the slowest one.
         count = lambda: min(d.readings_ingested() for d in dashboards)  # noqa: E731
         phase = Phase(fleet, connections, count, pids, args.latency_seconds, 0.5, 1)
-        print(f"latency: {args.latency_rate:.0f} msg/s from {len(names)} devices for {args.latency_seconds:.0f} s, "
+        print(f"latency: {args.latency_rate:.0f} msg/s from {len(connections)} devices, {args.latency_seconds:.0f} s, "
               f"publish -> broker -> ingest replica -> (readings bus) -> dashboard -> nginx -> Socket.IO client, "
               f"{len(dashboards)} dashboards")
         for probe in probes:
@@ -434,10 +488,9 @@ async def latency_phase(args: argparse.Namespace, lab: BenchLab, redis_url: str,
         step = await phase.run(args.latency_rate)
         for probe in probes:
             probe.disarm()
-        keepalive.cancel()
         per_tab = [summary_ms(p.latencies) for p in probes]
         every = summary_ms([x for p in probes for x in p.latencies])
-        figures = {"rate": args.latency_rate, "devices": len(names), "seconds": args.latency_seconds,
+        figures = {"rate": args.latency_rate, "devices": len(connections), "seconds": args.latency_seconds,
                    "dashboards": len(dashboards), "published": step.published, "lost": step.lost, "cpu": step.cpu,
                    "browser_ms": every, "per_dashboard_ms": per_tab,
                    "errors": [e for d in dashboards for e in d.errors()]}
@@ -448,7 +501,6 @@ async def latency_phase(args: argparse.Namespace, lab: BenchLab, redis_url: str,
     finally:
         for watcher in watchers:
             watcher.close()
-        await fleet.close(offline=False)
         if nginx is not None:
             nginx.stop()
         for dashboard in dashboards:
@@ -471,38 +523,75 @@ def route_cookie(nginx: NginxServer, dashboard: DashboardProcess, dashboards: li
     raise RuntimeError(f"nginx never routed to {wanted}")
 
 
+async def fleet_phases(args: argparse.Namespace, lab: BenchLab, redis_url: str, broker_pid: int,
+                       c_rate: float | None) -> dict[str, Any]:
+    """The ingest ladders (the C subscriber, then 1 and 2 replicas) and the latency phase, on one device fleet."""
+    n_devices = max(args.devices, args.latency_devices)
+    names = [f"bench-{i:05d}" for i in range(n_devices)]
+    progress = Progress(n_devices, "device certificates")
+    identities = lab.issue_devices(names, progress=progress.update)
+    progress.close()
+    fleet = Fleet(identities, "localhost", lab.broker_port)
+    fleet.prepare()
+    await fleet.connect_all()
+    if fleet.failures:
+        example = next(iter(fleet.failures.items()))
+        raise RuntimeError(f"{len(fleet.failures)} devices could not connect, e.g. {example}")
+    await fleet.wait_acked()
+    keepalive = asyncio.ensure_future(fleet.keep_alive())
+    connections = [fleet.connections[name] for name in names]
+    figures: dict[str, Any] = {}
+    try:
+        consumers: list[tuple[str, Callable[[], Consumer]]] = [("c_subscriber", lambda: CSubscriber(lab))]
+        consumers += [(f"ingest_{r}", lambda r=r: IngestReplicas(lab, r, {"SOCKETIO_MESSAGE_QUEUE": redis_url}))
+                      for r in (int(v) for v in args.replicas.split(",") if v.strip())]
+        for key, make in consumers:
+            consumer = make()
+            try:
+                if isinstance(consumer, CSubscriber):
+                    consumer.ready(lab)
+                print(f"ladder: {args.devices} devices (QoS 1) -> {key}")
+                phase = Phase(fleet, connections[: args.devices], lambda c=consumer: c.count,
+                              {"broker": broker_pid, **consumer.pids, "bench": os.getpid()}, args.step_seconds,
+                              args.max_lag, 1)
+                best, steps = await ladder(phase, key, args.rates, args.start_rate, args.factor, args.refine,
+                                           args.max_rate)
+            finally:
+                consumer.close()
+            figures[key] = {"max_sustained_rate": best, "steps": [asdict(s) for s in steps]}
+            if c_rate:
+                figures[key]["ratio_to_c"] = round(best / c_rate, 3)
+        base = figures["c_subscriber"]["max_sustained_rate"]
+        for key in figures:
+            if key.startswith("ingest_") and base:
+                figures[key]["ratio_to_c_subscriber"] = round(figures[key]["max_sustained_rate"] / base, 3)
+        if not args.skip_latency:
+            figures["latency"] = await latency_phase(args, lab, redis_url, broker_pid, fleet,
+                                                     connections[: args.latency_devices])
+    finally:
+        keepalive.cancel()
+        await fleet.close(offline=False)
+    return figures
+
+
 def run(args: argparse.Namespace, lab: BenchLab) -> dict[str, Any]:
-    replica_counts = [int(v) for v in args.replicas.split(",") if v.strip()]
-    flood_names = [f"flood-{n}" for n in range(args.publishers)]
-    lab.issue_devices(flood_names)
+    lab.issue_devices([f"flood-{n}" for n in range(args.publishers)])
     lab.start_broker()
     assert lab.broker is not None and lab.broker.process is not None
     broker_pid = lab.broker.process.pid
     redis = RedisServer(lab.root / "redis", free_port()).start()
     figures: dict[str, Any] = {"publishers": args.publishers, "messages_per_publisher": args.messages,
-                               "publisher_qos": 0, "subscription_qos": 0}
+                               "devices": args.devices, "step_seconds": args.step_seconds, "max_lag_s": args.max_lag}
     try:
-        print(f"flood: {args.publishers} x mosquitto_pub --repeat {args.messages} (QoS 0, mTLS)")
+        print(f"C pipeline: {args.publishers} x mosquitto_pub --repeat {args.messages} (QoS 0, mTLS) -> mosquitto_sub")
         reference = CSubscriber(lab)
         try:
             reference.ready(lab)
             figures["c_pipeline"] = measure(lab, reference, args.publishers, args.messages, broker_pid)
         finally:
             reference.close()
-        print(f"  C pipeline (mosquitto_pub -> mosquitto_sub): {figures['c_pipeline']}")
-        for replicas in replica_counts:
-            consumer = IngestReplicas(lab, replicas, {"SOCKETIO_MESSAGE_QUEUE": redis.url})
-            try:
-                result = measure(lab, consumer, args.publishers, args.messages, broker_pid)
-            finally:
-                consumer.close()
-            base = figures["c_pipeline"].get("rate")
-            if result["rate"] and base:
-                result["ratio_to_c"] = round(result["rate"] / base, 3)
-            figures[f"ingest_{replicas}"] = result
-            print(f"  ingest x{replicas} (stock paho, stored + readings bus): {result}")
-        if not args.skip_latency:
-            figures["latency"] = asyncio.run(latency_phase(args, lab, redis.url, broker_pid))
+        print(f"  {figures['c_pipeline']}")
+        figures.update(asyncio.run(fleet_phases(args, lab, redis.url, broker_pid, figures["c_pipeline"]["rate"])))
     finally:
         redis.stop()
     ratios = {k: v.get("ratio_to_c") for k, v in figures.items() if k.startswith("ingest_")}
@@ -522,16 +611,15 @@ def report(figures: dict[str, Any], results_dir: Path, plots_dir: Path) -> None:
             {f"publish -> Socket.IO client via nginx ({figures['latency']['rate']:.0f} msg/s, "
              f"{figures['latency']['devices']} devices, {figures['latency']['dashboards']} dashboards)": latencies},
             "Telemetry: publish-to-browser latency", plots_dir / "telemetry-latency.png"))
-    series = {}
-    for key in ("c_pipeline", *(k for k in figures if k.startswith("ingest_"))):
-        if figures.get(key, {}).get("rate"):
-            series[key] = figures[key]["rate"]
     figures["plots"] = [str(p) for p in plots if p]
     write_results("telemetry", figures, results_dir)
     print()
-    for key, rate in series.items():
+    print(f"C pipeline (mosquitto_pub -> mosquitto_sub): {figures['c_pipeline'].get('rate')} msg/s, "
+          f"lost {figures['c_pipeline']['lost']}")
+    for key in (k for k in figures if k == "c_subscriber" or k.startswith("ingest_")):
         ratio = figures[key].get("ratio_to_c")
-        print(f"{key:<12} {rate:>9.0f} msg/s" + (f"  ratio to the C pipeline {ratio:.2f}" if ratio else ""))
+        print(f"{key:<13} {figures[key]['max_sustained_rate']:>9.0f} msg/s sustained, zero loss"
+              + (f"  ratio to the C pipeline {ratio:.2f}" if ratio is not None else ""))
     if "latency" in figures:
         lat = figures["latency"]["browser_ms"]
         print(f"publish-to-browser at {figures['latency']['rate']:.0f} msg/s through nginx: "

@@ -65,6 +65,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     # The client manager is given each time: Flask-SocketIO keeps init_app's options on the shared `socketio`,
     # so an app with a message queue would otherwise hand it on to every later app of the process.
     socketio.init_app(app, async_mode="threading", serializer=JsonPacket, client_manager=client_manager(settings))
+    app.extensions["socketio_server"] = socketio.server  # this app's (a test process makes many)
 
     bridge = MqttBridge(settings)
     app.extensions["mqtt_bridge"] = bridge
@@ -109,11 +110,14 @@ def shutdown(app: Flask) -> None:
             extensions[name].close()
     if "crl_refresh_stop" in extensions:
         extensions.pop("crl_refresh_stop").set()
-    for name in ("readings_bus", "ingest", "mqtt_bridge"):
+    for name in ("ingest", "mqtt_bridge", "readings_bus"):  # the bus last: it sends what the ingest took
         if extensions.get(name) is not None:
             extensions[name].stop()
     if "live_hub" in extensions:
         extensions["live_hub"].close()
+    # Engine.IO's ping task (started with the first tab). With a message queue, python-socketio's Redis listener
+    # thread has no public stop: it is a daemon thread and ends with the process.
+    extensions["socketio_server"].shutdown()
     extensions["ca_service"].close()
     extensions["users"].close()
     extensions["started"] = False

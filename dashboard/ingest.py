@@ -163,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as ex:
         print(f"error: {ex}", flush=True)
         return 2
+    if not settings.socketio_message_queue:
+        # Without Redis no dashboard would show its readings, and a dashboard's own ingest (a plain subscription
+        # then) would store every reading a second time.
+        print("error: SOCKETIO_MESSAGE_QUEUE is not set: an ingest replica of its own needs the Redis that the "
+              "dashboards share (README, Scaling)", flush=True)
+        return 2
     configure_logging()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -170,11 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     # The live hub without browsers: it parses each reading as the dashboard does, stores it in batches, and
     # publishes it on the readings bus for the dashboards to show.
     hub = LiveHub(settings, lambda *_: None, store=ReadingStore(settings.effective_database_url))
-    if settings.socketio_message_queue:
-        hub.bus = ReadingsBus(settings.socketio_message_queue)
-        hub.bus.start()
-    else:
-        log.warning("SOCKETIO_MESSAGE_QUEUE is not set: readings are stored, but no dashboard shows them live")
+    hub.bus = ReadingsBus(settings.socketio_message_queue)
+    hub.bus.start()
     ingest = TelemetryIngest(settings, hub.on_temperature, shared=True)
     ingest.start()
     hub.start(_thread)
@@ -188,9 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"received {ingest.received} stored {hub.stored_total}", flush=True)
     finally:
         ingest.stop()
+        hub.bus.stop()  # sends what the ingest took
         hub.close()  # the last flush stores what is pending
-        if hub.bus is not None:
-            hub.bus.stop()
     return 0
 
 

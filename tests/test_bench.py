@@ -92,18 +92,19 @@ def test_telemetry_bench_help(script: str) -> None:
 
 
 def test_telemetry_bench_measures_the_c_pipeline_the_ingest_replicas_and_latency(tmp_path: Path) -> None:
-    tiny = ["--publishers", "2", "--messages", "500", "--latency-devices", "4", "--latency-rate", "40",
-            "--latency-seconds", "1.5", "--quiet-timeout", "0"]
+    tiny = ["--publishers", "2", "--messages", "500", "--devices", "4", "--rates", "100", "--step-seconds", "1",
+            "--latency-devices", "4", "--latency-rate", "40", "--latency-seconds", "1.5", "--quiet-timeout", "0"]
     stdout, results = run_bench("telemetry.py", "telemetry", tmp_path, *tiny)
     figures = results["figures"]
-    assert {"c_pipeline", "ingest_1", "ingest_2", "latency", "targets"} <= set(figures)
-    for phase in ("c_pipeline", "ingest_1", "ingest_2"):
-        # Every reading the publishers sent reached the consumer (mosquitto_sub; the replicas stored each).
-        result = figures[phase]
-        assert result["published"] == result["received"] == 1000 and result["lost"] == 0, (phase, result)
-        assert result["rate"] > 0 and "broker_cpu_pct" in result["cpu"], (phase, result)
-    assert figures["ingest_1"]["ratio_to_c"] > 0 and figures["ingest_2"]["ratio_to_c"] > 0
-    assert {"ingest1_cpu_pct", "ingest2_cpu_pct"} <= set(figures["ingest_2"]["cpu"])
+    assert {"c_pipeline", "c_subscriber", "ingest_1", "ingest_2", "latency", "targets"} <= set(figures)
+    flood = figures["c_pipeline"]  # every reading the mosquitto_pub processes sent reached mosquitto_sub
+    assert flood["published"] == flood["received"] == 1000 and flood["lost"] == 0 and flood["rate"] > 0, flood
+    for phase in ("c_subscriber", "ingest_1", "ingest_2"):
+        (step,) = figures[phase]["steps"]
+        # Every acknowledged message reached the consumer (mosquitto_sub; the replicas stored each one).
+        assert step["published"] == step["ingested"] > 0 and step["lost"] == 0, (phase, step)
+        assert "broker_cpu_pct" in step["cpu"] and figures[phase]["ratio_to_c"] > 0, phase
+    assert {"ingest1_cpu_pct", "ingest2_cpu_pct"} <= set(figures["ingest_2"]["steps"][0]["cpu"])
     latency = figures["latency"]
     assert latency["dashboards"] == 2 and latency["lost"] == 0 and latency["published"] > 0
     assert latency["browser_ms"]["count"] > 0 and "p99_ms" in latency["browser_ms"]
