@@ -405,18 +405,18 @@ class Phase:
 
 
 async def ladder(phase: Phase, label: str, rates: list[float] | None, start: float, factor: float, refine: int,
-                 max_rate: float) -> tuple[float, list[Step]]:
+                 max_rate: float, quiet_timeout: float = 120) -> tuple[float, list[Step]]:
     """Step through `rates`, or grow from `start` until a step fails and bisect; returns (max sustained, steps)."""
     steps: list[Step] = []
 
     async def run(rate: float) -> Step:
         step = await phase.run(rate)
         for _ in range(1):  # a step that failed while something else loaded the machine is measured again
-            if step.ok or step.cpu.get("other_cpu_pct", 0) < FOREIGN_LOAD_PCT:
+            if step.ok or step.cpu.get("other_cpu_pct", 0) < FOREIGN_LOAD_PCT or quiet_timeout <= 0:
                 break
             print(f"  {label:<9} {rate:>8.0f} msg/s  failed while other processes used "
                   f"{step.cpu['other_cpu_pct']:.0f}% CPU: again once the machine is quiet", flush=True)
-            await asyncio.to_thread(wait_until_quiet)
+            await asyncio.to_thread(wait_until_quiet, timeout=quiet_timeout)
             step = await phase.run(rate)
         steps.append(step)
         mark = "ok" if step.ok else f"FAIL ({step.why})"
@@ -555,7 +555,7 @@ async def fleet_phases(args: argparse.Namespace, lab: BenchLab, redis_url: str, 
                               {"broker": broker_pid, **consumer.pids, "bench": os.getpid()}, args.step_seconds,
                               args.max_lag, 1)
                 best, steps = await ladder(phase, key, args.rates, args.start_rate, args.factor, args.refine,
-                                           args.max_rate)
+                                           args.max_rate, args.quiet_timeout)
             finally:
                 consumer.close()
             figures[key] = {"max_sustained_rate": best, "steps": [asdict(s) for s in steps]}
