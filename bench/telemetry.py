@@ -49,7 +49,7 @@ from bench.common import (
 from bench.rig import BenchLab, DashboardProcess, MachineMeter, SocketIOWatcher, wait_until_quiet
 from bench.simdevices import DeviceConnection, Fleet, publish_at_rate
 from lab.mqtt import Identity
-from lab.scale import NginxServer, RedisServer
+from lab.scale import NginxServer, RedisServer, stop_process
 from tests.support import free_port
 
 TARGET_RATIO = 0.3  # ingest / the C pipeline
@@ -146,13 +146,7 @@ class Consumer:
 
     def close(self) -> None:
         for process in self.processes:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            stop_process(process, timeout=15)
 
 
 class CSubscriber(Consumer):

@@ -9,7 +9,7 @@ one point per device per second (the mean of that second's readings).
 
 A new tab gets `snapshot()` on connect (see events.py), then the deltas.
 
-Readings come from the telemetry ingest's own connection (dashboard/ingest.py), presence and the CA's traffic
+Readings and presence come from the telemetry ingest's own connection (dashboard/ingest.py), the CA's traffic
 from the dashboard's (dashboard/mqtt_bridge.py). `on_temperature` is the ingest's per-message cost, measured by
 bench/telemetry.py (docs/benchmarks.md): a log line is only turned into a dict if it is ever shown, and the
 emitter runs on a fixed 100 ms clock so a reading waits at most one period for its push.

@@ -44,6 +44,18 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes], what: str, log:
     raise RuntimeError(f"{what} is not listening on 127.0.0.1:{port} after {timeout} s")
 
 
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL after `timeout` seconds; reaped either way."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class LocalServer:
     """A child process that listens on 127.0.0.1:`port`; `stop` ends it (SIGTERM, then SIGKILL)."""
 
@@ -67,14 +79,8 @@ class LocalServer:
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process is not None:
+            stop_process(process)
 
 
 class RedisServer(LocalServer):

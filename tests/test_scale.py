@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 
 from dashboard import create_app, shutdown, start
 from dashboard.readings import ReadingStore
@@ -29,7 +29,7 @@ from pki.lab import LabCertificates
 
 from .conftest import PROJECT_ROOT, LabEnv, make_lab_env
 from .support import Broker, Collector, established_to, free_port, wait_for
-from .test_browser import CHROMIUM, CHROMIUM_ARGS, DashboardProcess, card
+from .test_browser import DashboardProcess, browser, card  # noqa: F401 - the browser fixture
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
@@ -105,19 +105,9 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
         scaled.close()
 
 
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
-def tab_on(browser: Browser, replicas: Replicas, ingest: str) -> Page:
+def tab_on(chromium: Browser, replicas: Replicas, ingest: str) -> Page:
     """A logged-in tab that nginx sends to the dashboard whose ingest is `ingest` (its route cookie)."""
-    context = browser.new_context()
+    context = chromium.new_context()
     context.add_cookies([{"name": "iotlab_route", "value": replicas.routes[ingest], "url": replicas.nginx.url}])
     page = context.new_page()
     page.goto(replicas.nginx.url + "/login")
@@ -135,8 +125,8 @@ def shown(page: Page) -> str:
 
 
 def test_a_tab_on_each_dashboard_shows_every_new_reading_within_a_second(replicas: Replicas,
-                                                                        chromium: Browser) -> None:
-    tabs = [tab_on(chromium, replicas, "ingest-1"), tab_on(chromium, replicas, "ingest-2")]
+                                                                        browser: Browser) -> None:  # noqa: F811
+    tabs = [tab_on(browser, replicas, "ingest-1"), tab_on(browser, replicas, "ingest-2")]
     wait_for(lambda: all(card(tab, "device001").count() == 1 for tab in tabs), timeout=10,
              what="both tabs' snapshot (Socket.IO connected)")
     seqs = []
