@@ -289,7 +289,10 @@ class LiveHub:
 
     def attach(self, bridge: MqttBridge) -> None:
         """Log the CA's traffic through the dashboard's connection, and follow its state."""
-        bridge.subscribe(CA_FILTER, self.on_ca_message, qos=1)
+        # QoS 0, as the CA endpoint's own subscriptions (dashboard/ca_mqtt.py): the dashboard's session is persistent,
+        # and the broker saves a persistent session's in-flight QoS 1 messages to its persistence file, so the
+        # log's copy of a request (passphrase and all) would land on disk (tests/test_secrets.py's fuzz found one).
+        bridge.subscribe(CA_FILTER, self.on_ca_message, qos=0)
         bridge.on_state_change.append(self.on_broker_state)
 
     def load_history(self, now: float | None = None) -> int:
