@@ -65,7 +65,7 @@ IDLE_STATS_INTERVAL = 2.0  # an idle dashboard still gets its message rate refre
 PAYLOAD_PREVIEW = 400  # characters of payload kept per log line
 TREND_WINDOW = 60  # seconds: the trend compares the newest reading with the mean of this window's start
 TREND_THRESHOLD = 0.1  # °C
-MAX_DEVICES = 10_000  # new device ids beyond this are logged but not tracked (memory bound: ~1 KiB each)
+MAX_DEVICES = 20_000  # new device ids beyond this are logged but not tracked (memory bound: ~1 KiB each)
 HISTORY_DEVICES = 1000  # devices with a chart history (up to HISTORY_SECONDS points each); the rest show cards
 PENDING_READINGS_LIMIT = 100_000  # unsaved readings kept if the database falls behind
 
