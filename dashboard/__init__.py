@@ -1,8 +1,11 @@
 """The dashboard: live readings, the MQTT log, certificate status, and the CA's HTTP API (forwarded to `python -m ca`).
 
-`create_app(test_config=None)` builds a fresh app (one per test); `socketio` is shared at package level
-(Flask-SocketIO's threading mode with simple-websocket). The MQTT connection is started only when
-MQTT_ENABLED is true (the default outside tests), once per process, never under a reloader.
+`create_app(test_config=None)` builds a fresh app (one per test) and only wires it: it starts no thread and
+opens no connection, so `flask --app dashboard routes` (or any import) never touches the broker. The serving
+entry points (`python -m dashboard`, gunicorn's worker hook in dashboard/gunicorn_conf.py) call `start(app)`:
+the MQTT connections (when MQTT_ENABLED, the default outside tests), the live emitter, the CRL timer;
+`shutdown(app)` stops every one of them. `socketio` is shared at package level (Flask-SocketIO's threading
+mode with simple-websocket), with SOCKETIO_MESSAGE_QUEUE (Redis) as its message queue when set.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 import secrets
 from typing import Any
 
+import socketio as socketio_server
 from flask import Flask
 from flask.logging import default_handler
 from flask_socketio import SocketIO
@@ -59,7 +63,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     register_error_handlers(app)
     # cors_allowed_origins left at None: same-origin only, so no other web page can read the live stream.
-    socketio.init_app(app, async_mode="threading", serializer=JsonPacket)
+    # The client manager is given each time: Flask-SocketIO keeps init_app's options on the shared `socketio`,
+    # so an app with a message queue would otherwise hand it on to every later app of the process.
+    socketio.init_app(app, async_mode="threading", serializer=JsonPacket, client_manager=client_manager(settings))
+    app.extensions["socketio_server"] = socketio.server  # this app's (a test process makes many)
 
     # This app's own Prometheus registry (GET /metrics, dashboard/health.py), never the process-global one.
     app.extensions["metrics_registry"] = new_registry()
@@ -73,9 +80,47 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     for feature in (auth, ca_http, live, events, views, health, docs):
         feature.init_app(app)
 
-    if app.config["MQTT_ENABLED"]:
-        bridge.start()
     return app
+
+
+def start(app: Flask) -> Flask:
+    """Start the services of a serving process (once); `shutdown(app)` stops them."""
+    if app.extensions.get("started"):
+        return app
+    app.extensions["started"] = True
+    mqtt_enabled = app.config["MQTT_ENABLED"]
+    if mqtt_enabled:
+        if settings_of(app).dashboard_mqtt:
+            app.extensions["mqtt_bridge"].start()
+        if app.extensions.get("ingest") is not None:
+            app.extensions["ingest"].start()
+    from .live import start_live
+
+    start_live(app, emitter=app.config.get("LIVE_EMITTER", mqtt_enabled))
+    return app
+
+
+def shutdown(app: Flask) -> None:
+    """Stop everything `start` (and `python -m dashboard`) started, and release the app's resources."""
+    extensions = app.extensions
+    for name in ("ingest", "mqtt_bridge", "readings_bus"):  # the bus last: it sends what the ingest took
+        if extensions.get(name) is not None:
+            extensions[name].stop()
+    if "live_hub" in extensions:
+        extensions["live_hub"].close()
+    # Engine.IO's ping task (started with the first tab). With a message queue, python-socketio's Redis listener
+    # thread has no public stop: it is a daemon thread and ends with the process.
+    extensions["socketio_server"].shutdown()
+    extensions["users"].close()
+    extensions["started"] = False
+
+
+def client_manager(settings: Settings) -> socketio_server.Manager:
+    """Flask-SocketIO's message queue when SOCKETIO_MESSAGE_QUEUE is set (dashboard replicas: a Socket.IO
+    event for a tab connected to another process, or to every tab, is relayed through Redis); else in-process."""
+    if settings.socketio_message_queue:
+        return socketio_server.RedisManager(settings.socketio_message_queue, channel="flask-socketio")
+    return socketio_server.Manager()
 
 
 def configure_logging() -> None:

@@ -1,8 +1,13 @@
-"""`python -m dashboard`: serve the dashboard natively (Werkzeug via socketio.run, no reloader)."""
+"""`python -m dashboard`: serve the dashboard natively (Werkzeug via socketio.run, no reloader).
+
+The serving entry point: it starts the app's services (`dashboard.start`: MQTT connections, emitter, timers) and
+the EST/ACME server, and `dashboard.shutdown` stops all of them when the server returns (Ctrl-C, SIGTERM).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
 from typing import Any
 
@@ -10,7 +15,7 @@ from werkzeug.serving import WSGIRequestHandler
 
 from pki.config import ConfigError, Settings
 
-from . import create_app, socketio
+from . import create_app, shutdown, socketio, start
 from .auth import check_exposure, https_context
 
 
@@ -38,16 +43,30 @@ def main() -> int:
     except ConfigError as ex:
         print(f"error: {ex}", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, _stop_serving)
+    start(app)
     if https is not None:
         https.start()  # follows the dashboard certificate when the generator renews it
     scheme = "https" if https else "http"
     print(f"Dashboard on {scheme}://{settings.dashboard_host}:{settings.dashboard_port}/", flush=True)
     # The reloader would start a second MQTT client that kicks the first off: never use it.
-    socketio.run(app, host=settings.dashboard_host, port=settings.dashboard_port, debug=False,
-                 use_reloader=False, allow_unsafe_werkzeug=True, log_output=False,
-                 request_handler=RequestHandler,
-                 ssl_context=https.context if https else None)
+    try:
+        socketio.run(app, host=settings.dashboard_host, port=settings.dashboard_port, debug=False,
+                     use_reloader=False, allow_unsafe_werkzeug=True, log_output=False,
+                     request_handler=RequestHandler,
+                     ssl_context=https.context if https else None)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if https is not None:
+            https.stop()
+        shutdown(app)
     return 0
+
+
+def _stop_serving(_signum: int, _frame: Any) -> None:
+    """SIGTERM ends the server like Ctrl-C does, so `shutdown` runs (the ingest's session is closed cleanly)."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

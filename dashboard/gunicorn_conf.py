@@ -4,6 +4,9 @@ HTTPS with the lab's dashboard certificate when DASHBOARD_TLS=1, which beyond lo
 0.0.0.0) is mandatory: the same check as `python -m dashboard`, before any worker starts. gunicorn's threaded
 worker builds the TLS context from certfile/keyfile for each connection (gunicorn/sock.py `ssl_wrap_socket`), so
 a dashboard certificate the generator renews is served from the next connection on.
+
+`dashboard:create_app()` only wires the app; the worker starts its services once it is loaded
+(`post_worker_init`) and stops them when it exits (`worker_exit`), as `python -m dashboard` does.
 """
 
 from __future__ import annotations
@@ -28,3 +31,16 @@ if _settings.dashboard_tls:
 def ssl_context(config: Any, default_ssl_context_factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
     """gunicorn's server hook: its context, with the lab's TLS policy (TLS 1.2 at least, pki/tls.py)."""
     return apply_server_policy(default_ssl_context_factory())
+
+
+def post_worker_init(worker: Any) -> None:
+    from dashboard import start
+
+    start(worker.wsgi)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    from dashboard import shutdown
+
+    if getattr(worker, "wsgi", None) is not None:
+        shutdown(worker.wsgi)

@@ -34,6 +34,14 @@ class MqttState(BaseModel):
     enabled: bool = Field(description="Whether this process runs an MQTT connection at all.")
 
 
+class IngestState(BaseModel):
+    connected: bool
+    identity: str = Field(description="The ingest's broker identity, ingest-<n>.")
+    filter: str = Field(description="The telemetry subscription ($share/ingest/... with replicas).")
+    received: int
+    last_error: str | None
+
+
 class DatabaseState(BaseModel):
     ok: bool
     error: str | None
@@ -53,6 +61,7 @@ class Health(BaseModel):
     status: Literal["ok", "degraded"]
     reasons: list[str] = Field(description="Why it is degraded, one line each; empty when ok.")
     mqtt: MqttState
+    ingest: IngestState | None = Field(description="The telemetry ingest this process runs (none: not started).")
     db: DatabaseState
     crl: CrlState
 
@@ -62,17 +71,23 @@ def health_report(app: Flask) -> dict[str, Any]:
     bridge: MqttBridge = app.extensions["mqtt_bridge"]
     hub: LiveHub = app.extensions["live_hub"]
     mqtt = {**bridge.status(), "enabled": bridge.started}
+    ingest = app.extensions.get("ingest")
+    ingest_running = ingest is not None and ingest.client is not None
+    ingest_state = ingest.status() if ingest_running else None
     db = hub.health()
     crl = hub.certificates.crl()
     reasons = []
     if bridge.started and not mqtt["connected"]:
         reasons.append(f"mqtt: not connected to {mqtt['broker']}" + (f" ({mqtt['last_error']})"
                                                                      if mqtt["last_error"] else ""))
+    if ingest_state is not None and not ingest_state["connected"]:
+        reasons.append(f"ingest: {ingest_state['identity']} not connected" + (
+            f" ({ingest_state['last_error']})" if ingest_state["last_error"] else ""))
     if not db["ok"]:
         reasons.append(f"database: {db['error']}")
     if crl.get("status") in CRL_DEGRADED:
         reasons.append(f"crl: {crl['status']}: {crl.get('detail') or crl.get('error')}")
-    return Health(status="degraded" if reasons else "ok", reasons=reasons, mqtt=mqtt, db=db,
+    return Health(status="degraded" if reasons else "ok", reasons=reasons, mqtt=mqtt, ingest=ingest_state, db=db,
                   crl={key: crl.get(key) for key in ("status", "detail", "next_update", "days_left")}
                   ).model_dump(mode="json")
 

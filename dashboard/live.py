@@ -9,9 +9,10 @@ one point per device per second (the mean of that second's readings).
 
 A new tab gets `snapshot()` on connect (see events.py), then the deltas.
 
-The handlers are the dashboard's ingest path, measured by bench/telemetry.py (docs/benchmarks.md): telemetry
-is subscribed at QoS 0 (TEMPERATURE_QOS), a log line is only turned into a dict if it is ever shown, and
-the emitter runs on a fixed 100 ms clock so a reading waits at most one period for its push.
+Readings and presence come from the telemetry ingest's own connection (dashboard/ingest.py), the CA's traffic
+from the dashboard's (dashboard/mqtt_bridge.py). `on_temperature` is the ingest's per-message cost, measured by
+bench/telemetry.py (docs/benchmarks.md): a log line is only turned into a dict if it is ever shown, and the
+emitter runs on a fixed 100 ms clock so a reading waits at most one period for its push.
 """
 
 from __future__ import annotations
@@ -32,21 +33,14 @@ from flask import Flask
 
 from pki.config import DEVICE_ID_RE, Settings
 
+from .bus import ReadingsBus, Received
 from .certificates import CertificateView
+from .ingest import TelemetryIngest
 from .mqtt_bridge import MqttBridge
 from .readings import ReadingIn, ReadingStore
 
 log = logging.getLogger(__name__)
 
-TEMPERATURE_FILTER = "iot/thermometer/+/temperature"
-# The dashboard's own subscription QoS for telemetry (devices still publish at QoS 1, so the broker has each
-# reading). QoS 1 would cost a PUBACK per message and, with Mosquitto's window of 20 unacknowledged messages,
-# caps ingest at what one round trip per 20 readings allows (bench: 2,600 msg/s). Readings that arrive while
-# the dashboard is away are still kept: its session is persistent and the broker queues QoS 0 for it
-# (mqtt_bridge.SESSION_EXPIRY, `queue_qos0_messages`), up to max_queued_messages.
-TEMPERATURE_QOS = 0
-STATUS_FILTER = "iot/thermometer/+/status"
-CA_FILTER = "ssl/#"
 CA_REQUEST_TOPICS = ("ssl/sign", "ssl/create")
 CA_RENEW_PREFIX = "ssl/renew/"
 
@@ -70,7 +64,7 @@ IDLE_STATS_INTERVAL = 2.0  # an idle dashboard still gets its message rate refre
 PAYLOAD_PREVIEW = 400  # characters of payload kept per log line
 TREND_WINDOW = 60  # seconds: the trend compares the newest reading with the mean of this window's start
 TREND_THRESHOLD = 0.1  # °C
-MAX_DEVICES = 10_000  # new device ids beyond this are logged but not tracked (memory bound: ~1 KiB each)
+MAX_DEVICES = 20_000  # new device ids beyond this are logged but not tracked (memory bound: ~1 KiB each)
 HISTORY_DEVICES = 1000  # devices with a chart history (up to HISTORY_SECONDS points each); the rest show cards
 PENDING_READINGS_LIMIT = 100_000  # unsaved readings kept if the database falls behind
 
@@ -271,10 +265,13 @@ class LiveHub:
         self._pending_log: deque[LogLine] = deque(maxlen=LOG_BATCH_LIMIT)
         self._skipped_log = 0
         self._pending_readings: deque[ReadingIn] = deque(maxlen=PENDING_READINGS_LIMIT)
+        # With dashboard replicas: what this process's ingest received goes to the other processes (dashboard/bus.py).
+        self.bus: ReadingsBus | None = None
         self._broker_changed = False
         # Counters for the header and /healthz.
         self.messages_total = 0
         self.readings_total = 0
+        self.stored_total = 0  # readings this process wrote to the database
         self.rejected_total = 0
         self.emits_total = 0
         self._rate_samples: deque[tuple[float, int]] = deque(maxlen=64)
@@ -290,10 +287,9 @@ class LiveHub:
     # -- wiring ----------------------------------------------------------------------------------
 
     def attach(self, bridge: MqttBridge) -> None:
-        """Subscribe through the app's single MQTT connection and follow its state."""
-        bridge.subscribe(TEMPERATURE_FILTER, self.on_temperature, qos=TEMPERATURE_QOS)
-        bridge.subscribe(STATUS_FILTER, self.on_status, qos=1)
-        bridge.subscribe(CA_FILTER, self.on_ca_message, qos=1)
+        """Follow the dashboard connection's state. It reads nothing under ssl/ (the ACL: requests carry passphrases,
+        `create` replies private keys; the CA service answers there with its own identities), so the CA's traffic
+        is not in the MQTT log; `on_ca_message` is the redaction any such message would get."""
         bridge.on_state_change.append(self.on_broker_state)
 
     def load_history(self, now: float | None = None) -> int:
@@ -326,8 +322,11 @@ class LiveHub:
 
     # -- MQTT handlers (paho's network thread: quick, no I/O) --------------------------------------
 
-    def on_temperature(self, message: mqtt.MQTTMessage) -> None:
-        now = time.time()
+    def on_temperature(self, message: mqtt.MQTTMessage, received_at: float | None = None,
+                       from_peer: bool = False) -> None:
+        """A reading from this process's ingest (stored on the next flush, and published on the readings bus when
+        there is one), or `from_peer`: one another process's ingest received and stored (dashboard/bus.py)."""
+        now = time.time() if received_at is None else received_at
         topic = message.topic  # a property that decodes the bytes on every access
         device_id = device_of(topic)
         note = None
@@ -342,6 +341,8 @@ class LiveHub:
                 note = f"rejected: {ex}"
         with self._lock:
             self._log_locked(message, now, note, topic)
+            if self.bus is not None and not from_peer:
+                self.bus.offer(topic, now, message.payload)
             if reading is None:
                 self.rejected_total += 1
                 return
@@ -357,8 +358,16 @@ class LiveHub:
                 device.status, device.status_since = "online", now
             self._add_point(reading.device_id, now, reading.temperature)
             self._dirty_devices.add(device.device_id)  # its trend is computed once per push, in drain()
-            self._pending_readings.append(reading)
+            if not from_peer:
+                self._pending_readings.append(reading)
             self.readings_total += 1
+
+    def apply_peer(self, received: list[Received]) -> None:
+        """Readings another process's ingest received (the readings bus's thread): shown here, stored there."""
+        for topic, when, payload in received:
+            message = mqtt.MQTTMessage(topic=topic.encode())
+            message.payload = payload
+            self.on_temperature(message, received_at=when, from_peer=True)
 
     def on_status(self, message: mqtt.MQTTMessage) -> None:
         now = time.time()
@@ -608,6 +617,7 @@ class LiveHub:
         if readings and self.store is not None:
             try:
                 self.store.add_many(readings)
+                self.stored_total += len(readings)
                 self.db_error = None
             except Exception as ex:
                 self.db_error = f"{type(ex).__name__}: {ex}"
@@ -695,7 +705,7 @@ class LiveHub:
 
 
 def init_app(app: Flask) -> None:
-    """Create the hub, subscribe it, reload the last hour; start the emitter when MQTT runs."""
+    """Create the hub and its ingest connection (not started: `dashboard.start`), reload the last hour."""
     from . import socketio
 
     settings: Settings = app.extensions["lab_settings"]
@@ -703,12 +713,38 @@ def init_app(app: Flask) -> None:
     server = socketio.server  # this app's Socket.IO server (a test may create several apps)
 
     def emit(event: str, data: dict[str, Any]) -> None:
-        server.emit(event, data, namespace="/")
+        # To this process's tabs only, even with a message queue: every process's hub holds the whole live state
+        # (its own ingest's readings and, over the readings bus, the others'), so each pushes to its own tabs.
+        server.emit(event, data, namespace="/", ignore_queue=True)
+
+    def broker_status() -> dict[str, Any]:
+        """The page's broker pill: the dashboard's connection, or the ingest's in a replica without one."""
+        ingest = app.extensions.get("ingest")
+        if settings.dashboard_mqtt or ingest is None:
+            return bridge.status()
+        return {**bridge.status(), "connected": ingest.connected.is_set(), "last_error": ingest.last_error}
 
     store = ReadingStore(settings.effective_database_url)
-    hub = LiveHub(settings, emit, store=store, bridge_status=bridge.status)
+    hub = LiveHub(settings, emit, store=store, bridge_status=broker_status)
     hub.load_history()
     hub.attach(bridge)
     app.extensions["live_hub"] = hub
-    if app.config.get("LIVE_EMITTER", app.config["MQTT_ENABLED"]):
+    # The ingest replica inside this process (INGEST_EMBEDDED, the default); replicas share the readings with a
+    # shared subscription once dashboards share a Redis (SOCKETIO_MESSAGE_QUEUE).
+    shared = bool(settings.socketio_message_queue)
+    if shared:  # replicas: what this process ingests goes to the others, and theirs comes here
+        hub.bus = app.extensions["readings_bus"] = ReadingsBus(settings.socketio_message_queue)
+    app.extensions["ingest"] = (TelemetryIngest(settings, hub.on_temperature, shared=shared, presence=hub.on_status)
+                                if settings.ingest_embedded else None)
+
+
+def start_live(app: Flask, emitter: bool) -> None:
+    """Part of `dashboard.start`: the emitter thread (batched pushes, database writes)."""
+    from . import socketio
+
+    hub: LiveHub = app.extensions["live_hub"]
+    if hub.bus is not None:
+        hub.bus.start()
+        hub.bus.listen(hub.apply_peer)
+    if emitter:
         hub.start(socketio.start_background_task)

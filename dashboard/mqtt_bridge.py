@@ -1,16 +1,12 @@
-"""The dashboard's single MQTT connection (dashboard certificate, MQTT v5, a persistent session), shared by
-every feature.
+"""The dashboard's MQTT connection (dashboard certificate, MQTT v5, a persistent session), shared by every
+feature but the telemetry ingest (dashboard/ingest.py has a connection and identity of its own).
 
 Features register handlers for topic filters; subscriptions are (re)made in on_connect so a reconnect
 restores them. Handlers run on paho's network thread: they must be quick (hand heavy work to a pool) and
-exceptions are caught and logged so they never stop the network loop.
+exceptions are caught and logged so they never stop the network loop. Stock paho, public API only.
 
 Only one connection per certificate can exist (the broker forces client id = CN), so everything that
 speaks MQTT as `dashboard` goes through this object.
-
-Under a telemetry flood this connection is the dashboard's ingest path, so its per-message cost matters
-(docs/benchmarks.md): paho reads the socket in large chunks here (ChunkedReadClient), and the dispatch
-reads an immutable snapshot of the subscriptions instead of copying a list under a lock per message.
 """
 
 from __future__ import annotations
@@ -67,194 +63,9 @@ class Subscription:
         return self.topic_filter
 
 
-SUBSCRIPTION_IDENTIFIER = 11  # MQTT v5 property id
 # The dashboard's session outlives its connection by this long (MQTT v5 Session Expiry Interval, seconds): while
-# it is away (a broker restart, its own restart) the broker keeps its subscriptions and queues what matches them
-# (QoS 0 too: `queue_qos0_messages` in mosquitto.conf), so readings that devices flush before the dashboard is
-# back are delivered when it is. Persisted by the broker (autosave_interval), so a kill -9 of the broker keeps it.
+# it is away the broker keeps its subscriptions (presence, the CA's topics) and queues what matches them.
 SESSION_EXPIRY = 3600
-PUBLISH_QOS0 = 0x30  # first byte of a PUBLISH with QoS 0, once the DUP and RETAIN bits are masked out (0xF6)
-
-
-class PublishProperties(Properties):
-    """paho's Properties of a received PUBLISH, without the lookup tables paho rebuilds for every instance.
-
-    paho builds three tables (27 property names) in every Properties() (~10 µs) and walks them again to decode
-    each property; at 10,000 messages/s that alone is a tenth of a core. The tables are only read, so here they
-    are built once and shared; every Properties method (getattr, json(), str()) works as before.
-    """
-
-    _tables = Properties(PacketTypes.PUBLISH)
-    types, names, properties = _tables.types, _tables.names, _tables.properties
-
-    def __init__(self, subscription_identifiers: list[int]) -> None:
-        object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
-        if subscription_identifiers:
-            object.__setattr__(self, "SubscriptionIdentifier", subscription_identifiers)
-
-
-def _varint(data: bytes, pos: int) -> tuple[int, int] | None:
-    """(value, position after it) of an MQTT variable byte integer, or None when truncated or too long."""
-    value = shift = 0
-    for index in range(pos, min(pos + 4, len(data))):
-        byte = data[index]
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, index + 1
-        shift += 7
-    return None
-
-
-def decode_plain_publish(packet: bytes) -> tuple[bytes, list[int], bytes] | None:
-    """(topic, subscription identifiers, payload) of the body of a QoS 0 MQTT v5 PUBLISH whose only properties
-    are subscription identifiers (the telemetry the broker forwards); None for anything else, which paho's own
-    decoder then handles (and rejects when malformed)."""
-    if len(packet) < 3:
-        return None
-    end_of_topic = 2 + ((packet[0] << 8) | packet[1])
-    if end_of_topic == 2 or end_of_topic >= len(packet):  # an empty topic means a topic alias: paho's job
-        return None
-    decoded = _varint(packet, end_of_topic)
-    if decoded is None:
-        return None
-    length, pos = decoded
-    end = pos + length
-    if end > len(packet):
-        return None
-    identifiers = []
-    while pos < end:
-        if packet[pos] != SUBSCRIPTION_IDENTIFIER:
-            return None
-        decoded = _varint(packet, pos + 1)
-        if decoded is None or decoded[1] > end or decoded[0] == 0:
-            return None
-        identifiers.append(decoded[0])
-        pos = decoded[1]
-    return packet[2:end_of_topic], identifiers, packet[end:]
-
-
-class ChunkedReadClient(mqtt.Client):
-    """paho's Client with a cheaper receive path for a flood of small QoS 0 messages (py-spy: docs/benchmarks.md).
-
-    - paho 2.2 reads every packet with one recv() for the type, one per length byte and one for the rest, and
-      goes back to select() after each packet; over TLS each recv() is an SSL_read. Here `_sock_recv` serves
-      those small reads from one READ_SIZE read, and `loop_read` goes on handling packets while that chunk
-      holds any, so paho is back in select() only with an empty chunk: nothing buffered here ever waits for the
-      socket to become readable again.
-    - paho decodes an MQTT v5 PUBLISH in ~30 µs, mostly building Properties; a QoS 0 PUBLISH that carries only
-      subscription identifiers is decoded here in ~2 µs into the same MQTTMessage (PublishProperties). When
-      paho is between two packets, such PUBLISHes lying whole in the chunk are taken from it directly,
-      without paho's per-packet read state machine (half of what was left of paho's time). QoS 1 and 2
-      (acknowledgements, duplicates), every other packet and every other property stay with paho.
-    - Every message goes straight to `on_message`: the bridge routes by subscription identifier itself, so
-      paho's per-topic callbacks (`message_callback_add`) are not offered, and their topic-tree walk per
-      message (~7% of the network thread) is skipped.
-    """
-
-    READ_SIZE = 64 * 1024
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._chunk = b""
-        self._chunk_pos = 0
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        if self._chunk_pos >= len(self._chunk):
-            self._chunk = self._read_chunk()  # BlockingIOError when nothing is there
-            self._chunk_pos = 0
-            if not self._chunk:
-                return b""  # the connection closed: paho handles an empty read
-        start = self._chunk_pos
-        self._chunk_pos = min(start + bufsize, len(self._chunk))
-        return self._chunk[start:self._chunk_pos]
-
-    def _read_chunk(self) -> bytes:
-        """What the socket has now, up to READ_SIZE. One TLS read returns one TLS record, and Mosquitto sends each
-        packet in a record of its own: so read until the socket has no more (or the chunk is full)."""
-        parts: list[bytes] = []
-        size = 0
-        while size < self.READ_SIZE:
-            try:
-                data = super()._sock_recv(self.READ_SIZE - size)
-            except BlockingIOError:
-                if parts:
-                    break
-                raise
-            if not data:  # closed: hand over what came before; the next read returns b"" again
-                break
-            parts.append(data)
-            size += len(data)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
-        rc = super().loop_read(max_packets)
-        while rc == mqtt.MQTT_ERR_SUCCESS and self._chunk_pos < len(self._chunk) and self._sock is not None:
-            if self._in_packet["command"] == 0 and self._protocol == mqtt.MQTTv5:  # paho is between packets
-                self._take_plain_publishes()
-                if self._chunk_pos >= len(self._chunk):
-                    break
-            rc = super().loop_read(max_packets)
-        return rc
-
-    def _take_plain_publishes(self) -> None:
-        """Deliver the QoS 0 PUBLISHes lying whole at the head of the chunk; stop at anything else (paho's)."""
-        chunk, end, taken = self._chunk, len(self._chunk), False
-        while self._chunk_pos < end and self._sock is not None:
-            pos = self._chunk_pos
-            command = chunk[pos]
-            if command & 0xF6 != PUBLISH_QOS0:  # another packet type, or QoS 1/2
-                break
-            length = _varint(chunk, pos + 1)
-            if length is None or length[1] + length[0] > end:  # split across reads (or malformed: paho says so)
-                break
-            body_end = length[1] + length[0]
-            decoded = decode_plain_publish(chunk[length[1]:body_end])
-            if decoded is None:
-                break
-            self._chunk_pos = body_end  # taken before the handler runs
-            self._deliver_plain_publish(command, *decoded)
-            taken = True
-        if taken:
-            with self._msgtime_mutex:  # what paho's keepalive check reads
-                self._last_bytes_received = mqtt.time_func()
-
-    def reconnect(self) -> mqtt.MQTTErrorCode:
-        self._chunk, self._chunk_pos = b"", 0  # bytes of the old connection never reach the new one
-        return super().reconnect()
-
-    def _handle_publish(self) -> mqtt.MQTTErrorCode:
-        command = self._in_packet["command"]
-        decoded = None
-        if not command & 0x06 and self._protocol == mqtt.MQTTv5:  # QoS 0
-            decoded = decode_plain_publish(bytes(self._in_packet["packet"]))
-        if decoded is None:
-            return super()._handle_publish()
-        self._deliver_plain_publish(command, *decoded)
-        return mqtt.MQTT_ERR_SUCCESS
-
-    def _deliver_plain_publish(self, command: int, topic: bytes, identifiers: list[int], payload: bytes) -> None:
-        message = mqtt.MQTTMessage(topic=topic)
-        message.dup = bool(command & 0x08)
-        message.retain = bool(command & 0x01)
-        message.payload = payload
-        message.properties = PublishProperties(identifiers)
-        message.timestamp = mqtt.time_func()
-        self._handle_on_message(message)
-
-    def message_callback_add(self, sub: str, callback: Any) -> None:
-        raise TypeError("per-topic paho callbacks are not used here: register with MqttBridge.subscribe")
-
-    def _handle_on_message(self, message: mqtt.MQTTMessage) -> None:
-        on_message = self.on_message
-        if on_message is None:
-            return
-        with self._in_callback_mutex:
-            try:
-                on_message(self, self._userdata, message)
-            except Exception:
-                log.exception("on_message failed on a message to %r", message._topic)
-                if not self.suppress_exceptions:
-                    raise
 
 
 class MqttBridge:
@@ -294,7 +105,7 @@ class MqttBridge:
         self._watcher.start()
 
     def _new_client(self) -> mqtt.Client:
-        client = make_client(self.identity, self.name, protocol=mqtt.MQTTv5, client_class=ChunkedReadClient)
+        client = make_client(self.identity, self.name, protocol=mqtt.MQTTv5)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message

@@ -333,8 +333,10 @@ def version_of(command: Sequence[str]) -> str:
 
 
 def cmd_test(args: list[str]) -> int:
-    # curl: the EST tests use it as a real client (RFC 7030's own examples do).
-    packages.ensure_commands(["mosquitto", "mosquitto_pub", "chromium", "docker-compose", "curl"])
+    # curl: the EST tests use it as a real client (RFC 7030's own examples do). redis-server and nginx: the
+    # dashboard-replica tests run two dashboards over a real Redis behind a real nginx (tests/test_scale.py).
+    packages.ensure_commands(["mosquitto", "mosquitto_pub", "chromium", "docker-compose", "curl", "redis-server",
+                              "nginx"])
     # Playwright's bundled driver (node) needs libatomic1; the Docker lab test needs an engine (docker.io) and
     # debootstrap for its base images; the database tests a PostgreSQL server; the ACME test runs Debian's certbot.
     # On systems without apt those tests skip (they fail under CI).

@@ -68,18 +68,16 @@ def make_client(
     protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv311,
     clean_session: bool | None = True,
     userdata: Any = None,
-    client_class: type[mqtt.Client] = mqtt.Client,
 ) -> mqtt.Client:
     """A paho 2.x client (VERSION2 callbacks) with TLS set up; the caller connects.
 
-    Exceptions raised inside callbacks are logged, not allowed to kill the network loop. `client_class`
-    may be a subclass of paho's Client (the dashboard's bridge reads the socket in large chunks).
+    Exceptions raised inside callbacks are logged, not allowed to kill the network loop.
     """
     kwargs: dict[str, Any] = {"callback_api_version": CallbackAPIVersion.VERSION2, "client_id": client_id,
                               "protocol": protocol, "userdata": userdata}
     if protocol != mqtt.MQTTv5:
         kwargs["clean_session"] = clean_session
-    client = client_class(**kwargs)
+    client = mqtt.Client(**kwargs)
     client.tls_set_context(tls_context(identity))
     client.on_socket_open = _nodelay
     client.suppress_exceptions = True

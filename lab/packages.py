@@ -24,11 +24,12 @@ EXTRA_PLACES = {
     "chromium": ("chromium-browser",),
     "dockerd": ("/usr/sbin/dockerd",),
     "debootstrap": ("/usr/sbin/debootstrap",),
+    "nginx": ("/usr/sbin/nginx",),
 }
 DEBIAN_PACKAGE = {"mosquitto_pub": "mosquitto-clients", "mosquitto_sub": "mosquitto-clients", "dockerd": "docker.io"}
 # The Homebrew formula of a command; a command without one is installed by hand (Chromium: a cask).
 BREW_FORMULA = {"mosquitto": "mosquitto", "mosquitto_pub": "mosquitto", "mosquitto_sub": "mosquitto",
-                "docker-compose": "docker-compose"}
+                "docker-compose": "docker-compose", "redis-server": "redis", "nginx": "nginx"}
 APT_ENV = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
 
 

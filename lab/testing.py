@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lab.processes import stop_process
 from pki.broker import BrokerFiles, broker_command
 from pki.config import PROJECT_ROOT, Settings
 
@@ -71,20 +72,6 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(interval)
-
-
-def stop_process(process: subprocess.Popen[Any] | None, timeout: float = 10.0) -> int | None:
-    """SIGTERM, as `docker stop` or the native runner send it; SIGKILL after `timeout` s. The exit code (None for
-    no process)."""
-    if process is None:
-        return None
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            return process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-    return process.wait()
 
 
 def mqtt_varint(n: int) -> bytes:
@@ -271,7 +258,7 @@ class DashboardProcess:
         if self.server == "gunicorn":
             argv = [sys.executable, "-m", "gunicorn", "--workers", "1", "--threads", "50", "--bind",
                     f"127.0.0.1:{self.port}", "--graceful-timeout", "5", "--no-control-socket",
-                    "dashboard:create_app()"]
+                    "--config", "python:dashboard.gunicorn_conf", "dashboard:create_app()"]
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(argv, env=self.env, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL,
                                             stdout=out, stderr=subprocess.STDOUT)
@@ -306,8 +293,8 @@ class DashboardProcess:
         assert self.process is not None
         if self.process.poll() is not None:
             raise AssertionError(f"the dashboard exited with {self.process.returncode}:\n{self.log()[-3000:]}")
-        health = self.health()
-        return bool(health and health["mqtt"]["connected"])
+        health = self.health()  # its MQTT connections (the ingest's too) and the database are up
+        return bool(health and health["status"] == "ok")
 
     def readings_ingested(self) -> int:
         """Readings the live hub accepted since the dashboard started (the ingest counter behind /healthz)."""

@@ -70,6 +70,9 @@ DYNSEC_INITIAL = (
     '{"defaultACLAccess": {"publishClientSend": false, "publishClientReceive": false, "subscribe": false, '
     '"unsubscribe": true}, "clients": [], "groups": [], "roles": []}\n'
 )
+# What the telemetry ingest identities may read (and nothing else): every device's readings and presence.
+TELEMETRY_TOPICS = "iot/thermometer/+/temperature"
+PRESENCE_TOPICS = "iot/thermometer/+/status"
 # The control topic of the plugin. Only the CA's identities (`ca_identities`) may write it (mosquitto/acl.template).
 DYNSEC_TOPIC = "$CONTROL/dynamic-security/v1"
 
@@ -179,19 +182,24 @@ def ca_identities(replicas: int) -> list[str]:
     return [f"ca-{n}" for n in range(1, max(1, replicas) + 1)]
 
 
-def render_acl(denied_names: Iterable[str] = (), collectors: Iterable[str] = (), ca_replicas: int = 1) -> str:
+def render_acl(denied_names: Iterable[str] = (), collectors: Iterable[str] = (), ca_replicas: int = 1,
+               ingest: Iterable[str] = ("ingest-1",)) -> str:
     """The ACL; `denied_names` (revoked identities) get a `topic deny #` block that beats every pattern.
 
     `collectors`: identities named by a MAC address (`pki.identity.mac_as_written`); each may also read its reply
     topic as the seed writes it, `ssl/AA:BB:CC:DD:EE:01` (its CN, the `%u` of the patterns, has no colons).
+    `ingest`: the telemetry ingest identities (Settings.ingest_identities); each may read telemetry, nothing else.
     """
     denied = set(denied_names)
     blocks = "".join(f"user {name}\ntopic deny #\n\n" for name in sorted(denied))
     grants = "".join(f"user {name}\ntopic read ssl/{written}\n\n" for name in sorted(set(collectors))
                      if name not in denied and (written := mac_as_written(name)))
+    readers = "".join(f"user {name}\ntopic read {TELEMETRY_TOPICS}\ntopic read {PRESENCE_TOPICS}\n\n"
+                      for name in sorted(set(ingest)) if name not in denied)
     return Template((TEMPLATES / "acl.template").read_text()).substitute(
         revoked_blocks=blocks or "\n", collector_blocks=grants or "\n",
         ca_blocks="".join(CA_BLOCK.format(name=name) for name in ca_identities(ca_replicas)),
+        ingest_blocks=readers or "\n",
     )
 
 
@@ -291,7 +299,8 @@ def write_broker_policy(
     """Write the ACL and (when its content changed or it is due) the CRL; True when either changed."""
     files = BrokerFiles(settings.certs_dir, settings.data_dir)
     ensure_dir(files.policy_dir, 0o755)
-    changed = atomic_write(files.acl, render_acl(denied_names, collectors, settings.ca_replicas).encode(), CERT_MODE)
+    acl = render_acl(denied_names, collectors, settings.ca_replicas, ingest=settings.ingest_identities)
+    changed = atomic_write(files.acl, acl.encode(), CERT_MODE)
     revoked = list(revoked)
     listed = {entry[0] for entry in revoked}
     if (force_crl or crl_needs_refresh(files.crl, ca, enforced=files.broker_crl)

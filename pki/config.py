@@ -77,6 +77,16 @@ def _host_names(names: list[str], key: str) -> list[str]:
     return result
 
 
+INGEST_ID_RE = re.compile(r"ingest-[1-9][0-9]{0,3}")
+
+
+def _ingest_id(value: str) -> str:
+    value = value.strip()
+    if not INGEST_ID_RE.fullmatch(value):
+        raise ConfigError(f"INGEST_ID={value!r} must be ingest-<n> (n from 1 to INGEST_REPLICAS)")
+    return value
+
+
 def parse_devices(value: str | list[str]) -> list[str]:
     """Split and validate a device list; ids become certificate CNs and MQTT topic levels."""
     items = value if isinstance(value, list) else [v.strip() for v in value.split(",") if v.strip()]
@@ -137,9 +147,25 @@ class Settings:
     ca_https_port: int = 8443
     acme_http01_port: int = 80
     acme_allowed_names: list[str] = field(default_factory=lambda: ["localhost"])
-    # The CA service (`python -m ca`, Step 12): how many replicas, each with its own identity `ca-<n>` (the
+    # The CA service (`python -m ca`): how many replicas, each with its own identity `ca-<n>` (the
     # generator issues their certificates, the ACL lists them; compose's `--scale ca=N` needs N <= CA_REPLICAS).
     ca_replicas: int = 1
+    # Telemetry ingest (dashboard/ingest.py): how many `ingest-<n>` identities the generator issues (and the ACL
+    # lets read telemetry), and which one this process connects as.
+    ingest_replicas: int = 2
+    ingest_id: str = "ingest-1"
+    ingest_embedded: bool = True  # INGEST_EMBEDDED: the dashboard process runs one ingest replica itself
+    # DASHBOARD_MQTT: this process holds the `dashboard` connection (the CA over MQTT, revocation's disconnects,
+    # the CA's log). One process per lab may (the broker forces client id = CN): dashboard replicas set 0 on all
+    # but one.
+    dashboard_mqtt: bool = True
+    # Redis URL (redis://host:port/db) shared by dashboard replicas: Flask-SocketIO's message queue and the
+    # readings bus (dashboard/bus.py). Empty: one dashboard process, no Redis.
+    socketio_message_queue: str = ""
+
+    @property
+    def ingest_identities(self) -> list[str]:
+        return [f"ingest-{n}" for n in range(1, self.ingest_replicas + 1)]
 
     def __repr__(self) -> str:  # never show the passphrase in logs or tracebacks
         fields = ", ".join(
@@ -195,6 +221,11 @@ class Settings:
             acme_http01_port=_port_setting(env, "ACME_HTTP01_PORT", 80),
             ca_replicas=_int_setting(env, "CA_REPLICAS", 1, minimum=1),
             acme_allowed_names=_host_names(_list_setting(env, "ACME_ALLOWED_NAMES", "localhost"), "ACME_ALLOWED_NAMES"),
+            ingest_replicas=_int_setting(env, "INGEST_REPLICAS", 2, minimum=1),
+            ingest_id=_ingest_id(env.get("INGEST_ID") or "ingest-1"),
+            ingest_embedded=(env.get("INGEST_EMBEDDED") or "1").strip().lower() in TRUE_VALUES,
+            dashboard_mqtt=(env.get("DASHBOARD_MQTT") or "1").strip().lower() in TRUE_VALUES,
+            socketio_message_queue=(env.get("SOCKETIO_MESSAGE_QUEUE") or "").strip(),
         )
 
     @property

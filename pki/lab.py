@@ -47,7 +47,7 @@ from .config import ConfigError, Settings, revoked_next_step
 from .inventory import REVOKED as REVOKED_STATUS
 from .inventory import SUPERSEDED as SUPERSEDED_STATUS
 from .inventory import CertificateRecord, Inventory
-from .profiles import BROKER, CA_SERVICE, DASHBOARD, DEVICE, PROVISIONER, ROOT_CA, ROOT_CA_DAYS, Profile
+from .profiles import BROKER, CA_SERVICE, DASHBOARD, DEVICE, INGEST, PROVISIONER, ROOT_CA, ROOT_CA_DAYS, Profile
 from .status import EXPIRED, EXPIRING, INVALID, MISSING, VALID, expiry_state
 from .store import CERT_MODE, KEY_MODE, CertsLayout, atomic_write, ensure_dir, exclusive_lock, read_optional
 
@@ -102,7 +102,8 @@ class GenerateReport:
 
 
 def lab_entities(settings: Settings, devices: Sequence[str] | None = None) -> list[Entity]:
-    """Everything the generator keeps: the broker, the dashboard, the CA replicas, the provisioner, each device."""
+    """Everything the generator keeps: the broker, the dashboard, the CA replicas (`ca-1` .. `ca-<CA_REPLICAS>`),
+    the provisioner, the telemetry ingest identities (`ingest-1` .. `ingest-<INGEST_REPLICAS>`) and each device."""
     broker_names = [*settings.broker_sans]
     if settings.broker_address:
         broker_names.append(settings.broker_address)
@@ -111,6 +112,7 @@ def lab_entities(settings: Settings, devices: Sequence[str] | None = None) -> li
         Entity("dashboard", DASHBOARD),
         *(Entity(name, CA_SERVICE) for name in ca_identities(settings.ca_replicas)),
         Entity("provisioner", PROVISIONER),
+        *(Entity(name, INGEST) for name in settings.ingest_identities),
     ]
     entities += [Entity(device, DEVICE) for device in (devices if devices is not None else settings.devices)]
     return entities

@@ -63,6 +63,8 @@ PROVISIONER = Profile(role="provisioner", extended_key_usage=(ExtendedKeyUsageOI
 # A CA service replica (`ca-<n>`, `python -m ca`): an MQTT client of the broker, nothing more; the generator owns it.
 CA_SERVICE = Profile(role="ca_service", extended_key_usage=(ExtendedKeyUsageOID.CLIENT_AUTH,), cn_as_dns=False,
                      protected=True)
+# The telemetry ingest services (`ingest-<n>`, dashboard/ingest.py): TLS clients that may only read telemetry.
+INGEST = Profile(role="ingest", extended_key_usage=(ExtendedKeyUsageOID.CLIENT_AUTH,), protected=True)
 
 # Entities issued through the CA API (`v1/ssl/sign`, `v1/ssl/create`): TLS clients only. Only the broker and
 # dashboard profiles carry serverAuth, so no certificate the API issues can pose as the lab's broker.
@@ -73,7 +75,7 @@ ENTITY = Profile(role="entity", extended_key_usage=(ExtendedKeyUsageOID.CLIENT_A
 # broker's and the dashboard's that may name `localhost`, because the operator approved it.
 SERVER = Profile(role="server", extended_key_usage=(ExtendedKeyUsageOID.SERVER_AUTH,))
 
-PROFILES = {p.role: p for p in (ROOT_CA, BROKER, DASHBOARD, DEVICE, PROVISIONER, ENTITY, SERVER, CA_SERVICE)}
+PROFILES = {p.role: p for p in (ROOT_CA, BROKER, DASHBOARD, DEVICE, PROVISIONER, INGEST, ENTITY, SERVER, CA_SERVICE)}
 
 # Entity names the lab's own services use: the API must never re-issue them (`pki.identity` adds the service
 # identities `ca`, `ca-<n>`, `ingest`, `ingest-<n>`). `policy` is the folder of the broker's ACL and CRL.

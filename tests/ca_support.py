@@ -26,7 +26,7 @@ from sqlalchemy import select
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from ca.process import CAProcess
-from dashboard import create_app
+from dashboard import create_app, shutdown, start
 from pki.authority import (
     CertificateAuthority,
     PrivateKey,
@@ -209,7 +209,8 @@ def start_ca(lab: LabEnv, settings: Settings | None = None, *, mqtt: bool = Fals
 
 
 def make_app(lab: LabEnv, **config: Any) -> Flask:
-    """The dashboard app, and the CA service replica it forwards /v1/ssl/* to (`app.extensions["test_ca"]`, for
+    """The dashboard app, started as the serving process starts it (`dashboard.start`: MQTT only with
+    MQTT_ENABLED=True), and the CA service replica it forwards /v1/ssl/* to (`app.extensions["test_ca"]`, for
     the tests' own inspection only: the dashboard itself knows just its URL and the shared secret)."""
     settings = config.get("LAB_SETTINGS") or lab.settings()
     mqtt = bool(config.get("MQTT_ENABLED", False))
@@ -219,11 +220,11 @@ def make_app(lab: LabEnv, **config: Any) -> Flask:
     try:
         app = create_app({"LAB_SETTINGS": settings, "MQTT_ENABLED": False, "TESTING": True,
                           "CA_URLS": [ca.internal_url], "CA_INTERNAL_SECRET": secret, **config})
+        app.extensions["test_ca"] = ca
+        return start(app)
     except BaseException:
         ca.shutdown()
         raise
-    app.extensions["test_ca"] = ca
-    return app
 
 
 def mqtt_connected(app: Flask, timeout: float = 10) -> bool:
@@ -239,9 +240,9 @@ def ca_of(app: Flask) -> CAProcess:
 
 
 def close_app(app: Flask) -> None:
-    """Stop what create_app started (the MQTT client, the database engines), then the app's CA replica."""
-    app.extensions["mqtt_bridge"].stop()
-    app.extensions["users"].close()
+    """Stop what `dashboard.start` started and release what create_app holds (`dashboard.shutdown`), then the
+    app's CA replica."""
+    shutdown(app)
     if "test_ca" in app.extensions:
         app.extensions["test_ca"].shutdown()
 

@@ -95,6 +95,7 @@ def _isolated_from_developer_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
             "DASHBOARD_SECRET_KEY", "DASHBOARD_TOKEN",
             "SUPERSEDED_GRACE_SECONDS", "CERT_WATCH_SECONDS",
             "CA_HTTPS_HOST", "CA_HTTPS_PORT", "ACME_HTTP01_PORT", "ACME_ALLOWED_NAMES", "ENROL",
+            "INGEST_REPLICAS", "INGEST_ID", "INGEST_EMBEDDED", "SOCKETIO_MESSAGE_QUEUE", "DASHBOARD_MQTT",
         }:
             monkeypatch.delenv(key)
     monkeypatch.setenv("LAB_ENV_FILE", str(tmp_path / "absent.env"))

@@ -18,7 +18,7 @@ import pytest
 from flask import Flask
 from sqlalchemy import update
 
-from dashboard import create_app, socketio
+from dashboard import create_app, socketio, start
 from dashboard.certificates import attention
 from dashboard.live import LOG_BATCH_LIMIT, LOG_LIMIT, LiveHub
 from dashboard.readings import ReadingIn, ReadingStore
@@ -52,7 +52,8 @@ def reading(device: str, temperature: float, seq: int = 0) -> mqtt.MQTTMessage:
 
 
 def make_app(lab: LabEnv, **config: Any) -> Flask:
-    return create_app({"LAB_SETTINGS": lab.settings(), "MQTT_ENABLED": False, "TESTING": True, **config})
+    """The app as the serving process starts it (`dashboard.start`), with MQTT off unless asked for."""
+    return start(create_app({"LAB_SETTINGS": lab.settings(), "MQTT_ENABLED": False, "TESTING": True, **config}))
 
 
 def hub_of(app: Flask) -> LiveHub:
@@ -337,7 +338,8 @@ def test_certificate_statuses_follow_the_renewal_window_and_revocation(generated
     assert status["mosquitto"] == status["dashboard"] == status["ca-1"] == status["device001"] == "expiring"
     assert status["device002"] == "revoked"
     assert status["provisioner"] == "invalid"  # its key file is gone: the check says so
-    assert certs["summary"]["revoked"] == 1 and certs["summary"]["expiring"] == 4
+    assert status["ingest-1"] == status["ingest-2"] == "expiring"
+    assert certs["summary"]["revoked"] == 1 and certs["summary"]["expiring"] == 5
     assert certs["crl"]["present"] is True and certs["crl"]["next_update"]
 
 

@@ -28,7 +28,7 @@ from pki.profiles import DEVICE
 
 from .conftest import PROJECT_ROOT, LabEnv
 
-LEAVES = ["mosquitto", "dashboard", "ca-1", "provisioner", "device001", "device002"]
+LEAVES = ["mosquitto", "dashboard", "ca-1", "provisioner", "ingest-1", "ingest-2", "device001", "device002"]
 
 
 def load_cert(path: Path) -> x509.Certificate:
@@ -78,6 +78,8 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
         ("dashboard", "sslclient"),
         ("dashboard", "sslserver"),
         ("provisioner", "sslclient"),
+        ("ingest-1", "sslclient"),
+        ("ingest-2", "sslclient"),
         ("device001", "sslclient"),
         ("device002", "sslclient"),
     ],
@@ -126,6 +128,7 @@ def test_profiles_carry_their_extensions(session_lab: LabEnv) -> None:
         "mosquitto": {ExtendedKeyUsageOID.SERVER_AUTH},
         "dashboard": {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH},
         "provisioner": {ExtendedKeyUsageOID.CLIENT_AUTH},
+        "ingest-1": {ExtendedKeyUsageOID.CLIENT_AUTH},
         "device001": {ExtendedKeyUsageOID.CLIENT_AUTH},
         "device002": {ExtendedKeyUsageOID.CLIENT_AUTH},
     }
@@ -199,7 +202,7 @@ def test_second_run_changes_no_file(generated_lab: LabEnv, capsys: pytest.Captur
     assert code == 0
     certs_only = {k: v for k, v in generated_lab.snapshot().items() if not k.startswith("data/")}
     assert certs_only == {k: v for k, v in before.items() if not k.startswith("data/")}
-    assert out.count(" kept ") == 7 and " created " not in out and " renewed " not in out
+    assert out.count(" kept ") == 1 + len(LEAVES) and " created " not in out and " renewed " not in out
 
 
 def test_leaf_near_expiry_is_renewed_and_others_kept(
@@ -377,7 +380,7 @@ def test_check_all_valid_exits_0(generated_lab: LabEnv, capsys: pytest.CaptureFi
     assert code == 0
     for name in ["root_ca", *LEAVES]:
         assert f"{name}" in out
-    assert out.count(" valid ") == 8  # seven certificates and the CRL
+    assert out.count(" valid ") == 2 + len(LEAVES)  # the root, every leaf and the CRL
 
 
 def test_check_one_expiring_exits_1(generated_lab: LabEnv, capsys: pytest.CaptureFixture[str]) -> None:
@@ -386,7 +389,7 @@ def test_check_one_expiring_exits_1(generated_lab: LabEnv, capsys: pytest.Captur
     assert code == 1
     line = next(line for line in out.splitlines() if line.startswith("device002"))
     assert "expiring" in line
-    assert out.count(" valid ") == 7
+    assert out.count(" valid ") == 1 + len(LEAVES)  # the root, the other leaves and the CRL
 
 
 def test_check_one_expired_exits_1(generated_lab: LabEnv, capsys: pytest.CaptureFixture[str]) -> None:
