@@ -216,3 +216,15 @@ class ThermometerProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+def start_ca_service(env: dict[str, str], log_path: Path, https_port: int) -> tuple[subprocess.Popen[bytes], str]:
+    """`python -m ca` as replica ca-1, EST/ACME on `https_port` (no broker needed to serve them): the process, and
+    the internal URL a dashboard forwards /v1/ssl/* to (CA_URLS)."""
+    internal = free_port()
+    ca_env = {**os.environ, **env, "CA_INSTANCE": "1", "CA_INTERNAL_PORT": str(internal),
+              "CA_HTTPS_PORT": str(https_port), "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "ca"], env=ca_env, cwd=PROJECT_ROOT,
+                                   stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    return process, f"http://127.0.0.1:{internal}"

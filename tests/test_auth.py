@@ -30,7 +30,7 @@ from dashboard.users import main as users_main
 
 from .ca_support import api_token, close_app, csrf_of, lab_state, login, make_app, make_csr
 from .conftest import PROJECT_ROOT, LabEnv, bearer
-from .support import free_port, served_serial, wait_for
+from .support import free_port, served_serial, start_ca_service, stop_process, wait_for
 
 VIEWER_PASSWORD = "viewer-password-123"
 
@@ -345,8 +345,9 @@ def test_dashboard_tls_serves_https_with_the_dashboard_certificate(generated_lab
     generator renews the dashboard certificate, new connections get the new one (CERT_WATCH_SECONDS), on the
     dashboard's port and on the CA's EST/ACME port, which serves the same certificate."""
     port, ca_port = free_port(), free_port()
+    ca, ca_url = start_ca_service({**generated_lab.env, "CERT_WATCH_SECONDS": "0.3"}, tmp_path / "ca.log", ca_port)
     env = {**os.environ, **generated_lab.env, "DASHBOARD_TLS": "1", "DASHBOARD_PORT": str(port),
-           "CA_HTTPS_PORT": str(ca_port), "CERT_WATCH_SECONDS": "0.3"}
+           "CA_URLS": ca_url, "CERT_WATCH_SECONDS": "0.3"}
     log = tmp_path / "dashboard.log"
     with open(log, "wb") as out:
         server = subprocess.Popen([sys.executable, "-m", "dashboard"], env=env, cwd=PROJECT_ROOT,
@@ -393,3 +394,4 @@ def test_dashboard_tls_serves_https_with_the_dashboard_certificate(generated_lab
     finally:
         server.terminate()
         server.wait(timeout=20)
+        stop_process(ca)

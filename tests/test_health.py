@@ -51,7 +51,10 @@ def scrape(client: FlaskClient, headers: dict[str, str]) -> dict[tuple[str, tupl
 
 
 def value(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    """The sum of `name` over the series carrying `labels` (PromQL's `sum without (...)`): the CA's counters come
+    from each CA replica, labelled `ca` (pki/metrics.py ReplicaCollector)."""
+    wanted = set(labels.items())
+    return sum(v for (n, series), v in samples.items() if n == name and wanted <= set(series))
 
 
 def test_metrics_need_a_login_and_move_with_issuance_renewal_revocation_refusal_and_lockout(
@@ -61,6 +64,8 @@ def test_metrics_need_a_login_and_move_with_issuance_renewal_revocation_refusal_
     before = scrape(client, viewer_headers)
     assert value(before, "iotca_certificates_issued_total", transport="http", kind="create") == 0
     assert value(before, "iotca_mqtt_connected", client="dashboard") == 0  # MQTT is off in this app
+    # The CA's counters come from its replica (python -m ca's, here in this process), labelled with its address.
+    assert [labels for (name, labels), up in before.items() if name == "iotca_ca_replica_up" and up == 1]
     assert before[("iotca_certificate_earliest_expiry_days", ())] > 300  # the generator's certificates
     crl_next = before[("iotca_crl_next_update_timestamp_seconds", ())]
     assert crl_next > dt.datetime.now(dt.UTC).timestamp()

@@ -30,7 +30,7 @@ from pki.identity import is_protected_identity
 
 from .ca_support import api_token, close_app, lab_state, make_app, make_csr
 from .conftest import LabEnv
-from .support import Broker, free_port, wait_for
+from .support import Broker, free_port, start_ca_service, stop_process, wait_for
 
 PROTECTED = ["root_ca", "ROOT_CA", "mosquitto", "Dashboard", "provisioner", "policy", "ca", "CA", "ca-1", "ca-12",
              "ingest", "Ingest-3"]
@@ -197,11 +197,12 @@ def test_broker_refuses_every_cbc_and_sha1_suite_on_tls12(session_lab: LabEnv, s
 
 def test_the_dashboards_https_and_the_ca_port_refuse_every_cbc_and_sha1_suite(session_lab: LabEnv,
                                                                             tmp_path: Path) -> None:
-    """`python -m dashboard` with DASHBOARD_TLS=1: its HTTPS port and the CA's EST/ACME port offer what the broker
-    offers (pki/tls.py), and nothing weaker."""
+    """`python -m dashboard` with DASHBOARD_TLS=1 and `python -m ca`: the dashboard's HTTPS port and the CA's
+    EST/ACME port offer what the broker offers (pki/tls.py), and nothing weaker."""
     port, ca_port = free_port(), free_port()
+    ca, ca_url = start_ca_service(session_lab.env, tmp_path / "ca.log", ca_port)
     env = {**os.environ, **session_lab.env, "DASHBOARD_TLS": "1", "DASHBOARD_PORT": str(port),
-           "CA_HTTPS_PORT": str(ca_port), "DASHBOARD_FLASK_MQTT_ENABLED": "false"}
+           "CA_URLS": ca_url, "DASHBOARD_FLASK_MQTT_ENABLED": "false"}
     log = tmp_path / "dashboard.log"
     with open(log, "wb") as out:
         server = subprocess.Popen([sys.executable, "-m", "dashboard"], env=env, cwd=PROJECT_ROOT,
@@ -210,13 +211,14 @@ def test_the_dashboards_https_and_the_ca_port_refuse_every_cbc_and_sha1_suite(se
         wait_for(lambda: server.poll() is not None or "Dashboard on https://" in log.read_text(), timeout=30,
                  what="the dashboard to start")
         assert server.poll() is None, log.read_text()
-        wait_for(lambda: _s_client(port, session_lab.certs_dir, "-tls1_3").stderr.count("CONNECTION ESTABLISHED"),
-                 timeout=20, interval=0.2, what=f"the dashboard's HTTPS\n{log.read_text()}")
         for served in (port, ca_port):
+            wait_for(lambda p=served: "CONNECTION ESTABLISHED" in _s_client(p, session_lab.certs_dir, "-tls1_3").stderr,
+                     timeout=20, interval=0.2, what=f"HTTPS on {served}\n{log.read_text()}")
             assert_intermediate_tls_only(served, session_lab.certs_dir)
     finally:
         server.terminate()
         server.wait(timeout=20)
+        stop_process(ca)
 
 
 # -- a fake broker with every certificate the API or `create` hands out ---------------------------------------
