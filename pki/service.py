@@ -37,6 +37,7 @@ from cryptography.x509.oid import NameOID
 from .authority import (
     CAError,
     CertificateAuthority,
+    LeafNames,
     PrivateKey,
     PublicKey,
     SubjectFields,
@@ -695,8 +696,8 @@ class CAService:
         # With no grace, the certificate this one supersedes goes on the CRL as soon as this one is recorded.
         supersedes_now = self.settings.superseded_grace == 0 and self.inventory.current(name) is not None
         try:
-            cert = ca.issue(job.public_key, job.profile, job.cn, days=job.days, dns_names=job.dns,
-                            ip_addresses=job.ips, emails=job.emails, subject=job.subject)
+            names = LeafNames(job.cn, job.dns, job.ips, job.emails, job.subject)
+            cert = ca.issue(job.public_key, job.profile, names, days=job.days)
         except CAError as ex:
             raise RequestError(400, str(ex), "csr" if job.from_csr else "name") from None
         serial = serial_hex(cert)
