@@ -271,15 +271,25 @@ class Fleet:
         await asyncio.sleep(0)
 
 
-async def publish_at_rate(connections: list[DeviceConnection], rate: float, duration: float, qos: int = 1,
-                          tick: float = 0.005, on_tick: Callable[[float, int], None] | None = None,
+@dataclass(frozen=True)
+class Pace:
+    """`rate` messages/s for `duration` s, looked at every `tick` s."""
+
+    rate: float
+    duration: float
+    tick: float = 0.005
+
+
+async def publish_at_rate(connections: list[DeviceConnection], pace: Pace, *, qos: int = 1,
+                          on_tick: Callable[[float, int], None] | None = None,
                           temperature: Callable[[DeviceConnection, int], float] | None = None) -> tuple[int, float]:
-    """Spread `rate` messages/s round-robin over `connections` for `duration` s; returns (sent, elapsed).
+    """Spread `pace.rate` messages/s round-robin over `connections` for `pace.duration` s; returns (sent, elapsed).
 
     Paced by the clock (what is due since the start), so a slow tick catches up rather than drifting.
     """
     if not connections:
         raise ValueError("no connected devices to publish from")
+    rate, duration, tick = pace.rate, pace.duration, pace.tick
     sent, index, n = 0, 0, len(connections)
     started = time.monotonic()
     wall0 = time.time()
