@@ -64,7 +64,7 @@ from .broker import (
 )
 from .config import Settings
 from .identity import is_reserved_san, mac_as_written
-from .inventory import ACTIVE, REVOKED, SUPERSEDED, CertificateRecord, Inventory, TokenAlreadyUsed
+from .inventory import ACTIVE, REVOKED, SUPERSEDED, CertificateRecord, Inventory, IssuedAs, TokenAlreadyUsed
 from .issuance import Issuance
 from .lockout import Lockout
 from .profiles import BACKDATE, DEVICE, ENTITY, PROFILES, SERVER, Profile
@@ -708,8 +708,8 @@ class CAService:
 
         if not job.writes_files:
             try:
-                self.inventory.record_issued_grouped(cert, name=name, role=job.profile.role, via=job.via,
-                                                     requester=job.requester, token_sha256=job.token)
+                issued = IssuedAs(name, job.profile.role, job.via, job.requester)
+                self.inventory.record_issued_grouped(cert, issued, token_sha256=job.token)
             except TokenAlreadyUsed:
                 raise RequestError(FORBIDDEN, "this enrolment token has already been used", "token") from None
             if broker_changes():
