@@ -5,7 +5,7 @@ of Python on every packet, so 2,000 devices or a 20,000 msg/s publisher would me
 not the lab. This client speaks only what a thermometer uses of MQTT 3.1.1 (CONNECT with the retained
 `offline` will, PUBLISH QoS 0/1, PUBACK, PINGREQ, DISCONNECT), on one event loop, and frames packets
 with a few byte joins. TLS is `lab.mqtt.tls_context`: the broker's chain and host name are verified and
-each device presents its own certificate, exactly as lab/device.py does.
+each device presents its own certificate, exactly as lab/publisher.py does.
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ class Fleet:
                           progress: Callable[[int], None] | None = None, online: bool = True) -> float:
         """Connect (at most `concurrency` handshakes at once: the broker's listen backlog is 100).
 
-        With `online`, each device then publishes its retained `online`, as lab/device.py does.
+        With `online`, each device then publishes its retained `online`, as lab/publisher.py does.
         Returns the wall time it took; failures are recorded in `failures`.
         """
         semaphore = asyncio.Semaphore(concurrency)

@@ -75,7 +75,7 @@ class RenewalError(Exception):
 
 
 class RenewingDevice(Protocol):
-    """What the renewer needs from the thermometer (lab.device.Thermometer)."""
+    """What the renewer needs from the thermometer (lab.publisher.Thermometer)."""
 
     @property
     def device_id(self) -> str: ...
