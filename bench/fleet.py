@@ -33,7 +33,7 @@ from bench.common import (
     write_results,
 )
 from bench.rig import BenchLab, MachineMeter, lab_bench_parser, raise_fd_limit, run_on_lab
-from bench.simdevices import Fleet, publish_at_rate
+from bench.simdevices import Fleet, Pace, publish_at_rate
 from bench.telemetry import positive_float, positive_int
 
 TARGET_DEVICES = 2000
@@ -155,7 +155,7 @@ async def run(args: argparse.Namespace, lab: BenchLab) -> dict[str, Any]:
                 last_second = int(elapsed)
                 timeline.append((elapsed, sent))
 
-        sent, elapsed = await publish_at_rate(fleet.open_connections, args.rate, args.seconds, on_tick=on_tick)
+        sent, elapsed = await publish_at_rate(fleet.open_connections, Pace(args.rate, args.seconds), on_tick=on_tick)
         progress.close()
         await fleet.wait_acked(timeout=30)
         cpu = meter.stop()

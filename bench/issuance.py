@@ -67,7 +67,7 @@ from bench.common import (
     summary_ms,
     write_results,
 )
-from pki.authority import CertificateAuthority, cert_pem
+from pki.authority import CertificateAuthority, LeafNames, cert_pem
 from pki.inventory import Inventory
 from pki.profiles import ENTITY
 from pki.requests import parse_csr
@@ -266,8 +266,8 @@ def level_raw(lab: CALab, csrs: list[Csr], args: argparse.Namespace) -> dict[str
             for i in range(done, min(done + RAW_BATCH, count)):
                 csr = csrs[i % len(csrs)]
                 info = parse_csr(csr.pem)
-                cert = ca.issue(info.public_key, ENTITY, info.common_name, days=DAYS, dns_names=info.dns_names,
-                                ip_addresses=info.ip_addresses, emails=info.emails)
+                names = LeafNames(info.common_name, info.dns_names, info.ip_addresses, info.emails)
+                cert = ca.issue(info.public_key, ENTITY, names, days=DAYS)
                 cert_pem(cert)
                 batch.append((csr.name, cert))
             crypto += time.perf_counter() - t0

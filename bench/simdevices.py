@@ -5,7 +5,7 @@ of Python on every packet, so 2,000 devices or a 20,000 msg/s publisher would me
 not the lab. This client speaks only what a thermometer uses of MQTT 3.1.1 (CONNECT with the retained
 `offline` will, PUBLISH QoS 0/1, PUBACK, PINGREQ, DISCONNECT), on one event loop, and frames packets
 with a few byte joins. TLS is `lab.mqtt.tls_context`: the broker's chain and host name are verified and
-each device presents its own certificate, exactly as lab/device.py does.
+each device presents its own certificate, exactly as lab/publisher.py does.
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ class Fleet:
                           progress: Callable[[int], None] | None = None, online: bool = True) -> float:
         """Connect (at most `concurrency` handshakes at once: the broker's listen backlog is 100).
 
-        With `online`, each device then publishes its retained `online`, as lab/device.py does.
+        With `online`, each device then publishes its retained `online`, as lab/publisher.py does.
         Returns the wall time it took; failures are recorded in `failures`.
         """
         semaphore = asyncio.Semaphore(concurrency)
@@ -271,15 +271,25 @@ class Fleet:
         await asyncio.sleep(0)
 
 
-async def publish_at_rate(connections: list[DeviceConnection], rate: float, duration: float, qos: int = 1,
-                          tick: float = 0.005, on_tick: Callable[[float, int], None] | None = None,
+@dataclass(frozen=True)
+class Pace:
+    """`rate` messages/s for `duration` s, looked at every `tick` s."""
+
+    rate: float
+    duration: float
+    tick: float = 0.005
+
+
+async def publish_at_rate(connections: list[DeviceConnection], pace: Pace, *, qos: int = 1,
+                          on_tick: Callable[[float, int], None] | None = None,
                           temperature: Callable[[DeviceConnection, int], float] | None = None) -> tuple[int, float]:
-    """Spread `rate` messages/s round-robin over `connections` for `duration` s; returns (sent, elapsed).
+    """Spread `pace.rate` messages/s round-robin over `connections` for `pace.duration` s; returns (sent, elapsed).
 
     Paced by the clock (what is due since the start), so a slow tick catches up rather than drifting.
     """
     if not connections:
         raise ValueError("no connected devices to publish from")
+    rate, duration, tick = pace.rate, pace.duration, pace.tick
     sent, index, n = 0, 0, len(connections)
     started = time.monotonic()
     wall0 = time.time()

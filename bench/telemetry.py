@@ -44,7 +44,7 @@ from bench.common import (
     write_results,
 )
 from bench.rig import BenchLab, MachineMeter, SocketIOWatcher, wait_until_quiet
-from bench.simdevices import DeviceConnection, Fleet, publish_at_rate
+from bench.simdevices import DeviceConnection, Fleet, Pace, publish_at_rate
 from lab.mqtt import Identity
 from lab.processes import stop_process
 from lab.scale import NginxServer, RedisServer
@@ -361,7 +361,7 @@ class Phase:
         before, acked_before = self.count(), self.fleet.acked()
         meter, machine = CpuMeter(self.pids).start(), MachineMeter().start()
         step.started = time.time()
-        sent, elapsed = await publish_at_rate(self.connections, rate, seconds, qos=self.qos)
+        sent, elapsed = await publish_at_rate(self.connections, Pace(rate, seconds), qos=self.qos)
         all_acked = await self.fleet.wait_acked(timeout=10) if self.qos else True
         step.cpu = meter.stop()
         # CPU the machine spent on anything but the lab's processes: another job skews the figures.

@@ -67,6 +67,23 @@ def load_roots(path: Path) -> list[x509.Certificate]:
         raise CredentialError(f"CA certificate {path} is not a PEM certificate") from None
 
 
+def identity_problem(
+    cert: x509.Certificate, key: PrivateKey, roots: list[x509.Certificate], device_id: str
+) -> str | None:
+    """The one rule for "this certificate is this device's, for this key": the first check it fails, "key" (not
+    for `key`), "issuer" (not signed by one of `roots`) or "name" (CN is not `device_id`); None when it passes.
+
+    The broker takes the CN as user name and client id, so a certificate for another name is refused too.
+    """
+    if not public_key_matches(cert, key):
+        return "key"
+    if not any(verify_leaf(root, cert) for root in roots):
+        return "issuer"
+    if common_name(cert) != device_id:
+        return "name"
+    return None
+
+
 def check_issued(
     body: Mapping[str, Any], key: PrivateKey, roots: list[x509.Certificate], device_id: str
 ) -> x509.Certificate:
@@ -78,11 +95,12 @@ def check_issued(
         cert = load_certificate(pem.encode())
     except CAError:
         raise CredentialError("the CA's reply is not a PEM certificate") from None
-    if not any(verify_leaf(root, cert) for root in roots):
-        raise CredentialError("the certificate in the CA's reply was not issued by the device's CA")
-    if not public_key_matches(cert, key):
+    problem = identity_problem(cert, key, roots, device_id)
+    if problem == "key":
         raise CredentialError("the certificate in the CA's reply is not for the key this device just made")
-    if common_name(cert) != device_id:
+    if problem == "issuer":
+        raise CredentialError("the certificate in the CA's reply was not issued by the device's CA")
+    if problem == "name":
         raise CredentialError(f"the certificate in the CA's reply is for {common_name(cert)!r}, not {device_id!r}")
     if cert.not_valid_after_utc <= utcnow():
         raise CredentialError("the certificate in the CA's reply has already expired")

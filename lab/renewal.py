@@ -75,7 +75,7 @@ class RenewalError(Exception):
 
 
 class RenewingDevice(Protocol):
-    """What the renewer needs from the thermometer (lab.device.Thermometer)."""
+    """What the renewer needs from the thermometer (lab.publisher.Thermometer)."""
 
     @property
     def device_id(self) -> str: ...
@@ -124,12 +124,23 @@ def retry_delay(failures: int, cap: float, rng: random.Random) -> float:
     return rng.uniform(base / 2, base)
 
 
+@dataclass(frozen=True)
+class RenewalTimeouts:
+    """How long one renewal waits for the CA's reply, for the old client's acks, and for the new connection."""
+
+    reply: float = REPLY_TIMEOUT
+    drain: float = DRAIN_TIMEOUT
+    connect: float = CONNECT_TIMEOUT
+
+
+DEFAULT_TIMEOUTS = RenewalTimeouts()
+
+
 class Renewer:
     """A background thread that keeps the device's certificate renewed (`start`, `stop`)."""
 
     def __init__(self, device: RenewingDevice, policy: RenewalPolicy, *, rng: random.Random | None = None,
-                 reply_timeout: float = REPLY_TIMEOUT, drain_timeout: float = DRAIN_TIMEOUT,
-                 connect_timeout: float = CONNECT_TIMEOUT,
+                 timeouts: RenewalTimeouts = DEFAULT_TIMEOUTS,
                  request: Callable[[str], dict[str, Any]] | None = None) -> None:
         self.device = device
         # How the CSR reaches the CA: over MQTT (`ssl/renew/<id>`) unless another transport is given (EST,
@@ -137,9 +148,9 @@ class Renewer:
         self.request = request
         self.policy = policy
         self.rng = rng or random.Random()  # noqa: S311 - spreading, not security
-        self.reply_timeout = reply_timeout
-        self.drain_timeout = drain_timeout
-        self.connect_timeout = connect_timeout
+        self.reply_timeout = timeouts.reply
+        self.drain_timeout = timeouts.drain
+        self.connect_timeout = timeouts.connect
         self.renewals = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

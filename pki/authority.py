@@ -139,6 +139,17 @@ class SubjectFields:
         return attrs
 
 
+@dataclass(frozen=True)
+class LeafNames:
+    """What a leaf certificate names: its CN, its subject alternative names and the other subject attributes."""
+
+    cn: str
+    dns_names: Sequence[str] = ()
+    ip_addresses: Sequence[str] = ()
+    emails: Sequence[str] = ()
+    subject: SubjectFields | None = None
+
+
 def build_subject(cn: str, fields: SubjectFields | None = None) -> x509.Name:
     attrs = fields.attributes() if fields else [x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION)]
     return x509.Name([*attrs, x509.NameAttribute(NameOID.COMMON_NAME, cn)])
@@ -273,16 +284,16 @@ class CertificateAuthority:
         self,
         public_key: PublicKey,
         profile: Profile,
-        cn: str,
+        names: LeafNames | str,
         *,
         days: int,
-        dns_names: Sequence[str] = (),
-        ip_addresses: Sequence[str] = (),
-        emails: Sequence[str] = (),
-        subject: SubjectFields | None = None,
         now: dt.datetime | None = None,
     ) -> x509.Certificate:
-        """Sign a leaf for `public_key`; its validity never outlives the CA (RFC 5280 6.1.3)."""
+        """Sign a leaf for `public_key`; its validity never outlives the CA (RFC 5280 6.1.3).
+
+        `names` is a LeafNames, or just the CN for a leaf that names nothing else.
+        """
+        names = LeafNames(names) if isinstance(names, str) else names
         if profile.is_ca:
             raise CAError("this CA issues leaf certificates only")
         if days < 1:
@@ -293,7 +304,7 @@ class CertificateAuthority:
             raise CAError("the root CA has expired; create a new root (delete certs/root_ca and run the generator)")
         builder = (
             x509.CertificateBuilder()
-            .subject_name(build_subject(cn, subject))
+            .subject_name(build_subject(names.cn, names.subject))
             .issuer_name(self.certificate.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
@@ -306,7 +317,7 @@ class CertificateAuthority:
         )
         if profile.extended_key_usage:
             builder = builder.add_extension(x509.ExtendedKeyUsage(list(profile.extended_key_usage)), critical=False)
-        sans = subject_alt_names(profile, cn, dns_names, ip_addresses, emails)
+        sans = subject_alt_names(profile, names.cn, names.dns_names, names.ip_addresses, names.emails)
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         return builder.sign(self.private_key, _signing_hash(self.private_key))

@@ -21,6 +21,7 @@ from sqlalchemy.pool import NullPool
 from .authority import (
     CAError,
     CertificateAuthority,
+    LeafNames,
     WrongPassphrase,
     cert_pem,
     days_left,
@@ -270,10 +271,8 @@ class LabCertificates:
         cert = ca.issue(
             key.public_key(),
             entity.profile,
-            entity.name,
+            LeafNames(entity.name, entity.dns_names, entity.ip_addresses),
             days=self.settings.cert_days,
-            dns_names=entity.dns_names,
-            ip_addresses=entity.ip_addresses,
             now=now,
         )
         ensure_dir(self.layout.entity_dir(entity.name))

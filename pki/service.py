@@ -38,6 +38,7 @@ from cryptography.x509.oid import NameOID
 from .authority import (
     CAError,
     CertificateAuthority,
+    LeafNames,
     PrivateKey,
     PublicKey,
     SubjectFields,
@@ -64,7 +65,7 @@ from .broker import (
 )
 from .config import Settings
 from .identity import is_reserved_san, mac_as_written
-from .inventory import ACTIVE, REVOKED, SUPERSEDED, CertificateRecord, Inventory, TokenAlreadyUsed
+from .inventory import ACTIVE, REVOKED, SUPERSEDED, CertificateRecord, Inventory, IssuedAs, TokenAlreadyUsed
 from .issuance import Issuance
 from .lockout import Lockout
 from .metrics import CAMetrics
@@ -720,8 +721,8 @@ class CAService:
         # With no grace, the certificate this one supersedes goes on the CRL as soon as this one is recorded.
         supersedes_now = self.settings.superseded_grace == 0 and self.inventory.current(name) is not None
         try:
-            cert = ca.issue(job.public_key, job.profile, job.cn, days=job.days, dns_names=job.dns,
-                            ip_addresses=job.ips, emails=job.emails, subject=job.subject)
+            names = LeafNames(job.cn, job.dns, job.ips, job.emails, job.subject)
+            cert = ca.issue(job.public_key, job.profile, names, days=job.days)
         except CAError as ex:
             raise RequestError(400, str(ex), "csr" if job.from_csr else "name") from None
         serial = serial_hex(cert)
@@ -732,8 +733,8 @@ class CAService:
 
         if not job.writes_files:
             try:
-                self.inventory.record_issued_grouped(cert, name=name, role=job.profile.role, via=job.via,
-                                                     requester=job.requester, token_sha256=job.token)
+                issued = IssuedAs(name, job.profile.role, job.via, job.requester)
+                self.inventory.record_issued_grouped(cert, issued, token_sha256=job.token)
             except TokenAlreadyUsed:
                 raise RequestError(FORBIDDEN, "this enrolment token has already been used", "token") from None
             if broker_changes():

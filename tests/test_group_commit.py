@@ -14,7 +14,15 @@ from cryptography import x509
 from sqlalchemy import select
 
 from pki.authority import CertificateAuthority, generate_private_key, serial_hex
-from pki.inventory import ACTIVE, SUPERSEDED, CertificateRecord, Inventory, TokenAlreadyUsed, _PendingIssue
+from pki.inventory import (
+    ACTIVE,
+    SUPERSEDED,
+    CertificateRecord,
+    Inventory,
+    IssuedAs,
+    TokenAlreadyUsed,
+    _PendingIssue,
+)
 from pki.inventory import _issued_values as issued_values
 from pki.profiles import ENTITY
 from pki.service import CAService
@@ -102,7 +110,7 @@ def test_concurrent_callers_all_return_durable_rows(ca: CertificateAuthority, in
     def record(i: int) -> bool:
         if i < 16:
             start.wait()
-        return inventory.record_issued_grouped(certs[i], name=f"dev{i % 8}", role=ENTITY.role, via="t")
+        return inventory.record_issued_grouped(certs[i], IssuedAs(f"dev{i % 8}", ENTITY.role, "t"))
 
     with ThreadPoolExecutor(16) as pool:
         assert all(pool.map(record, range(48)))
@@ -119,7 +127,7 @@ def test_concurrent_callers_all_return_durable_rows(ca: CertificateAuthority, in
 def test_after_close_a_caller_still_gets_its_row_written(ca: CertificateAuthority, tmp_path: Path) -> None:
     inventory = Inventory(f"sqlite:///{tmp_path / 'closing.db'}")
     inventory.recorder.close()
-    assert inventory.record_issued_grouped(leaf(ca, "late"), name="late", role=ENTITY.role, via="t")
+    assert inventory.record_issued_grouped(leaf(ca, "late"), IssuedAs("late", ENTITY.role, "t"))
     assert [status for _, status in rows(inventory, "late")] == [ACTIVE]
     inventory.close()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from pki.authority import CAError, CertificateAuthority, WrongPassphrase, generate_private_key, serial_hex
+from pki.authority import CAError, CertificateAuthority, LeafNames, WrongPassphrase, generate_private_key, serial_hex
 from pki.config import ConfigError, Settings
 from pki.profiles import BROKER, DEVICE, ENTITY
 from pki.store import CertsLayout, atomic_write, exclusive_lock
@@ -67,12 +67,12 @@ def test_issued_rejects_a_lookalike_from_another_ca() -> None:
 def test_entity_profile_sans_and_bad_names() -> None:
     ca = CertificateAuthority.create()
     key = generate_private_key()
-    cert = ca.issue(key.public_key(), ENTITY, "broker.example.com", days=1, emails=["ops@example.com"])
+    cert = ca.issue(key.public_key(), ENTITY, LeafNames("broker.example.com", emails=["ops@example.com"]), days=1)
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.DNSName) == ["broker.example.com"]
     assert sans.get_values_for_type(x509.RFC822Name) == ["ops@example.com"]
     with pytest.raises(CAError):
-        ca.issue(key.public_key(), BROKER, "mosquitto", days=1, dns_names=["bad name!"])
+        ca.issue(key.public_key(), BROKER, LeafNames("mosquitto", dns_names=["bad name!"]), days=1)
 
 
 def test_crl_lists_revoked_serials_and_is_signed_by_the_root() -> None:
