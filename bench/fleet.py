@@ -32,9 +32,8 @@ from bench.common import (
     summary_ms,
     write_results,
 )
-from bench.rig import BenchLab, MachineMeter, lab_bench_parser, raise_fd_limit, run_on_lab
+from bench.rig import BenchLab, MachineMeter, lab_bench_parser, positive_float, positive_int, raise_fd_limit, run_on_lab
 from bench.simdevices import Fleet, Pace, publish_at_rate
-from bench.telemetry import positive_float, positive_int
 
 TARGET_DEVICES = 2000
 FDS_PER_DEVICE = 2  # the device's socket here, and its socket in the broker (our child: it inherits the limit)

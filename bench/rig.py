@@ -58,12 +58,50 @@ def lab_bench_parser(module: str, description: str | None, *, from_docstring: bo
     parser.add_argument("--server", choices=SERVERS, default="werkzeug",
                         help="how the dashboard/CA is served: `python -m dashboard` (Werkzeug, as natively) or "
                              "gunicorn with one worker and threads (as in Docker)")
+    add_lab_options(parser)
+    return parser
+
+
+def add_lab_options(parser: argparse.ArgumentParser) -> None:
+    """The options of every bench on a BenchLab: where results go, the lab folder, the wait for a quiet machine."""
     parser.add_argument("--out", type=Path, default=None,
                         help="write results JSON and plots here instead of bench/results and docs/bench")
     parser.add_argument("--keep", action="store_true", help="keep the temporary lab folder (logs, database)")
     parser.add_argument("--quiet-timeout", type=float, default=120,
                         help="first wait up to this many seconds for the machine to be idle (0: do not wait)")
-    return parser
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return number
+
+
+def positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return number
+
+
+def rate_list(value: str) -> list[float]:
+    """Comma-separated rates in messages per second, each positive."""
+    parts = [v for v in value.split(",") if v.strip()]
+    if not all(_is_float(v) for v in parts):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a comma-separated list of rates")
+    rates = [float(v) for v in parts]
+    if not rates or min(rates) <= 0:
+        raise argparse.ArgumentTypeError("rates must be positive numbers of messages per second")
+    return rates
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 Figures = dict[str, Any]
