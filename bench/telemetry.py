@@ -31,21 +31,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    DOCS_DIR,
-    RESULTS_DIR,
-    Progress,
-    plot_latency_histograms,
-    write_results,
-)
-from bench.rig import (
-    BenchLab,
-    add_lab_options,
-    positive_float,
-    positive_int,
-    rate_list,
-    wait_until_quiet,
-)
+from bench.common import DOCS_DIR, RESULTS_DIR, Progress, plot_latency_histograms, write_results
+from bench.rig import BenchLab, add_lab_options, positive_float, positive_int, rate_list, wait_until_quiet
 from bench.simdevices import Fleet
 from bench.telemetry_ladder import LadderPlan, Phase, StepRule, ladder
 from bench.telemetry_latency import latency_phase
