@@ -34,17 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.ca_lab import (
-    CALab,
-    LoadResult,
-    bench_parser,
-    connect_requesters,
-    environment_note,
-    make_csrs,
-    output_dirs,
-    wait_ca_answers,
-    wait_for_quiet,
-)
+from bench.ca_lab import CALab, LoadResult, bench_parser, environment_note, make_csrs, output_dirs, wait_for_quiet
 from bench.common import plot_latency_histograms, plot_timeseries, print_table, write_results
 from bench.issuance_levels import level_http, level_mqtt, level_raw, level_renew, level_service, renewal_supported
 from bench.profiling import summarise_profile
@@ -115,7 +105,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         transport_levels = [lv for lv in args.levels if lv not in ("raw", "service")]
         if transport_levels:
             lab.start_broker()
-            requester_names = [f"bench-req-{i:02d}" for i in range(args.requesters)]
             servers = [lv.split("-", 1)[1] for lv in ("http-werkzeug", "http-gunicorn") if lv in args.levels]
             mqtt_server = args.server
             # The MQTT levels run on `--server` (the HTTP server does not matter to them): start it last.
@@ -135,15 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         levels[level + suffix], loads[level + suffix] = level_http(lab, csrs, args, pids, profile_to,
                                                                                    level + suffix)
                     if server == mqtt_server and "mqtt" in args.levels:
-                        requesters = connect_requesters(lab, lab.issue_devices(requester_names))
-                        try:
-                            wait_ca_answers(requesters[0])
-                            profile_to = results_dir / f"{name}-mqtt{suffix}.pyspy.txt" if args.profile else None
-                            levels["mqtt" + suffix], loads["mqtt" + suffix] = level_mqtt(lab, csrs, requesters, args,
-                                                                                         pids, profile_to)
-                        finally:
-                            for requester in requesters:
-                                requester.close()
+                        profile_to = results_dir / f"{name}-mqtt{suffix}.pyspy.txt" if args.profile else None
+                        levels["mqtt" + suffix], loads["mqtt" + suffix] = level_mqtt(lab, csrs, args, pids,
+                                                                                     profile_to)
                     if server == mqtt_server and "renew" in args.levels:
                         if renewal_supported():
                             profile_to = results_dir / f"{name}-renew{suffix}.pyspy.txt" if args.profile else None

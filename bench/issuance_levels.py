@@ -143,8 +143,21 @@ def level_http(lab: CALab, csrs: list[Csr], args: argparse.Namespace, pids: dict
     return figures, result
 
 
-def level_mqtt(lab: CALab, csrs: list[Csr], requesters: list[Requester], args: argparse.Namespace,
-               pids: dict[str, int], profile_to: Path | None) -> tuple[dict[str, Any], LoadResult]:
+def level_mqtt(lab: CALab, csrs: list[Csr], args: argparse.Namespace, pids: dict[str, int],
+               profile_to: Path | None) -> tuple[dict[str, Any], LoadResult]:
+    """ssl/sign over MQTT from `--requesters` connections (each its own certificate), `--window` in flight each."""
+    names = [f"bench-req-{i:02d}" for i in range(args.requesters)]
+    requesters = connect_requesters(lab, lab.issue_devices(names))
+    try:
+        wait_ca_answers(requesters[0])
+        return _signatures(lab, csrs, requesters, args, pids, profile_to)
+    finally:
+        for requester in requesters:
+            requester.close()
+
+
+def _signatures(lab: CALab, csrs: list[Csr], requesters: list[Requester], args: argparse.Namespace,
+                pids: dict[str, int], profile_to: Path | None) -> tuple[dict[str, Any], LoadResult]:
     bodies = [json.dumps(sign_body(lab, csr)).encode() for csr in csrs]
     meter = CpuMeter(pids).start()
     with profiler(profile_to, pids["dashboard"], args.duration):
