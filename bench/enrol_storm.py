@@ -41,6 +41,7 @@ from bench.ca_lab import (
     wait_for_quiet,
 )
 from bench.common import CpuMeter, Progress, plot_latency_histograms, plot_timeseries, summary_ms, write_results
+from bench.rig import positive_float, positive_int
 
 TARGETS = {"devices": 10000, "total_s": 20.0, "failures": 0}  # Step 12: 10,000 devices over MQTT in < 20 s
 DAYS = 30
@@ -48,20 +49,17 @@ DAYS = 30
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = bench_parser("enrol_storm", __doc__)
-    parser.add_argument("--devices", type=int, default=10000, help="devices enrolling at once (default 10000)")
-    parser.add_argument("--requesters", type=int, default=8,
+    parser.add_argument("--devices", type=positive_int, default=10000, help="devices enrolling at once (default 10000)")
+    parser.add_argument("--requesters", type=positive_int, default=8,
                         help="MQTT connections the requests go through (default 8)")
     parser.add_argument("--auth", choices=("pass", "token"), default="pass",
                         help="what authorises each request: the CA passphrase, or a single-use enrolment token "
                              "per device (default pass)")
     parser.add_argument("--ca-replicas", type=int, default=2, choices=(1, 2),
                         help="CA service replicas (`python -m ca`) splitting the storm (default 2)")
-    parser.add_argument("--timeout", type=float, default=120.0,
+    parser.add_argument("--timeout", type=positive_float, default=120.0,
                         help="give up waiting for replies after this many seconds (default 120)")
-    args = parser.parse_args(argv)
-    if args.devices <= 0 or args.requesters <= 0 or args.timeout <= 0:
-        parser.error("--devices, --requesters and --timeout must be > 0")
-    return args
+    return parser.parse_args(argv)
 
 
 def fetch_tokens(lab: CALab, names: Sequence[str]) -> dict[str, str]:

@@ -38,6 +38,7 @@ from bench.ca_lab import CALab, LoadResult, bench_parser, environment_note, make
 from bench.common import plot_latency_histograms, plot_timeseries, print_table, write_results
 from bench.issuance_levels import level_http, level_mqtt, level_raw, level_renew, level_service, renewal_supported
 from bench.profiling import summarise_profile
+from bench.rig import positive_float, positive_int
 
 LEVELS = ("raw", "service", "http-werkzeug", "http-gunicorn", "mqtt", "renew")
 TARGETS = {"mqtt_per_s": 1000, "http_per_s": 500, "p99_ms": 50}
@@ -45,16 +46,20 @@ TARGETS = {"mqtt_per_s": 1000, "http_per_s": 500, "p99_ms": 50}
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = bench_parser("issuance", __doc__)
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per level (default 10)")
-    parser.add_argument("--count", type=int, default=30000, help="at most this many requests per level (default 30000)")
-    parser.add_argument("--csrs", type=int, default=4000,
+    parser.add_argument("--duration", type=positive_float, default=10.0, help="seconds per level (default 10)")
+    parser.add_argument("--count", type=positive_int, default=30000, help="at most this many requests per level "
+                        "(default 30000)")
+    parser.add_argument("--csrs", type=positive_int, default=4000,
                         help="distinct CSRs (names) made ahead of time and cycled through (default 4000)")
     parser.add_argument("--levels", default=",".join(LEVELS), help=f"comma-separated subset of {', '.join(LEVELS)}")
-    parser.add_argument("--threads", type=int, default=8, help="threads calling the service in-process (default 8)")
-    parser.add_argument("--http-clients", type=int, default=16, help="keep-alive HTTP connections (default 16)")
-    parser.add_argument("--requesters", type=int, default=8, help="MQTT requester connections (default 8)")
-    parser.add_argument("--window", type=int, default=4, help="requests in flight per MQTT connection (default 4)")
-    parser.add_argument("--renewers", type=int, default=32,
+    parser.add_argument("--threads", type=positive_int, default=8, help="threads calling the service in-process "
+                        "(default 8)")
+    parser.add_argument("--http-clients", type=positive_int, default=16, help="keep-alive HTTP connections "
+                        "(default 16)")
+    parser.add_argument("--requesters", type=positive_int, default=8, help="MQTT requester connections (default 8)")
+    parser.add_argument("--window", type=positive_int, default=4, help="requests in flight per MQTT connection "
+                        "(default 4)")
+    parser.add_argument("--renewers", type=positive_int, default=32,
                         help="devices renewing their own certificates in the renew level, one connection and one "
                              "renewal in flight each (default 32)")
     parser.add_argument("--ca-replicas", default="1,2",
@@ -77,10 +82,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = set(args.levels) - set(LEVELS)
     if unknown:
         parser.error(f"unknown level(s) {', '.join(sorted(unknown))}; choose from {', '.join(LEVELS)}")
-    if min(args.duration, args.count, args.csrs, args.threads, args.http_clients, args.requesters, args.window,
-           args.renewers) <= 0:
-        parser.error("--duration, --count, --csrs, --threads, --http-clients, --requesters, --window and "
-                     "--renewers must be > 0")
     return args
 
 

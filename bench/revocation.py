@@ -37,6 +37,7 @@ import paho.mqtt.client as mqtt
 
 from bench.ca_lab import CALab, HttpClient, bench_parser, enrol, environment_note, output_dirs, wait_for_quiet
 from bench.common import Progress, plot_timeseries, summary_ms, write_results
+from bench.rig import positive_float, positive_int
 from lab.mqtt import Identity, make_client, tls_context
 from lab.testing import wait_for
 
@@ -45,17 +46,15 @@ TARGET_S = 2.0
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = bench_parser("revocation", __doc__)
-    parser.add_argument("--rounds", type=int, default=5, help="devices revoked, one after the other (default 5)")
-    parser.add_argument("--interval-ms", type=float, default=10.0,
+    parser.add_argument("--rounds", type=positive_int, default=5, help="devices revoked, one after the other "
+                        "(default 5)")
+    parser.add_argument("--interval-ms", type=positive_float, default=10.0,
                         help="the device publishes a reading this often (default 10 ms)")
-    parser.add_argument("--observe", type=float, default=3.0,
+    parser.add_argument("--observe", type=positive_float, default=3.0,
                         help="seconds the device keeps publishing after the revoke request (default 3)")
-    parser.add_argument("--probe-ms", type=float, default=50.0,
+    parser.add_argument("--probe-ms", type=positive_float, default=50.0,
                         help="pause between two reconnect attempts with the revoked certificate (default 50 ms)")
-    args = parser.parse_args(argv)
-    if args.rounds <= 0 or args.interval_ms <= 0 or args.observe <= 0 or args.probe_ms <= 0:
-        parser.error("--rounds, --interval-ms, --observe and --probe-ms must be > 0")
-    return args
+    return parser.parse_args(argv)
 
 
 class Publisher:
