@@ -40,6 +40,9 @@ from bench.issuance_levels import level_http, level_mqtt, level_raw, level_renew
 from bench.profiling import summarise_profile
 from bench.rig import positive_float, positive_int
 
+# The parts: bench.issuance_load (the load drivers), bench.issuance_levels (one function per level),
+# bench.profiling (py-spy). This module: the options, the order of the levels, the report and the plots.
+
 LEVELS = ("raw", "service", "http-werkzeug", "http-gunicorn", "mqtt", "renew")
 TARGETS = {"mqtt_per_s": 1000, "http_per_s": 500, "p99_ms": 50}
 

@@ -17,6 +17,9 @@ through nginx with two dashboards. All on one throwaway lab (bench.rig), on loop
 
     python -m bench.telemetry                      # the full run (about 2 minutes)
     python -m bench.telemetry --publishers 2 --messages 5000 --latency-seconds 5   # a quick look
+
+The parts: bench.telemetry_pipeline (the flood and its consumers), bench.telemetry_ladder (one step at a rate,
+and the ladder of steps), bench.telemetry_latency (the dashboards behind nginx and what each browser saw).
 """
 
 from __future__ import annotations
