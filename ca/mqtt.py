@@ -40,6 +40,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from lab.mqtt import Identity, make_client
+from lab.rotation import PairWatcher, follow_renewals
 from pki.config import Settings
 from pki.lockout import IDENTITY_PREFIX
 from pki.requests import UNAVAILABLE, readable_name
@@ -78,11 +79,32 @@ class CAConnection:
         self._filters: list[str] = []
         self._handler: Callable[[mqtt.MQTTMessage], None] | None = None
         self.client: mqtt.Client | None = None
+        self._watcher: PairWatcher | None = None
 
     def subscribe(self, topic_filters: list[str], handler: Callable[[mqtt.MQTTMessage], None]) -> None:
         self._filters, self._handler = list(topic_filters), handler
 
     def start(self) -> None:
+        # Watching from before the client reads the files: a renewal in between is seen on the first look.
+        self._watcher = follow_renewals(self.identity, self.settings.cert_watch_seconds, self.reconnect_with_files,
+                                        self.name)
+        self.client = self._new_client()
+        self._connect(self.client)
+
+    def reconnect_with_files(self) -> None:
+        """Its certificate files were renewed (the generator): a new client reads them (the old one disconnects
+        first; the session is clean anyway, and requests of the moment between are the clients' to retry)."""
+        old = self.client
+        if old is None:
+            return
+        new = self._new_client()
+        self.client = new
+        old.disconnect()
+        old.loop_stop()
+        self.connected.clear()
+        self._connect(new)
+
+    def _new_client(self) -> mqtt.Client:
         client = make_client(self.identity, self.name, protocol=mqtt.MQTTv5)
         # Replies are QoS 1: let many be in flight (paho's default of 20 serialises a burst on round trips).
         client.max_inflight_messages_set(MAX_INFLIGHT)
@@ -90,7 +112,9 @@ class CAConnection:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.reconnect_delay_set(min_delay=1, max_delay=10)
-        self.client = client
+        return client
+
+    def _connect(self, client: mqtt.Client) -> None:
         # A clean session that ends with the connection: the broker keeps nothing of ours (no request, with its
         # passphrase, saved in its persistence file), and a departed replica leaves no queue behind.
         client.connect_async(self.settings.broker_address, self.settings.broker_port, keepalive=30,
@@ -98,6 +122,9 @@ class CAConnection:
         client.loop_start()
 
     def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
         if self.client is None:
             return
         self.client.disconnect()

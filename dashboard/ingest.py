@@ -33,6 +33,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from lab.mqtt import Identity, make_client
+from lab.rotation import PairWatcher, follow_renewals
 from pki.broker import PRESENCE_TOPICS, TELEMETRY_TOPICS
 from pki.config import Settings
 
@@ -63,23 +64,51 @@ class TelemetryIngest:
         self.topic_filter = telemetry_filter(shared)
         self.identity = Identity.of(settings.certs_dir, self.name)
         self.client: mqtt.Client | None = None
+        self._watcher: PairWatcher | None = None
         self.connected = threading.Event()
         self.subscribed = threading.Event()
         self.last_error: str | None = None
         self.received = 0
 
     def start(self) -> None:
+        # Watching from before the client reads the files: a renewal in between is seen on the first look.
+        self._watcher = follow_renewals(self.identity, self.settings.cert_watch_seconds, self.reconnect_with_files,
+                                        f"ingest {self.name}")
+        self.client = self._new_client()
+        self._connect(self.client)
+
+    def _new_client(self) -> mqtt.Client:
         client = make_client(self.identity, self.name, protocol=mqtt.MQTTv311, clean_session=False)
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.reconnect_delay_set(min_delay=1, max_delay=30)
-        self.client = client
+        return client
+
+    def _connect(self, client: mqtt.Client) -> None:
         client.connect_async(self.settings.broker_address, self.settings.broker_port, keepalive=30)
         client.loop_start()
 
+    def reconnect_with_files(self) -> None:
+        """Its certificate files were renewed: the old client disconnects cleanly (the same client id would kick
+        the new one off), a new one reads the files and resumes the persistent session, in which the broker
+        queued the readings of the moment between (queue_qos0_messages)."""
+        old = self.client
+        if old is None:
+            return
+        new = self._new_client()
+        self.client = new
+        old.disconnect()
+        old.loop_stop()
+        self.connected.clear()
+        self.subscribed.clear()
+        self._connect(new)
+
     def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
         client, self.client = self.client, None
         if client is None:
             return

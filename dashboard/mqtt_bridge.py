@@ -25,7 +25,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from lab.mqtt import Identity, make_client
-from lab.rotation import Pair, PairWatcher
+from lab.rotation import PairWatcher, follow_renewals
 from pki.config import Settings
 
 log = logging.getLogger(__name__)
@@ -97,12 +97,10 @@ class MqttBridge:
 
     def start(self) -> None:
         # Watching from before the client reads the files: a renewal in between is seen on the first look.
-        self._watcher = PairWatcher(self.identity.cert, self.identity.key, self._files_renewed,
-                                    ca=self.identity.ca_cert, interval=self.settings.cert_watch_seconds,
-                                    name="mqtt-cert-watch")
+        self._watcher = follow_renewals(self.identity, self.settings.cert_watch_seconds, self.reconnect_with_files,
+                                        f"MQTT {self.name}")
         self.client = self._new_client()
         self._connect(self.client)
-        self._watcher.start()
 
     def _new_client(self) -> mqtt.Client:
         client = make_client(self.identity, self.name, protocol=mqtt.MQTTv5)
@@ -137,12 +135,6 @@ class MqttBridge:
         old.disconnect()
         old.loop_stop()
         self._connect(new)
-
-    def _files_renewed(self, pair: Pair) -> bool:
-        """The watcher's callback: the generator (or the CA) renewed this identity's certificate files."""
-        log.info("MQTT certificate of %s renewed (serial %s): reconnecting with it", self.name, pair.serial)
-        self.reconnect_with_files()
-        return True
 
     def stop(self) -> None:
         if self._watcher is not None:

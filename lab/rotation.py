@@ -25,6 +25,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pki.authority import CAError, load_certificate, load_private_key, public_key_matches, serial_hex
 from pki.store import FileSnapshot
@@ -127,6 +128,20 @@ class PairWatcher:
                 self.check()
             except Exception:  # keep watching whatever happened; the next round tries again
                 log.exception("%s: switching to the renewed files %s failed", self.name, self.files.cert)
+
+
+def follow_renewals(identity: Any, interval: float, reconnect: Callable[[], None], name: str) -> PairWatcher:
+    """A started watcher of an MQTT identity's files (lab.mqtt.Identity: cert, key, ca_cert) that calls
+    `reconnect()` (a new paho client reading the files again: paho cannot change a client's TLS identity) when
+    they were renewed under the running process (the generator, the CA)."""
+
+    def renewed(pair: Pair) -> bool:
+        log.info("%s: certificate renewed (serial %s): reconnecting with it", name, pair.serial)
+        reconnect()
+        return True
+
+    return PairWatcher(identity.cert, identity.key, renewed, ca=identity.ca_cert, interval=interval,
+                       name=f"{name}-cert-watch").start()
 
 
 class ServerContext:

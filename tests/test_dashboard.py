@@ -339,7 +339,7 @@ def test_certificate_statuses_follow_the_renewal_window_and_revocation(generated
     assert status["device002"] == "revoked"
     assert status["provisioner"] == "invalid"  # its key file is gone: the check says so
     assert status["ingest-1"] == status["ingest-2"] == "expiring"
-    assert certs["summary"]["revoked"] == 1 and certs["summary"]["expiring"] == 5
+    assert certs["summary"]["revoked"] == 1 and certs["summary"]["expiring"] == 6
     assert certs["crl"]["present"] is True and certs["crl"]["next_update"]
 
 

@@ -34,7 +34,7 @@ class Recorder:
 # Private names of paho's Client (and the kind of use a subclass makes of them): reading or overriding any of
 # these breaks on paho's next release (one was renamed between 2.1 and 2.2).
 PRIVATE_PAHO = ("_sock_recv", "_in_packet", "_handle_", "_last_bytes_received", "_msgtime_mutex", "._userdata",
-                "_in_callback_mutex", "message._topic", "_packet_read", "_out_packet", "._sock", "_protocol",
+                "_in_callback_mutex", "message._topic", "_packet_read", "_out_packet", "._sock", "._protocol",
                 "from paho.mqtt import _", "paho.mqtt._")
 
 

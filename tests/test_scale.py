@@ -25,6 +25,7 @@ from playwright.sync_api import Browser, Page
 from dashboard import create_app, shutdown, start
 from dashboard.readings import ReadingStore
 from lab.scale import NginxServer, RedisServer
+from lab.testing import CAServiceProcess
 from pki.lab import LabCertificates
 
 from .conftest import PROJECT_ROOT, LabEnv, make_lab_env
@@ -43,7 +44,10 @@ class Replicas:
         LabCertificates(self.lab.settings()).generate()
         self.broker = Broker(self.lab.certs_dir, self.lab.data_dir, self.lab.broker_port).start()
         self.redis = RedisServer(root / "redis", free_port()).start()
-        shared = {**self.lab.env, "SOCKETIO_MESSAGE_QUEUE": self.redis.url, "CA_HTTPS_PORT": "0",
+        # One CA replica (ca-1) that both dashboards forward /v1/ssl/* to (each starting its own would make two
+        # `ca-1` connections, which the broker lets kick each other off).
+        self.ca = CAServiceProcess({**self.lab.env, "CA_HTTPS_PORT": "0"}, 1, root / "ca.log").start()
+        shared = {**self.lab.env, "SOCKETIO_MESSAGE_QUEUE": self.redis.url, "CA_URLS": self.ca.url,
                   "DASHBOARD_SECRET_KEY": "scale-test-" + "k" * 40}  # both sign the same session cookies
         # One process holds the `dashboard` connection (CA over MQTT, revocation); the broker allows one per CN.
         self.envs = [{**shared, "INGEST_ID": "ingest-1"},
@@ -92,6 +96,7 @@ class Replicas:
         self.nginx.stop()
         for dashboard in self.dashboards:
             dashboard.stop()
+        self.ca.stop()
         self.redis.stop()
         self.broker.stop()
 
