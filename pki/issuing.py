@@ -10,14 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from .authorisation import TRANSPORT, Authoriser
+from .authorisation import TRANSPORT
 from .authority import (
     CAError,
     CertificateAuthority,
@@ -34,13 +33,10 @@ from .authority import (
     serial_hex,
     utcnow,
 )
-from .broker import BrokerFiles
-from .config import Settings
 from .identity import is_reserved_san
-from .inventory import REVOKED, Inventory, IssuedAs, TokenAlreadyUsed
+from .inventory import REVOKED, IssuedAs, TokenAlreadyUsed
 from .issuance import Issuance
-from .keyholder import KeyHolder, longest_validity
-from .metrics import CAMetrics
+from .keyholder import longest_validity
 from .profiles import BACKDATE, DEVICE, ENTITY, PROFILES, SERVER, Profile
 from .replies import Reply
 from .requests import (
@@ -59,9 +55,11 @@ from .requests import (
     refuse_protected,
     refuse_reserved_sans,
 )
-from .store import CERT_MODE, KEY_MODE, CertsLayout, atomic_write, ensure_dir, read_optional
+from .service_parts import ServiceParts
+from .store import CERT_MODE, KEY_MODE, atomic_write, ensure_dir, read_optional
 
 log = logging.getLogger("pki.service")
+R = TypeVar("R", SignRequest, CreateRequest)
 
 
 def _first_attribute(name: x509.Name, oid: x509.ObjectIdentifier) -> str | None:
@@ -102,18 +100,9 @@ def server_entity_name(dns_name: str) -> str:
     """The inventory name of an ACME server certificate: `acme-<host>` with dots as '_' (an entity name)."""
     return ("acme-" + dns_name.lower().replace(".", "_"))[:64].rstrip("_-")
 
-class IssuingOperations:
-    """sign / renew / create / ACME issuance, and the one issuing path (`_issue`)."""
 
-    # Set by CAService.__init__ (pki/service.py), which combines the operations.
-    settings: Settings
-    inventory: Inventory
-    metrics: CAMetrics
-    layout: CertsLayout
-    broker_files: BrokerFiles
-    keys: KeyHolder
-    gate: Authoriser
-    on_revoked: list[Callable[[str], None]]
+class IssuingOperations(ServiceParts):
+    """sign / renew / create / ACME issuance, and the one issuing path (`_issue`)."""
 
     # From the other parts: `_writer` (CAService); `_sync_broker`, `_acl_denies`, `_acl_lacks_collector` (revoking).
 
@@ -140,10 +129,14 @@ class IssuingOperations:
             return DEVICE
         return ENTITY
 
-    def _sign(self, body: object, source: str, via: str, requester: str) -> Reply:
-        root = self.keys.root()
-        request = parse(SignRequest, body, max_days=longest_validity(root))
+    def _parse_named(self, model: type[R], body: object) -> R:
+        """A sign or create body, valid for at most the root's remaining life, for a name that is not protected."""
+        request = parse(model, body, max_days=longest_validity(self.keys.root()))
         refuse_protected(request.name)
+        return request
+
+    def _sign(self, body: object, source: str, via: str, requester: str) -> Reply:
+        request = self._parse_named(SignRequest, body)
         csr = request.csr
         if csr is not None:  # a CSR's SANs are checked, not copied blindly
             refuse_reserved_sans([*csr.dns_names, *csr.ip_addresses], self.settings)
@@ -272,9 +265,7 @@ class IssuingOperations:
         return None
 
     def _create(self, body: object, source: str, via: str, requester: str) -> Reply:
-        root = self.keys.root()
-        request = parse(CreateRequest, body, max_days=longest_validity(root))
-        refuse_protected(request.name)
+        request = self._parse_named(CreateRequest, body)
         cn, extra_dns = create_identity(request, self.settings)
         ca = self.gate.passphrase(request.passphrase, source, request.name)
         fields = {**request.replay_fields(), "key_type": self.settings.key_type}

@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from cryptography import x509
 
-from .authorisation import TRANSPORT, Authoriser
+from .authorisation import TRANSPORT
 from .authority import CertificateAuthority, fingerprint_sha256, serial_hex
-from .broker import BrokerConfigError, BrokerFiles, crl_needs_refresh, crl_serials, reload_broker, write_broker_policy
-from .config import Settings
+from .broker import BrokerConfigError, crl_needs_refresh, crl_serials, reload_broker, write_broker_policy
 from .identity import mac_as_written
-from .inventory import CertificateRecord, Inventory
-from .keyholder import KeyHolder
-from .metrics import CAMetrics
+from .inventory import CertificateRecord
 from .replies import Reply
 from .requests import (
     CONFLICT,
@@ -32,24 +28,14 @@ from .requests import (
     parse,
     refuse_protected,
 )
-from .store import CertsLayout, FileSnapshot, read_optional
+from .service_parts import ServiceParts
+from .store import read_optional
 
 log = logging.getLogger("pki.service")
 
 
-class RevocationOperations:
+class RevocationOperations(ServiceParts):
     """revoke, revoke a certificate (ACME), the CRL and ACL from the inventory, the CRL refresh."""
-
-    # Set by CAService.__init__ (pki/service.py), which combines the operations.
-    settings: Settings
-    inventory: Inventory
-    metrics: CAMetrics
-    layout: CertsLayout
-    broker_files: BrokerFiles
-    keys: KeyHolder
-    gate: Authoriser
-    on_revoked: list[Callable[[str], None]]
-    _acl_file: FileSnapshot
 
     # From CAService: `_writer`, the writer lock of this process and the file lock of the others.
 
