@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pki.authority import CAError, WrongPassphrase
 from pki.config import ConfigError, Settings, parse_devices, revoked_next_step
-from pki.lab import LabCertificates
+from pki.generator import LabCertificates
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,7 +2,7 @@
 
 Everything lives in one temporary folder (removed on close) so a bench never touches the developer's
 `certs/`, `data/` or `.env`, and two benches can run side by side. The lab is the real one: certificates
-from `pki.lab.LabCertificates`, the broker config the generator renders (mutual TLS, ACL, CRL), the
+from `pki.generator.LabCertificates`, the broker config the generator renders (mutual TLS, ACL, CRL), the
 dashboard as a subprocess (`lab.testing.DashboardProcess`: `python -m dashboard`, or gunicorn as in
 dashboard/Dockerfile).
 """
@@ -28,7 +28,7 @@ from lab.mqtt import Identity
 from lab.testing import Broker, CAServiceProcess, DashboardProcess, free_port
 from pki.authority import CertificateAuthority, cert_pem, generate_private_key, key_pem
 from pki.config import Settings
-from pki.lab import LabCertificates
+from pki.generator import LabCertificates
 from pki.profiles import DEVICE
 from pki.store import CertsLayout
 

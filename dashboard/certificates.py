@@ -20,8 +20,8 @@ from sqlalchemy import func, select
 from pki.authority import CAError, load_certificate, load_private_key, public_key_matches
 from pki.broker import BrokerFiles
 from pki.config import Settings
+from pki.generator import ROOT_NAME, LabCertificates, lab_entities
 from pki.inventory import REVOKED, SUPERSEDED, CertificateRecord, Inventory
-from pki.lab import ROOT_NAME, LabCertificates, lab_entities
 from pki.profiles import DEVICE
 from pki.requests import is_protected
 from pki.status import EXPIRED, EXPIRING, INVALID, MISSING, VALID, expiry_state

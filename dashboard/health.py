@@ -15,8 +15,8 @@ from flask import Blueprint, Flask, Response, current_app, jsonify
 from pydantic import BaseModel, Field
 
 from pki.broker import BrokerFiles
-from pki.lab import EXPIRED, INVALID, MISSING
 from pki.metrics import CONTENT_TYPE, IngestCollector, InventoryCollector, MqttCollector, ReplicaCollector, exposition
+from pki.status import EXPIRED, INVALID, MISSING
 
 from .live import LiveHub
 from .mqtt_bridge import MqttBridge

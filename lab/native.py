@@ -42,7 +42,7 @@ from ca.internal import internal_port
 from pki.authority import CAError, WrongPassphrase
 from pki.broker import BrokerConfigError, BrokerFiles, broker_command, find_dynsec_plugin
 from pki.config import PROJECT_ROOT, ConfigError, Settings, lab_environ, parse_devices, revoked_next_step
-from pki.lab import LabCertificates
+from pki.generator import LabCertificates
 from pki.service import CAService
 from pki.store import CERT_MODE, CertsLayout, atomic_write, ensure_dir
 

@@ -16,8 +16,8 @@ ACTIVE = "active"
 SUPERSEDED = "superseded"
 REVOKED = "revoked"
 
-# `issued_via` of a certificate the generator found on disk and only recorded (pki/lab.py, a file it did not write,
-# say after a run with another inventory): it rotated no key, and the certificate it displaces in the inventory
+# `issued_via` of a certificate the generator found on disk and only recorded (pki/generator.py, a file it did not
+# write, say after a run with another inventory): it rotated no key, and the certificate it displaces in the inventory
 # may still be in use by whoever holds that key, so its predecessor is never listed as superseded.
 RECORDED_VIAS = frozenset({"import"})
 # A CA certificate is never listed on a CRL (the root's successor is a new root, not a leaf of it).

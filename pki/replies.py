@@ -4,7 +4,8 @@ is generated from them, beside the request models of `pki.requests`."""
 from __future__ import annotations
 
 import datetime as dt
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -80,3 +81,16 @@ class Certificates(_Reply):
 
 
 REPLIES: tuple[type[BaseModel], ...] = (Error, Issued, Revoked, Token, Certificates)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What both transports send back: an HTTP status, the JSON body, extra headers (Retry-After)."""
+
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status < 400

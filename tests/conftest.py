@@ -13,7 +13,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from pki.config import Settings
-from pki.lab import LabCertificates
+from pki.generator import LabCertificates
 
 from .pgserver import PostgresServer, PostgresUnavailable
 from .support import Broker, ThermometerProcess, free_port

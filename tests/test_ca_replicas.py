@@ -28,8 +28,8 @@ from paho.mqtt.properties import Properties
 
 from lab.native import build_services
 from pki.config import PROJECT_ROOT
+from pki.generator import LabCertificates
 from pki.inventory import Inventory
-from pki.lab import LabCertificates
 
 from .ca_support import make_csr
 from .conftest import LabEnv, make_lab_env

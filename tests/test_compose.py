@@ -44,7 +44,7 @@ from pki.broker import (
     render_config,
 )
 from pki.config import Settings
-from pki.lab import LabCertificates, lab_entities
+from pki.generator import LabCertificates, lab_entities
 from pki.profiles import BROKER
 from pki.store import CERT_MODE, atomic_write
 

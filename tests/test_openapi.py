@@ -22,7 +22,7 @@ from schemathesis import GenerationMode
 from schemathesis.generation.hypothesis.builder import HypothesisTestConfig, HypothesisTestMode, create_test
 
 from dashboard.openapi import LOGIN, MODELS, ROUTES, openapi_document
-from pki.lab import LabCertificates
+from pki.generator import LabCertificates
 from pki.requests import (
     CreateRequest,
     RequestError,

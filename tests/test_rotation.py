@@ -145,8 +145,8 @@ def test_a_generator_renewal_is_followed_by_the_running_lab_and_the_old_pairs_di
 
 
 def test_the_watcher_switches_only_to_a_complete_new_pair(generated_lab: LabEnv) -> None:
-    """A renewal replaces the key, then the certificate (two renames, pki/lab.py): in between the files are no pair
-    and nothing switches. Then one callback with the new serial; a callback that could not switch is asked again,
+    """A renewal replaces the key, then the certificate (two renames, pki/generator.py): in between the files are no
+    pair and nothing switches. Then one callback with the new serial; a callback that could not switch is asked again,
     one that did is not asked twice for the same pair. A new root file (a new root reissues every leaf and then
     each folder's root_ca.crt) counts as a change too."""
     identity = Identity.of(generated_lab.certs_dir, "device001")

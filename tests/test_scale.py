@@ -26,7 +26,7 @@ from dashboard import create_app, shutdown, start
 from dashboard.readings import ReadingStore
 from lab.scale import NginxServer, RedisServer
 from lab.testing import CAServiceProcess
-from pki.lab import LabCertificates
+from pki.generator import LabCertificates
 
 from .conftest import PROJECT_ROOT, LabEnv, make_lab_env
 from .support import Broker, Collector, established_to, free_port, wait_for

@@ -6,17 +6,10 @@ Used by the generator CLI, `./setup.sh`, the native runner and the tests.
 from __future__ import annotations
 
 import datetime as dt
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from cryptography import x509
-from sqlalchemy import create_engine, select
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
-from sqlalchemy.pool import NullPool
 
 from .authority import (
     CAError,
@@ -27,7 +20,6 @@ from .authority import (
     days_left,
     generate_private_key,
     key_pem,
-    load_certificate,
     load_private_key,
     public_key_matches,
     serial_hex,
@@ -47,7 +39,8 @@ from .broker import (
 from .config import ConfigError, Settings, revoked_next_step
 from .inventory import REVOKED as REVOKED_STATUS
 from .inventory import SUPERSEDED as SUPERSEDED_STATUS
-from .inventory import CertificateRecord, Inventory
+from .inventory import Inventory
+from .lab_files import cert_sans, load_crl, read_cert, read_key, revoked_in_inventory, san_set
 from .profiles import BROKER, CA_SERVICE, DASHBOARD, DEVICE, INGEST, PROVISIONER, ROOT_CA, ROOT_CA_DAYS, Profile
 from .status import EXPIRED, EXPIRING, INVALID, MISSING, VALID, expiry_state
 from .store import CERT_MODE, KEY_MODE, CertsLayout, atomic_write, ensure_dir, exclusive_lock, read_optional
@@ -119,78 +112,6 @@ def lab_entities(settings: Settings, devices: Sequence[str] | None = None) -> li
     return entities
 
 
-def _read_cert(path: Path) -> tuple[x509.Certificate | None, str]:
-    data = read_optional(path)
-    if data is None:
-        return None, "missing"
-    try:
-        return load_certificate(data), ""
-    except CAError:
-        return None, "unreadable certificate"
-
-
-def _read_key(path: Path) -> tuple[object | None, str]:
-    data = read_optional(path)
-    if data is None:
-        return None, "missing key"
-    try:
-        return load_private_key(data), ""
-    except CAError:
-        return None, "unreadable key"
-
-
-def revoked_in_inventory(database_url: str, serials: Sequence[str]) -> dict[str, tuple[dt.datetime | None, str]]:
-    """serial -> (revocation time, reason) for those of `serials` the inventory marks revoked.
-
-    Read-only: a database that does not exist stays absent (`--check` must not create one), and one that
-    cannot be read counts as knowing nothing (the CRL is consulted as well).
-    """
-    if not serials:
-        return {}
-    url = make_url(database_url)
-    if url.get_backend_name() == "sqlite" and not (url.database and Path(url.database).is_file()):
-        return {}
-    try:
-        with Session(_reader_engine(database_url)) as session:
-            rows = session.execute(
-                select(CertificateRecord.serial, CertificateRecord.revoked_at, CertificateRecord.revocation_reason)
-                .where(CertificateRecord.serial.in_(list(serials)), CertificateRecord.status == REVOKED_STATUS))
-            return {serial: (when, reason or "unspecified") for serial, when, reason in rows}
-    except SQLAlchemyError:
-        return {}
-
-
-@functools.lru_cache(maxsize=8)
-def _reader_engine(database_url: str) -> Engine:
-    """One engine per database (the dashboard checks every few seconds); NullPool: no connection stays open."""
-    return create_engine(database_url, poolclass=NullPool)
-
-
-def _load_crl(path: Path, root: x509.Certificate | None) -> tuple[x509.CertificateRevocationList | None, str]:
-    """The CRL at `path` and '' when it is one of `root`'s; else None and the status to report."""
-    data = read_optional(path)
-    if data is None:
-        return None, MISSING
-    try:
-        crl = x509.load_pem_x509_crl(data)
-    except ValueError:
-        return None, INVALID
-    if root is None or crl.issuer != root.subject or not crl.is_signature_valid(root.public_key()):
-        return None, INVALID
-    return crl, ""
-
-
-def _san_set(names: Sequence[x509.GeneralName]) -> set[str]:
-    return {f"{type(n).__name__}:{str(n.value).lower()}" for n in names}
-
-
-def _cert_sans(cert: x509.Certificate) -> set[str]:
-    try:
-        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        return set()
-    return _san_set(list(ext.value))
-
 
 class LabCertificates:
     """Load-or-create the root, then keep each lab entity's certificate current."""
@@ -206,7 +127,7 @@ class LabCertificates:
         """Unlock (or create) the root; returns a result only when something must be written."""
         settings = self.settings
         key_data = read_optional(self.layout.ca_key)
-        cert, cert_problem = _read_cert(self.layout.ca_cert)
+        cert, cert_problem = read_cert(self.layout.ca_cert)
         if key_data is not None:
             if not settings.ca_passphrase:
                 raise WrongPassphrase("CA_PASSPHRASE is not set")
@@ -244,13 +165,13 @@ class LabCertificates:
 
     def _leaf_problem(self, ca: CertificateAuthority, entity: Entity, now: dt.datetime) -> tuple[str, str]:
         """(action, reason) for one entity: kept with no reason, or why it must be (re)issued."""
-        cert, problem = _read_cert(self.layout.cert(entity.name))
+        cert, problem = read_cert(self.layout.cert(entity.name))
         key_exists = self.layout.key(entity.name).exists()
         if cert is None and problem == "missing" and not key_exists:
             return "created", ""
         if cert is None:
             return "renewed", problem
-        key, key_problem = _read_key(self.layout.key(entity.name))
+        key, key_problem = read_key(self.layout.key(entity.name))
         if key is None:
             return "renewed", key_problem
         if not public_key_matches(cert, key):  # type: ignore[arg-type]
@@ -262,7 +183,7 @@ class LabCertificates:
         if state != VALID:
             return "renewed", EXPIRED if state == EXPIRED else f"expires in {left:.0f} days"
         wanted = subject_alt_names(entity.profile, entity.name, entity.dns_names, entity.ip_addresses)
-        if _san_set(wanted) != _cert_sans(cert):
+        if san_set(wanted) != cert_sans(cert):
             return "renewed", "names changed"
         return "kept", ""
 
@@ -322,7 +243,7 @@ class LabCertificates:
                 for entity in entities:
                     action, reason = self._leaf_problem(ca, entity, now)
                     if action == "kept":
-                        cert, _ = _read_cert(self.layout.cert(entity.name))
+                        cert, _ = read_cert(self.layout.cert(entity.name))
                         assert cert is not None
                         record = inventory.by_serial(serial_hex(cert))
                         if serial_hex(cert) in in_crl or (record is not None and record.status == REVOKED_STATUS):
@@ -339,11 +260,11 @@ class LabCertificates:
                     if action == "kept" and force:
                         action, reason = "renewed", "forced"
                     if action == "kept":
-                        cert, _ = _read_cert(self.layout.cert(entity.name))
+                        cert, _ = read_cert(self.layout.cert(entity.name))
                         assert cert is not None
                         inventory.record_issued(cert, name=entity.name, role=entity.profile.role, via="import")
                     else:
-                        replaced, _ = _read_cert(self.layout.cert(entity.name))
+                        replaced, _ = read_cert(self.layout.cert(entity.name))
                         if replaced is not None and ca.issued(replaced):
                             # Known to the inventory (a no-op) or recorded now: the new key supersedes it, and after
                             # the grace it goes on the CRL like any superseded certificate.
@@ -394,20 +315,20 @@ class LabCertificates:
     def check(self, devices: Sequence[str] | None = None, now: dt.datetime | None = None) -> list[CheckRow]:
         now = now or utcnow()
         rows: list[CheckRow] = []
-        root, problem = _read_cert(self.layout.ca_cert)
+        root, problem = read_cert(self.layout.ca_cert)
         if root is None:
             rows.append(CheckRow(ROOT_NAME, ROOT_CA.role, MISSING if problem == "missing" else INVALID, detail=problem))
         else:
             rows.append(self._check_row(ROOT_NAME, ROOT_CA.role, root, None, now))
         for entity in lab_entities(self.settings, devices):
-            cert, problem = _read_cert(self.layout.cert(entity.name))
+            cert, problem = read_cert(self.layout.cert(entity.name))
             if cert is None:
                 status = MISSING if problem == "missing" else INVALID
                 rows.append(CheckRow(entity.name, entity.profile.role, status, detail=problem))
                 continue
             row = self._check_row(entity.name, entity.profile.role, cert, root, now)
             if row.status in (VALID, EXPIRING):
-                key, key_problem = _read_key(self.layout.key(entity.name))
+                key, key_problem = read_key(self.layout.key(entity.name))
                 if key is None or not public_key_matches(cert, key):  # type: ignore[arg-type]
                     row.status, row.detail = INVALID, key_problem or "key does not match certificate"
             rows.append(row)
@@ -419,7 +340,7 @@ class LabCertificates:
         the inventory, or listed in the CRL the broker enforces (which also covers a Docker run's inventory)."""
         revoked = revoked_in_inventory(self.settings.effective_database_url, [r.serial for r in rows if r.serial])
         files = BrokerFiles(self.settings.certs_dir, self.settings.data_dir)
-        crls = [_load_crl(path, root)[0] for path in (files.crl, files.broker_crl)]
+        crls = [load_crl(path, root)[0] for path in (files.crl, files.broker_crl)]
         for entry in [entry for crl in crls for entry in crl or ()]:
             revoked.setdefault(serial_hex(entry.serial_number), (entry.revocation_date_utc, "listed in the CRL"))
         for row in rows:
@@ -433,8 +354,8 @@ class LabCertificates:
         rewrites it then), `expired` past its next update, when Mosquitto refuses every client."""
         now = now or utcnow()
         path = BrokerFiles(self.settings.certs_dir, self.settings.data_dir).crl
-        root, _ = _read_cert(self.layout.ca_cert)
-        crl, problem = _load_crl(path, root)
+        root, _ = read_cert(self.layout.ca_cert)
+        crl, problem = load_crl(path, root)
         if crl is None:
             what = "is missing" if problem == MISSING else "is not a CRL of the current root"
             return CheckRow("CRL", "crl", problem, detail=f"{path} {what}: run ./setup.sh certs")
