@@ -16,7 +16,7 @@ from types import FrameType
 from pki.config import ConfigError, Settings, lab_environ
 
 from .internal import internal_port, internal_secret
-from .process import CAProcess
+from .process import CAProcess, CAProcessOptions
 from .slots import SlotError, claim_slot
 
 
@@ -38,9 +38,9 @@ def main() -> int:
         print(f"error: CA_SLOT_WAIT={wait!r} is not a number of seconds", file=sys.stderr)
         return 2
     try:
-        process = CAProcess(settings, name=slot.name, secret=internal_secret(settings),
-                            internal_host=(env.get("CA_INTERNAL_HOST") or "127.0.0.1").strip(),
-                            internal_port=internal_port(env))
+        options = CAProcessOptions(internal_host=(env.get("CA_INTERNAL_HOST") or "127.0.0.1").strip(),
+                                   internal_port=internal_port(env))
+        process = CAProcess(settings, name=slot.name, secret=internal_secret(settings), options=options)
     except OSError as ex:  # a port is taken, or the dashboard certificate (EST/ACME's TLS) is missing
         slot.release()
         print(f"error: cannot start the CA service {slot.name}: {ex}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """One CA service replica: the only process that reads the CA key and CA_PASSPHRASE (`python -m ca`).
 
-`CAProcess(settings, name="ca-<n>")` wires, `start()` starts and `shutdown()` stops, in reverse order:
+`CAProcess(settings, name="ca-<n>", secret=..., options=CAProcessOptions(...))` wires, `start()` starts and
+`shutdown()` stops, in reverse order:
 
 - the CAService (pki/service.py: the unlocked root, the inventory, the lockout, all in the shared database);
 - the internal HTTP API (ca/http.py) on CA_INTERNAL_HOST:CA_INTERNAL_PORT, which the dashboard forwards
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 from werkzeug.serving import BaseWSGIServer, make_server
@@ -36,12 +38,25 @@ log = logging.getLogger(__name__)
 CRL_CHECK_INTERVAL = 5.0
 
 
+@dataclass(frozen=True)
+class CAProcessOptions:
+    """Where a replica listens and what it runs: the internal API's address (port 0: a free one), its own MQTT
+    connection or not, EST/ACME's port (None: CA_HTTPS_PORT; 0: off), seconds between CRL checks (0: none)."""
+
+    internal_host: str = "127.0.0.1"
+    internal_port: int = 0
+    mqtt: bool = True
+    https_port: int | None = None
+    crl_interval: float = CRL_CHECK_INTERVAL
+
+
 class CAProcess:
     def __init__(
-        self, settings: Settings, *, name: str = "ca-1", secret: str, internal_host: str = "127.0.0.1",
-        internal_port: int = 0, mqtt: bool = True, https_port: int | None = None,
-        crl_interval: float = CRL_CHECK_INTERVAL, service: CAService | None = None,
+        self, settings: Settings, *, name: str = "ca-1", secret: str, options: CAProcessOptions | None = None,
+        service: CAService | None = None,
     ) -> None:
+        options = options or CAProcessOptions()
+        mqtt = options.mqtt
         self.settings = settings
         self.name = name
         # This replica's counters (issued, refused, lockouts, latency: pki/metrics.py), served to the dashboard
@@ -57,11 +72,11 @@ class CAProcess:
             self.revocation = RevocationEnforcer(self.service, self.connection)
             self.service.on_revoked.append(self.revocation.revoked)
         self.app = create_internal_app(self.service, secret, health=self.health, registry=self.registry)
-        self.server: BaseWSGIServer = make_server(internal_host, internal_port, self.app, threaded=True)
+        self.server: BaseWSGIServer = make_server(options.internal_host, options.internal_port, self.app, threaded=True)
         self.internal_port = self.server.server_port
-        self.https_port = settings.ca_https_port if https_port is None else https_port
+        self.https_port = settings.ca_https_port if options.https_port is None else options.https_port
         self.https: CAHttpsServer | None = None
-        self.crl_interval = crl_interval
+        self.crl_interval = options.crl_interval
         self._crl_stop = threading.Event()
         self._crl_thread: threading.Thread | None = None
         self._http_thread: threading.Thread | None = None

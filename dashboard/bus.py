@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "iot-lab:readings"
 # Seconds between two publishes of what arrived meanwhile: a reading shown by another dashboard waits this, then
-# that dashboard's own push tick (live.FLUSH_INTERVAL), so this must stay small next to it.
+# that dashboard's own push tick (live_emitter.FLUSH_INTERVAL), so this must stay small next to it.
 PUBLISH_INTERVAL = 0.01
 
 Received = tuple[str, float, bytes]  # topic, server receive time, payload

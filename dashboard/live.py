@@ -13,231 +13,47 @@ Readings and presence come from the telemetry ingest's own connection (dashboard
 from the dashboard's (dashboard/mqtt_bridge.py). `on_temperature` is the ingest's per-message cost, measured by
 bench/telemetry.py (docs/benchmarks.md): a log line is only turned into a dict if it is ever shown, and the
 emitter runs on a fixed 100 ms clock so a reading waits at most one period for its push.
+
+The parts: live_state.py (a device card, a chart point, the payload parsers), live_log.py (the MQTT log and
+its redaction), live_emitter.py (the emitter thread: pushes, database writes, certificate refreshes).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import re
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from flask import Flask
 
-from pki.config import DEVICE_ID_RE, Settings
+from pki.config import Settings
 
 from .bus import ReadingsBus, Received
 from .certificates import CertificateView
 from .ingest import TelemetryIngest
+from .live_emitter import FLUSH_INTERVAL, LiveEmitter
+from .live_log import LogLine, direction_of
+from .live_state import Bucket, DeviceState, device_of, parse_status, parse_temperature
 from .mqtt_bridge import MqttBridge
 from .readings import ReadingIn, ReadingStore
 
 log = logging.getLogger(__name__)
 
-CA_REQUEST_TOPICS = ("ssl/sign", "ssl/create")
-CA_RENEW_PREFIX = "ssl/renew/"
-
 LOG_LIMIT = 500  # lines kept server-side and in the browser
 LOG_BATCH_LIMIT = 50  # newest lines per push (at most 500 a second): past that nobody reads them anyway
 HISTORY_SECONDS = 3600  # what the chart shows, and what a restarted dashboard reloads
-# Seconds between two pushes to the browsers (at most 10 per second). A reading waits up to one interval for
-# its push, so this bounds the publish-to-browser latency (the bench's p99 target is 250 ms).
-FLUSH_INTERVAL = 0.1
-CERTS_POLL_INTERVAL = 2.0  # how often the emitter checks whether the certificate table changed
-# A CA reply makes the emitter re-check sooner, but not more often than this: rebuilding the table walks the
-# whole inventory, and under an issuance storm replies come thousands of times a second.
-CERTS_DUE_MIN_GAP = 1.0
-# Rebuilding the table costs time proportional to the inventory (every certificate ever issued): after a
-# rebuild that took t seconds the next waits at least CERTS_COST_FACTOR * t, so however large the inventory
-# grows the table never takes more than ~5% of the process (it lags instead; a browser's refresh is not held).
-CERTS_COST_FACTOR = 20
-CERTS_FULL_REFRESH = 60.0  # days-left values age even when nothing changes
-PRUNE_INTERVAL = 300.0
-IDLE_STATS_INTERVAL = 2.0  # an idle dashboard still gets its message rate refreshed
-PAYLOAD_PREVIEW = 400  # characters of payload kept per log line
 TREND_WINDOW = 60  # seconds: the trend compares the newest reading with the mean of this window's start
 TREND_THRESHOLD = 0.1  # °C
 MAX_DEVICES = 20_000  # new device ids beyond this are logged but not tracked (memory bound: ~1 KiB each)
 HISTORY_DEVICES = 1000  # devices with a chart history (up to HISTORY_SECONDS points each); the rest show cards
 PENDING_READINGS_LIMIT = 100_000  # unsaved readings kept if the database falls behind
 
-SECRET_FIELDS = {"key", "pass", "passphrase", "password", "token", "private_key"}
-PEM_RE = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----.*?-----END \1-----", re.S)
 
-
-@dataclass
-class DeviceState:
-    device_id: str
-    configured: bool = False
-    temperature: float | None = None
-    last_seen: float | None = None  # server receive time of the newest reading
-    device_timestamp: str | None = None
-    seq: int | None = None
-    status: str = "unknown"  # online | offline | unknown (nothing retained yet)
-    certificate: str | None = None  # its certificate's state (valid, expiring, expired, revoked, ...), if known
-    status_since: float | None = None
-    readings: int = 0
-    trend: str = "flat"  # up | down | flat
-    delta: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)  # every field is a plain value: asdict()'s deep copy is not needed
-
-
-class Bucket:
-    """All readings of one device within one second: the chart's point is their mean."""
-
-    __slots__ = ("second", "total", "count")
-
-    def __init__(self, second: int, value: float) -> None:
-        self.second = second
-        self.total = value
-        self.count = 1
-
-    def add(self, value: float) -> None:
-        self.total += value
-        self.count += 1
-
-    @property
-    def mean(self) -> float:
-        return round(self.total / self.count, 3)
-
-    def point(self) -> list[float]:
-        return [self.second, self.mean]
-
-
-class LogLine:
-    """One MQTT message in the log. Its dict (payload preview, redaction) is built only when a push or a
-    snapshot shows it: under a flood most lines are dropped from the capped log before anyone sees them."""
-
-    __slots__ = ("id", "time", "topic", "payload", "qos", "retained", "note", "_entry")
-
-    def __init__(self, line_id: int, when: float, topic: str, payload: bytes, qos: int, retained: bool,
-                 note: str | None) -> None:
-        self.id, self.time, self.topic, self.payload = line_id, when, topic, payload
-        self.qos, self.retained, self.note = qos, retained, note
-        self._entry: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        if self._entry is None:
-            try:
-                preview = preview_payload(self.topic, self.payload)
-            except Exception:  # a line that cannot be shown must not stop every later push
-                log.exception("could not preview a payload on %s", self.topic)
-                preview = "«unreadable payload»"
-            entry = {
-                "id": self.id,
-                "time": self.time,
-                "topic": self.topic,
-                "payload": preview,
-                "size": len(self.payload),
-                "direction": direction_of(self.topic),
-                "qos": self.qos,
-                "retained": self.retained,
-            }
-            if self.note:
-                entry["note"] = self.note
-            self._entry, self.payload = entry, b""  # the raw bytes are not kept once previewed (redacted)
-        return self._entry
-
-
-def _redact(value: Any) -> Any:
-    """Never show secrets in the log: private keys, passphrases, tokens; shorten PEM blobs."""
-    if isinstance(value, dict):
-        return {k: ("«redacted»" if k.lower() in SECRET_FIELDS and v else _redact(v)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redact(v) for v in value]
-    if isinstance(value, str):
-        return _shorten_pem(value)
-    return value
-
-
-def _shorten_pem(text: str) -> str:
-    def repl(match: re.Match[str]) -> str:
-        if "PRIVATE KEY" in match.group(1):
-            return "«private key redacted»"
-        return f"«{match.group(1).lower()}, {len(match.group(0))} bytes»"
-
-    return PEM_RE.sub(repl, text)
-
-
-def is_ca_request(topic: str) -> bool:
-    return topic in CA_REQUEST_TOPICS or topic.startswith(CA_RENEW_PREFIX)
-
-
-def preview_payload(topic: str, payload: bytes) -> str:
-    """What the log shows of a payload: text, secrets redacted, at most PAYLOAD_PREVIEW characters.
-
-    A CA request (passphrase, token, CSR) is never shown, whatever it contains: redaction that depends on
-    parsing misses a passphrase in a payload that is not valid JSON. A reply under ssl/ is shown only as JSON
-    with its secrets redacted.
-    """
-    if is_ca_request(topic):
-        return f"«CA request, {len(payload)} bytes, not shown»"
-    text = payload.decode("utf-8", errors="replace")
-    if topic.startswith("ssl/") or "PRIVATE KEY" in text:
-        try:
-            text = json.dumps(_redact(json.loads(text)), separators=(",", ":"))
-        except (ValueError, RecursionError):  # not JSON, or nested too deep to walk
-            if topic.startswith("ssl/"):
-                return f"«{len(payload)} bytes, not JSON, not shown»"
-            text = "«private key redacted»" if "PRIVATE KEY" in text else _shorten_pem(text)
-    if len(text) > PAYLOAD_PREVIEW:
-        text = text[: PAYLOAD_PREVIEW - 1] + "…"
-    return text
-
-
-def direction_of(topic: str) -> str:
-    """`in`: to the dashboard (telemetry, presence, CA requests); `out`: the dashboard's CA replies."""
-    if topic.startswith("ssl/") and not is_ca_request(topic):
-        return "out"
-    return "in"
-
-
-def parse_temperature(payload: bytes) -> tuple[float, str | None, int | None]:
-    """(temperature, device timestamp, seq) from a telemetry payload; ValueError says what is wrong."""
-    try:
-        data = json.loads(payload.decode())  # str: json skips sniffing the encoding of bytes
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; [[[[...]]]] a RecursionError
-        raise ValueError("not JSON") from None
-    if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
-    value = data.get("temperature")
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError("temperature is not a number")
-    stamp = data.get("timestamp")
-    seq = data.get("seq")
-    return float(value), (str(stamp)[:64] if stamp is not None else None), (
-        seq if isinstance(seq, int) and not isinstance(seq, bool) else None
-    )
-
-
-def parse_status(payload: bytes) -> str | None:
-    text = payload.decode("utf-8", errors="replace").strip()
-    if text.startswith("{"):
-        try:
-            text = str(json.loads(text).get("status", ""))
-        except (ValueError, AttributeError, RecursionError):
-            return None
-    text = text.lower()
-    return text if text in ("online", "offline") else None
-
-
-def device_of(topic: str) -> str | None:
-    parts = topic.split("/")
-    if len(parts) == 4 and DEVICE_ID_RE.match(parts[2]):
-        return parts[2]
-    return None
-
-
-class LiveHub:
+class LiveHub(LiveEmitter):
     """Thread-safe live state plus the emitter that batches it to every connected browser."""
 
     def __init__(
@@ -471,8 +287,7 @@ class LiveHub:
     def _log_locked(self, message: mqtt.MQTTMessage, when: float, note: str | None,
                     topic: str | None = None) -> LogLine:
         self.messages_total += 1
-        line = LogLine(self._next_log_id, when, topic or message.topic, message.payload, message.qos,
-                       bool(message.retain), note)
+        line = LogLine(self._next_log_id, when, topic or message.topic, message, note)
         self._next_log_id += 1
         self.log.append(line)
         if len(self._pending_log) == self._pending_log.maxlen:
@@ -534,154 +349,6 @@ class LiveHub:
     def logs(self) -> list[dict[str, Any]]:
         with self._lock:
             return [line.to_dict() for line in self.log]
-
-    # -- certificates ----------------------------------------------------------------------------
-
-    def certs(self) -> dict[str, Any]:
-        if self._certs is None:
-            self.refresh_certs(force=True, broadcast=False)
-        return self._certs or {"certs": [], "crl": {"present": False}, "summary": {}}
-
-    def refresh_certs(self, force: bool = False, broadcast: bool = True) -> bool:
-        """Recompute the certificate table when it changed (or when forced); True when it was sent."""
-        with self._certs_lock:
-            try:
-                signature = self.certificates.signature()
-                if not force and signature == self._certs_signature:
-                    return False
-                self._certs = self.certificates.snapshot()
-                self._certs_signature = signature
-            except Exception:
-                log.exception("could not read the certificate state")
-                return False
-            data = self._certs
-        self._apply_certificate_states(data.get("entities") or {})
-        if broadcast:
-            self._send("certs", data)
-        return True
-
-    def request_certs_refresh(self) -> None:
-        """A browser asks for a fresh table: the emitter does it on its next tick (so at most 4/s)."""
-        if self._thread is not None:
-            self._certs_due = True
-            self._certs_forced = True
-        else:  # no emitter (tests, MQTT disabled): answer now
-            self.refresh_certs(force=True)
-
-    def certificates_changed(self) -> None:
-        """The CA in this process issued, renewed or revoked something: re-read the table on a coming tick (not
-        forced, so the emitter's spacing still holds under an issuance storm)."""
-        if self._thread is not None:
-            self._certs_due = True
-        else:  # no emitter (tests, MQTT disabled): now
-            self.refresh_certs()
-
-    # -- the emitter -----------------------------------------------------------------------------
-
-    def drain(self) -> tuple[dict[str, Any] | None, list[ReadingIn]]:
-        """Take what changed since the last call: (the batch to push or None, the readings to store)."""
-        now = time.time()
-        with self._lock:
-            readings = list(self._pending_readings)
-            self._pending_readings.clear()
-            if not (self._dirty_devices or self._dirty_points or self._pending_log or self._broker_changed) and (
-                now - self._last_emit < IDLE_STATS_INTERVAL
-            ):
-                return None, readings
-            for device_id in self._dirty_devices:
-                if device_id in self.devices:
-                    self._update_trend(self.devices[device_id])
-            batch: dict[str, Any] = {
-                "server_time": now,
-                "devices": [self.devices[d].to_dict() for d in sorted(self._dirty_devices) if d in self.devices],
-                "points": {d: [b.point() for b in buckets.values()] for d, buckets in self._dirty_points.items()},
-                "log": [line.to_dict() for line in self._pending_log],
-                "skipped": self._skipped_log,
-                "stats": self._stats_locked(now),
-            }
-            if self._broker_changed:
-                batch["broker"] = self._bridge_status()
-            self._dirty_devices.clear()
-            self._dirty_points.clear()
-            self._pending_log.clear()
-            self._skipped_log = 0
-            self._broker_changed = False
-            self._last_emit = now
-        return batch, readings
-
-    def flush(self) -> dict[str, Any] | None:
-        """One emitter tick: push the batch (one event for everything), then store the readings."""
-        batch, readings = self.drain()
-        if batch is not None:
-            self._send("batch", batch)
-        if readings and self.store is not None:
-            try:
-                self.store.add_many(readings)
-                self.stored_total += len(readings)
-                self.db_error = None
-            except Exception as ex:
-                self.db_error = f"{type(ex).__name__}: {ex}"
-                log.exception("could not store %d readings; they are dropped", len(readings))
-        return batch
-
-    def _send(self, event: str, data: dict[str, Any]) -> None:
-        try:
-            self._emit(event, data)
-            self.emits_total += 1
-        except Exception:
-            log.exception("could not push %s to the browsers", event)
-
-    def prune(self) -> None:
-        if self.store is None:
-            return
-        try:
-            self.store.prune()
-        except Exception:
-            log.exception("could not prune old readings")
-
-    def run(self) -> None:
-        """The emitter loop (a background task): flush, watch the certificates, prune."""
-        next_certs = last_certs = 0.0
-        certs_gap = CERTS_DUE_MIN_GAP
-        next_full = time.monotonic() + CERTS_FULL_REFRESH
-        next_prune = time.monotonic() + 30
-        next_flush = time.monotonic()
-        while True:
-            # A fixed clock rather than a fixed pause, so a slow flush does not stretch every reading's wait;
-            # at least a quarter interval between two flushes, so a flush slower than the interval cannot spin.
-            next_flush = max(next_flush + FLUSH_INTERVAL, time.monotonic() + FLUSH_INTERVAL / 4)
-            if self._stop.wait(next_flush - time.monotonic()):
-                break
-            try:
-                self.flush()
-                now = time.monotonic()
-                if self._certs_forced or (now >= last_certs + certs_gap and (now >= next_certs or self._certs_due)):
-                    self._certs_due = False
-                    last_certs = now
-                    full = now >= next_full or self._certs_forced
-                    self._certs_forced = False
-                    self.refresh_certs(force=full)
-                    certs_gap = max(CERTS_DUE_MIN_GAP, CERTS_COST_FACTOR * (time.monotonic() - now))
-                    next_certs = now + max(CERTS_POLL_INTERVAL, certs_gap)
-                    if full:
-                        next_full = now + CERTS_FULL_REFRESH
-                if now >= next_prune:
-                    self.prune()
-                    next_prune = now + PRUNE_INTERVAL
-            except Exception:  # the loop must survive anything
-                log.exception("live emitter tick failed")
-        self.flush()
-
-    def start(self, start_task: Callable[..., Any]) -> None:
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = start_task(self.run)
-
-    def stop(self, timeout: float = 5) -> None:
-        self._stop.set()
-        thread, self._thread = self._thread, None
-        if thread is not None and hasattr(thread, "join"):
-            thread.join(timeout)
 
     def close(self) -> None:
         self.stop()

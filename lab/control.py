@@ -233,7 +233,7 @@ def cmd_docker(args: list[str]) -> int:
 def stop_native(pid_file: Path) -> None:
     """Stop the processes of a native run listed in `pid_file`: the runner first (it stops its children in
     order), then SIGTERM to whatever is left and SIGKILL after STOP_TIMEOUT; the file is removed."""
-    from .native import pid_alive, read_pids
+    from .supervisor import pid_alive, read_pids
 
     entries = [(pid, name) for pid, name in read_pids(pid_file) if pid > 1]
     runner = next((pid for pid, name in entries if name == "runner"), None)
@@ -263,7 +263,7 @@ def signal_all(pids: Sequence[int], signum: int) -> None:
 
 def wait_gone(pids: Sequence[int], timeout: float) -> list[int]:
     """Wait until none of `pids` runs, at most `timeout` seconds; returns those still running."""
-    from .native import pid_alive
+    from .supervisor import pid_alive
 
     deadline = time.monotonic() + timeout
     while (alive := [pid for pid in pids if pid_alive(pid)]) and time.monotonic() < deadline:
@@ -298,7 +298,7 @@ def port_listens(host: str, port: str) -> bool:
 
 def cmd_status(args: list[str]) -> int:
     from . import dockerlab
-    from .native import pid_alive, read_pids
+    from .supervisor import pid_alive, read_pids
 
     log(f"Certificates: {GENERATOR} --check")
     code = subprocess.run([sys.executable, str(PROJECT_ROOT / GENERATOR), "--check"], cwd=PROJECT_ROOT).returncode

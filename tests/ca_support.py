@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from ca.process import CAProcess
+from ca.process import CAProcess, CAProcessOptions
 from dashboard import create_app, shutdown, start
 from pki.authority import (
     CertificateAuthority,
@@ -204,8 +204,9 @@ def start_ca(lab: LabEnv, settings: Settings | None = None, *, mqtt: bool = Fals
     """A CA service replica in this process (as `python -m ca` runs one): internal API on a free port, its own
     MQTT connection as `name` when `mqtt` (connecting in the background); EST/ACME off (their tests start
     CAHttpsServer themselves)."""
-    return CAProcess(settings or lab.settings(), name=name, secret=secret or secrets.token_urlsafe(16), mqtt=mqtt,
-                     https_port=0, crl_interval=crl_interval).start()
+    options = CAProcessOptions(mqtt=mqtt, https_port=0, crl_interval=crl_interval)
+    return CAProcess(settings or lab.settings(), name=name, secret=secret or secrets.token_urlsafe(16),
+                     options=options).start()
 
 
 def make_app(lab: LabEnv, **config: Any) -> Flask:

@@ -26,7 +26,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from lab.native import build_services
+from lab.native_runner import build_services
 from pki.config import PROJECT_ROOT
 from pki.generator import LabCertificates
 from pki.inventory import Inventory

@@ -495,7 +495,7 @@ def test_the_emitter_pushes_a_renewal_without_waiting_for_its_poll(generated_lab
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """With the running emitter, a change made through the dashboard's CA API is pushed on a coming tick, not at
     the next poll (changes the CA makes over MQTT show at the poll, CERTS_POLL_INTERVAL)."""
-    monkeypatch.setattr("dashboard.live.CERTS_POLL_INTERVAL", 3600.0)  # the periodic check alone would not do it
+    monkeypatch.setattr("dashboard.live_emitter.CERTS_POLL_INTERVAL", 3600.0)  # the periodic check alone: not
     app = make_app_with_ca(generated_lab, LIVE_EMITTER=True)
     try:
         tab = live_tab(app)

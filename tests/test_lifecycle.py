@@ -21,7 +21,7 @@ from flask import Flask
 from sqlalchemy import update
 
 import generate_ca_and_device_certs as generator
-from lab import enrolment, native
+from lab import enrolment, native_runner
 from lab.credentials import has_previous, previous, recover, store
 from lab.enrolment import EnrolmentRefused, claim_token
 from lab.mqtt import Identity
@@ -431,7 +431,7 @@ def test_token_file_claims_one_line_per_claimant(tmp_path: Path) -> None:
 
 def test_native_runner_gives_enrolled_devices_a_token_and_no_passphrase(generated_lab: LabEnv) -> None:
     settings = generated_lab.settings()
-    runner = native.LabRunner(settings, ["device001"], dashboard=False, enrol=["device005"])
+    runner = native_runner.LabRunner(settings, ["device001"], dashboard=False, enrol=["device005"])
     tokens = runner.enrolment_tokens()
     assert set(tokens) == {"device005"} and tokens["device005"]
     inventory = Inventory(settings.effective_database_url)
@@ -439,7 +439,7 @@ def test_native_runner_gives_enrolled_devices_a_token_and_no_passphrase(generate
         assert inventory.token(token_digest(tokens["device005"])).name == "device005"
     finally:
         inventory.close()
-    services = native.build_services(settings, ["device001"], dashboard=False, enrol=tokens,
+    services = native_runner.build_services(settings, ["device001"], dashboard=False, enrol=tokens,
                                      base_env=dict(generated_lab.env))
     device = next(s for s in services if s.name == "device005")
     assert device.env["ENROL_TOKEN"] == tokens["device005"] and device.env["DEVICE_ID"] == "device005"

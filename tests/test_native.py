@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.native import PIDS_FILE, pid_alive, port_accepts, read_pids
+from lab.supervisor import PIDS_FILE, pid_alive, port_accepts, read_pids
 
 from .ca_support import disconnect_as_the_ca, revoke_in_process
 from .conftest import PROJECT_ROOT, LabEnv
