@@ -65,6 +65,7 @@ class TelemetryIngest:
         self.identity = Identity.of(settings.certs_dir, self.name)
         self.client: mqtt.Client | None = None
         self._watcher: PairWatcher | None = None
+        self._renewed = threading.Event()  # the files were renewed: use them from the next reconnect on
         self.connected = threading.Event()
         self.subscribed = threading.Event()
         self.last_error: str | None = None
@@ -72,7 +73,7 @@ class TelemetryIngest:
 
     def start(self) -> None:
         # Watching from before the client reads the files: a renewal in between is seen on the first look.
-        self._watcher = follow_renewals(self.identity, self.settings.cert_watch_seconds, self.reconnect_with_files,
+        self._watcher = follow_renewals(self.identity, self.settings.cert_watch_seconds, self._renewed.set,
                                         f"ingest {self.name}")
         self.client = self._new_client()
         self._connect(self.client)
@@ -91,9 +92,13 @@ class TelemetryIngest:
         client.loop_start()
 
     def reconnect_with_files(self) -> None:
-        """Its certificate files were renewed: the old client disconnects cleanly (the same client id would kick
-        the new one off), a new one reads the files and resumes the persistent session, in which the broker
-        queued the readings of the moment between (queue_qos0_messages)."""
+        """A new client that reads the certificate files again, resuming the persistent session (the broker queued
+        the readings of the moment between: queue_qos0_messages).
+
+        Its files were renewed (`_renewed`): the switch waits for the next time the connection drops anyway. An
+        open connection is never cut by the CRL, so the old certificate serves until then; and switching a live
+        connection would lose the QoS 0 readings already on their way in its socket.
+        """
         old = self.client
         if old is None:
             return
@@ -146,6 +151,9 @@ class TelemetryIngest:
         self.subscribed.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if self._renewed.is_set() and client is self.client:  # down anyway: come back with the renewed files
+            self._renewed.clear()
+            threading.Thread(target=self.reconnect_with_files, name=f"{self.name}-renewed", daemon=True).start()
         self.connected.clear()
         self.subscribed.clear()
         if reason is not None and getattr(reason, "is_failure", False):

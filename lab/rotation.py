@@ -136,7 +136,7 @@ def follow_renewals(identity: Any, interval: float, reconnect: Callable[[], None
     they were renewed under the running process (the generator, the CA)."""
 
     def renewed(pair: Pair) -> bool:
-        log.info("%s: certificate renewed (serial %s): reconnecting with it", name, pair.serial)
+        log.info("%s: certificate renewed (serial %s): taking it into use", name, pair.serial)
         reconnect()
         return True
 
