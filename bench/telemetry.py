@@ -161,10 +161,11 @@ def report(figures: dict[str, Any], results_dir: Path, plots_dir: Path) -> None:
     plots = []
     latencies = figures.get("latency", {}).pop("_latencies", None)
     if latencies:
-        plots.append(plot_latency_histograms(
-            {f"publish -> Socket.IO client via nginx ({figures['latency']['rate']:.0f} msg/s, "
-             f"{figures['latency']['devices']} devices, {figures['latency']['dashboards']} dashboards)": latencies},
-            "Telemetry: publish-to-browser latency", plots_dir / "telemetry-latency.png"))
+        latency = figures["latency"]
+        label = (f"publish -> Socket.IO client via nginx ({latency['rate']:.0f} msg/s, {latency['devices']} devices, "
+                 f"{latency['dashboards']} dashboards)")
+        plots.append(plot_latency_histograms({label: latencies}, "Telemetry: publish-to-browser latency",
+                                             plots_dir / "telemetry-latency.png"))
     figures["plots"] = [str(p) for p in plots if p]
     write_results("telemetry", figures, results_dir)
     print()
