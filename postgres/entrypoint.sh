@@ -9,7 +9,8 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     fi
     pwfile=$(mktemp)
     printf '%s\n' "$POSTGRES_PASSWORD" > "$pwfile"
-    initdb --username=postgres --auth-local=peer --auth-host=scram-sha-256 --pwfile="$pwfile" >/dev/null
+    # UTF8 explicitly: the image has no locale, and initdb would pick SQL_ASCII (psycopg then returns bytes).
+    initdb --encoding=UTF8 --locale=C --username=postgres --auth-local=peer --auth-host=scram-sha-256 --pwfile="$pwfile" >/dev/null
     pg_ctl -o "-c listen_addresses='' -c unix_socket_directories=/tmp" -w start >/dev/null
     psql -v ON_ERROR_STOP=1 --username=postgres -q -v pw="$POSTGRES_PASSWORD" <<'SQL'
 CREATE ROLE lab LOGIN PASSWORD :'pw';
