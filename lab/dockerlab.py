@@ -181,6 +181,36 @@ def generate_certs(engine: DockerEngine, certs_dir: Path) -> int:
     return code
 
 
+def profiles() -> set[str]:
+    """The compose profiles this lab runs: COMPOSE_PROFILES (environment or .env), as compose reads it."""
+    return {name.strip() for name in setting("COMPOSE_PROFILES").split(",") if name.strip()}
+
+
+def start_database(engine: DockerEngine) -> None:
+    """With a PostgreSQL profile, the `postgres` service before the generator (which records the certificates it
+    issues in DATABASE_URL's inventory): `run --no-deps` would not start it, and a server still starting refuses."""
+    if not profiles() & {"postgres", "scale"}:
+        return
+    log(f"Starting the database: {engine.name()} up -d postgres")
+    if engine.run("up", "-d", "postgres"):
+        raise Failure(f"{engine.name()} up -d postgres failed (see above).")
+    deadline = time.monotonic() + HEALTH_WAIT_SECONDS
+    while engine.run("exec", "-T", "postgres", "pg_isready", "-q", "-h", "127.0.0.1", "-U", "lab", "-d", "lab",
+                     quiet=True):
+        if time.monotonic() > deadline:
+            raise Failure(f"PostgreSQL did not accept connections within {HEALTH_WAIT_SECONDS:.0f}s.",
+                          f"Look at: {engine.name()} logs postgres (POSTGRES_PASSWORD in {env_file()}).")
+        time.sleep(1)
+
+
+def scale_args() -> list[str]:
+    """`--scale ca=<CA_REPLICAS>`: one `ca` container per identity the generator issued (ca/slots.py)."""
+    replicas = setting("CA_REPLICAS", "1").strip() or "1"
+    if not replicas.isdigit() or int(replicas) < 1:
+        raise Failure(f"CA_REPLICAS={replicas} (in {env_file()} or the environment) must be a number from 1.", code=2)
+    return ["--scale", f"ca={int(replicas)}"]
+
+
 def wait_for_health(url: str, seconds: float, cafile: Path) -> bool:
     """Poll `url` until it answers 2xx (no proxy: it is local); an https URL is verified against `cafile`."""
     deadline = time.monotonic() + seconds
@@ -223,10 +253,12 @@ def up(engine: DockerEngine, args: Sequence[str]) -> int:
                       "The first build downloads the base images (python:3.11-slim, debian:bookworm-slim), Debian's "
                       "mosquitto", "package and the Python wheels: check that the Docker engine reaches the network "
                       "(proxy, DNS), then re-run;", "./setup.sh native runs the same lab without images.")
+    start_database(engine)
     code = generate_certs(engine, certs_dir)
     if code:
         return code
-    log(f"Starting the lab: {engine.name()} up --build -d --remove-orphans{' ' + ' '.join(args) if args else ''}")
+    args = [*scale_args(), *args]
+    log(f"Starting the lab: {engine.name()} up --build -d --remove-orphans {' '.join(args)}")
     if engine.run("up", "--build", "-d", "--remove-orphans", *args):
         raise Failure(f"{engine.name()} up failed (see above).",
                       "'port is already allocated' / 'address already in use': something else uses BROKER_PORT or "
@@ -240,6 +272,9 @@ def up(engine: DockerEngine, args: Sequence[str]) -> int:
                       f"Look at: {engine.name()} logs --tail 50 (mosquitto 'cannot read': LAB_UID/LAB_GID, README, "
                       "Docker mode);", "stop with ./setup.sh down")
     log(f"The lab is up. Dashboard: {url}")
+    if "scale" in profiles():
+        host = local_host_for(setting("DASHBOARD_HOST", "127.0.0.1"))
+        info(f"nginx in front of dashboard and dashboard-2: https://{host}:{setting('NGINX_PORT', '5443')}/")
     login_hint()
     broker = f"{local_host_for(setting('BROKER_BIND', '127.0.0.1'))}:{setting('BROKER_PORT', '8883')}"
     info(f"Broker: mqtts://{broker} (mutual TLS; certificates in {certs_dir})")

@@ -58,9 +58,14 @@ DOCKERFILES = {
     PROJECT_ROOT / "dashboard" / "Dockerfile": PROJECT_ROOT,
     PROJECT_ROOT / "Dockerfile_thermometer": PROJECT_ROOT,
     PROJECT_ROOT / "mosquitto" / "Dockerfile": PROJECT_ROOT / "mosquitto",
+    PROJECT_ROOT / "postgres" / "Dockerfile": PROJECT_ROOT / "postgres",
+    PROJECT_ROOT / "deploy" / "nginx" / "Dockerfile": PROJECT_ROOT / "deploy" / "nginx",
+    PROJECT_ROOT / "deploy" / "redis" / "Dockerfile": PROJECT_ROOT / "deploy" / "redis",
 }
 SEED_SERVICES = {"mosquitto", "ca", "dashboard", "device001_thermometer", "device002_thermometer"}
-OPTIONAL_SERVICES = {"postgres"}  # profile `postgres`
+SCALE_SERVICES = {"postgres", "redis", "dashboard-2", "nginx"}  # profile `scale`
+OPTIONAL_SERVICES = SCALE_SERVICES  # profiles `postgres` (postgres only) and `scale`
+IMAGE_USER_SERVICES = {"postgres", "redis"}  # run as their image's own user, owner of nothing of the lab's
 LAB_UID, LAB_GID = "4321", "8765"
 CONTAINER_BIND = "0.0.0.0"  # noqa: S104 - inside a container, published on 127.0.0.1 only
 
@@ -198,7 +203,9 @@ def test_compose_files_are_valid_for_the_real_compose(compose_lab: LabEnv, three
         assert result.returncode == 0, result.stderr
     assert set(base.config()["services"]) == SEED_SERVICES | OPTIONAL_SERVICES
     assert set(three_devices.config()["services"]) == SEED_SERVICES | OPTIONAL_SERVICES | {"device003_thermometer"}
-    assert base.config()["services"]["postgres"]["profiles"] == ["postgres"]
+    assert base.config()["services"]["postgres"]["profiles"] == ["postgres", "scale"]
+    for name in SCALE_SERVICES - {"postgres"}:
+        assert base.config()["services"][name]["profiles"] == ["scale"], name
 
 
 def test_a_missing_passphrase_fails_with_the_fix(compose_lab: LabEnv, tmp_path: Path) -> None:
@@ -216,18 +223,31 @@ def test_services_wait_for_a_healthy_broker_restart_and_run_as_the_lab_user(
         assert service["restart"] == "unless-stopped", name
         for mount in mounts(service):
             assert "docker.sock" not in mount.source, f"{name} must not get the Docker socket"
-        if name in OPTIONAL_SERVICES:  # postgres runs as the image's own user, owner of its volume only
+        assert service["read_only"] is True and "ALL" in service["cap_drop"], name
+        assert service["security_opt"] == ["no-new-privileges:true"], name
+        if name in IMAGE_USER_SERVICES:
+            assert "user" not in service, name
             continue
         assert service["user"] == f"{LAB_UID}:{LAB_GID}", name
-        assert service["read_only"] is True and "ALL" in service["cap_drop"], name
+        healthy = {"condition": "service_healthy"}
         if name == "dashboard":  # the CA first: the dashboard forwards /v1/ssl/* to it
-            assert service["depends_on"] == {"mosquitto": {"condition": "service_healthy"},
-                                             "ca": {"condition": "service_healthy"}}, name
+            assert service["depends_on"] == {"mosquitto": healthy, "ca": healthy}, name
+        elif name == "dashboard-2":
+            assert service["depends_on"] == {"dashboard": healthy, "redis": healthy}, name
+        elif name == "nginx":
+            assert service["depends_on"] == {"dashboard": healthy, "dashboard-2": healthy}, name
         elif name != "mosquitto":
             assert service["depends_on"] == {"mosquitto": {"condition": "service_healthy"}}, name
-    for name in ("mosquitto", "ca", "dashboard", "postgres"):
+    for name in ("mosquitto", "ca", "dashboard", *sorted(SCALE_SERVICES)):
         assert services[name]["healthcheck"]["test"][0] == "CMD", name
-    assert "ports" not in services["ca"] and "ports" not in services["postgres"]
+    for name in ("ca", "postgres", "redis", "dashboard-2"):
+        assert not services[name].get("ports"), f"{name} is not published"
+    # Redis is on the internal network `bus`, with the dashboards only.
+    assert sorted(n for n, s in services.items() if "bus" in (s.get("networks") or {})) == [
+        "dashboard", "dashboard-2", "redis"]
+    assert list(services["redis"]["networks"]) == ["bus"]
+    # Only the CA service mounts certs/root_ca (the CA key); nginx only the dashboard's own folder.
+    assert [Path(m.source).name for m in mounts(services["nginx"])] == ["dashboard"]
 
 
 def test_ports_are_published_on_localhost_and_match_the_settings(
@@ -244,6 +264,9 @@ def test_ports_are_published_on_localhost_and_match_the_settings(
     for name, service in services.items():
         if name.endswith("_thermometer"):
             assert "ports" not in service, name
+    # nginx (profile scale) on NGINX_PORT, loopback too; its config listens where the port is published.
+    assert published(services["nginx"]) == [("127.0.0.1", 5443, 8443)]
+    assert "listen 8443 ssl;" in (PROJECT_ROOT / "deploy" / "nginx" / "nginx.docker.conf").read_text()
     # .env drives the published ports, as it drives the native lab's.
     env_file = write_env_file(tmp_path / "env", compose_lab, BROKER_PORT="18883", DASHBOARD_PORT="15000")
     moved = ComposeRun(env_file, compose_lab.certs_dir).config()["services"]
@@ -265,6 +288,10 @@ def test_every_environment_variable_is_one_the_code_reads(services: dict[str, di
     dashboard_reads = names_read_by("pki", "lab", "ca", "dashboard", "generate_ca_and_device_certs.py")
     thermometer_reads = names_read_by("pki", "lab", "thermometer.py")
     assert set(environment(services["dashboard"])) <= dashboard_reads
+    assert set(environment(services["dashboard-2"])) <= dashboard_reads
+    assert environment(services["dashboard-2"]) == {**environment(services["dashboard"]), "INGEST_ID": "ingest-2",
+                                                    "DASHBOARD_MQTT": "0"}
+    assert not environment(services["nginx"]) and not environment(services["redis"])
     assert set(environment(services["ca"])) <= dashboard_reads
     assert "CA_PASSPHRASE" not in environment(services["dashboard"]), "only the CA service knows the passphrase"
     assert not environment(services["mosquitto"])
@@ -489,7 +516,8 @@ def test_dockerfiles_are_pinned_slim_non_root_and_copy_only_what_exists(dockerfi
     users = [args.strip() for instruction, args in lines if instruction == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the image must not run as root"
     copies = [args.split() for instruction, args in lines if instruction in ("COPY", "ADD")]
-    assert copies and all(instruction != "ADD" for instruction, _ in lines)
+    # Every image copies something in, but Redis: Debian's package and its command line are the whole image.
+    assert (copies or dockerfile.parent.name == "redis") and all(instruction != "ADD" for instruction, _ in lines)
     patterns = dockerignore_patterns() if context == PROJECT_ROOT else []
     for words in copies:
         # `${PIP_CERT}` is an optional build arg (empty by default); the real builds in test_docker_lab.py use it.
@@ -507,6 +535,16 @@ def test_dockerfiles_are_pinned_slim_non_root_and_copy_only_what_exists(dockerfi
     if "apt-get install" in runs:
         assert "--no-install-recommends" in runs and "rm -rf /var/lib/apt/lists/*" in runs
     assert dockerfile_instruction(dockerfile, "ENTRYPOINT" if "ENTRYPOINT" in dict(lines) else "CMD")
+
+
+def test_the_nginx_image_config_is_the_rendered_template() -> None:
+    """deploy/nginx/nginx.docker.conf is what `python -m lab.scale docker-conf` writes from the one template."""
+    from lab.scale import NGINX_DOCKER_CONF, render_docker_nginx_conf
+
+    assert NGINX_DOCKER_CONF.read_text() == render_docker_nginx_conf(), "run: python -m lab.scale docker-conf"
+    nginx = PROJECT_ROOT / "deploy" / "nginx" / "Dockerfile"
+    copies = [args.split()[0] for instruction, args in dockerfile_lines(nginx) if instruction == "COPY"]
+    assert copies == [NGINX_DOCKER_CONF.name]
 
 
 def test_the_broker_image_runs_the_same_mosquitto_as_the_native_lab() -> None:
@@ -777,7 +815,7 @@ exit 0
 SETUP_FILES = ("setup.sh", "docker-compose.yml", ".env.example", "requirements.txt", "requirements-dev.txt",
                "requirements-postgres.txt", "requirements.lock", "requirements-postgres.lock", "requirements-dev.lock",
                "pyproject.toml",
-               "generate_ca_and_device_certs.py", "pki", "lab", "ca", "mosquitto", "postgres")
+               "generate_ca_and_device_certs.py", "pki", "lab", "ca", "mosquitto", "postgres", "deploy")
 
 
 @pytest.mark.integration

@@ -54,6 +54,7 @@ class DockerLab:
     dashboard_port: int
     timings: dict[str, float] = field(default_factory=dict)
     token: str = ""
+    project: str = PROJECT
 
     @contextlib.contextmanager
     def timed(self, part: str) -> Iterator[None]:
@@ -81,13 +82,15 @@ class DockerLab:
             return self.compose("logs", "--tail", "40", timeout=60).stdout[-6000:]
         return ""
 
+    def container_list(self) -> list[dict[str, Any]]:
+        """docker inspect of each of this project's containers (a scaled service has several)."""
+        ids = self.engine.docker("ps", "-aq", "--filter",
+                                 f"label=com.docker.compose.project={self.project}").stdout.split()
+        return json.loads(self.engine.docker("inspect", *ids).stdout) if ids else []
+
     def containers(self) -> dict[str, dict[str, Any]]:
         """{service: docker inspect of its container} for this project's containers."""
-        ids = self.engine.docker("ps", "-aq", "--filter", f"label=com.docker.compose.project={PROJECT}").stdout.split()
-        if not ids:
-            return {}
-        found = json.loads(self.engine.docker("inspect", *ids).stdout)
-        return {c["Config"]["Labels"]["com.docker.compose.service"]: c for c in found}
+        return {c["Config"]["Labels"]["com.docker.compose.service"]: c for c in self.container_list()}
 
     def url(self, path: str) -> str:
         return f"https://127.0.0.1:{self.dashboard_port}{path}"  # Docker mode serves HTTPS only
@@ -178,25 +181,29 @@ def engine() -> Iterator[Engine]:
         found.stop()
 
 
-@pytest.fixture(scope="module")
-def lab(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerLab]:
-    root = tmp_path_factory.mktemp("docker-lab")
+@contextlib.contextmanager
+def started_lab(engine: Engine, tmp_path_factory: pytest.TempPathFactory, project: str, settings: str = "",
+                web_port: int | None = None) -> Iterator[DockerLab]:
+    """`./setup.sh docker` in a fresh copy of the checkout as compose project `project`, `settings` added to its
+    .env; `web_port` is where the tests reach the dashboards (default DASHBOARD_PORT); `down -v` at the end."""
+    root = tmp_path_factory.mktemp(project)
     passphrase = secrets.token_urlsafe(24)
+    dashboard_port = free_port()
     lab = DockerLab(root=root, engine=engine, env={}, passphrase=passphrase, broker_port=free_port(),
-                    dashboard_port=free_port())
+                    dashboard_port=web_port or dashboard_port, project=project)
     with lab.timed("base images"):
         ensure_base_images(engine, tmp_path_factory.mktemp("base-images"))
     copy_checkout(root)
     (root / ".env").write_text(
         f"CA_PASSPHRASE={passphrase}\nDEVICES=device001,device002\nBROKER_PORT={lab.broker_port}\n"
-        f"DASHBOARD_PORT={lab.dashboard_port}\nPUBLISH_INTERVAL=1\n")
+        f"DASHBOARD_PORT={dashboard_port}\nPUBLISH_INTERVAL=1\n{settings}")
     (root / ".env").chmod(0o600)
     env = {k: v for k, v in engine.env.items() if not k.startswith(("PYTEST", "LAB_", "CERTS_DIR", "DATA_DIR"))}
     # Image builds trust the host's CA bundle (HTTPS here goes through a proxy with its own CA).
     env.setdefault("PIP_CERT", "/etc/ssl/certs/ca-certificates.crt")
     # COLUMNS: without a terminal, docker-compose 1.29 fits `ps` into 80 columns and cuts container names short
     # ("iotcalabtest_mosq..."), which a user at a terminal never sees.
-    lab.env = {**env, "COMPOSE_PROJECT_NAME": PROJECT, "SETUP_HEALTH_WAIT": "180", "COLUMNS": "250"}
+    lab.env = {**env, "COMPOSE_PROJECT_NAME": project, "SETUP_HEALTH_WAIT": "180", "COLUMNS": "250"}
     # Left over by an interrupted earlier run: its containers would hold the names and the volumes old data.
     lab.compose("down", "-v", "--remove-orphans")
     try:
@@ -208,11 +215,20 @@ def lab(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Do
             result = lab.compose("down", "-v", "--remove-orphans", "-t", "5")
             leftover = lab.containers()
         TIMINGS_FILE.parent.mkdir(exist_ok=True)
-        TIMINGS_FILE.write_text(json.dumps(lab.timings, indent=2) + "\n")
+        # The scale profile's lab ends first, the default one last: each adds its own entry.
+        recorded = json.loads(TIMINGS_FILE.read_text()) if TIMINGS_FILE.exists() else {}
+        recorded = recorded if all(isinstance(v, dict) for v in recorded.values()) else {}
+        TIMINGS_FILE.write_text(json.dumps({**recorded, project: lab.timings}, indent=2) + "\n")
         assert result.returncode == 0, result.stderr
         assert leftover == {}, f"containers left after down -v: {list(leftover)}"
-        volumes = engine.docker("volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}")
+        volumes = engine.docker("volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={project}")
         assert volumes.stdout.split() == []
+
+
+@pytest.fixture(scope="module")
+def lab(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerLab]:
+    with started_lab(engine, tmp_path_factory, PROJECT) as started:
+        yield started
 
 
 def test_every_service_is_up_and_healthy(lab: DockerLab) -> None:
@@ -357,3 +373,121 @@ def test_a_third_device_comes_up_through_the_generated_override(lab: DockerLab) 
         wait_for(lambda: lab.readings().get("device003", 0) > 1, timeout=60, interval=1,
                  what=f"readings from device003:\n{lab.compose_logs()}")
     assert lab.containers()["device003_thermometer"]["State"]["Status"] == "running"
+
+
+# The compose profile `scale` (README, Docker mode): postgres, redis, two CA replicas, two dashboards, nginx. One
+# bring-up, after the default lab's tests (which it stops first: two labs at once would share two cores).
+SCALE_PROJECT = "iotcalabscale"
+SCALE_SERVICES = {"mosquitto", "postgres", "redis", "ca", "dashboard", "dashboard-2", "nginx",
+                  "device001_thermometer", "device002_thermometer"}
+
+
+@pytest.fixture(scope="module")
+def scale_lab(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerLab]:
+    # The default lab's containers stop first (its fixture's teardown removes them at the end of the module).
+    running = engine.docker("ps", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}").stdout.split()
+    if running:
+        engine.docker("stop", "-t", "5", *running)
+    password = secrets.token_urlsafe(18)
+    nginx_port = free_port()
+    settings = (f"COMPOSE_PROFILES=scale\nCA_REPLICAS=2\nNGINX_PORT={nginx_port}\n"
+                "SOCKETIO_MESSAGE_QUEUE=redis://redis:6379/0\n"
+                f"POSTGRES_PASSWORD={password}\nDATABASE_URL=postgresql+psycopg://lab:{password}@postgres:5432/lab\n")
+    with started_lab(engine, tmp_path_factory, SCALE_PROJECT, settings, web_port=nginx_port) as started:
+        yield started
+
+
+def ca_requests_served(scale_lab: DockerLab, container: dict[str, Any]) -> float:
+    """The CA replica's own count of answered create requests (its /v1/metrics, asked inside its container)."""
+    probe = ("import urllib.request as u; from ca.internal import SECRET_HEADER, internal_secret; "
+             "from pki.config import Settings; r = u.Request('http://127.0.0.1:5100/v1/metrics', "
+             "headers={SECRET_HEADER: internal_secret(Settings.from_env())}); "
+             "print(u.build_opener(u.ProxyHandler({})).open(r, timeout=5).read().decode())")
+    text = scale_lab.engine.docker("exec", container["Id"], "python", "-c", probe).stdout
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if "ca_request_duration_seconds_count{" in line and 'operation="create"' in line)
+
+
+def test_scale_profile_every_service_is_healthy_and_only_the_ca_has_the_key(scale_lab: DockerLab) -> None:
+    def all_healthy() -> list[dict[str, Any]] | None:
+        found = scale_lab.container_list()
+        healthy = [c for c in found if c["State"].get("Health", {}).get("Status", c["State"]["Status"])
+                   in ("healthy", "running")]
+        return found if found and len(healthy) == len(found) else None
+
+    with scale_lab.timed("checks"):
+        found = wait_for(all_healthy, timeout=120, interval=1, what=f"healthy containers:\n{scale_lab.compose_logs()}")
+    services = sorted(c["Config"]["Labels"]["com.docker.compose.service"] for c in found)
+    assert set(services) == SCALE_SERVICES and services.count("ca") == 2, services
+    for container in found:
+        service = container["Config"]["Labels"]["com.docker.compose.service"]
+        if not service.endswith("_thermometer"):
+            assert container["State"]["Health"]["Status"] == "healthy", service
+        assert container["HostConfig"]["ReadonlyRootfs"] and "ALL" in container["HostConfig"]["CapDrop"], service
+        bound = {b["HostIp"] for ports in (container["HostConfig"]["PortBindings"] or {}).values() for b in ports}
+        assert bound <= {"127.0.0.1"}, (service, bound)
+        if service in ("nginx", "mosquitto", "dashboard"):
+            assert bound == {"127.0.0.1"}, service
+        else:
+            assert not bound, f"{service} is not published"
+        # Only the CA replicas see the CA key: nginx mounts the dashboard's folder, redis and postgres nothing of it.
+        sources = [m["Source"] for m in container["Mounts"] if m["Type"] == "bind"]
+        if service == "ca":
+            assert str(scale_lab.root / "certs") in sources
+        elif service == "nginx":
+            assert sources == [str(scale_lab.root / "certs" / "dashboard")]
+        elif service in ("redis", "postgres"):
+            assert sources == []
+    assert scale_lab.engine.docker("inspect", "-f", "{{.Config.User}}", next(
+        c["Id"] for c in found if c["Config"]["Labels"]["com.docker.compose.service"] == "redis")).stdout.strip() == \
+        "redis"
+
+
+def test_scale_profile_two_ca_replicas_answer_through_nginx_on_postgresql(scale_lab: DockerLab,
+                                                                          tmp_path: Path) -> None:
+    cas = [c for c in scale_lab.container_list() if c["Config"]["Labels"]["com.docker.compose.service"] == "ca"]
+    claimed = []
+    for container in cas:
+        logged = scale_lab.engine.docker("logs", container["Id"])
+        claimed += re.findall(r"claimed the CA identity (ca-\d+)", logged.stdout + logged.stderr)
+    assert sorted(claimed) == ["ca-1", "ca-2"], claimed
+    # The database is PostgreSQL: the CA's DATABASE_URL, and the tables in the postgres container.
+    url = scale_lab.engine.docker("exec", cas[0]["Id"], "printenv", "DATABASE_URL").stdout.strip()
+    assert url.startswith("postgresql+psycopg://lab:") and url.endswith("@postgres:5432/lab")
+    tables = scale_lab.compose("exec", "-T", "postgres", "psql", "-U", "postgres", "-d", "lab", "-Atc",
+                               "select tablename from pg_tables where schemaname = 'public'")
+    assert {"certificates", "create_requests"} <= set(tables.stdout.split()), tables.stdout + tables.stderr
+    # create through nginx (HTTPS with the dashboard certificate), a new route cookie each time (either dashboard),
+    # until both replicas served some; every certificate has its own serial and verifies against the root.
+    serials: list[str] = []
+    root_ca = scale_lab.root / "certs" / "root_ca" / "root_ca.crt"
+    with scale_lab.timed("checks"):
+        for n in range(30):
+            request = urllib.request.Request(  # noqa: S310 - https to the lab's nginx on loopback
+                scale_lab.url("/v1/ssl/create"), method="POST", headers={
+                    "Content-Type": "application/json", "Cookie": f"iotlab_route={secrets.token_hex(4)}"},
+                data=json.dumps({"name": f"scale{n}", "days": 30, "pass": scale_lab.passphrase}).encode())
+            with scale_lab.opener().open(request, timeout=30) as response:
+                assert response.status == 201
+                body = json.loads(response.read())
+            (tmp_path / "leaf.crt").write_text(body["crt"])
+            verify = subprocess.run(["openssl", "x509", "-noout", "-serial", "-in", str(tmp_path / "leaf.crt")],
+                                    capture_output=True, text=True, check=True)
+            serials.append(verify.stdout.strip())
+            served = [ca_requests_served(scale_lab, c) for c in cas]
+            if n >= 3 and all(served):
+                break
+    assert len(set(serials)) == len(serials) >= 4, serials
+    assert all(served), f"creates answered per replica: {served} after {len(serials)} requests"
+    verify = subprocess.run(["openssl", "verify", "-CAfile", str(root_ca), str(tmp_path / "leaf.crt")],
+                            capture_output=True, text=True, check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    print(f"docker lab: scale: {len(serials)} creates through nginx, per CA replica {served}")
+
+
+def test_scale_profile_readings_reach_the_browser_through_nginx(scale_lab: DockerLab) -> None:
+    with scale_lab.timed("checks"):
+        first = wait_for(lambda: {"device001", "device002"} <= set(r := scale_lab.readings()) and r,
+                         timeout=90, interval=1, what="both devices in /api/data through nginx")
+        wait_for(lambda: all(scale_lab.readings()[d] > first[d] for d in ("device001", "device002")), timeout=30,
+                 interval=1, what="readings of both devices growing, through nginx")
