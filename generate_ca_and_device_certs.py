@@ -25,8 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Create or renew the lab's root CA, broker, dashboard and device certificates. "
         "Only what is missing, unreadable, not from the current root or inside RENEW_BEFORE_DAYS is reissued."
     )
-    parser.add_argument("--devices", help="comma-separated device ids (default: DEVICES from .env); a device named "
-                        "here whose certificate is revoked gets a new one (from DEVICES it is only reported)")
+    parser.add_argument(
+        "--devices",
+        help="comma-separated device ids (default: DEVICES from .env); a device named "
+        "here whose certificate is revoked gets a new one (from DEVICES it is only reported)",
+    )
     parser.add_argument("--force", action="store_true", help="reissue every leaf certificate (the root is kept)")
     parser.add_argument(
         "--check", action="store_true", help="only report; exit 1 if anything is expiring, expired or invalid"
@@ -65,8 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if bad:
             print()
         if renewable:
-            print(f"{len(renewable)} certificate(s) need attention: run ./setup.sh certs (or this script) to "
-                  "renew them.")
+            print(
+                f"{len(renewable)} certificate(s) need attention: run ./setup.sh certs (or this script) to renew them."
+            )
         for row in bad:
             if row.status == "revoked":
                 print(f"{row.name} is revoked: {revoked_next_step(row.name)}.")
@@ -89,8 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     revoked = [r for r in report.results if r.action == "revoked"]
     changed = sum(1 for r in report.results if r.action not in ("kept", "revoked"))
     kept = len(report.results) - changed - len(revoked)
-    print(f"Done: {changed} issued, {kept} kept, {len(revoked)} revoked (not reissued), in {settings.certs_dir}"
-          if revoked else f"Done: {changed} issued, {kept} kept, in {settings.certs_dir}")
+    print(
+        f"Done: {changed} issued, {kept} kept, {len(revoked)} revoked (not reissued), in {settings.certs_dir}"
+        if revoked
+        else f"Done: {changed} issued, {kept} kept, in {settings.certs_dir}"
+    )
     return 0
 
 

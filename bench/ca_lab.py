@@ -37,9 +37,13 @@ from pki.config import Settings
 def bench_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
     """The parser of a CA bench (`python -m bench.<module>`), with the options every one of them takes."""
     parser = lab_bench_parser(module, doc, from_docstring=True)
-    parser.add_argument("--key-type", choices=("ec", "rsa"), default="ec",
-                        help="the root CA's key: EC P-256 or RSA-2048 (KEY_TYPE); the devices' CSRs are EC P-256 "
-                             "either way, as the lab's devices are (default ec)")
+    parser.add_argument(
+        "--key-type",
+        choices=("ec", "rsa"),
+        default="ec",
+        help="the root CA's key: EC P-256 or RSA-2048 (KEY_TYPE); the devices' CSRs are EC P-256 "
+        "either way, as the lab's devices are (default ec)",
+    )
     return parser
 
 
@@ -88,8 +92,9 @@ def enrol(lab: CALab, names: Sequence[str], label: str = "enrolling devices") ->
     try:
         for name in names:
             key = generate_private_key("ec")
-            status, body = client.post_json("/v1/ssl/sign", {"name": name, "days": 30, "pass": lab.passphrase,
-                                                              "csr": make_csr(name, key)})
+            status, body = client.post_json(
+                "/v1/ssl/sign", {"name": name, "days": 30, "pass": lab.passphrase, "csr": make_csr(name, key)}
+            )
             if status != 201:
                 raise RuntimeError(f"enrolling {name} failed: {status} {body}")
             folder = lab.root / "enrolled" / name
@@ -112,9 +117,11 @@ def enrol(lab: CALab, names: Sequence[str], label: str = "enrolling devices") ->
 
 def make_csr(cn: str, key: PrivateKey) -> str:
     """A PEM CSR with just a CN, as a device makes it."""
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-           .sign(key, hashes.SHA256()))
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .sign(key, hashes.SHA256())
+    )
     return csr.public_bytes(Encoding.PEM).decode()
 
 
@@ -328,8 +335,9 @@ def wait_ca_answers(requester: Requester, timeout: float = 20) -> None:
 
     def answered() -> bool:
         done = threading.Event()
-        requester.send("ssl/sign", json.dumps({"name": f"probe-{secrets.token_hex(4)}"}).encode(),
-                       lambda _outcome: done.set())
+        requester.send(
+            "ssl/sign", json.dumps({"name": f"probe-{secrets.token_hex(4)}"}).encode(), lambda _outcome: done.set()
+        )
         return done.wait(0.5)
 
     wait_for(answered, timeout=timeout, interval=0, what="the CA's MQTT endpoint to answer a probe")
@@ -376,8 +384,7 @@ class LoadResult:
 
 def environment_note(busy_before: float | None) -> dict[str, Any]:
     """What the numbers depend on besides the code: the disk's fsync cost, and how busy the machine was."""
-    return {"tmpdir": tempfile.gettempdir(), "fsync_ms": round(_fsync_ms(), 3),
-            "machine_busy_pct_before": busy_before}
+    return {"tmpdir": tempfile.gettempdir(), "fsync_ms": round(_fsync_ms(), 3), "machine_busy_pct_before": busy_before}
 
 
 def _fsync_ms(rounds: int = 50) -> float:

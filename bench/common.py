@@ -181,8 +181,9 @@ def plot_latency_histograms(series: dict[str, Sequence[float]], title: str, path
     return _save(fig, ax, plt, title, path)
 
 
-def plot_timeseries(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, ylabel: str,
-                    path: Path) -> Path | None:
+def plot_timeseries(
+    series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, ylabel: str, path: Path
+) -> Path | None:
     plt = _pyplot()
     if plt is None:
         return None

@@ -50,15 +50,29 @@ DAYS = 30
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = bench_parser("enrol_storm", __doc__)
     parser.add_argument("--devices", type=positive_int, default=10000, help="devices enrolling at once (default 10000)")
-    parser.add_argument("--requesters", type=positive_int, default=8,
-                        help="MQTT connections the requests go through (default 8)")
-    parser.add_argument("--auth", choices=("pass", "token"), default="pass",
-                        help="what authorises each request: the CA passphrase, or a single-use enrolment token "
-                             "per device (default pass)")
-    parser.add_argument("--ca-replicas", type=int, default=2, choices=(1, 2),
-                        help="CA service replicas (`python -m ca`) splitting the storm (default 2)")
-    parser.add_argument("--timeout", type=positive_float, default=120.0,
-                        help="give up waiting for replies after this many seconds (default 120)")
+    parser.add_argument(
+        "--requesters", type=positive_int, default=8, help="MQTT connections the requests go through (default 8)"
+    )
+    parser.add_argument(
+        "--auth",
+        choices=("pass", "token"),
+        default="pass",
+        help="what authorises each request: the CA passphrase, or a single-use enrolment token "
+        "per device (default pass)",
+    )
+    parser.add_argument(
+        "--ca-replicas",
+        type=int,
+        default=2,
+        choices=(1, 2),
+        help="CA service replicas (`python -m ca`) splitting the storm (default 2)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=120.0,
+        help="give up waiting for replies after this many seconds (default 120)",
+    )
     return parser.parse_args(argv)
 
 
@@ -151,14 +165,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         auth: dict[str, dict[str, str]] = {name: {"pass": lab.passphrase} for name in names}
         if args.auth == "token":
             auth = {name: {"token": token} for name, token in fetch_tokens(lab, names).items()}
-        bodies = [json.dumps({"name": csr.name, "days": DAYS, "csr": csr.pem, **auth[csr.name]}).encode()
-                  for csr in csrs]
+        bodies = [
+            json.dumps({"name": csr.name, "days": DAYS, "csr": csr.pem, **auth[csr.name]}).encode() for csr in csrs
+        ]
         gateways = lab.issue_devices([f"gateway-{k:02d}" for k in range(args.requesters)])
         requesters = connect_requesters(lab, gateways)
         try:
             wait_ca_answers(requesters[0])
-            meter = CpuMeter({"dashboard": dashboard.pid, "broker": lab.broker.process.pid,  # type: ignore[union-attr]
-                              "bench": os.getpid(), **{f"ca{ca.instance}": ca.pid for ca in lab.cas}}).start()
+            meter = CpuMeter(
+                {
+                    "dashboard": dashboard.pid,
+                    "broker": lab.broker.process.pid,  # type: ignore[union-attr]
+                    "bench": os.getpid(),
+                    **{f"ca{ca.instance}": ca.pid for ca in lab.cas},
+                }
+            ).start()
             started, outcomes = storm(requesters, bodies, args.timeout)
             cpu = meter.stop()
         finally:
@@ -195,18 +216,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def report(figures: dict[str, Any]) -> None:
     latency, ttc = figures["latency"], figures["time_to_certificate"]
-    print(f"\nenrolment storm: {figures['devices']} devices through {figures['requesters']} connections "
-          f"({figures['auth']}, {figures['key_type'].upper()} CA, {figures['server']}, "
-          f"{figures['ca_replicas']} CA replica(s))")
-    print(f"  total {figures['total_s']} s, {figures['certificates_per_s']} certificates/s, "
-          f"{figures['failures']} failures, statuses {figures['by_status']}")
-    print(f"  per-device latency p50 {latency.get('p50_ms')} ms, p99 {latency.get('p99_ms')} ms; "
-          f"time to certificate p50 {ttc.get('p50_ms')} ms, p99 {ttc.get('p99_ms')} ms, max {ttc.get('max_ms')} ms")
+    print(
+        f"\nenrolment storm: {figures['devices']} devices through {figures['requesters']} connections "
+        f"({figures['auth']}, {figures['key_type'].upper()} CA, {figures['server']}, "
+        f"{figures['ca_replicas']} CA replica(s))"
+    )
+    print(
+        f"  total {figures['total_s']} s, {figures['certificates_per_s']} certificates/s, "
+        f"{figures['failures']} failures, statuses {figures['by_status']}"
+    )
+    print(
+        f"  per-device latency p50 {latency.get('p50_ms')} ms, p99 {latency.get('p99_ms')} ms; "
+        f"time to certificate p50 {ttc.get('p50_ms')} ms, p99 {ttc.get('p99_ms')} ms, max {ttc.get('max_ms')} ms"
+    )
     ca_cpu = "+".join(str(figures[k]) for k in ("ca1_cpu_pct", "ca2_cpu_pct") if k in figures)
-    print(f"  CPU: CA {ca_cpu}%, dashboard {figures.get('dashboard_cpu_pct')}%, "
-          f"broker {figures.get('broker_cpu_pct')}%, "
-          f"bench {figures.get('bench_cpu_pct')}%  (target: zero failures in < {TARGETS['total_s']:g} s: "
-          f"{'met' if figures['target_met'] else 'not met'})")
+    print(
+        f"  CPU: CA {ca_cpu}%, dashboard {figures.get('dashboard_cpu_pct')}%, "
+        f"broker {figures.get('broker_cpu_pct')}%, "
+        f"bench {figures.get('bench_cpu_pct')}%  (target: zero failures in < {TARGETS['total_s']:g} s: "
+        f"{'met' if figures['target_met'] else 'not met'})"
+    )
     for failure in figures["failure_examples"]:
         print(f"  failure: {failure}")
 
@@ -215,12 +244,17 @@ def plot(done: list[Outcome], started: float, plots_dir: Path, devices: int) -> 
     if not done:
         return
     ordered = sorted(o.received - started for o in done)
-    plot_timeseries({"certificates received": (ordered, list(range(1, len(ordered) + 1)))},
-                    f"Enrolment storm: {devices} devices at once", "certificates (cumulative)",
-                    plots_dir / "enrol-storm-progress.png")
-    plot_latency_histograms({"time to certificate": [o.received - started for o in done],
-                             "request to reply": [o.latency for o in done]},
-                            f"Enrolment storm: {devices} devices", plots_dir / "enrol-storm-latency.png")
+    plot_timeseries(
+        {"certificates received": (ordered, list(range(1, len(ordered) + 1)))},
+        f"Enrolment storm: {devices} devices at once",
+        "certificates (cumulative)",
+        plots_dir / "enrol-storm-progress.png",
+    )
+    plot_latency_histograms(
+        {"time to certificate": [o.received - started for o in done], "request to reply": [o.latency for o in done]},
+        f"Enrolment storm: {devices} devices",
+        plots_dir / "enrol-storm-latency.png",
+    )
 
 
 if __name__ == "__main__":

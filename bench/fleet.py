@@ -46,13 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
         "and whether the dashboard lists all N online.",
     )
     parser.add_argument("--devices", type=positive_int, default=TARGET_DEVICES, help="devices to connect")
-    parser.add_argument("--concurrency", type=positive_int, default=50,
-                        help="TLS handshakes in flight at once (Mosquitto's listen backlog is 100)")
-    parser.add_argument("--rate", type=positive_float, default=1000,
-                        help="total messages/s while all devices are connected")
+    parser.add_argument(
+        "--concurrency",
+        type=positive_int,
+        default=50,
+        help="TLS handshakes in flight at once (Mosquitto's listen backlog is 100)",
+    )
+    parser.add_argument(
+        "--rate", type=positive_float, default=1000, help="total messages/s while all devices are connected"
+    )
     parser.add_argument("--seconds", type=positive_float, default=20, help="how long the fleet publishes")
-    parser.add_argument("--online-timeout", type=positive_float, default=60,
-                        help="how long to wait for the dashboard to list every device online")
+    parser.add_argument(
+        "--online-timeout",
+        type=positive_float,
+        default=60,
+        help="how long to wait for the dashboard to list every device online",
+    )
     return parser
 
 
@@ -80,8 +89,9 @@ async def run(args: argparse.Namespace, lab: BenchLab) -> dict[str, Any]:
     wanted = args.devices * FDS_PER_DEVICE + 256
     fd_limit = raise_fd_limit(wanted)
     if fd_limit < wanted:
-        print(f"warning: open-files limit {fd_limit} < {wanted} needed for {args.devices} devices: raise it "
-              "(ulimit -n)")
+        print(
+            f"warning: open-files limit {fd_limit} < {wanted} needed for {args.devices} devices: raise it (ulimit -n)"
+        )
 
     progress = Progress(args.devices, "device certificates")
     started = time.monotonic()
@@ -123,16 +133,25 @@ async def run(args: argparse.Namespace, lab: BenchLab) -> dict[str, Any]:
     await asyncio.sleep(1)
     rss_after = process_rss_kib(broker_pid)
     keepalive = asyncio.ensure_future(fleet.keep_alive())
-    print(f"{connected}/{args.devices} devices connected in {connect_wall:.1f} s "
-          f"({connected / connect_wall:.0f}/s); broker RSS {rss_before / 1024:.1f} -> {rss_after / 1024:.1f} MiB")
+    print(
+        f"{connected}/{args.devices} devices connected in {connect_wall:.1f} s "
+        f"({connected / connect_wall:.0f}/s); broker RSS {rss_before / 1024:.1f} -> {rss_after / 1024:.1f} MiB"
+    )
     figures: dict[str, Any] = {
-        "devices": args.devices, "concurrency": args.concurrency, "server": args.server, "fd_limit": fd_limit,
+        "devices": args.devices,
+        "concurrency": args.concurrency,
+        "server": args.server,
+        "fd_limit": fd_limit,
         "certificates_issued_per_s": round(args.devices / issue_seconds, 1),
-        "connected": connected, "connect_failures": len(fleet.failures),
+        "connected": connected,
+        "connect_failures": len(fleet.failures),
         "connect_failure_examples": dict(list(fleet.failures.items())[:5]),
-        "connect_seconds": round(connect_wall, 3), "connects_per_s": round(connected / connect_wall, 1),
-        "connect_latency_ms": summary_ms(fleet.connect_seconds), "connect_cpu": connect_cpu,
-        "broker_rss_kib_before": rss_before, "broker_rss_kib_after": rss_after,
+        "connect_seconds": round(connect_wall, 3),
+        "connects_per_s": round(connected / connect_wall, 1),
+        "connect_latency_ms": summary_ms(fleet.connect_seconds),
+        "connect_cpu": connect_cpu,
+        "broker_rss_kib_before": rss_before,
+        "broker_rss_kib_after": rss_after,
         "broker_kib_per_connection": round((rss_after - rss_before) / max(connected, 1), 2),
     }
 
@@ -167,15 +186,24 @@ async def run(args: argparse.Namespace, lab: BenchLab) -> dict[str, Any]:
         while ingested < published and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
             ingested = dashboard.readings_ingested() - ingested_before
-        figures.update({
-            "rate": args.rate, "seconds": args.seconds, "published": published, "achieved_rate":
-            round(published / elapsed, 1), "ingested": ingested, "lost": max(published - ingested, 0), "cpu": cpu,
-            "dashboard_online": online, "all_online": online == args.devices == still_online,
-            "dashboard_online_after_publishing": still_online,
-            "seconds_until_all_online": online_after if online == args.devices else None,
-            "broker_rss_kib_publishing": process_rss_kib(broker_pid),
-            "dashboard_rss_kib_before": dashboard_rss_before, "dashboard_rss_kib": process_rss_kib(dashboard.pid),
-        })
+        figures.update(
+            {
+                "rate": args.rate,
+                "seconds": args.seconds,
+                "published": published,
+                "achieved_rate": round(published / elapsed, 1),
+                "ingested": ingested,
+                "lost": max(published - ingested, 0),
+                "cpu": cpu,
+                "dashboard_online": online,
+                "all_online": online == args.devices == still_online,
+                "dashboard_online_after_publishing": still_online,
+                "seconds_until_all_online": online_after if online == args.devices else None,
+                "broker_rss_kib_publishing": process_rss_kib(broker_pid),
+                "dashboard_rss_kib_before": dashboard_rss_before,
+                "dashboard_rss_kib": process_rss_kib(dashboard.pid),
+            }
+        )
         figures["_timeline"] = timeline
     finally:
         sampler.cancel()
@@ -183,8 +211,11 @@ async def run(args: argparse.Namespace, lab: BenchLab) -> dict[str, Any]:
         keepalive.cancel()
         await fleet.close(offline=False)
     figures["dashboard_log_errors"] = dashboard.errors()
-    figures["targets"] = {f"{TARGET_DEVICES} concurrent mTLS devices, all online on the dashboard":
-                          args.devices >= TARGET_DEVICES and figures["all_online"] and connected == args.devices}
+    figures["targets"] = {
+        f"{TARGET_DEVICES} concurrent mTLS devices, all online on the dashboard": args.devices >= TARGET_DEVICES
+        and figures["all_online"]
+        and connected == args.devices
+    }
     return figures
 
 
@@ -219,26 +250,42 @@ def report(figures: dict[str, Any], results_dir: Path, plots_dir: Path) -> None:
     samples = figures.pop("_samples", [])
     plots = []
     if len(samples) > 1:
-        plots.append(plot_fleet(samples, f"Fleet: {figures['connected']} mTLS devices on one broker",
-                                plots_dir / "fleet-connections.png"))
+        plots.append(
+            plot_fleet(
+                samples,
+                f"Fleet: {figures['connected']} mTLS devices on one broker",
+                plots_dir / "fleet-connections.png",
+            )
+        )
     if len(timeline) > 1:  # the publish rate the fleet kept, per second
-        figures["publish_rate_per_s"] = [round((n1 - n0) / (t1 - t0), 1)
-                                         for (t0, n0), (t1, n1) in zip(timeline, timeline[1:], strict=False)]
+        figures["publish_rate_per_s"] = [
+            round((n1 - n0) / (t1 - t0), 1) for (t0, n0), (t1, n1) in zip(timeline, timeline[1:], strict=False)
+        ]
     figures["plots"] = [str(p) for p in plots if p]
     write_results("fleet", figures, results_dir)
     print()
-    print(f"devices connected:      {figures['connected']}/{figures['devices']} "
-          f"({figures['connect_failures']} failures)")
+    print(
+        f"devices connected:      {figures['connected']}/{figures['devices']} ({figures['connect_failures']} failures)"
+    )
     latency = figures["connect_latency_ms"]
-    print(f"connect rate:           {figures['connects_per_s']:.0f}/s, p50 {latency.get('p50_ms')} "
-          f"ms, p99 {latency.get('p99_ms')} ms per connect; cpu {figures['connect_cpu']}")
+    print(
+        f"connect rate:           {figures['connects_per_s']:.0f}/s, p50 {latency.get('p50_ms')} "
+        f"ms, p99 {latency.get('p99_ms')} ms per connect; cpu {figures['connect_cpu']}"
+    )
     print(f"broker memory:          {figures['broker_kib_per_connection']:.1f} KiB per connection")
-    print(f"published / ingested:   {figures.get('published')} / {figures.get('ingested')} "
-          f"(lost {figures.get('lost')}) at {figures.get('achieved_rate')} msg/s; cpu {figures.get('cpu')}")
-    print(f"dashboard online:       {figures.get('dashboard_online')}/{figures['devices']}"
-          + (f" (all within {figures['seconds_until_all_online']} s of the last connect)"
-             if figures.get("seconds_until_all_online") is not None else "")
-          + f"; after publishing {figures.get('dashboard_online_after_publishing')}")
+    print(
+        f"published / ingested:   {figures.get('published')} / {figures.get('ingested')} "
+        f"(lost {figures.get('lost')}) at {figures.get('achieved_rate')} msg/s; cpu {figures.get('cpu')}"
+    )
+    print(
+        f"dashboard online:       {figures.get('dashboard_online')}/{figures['devices']}"
+        + (
+            f" (all within {figures['seconds_until_all_online']} s of the last connect)"
+            if figures.get("seconds_until_all_online") is not None
+            else ""
+        )
+        + f"; after publishing {figures.get('dashboard_online_after_publishing')}"
+    )
     print_targets(figures["targets"])
 
 

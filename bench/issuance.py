@@ -50,30 +50,52 @@ TARGETS = {"mqtt_per_s": 1000, "http_per_s": 500, "p99_ms": 50}
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = bench_parser("issuance", __doc__)
     parser.add_argument("--duration", type=positive_float, default=10.0, help="seconds per level (default 10)")
-    parser.add_argument("--count", type=positive_int, default=30000, help="at most this many requests per level "
-                        "(default 30000)")
-    parser.add_argument("--csrs", type=positive_int, default=4000,
-                        help="distinct CSRs (names) made ahead of time and cycled through (default 4000)")
+    parser.add_argument(
+        "--count", type=positive_int, default=30000, help="at most this many requests per level (default 30000)"
+    )
+    parser.add_argument(
+        "--csrs",
+        type=positive_int,
+        default=4000,
+        help="distinct CSRs (names) made ahead of time and cycled through (default 4000)",
+    )
     parser.add_argument("--levels", default=",".join(LEVELS), help=f"comma-separated subset of {', '.join(LEVELS)}")
-    parser.add_argument("--threads", type=positive_int, default=8, help="threads calling the service in-process "
-                        "(default 8)")
-    parser.add_argument("--http-clients", type=positive_int, default=16, help="keep-alive HTTP connections "
-                        "(default 16)")
+    parser.add_argument(
+        "--threads", type=positive_int, default=8, help="threads calling the service in-process (default 8)"
+    )
+    parser.add_argument(
+        "--http-clients", type=positive_int, default=16, help="keep-alive HTTP connections (default 16)"
+    )
     parser.add_argument("--requesters", type=positive_int, default=8, help="MQTT requester connections (default 8)")
-    parser.add_argument("--window", type=positive_int, default=4, help="requests in flight per MQTT connection "
-                        "(default 4)")
-    parser.add_argument("--renewers", type=positive_int, default=32,
-                        help="devices renewing their own certificates in the renew level, one connection and one "
-                             "renewal in flight each (default 32)")
-    parser.add_argument("--ca-replicas", default="1,2",
-                        help="run the transport levels with each of these numbers of CA service replicas "
-                             "(`python -m ca` processes; default 1,2; levels with 2 are named e.g. mqtt-2ca)")
-    parser.add_argument("--profile", action="store_true",
-                        help="sample the dashboard with py-spy during each transport level (collapsed stacks and "
-                             "a summary of the heaviest frames next to the results)")
-    parser.add_argument("--summarise-profile", type=Path, metavar="FILE",
-                        help="print the heaviest frames of a py-spy `--format raw` file (e.g. one recorded with "
-                             "`py-spy record --idle --format raw -- python -m bench.issuance ...`) and exit")
+    parser.add_argument(
+        "--window", type=positive_int, default=4, help="requests in flight per MQTT connection (default 4)"
+    )
+    parser.add_argument(
+        "--renewers",
+        type=positive_int,
+        default=32,
+        help="devices renewing their own certificates in the renew level, one connection and one "
+        "renewal in flight each (default 32)",
+    )
+    parser.add_argument(
+        "--ca-replicas",
+        default="1,2",
+        help="run the transport levels with each of these numbers of CA service replicas "
+        "(`python -m ca` processes; default 1,2; levels with 2 are named e.g. mqtt-2ca)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample the dashboard with py-spy during each transport level (collapsed stacks and "
+        "a summary of the heaviest frames next to the results)",
+    )
+    parser.add_argument(
+        "--summarise-profile",
+        type=Path,
+        metavar="FILE",
+        help="print the heaviest frames of a py-spy `--format raw` file (e.g. one recorded with "
+        "`py-spy record --idle --format raw -- python -m bench.issuance ...`) and exit",
+    )
     args = parser.parse_args(argv)
     args.levels = [level.strip() for level in args.levels.split(",") if level.strip()]
     try:
@@ -86,7 +108,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown level(s) {', '.join(sorted(unknown))}; choose from {', '.join(LEVELS)}")
     return args
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -120,22 +141,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for server in order:
                     lab.start_cas(replicas)  # `python -m ca` x replicas, then the dashboard forwarding to them
                     dashboard = lab.start_dashboard(server)
-                    pids = {"dashboard": dashboard.pid, "broker": lab.broker.process.pid,  # type: ignore[union-attr]
-                            "bench": os.getpid(), **{f"ca{ca.instance}": ca.pid for ca in lab.cas}}
+                    pids = {
+                        "dashboard": dashboard.pid,
+                        "broker": lab.broker.process.pid,  # type: ignore[union-attr]
+                        "bench": os.getpid(),
+                        **{f"ca{ca.instance}": ca.pid for ca in lab.cas},
+                    }
                     level = f"http-{server}"
                     if level in args.levels:
                         profile_to = results_dir / f"{name}-{level}{suffix}.pyspy.txt" if args.profile else None
-                        levels[level + suffix], loads[level + suffix] = level_http(lab, csrs, args, pids, profile_to,
-                                                                                   level + suffix)
+                        levels[level + suffix], loads[level + suffix] = level_http(
+                            lab, csrs, args, pids, profile_to, level + suffix
+                        )
                     if server == mqtt_server and "mqtt" in args.levels:
                         profile_to = results_dir / f"{name}-mqtt{suffix}.pyspy.txt" if args.profile else None
-                        levels["mqtt" + suffix], loads["mqtt" + suffix] = level_mqtt(lab, csrs, args, pids,
-                                                                                     profile_to)
+                        levels["mqtt" + suffix], loads["mqtt" + suffix] = level_mqtt(lab, csrs, args, pids, profile_to)
                     if server == mqtt_server and "renew" in args.levels:
                         if renewal_supported():
                             profile_to = results_dir / f"{name}-renew{suffix}.pyspy.txt" if args.profile else None
                             levels["renew" + suffix], loads["renew" + suffix] = level_renew(
-                                lab, args, pids, profile_to, prefix=f"bench-renewer{suffix}")
+                                lab, args, pids, profile_to, prefix=f"bench-renewer{suffix}"
+                            )
                         else:
                             levels["renew"] = {"skipped": "this CA has no renewal over MQTT (CAService.renew)"}
                     lab.stop_dashboard()
@@ -159,8 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     write_results(name, figures_out, results_dir)
     plot(name, loads, plots_dir, args.key_type)
-    failed = [lv for lv, f in levels.items() if f.get("verification_problems") or
-              (f.get("count") == 0 and "skipped" not in f)]
+    failed = [
+        lv for lv, f in levels.items() if f.get("verification_problems") or (f.get("count") == 0 and "skipped" not in f)
+    ]
     if failed:
         print(f"problems in: {', '.join(failed)}", file=sys.stderr)
         return 1
@@ -173,28 +200,62 @@ def report(levels: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
         if "skipped" in figures:
             rows.append({"level": level, "per_s": "skipped: " + figures["skipped"]})
             continue
-        rows.append({
-            "level": level, "per_s": figures.get("throughput_per_s"), "ratio": figures.get("ratio_to_raw", ""),
-            "vs_crypto": figures.get("ratio_to_crypto", ""), "vs_service": figures.get("ratio_to_service", ""),
-            "ok": figures.get("count"), "errors": figures.get("errors"), "p50_ms": figures.get("p50_ms", ""),
-            "p99_ms": figures.get("p99_ms", ""), "dashboard_cpu": figures.get("dashboard_cpu_pct", ""),
-            "ca_cpu": "+".join(str(figures[k]) for k in ("ca1_cpu_pct", "ca2_cpu_pct") if k in figures),
-            "broker_cpu": figures.get("broker_cpu_pct", ""), "bench_cpu": figures.get("bench_cpu_pct", ""),
-        })
-    print(f"\nissuance, {args.key_type.upper()} CA, {args.duration:g} s per level "
-          f"(raw crypto only: {levels.get('raw', {}).get('crypto_only_per_s', '-')}/s)")
-    print_table(rows, ["level", "per_s", "ratio", "vs_crypto", "vs_service", "ok", "errors", "p50_ms", "p99_ms",
-                       "dashboard_cpu", "ca_cpu", "broker_cpu", "bench_cpu"])
+        rows.append(
+            {
+                "level": level,
+                "per_s": figures.get("throughput_per_s"),
+                "ratio": figures.get("ratio_to_raw", ""),
+                "vs_crypto": figures.get("ratio_to_crypto", ""),
+                "vs_service": figures.get("ratio_to_service", ""),
+                "ok": figures.get("count"),
+                "errors": figures.get("errors"),
+                "p50_ms": figures.get("p50_ms", ""),
+                "p99_ms": figures.get("p99_ms", ""),
+                "dashboard_cpu": figures.get("dashboard_cpu_pct", ""),
+                "ca_cpu": "+".join(str(figures[k]) for k in ("ca1_cpu_pct", "ca2_cpu_pct") if k in figures),
+                "broker_cpu": figures.get("broker_cpu_pct", ""),
+                "bench_cpu": figures.get("bench_cpu_pct", ""),
+            }
+        )
+    print(
+        f"\nissuance, {args.key_type.upper()} CA, {args.duration:g} s per level "
+        f"(raw crypto only: {levels.get('raw', {}).get('crypto_only_per_s', '-')}/s)"
+    )
+    print_table(
+        rows,
+        [
+            "level",
+            "per_s",
+            "ratio",
+            "vs_crypto",
+            "vs_service",
+            "ok",
+            "errors",
+            "p50_ms",
+            "p99_ms",
+            "dashboard_cpu",
+            "ca_cpu",
+            "broker_cpu",
+            "bench_cpu",
+        ],
+    )
 
 
 def plot(name: str, loads: dict[str, LoadResult], plots_dir: Path, key_type: str) -> None:
     if not loads:
         return
     label = "EC P-256" if key_type == "ec" else "RSA-2048"
-    plot_latency_histograms({lv: [o.latency for o in r.ok] for lv, r in loads.items()},
-                            f"Issuance latency per request ({label} CA)", plots_dir / f"{name}-latency.png")
-    plot_timeseries({lv: r.rate_series() for lv, r in loads.items()}, f"Certificates issued per second ({label} CA)",
-                    "certificates/s", plots_dir / f"{name}-throughput.png")
+    plot_latency_histograms(
+        {lv: [o.latency for o in r.ok] for lv, r in loads.items()},
+        f"Issuance latency per request ({label} CA)",
+        plots_dir / f"{name}-latency.png",
+    )
+    plot_timeseries(
+        {lv: r.rate_series() for lv, r in loads.items()},
+        f"Certificates issued per second ({label} CA)",
+        "certificates/s",
+        plots_dir / f"{name}-throughput.png",
+    )
 
 
 if __name__ == "__main__":

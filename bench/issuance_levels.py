@@ -61,23 +61,34 @@ def level_raw(lab: CALab, csrs: list[Csr], args: argparse.Namespace) -> dict[str
             crypto += time.perf_counter() - t0
             with inventory.session() as session:
                 for name, cert in batch:
-                    inventory.record_issued(cert, name=name, role=ENTITY.role, via="bench", requester="bench",
-                                            session=session)
+                    inventory.record_issued(
+                        cert, name=name, role=ENTITY.role, via="bench", requester="bench", session=session
+                    )
             done += len(batch)
         elapsed = time.perf_counter() - started
     finally:
         ticker.close()
         inventory.close()
-    return {"throughput_per_s": round(done / elapsed, 1), "count": done, "errors": 0,
-            "crypto_only_per_s": round(done / crypto, 1) if crypto else None, "batch": RAW_BATCH}
+    return {
+        "throughput_per_s": round(done / elapsed, 1),
+        "count": done,
+        "errors": 0,
+        "crypto_only_per_s": round(done / crypto, 1) if crypto else None,
+        "batch": RAW_BATCH,
+    }
 
 
 def sign_body(lab: CALab, csr: Csr) -> dict[str, Any]:
     return {"name": csr.name, "days": DAYS, "pass": lab.passphrase, "csr": csr.pem}
 
 
-def summarise(result: LoadResult, samples: dict[int, bytes], csrs: list[Csr], lab: CALab,
-              csr_of: Callable[[int], Csr] | None = None) -> dict[str, Any]:
+def summarise(
+    result: LoadResult,
+    samples: dict[int, bytes],
+    csrs: list[Csr],
+    lab: CALab,
+    csr_of: Callable[[int], Csr] | None = None,
+) -> dict[str, Any]:
     """Throughput, latency percentiles, statuses, and a verified sample of the certificates."""
     root = lab.root_certificate()
     problems = []
@@ -122,8 +133,9 @@ def level_service(lab: CALab, csrs: list[Csr], args: argparse.Namespace) -> tupl
     return summarise(result, samples, csrs, lab), result
 
 
-def level_http(lab: CALab, csrs: list[Csr], args: argparse.Namespace, pids: dict[str, int],
-               profile_to: Path | None, label: str) -> tuple[dict[str, Any], LoadResult]:
+def level_http(
+    lab: CALab, csrs: list[Csr], args: argparse.Namespace, pids: dict[str, int], profile_to: Path | None, label: str
+) -> tuple[dict[str, Any], LoadResult]:
     port = lab.dashboard_port
     bodies = [json.dumps(sign_body(lab, csr)).encode() for csr in csrs]
     local = threading.local()
@@ -143,8 +155,9 @@ def level_http(lab: CALab, csrs: list[Csr], args: argparse.Namespace, pids: dict
     return figures, result
 
 
-def level_mqtt(lab: CALab, csrs: list[Csr], args: argparse.Namespace, pids: dict[str, int],
-               profile_to: Path | None) -> tuple[dict[str, Any], LoadResult]:
+def level_mqtt(
+    lab: CALab, csrs: list[Csr], args: argparse.Namespace, pids: dict[str, int], profile_to: Path | None
+) -> tuple[dict[str, Any], LoadResult]:
     """ssl/sign over MQTT from `--requesters` connections (each its own certificate), `--window` in flight each."""
     names = [f"bench-req-{i:02d}" for i in range(args.requesters)]
     requesters = connect_requesters(lab, lab.issue_devices(names))
@@ -156,21 +169,34 @@ def level_mqtt(lab: CALab, csrs: list[Csr], args: argparse.Namespace, pids: dict
             requester.close()
 
 
-def _signatures(lab: CALab, csrs: list[Csr], requesters: list[Requester], args: argparse.Namespace,
-                pids: dict[str, int], profile_to: Path | None) -> tuple[dict[str, Any], LoadResult]:
+def _signatures(
+    lab: CALab,
+    csrs: list[Csr],
+    requesters: list[Requester],
+    args: argparse.Namespace,
+    pids: dict[str, int],
+    profile_to: Path | None,
+) -> tuple[dict[str, Any], LoadResult]:
     bodies = [json.dumps(sign_body(lab, csr)).encode() for csr in csrs]
     meter = CpuMeter(pids).start()
     with profiler(profile_to, pids["dashboard"], args.duration):
-        result, samples = run_mqtt(requesters, args.window, args.duration, args.count,
-                                   lambda _r, i: ("ssl/sign", bodies[i % len(bodies)]), "mqtt ssl/sign")
+        result, samples = run_mqtt(
+            requesters,
+            args.window,
+            args.duration,
+            args.count,
+            lambda _r, i: ("ssl/sign", bodies[i % len(bodies)]),
+            "mqtt ssl/sign",
+        )
     figures = summarise(result, samples, csrs, lab)
     figures.update(meter.stop())
     figures["unmatched_replies"] = sum(r.unmatched for r in requesters)
     return figures, result
 
 
-def level_renew(lab: CALab, args: argparse.Namespace, pids: dict[str, int],
-                profile_to: Path | None, prefix: str = "bench-renewer") -> tuple[dict[str, Any], LoadResult]:
+def level_renew(
+    lab: CALab, args: argparse.Namespace, pids: dict[str, int], profile_to: Path | None, prefix: str = "bench-renewer"
+) -> tuple[dict[str, Any], LoadResult]:
     """Enrolled devices renew their own certificates: `{"csr"}` on ssl/renew/<CN>, the certificate the credential.
 
     `--renewers` devices (each its own connection: one per certificate), one renewal in flight each.
@@ -185,12 +211,13 @@ def level_renew(lab: CALab, args: argparse.Namespace, pids: dict[str, int],
             requester.close()
 
 
-def _renewals(lab: CALab, requesters: list[Requester], args: argparse.Namespace, pids: dict[str, int],
-              profile_to: Path | None) -> tuple[dict[str, Any], LoadResult]:
+def _renewals(
+    lab: CALab, requesters: list[Requester], args: argparse.Namespace, pids: dict[str, int], profile_to: Path | None
+) -> tuple[dict[str, Any], LoadResult]:
     # Renewal must bring a new key, so each device gets its own CSRs and stops when it has used them all.
     per = max(1, min(args.count // len(requesters), max(args.csrs // len(requesters), 100), 400))
     csrs = make_csrs([r.name for r in requesters for _ in range(per)], "CSRs for renewals")
-    own = {r.name: iter(csrs[i * per:(i + 1) * per]) for i, r in enumerate(requesters)}
+    own = {r.name: iter(csrs[i * per : (i + 1) * per]) for i, r in enumerate(requesters)}
     index_csr: dict[int, Csr] = {}
 
     def request(requester: Requester, i: int) -> tuple[str, bytes] | None:

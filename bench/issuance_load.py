@@ -67,8 +67,9 @@ class LoadRun:
         ticker.close()
 
 
-def run_threads(threads: int, duration: float, count: int, call: Callable[[int], tuple[int, bytes]],
-                label: str) -> tuple[LoadResult, dict[int, bytes]]:
+def run_threads(
+    threads: int, duration: float, count: int, call: Callable[[int], tuple[int, bytes]], label: str
+) -> tuple[LoadResult, dict[int, bytes]]:
     """`threads` closed loops calling `call(i)`; returns the result and a sample of reply payloads by index."""
     load = LoadRun(duration, count, label)
     result = load.result
@@ -90,9 +91,14 @@ def run_threads(threads: int, duration: float, count: int, call: Callable[[int],
     return result, load.samples
 
 
-def run_mqtt(requesters: list[Requester], window: int, duration: float, count: int,
-             request: Callable[[Requester, int], tuple[str, bytes] | None],
-             label: str) -> tuple[LoadResult, dict[int, bytes]]:
+def run_mqtt(
+    requesters: list[Requester],
+    window: int,
+    duration: float,
+    count: int,
+    request: Callable[[Requester, int], tuple[str, bytes] | None],
+    label: str,
+) -> tuple[LoadResult, dict[int, bytes]]:
     """Each requester keeps `window` requests in flight; `request(requester, i)` gives (topic, payload), or None
     when that requester has nothing more to send."""
     load = LoadRun(duration, count, label)

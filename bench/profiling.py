@@ -24,9 +24,25 @@ class profiler:  # noqa: N801 - used like a function: `with profiler(...)`
         if self.out is not None:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self.process = subprocess.Popen(
-                [py_spy(), "record", "--pid", str(self.pid), "--duration", str(max(1, int(self.duration))),
-                 "--rate", "250", "--gil", "--nonblocking", "--format", "raw", "--output", str(self.out)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                [
+                    py_spy(),
+                    "record",
+                    "--pid",
+                    str(self.pid),
+                    "--duration",
+                    str(max(1, int(self.duration))),
+                    "--rate",
+                    "250",
+                    "--gil",
+                    "--nonblocking",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(self.out),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -54,8 +70,9 @@ def summarise_profile(path: Path, top: int = 40) -> str:
         if not count.isdigit():
             continue
         total += int(count)
-        for frame in {frame.split(" (")[0] + " (" + frame.split(" (")[-1].split(":")[0] + ")"
-                      for frame in stack.split(";")}:
+        for frame in {
+            frame.split(" (")[0] + " (" + frame.split(" (")[-1].split(":")[0] + ")" for frame in stack.split(";")
+        }:
             inclusive[frame] = inclusive.get(frame, 0) + int(count)
     skip = ("threading.py", "concurrent/futures", "<frozen")
     rows = [(n, f) for f, n in inclusive.items() if not any(s in f for s in skip)]

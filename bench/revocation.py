@@ -46,14 +46,27 @@ TARGET_S = 2.0
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = bench_parser("revocation", __doc__)
-    parser.add_argument("--rounds", type=positive_int, default=5, help="devices revoked, one after the other "
-                        "(default 5)")
-    parser.add_argument("--interval-ms", type=positive_float, default=10.0,
-                        help="the device publishes a reading this often (default 10 ms)")
-    parser.add_argument("--observe", type=positive_float, default=3.0,
-                        help="seconds the device keeps publishing after the revoke request (default 3)")
-    parser.add_argument("--probe-ms", type=positive_float, default=50.0,
-                        help="pause between two reconnect attempts with the revoked certificate (default 50 ms)")
+    parser.add_argument(
+        "--rounds", type=positive_int, default=5, help="devices revoked, one after the other (default 5)"
+    )
+    parser.add_argument(
+        "--interval-ms",
+        type=positive_float,
+        default=10.0,
+        help="the device publishes a reading this often (default 10 ms)",
+    )
+    parser.add_argument(
+        "--observe",
+        type=positive_float,
+        default=3.0,
+        help="seconds the device keeps publishing after the revoke request (default 3)",
+    )
+    parser.add_argument(
+        "--probe-ms",
+        type=positive_float,
+        default=50.0,
+        help="pause between two reconnect attempts with the revoked certificate (default 50 ms)",
+    )
     return parser.parse_args(argv)
 
 
@@ -194,8 +207,9 @@ def one_round(lab: CALab, index: int, args: argparse.Namespace) -> dict[str, Any
             raise RuntimeError(f"a handshake with {name}'s certificate was refused before revocation: {why}")
         t0 = time.monotonic()
         prober = Prober(identity, lab.broker_port, args.probe_ms / 1000, t0, t0 + args.observe)
-        status, body = http.post_json("/v1/ssl/revoke", {"name": name, "pass": lab.passphrase,
-                                                         "reason": "keyCompromise"})
+        status, body = http.post_json(
+            "/v1/ssl/revoke", {"name": name, "pass": lab.passphrase, "reason": "keyCompromise"}
+        )
         answered = time.monotonic() - t0
         if status != 200:
             raise RuntimeError(f"revoke {name}: {status} {body}")
@@ -257,9 +271,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     refusals = [r["refused_ms"] / 1000 for r in rounds if r["refused_ms"] is not None]
     closed = [r["closed_ms"] / 1000 for r in rounds if r["closed_ms"] is not None]
     shown = [r["shown_ms"] / 1000 for r in rounds if r["shown_ms"] is not None]
-    failures = [r["device"] for r in rounds if r["cutoff_ms"] is None or r["refused_ms"] is None
-                or r["closed_ms"] is None or r["shown_ms"] is None
-                or not r["reconnect_refused"] or r["dropped_after_revoke"] <= 0]
+    failures = [
+        r["device"]
+        for r in rounds
+        if r["cutoff_ms"] is None
+        or r["refused_ms"] is None
+        or r["closed_ms"] is None
+        or r["shown_ms"] is None
+        or not r["reconnect_refused"]
+        or r["dropped_after_revoke"] <= 0
+    ]
     figures = {
         "rounds": args.rounds,
         "interval_ms": args.interval_ms,
@@ -284,22 +305,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def report(figures: dict[str, Any]) -> None:
-    print(f"\nrevocation: {figures['rounds']} devices publishing every {figures['interval_ms']:g} ms, "
-          f"revoked over HTTP ({figures['key_type'].upper()} CA, {figures['server']})")
+    print(
+        f"\nrevocation: {figures['rounds']} devices publishing every {figures['interval_ms']:g} ms, "
+        f"revoked over HTTP ({figures['key_type'].upper()} CA, {figures['server']})"
+    )
     for r in figures["per_round"]:
-        print(f"  {r['device']}: revoke answered in {r['revoke_reply_ms']} ms; connection closed at "
-              f"{r['closed_ms']} ms, revoked and offline on the dashboard at {r['shown_ms']} ms; "
-              f"publishes dropped from "
-              f"{r['cutoff_ms']} ms ({r['dropped_after_revoke']} readings dropped); handshakes refused from "
-              f"{r['refused_ms']} ms ({r['refusal']}); MQTT reconnect "
-              f"{'refused' if r['reconnect_refused'] else 'ACCEPTED'} ({r['reconnect']})")
+        print(
+            f"  {r['device']}: revoke answered in {r['revoke_reply_ms']} ms; connection closed at "
+            f"{r['closed_ms']} ms, revoked and offline on the dashboard at {r['shown_ms']} ms; "
+            f"publishes dropped from "
+            f"{r['cutoff_ms']} ms ({r['dropped_after_revoke']} readings dropped); handshakes refused from "
+            f"{r['refused_ms']} ms ({r['refusal']}); MQTT reconnect "
+            f"{'refused' if r['reconnect_refused'] else 'ACCEPTED'} ({r['reconnect']})"
+        )
     cutoff, refused = figures["cutoff"], figures["refused"]
-    print(f"  after the revoke request: connection closed p50 {figures['closed'].get('p50_ms')} ms, max "
-          f"{figures['closed'].get('max_ms')} ms; \"revoked\" on the dashboard p50 "
-          f"{figures['shown'].get('p50_ms')} ms, max {figures['shown'].get('max_ms')} ms")
-    print(f"  publishes dropped: p50 {cutoff.get('p50_ms')} ms, max {cutoff.get('max_ms')} ms; reconnect refused: "
-          f"p50 {refused.get('p50_ms')} ms, max {refused.get('max_ms')} ms "
-          f"(target < {TARGET_S * 1000:g} ms: {'met' if figures['target_met'] else 'not met'})")
+    print(
+        f"  after the revoke request: connection closed p50 {figures['closed'].get('p50_ms')} ms, max "
+        f'{figures["closed"].get("max_ms")} ms; "revoked" on the dashboard p50 '
+        f"{figures['shown'].get('p50_ms')} ms, max {figures['shown'].get('max_ms')} ms"
+    )
+    print(
+        f"  publishes dropped: p50 {cutoff.get('p50_ms')} ms, max {cutoff.get('max_ms')} ms; reconnect refused: "
+        f"p50 {refused.get('p50_ms')} ms, max {refused.get('max_ms')} ms "
+        f"(target < {TARGET_S * 1000:g} ms: {'met' if figures['target_met'] else 'not met'})"
+    )
     if figures["failures"]:
         print(f"  FAILED: {', '.join(figures['failures'])}")
 
@@ -310,10 +339,15 @@ def plot(first: dict[str, Any], plots_dir: Path) -> None:
     window = (-0.2, 0.5)  # the cut-off is tens of milliseconds: show the half second around it
     sent = sorted((at - t0, seq) for seq, at in first["_sent"].items() if window[0] <= at - t0 <= window[1])
     seen = [(at, seq) for at, seq in first["_seen"] if at <= window[1]]
-    plot_timeseries({"sent by the device (seq)": ([s for s, _ in sent], [q for _, q in sent]),
-                     "newest at the dashboard (seq)": ([s for s, _ in seen], [q for _, q in seen])},
-                    f"Revocation of {first['device']}: revoke request at t = 0", "sequence number",
-                    plots_dir / "revocation.png")
+    plot_timeseries(
+        {
+            "sent by the device (seq)": ([s for s, _ in sent], [q for _, q in sent]),
+            "newest at the dashboard (seq)": ([s for s, _ in seen], [q for _, q in seen]),
+        },
+        f"Revocation of {first['device']}: revoke request at t = 0",
+        "sequence number",
+        plots_dir / "revocation.png",
+    )
 
 
 if __name__ == "__main__":

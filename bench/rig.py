@@ -53,22 +53,35 @@ def lab_bench_parser(module: str, description: str | None, *, from_docstring: bo
     """The parser of a bench that runs on a BenchLab of its own (`python -m bench.<module>`), with the options all
     of them take: the dashboard's server, where results go, the lab folder, the wait for a quiet machine."""
     formatter = argparse.RawDescriptionHelpFormatter if from_docstring else argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog=f"python -m bench.{module}", description=description,
-                                     formatter_class=formatter)
-    parser.add_argument("--server", choices=SERVERS, default="werkzeug",
-                        help="how the dashboard/CA is served: `python -m dashboard` (Werkzeug, as natively) or "
-                             "gunicorn with one worker and threads (as in Docker)")
+    parser = argparse.ArgumentParser(
+        prog=f"python -m bench.{module}", description=description, formatter_class=formatter
+    )
+    parser.add_argument(
+        "--server",
+        choices=SERVERS,
+        default="werkzeug",
+        help="how the dashboard/CA is served: `python -m dashboard` (Werkzeug, as natively) or "
+        "gunicorn with one worker and threads (as in Docker)",
+    )
     add_lab_options(parser)
     return parser
 
 
 def add_lab_options(parser: argparse.ArgumentParser) -> None:
     """The options of every bench on a BenchLab: where results go, the lab folder, the wait for a quiet machine."""
-    parser.add_argument("--out", type=Path, default=None,
-                        help="write results JSON and plots here instead of bench/results and docs/bench")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write results JSON and plots here instead of bench/results and docs/bench",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary lab folder (logs, database)")
-    parser.add_argument("--quiet-timeout", type=float, default=120,
-                        help="first wait up to this many seconds for the machine to be idle (0: do not wait)")
+    parser.add_argument(
+        "--quiet-timeout",
+        type=float,
+        default=120,
+        help="first wait up to this many seconds for the machine to be idle (0: do not wait)",
+    )
 
 
 def positive_int(value: str) -> int:
@@ -107,8 +120,11 @@ def _is_float(text: str) -> bool:
 Figures = dict[str, Any]
 
 
-def run_on_lab(args: argparse.Namespace, run: Callable[[argparse.Namespace, BenchLab], Coroutine[Any, Any, Figures]],
-               report: Callable[[Figures, Path, Path], None]) -> int:
+def run_on_lab(
+    args: argparse.Namespace,
+    run: Callable[[argparse.Namespace, BenchLab], Coroutine[Any, Any, Figures]],
+    report: Callable[[Figures, Path, Path], None],
+) -> int:
     """A bench's main: wait for a quiet machine, run on a fresh lab, then report (results and plots to --out, else
     bench/results and docs/bench)."""
     results_dir, plots_dir = (args.out, args.out) if args.out else (RESULTS_DIR, DOCS_DIR)
@@ -176,8 +192,9 @@ class BenchLab:
     @property
     def ca(self) -> CertificateAuthority:
         if self._ca is None:
-            self._ca = CertificateAuthority.load(self.layout.ca_cert.read_bytes(), self.layout.ca_key.read_bytes(),
-                                                 self.settings.ca_passphrase)
+            self._ca = CertificateAuthority.load(
+                self.layout.ca_cert.read_bytes(), self.layout.ca_key.read_bytes(), self.settings.ca_passphrase
+            )
         return self._ca
 
     def issue_devices(self, names: Sequence[str], progress: Callable[[int], None] | None = None) -> dict[str, Identity]:
@@ -211,8 +228,10 @@ class BenchLab:
     def start_cas(self, replicas: int = 1) -> list[CAServiceProcess]:
         """`replicas` CA service processes (ca-1 ...), started before the dashboard that forwards to them."""
         self.stop_cas()
-        self.cas = [CAServiceProcess(self.env, n, self.settings.data_dir / f"ca-{n}.log").start()
-                    for n in range(1, replicas + 1)]
+        self.cas = [
+            CAServiceProcess(self.env, n, self.settings.data_dir / f"ca-{n}.log").start()
+            for n in range(1, replicas + 1)
+        ]
         return self.cas
 
     def stop_cas(self) -> None:
@@ -225,8 +244,12 @@ class BenchLab:
         if not self.cas:
             self.start_cas(1)
         urls = ",".join(ca.url for ca in self.cas)
-        self.dashboard = DashboardProcess({**self.env, "CA_URLS": urls, **(env or {})},
-                                          self.settings.data_dir / "dashboard.log", self.dashboard_port, server).start()
+        self.dashboard = DashboardProcess(
+            {**self.env, "CA_URLS": urls, **(env or {})},
+            self.settings.data_dir / "dashboard.log",
+            self.dashboard_port,
+            server,
+        ).start()
         return self.dashboard
 
     def stop_dashboard(self) -> None:
@@ -250,8 +273,12 @@ class BenchLab:
 class SocketIOWatcher:
     """A Socket.IO client of the dashboard (the `browser`): calls `on_batch(received_at, batch)` per push."""
 
-    def __init__(self, url: str, on_batch: Callable[[float, dict[str, Any]], None] | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        on_batch: Callable[[float, dict[str, Any]], None] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         import socketio  # python-socketio's client needs requests + websocket-client (requirements-dev.txt)
 
         self.url = url
@@ -308,8 +335,11 @@ def wait_until_quiet(threshold: float = 15.0, timeout: float = 120.0) -> float:
     warned = False
     while busy > threshold and time.monotonic() < deadline:
         if not warned:
-            print(f"the machine is {busy:.0f}% busy with other work: waiting up to {timeout:.0f} s for it to "
-                  "calm down (figures from a busy machine are not comparable)", flush=True)
+            print(
+                f"the machine is {busy:.0f}% busy with other work: waiting up to {timeout:.0f} s for it to "
+                "calm down (figures from a busy machine are not comparable)",
+                flush=True,
+            )
             warned = True
         busy = busy_cpu_percent(2.0)
     if busy > threshold:

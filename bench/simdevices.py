@@ -21,16 +21,27 @@ from lab.mqtt import Identity, tls_context
 from lab.testing import mqtt_varint
 
 CONNECT, CONNACK, PUBLISH, PUBACK, PINGREQ, PINGRESP, DISCONNECT = 0x10, 0x20, 0x30, 0x40, 0xC0, 0xD0, 0xE0
-CONNACK_CODES = {1: "unacceptable protocol version", 2: "identifier rejected", 3: "server unavailable",
-                 4: "bad user name or password", 5: "not authorised"}
+CONNACK_CODES = {
+    1: "unacceptable protocol version",
+    2: "identifier rejected",
+    3: "server unavailable",
+    4: "bad user name or password",
+    5: "not authorised",
+}
 
 
 def _string(value: bytes) -> bytes:
     return len(value).to_bytes(2, "big") + value
 
 
-def connect_packet(client_id: str, keepalive: int, will_topic: str | None = None, will_payload: bytes = b"",
-                   will_retain: bool = True, will_qos: int = 1) -> bytes:
+def connect_packet(
+    client_id: str,
+    keepalive: int,
+    will_topic: str | None = None,
+    will_payload: bytes = b"",
+    will_retain: bool = True,
+    will_qos: int = 1,
+) -> bytes:
     flags = 0x02  # clean session
     payload = _string(client_id.encode())
     if will_topic is not None:
@@ -141,8 +152,9 @@ class DeviceConnection(asyncio.Protocol):
         if qos:
             self.published += 1
 
-    def publish_reading(self, temperature: float, qos: int = 1, now: float | None = None,
-                        stamp: str | None = None) -> None:
+    def publish_reading(
+        self, temperature: float, qos: int = 1, now: float | None = None, stamp: str | None = None
+    ) -> None:
         """The thermometer's payload; `timestamp` is the publish time (ISO 8601, microseconds), `seq` counts.
 
         `stamp` is `now` already formatted (a tick of publish_at_rate formats it once for all its messages).
@@ -152,8 +164,9 @@ class DeviceConnection(asyncio.Protocol):
         if self.sent_at is not None:
             self.sent_at.append(now)
         stamp = stamp or iso_time(now)
-        payload = (f'{{"device_id":"{self.name}","timestamp":"{stamp}",'
-                   f'"temperature":{temperature:.2f},"seq":{self.seq}}}').encode()
+        payload = (
+            f'{{"device_id":"{self.name}","timestamp":"{stamp}","temperature":{temperature:.2f},"seq":{self.seq}}}'
+        ).encode()
         self.publish(self.temperature_topic, payload, qos)
 
     def publish_status(self, status: str) -> None:
@@ -198,15 +211,27 @@ class Fleet:
         context = self._contexts.get(name) or tls_context(self.identities[name])
         started = time.monotonic()
         _transport, connection = await asyncio.wait_for(
-            loop.create_connection(lambda: DeviceConnection(name, self.keepalive), self.host, self.port,
-                                   ssl=context, server_hostname=self.host), timeout)
+            loop.create_connection(
+                lambda: DeviceConnection(name, self.keepalive),
+                self.host,
+                self.port,
+                ssl=context,
+                server_hostname=self.host,
+            ),
+            timeout,
+        )
         await asyncio.wait_for(connection.connack, timeout)
         self.connect_seconds.append(time.monotonic() - started)
         self.connections[name] = connection
         return connection
 
-    async def connect_all(self, names: Iterable[str] | None = None, concurrency: int = 50,
-                          progress: Callable[[int], None] | None = None, online: bool = True) -> float:
+    async def connect_all(
+        self,
+        names: Iterable[str] | None = None,
+        concurrency: int = 50,
+        progress: Callable[[int], None] | None = None,
+        online: bool = True,
+    ) -> float:
         """Connect (at most `concurrency` handshakes at once: the broker's listen backlog is 100).
 
         With `online`, each device then publishes its retained `online`, as lab/publisher.py does.
@@ -280,9 +305,14 @@ class Pace:
     tick: float = 0.005
 
 
-async def publish_at_rate(connections: list[DeviceConnection], pace: Pace, *, qos: int = 1,
-                          on_tick: Callable[[float, int], None] | None = None,
-                          temperature: Callable[[DeviceConnection, int], float] | None = None) -> tuple[int, float]:
+async def publish_at_rate(
+    connections: list[DeviceConnection],
+    pace: Pace,
+    *,
+    qos: int = 1,
+    on_tick: Callable[[float, int], None] | None = None,
+    temperature: Callable[[DeviceConnection, int], float] | None = None,
+) -> tuple[int, float]:
     """Spread `pace.rate` messages/s round-robin over `connections` for `pace.duration` s; returns (sent, elapsed).
 
     Paced by the clock (what is due since the start), so a slow tick catches up rather than drifting.

@@ -51,23 +51,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.telemetry",
         description="Telemetry: ingest throughput (stock paho, 1 and 2 replicas) as a ratio to a C-client pipeline "
-                    "(mosquitto_pub -> mosquitto_sub), and publish-to-browser latency through nginx.",
+        "(mosquitto_pub -> mosquitto_sub), and publish-to-browser latency through nginx.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--publishers", type=positive_int, default=4, help="mosquitto_pub processes in the flood")
     parser.add_argument("--messages", type=positive_int, default=50_000, help="readings each publisher sends")
     parser.add_argument("--replicas", type=str, default="1,2", help="ingest replica counts to measure")
-    parser.add_argument("--devices", type=positive_int, default=200,
-                        help="simulated devices (one mTLS connection each) feeding the ingest ladders")
-    parser.add_argument("--rates", type=rate_list, default=None,
-                        help="comma-separated rates (msg/s) to step through instead of the automatic ladder")
+    parser.add_argument(
+        "--devices",
+        type=positive_int,
+        default=200,
+        help="simulated devices (one mTLS connection each) feeding the ingest ladders",
+    )
+    parser.add_argument(
+        "--rates",
+        type=rate_list,
+        default=None,
+        help="comma-separated rates (msg/s) to step through instead of the automatic ladder",
+    )
     parser.add_argument("--start-rate", type=positive_float, default=2000, help="first rate of the automatic ladder")
     parser.add_argument("--factor", type=positive_float, default=1.5, help="ladder growth per passed step")
     parser.add_argument("--refine", type=int, default=2, help="bisection steps after the first failed rate")
     parser.add_argument("--max-rate", type=positive_float, default=60_000, help="the ladder stops here")
     parser.add_argument("--step-seconds", type=positive_float, default=5, help="duration of one ladder step")
-    parser.add_argument("--max-lag", type=positive_float, default=0.5,
-                        help="a step passes only if the consumer caught up within this many seconds")
+    parser.add_argument(
+        "--max-lag",
+        type=positive_float,
+        default=0.5,
+        help="a step passes only if the consumer caught up within this many seconds",
+    )
     parser.add_argument("--latency-rate", type=positive_float, default=1000, help="msg/s of the latency phase")
     parser.add_argument("--latency-devices", type=positive_int, default=200, help="devices in the latency phase")
     parser.add_argument("--latency-seconds", type=positive_float, default=20, help="duration of the latency phase")
@@ -77,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def fleet_phases(args: argparse.Namespace, lab: BenchLab, redis_url: str, broker_pid: int,
-                       c_rate: float | None) -> dict[str, Any]:
+async def fleet_phases(
+    args: argparse.Namespace, lab: BenchLab, redis_url: str, broker_pid: int, c_rate: float | None
+) -> dict[str, Any]:
     """The ingest ladders (the C subscriber, then 1 and 2 replicas) and the latency phase, on one device fleet."""
     n_devices = max(args.devices, args.latency_devices)
     names = [f"bench-{i:05d}" for i in range(n_devices)]
@@ -97,19 +110,30 @@ async def fleet_phases(args: argparse.Namespace, lab: BenchLab, redis_url: str, 
     figures: dict[str, Any] = {}
     try:
         consumers: list[tuple[str, Callable[[], Consumer]]] = [("c_subscriber", lambda: CSubscriber(lab))]
-        consumers += [(f"ingest_{r}", lambda r=r: IngestReplicas(lab, r, {"SOCKETIO_MESSAGE_QUEUE": redis_url}))
-                      for r in (int(v) for v in args.replicas.split(",") if v.strip())]
+        consumers += [
+            (f"ingest_{r}", lambda r=r: IngestReplicas(lab, r, {"SOCKETIO_MESSAGE_QUEUE": redis_url}))
+            for r in (int(v) for v in args.replicas.split(",") if v.strip())
+        ]
         for key, make in consumers:
             consumer = make()
             try:
                 if isinstance(consumer, CSubscriber):
                     consumer.ready(lab)
                 print(f"ladder: {args.devices} devices (QoS 1) -> {key}")
-                phase = Phase(fleet, connections[: args.devices], lambda c=consumer: c.count,
-                              {"broker": broker_pid, **consumer.pids, "bench": os.getpid()},
-                              StepRule(args.step_seconds, args.max_lag, qos=1))
-                best, steps = await ladder(phase, key, LadderPlan(args.rates, args.start_rate, args.factor,
-                                                                  args.refine, args.max_rate, args.quiet_timeout))
+                phase = Phase(
+                    fleet,
+                    connections[: args.devices],
+                    lambda c=consumer: c.count,
+                    {"broker": broker_pid, **consumer.pids, "bench": os.getpid()},
+                    StepRule(args.step_seconds, args.max_lag, qos=1),
+                )
+                best, steps = await ladder(
+                    phase,
+                    key,
+                    LadderPlan(
+                        args.rates, args.start_rate, args.factor, args.refine, args.max_rate, args.quiet_timeout
+                    ),
+                )
             finally:
                 consumer.close()
             figures[key] = {"max_sustained_rate": best, "steps": [asdict(s) for s in steps]}
@@ -120,8 +144,9 @@ async def fleet_phases(args: argparse.Namespace, lab: BenchLab, redis_url: str, 
             if key.startswith("ingest_") and base:
                 figures[key]["ratio_to_c_subscriber"] = round(figures[key]["max_sustained_rate"] / base, 3)
         if not args.skip_latency:
-            figures["latency"] = await latency_phase(args, lab, redis_url, broker_pid, fleet,
-                                                     connections[: args.latency_devices])
+            figures["latency"] = await latency_phase(
+                args, lab, redis_url, broker_pid, fleet, connections[: args.latency_devices]
+            )
     finally:
         keepalive.cancel()
         await fleet.close(offline=False)
@@ -134,8 +159,13 @@ def run(args: argparse.Namespace, lab: BenchLab) -> dict[str, Any]:
     assert lab.broker is not None and lab.broker.process is not None
     broker_pid = lab.broker.process.pid
     redis = RedisServer(lab.root / "redis", free_port()).start()
-    figures: dict[str, Any] = {"publishers": args.publishers, "messages_per_publisher": args.messages,
-                               "devices": args.devices, "step_seconds": args.step_seconds, "max_lag_s": args.max_lag}
+    figures: dict[str, Any] = {
+        "publishers": args.publishers,
+        "messages_per_publisher": args.messages,
+        "devices": args.devices,
+        "step_seconds": args.step_seconds,
+        "max_lag_s": args.max_lag,
+    }
     try:
         print(f"C pipeline: {args.publishers} x mosquitto_pub --repeat {args.messages} (QoS 0, mTLS) -> mosquitto_sub")
         reference = CSubscriber(lab)
@@ -162,23 +192,34 @@ def report(figures: dict[str, Any], results_dir: Path, plots_dir: Path) -> None:
     latencies = figures.get("latency", {}).pop("_latencies", None)
     if latencies:
         latency = figures["latency"]
-        label = (f"publish -> Socket.IO client via nginx ({latency['rate']:.0f} msg/s, {latency['devices']} devices, "
-                 f"{latency['dashboards']} dashboards)")
-        plots.append(plot_latency_histograms({label: latencies}, "Telemetry: publish-to-browser latency",
-                                             plots_dir / "telemetry-latency.png"))
+        label = (
+            f"publish -> Socket.IO client via nginx ({latency['rate']:.0f} msg/s, {latency['devices']} devices, "
+            f"{latency['dashboards']} dashboards)"
+        )
+        plots.append(
+            plot_latency_histograms(
+                {label: latencies}, "Telemetry: publish-to-browser latency", plots_dir / "telemetry-latency.png"
+            )
+        )
     figures["plots"] = [str(p) for p in plots if p]
     write_results("telemetry", figures, results_dir)
     print()
-    print(f"C pipeline (mosquitto_pub -> mosquitto_sub): {figures['c_pipeline'].get('rate')} msg/s, "
-          f"lost {figures['c_pipeline']['lost']}")
+    print(
+        f"C pipeline (mosquitto_pub -> mosquitto_sub): {figures['c_pipeline'].get('rate')} msg/s, "
+        f"lost {figures['c_pipeline']['lost']}"
+    )
     for key in (k for k in figures if k == "c_subscriber" or k.startswith("ingest_")):
         ratio = figures[key].get("ratio_to_c")
-        print(f"{key:<13} {figures[key]['max_sustained_rate']:>9.0f} msg/s sustained, zero loss"
-              + (f"  ratio to the C pipeline {ratio:.2f}" if ratio is not None else ""))
+        print(
+            f"{key:<13} {figures[key]['max_sustained_rate']:>9.0f} msg/s sustained, zero loss"
+            + (f"  ratio to the C pipeline {ratio:.2f}" if ratio is not None else "")
+        )
     if "latency" in figures:
         lat = figures["latency"]["browser_ms"]
-        print(f"publish-to-browser at {figures['latency']['rate']:.0f} msg/s through nginx: "
-              f"p50 {lat.get('p50_ms')} ms, p99 {lat.get('p99_ms')} ms")
+        print(
+            f"publish-to-browser at {figures['latency']['rate']:.0f} msg/s through nginx: "
+            f"p50 {lat.get('p50_ms')} ms, p99 {lat.get('p99_ms')} ms"
+        )
     for target, met in figures["targets"].items():
         print(f"  target {target}: {'n/a' if met is None else 'met' if met else 'NOT met'}")
 

@@ -42,8 +42,14 @@ class StepRule:
 class Phase:
     """Publish at a rate, then check what one consumer (`count()`) got: the unit of the ladder."""
 
-    def __init__(self, fleet: Fleet, connections: list[DeviceConnection], count: Callable[[], int],
-                 pids: dict[str, int], rule: StepRule) -> None:
+    def __init__(
+        self,
+        fleet: Fleet,
+        connections: list[DeviceConnection],
+        count: Callable[[], int],
+        pids: dict[str, int],
+        rule: StepRule,
+    ) -> None:
         self.fleet = fleet
         self.connections = connections
         self.count = count
@@ -105,7 +111,6 @@ class Phase:
         return step
 
 
-
 @dataclass(frozen=True)
 class LadderPlan:
     """The rates of a ladder: `rates` as given, or from `start` growing by `factor` up to `max_rate` until a step
@@ -132,15 +137,21 @@ async def ladder(phase: Phase, label: str, plan: LadderPlan) -> tuple[float, lis
         for _ in range(1):  # a step that failed while something else loaded the machine is measured again
             if step.ok or step.cpu.get("other_cpu_pct", 0) < FOREIGN_LOAD_PCT or quiet_timeout <= 0:
                 break
-            print(f"  {label:<9} {rate:>8.0f} msg/s  failed while other processes used "
-                  f"{step.cpu['other_cpu_pct']:.0f}% CPU: again once the machine is quiet", flush=True)
+            print(
+                f"  {label:<9} {rate:>8.0f} msg/s  failed while other processes used "
+                f"{step.cpu['other_cpu_pct']:.0f}% CPU: again once the machine is quiet",
+                flush=True,
+            )
             await asyncio.to_thread(wait_until_quiet, timeout=quiet_timeout)
             step = await phase.run(rate)
         steps.append(step)
         mark = "ok" if step.ok else f"FAIL ({step.why})"
         cpu = "  ".join(f"{k.removesuffix('_cpu_pct')} {v:.0f}%" for k, v in step.cpu.items())
-        print(f"  {label:<9} {rate:>8.0f} msg/s  published {step.published:>7}  ingested {step.ingested:>7}  "
-              f"lag {step.lag_s:5.2f} s  cpu: {cpu}  {mark}", flush=True)
+        print(
+            f"  {label:<9} {rate:>8.0f} msg/s  published {step.published:>7}  ingested {step.ingested:>7}  "
+            f"lag {step.lag_s:5.2f} s  cpu: {cpu}  {mark}",
+            flush=True,
+        )
         return step
 
     if rates:

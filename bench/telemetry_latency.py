@@ -65,8 +65,14 @@ class BrowserProbe:
             self._accounted[connection.name] = max(first, seq)
 
 
-async def latency_phase(args: argparse.Namespace, lab: BenchLab, redis_url: str, broker_pid: int, fleet: Fleet,
-                        connections: list[DeviceConnection]) -> dict[str, Any]:
+async def latency_phase(
+    args: argparse.Namespace,
+    lab: BenchLab,
+    redis_url: str,
+    broker_pid: int,
+    fleet: Fleet,
+    connections: list[DeviceConnection],
+) -> dict[str, Any]:
     """Two dashboards over Redis behind nginx; one Socket.IO client per dashboard, through nginx."""
     dashboards: list[DashboardProcess] = []
     nginx: NginxServer | None = None
@@ -75,29 +81,41 @@ async def latency_phase(args: argparse.Namespace, lab: BenchLab, redis_url: str,
         cas = lab.cas or lab.start_cas(1)  # the dashboards forward /v1/ssl/* there (none of them is the CA)
         for n in range(args.dashboards):
             port = free_port()
-            env = {**lab.env, "SOCKETIO_MESSAGE_QUEUE": redis_url, "INGEST_ID": f"ingest-{n + 1}",
-                   "DASHBOARD_PORT": str(port),
-                   "DASHBOARD_MQTT": "1" if n == 0 else "0", "CA_HTTPS_PORT": "0",
-                   "DASHBOARD_SECRET_KEY": "bench-" + "s" * 40, "CA_URLS": ",".join(ca.url for ca in cas)}
-            dashboards.append(DashboardProcess(env, lab.settings.data_dir / f"dashboard-{n + 1}.log", port)
-                              .start())
+            env = {
+                **lab.env,
+                "SOCKETIO_MESSAGE_QUEUE": redis_url,
+                "INGEST_ID": f"ingest-{n + 1}",
+                "DASHBOARD_PORT": str(port),
+                "DASHBOARD_MQTT": "1" if n == 0 else "0",
+                "CA_HTTPS_PORT": "0",
+                "DASHBOARD_SECRET_KEY": "bench-" + "s" * 40,
+                "CA_URLS": ",".join(ca.url for ca in cas),
+            }
+            dashboards.append(DashboardProcess(env, lab.settings.data_dir / f"dashboard-{n + 1}.log", port).start())
         nginx = NginxServer(lab.root / "nginx", free_port(), [f"127.0.0.1:{d.port}" for d in dashboards]).start()
         probes = []
         for dashboard in dashboards:
             probe = BrowserProbe()
             route = route_cookie(nginx, dashboard, dashboards)
-            watchers.append(SocketIOWatcher(nginx.url, probe.on_batch,
-                                            headers={**dashboard.auth_headers, "Cookie": f"iotlab_route={route}"})
-                            .connect())
+            watchers.append(
+                SocketIOWatcher(
+                    nginx.url, probe.on_batch, headers={**dashboard.auth_headers, "Cookie": f"iotlab_route={route}"}
+                ).connect()
+            )
             probes.append(probe)
-        pids = {"broker": broker_pid, **{f"dashboard{n + 1}": d.pid for n, d in enumerate(dashboards)},
-                "bench": os.getpid()}
+        pids = {
+            "broker": broker_pid,
+            **{f"dashboard{n + 1}": d.pid for n, d in enumerate(dashboards)},
+            "bench": os.getpid(),
+        }
         # Every dashboard counts every reading (its own ingest's and, over the bus, the others'): the slowest one.
         count = lambda: min(d.readings_ingested() for d in dashboards)  # noqa: E731
         phase = Phase(fleet, connections, count, pids, StepRule(args.latency_seconds, 0.5, qos=1))
-        print(f"latency: {args.latency_rate:.0f} msg/s from {len(connections)} devices, {args.latency_seconds:.0f} s, "
-              f"publish -> broker -> ingest replica -> (readings bus) -> dashboard -> nginx -> Socket.IO client, "
-              f"{len(dashboards)} dashboards")
+        print(
+            f"latency: {args.latency_rate:.0f} msg/s from {len(connections)} devices, {args.latency_seconds:.0f} s, "
+            f"publish -> broker -> ingest replica -> (readings bus) -> dashboard -> nginx -> Socket.IO client, "
+            f"{len(dashboards)} dashboards"
+        )
         for probe in probes:
             probe.arm(connections)
         step = await phase.run(args.latency_rate)
@@ -105,12 +123,22 @@ async def latency_phase(args: argparse.Namespace, lab: BenchLab, redis_url: str,
             probe.disarm()
         per_tab = [summary_ms(p.latencies) for p in probes]
         every = summary_ms([x for p in probes for x in p.latencies])
-        figures = {"rate": args.latency_rate, "devices": len(connections), "seconds": args.latency_seconds,
-                   "dashboards": len(dashboards), "published": step.published, "lost": step.lost, "cpu": step.cpu,
-                   "browser_ms": every, "per_dashboard_ms": per_tab,
-                   "errors": [e for d in dashboards for e in d.errors()]}
-        print(f"  publish-to-browser (both tabs): p50 {every.get('p50_ms')} ms  p99 {every.get('p99_ms')} ms  "
-              f"max {every.get('max_ms')} ms over {every.get('count')} readings; cpu {step.cpu}")
+        figures = {
+            "rate": args.latency_rate,
+            "devices": len(connections),
+            "seconds": args.latency_seconds,
+            "dashboards": len(dashboards),
+            "published": step.published,
+            "lost": step.lost,
+            "cpu": step.cpu,
+            "browser_ms": every,
+            "per_dashboard_ms": per_tab,
+            "errors": [e for d in dashboards for e in d.errors()],
+        }
+        print(
+            f"  publish-to-browser (both tabs): p50 {every.get('p50_ms')} ms  p99 {every.get('p99_ms')} ms  "
+            f"max {every.get('max_ms')} ms over {every.get('count')} readings; cpu {step.cpu}"
+        )
         figures["_latencies"] = [x for p in probes for x in p.latencies]
         return figures
     finally:
@@ -130,8 +158,10 @@ def route_cookie(nginx: NginxServer, dashboard: DashboardProcess, dashboards: li
     wanted = dashboard.env["INGEST_ID"]
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     for n in range(256):
-        request = urllib.request.Request(nginx.url + "/healthz",  # noqa: S310 - our loopback nginx
-                                         headers={"Cookie": f"iotlab_route=r{n}"})
+        request = urllib.request.Request(  # noqa: S310 - our loopback nginx
+            nginx.url + "/healthz",
+            headers={"Cookie": f"iotlab_route=r{n}"},
+        )
         with opener.open(request, timeout=5) as response:
             if json.load(response)["ingest"]["identity"] == wanted:
                 return f"r{n}"

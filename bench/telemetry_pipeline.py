@@ -21,8 +21,18 @@ TELEMETRY = "iot/thermometer/+/temperature"
 
 
 def tls_args(identity: Identity, port: int) -> list[str]:
-    return ["-h", "localhost", "-p", str(port), "--cafile", str(identity.ca_cert), "--cert", str(identity.cert),
-            "--key", str(identity.key)]
+    return [
+        "-h",
+        "localhost",
+        "-p",
+        str(port),
+        "--cafile",
+        str(identity.ca_cert),
+        "--cert",
+        str(identity.cert),
+        "--key",
+        str(identity.key),
+    ]
 
 
 class Consumer:
@@ -57,8 +67,19 @@ class CSubscriber(Consumer):
 
     def __init__(self, lab: BenchLab) -> None:
         super().__init__()
-        argv = ["mosquitto_sub", *tls_args(lab.identity("ingest-1"), lab.broker_port), "-i", "ingest-1", "-q", "0",
-                "-t", TELEMETRY, "-N", "-F", "x"]
+        argv = [
+            "mosquitto_sub",
+            *tls_args(lab.identity("ingest-1"), lab.broker_port),
+            "-i",
+            "ingest-1",
+            "-q",
+            "0",
+            "-t",
+            TELEMETRY,
+            "-N",
+            "-F",
+            "x",
+        ]
         process = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
         self.processes.append(process)
         self._reader = threading.Thread(target=self._read, args=(process,), daemon=True)
@@ -76,8 +97,18 @@ class CSubscriber(Consumer):
 
     def ready(self, lab: BenchLab) -> None:
         """Subscribed once a probe published through the broker arrives (mosquitto_sub says nothing before)."""
-        probe = ["mosquitto_pub", *tls_args(lab.identity("flood-0"), lab.broker_port), "-i", "flood-0", "-q", "1",
-                 "-t", "iot/thermometer/flood-0/temperature", "-m", "{}"]
+        probe = [
+            "mosquitto_pub",
+            *tls_args(lab.identity("flood-0"), lab.broker_port),
+            "-i",
+            "flood-0",
+            "-q",
+            "1",
+            "-t",
+            "iot/thermometer/flood-0/temperature",
+            "-m",
+            "{}",
+        ]
         deadline = time.monotonic() + 30
         while self.count == 0:
             if time.monotonic() > deadline:
@@ -97,8 +128,14 @@ class IngestReplicas(Consumer):
         self.stored = [0] * replicas
         for n in range(replicas):
             argv = [sys.executable, "-m", "dashboard.ingest", "--id", f"ingest-{n + 1}", "--stats", "0.05"]
-            process = subprocess.Popen(argv, cwd=Path(__file__).resolve().parent.parent, env={**lab.env, **env},
-                                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=False)
+            process = subprocess.Popen(
+                argv,
+                cwd=Path(__file__).resolve().parent.parent,
+                env={**lab.env, **env},
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                text=False,
+            )
             self.processes.append(process)
         for n, process in enumerate(self.processes):
             assert process.stdout is not None
@@ -124,9 +161,22 @@ def flood(lab: BenchLab, publishers: int, messages: int) -> list[subprocess.Pope
     for n in range(publishers):
         name = f"flood-{n}"
         payload = f'{{"device_id": "{name}", "timestamp": "2030-01-01T00:00:00Z", "temperature": 21.5}}'
-        argv = ["mosquitto_pub", *tls_args(lab.identity(name), lab.broker_port), "-i", name, "-q", "0",
-                "-t", f"iot/thermometer/{name}/temperature", "-m", payload, "--repeat", str(messages),
-                "--repeat-delay", "0"]
+        argv = [
+            "mosquitto_pub",
+            *tls_args(lab.identity(name), lab.broker_port),
+            "-i",
+            name,
+            "-q",
+            "0",
+            "-t",
+            f"iot/thermometer/{name}/temperature",
+            "-m",
+            payload,
+            "--repeat",
+            str(messages),
+            "--repeat-delay",
+            "0",
+        ]
         started.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL))
     return started
 
@@ -153,9 +203,14 @@ def measure(lab: BenchLab, consumer: Consumer, publishers: int, messages: int, b
     timeline = [(t, n - before) for t, n in consumer.timeline if t >= started]
     consumer.timeline = timeline
     span = consumer.first_and_last(total)
-    result: dict[str, Any] = {"published": total, "received": got, "lost": max(total - got, 0),
-                              "publisher_exit_codes": sorted(set(codes)), "cpu": cpu,
-                              "publish_seconds": round(published_at - started, 3)}
+    result: dict[str, Any] = {
+        "published": total,
+        "received": got,
+        "lost": max(total - got, 0),
+        "publisher_exit_codes": sorted(set(codes)),
+        "cpu": cpu,
+        "publish_seconds": round(published_at - started, 3),
+    }
     if span and got >= total:
         result["seconds"] = round(span[1] - span[0], 3)
         result["rate"] = round(total / max(span[1] - span[0], 1e-6), 1)

@@ -23,8 +23,10 @@ from .slots import SlotError, claim_slot
 def main() -> int:
     env = lab_environ()
     level = (env.get("LOG_LEVEL") or "INFO").upper()
-    logging.basicConfig(level=level if level in logging.getLevelNamesMapping() else "INFO",
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level if level in logging.getLevelNamesMapping() else "INFO",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     wait = ""
     try:
@@ -38,8 +40,9 @@ def main() -> int:
         print(f"error: CA_SLOT_WAIT={wait!r} is not a number of seconds", file=sys.stderr)
         return 2
     try:
-        options = CAProcessOptions(internal_host=(env.get("CA_INTERNAL_HOST") or "127.0.0.1").strip(),
-                                   internal_port=internal_port(env))
+        options = CAProcessOptions(
+            internal_host=(env.get("CA_INTERNAL_HOST") or "127.0.0.1").strip(), internal_port=internal_port(env)
+        )
         process = CAProcess(settings, name=slot.name, secret=internal_secret(settings), options=options)
     except OSError as ex:  # a port is taken, or the dashboard certificate (EST/ACME's TLS) is missing
         slot.release()
@@ -53,9 +56,11 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     process.start()
-    print(f"CA service {slot.name}: internal API on {process.internal_url}"
-          + (f", EST and ACME on https://{settings.ca_https_host}:{process.https.port}/" if process.https else ""),
-          flush=True)
+    print(
+        f"CA service {slot.name}: internal API on {process.internal_url}"
+        + (f", EST and ACME on https://{settings.ca_https_host}:{process.https.port}/" if process.https else ""),
+        flush=True,
+    )
     code = 0
     try:
         while not stop.wait(slot.heartbeat_interval):

@@ -59,8 +59,15 @@ CERT_DAYS = 90  # ACME certificates are short-lived and renewed automatically (c
 HTTP01_TIMEOUT = 10.0
 MAX_HTTP01_BODY = 1024
 # RFC 5280 5.3.1 CRLReason codes ACME may send (RFC 8555 7.6); 6 (certificateHold) is not supported here.
-REASONS = {0: "unspecified", 1: "keyCompromise", 2: "caCompromise", 3: "affiliationChanged", 4: "superseded",
-           5: "cessationOfOperation", 9: "privilegeWithdrawn"}
+REASONS = {
+    0: "unspecified",
+    1: "keyCompromise",
+    2: "caCompromise",
+    3: "affiliationChanged",
+    4: "superseded",
+    5: "cessationOfOperation",
+    9: "privilegeWithdrawn",
+}
 
 
 def _service() -> CAService:
@@ -73,13 +80,17 @@ def _settings() -> Settings:
 
 # -- resources as JSON --------------------------------------------------------------------------------
 
+
 def _iso(moment: dt.datetime) -> str:
     return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _account_json(account: AcmeAccount) -> dict[str, Any]:
-    return {"status": account.status, "contact": json.loads(account.contact),
-            "orders": url("account_orders", account_id=account.id)}
+    return {
+        "status": account.status,
+        "contact": json.loads(account.contact),
+        "orders": url("account_orders", account_id=account.id),
+    }
 
 
 def _order_json(order: AcmeOrder) -> dict[str, Any]:
@@ -98,8 +109,12 @@ def _order_json(order: AcmeOrder) -> dict[str, Any]:
 
 
 def _challenge_json(authz: AcmeAuthorization) -> dict[str, Any]:
-    body: dict[str, Any] = {"type": "http-01", "url": url("challenge", challenge_id=authz.challenge_id),
-                            "token": authz.token, "status": authz.challenge_status}
+    body: dict[str, Any] = {
+        "type": "http-01",
+        "url": url("challenge", challenge_id=authz.challenge_id),
+        "token": authz.token,
+        "status": authz.challenge_status,
+    }
     if authz.validated_at:
         body["validated"] = _iso(authz.validated_at)
     if authz.error:
@@ -108,8 +123,12 @@ def _challenge_json(authz: AcmeAuthorization) -> dict[str, Any]:
 
 
 def _authz_json(authz: AcmeAuthorization) -> dict[str, Any]:
-    return {"status": authz.status, "expires": _iso(authz.expires_at),
-            "identifier": {"type": "dns", "value": authz.name}, "challenges": [_challenge_json(authz)]}
+    return {
+        "status": authz.status,
+        "expires": _iso(authz.expires_at),
+        "identifier": {"type": "dns", "value": authz.name},
+        "challenges": [_challenge_json(authz)],
+    }
 
 
 def _owned(item: AcmeOrder | AcmeAuthorization | None, signed: Signed, what: str) -> Any:
@@ -120,15 +139,21 @@ def _owned(item: AcmeOrder | AcmeAuthorization | None, signed: Signed, what: str
 
 # -- views ----------------------------------------------------------------------------------------------
 
+
 @bp.get("/directory")
 def directory() -> Response:
-    return Response(json.dumps({
-        "newNonce": url("new_nonce"),
-        "newAccount": url("new_account"),
-        "newOrder": url("new_order"),
-        "revokeCert": url("revoke_cert"),
-        "meta": {"externalAccountRequired": False},
-    }), content_type="application/json")
+    return Response(
+        json.dumps(
+            {
+                "newNonce": url("new_nonce"),
+                "newAccount": url("new_account"),
+                "newOrder": url("new_order"),
+                "revokeCert": url("revoke_cert"),
+                "meta": {"externalAccountRequired": False},
+            }
+        ),
+        content_type="application/json",
+    )
 
 
 @bp.route("/new-nonce", methods=["HEAD", "GET"])
@@ -195,8 +220,10 @@ def new_order() -> Response:
             raise Problem("unsupportedIdentifier", "only dns identifiers are issued here")
         name = item["value"].lower().rstrip(".")
         if name not in allowed:
-            raise Problem("rejectedIdentifier", f"{name!r} is not in this CA's ACME allow-list "
-                                                f"(ACME_ALLOWED_NAMES: {', '.join(sorted(allowed))})")
+            raise Problem(
+                "rejectedIdentifier",
+                f"{name!r} is not in this CA's ACME allow-list (ACME_ALLOWED_NAMES: {', '.join(sorted(allowed))})",
+            )
         if name not in names:
             names.append(name)
     if "notBefore" in (signed.payload or {}) or "notAfter" in (signed.payload or {}):
@@ -232,8 +259,7 @@ def challenge(challenge_id: str) -> Response:
         expected = f"{authz.token}.{jwk_thumbprint(signed.jwk)}"
         error = http01_problem(authz.name, _settings().acme_http01_port, authz.token, expected)
         store().finish_challenge(challenge_id, error)
-        log.info("acme: http-01 for %s on port %d: %s", authz.name, _settings().acme_http01_port,
-                 error or "valid")
+        log.info("acme: http-01 for %s on port %d: %s", authz.name, _settings().acme_http01_port, error or "valid")
         authz = store().by_challenge(challenge_id)
     return respond(_challenge_json(authz), links=(f'<{url("authorization", authz_id=authz.id)}>;rel="up"',))
 
@@ -319,8 +345,9 @@ def revoke_cert() -> Response:
     else:
         allowed = same_public_key(signed.jwk, cert)
     if not allowed:
-        raise Problem("unauthorized", "only the account that ordered this certificate, or its own key, may revoke it",
-                      403)
+        raise Problem(
+            "unauthorized", "only the account that ordered this certificate, or its own key, may revoke it", 403
+        )
     reply = _service().revoke_certificate(cert, REASONS[reason_code], source=f"acme:{serial}")
     if not reply.ok:
         raise Problem("malformed", str(reply.body.get("error")), reply.status)

@@ -31,6 +31,7 @@ ALGORITHMS = {"RS256": jose.RS256, "ES256": jose.ES256, "ES384": jose.ES384, "ES
 
 # -- JWS with ACME's protected header fields (nonce, url), as josepy's docs say: subclass the Header -------
 
+
 class AcmeHeader(jose.Header):
     nonce: str | None = jose.field("nonce", omitempty=True)
     url: str | None = jose.field("url", omitempty=True)
@@ -80,8 +81,14 @@ def url(endpoint: str, **values: str) -> str:
     return url_for(f"acme.{endpoint}", _external=True, **values)
 
 
-def respond(body: Any, status: int = 200, *, location: str | None = None, links: tuple[str, ...] = (),
-             content_type: str = "application/json") -> Response:
+def respond(
+    body: Any,
+    status: int = 200,
+    *,
+    location: str | None = None,
+    links: tuple[str, ...] = (),
+    content_type: str = "application/json",
+) -> Response:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     response = Response(data, status=status, content_type=content_type)
     response.headers["Replay-Nonce"] = store().new_nonce()
@@ -95,8 +102,11 @@ def respond(body: Any, status: int = 200, *, location: str | None = None, links:
 
 
 def problem_response(problem: Problem) -> Response:
-    response = respond({"type": ERROR + problem.kind, "detail": problem.detail, "status": problem.status},
-                        problem.status, content_type="application/problem+json")
+    response = respond(
+        {"type": ERROR + problem.kind, "detail": problem.detail, "status": problem.status},
+        problem.status,
+        content_type="application/problem+json",
+    )
     response.headers.update(problem.headers)
     return response
 
@@ -170,7 +180,7 @@ def verify(*, new_key: bool = False) -> Signed:
 
 def account_of_kid(kid: str) -> AcmeAccount:
     prefix = url("account", account_id="x")[:-1]
-    account = store().account(kid[len(prefix):]) if kid.startswith(prefix) else None
+    account = store().account(kid[len(prefix) :]) if kid.startswith(prefix) else None
     if account is None:
         raise Problem("accountDoesNotExist", "no account with this kid", 400)
     if account.status != VALID:

@@ -113,9 +113,7 @@ class AcmeStore:
 
     def use_nonce(self, value: str) -> bool:
         with self.inventory.session() as session:
-            result = session.execute(
-                delete(AcmeNonce).where(AcmeNonce.value == value, AcmeNonce.expires_at > utcnow())
-            )
+            result = session.execute(delete(AcmeNonce).where(AcmeNonce.value == value, AcmeNonce.expires_at > utcnow()))
             return bool(result.rowcount)  # type: ignore[attr-defined]
 
     # -- accounts ---------------------------------------------------------------------------------
@@ -134,8 +132,14 @@ class AcmeStore:
             existing = session.scalar(select(AcmeAccount).where(AcmeAccount.thumbprint == thumbprint))
             if existing is not None:
                 return existing, False
-            account = AcmeAccount(id=new_id(), thumbprint=thumbprint, jwk=json.dumps(jwk), status=VALID,
-                                  contact=json.dumps(contact), created_at=utcnow())
+            account = AcmeAccount(
+                id=new_id(),
+                thumbprint=thumbprint,
+                jwk=json.dumps(jwk),
+                status=VALID,
+                contact=json.dumps(contact),
+                created_at=utcnow(),
+            )
             session.add(account)
             return account, True
 
@@ -148,23 +152,37 @@ class AcmeStore:
     def add_order(self, account_id: str, names: list[str]) -> AcmeOrder:
         expires = utcnow() + ORDER_LIFETIME
         with self.inventory.session() as session:
-            order = AcmeOrder(id=new_id(), account_id=account_id, status=PENDING, names=json.dumps(names),
-                              expires_at=expires)
+            order = AcmeOrder(
+                id=new_id(), account_id=account_id, status=PENDING, names=json.dumps(names), expires_at=expires
+            )
             session.add(order)
             session.flush()
             for name in names:
-                session.add(AcmeAuthorization(
-                    id=new_id(), order_id=order.id, account_id=account_id, name=name, status=PENDING,
-                    expires_at=expires, challenge_id=new_id(), token=secrets.token_urlsafe(32),
-                    challenge_status=PENDING,
-                ))
+                session.add(
+                    AcmeAuthorization(
+                        id=new_id(),
+                        order_id=order.id,
+                        account_id=account_id,
+                        name=name,
+                        status=PENDING,
+                        expires_at=expires,
+                        challenge_id=new_id(),
+                        token=secrets.token_urlsafe(32),
+                        challenge_status=PENDING,
+                    )
+                )
             return order
 
     def order_ids(self, account_id: str) -> list[str]:
         """The account's orders that are not invalid or expired (RFC 8555 7.1.2.1)."""
         with self.inventory.reading() as session:
-            return list(session.scalars(select(AcmeOrder.id).where(
-                AcmeOrder.account_id == account_id, AcmeOrder.status != INVALID, AcmeOrder.expires_at > utcnow())))
+            return list(
+                session.scalars(
+                    select(AcmeOrder.id).where(
+                        AcmeOrder.account_id == account_id, AcmeOrder.status != INVALID, AcmeOrder.expires_at > utcnow()
+                    )
+                )
+            )
 
     def order(self, order_id: str) -> AcmeOrder | None:
         with self.inventory.reading() as session:
@@ -172,9 +190,13 @@ class AcmeStore:
 
     def authorizations(self, order_id: str) -> list[AcmeAuthorization]:
         with self.inventory.reading() as session:
-            return list(session.scalars(
-                select(AcmeAuthorization).where(AcmeAuthorization.order_id == order_id).order_by(AcmeAuthorization.name)
-            ))
+            return list(
+                session.scalars(
+                    select(AcmeAuthorization)
+                    .where(AcmeAuthorization.order_id == order_id)
+                    .order_by(AcmeAuthorization.name)
+                )
+            )
 
     def authorization(self, authz_id: str) -> AcmeAuthorization | None:
         with self.inventory.reading() as session:
@@ -210,8 +232,11 @@ class AcmeStore:
                 order.status = INVALID
                 order.error = error
             elif order.status == PENDING:
-                others = session.scalars(select(AcmeAuthorization.status).where(
-                    AcmeAuthorization.order_id == order.id, AcmeAuthorization.id != authz.id))
+                others = session.scalars(
+                    select(AcmeAuthorization.status).where(
+                        AcmeAuthorization.order_id == order.id, AcmeAuthorization.id != authz.id
+                    )
+                )
                 if all(s == VALID for s in others):
                     order.status = READY
 
@@ -219,8 +244,7 @@ class AcmeStore:
         """ready -> processing, once: two finalize requests never both issue."""
         with self.inventory.session() as session:
             result = session.execute(
-                update(AcmeOrder).where(AcmeOrder.id == order_id, AcmeOrder.status == READY)
-                .values(status=PROCESSING)
+                update(AcmeOrder).where(AcmeOrder.id == order_id, AcmeOrder.status == READY).values(status=PROCESSING)
             )
             return bool(result.rowcount)  # type: ignore[attr-defined]
 
@@ -233,5 +257,11 @@ class AcmeStore:
 
     def owns_certificate(self, account_id: str, serial: str) -> bool:
         with self.inventory.reading() as session:
-            return session.scalar(select(AcmeOrder.id).where(
-                AcmeOrder.account_id == account_id, AcmeOrder.certificate_serial == serial)) is not None
+            return (
+                session.scalar(
+                    select(AcmeOrder.id).where(
+                        AcmeOrder.account_id == account_id, AcmeOrder.certificate_serial == serial
+                    )
+                )
+                is not None
+            )

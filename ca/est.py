@@ -44,8 +44,12 @@ def service() -> CAService:
 
 
 def _base64(data: bytes, content_type: str) -> Response:
-    return Response(base64.encodebytes(data), mimetype=None, content_type=content_type,
-                    headers={"Content-Transfer-Encoding": "base64", "Cache-Control": "no-store"})
+    return Response(
+        base64.encodebytes(data),
+        mimetype=None,
+        content_type=content_type,
+        headers={"Content-Transfer-Encoding": "base64", "Cache-Control": "no-store"},
+    )
 
 
 def _pkcs7(certs: list[x509.Certificate]) -> Response:

@@ -93,8 +93,7 @@ def _call(operation: str) -> Response:
     if operation == "sign":
         reply = ca.sign(body, source=source, via="http", requester=requester, operator=operator, transport=transport)
     elif operation == "create":
-        reply = ca.create(body, source=source, via="http", requester=requester, operator=operator,
-                          transport=transport)
+        reply = ca.create(body, source=source, via="http", requester=requester, operator=operator, transport=transport)
     elif operation == "revoke":
         reply = ca.revoke(body, source=source, operator=operator, transport=transport)
     else:
@@ -163,8 +162,9 @@ def metrics() -> Response:
     return Response(body, headers={"Content-Type": CONTENT_TYPE, "Cache-Control": "no-store"})
 
 
-def create_internal_app(service: CAService, secret: str, health: Any = None,
-                        registry: CollectorRegistry | None = None) -> Flask:
+def create_internal_app(
+    service: CAService, secret: str, health: Any = None, registry: CollectorRegistry | None = None
+) -> Flask:
     """The internal API over the process's one CAService; `health()` answers GET /healthz (compose, the runner)."""
     app = Flask("ca.http")
     app.config.update(MAX_CONTENT_LENGTH=MAX_BODY, CA_INTERNAL_SECRET=secret, JSON_SORT_KEYS=False)

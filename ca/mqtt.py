@@ -63,8 +63,9 @@ def _is_reply_topic(topic: str) -> bool:
     """A topic the CA may answer on: under ssl/, no wildcards, not one of the request topics."""
     if not topic.startswith("ssl/") or "+" in topic or "#" in topic:
         return False
-    return not any(topic == f"ssl/{op}" or topic.startswith(f"ssl/{op}/") for op in OPERATIONS) and \
-        not topic.startswith(RENEW_PREFIX)
+    return not any(
+        topic == f"ssl/{op}" or topic.startswith(f"ssl/{op}/") for op in OPERATIONS
+    ) and not topic.startswith(RENEW_PREFIX)
 
 
 class CAConnection:
@@ -86,8 +87,9 @@ class CAConnection:
 
     def start(self) -> None:
         # Watching from before the client reads the files: a renewal in between is seen on the first look.
-        self._watcher = follow_renewals(self.identity, self.settings.cert_watch_seconds, self.reconnect_with_files,
-                                        self.name)
+        self._watcher = follow_renewals(
+            self.identity, self.settings.cert_watch_seconds, self.reconnect_with_files, self.name
+        )
         self.client = self._new_client()
         self._connect(self.client)
 
@@ -117,8 +119,7 @@ class CAConnection:
     def _connect(self, client: mqtt.Client) -> None:
         # A clean session that ends with the connection: the broker keeps nothing of ours (no request, with its
         # passphrase, saved in its persistence file), and a departed replica leaves no queue behind.
-        client.connect_async(self.settings.broker_address, self.settings.broker_port, keepalive=30,
-                             clean_start=True)
+        client.connect_async(self.settings.broker_address, self.settings.broker_port, keepalive=30, clean_start=True)
         client.loop_start()
 
     def stop(self) -> None:
@@ -135,8 +136,9 @@ class CAConnection:
     def wait_connected(self, timeout: float = 10) -> bool:
         return self.connected.wait(timeout)
 
-    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False,
-                properties: Properties | None = None) -> mqtt.MQTTMessageInfo | None:
+    def publish(
+        self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False, properties: Properties | None = None
+    ) -> mqtt.MQTTMessageInfo | None:
         client = self.client
         if client is None:
             log.warning("MQTT not started; dropped a message for %s", topic)
@@ -144,8 +146,12 @@ class CAConnection:
         return client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
 
     def status(self) -> dict[str, Any]:
-        return {"connected": self.connected.is_set(), "identity": self.name,
-                "broker": f"{self.settings.broker_address}:{self.settings.broker_port}", "last_error": self.last_error}
+        return {
+            "connected": self.connected.is_set(),
+            "identity": self.name,
+            "broker": f"{self.settings.broker_address}:{self.settings.broker_port}",
+            "last_error": self.last_error,
+        }
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
@@ -179,7 +185,11 @@ class CAMqttEndpoint:
     """Subscribes on the CA's connection, works in a pool, replies on the same connection."""
 
     def __init__(
-        self, service: CAService, connection: CAConnection, *, workers: int = WORKERS,
+        self,
+        service: CAService,
+        connection: CAConnection,
+        *,
+        workers: int = WORKERS,
         max_pending: int = MAX_PENDING,
     ) -> None:
         self.service = service
@@ -196,9 +206,11 @@ class CAMqttEndpoint:
     @staticmethod
     def topic_filters() -> list[str]:
         prefix = f"$share/{SHARE_GROUP}/"
-        return ([f"{prefix}ssl/{operation}" for operation in OPERATIONS]
-                + [f"{prefix}{RENEW_PREFIX}+"]
-                + [f"{prefix}ssl/{operation}/+" for operation in OPERATIONS])
+        return (
+            [f"{prefix}ssl/{operation}" for operation in OPERATIONS]
+            + [f"{prefix}{RENEW_PREFIX}+"]
+            + [f"{prefix}ssl/{operation}/+" for operation in OPERATIONS]
+        )
 
     def register(self) -> None:
         self.connection.subscribe(self.topic_filters(), self.on_message)
@@ -213,16 +225,19 @@ class CAMqttEndpoint:
 
     def stats(self) -> dict[str, Any]:
         with self._counts_lock:
-            return {"received": self.received, "handled": self.handled,
-                    "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
-                    "retained_ignored": self.retained_ignored}
+            return {
+                "received": self.received,
+                "handled": self.handled,
+                "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
+                "retained_ignored": self.retained_ignored,
+            }
 
     # -- network thread: copy what we need, hand over, return ------------------------------------------
 
     def on_message(self, message: mqtt.MQTTMessage) -> None:
         topic = message.topic
         if topic.startswith(RENEW_PREFIX):
-            operation, cn = "renew", topic[len(RENEW_PREFIX):]
+            operation, cn = "renew", topic[len(RENEW_PREFIX) :]
             if not cn or "/" in cn:
                 return
         else:
@@ -244,8 +259,14 @@ class CAMqttEndpoint:
         with self._counts_lock:
             self.received += 1
         if not self._slots.acquire(blocking=False):
-            self._finish(operation, None, response_topic, correlation,
-                         Reply(UNAVAILABLE, {"error": "the CA is busy; retry in a few seconds"}), cn)
+            self._finish(
+                operation,
+                None,
+                response_topic,
+                correlation,
+                Reply(UNAVAILABLE, {"error": "the CA is busy; retry in a few seconds"}),
+                cn,
+            )
             return
         try:
             self.pool.submit(self._work, operation, payload, response_topic, correlation, cn)
@@ -296,7 +317,11 @@ class CAMqttEndpoint:
         return body, call(body, source="mqtt", via="mqtt", requester=f"mqtt:{name or '?'}")
 
     def reply_topics(
-        self, written_name: object, response_topic: str | None, reply: Reply, cn: str | None = None,
+        self,
+        written_name: object,
+        response_topic: str | None,
+        reply: Reply,
+        cn: str | None = None,
         operation: str = "sign",
     ) -> list[str]:
         """Where an answer goes: only to topics the requester reads, never onto a third party's reply topic.
@@ -322,13 +347,21 @@ class CAMqttEndpoint:
         return topics
 
     def _finish(
-        self, operation: str, written_name: object, response_topic: str | None, correlation: bytes | None,
-        reply: Reply, cn: str | None = None,
+        self,
+        operation: str,
+        written_name: object,
+        response_topic: str | None,
+        correlation: bytes | None,
+        reply: Reply,
+        cn: str | None = None,
     ) -> None:
         topics = self.reply_topics(written_name, response_topic, reply, cn, operation)
         if not topics:
-            log.info("ssl/%s: %s; no reply topic the requester is known to read, so no reply", operation,
-                     reply.body.get("error"))
+            log.info(
+                "ssl/%s: %s; no reply topic the requester is known to read, so no reply",
+                operation,
+                reply.body.get("error"),
+            )
         encoded = json.dumps(reply.body).encode()
         for topic in topics:
             self._publish(topic, encoded, reply, correlation)

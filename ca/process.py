@@ -52,7 +52,12 @@ class CAProcessOptions:
 
 class CAProcess:
     def __init__(
-        self, settings: Settings, *, name: str = "ca-1", secret: str, options: CAProcessOptions | None = None,
+        self,
+        settings: Settings,
+        *,
+        name: str = "ca-1",
+        secret: str,
+        options: CAProcessOptions | None = None,
         service: CAService | None = None,
     ) -> None:
         options = options or CAProcessOptions()

@@ -82,8 +82,11 @@ class RevocationEnforcer:
             if latest is None or latest.status != REVOKED:
                 return  # reissued meanwhile: the new certificate's session is not ours to close
         if self.connection.publish(DYNSEC_TOPIC, disconnect_command(name), qos=1) is None:
-            log.warning("revoked %s, but MQTT is not connected: its open connection stays until it reconnects "
-                        "(then the broker refuses it)", name)
+            log.warning(
+                "revoked %s, but MQTT is not connected: its open connection stays until it reconnects "
+                "(then the broker refuses it)",
+                name,
+            )
             return
         self.connection.publish(presence_topic(name), "offline", qos=1, retain=True)
         if not again:

@@ -63,16 +63,25 @@ class CAHttpsServer:
     run inside `accept`, and one local process that connects and never speaks would stall the endpoint.
     """
 
-    def __init__(self, service: CAService, settings: Settings, *, host: str | None = None,
-                 port: int | None = None) -> None:
+    def __init__(
+        self, service: CAService, settings: Settings, *, host: str | None = None, port: int | None = None
+    ) -> None:
         self.app = create_ca_app(service, settings)
         layout = CertsLayout(settings.certs_dir)
         # New handshakes get the dashboard certificate the generator renewed (lab/rotation.py).
-        self.tls = ServerContext(lambda: tls_context(settings), layout.cert("dashboard"), layout.key("dashboard"),
-                                 ca=layout.ca_cert, interval=settings.cert_watch_seconds, name="ca-https-cert-watch")
+        self.tls = ServerContext(
+            lambda: tls_context(settings),
+            layout.cert("dashboard"),
+            layout.key("dashboard"),
+            ca=layout.ca_cert,
+            interval=settings.cert_watch_seconds,
+            name="ca-https-cert-watch",
+        )
         context = self.tls.context
         self.server = ThreadedWSGIServer(
-            host or settings.ca_https_host, settings.ca_https_port if port is None else port, self.app,
+            host or settings.ca_https_host,
+            settings.ca_https_port if port is None else port,
+            self.app,
             handler=_Handler,
         )
         self.server.socket = context.wrap_socket(self.server.socket, server_side=True, do_handshake_on_connect=False)
@@ -83,8 +92,11 @@ class CAHttpsServer:
     def start(self) -> CAHttpsServer:
         self.tls.start()
         self._thread.start()
-        log.info("EST and ACME on https://%s:%d/ (.well-known/est/, acme/directory)",
-                 self.server.server_address[0], self.port)
+        log.info(
+            "EST and ACME on https://%s:%d/ (.well-known/est/, acme/directory)",
+            self.server.server_address[0],
+            self.port,
+        )
         return self
 
     def stop(self) -> None:

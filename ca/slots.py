@@ -66,8 +66,11 @@ class Slot:
         if self.inventory is None:
             return
         with self.inventory.session() as session:
-            renewed = session.execute(update(CASlot).where(CASlot.slot == self.number, CASlot.holder == self.holder)
-                                      .values(heartbeat_at=utcnow())).rowcount
+            renewed = session.execute(
+                update(CASlot)
+                .where(CASlot.slot == self.number, CASlot.holder == self.holder)
+                .values(heartbeat_at=utcnow())
+            ).rowcount
         if not renewed:  # we stalled past the lease and another replica took the slot: it is the identity now
             raise SlotError(f"{self.name}: the slot was taken over by another replica (this one stalled)")
 
@@ -81,8 +84,9 @@ class Slot:
             self.inventory.close()
 
 
-def claim_slot(settings: Settings, instance: str | None = None,
-               wait: float = LEASE.total_seconds() + HEARTBEAT) -> Slot:
+def claim_slot(
+    settings: Settings, instance: str | None = None, wait: float = LEASE.total_seconds() + HEARTBEAT
+) -> Slot:
     """CA_INSTANCE=<n> as given (the native runner's), else the first free slot in the database, waiting up to
     `wait` seconds for one (a replica restarted right after a crash waits for its old lease to run out)."""
     if instance and instance.strip():
@@ -104,9 +108,11 @@ def claim_slot(settings: Settings, instance: str | None = None,
             break
         time.sleep(1)
     inventory.close()
-    raise SlotError(f"all {settings.ca_replicas} CA identities (ca-1 ... ca-{settings.ca_replicas}) are held by "
-                    "running replicas: raise CA_REPLICAS in .env and run ./setup.sh certs (each replica needs "
-                    "its own certificate), or scale down")
+    raise SlotError(
+        f"all {settings.ca_replicas} CA identities (ca-1 ... ca-{settings.ca_replicas}) are held by "
+        "running replicas: raise CA_REPLICAS in .env and run ./setup.sh certs (each replica needs "
+        "its own certificate), or scale down"
+    )
 
 
 def _try_claim(inventory: Inventory, replicas: int) -> Slot | None:

@@ -126,8 +126,10 @@ def client_manager(settings: Settings) -> socketio_server.Manager:
 def configure_logging() -> None:
     """One handler on the root logger at LOG_LEVEL (default INFO); idempotent for many apps per process."""
     level = os.environ.get("LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level if level in logging.getLevelNamesMapping() else "INFO",
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level if level in logging.getLevelNamesMapping() else "INFO",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     # Werkzeug's request lines and development-server banner are noise next to the lab's own log.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
 

@@ -51,10 +51,17 @@ def main() -> int:
     print(f"Dashboard on {scheme}://{settings.dashboard_host}:{settings.dashboard_port}/", flush=True)
     # The reloader would start a second MQTT client that kicks the first off: never use it.
     try:
-        socketio.run(app, host=settings.dashboard_host, port=settings.dashboard_port, debug=False,
-                     use_reloader=False, allow_unsafe_werkzeug=True, log_output=False,
-                     request_handler=RequestHandler,
-                     ssl_context=https.context if https else None)
+        socketio.run(
+            app,
+            host=settings.dashboard_host,
+            port=settings.dashboard_port,
+            debug=False,
+            use_reloader=False,
+            allow_unsafe_werkzeug=True,
+            log_output=False,
+            request_handler=RequestHandler,
+            ssl_context=https.context if https else None,
+        )
     except KeyboardInterrupt:
         pass
     finally:

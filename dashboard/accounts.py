@@ -39,6 +39,7 @@ _hasher = PasswordHasher()
 # Verified against when the user does not exist, so an unknown name takes as long as a wrong password.
 _DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
 
+
 class UserError(ValueError):
     """A user or token operation that cannot be done; the message says why."""
 
@@ -131,8 +132,13 @@ class UserStore(Database):
         with self.session() as session:
             if session.scalar(select(DashboardUser.id).where(DashboardUser.username == username)) is not None:
                 raise UserError(f"user {username!r} exists already")
-            user = DashboardUser(username=username, role=role, password_hash=_hasher.hash(password),
-                                 created_at=now, password_changed_at=now)
+            user = DashboardUser(
+                username=username,
+                role=role,
+                password_hash=_hasher.hash(password),
+                created_at=now,
+                password_changed_at=now,
+            )
             session.add(user)
         return user
 
@@ -153,8 +159,9 @@ class UserStore(Database):
             if session.execute(delete(DashboardUser).where(DashboardUser.username == username)).rowcount == 0:
                 raise UserError(f"no user {username!r}")
             # The user's tokens die with the account.
-            for token in session.scalars(select(ApiToken).where(ApiToken.owner == username,
-                                                                ApiToken.revoked_at.is_(None))):
+            for token in session.scalars(
+                select(ApiToken).where(ApiToken.owner == username, ApiToken.revoked_at.is_(None))
+            ):
                 token.revoked_at = utcnow()
 
     def set_role(self, username: str, role: str) -> None:
@@ -204,8 +211,9 @@ class UserStore(Database):
                 if role == OPERATOR and user.role != OPERATOR:
                     raise UserError("a viewer cannot create an operator token")
             secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
-            token = ApiToken(token_sha256=token_digest(secret), label=label, role=role, owner=owner,
-                             created_at=utcnow())
+            token = ApiToken(
+                token_sha256=token_digest(secret), label=label, role=role, owner=owner, created_at=utcnow()
+            )
             session.add(token)
         return token, secret
 
@@ -241,6 +249,11 @@ class UserStore(Database):
 
 
 def token_info(token: ApiToken) -> dict[str, object]:
-    return {"id": token.id, "label": token.label, "role": token.role, "owner": token.owner,
-            "created_at": token.created_at.isoformat(),
-            "revoked_at": token.revoked_at.isoformat() if token.revoked_at else None}
+    return {
+        "id": token.id,
+        "label": token.label,
+        "role": token.role,
+        "owner": token.owner,
+        "created_at": token.created_at.isoformat(),
+        "revoked_at": token.revoked_at.isoformat() if token.revoked_at else None,
+    }

@@ -63,8 +63,14 @@ SESSION_COOKIE = "iotca_session"
 CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 # Endpoints anyone may call; the seed's CA routes check their own credential (`pass` or an enrolment token).
-PUBLIC_ENDPOINTS = {"static", "auth.login", "health.healthz", "ca_http.ca_certificate", "ca_http.crl",
-                    "ca_http.openapi"}
+PUBLIC_ENDPOINTS = {
+    "static",
+    "auth.login",
+    "health.healthz",
+    "ca_http.ca_certificate",
+    "ca_http.crl",
+    "ca_http.openapi",
+}
 SEED_CA_ENDPOINTS = {"ca_http.sign", "ca_http.create", "ca_http.revoke", "ca_http.tokens"}
 LOGIN_LIMIT_PER_SOURCE = "20 per minute;100 per hour"
 LOGIN_LIMIT_PER_ACCOUNT = "5 per minute;30 per hour"
@@ -310,8 +316,11 @@ def _safe_next(target: str | None) -> str:
 
 
 def _login_page(error: str | None = None, status: int = 200) -> Response:
-    response = Response(render_template("login.html", error=error, csrf_token=csrf_token(),
-                                        next=request.args.get("next", "")), status=status, mimetype="text/html")
+    response = Response(
+        render_template("login.html", error=error, csrf_token=csrf_token(), next=request.args.get("next", "")),
+        status=status,
+        mimetype="text/html",
+    )
     from .views import secure_headers
 
     return secure_headers(response)
@@ -329,8 +338,7 @@ def login() -> Any:
         log.warning("failed dashboard login for %r from %s", username[:64], request.remote_addr)
         return _login_page("Wrong user name or password.", 401)
     session.clear()  # a fresh session (and CSRF token) at login: no fixation
-    session.update(user=user.username, epoch=session_epoch(user), seen=int(time.time()),
-                   csrf=secrets.token_urlsafe(32))
+    session.update(user=user.username, epoch=session_epoch(user), seen=int(time.time()), csrf=secrets.token_urlsafe(32))
     session.permanent = True
     log.info("dashboard login: %s (%s) from %s", user.username, user.role, request.remote_addr)
     return redirect(_safe_next(request.args.get("next")))
@@ -410,13 +418,17 @@ def init_app(app: Flask) -> None:
         SESSION_COOKIE_SECURE=settings.dashboard_tls,
         PERMANENT_SESSION_LIFETIME=settings.dashboard_idle_timeout,
     )
-    limiter = Limiter(get_remote_address, app=app, storage_uri="memory://", headers_enabled=True,
-                      retry_after="delta-seconds")
+    limiter = Limiter(
+        get_remote_address, app=app, storage_uri="memory://", headers_enabled=True, retry_after="delta-seconds"
+    )
     app.extensions["login_limiter"] = limiter
     # Only POSTs (attempts) count: per source, and per account whatever the source.
     view = limiter.limit(LOGIN_LIMIT_PER_SOURCE, methods=["POST"])(login)
-    view = limiter.limit(LOGIN_LIMIT_PER_ACCOUNT, methods=["POST"],
-                         key_func=lambda: "account:" + request.form.get("username", "").strip().lower())(view)
+    view = limiter.limit(
+        LOGIN_LIMIT_PER_ACCOUNT,
+        methods=["POST"],
+        key_func=lambda: "account:" + request.form.get("username", "").strip().lower(),
+    )(view)
     app.add_url_rule("/login", "auth.login", view, methods=["GET", "POST"])
     app.register_blueprint(bp)
     app.before_request(guard)

@@ -80,6 +80,7 @@ class ReadingsBus:
 
     def listen(self, handler: Handler) -> None:
         """Call `handler` (on redis-py's worker thread) with each batch another process published."""
+
         def on_message(message: dict[str, object]) -> None:
             try:
                 body = json.loads(message["data"])  # type: ignore[arg-type]

@@ -91,7 +91,6 @@ class CAClient:
             return response.status, {k: v for k, v in response.getheaders() if k in PASSED_HEADERS}, data
         raise CAUnavailable(f"no CA replica is reachable ({last})")
 
-
     def each(self, path: str) -> list[tuple[str, bytes | None]]:
         """GET `path` from every replica in turn: (its host:port, the body of a 200, or None when it is down)."""
         answers: list[tuple[str, bytes | None]] = []

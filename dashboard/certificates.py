@@ -66,8 +66,12 @@ def last_renewal(rows: list[dict[str, Any]], current: dict[str, Any] | None) -> 
     if latest is not None and (current is None or _when(latest) >= _when(current)):
         return {"at": latest["issued_at"], "via": RENEWED_VIA, "serial": latest["serial"], "renewed": True}
     if current is not None and current.get("issued_at"):
-        return {"at": current["issued_at"], "via": current.get("issued_via") or "", "serial": current["serial"],
-                "renewed": current.get("issued_via") == RENEWED_VIA}
+        return {
+            "at": current["issued_at"],
+            "via": current.get("issued_via") or "",
+            "serial": current["serial"],
+            "renewed": current.get("issued_via") == RENEWED_VIA,
+        }
     return None
 
 
@@ -114,18 +118,31 @@ def attention(entities: dict[str, dict[str, Any]], crl: dict[str, Any]) -> dict[
     flagged = [e for e in entities.values() if e["status"] in counts]
     for entity in flagged:
         counts[entity["status"]] += 1
-    flagged.sort(key=lambda e: (ATTENTION.index(e["status"]),
-                                e["days_left"] if e["days_left"] is not None else float("-inf"), e["name"]))
-    items = [{key: entity[key] for key in ("name", "role", "status", "days_left", "not_after", "detail")}
-             for entity in flagged[:ATTENTION_ITEMS]]
+    flagged.sort(
+        key=lambda e: (
+            ATTENTION.index(e["status"]),
+            e["days_left"] if e["days_left"] is not None else float("-inf"),
+            e["name"],
+        )
+    )
+    items = [
+        {key: entity[key] for key in ("name", "role", "status", "days_left", "not_after", "detail")}
+        for entity in flagged[:ATTENTION_ITEMS]
+    ]
     crl_problem = None
     if crl.get("status", VALID) != VALID:
         crl_problem = {key: crl.get(key) for key in ("status", "detail", "next_update", "days_left")}
     count = len(flagged) + (crl_problem is not None)
     bad = any(counts[s] for s in (EXPIRED, REVOKED, INVALID, MISSING)) or (
-        crl_problem is not None and crl_problem["status"] != EXPIRING)
-    return {"count": count, "counts": counts, "items": items, "crl": crl_problem,
-            "level": None if not count else "bad" if bad else "warn"}
+        crl_problem is not None and crl_problem["status"] != EXPIRING
+    )
+    return {
+        "count": count,
+        "counts": counts,
+        "items": items,
+        "crl": crl_problem,
+        "level": None if not count else "bad" if bad else "warn",
+    }
 
 
 class CertificateView:
@@ -168,8 +185,12 @@ class CertificateView:
             status = data["status"]
             if status not in (REVOKED, SUPERSEDED):
                 status = expiry_state(data["days_left"], renew)
-            data.update(status=status, detail=data.get("revocation_reason") or "", source="inventory",
-                        current=record.status != SUPERSEDED)
+            data.update(
+                status=status,
+                detail=data.get("revocation_reason") or "",
+                source="inventory",
+                current=record.status != SUPERSEDED,
+            )
             rows[record.serial] = data
         for name, check in checks.items():
             if check.serial and check.serial in rows:
@@ -200,8 +221,9 @@ class CertificateView:
             }
         order = self._lab_order()
         result = list(rows.values())
-        result.sort(key=lambda r: (not r["current"], order.get(r["name"], len(order)), r["name"],
-                                   r.get("issued_at") or ""))
+        result.sort(
+            key=lambda r: (not r["current"], order.get(r["name"], len(order)), r["name"], r.get("issued_at") or "")
+        )
         return result
 
     def crl(self, now: dt.datetime | None = None) -> dict[str, Any]:
@@ -210,8 +232,11 @@ class CertificateView:
         path: Path = BrokerFiles(self.settings.certs_dir, self.settings.data_dir).crl
         try:
             check = LabCertificates(self.settings).check_crl(now=now)
-            state = {"status": check.status, "detail": check.detail,
-                     "days_left": round(check.days_left, 2) if check.days_left is not None else None}
+            state = {
+                "status": check.status,
+                "detail": check.detail,
+                "days_left": round(check.days_left, 2) if check.days_left is not None else None,
+            }
         except Exception:  # an unreadable root or CRL must not take the table down with it
             log.exception("could not check the CRL")
             state = {"status": INVALID, "detail": "the CRL could not be checked", "days_left": None}
@@ -272,10 +297,13 @@ class CertificateView:
     def signature(self) -> tuple[Any, ...]:
         """Changes whenever the certificate table would: new, superseded or revoked records, or a new CRL."""
         with self.inventory.session() as session:
-            counts = tuple(session.execute(
-                select(CertificateRecord.status, func.count(CertificateRecord.id), func.max(CertificateRecord.id))
-                .group_by(CertificateRecord.status).order_by(CertificateRecord.status)
-            ))
+            counts = tuple(
+                session.execute(
+                    select(CertificateRecord.status, func.count(CertificateRecord.id), func.max(CertificateRecord.id))
+                    .group_by(CertificateRecord.status)
+                    .order_by(CertificateRecord.status)
+                )
+            )
         crl_path = BrokerFiles(self.settings.certs_dir, self.settings.data_dir).crl
         try:
             crl_mtime = crl_path.stat().st_mtime_ns
@@ -303,5 +331,11 @@ class CertificateView:
         rows = self.rows(now)
         crl = self.crl(now)
         entities = entity_states(rows, self.server_renewable)
-        return {"certs": rows, "crl": crl, "summary": self.summary(rows), "entities": entities,
-                "attention": attention(entities, crl), "renew_before_days": self.settings.renew_before_days}
+        return {
+            "certs": rows,
+            "crl": crl,
+            "summary": self.summary(rows),
+            "entities": entities,
+            "attention": attention(entities, crl),
+            "renew_before_days": self.settings.renew_before_days,
+        }

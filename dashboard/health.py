@@ -78,18 +78,26 @@ def health_report(app: Flask) -> dict[str, Any]:
     crl = hub.certificates.crl()
     reasons = []
     if bridge.started and not mqtt["connected"]:
-        reasons.append(f"mqtt: not connected to {mqtt['broker']}" + (f" ({mqtt['last_error']})"
-                                                                     if mqtt["last_error"] else ""))
+        reasons.append(
+            f"mqtt: not connected to {mqtt['broker']}" + (f" ({mqtt['last_error']})" if mqtt["last_error"] else "")
+        )
     if ingest_state is not None and not ingest_state["connected"]:
-        reasons.append(f"ingest: {ingest_state['identity']} not connected" + (
-            f" ({ingest_state['last_error']})" if ingest_state["last_error"] else ""))
+        reasons.append(
+            f"ingest: {ingest_state['identity']} not connected"
+            + (f" ({ingest_state['last_error']})" if ingest_state["last_error"] else "")
+        )
     if not db["ok"]:
         reasons.append(f"database: {db['error']}")
     if crl.get("status") in CRL_DEGRADED:
         reasons.append(f"crl: {crl['status']}: {crl.get('detail') or crl.get('error')}")
-    return Health(status="degraded" if reasons else "ok", reasons=reasons, mqtt=mqtt, ingest=ingest_state, db=db,
-                  crl={key: crl.get(key) for key in ("status", "detail", "next_update", "days_left")}
-                  ).model_dump(mode="json")
+    return Health(
+        status="degraded" if reasons else "ok",
+        reasons=reasons,
+        mqtt=mqtt,
+        ingest=ingest_state,
+        db=db,
+        crl={key: crl.get(key) for key in ("status", "detail", "next_update", "days_left")},
+    ).model_dump(mode="json")
 
 
 @bp.get("/healthz")

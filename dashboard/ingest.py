@@ -55,8 +55,15 @@ class TelemetryIngest:
     dashboard process shows every device's state, and a shared subscription gets no retained messages.
     """
 
-    def __init__(self, settings: Settings, handler: Handler, *, name: str | None = None, shared: bool = False,
-                 presence: Handler | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        handler: Handler,
+        *,
+        name: str | None = None,
+        shared: bool = False,
+        presence: Handler | None = None,
+    ) -> None:
         self.settings = settings
         self.handler = handler
         self.presence = presence
@@ -73,8 +80,9 @@ class TelemetryIngest:
 
     def start(self) -> None:
         # Watching from before the client reads the files: a renewal in between is seen on the first look.
-        self._watcher = follow_renewals(self.identity, self.settings.cert_watch_seconds, self._renewed.set,
-                                        f"ingest {self.name}")
+        self._watcher = follow_renewals(
+            self.identity, self.settings.cert_watch_seconds, self._renewed.set, f"ingest {self.name}"
+        )
         self.client = self._new_client()
         self._connect(self.client)
 
@@ -126,8 +134,13 @@ class TelemetryIngest:
         return self.subscribed.wait(timeout)
 
     def status(self) -> dict[str, Any]:
-        return {"connected": self.connected.is_set(), "identity": self.name, "filter": self.topic_filter,
-                "received": self.received, "last_error": self.last_error}
+        return {
+            "connected": self.connected.is_set(),
+            "identity": self.name,
+            "filter": self.topic_filter,
+            "received": self.received,
+            "last_error": self.last_error,
+        }
 
     # -- paho callbacks (network thread) ---------------------------------------------------------
 
@@ -192,8 +205,13 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m dashboard.ingest", description=main.__doc__)
     parser.add_argument("--id", help="the identity to connect as (default INGEST_ID, ingest-1)")
-    parser.add_argument("--stats", type=float, default=0, metavar="SECONDS",
-                        help="print `received <n> stored <m>` every SECONDS (benchmarks)")
+    parser.add_argument(
+        "--stats",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="print `received <n> stored <m>` every SECONDS (benchmarks)",
+    )
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env({**lab_environ(), **({"INGEST_ID": args.id} if args.id else {})})
@@ -203,8 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.socketio_message_queue:
         # Without Redis no dashboard would show its readings, and a dashboard's own ingest (a plain subscription
         # then) would store every reading a second time.
-        print("error: SOCKETIO_MESSAGE_QUEUE is not set: an ingest replica of its own needs the Redis that the "
-              "dashboards share (README, Scaling)", flush=True)
+        print(
+            "error: SOCKETIO_MESSAGE_QUEUE is not set: an ingest replica of its own needs the Redis that the "
+            "dashboards share (README, Scaling)",
+            flush=True,
+        )
         return 2
     configure_logging()
     stop = threading.Event()

@@ -138,8 +138,9 @@ class LiveHub(LiveEmitter):
 
     # -- MQTT handlers (paho's network thread: quick, no I/O) --------------------------------------
 
-    def on_temperature(self, message: mqtt.MQTTMessage, received_at: float | None = None,
-                       from_peer: bool = False) -> None:
+    def on_temperature(
+        self, message: mqtt.MQTTMessage, received_at: float | None = None, from_peer: bool = False
+    ) -> None:
         """A reading from this process's ingest (stored on the next flush, and published on the readings bus when
         there is one), or `from_peer`: one another process's ingest received and stored (dashboard/bus.py)."""
         now = time.time() if received_at is None else received_at
@@ -284,8 +285,9 @@ class LiveHub(LiveEmitter):
         device.delta = delta
         device.trend = "up" if delta >= TREND_THRESHOLD else "down" if delta <= -TREND_THRESHOLD else "flat"
 
-    def _log_locked(self, message: mqtt.MQTTMessage, when: float, note: str | None,
-                    topic: str | None = None) -> LogLine:
+    def _log_locked(
+        self, message: mqtt.MQTTMessage, when: float, note: str | None, topic: str | None = None
+    ) -> LogLine:
         self.messages_total += 1
         line = LogLine(self._next_log_id, when, topic or message.topic, message, note)
         self._next_log_id += 1
@@ -401,8 +403,11 @@ def init_app(app: Flask) -> None:
     shared = bool(settings.socketio_message_queue)
     if shared:  # replicas: what this process ingests goes to the others, and theirs comes here
         hub.bus = app.extensions["readings_bus"] = ReadingsBus(settings.socketio_message_queue)
-    app.extensions["ingest"] = (TelemetryIngest(settings, hub.on_temperature, shared=shared, presence=hub.on_status)
-                                if settings.ingest_embedded else None)
+    app.extensions["ingest"] = (
+        TelemetryIngest(settings, hub.on_temperature, shared=shared, presence=hub.on_status)
+        if settings.ingest_embedded
+        else None
+    )
 
 
 def start_live(app: Flask, emitter: bool) -> None:

@@ -64,8 +64,10 @@ def parse_temperature(payload: bytes) -> tuple[float, str | None, int | None]:
         raise ValueError("temperature is not a number")
     stamp = data.get("timestamp")
     seq = data.get("seq")
-    return float(value), (str(stamp)[:64] if stamp is not None else None), (
-        seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+    return (
+        float(value),
+        (str(stamp)[:64] if stamp is not None else None),
+        (seq if isinstance(seq, int) and not isinstance(seq, bool) else None),
     )
 
 

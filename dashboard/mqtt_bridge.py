@@ -87,8 +87,13 @@ class MqttBridge:
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1, retain_as_published: bool = False) -> None:
         with self._lock:
-            sub = Subscription(topic_filter, qos, handler, identifier=len(self._subscriptions) + 1,
-                               retain_as_published=retain_as_published)
+            sub = Subscription(
+                topic_filter,
+                qos,
+                handler,
+                identifier=len(self._subscriptions) + 1,
+                retain_as_published=retain_as_published,
+            )
             self._subscriptions = (*self._subscriptions, sub)
         if self.client is not None and self.connected.is_set():
             sub.subscribe_on(self.client)
@@ -97,8 +102,9 @@ class MqttBridge:
 
     def start(self) -> None:
         # Watching from before the client reads the files: a renewal in between is seen on the first look.
-        self._watcher = follow_renewals(self.identity, self.settings.cert_watch_seconds, self.reconnect_with_files,
-                                        f"MQTT {self.name}")
+        self._watcher = follow_renewals(
+            self.identity, self.settings.cert_watch_seconds, self.reconnect_with_files, f"MQTT {self.name}"
+        )
         self.client = self._new_client()
         self._connect(self.client)
 
@@ -114,8 +120,13 @@ class MqttBridge:
     def _connect(self, client: mqtt.Client) -> None:
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = SESSION_EXPIRY
-        client.connect_async(self.settings.broker_address, self.settings.broker_port, keepalive=30,
-                             clean_start=False, properties=properties)
+        client.connect_async(
+            self.settings.broker_address,
+            self.settings.broker_port,
+            keepalive=30,
+            clean_start=False,
+            properties=properties,
+        )
         client.loop_start()
 
     def reconnect_with_files(self) -> None:
@@ -158,7 +169,11 @@ class MqttBridge:
     # -- publishing ------------------------------------------------------------------------------
 
     def publish(
-        self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False,
+        self,
+        topic: str,
+        payload: bytes | str,
+        qos: int = 1,
+        retain: bool = False,
         properties: Properties | None = None,
     ) -> mqtt.MQTTMessageInfo | None:
         if self.client is None:
@@ -208,8 +223,11 @@ class MqttBridge:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         identifiers = getattr(message.properties, "SubscriptionIdentifier", None)
         for sub in self._subscriptions:
-            if (sub.identifier in identifiers) if identifiers else mqtt.topic_matches_sub(sub.match_filter,
-                                                                                           message.topic):
+            if (
+                (sub.identifier in identifiers)
+                if identifiers
+                else mqtt.topic_matches_sub(sub.match_filter, message.topic)
+            ):
                 try:
                     sub.handler(message)
                 except Exception:  # a bad message must never stop the network loop

@@ -73,8 +73,11 @@ class ReadingStore(Database):
         # per-row parameter processing was the emitter's largest cost (py-spy, docs/benchmarks.md).
         compiled = Reading.__table__.insert().compile(dialect=self.engine.dialect, column_keys=list(READING_COLUMNS))
         self._insert_sql = str(compiled)
-        self._insert_row = (operator.attrgetter(*compiled.positiontup) if compiled.positional  # type: ignore[misc]
-                            else ReadingIn.as_row)
+        self._insert_row = (
+            operator.attrgetter(*compiled.positiontup)
+            if compiled.positional  # type: ignore[misc]
+            else ReadingIn.as_row
+        )
 
     def add_many(self, readings: Sequence[ReadingIn]) -> int:
         if not readings:
@@ -114,9 +117,7 @@ class ReadingStore(Database):
         with self._sessions.begin() as session:
             result = session.execute(delete(Reading).where(Reading.received_at < now - self.retention_seconds))
             removed += result.rowcount or 0
-            cutoff = session.scalar(
-                select(Reading.id).order_by(Reading.id.desc()).offset(self.max_rows).limit(1)
-            )
+            cutoff = session.scalar(select(Reading.id).order_by(Reading.id.desc()).offset(self.max_rows).limit(1))
             if cutoff is not None:
                 result = session.execute(delete(Reading).where(Reading.id <= cutoff))
                 removed += result.rowcount or 0

@@ -21,8 +21,9 @@ def _password(args: argparse.Namespace) -> tuple[str, bool]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dashboard.users",
-                                     description="Dashboard users (viewer, operator) and API tokens.")
+    parser = argparse.ArgumentParser(
+        prog="python -m dashboard.users", description="Dashboard users (viewer, operator) and API tokens."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="users and API tokens")
     add = sub.add_parser("add", help="add a user (a random password is printed unless --password-stdin)")

@@ -23,8 +23,9 @@ class ReadingBuffer:
         if len(self.readings) == self.readings.maxlen:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 100 == 0:
-                log.warning("buffer full (%d readings): dropped the oldest, %d so far", self.readings.maxlen,
-                            self.dropped)
+                log.warning(
+                    "buffer full (%d readings): dropped the oldest, %d so far", self.readings.maxlen, self.dropped
+                )
         self.readings.append(reading)
 
     def requeue(self, readings: list[dict[str, Any]]) -> int:
@@ -36,6 +37,6 @@ class ReadingBuffer:
         room = max(0, maxlen - len(self.readings))
         if len(readings) > room:
             self.dropped += len(readings) - room
-            readings = readings[len(readings) - room:]
+            readings = readings[len(readings) - room :]
         self.readings.extendleft(reversed(readings))
         return len(readings)

@@ -54,8 +54,9 @@ class Client:
     token: str | None = None
     cafile: Path | None = None
 
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None,
-                accept: str = "application/json") -> tuple[int, bytes]:
+    def request(
+        self, method: str, path: str, body: dict[str, Any] | None = None, accept: str = "application/json"
+    ) -> tuple[int, bytes]:
         headers = {"Accept": accept, "User-Agent": USER_AGENT}
         data = None
         if body is not None:
@@ -63,8 +64,12 @@ class Client:
             headers["Content-Type"] = "application/json"
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        request = urllib.request.Request(self.url.rstrip("/") + path, data=data, method=method,  # noqa: S310
-                                         headers=headers)
+        request = urllib.request.Request(  # noqa: S310
+            self.url.rstrip("/") + path,
+            data=data,
+            method=method,
+            headers=headers,
+        )
         handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]  # the lab is local
         if self.url.startswith("https:"):
             context = ssl.create_default_context(cafile=str(self.cafile) if self.cafile else None)
@@ -77,16 +82,19 @@ class Client:
             return ex.code, ex.read()
         except (urllib.error.URLError, OSError) as ex:
             reason = getattr(ex, "reason", ex)
-            raise CLIError(f"cannot reach the CA at {self.url} ({reason}); start the lab with ./setup.sh, "
-                           "or point --url (or IOTCA_URL) at it") from None
+            raise CLIError(
+                f"cannot reach the CA at {self.url} ({reason}); start the lab with ./setup.sh, "
+                "or point --url (or IOTCA_URL) at it"
+            ) from None
 
     def json(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
         status, raw = self.request(method, path, body)
         try:
             return status, json.loads(raw) if raw else {}
         except ValueError:
-            raise CLIError(f"the CA at {self.url} answered {status} with something that is not JSON; is --url "
-                           "the lab's dashboard?") from None
+            raise CLIError(
+                f"the CA at {self.url} answered {status} with something that is not JSON; is --url the lab's dashboard?"
+            ) from None
 
 
 def api_error(status: int, body: Any, what: str) -> CLIError:
@@ -147,8 +155,9 @@ def _issue(client: Client, args: argparse.Namespace, route: str, body: dict[str,
         raise api_error(status, reply, what)
     written = write_files(Path(args.out), reply["name"], reply)
     if args.json:
-        print(json.dumps({**{k: v for k, v in reply.items() if k != "key"}, "files": [str(p) for p in written]},
-                         indent=2))
+        print(
+            json.dumps({**{k: v for k, v in reply.items() if k != "key"}, "files": [str(p) for p in written]}, indent=2)
+        )
     else:
         print(f"{what}: {reply['name']}, serial {reply['serial']}, valid until {reply['not_after']}")
         for path in written:
@@ -237,8 +246,12 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     if certs_status == 200:
         for row in certs["certificates"]:
             counts[row["status"]] = counts.get(row["status"], 0) + 1
-    summary = {"url": client.url, "healthy": status == 200, "health": health,
-               "certificates": counts if certs_status == 200 else None}
+    summary = {
+        "url": client.url,
+        "healthy": status == 200,
+        "health": health,
+        "certificates": counts if certs_status == 200 else None,
+    }
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -256,13 +269,18 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="iotca", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        prog="iotca",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     parser.add_argument("--url", help="the CA's API (default: IOTCA_URL, else the dashboard of .env)")
     parser.add_argument("--token", help="API token, sent as Authorization: Bearer (default: IOTCA_TOKEN)")
-    parser.add_argument("--cacert", help="root certificate that an https --url must chain to "
-                        "(default: the lab's certs/root_ca/root_ca.crt)")
+    parser.add_argument(
+        "--cacert",
+        help="root certificate that an https --url must chain to (default: the lab's certs/root_ca/root_ca.crt)",
+    )
     parser.add_argument("--json", action="store_true", help="print the API's answer as JSON")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -322,16 +340,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"iotca: error: {ex}; fix it in .env", file=sys.stderr)
         return 1
     root = settings.certs_dir / "root_ca" / "root_ca.crt"
-    client = Client(url=args.url or os.environ.get("IOTCA_URL") or default_url(settings),
-                    token=args.token or os.environ.get("IOTCA_TOKEN") or None,
-                    cafile=Path(args.cacert) if args.cacert else (root if root.exists() else None))
+    client = Client(
+        url=args.url or os.environ.get("IOTCA_URL") or default_url(settings),
+        token=args.token or os.environ.get("IOTCA_TOKEN") or None,
+        cafile=Path(args.cacert) if args.cacert else (root if root.exists() else None),
+    )
     try:
         if args.command in ("create", "sign", "renew", "revoke", "token"):
             if not settings.ca_passphrase and not client.token:
-                raise CLIError("CA_PASSPHRASE is not set and no API token was given; run iotca where the lab's "
-                               ".env is, export CA_PASSPHRASE, or pass an operator's --token")
-            handler = {"create": cmd_create, "sign": cmd_sign, "renew": cmd_renew, "revoke": cmd_revoke,
-                       "token": cmd_token}[args.command]
+                raise CLIError(
+                    "CA_PASSPHRASE is not set and no API token was given; run iotca where the lab's "
+                    ".env is, export CA_PASSPHRASE, or pass an operator's --token"
+                )
+            handler = {
+                "create": cmd_create,
+                "sign": cmd_sign,
+                "renew": cmd_renew,
+                "revoke": cmd_revoke,
+                "token": cmd_token,
+            }[args.command]
             # With an operator's token the API needs no passphrase (README, Operator access).
             return handler(client, args, settings.ca_passphrase or "")
         return {"certs": cmd_certs, "crl": cmd_crl, "status": cmd_status}[args.command](client, args)

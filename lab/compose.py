@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--devices", help="comma-separated device ids (default: DEVICES from .env)")
     parser.add_argument("--output", type=Path, default=OVERRIDE_FILE, help="where to write (default: %(default)s)")
     parser.add_argument(
-        "--disabled", action="store_true",
+        "--disabled",
+        action="store_true",
         help="write nothing; print the docker-compose.yml services not in DEVICES, one per line",
     )
     return parser

@@ -118,8 +118,10 @@ def ensure_env_file() -> None:
             lines = []
         log(f"Creating {path} with a new random CA passphrase (mode 0600; keep it: it unlocks the CA key)")
         passphrase = f"CA_PASSPHRASE={secrets.token_urlsafe(32)}"
-        out = [f"# Created by setup.sh from {ENV_EXAMPLE.name} on {time.strftime('%Y-%m-%d %H:%M:%S %z')}.",
-               "# CA_PASSPHRASE below encrypts the root CA key: losing or changing it means a new CA."]
+        out = [
+            f"# Created by setup.sh from {ENV_EXAMPLE.name} on {time.strftime('%Y-%m-%d %H:%M:%S %z')}.",
+            "# CA_PASSPHRASE below encrypts the root CA key: losing or changing it means a new CA.",
+        ]
         pattern = re.compile(r"\s*(export\s+)?CA_PASSPHRASE\s*=")
         index = next((i for i, line in enumerate(lines) if pattern.match(line)), None)
         if index is None:
@@ -141,16 +143,21 @@ def ensure_admin_password() -> None:
     if "DASHBOARD_ADMIN_PASSWORD" in file_values():
         return
     log(f"Adding DASHBOARD_ADMIN_PASSWORD to {env_file()}: the dashboard's operator 'admin' logs in with it")
-    if not append_settings("Added by setup.sh: the password of the dashboard operator admin (created at the first "
-                           "start;\npython -m dashboard.users passwd admin changes it later, this value is then only "
-                           "a leftover).", {"DASHBOARD_ADMIN_PASSWORD": secrets.token_urlsafe(18)}):
+    if not append_settings(
+        "Added by setup.sh: the password of the dashboard operator admin (created at the first "
+        "start;\npython -m dashboard.users passwd admin changes it later, this value is then only "
+        "a leftover).",
+        {"DASHBOARD_ADMIN_PASSWORD": secrets.token_urlsafe(18)},
+    ):
         warn(f"set DASHBOARD_ADMIN_PASSWORD in {env_file()} to log in to the dashboard")
 
 
 def login_hint() -> None:
     """How to log in to the dashboard (the password itself is never printed)."""
-    info(f"Log in as admin with DASHBOARD_ADMIN_PASSWORD from {env_file()} (grep DASHBOARD_ADMIN_PASSWORD "
-         f"{env_file()}); more users and API tokens: .venv/bin/python -m dashboard.users --help")
+    info(
+        f"Log in as admin with DASHBOARD_ADMIN_PASSWORD from {env_file()} (grep DASHBOARD_ADMIN_PASSWORD "
+        f"{env_file()}); more users and API tokens: .venv/bin/python -m dashboard.users --help"
+    )
 
 
 def local_host_for(host: str) -> str:
@@ -175,8 +182,10 @@ def lock_file() -> str:
 
 def explain_generator_exit(code: int) -> None:
     if code == 2:
-        error("the generator exited 2: wrong CA passphrase, bad setting or bad option (see above;",
-              "README.md, Troubleshooting, says what to do).")
+        error(
+            "the generator exited 2: wrong CA passphrase, bad setting or bad option (see above;",
+            "README.md, Troubleshooting, says what to do).",
+        )
     elif code:
         error(f"the generator exited {code} (see above).")
 
@@ -216,11 +225,17 @@ def cmd_auto(args: list[str]) -> int:
 
     engine = dockerlab.DockerEngine()
     if engine.reachable():
-        print("Docker engine found (docker info answers): running the lab in containers; "
-              "./setup.sh native runs it without Docker.", flush=True)
+        print(
+            "Docker engine found (docker info answers): running the lab in containers; "
+            "./setup.sh native runs it without Docker.",
+            flush=True,
+        )
         return dockerlab.up(engine, [])
-    print(f"No Docker engine answers ({engine.error}): running the lab natively; start Docker and run "
-          "./setup.sh docker for containers.", flush=True)
+    print(
+        f"No Docker engine answers ({engine.error}): running the lab natively; start Docker and run "
+        "./setup.sh docker for containers.",
+        flush=True,
+    )
     return cmd_native(args)
 
 
@@ -335,15 +350,18 @@ def version_of(command: Sequence[str]) -> str:
 def cmd_test(args: list[str]) -> int:
     # curl: the EST tests use it as a real client (RFC 7030's own examples do). redis-server and nginx: the
     # dashboard-replica tests run two dashboards over a real Redis behind a real nginx (tests/test_scale.py).
-    packages.ensure_commands(["mosquitto", "mosquitto_pub", "chromium", "docker-compose", "curl", "redis-server",
-                              "nginx"])
+    packages.ensure_commands(
+        ["mosquitto", "mosquitto_pub", "chromium", "docker-compose", "curl", "redis-server", "nginx"]
+    )
     # Playwright's bundled driver (node) needs libatomic1; the Docker lab test needs an engine (docker.io) and
     # debootstrap for its base images; the database tests a PostgreSQL server; the ACME test runs Debian's certbot.
     # On systems without apt those tests skip (they fail under CI).
     packages.ensure_debian_packages(["libatomic1", "openssl", "docker.io", "debootstrap", "postgresql", "certbot"])
     mosquitto, chromium = find_command("mosquitto") or "mosquitto", find_command("chromium") or "chromium"
-    log(f"Using mosquitto {version_of([mosquitto, '-h'])} ({mosquitto}), "  # -h prints the version, exits 3
-        f"Chromium {version_of([chromium, '--version'])} ({chromium})")
+    log(
+        f"Using mosquitto {version_of([mosquitto, '-h'])} ({mosquitto}), "  # -h prints the version, exits 3
+        f"Chromium {version_of([chromium, '--version'])} ({chromium})"
+    )
     # Where the tests find them, also off PATH (Debian keeps mosquitto in /usr/sbin).
     os.environ.setdefault("MOSQUITTO_BIN", mosquitto)
     os.environ.setdefault("CHROMIUM_PATH", chromium)
@@ -361,8 +379,21 @@ def cmd_lock(args: list[str]) -> int:
         raise Failure(f"{uv} is missing: it comes with requirements-dev.txt (re-run ./setup.sh lock)")
     for lock, inputs in LOCKS.items():
         log(f"Locking {' '.join(inputs)} -> {lock}")
-        command = [str(uv), "pip", "compile", "--quiet", "--universal", "--python-version", "3.11",
-                   "--generate-hashes", "--custom-compile-command", "./setup.sh lock", "-o", lock, *inputs]
+        command = [
+            str(uv),
+            "pip",
+            "compile",
+            "--quiet",
+            "--universal",
+            "--python-version",
+            "3.11",
+            "--generate-hashes",
+            "--custom-compile-command",
+            "./setup.sh lock",
+            "-o",
+            lock,
+            *inputs,
+        ]
         if subprocess.run(command, cwd=PROJECT_ROOT).returncode != 0:
             raise Failure(f"uv pip compile failed for {lock} (see above).")
     log(f"Done: commit {', '.join(LOCKS)}")
@@ -376,8 +407,17 @@ def cmd_lock_file(args: list[str]) -> int:
 
 # The commands `./setup.sh` hands over (its usage text lists them; tests/test_setup.py checks that both name the
 # same ones). "" is `./setup.sh` alone; `lock-file` is setup.sh's own question, not a user's command.
-COMMANDS = {"": cmd_auto, "test": cmd_test, "lock": cmd_lock, "certs": cmd_certs, "native": cmd_native,
-            "docker": cmd_docker, "down": cmd_down, "status": cmd_status, "lock-file": cmd_lock_file}
+COMMANDS = {
+    "": cmd_auto,
+    "test": cmd_test,
+    "lock": cmd_lock,
+    "certs": cmd_certs,
+    "native": cmd_native,
+    "docker": cmd_docker,
+    "down": cmd_down,
+    "status": cmd_status,
+    "lock-file": cmd_lock_file,
+}
 TAKES_ARGS = ("test", "certs", "native", "docker")
 
 

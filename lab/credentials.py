@@ -184,7 +184,10 @@ def recover(identity: Identity) -> bool:
     """At start-up: a renewal was interrupted and left a broken pair; put the previous one back. True if it did."""
     if has_previous(identity) and not pair_works(identity):
         restore_previous(identity)
-        log.warning("the certificate files %s were left half-replaced by an interrupted renewal; the previous "
-                    "pair is back in place", identity.cert)
+        log.warning(
+            "the certificate files %s were left half-replaced by an interrupted renewal; the previous "
+            "pair is back in place",
+            identity.cert,
+        )
         return True
     return False

@@ -51,9 +51,26 @@ from .renewal import RenewalPolicy
 from .temperature import TemperatureWalk, baseline_for, iso_utc, make_reading
 
 __all__ = [
-    "BUFFER_SIZE", "EXIT_CONFIG", "EXIT_OK", "EXIT_REVOKED", "EXIT_UNAVAILABLE", "MAX_IN_FLIGHT", "DeviceConfig",
-    "DeviceConfigError", "ReadingBuffer", "TemperatureWalk", "Thermometer", "baseline_for", "build_parser",
-    "check_identity", "est_renewal", "iso_utc", "load_config", "main", "make_reading", "revoked_line",
+    "BUFFER_SIZE",
+    "EXIT_CONFIG",
+    "EXIT_OK",
+    "EXIT_REVOKED",
+    "EXIT_UNAVAILABLE",
+    "MAX_IN_FLIGHT",
+    "DeviceConfig",
+    "DeviceConfigError",
+    "ReadingBuffer",
+    "TemperatureWalk",
+    "Thermometer",
+    "baseline_for",
+    "build_parser",
+    "check_identity",
+    "est_renewal",
+    "iso_utc",
+    "load_config",
+    "main",
+    "make_reading",
+    "revoked_line",
     "wait_for_new_certificate",
 ]
 
@@ -80,16 +97,24 @@ def est_renewal(config: DeviceConfig, environ: Mapping[str, str]) -> Callable[[s
 def _configure_logging(verbose: bool, environ: Mapping[str, str]) -> None:
     level_name = "DEBUG" if verbose else (environ.get("LOG_LEVEL") or "INFO").strip().upper()
     level = logging.getLevelName(level_name)
-    logging.basicConfig(level=level if isinstance(level, int) else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level if isinstance(level, int) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
 
 
 def revoked_line(config: DeviceConfig, serial: str, waiting: bool) -> str:
     """The one line a revoked thermometer logs: what happened and the next step (the same as ./setup.sh status)."""
-    then = (f"waiting for a new certificate in {config.identity.cert}" if waiting
-            else f"exiting with code {EXIT_REVOKED}, not to be restarted")
-    return (f"{config.device_id}: the CA revoked its certificate (serial {serial}, {config.identity.cert}); it will "
-            f"not connect with it again. Next step: {revoked_next_step(config.device_id)}. Now {then}.")
+    then = (
+        f"waiting for a new certificate in {config.identity.cert}"
+        if waiting
+        else f"exiting with code {EXIT_REVOKED}, not to be restarted"
+    )
+    return (
+        f"{config.device_id}: the CA revoked its certificate (serial {serial}, {config.identity.cert}); it will "
+        f"not connect with it again. Next step: {revoked_next_step(config.device_id)}. Now {then}."
+    )
 
 
 def wait_for_new_certificate(config: DeviceConfig, revoked: bytes, stopped: Callable[[], bool]) -> bool:

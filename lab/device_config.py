@@ -89,19 +89,29 @@ def build_parser() -> argparse.ArgumentParser:
         "shared file and takes its name as DEVICE_ID.",
     )
     parser.add_argument("--device-id", help="device id = certificate CN (DEVICE_ID)")
-    parser.add_argument("--ca-cert", type=Path, help="root CA the broker must chain to (CA_CERT_PATH; "
-                        "default <CERTS_DIR>/<id>/root_ca.crt)")
-    parser.add_argument("--cert", type=Path, help="client certificate (CLIENT_CERT_PATH; "
-                        "default <CERTS_DIR>/<id>/<id>.crt)")
-    parser.add_argument("--key", type=Path, help="client private key, unencrypted (CLIENT_KEY_PATH; "
-                        "default <CERTS_DIR>/<id>/<id>.key)")
-    parser.add_argument("--broker", help="broker host name or IP, must be in its certificate (BROKER_ADDRESS; "
-                        "default localhost)")
+    parser.add_argument(
+        "--ca-cert",
+        type=Path,
+        help="root CA the broker must chain to (CA_CERT_PATH; default <CERTS_DIR>/<id>/root_ca.crt)",
+    )
+    parser.add_argument(
+        "--cert", type=Path, help="client certificate (CLIENT_CERT_PATH; default <CERTS_DIR>/<id>/<id>.crt)"
+    )
+    parser.add_argument(
+        "--key", type=Path, help="client private key, unencrypted (CLIENT_KEY_PATH; default <CERTS_DIR>/<id>/<id>.key)"
+    )
+    parser.add_argument(
+        "--broker", help="broker host name or IP, must be in its certificate (BROKER_ADDRESS; default localhost)"
+    )
     parser.add_argument("--port", type=_port, help="broker TLS port (BROKER_PORT; default 8883)")
     parser.add_argument("--interval", type=_seconds, help="seconds between readings (PUBLISH_INTERVAL; default 5)")
-    parser.add_argument("--enrol", choices=est.ENROL_MODES, help="how the device enrols and renews (ENROL; "
-                        "default mqtt: a token at CA_URL's v1/ssl/sign, renewal over MQTT; est: EST simpleenroll "
-                        "and simplereenroll at EST_URL, default https://localhost:<CA_HTTPS_PORT>/.well-known/est)")
+    parser.add_argument(
+        "--enrol",
+        choices=est.ENROL_MODES,
+        help="how the device enrols and renews (ENROL; "
+        "default mqtt: a token at CA_URL's v1/ssl/sign, renewal over MQTT; est: EST simpleenroll "
+        "and simplereenroll at EST_URL, default https://localhost:<CA_HTTPS_PORT>/.well-known/est)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every reading (LOG_LEVEL=DEBUG)")
     return parser
 
@@ -196,9 +206,15 @@ def check_identity(config: DeviceConfig) -> x509.Certificate:
         )
     now = utcnow()
     if cert.not_valid_after_utc <= now:
-        log.warning("certificate %s expired on %s: the broker will refuse it", identity.cert,
-                    cert.not_valid_after_utc.isoformat())
+        log.warning(
+            "certificate %s expired on %s: the broker will refuse it",
+            identity.cert,
+            cert.not_valid_after_utc.isoformat(),
+        )
     elif cert.not_valid_before_utc > now:
-        log.warning("certificate %s is not valid before %s: is this machine's clock right?", identity.cert,
-                    cert.not_valid_before_utc.isoformat())
+        log.warning(
+            "certificate %s is not valid before %s: is this machine's clock right?",
+            identity.cert,
+            cert.not_valid_before_utc.isoformat(),
+        )
     return cert

@@ -61,8 +61,13 @@ class DockerEngine:
                 self.error = "the docker command is not installed"
                 return False
             try:
-                result = subprocess.run(["docker", "info"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                        text=True, timeout=DOCKER_INFO_TIMEOUT)
+                result = subprocess.run(
+                    ["docker", "info"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    timeout=DOCKER_INFO_TIMEOUT,
+                )
             except subprocess.TimeoutExpired:
                 self.error = f"no answer within {DOCKER_INFO_TIMEOUT}s"
                 return False
@@ -92,8 +97,13 @@ class DockerEngine:
         """The picked compose on this lab's files (docker-compose.yml, then the override) and settings file."""
         env_args = ["--env-file", str(env_file())] if env_file().exists() else []
         output = subprocess.DEVNULL if quiet else None
-        return subprocess.run([*self.compose, *env_args, *args], cwd=PROJECT_ROOT, stdout=output, stderr=output,
-                              env={**os.environ, **(env or {})}).returncode
+        return subprocess.run(
+            [*self.compose, *env_args, *args],
+            cwd=PROJECT_ROOT,
+            stdout=output,
+            stderr=output,
+            env={**os.environ, **(env or {})},
+        ).returncode
 
 
 def export_compose_settings() -> Path:
@@ -115,9 +125,11 @@ def prepare_build_args() -> None:
     if not bundle:
         return
     if not os.access(bundle, os.R_OK) or not Path(bundle).is_file():
-        raise Failure(f"PIP_CERT={bundle} is not a readable file.",
-                      f"Point PIP_CERT (in {env_file()} or the environment) at your CA bundle, or unset it "
-                      "(README, Docker mode).")
+        raise Failure(
+            f"PIP_CERT={bundle} is not a readable file.",
+            f"Point PIP_CERT (in {env_file()} or the environment) at your CA bundle, or unset it "
+            "(README, Docker mode).",
+        )
     PIP_CA_COPY.parent.mkdir(exist_ok=True)
     shutil.copyfile(bundle, PIP_CA_COPY)
     os.environ["LAB_PIP_CERT"] = str(PIP_CA_COPY.relative_to(PROJECT_ROOT))
@@ -129,20 +141,24 @@ def ensure_lab_ids() -> None:
     are 0600 in 0700 folders owned by you: any other uid could not read them."""
     uid, gid = str(os.getuid()), str(os.getgid())
     written = file_values()
-    missing = {key: value for key, value in (("LAB_UID", uid), ("LAB_GID", gid))
-               if not written.get(key, "").strip().isdigit()}
+    missing = {
+        key: value for key, value in (("LAB_UID", uid), ("LAB_GID", gid)) if not written.get(key, "").strip().isdigit()
+    }
     if missing:
         shown = " ".join(f"{key}={value}" for key, value in missing.items())
         log(f"Adding {shown} to {env_file()} (the containers run as you, the owner of the certificates)")
-        if not append_settings("Added by setup.sh: containers run as this uid:gid, the owner of the certificates "
-                               "folder.", missing):
+        if not append_settings(
+            "Added by setup.sh: containers run as this uid:gid, the owner of the certificates folder.", missing
+        ):
             warn(f"using {shown} for this run only")
             os.environ.update(missing)
     value = setting("LAB_UID", uid)
     if value != uid:
-        warn(f"LAB_UID={value} (in {env_file()} or the environment) is not your uid ({uid}): the containers may be "
-             f"unable to read the certificates; set LAB_UID={uid} LAB_GID={gid} there unless you mean it (README, "
-             "Docker mode)")
+        warn(
+            f"LAB_UID={value} (in {env_file()} or the environment) is not your uid ({uid}): the containers may be "
+            f"unable to read the certificates; set LAB_UID={uid} LAB_GID={gid} there unless you mean it (README, "
+            "Docker mode)"
+        )
     if value == "0":
         info("running as root: the containers run as uid 0 as well, so they can read root's 0600 keys")
 
@@ -173,9 +189,11 @@ def generate_certs(engine: DockerEngine, certs_dir: Path) -> int:
     log(f"Certificates: {GENERATOR} in the CA service's image ({engine.name()} run --rm --no-deps ca)")
     code = engine.run("run", "--rm", "--no-deps", "-T", "ca", "python", GENERATOR)
     if code not in (0, 2):
-        error(f"the generator container failed with exit code {code} (see above).",
-              f"'Permission denied' under /certs: LAB_UID/LAB_GID in {env_file()} must be the owner of {certs_dir}",
-              "(id -u, id -g); with rootless Docker or Podman set LAB_UID=0 LAB_GID=0 there (README, Docker mode).")
+        error(
+            f"the generator container failed with exit code {code} (see above).",
+            f"'Permission denied' under /certs: LAB_UID/LAB_GID in {env_file()} must be the owner of {certs_dir}",
+            "(id -u, id -g); with rootless Docker or Podman set LAB_UID=0 LAB_GID=0 there (README, Docker mode).",
+        )
     else:
         explain_generator_exit(code)
     return code
@@ -195,11 +213,14 @@ def start_database(engine: DockerEngine) -> None:
     if engine.run("up", "-d", "postgres"):
         raise Failure(f"{engine.name()} up -d postgres failed (see above).")
     deadline = time.monotonic() + HEALTH_WAIT_SECONDS
-    while engine.run("exec", "-T", "postgres", "pg_isready", "-q", "-h", "127.0.0.1", "-U", "lab", "-d", "lab",
-                     quiet=True):
+    while engine.run(
+        "exec", "-T", "postgres", "pg_isready", "-q", "-h", "127.0.0.1", "-U", "lab", "-d", "lab", quiet=True
+    ):
         if time.monotonic() > deadline:
-            raise Failure(f"PostgreSQL did not accept connections within {HEALTH_WAIT_SECONDS:.0f}s.",
-                          f"Look at: {engine.name()} logs postgres (POSTGRES_PASSWORD in {env_file()}).")
+            raise Failure(
+                f"PostgreSQL did not accept connections within {HEALTH_WAIT_SECONDS:.0f}s.",
+                f"Look at: {engine.name()} logs postgres (POSTGRES_PASSWORD in {env_file()}).",
+            )
         time.sleep(1)
 
 
@@ -216,8 +237,9 @@ def wait_for_health(url: str, seconds: float, cafile: Path) -> bool:
     deadline = time.monotonic() + seconds
     while True:
         context = ssl.create_default_context(cafile=str(cafile) if cafile.exists() else None)
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
-                                             urllib.request.HTTPSHandler(context=context))
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+        )
         try:
             with opener.open(url, timeout=3) as response:
                 if 200 <= response.status < 300:
@@ -230,10 +252,12 @@ def wait_for_health(url: str, seconds: float, cafile: Path) -> bool:
 
 
 def explain_unreachable(engine: DockerEngine) -> None:
-    error(f"the Docker engine is not reachable (docker info: {engine.error}).",
-          "Start it: sudo systemctl start docker (Linux), or open Docker Desktop (macOS, Windows/WSL).",
-          'If it runs but you may not use it: sudo usermod -aG docker "$USER", then log in again.',
-          "Or run the same lab without Docker: ./setup.sh native")
+    error(
+        f"the Docker engine is not reachable (docker info: {engine.error}).",
+        "Start it: sudo systemctl start docker (Linux), or open Docker Desktop (macOS, Windows/WSL).",
+        'If it runs but you may not use it: sudo usermod -aG docker "$USER", then log in again.',
+        "Or run the same lab without Docker: ./setup.sh native",
+    )
 
 
 def up(engine: DockerEngine, args: Sequence[str]) -> int:
@@ -249,10 +273,13 @@ def up(engine: DockerEngine, args: Sequence[str]) -> int:
     prepare_build_args()
     log(f"Building the images: {engine.name()} build")
     if engine.run("build"):
-        raise Failure(f"{engine.name()} build failed (see above).",
-                      "The first build downloads the base images (python:3.11-slim, debian:bookworm-slim), Debian's "
-                      "mosquitto", "package and the Python wheels: check that the Docker engine reaches the network "
-                      "(proxy, DNS), then re-run;", "./setup.sh native runs the same lab without images.")
+        raise Failure(
+            f"{engine.name()} build failed (see above).",
+            "The first build downloads the base images (python:3.11-slim, debian:bookworm-slim), Debian's mosquitto",
+            "package and the Python wheels: check that the Docker engine reaches the network "
+            "(proxy, DNS), then re-run;",
+            "./setup.sh native runs the same lab without images.",
+        )
     start_database(engine)
     code = generate_certs(engine, certs_dir)
     if code:
@@ -260,17 +287,21 @@ def up(engine: DockerEngine, args: Sequence[str]) -> int:
     args = [*scale_args(), *args]
     log(f"Starting the lab: {engine.name()} up --build -d --remove-orphans {' '.join(args)}")
     if engine.run("up", "--build", "-d", "--remove-orphans", *args):
-        raise Failure(f"{engine.name()} up failed (see above).",
-                      "'port is already allocated' / 'address already in use': something else uses BROKER_PORT or "
-                      "DASHBOARD_PORT;", f"stop it (./setup.sh down stops a native lab) or choose other ports in "
-                      f"{env_file()}, then re-run.")
+        raise Failure(
+            f"{engine.name()} up failed (see above).",
+            "'port is already allocated' / 'address already in use': something else uses BROKER_PORT or "
+            "DASHBOARD_PORT;",
+            f"stop it (./setup.sh down stops a native lab) or choose other ports in {env_file()}, then re-run.",
+        )
     url = dashboard_url(docker=True)
     log(f"Waiting up to {HEALTH_WAIT_SECONDS:.0f}s for the dashboard ({url}healthz)")
     if not wait_for_health(f"{url}healthz", HEALTH_WAIT_SECONDS, certs_dir / "root_ca" / "root_ca.crt"):
         engine.run("ps")
-        raise Failure(f"the dashboard did not become healthy within {HEALTH_WAIT_SECONDS:.0f}s.",
-                      f"Look at: {engine.name()} logs --tail 50 (mosquitto 'cannot read': LAB_UID/LAB_GID, README, "
-                      "Docker mode);", "stop with ./setup.sh down")
+        raise Failure(
+            f"the dashboard did not become healthy within {HEALTH_WAIT_SECONDS:.0f}s.",
+            f"Look at: {engine.name()} logs --tail 50 (mosquitto 'cannot read': LAB_UID/LAB_GID, README, Docker mode);",
+            "stop with ./setup.sh down",
+        )
     log(f"The lab is up. Dashboard: {url}")
     if "scale" in profiles():
         host = local_host_for(setting("DASHBOARD_HOST", "127.0.0.1"))

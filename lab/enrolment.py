@@ -100,11 +100,16 @@ def _opener(url: str, ca_file: Path | None) -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
 
 
-def post_json(url: str, body: Mapping[str, Any], ca_file: Path | None = None,
-              timeout: float = REQUEST_TIMEOUT) -> tuple[int, dict[str, Any], Mapping[str, str]]:
+def post_json(
+    url: str, body: Mapping[str, Any], ca_file: Path | None = None, timeout: float = REQUEST_TIMEOUT
+) -> tuple[int, dict[str, Any], Mapping[str, str]]:
     """POST JSON; (status, JSON body, headers) for answers, errors included. EnrolmentError: no answer at all."""
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",  # noqa: S310 - http(s) only
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(  # noqa: S310 - http(s) only
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with _opener(url, ca_file).open(request, timeout=timeout) as response:
             return response.status, _json(response.read()), response.headers
@@ -114,8 +119,9 @@ def post_json(url: str, body: Mapping[str, Any], ca_file: Path | None = None,
         reason = getattr(ex, "reason", None) or ex
         if isinstance(reason, ssl.SSLCertVerificationError):  # retrying will not make it trustworthy
             trust = f"the CA certificate {ca_file}" if ca_file else "the system's trusted roots (no CA_CERT_PATH yet)"
-            raise EnrolmentRefused(f"the https certificate of {url} does not verify against {trust}: "
-                                   f"{reason.verify_message}") from None
+            raise EnrolmentRefused(
+                f"the https certificate of {url} does not verify against {trust}: {reason.verify_message}"
+            ) from None
         raise EnrolmentError(f"no answer from {url}: {reason}") from None
 
 
@@ -166,8 +172,10 @@ def enrol(device_id: str, identity: Identity, enrolment: Enrolment, *, wait: flo
     ca_file = identity.ca_cert if pinned else None
     if enrolment.est_url is not None:
         if not pinned:
-            raise EnrolmentRefused(f"EST enrolment needs the root certificate at {identity.ca_cert} first "
-                                   "(CA_CERT_PATH), to verify the CA's https certificate")
+            raise EnrolmentRefused(
+                f"EST enrolment needs the root certificate at {identity.ca_cert} first "
+                "(CA_CERT_PATH), to verify the CA's https certificate"
+            )
         url = f"{enrolment.est_url}/simpleenroll"
 
     def send() -> tuple[int, dict[str, Any], Mapping[str, str]]:
@@ -201,22 +209,32 @@ def enrol(device_id: str, identity: Identity, enrolment: Enrolment, *, wait: flo
         if not pinned:
             roots = [_self_signed_root(reply.get("ca"))]
         cert = check_issued(reply, key, roots, device_id)
-        store(identity, cert_pem(cert), key_pem(key), keep_previous=False,
-              ca_pem=None if pinned else cert_pem(roots[0]))
+        store(
+            identity, cert_pem(cert), key_pem(key), keep_previous=False, ca_pem=None if pinned else cert_pem(roots[0])
+        )
     except CredentialError as ex:
         raise EnrolmentRefused(f"the CA at {enrolment.ca_url} answered, but {ex}") from None
     except OSError as ex:
         raise EnrolmentRefused(f"cannot write the certificate files of {device_id}: {ex}") from None
     if not pinned:
-        log.warning("no CA certificate at %s before enrolling: the one the CA sent is now trusted (pin it "
-                    "beforehand with CA_CERT_PATH to make sure)", identity.ca_cert)
-    log.info("enrolled %s with the CA at %s: serial %s, valid until %s", device_id, enrolment.ca_url,
-             serial_hex(cert), cert.not_valid_after_utc.isoformat(timespec="seconds"))
+        log.warning(
+            "no CA certificate at %s before enrolling: the one the CA sent is now trusted (pin it "
+            "beforehand with CA_CERT_PATH to make sure)",
+            identity.ca_cert,
+        )
+    log.info(
+        "enrolled %s with the CA at %s: serial %s, valid until %s",
+        device_id,
+        enrolment.ca_url,
+        serial_hex(cert),
+        cert.not_valid_after_utc.isoformat(timespec="seconds"),
+    )
     return cert
 
 
-def _est_enrol(url: str, csr: str, ca_file: Path, device_id: str,
-               token: str) -> tuple[int, dict[str, Any], Mapping[str, str]]:
+def _est_enrol(
+    url: str, csr: str, ca_file: Path, device_id: str, token: str
+) -> tuple[int, dict[str, Any], Mapping[str, str]]:
     try:
         return est.post_csr(url, csr, ca_file=ca_file, basic=(device_id, token))
     except est.ESTUntrusted as ex:
@@ -295,12 +313,12 @@ def with_claimed_token(environ: Mapping[str, str]) -> Mapping[str, str]:
 # -- python -m lab.enrolment tokens ------------------------------------------------------------------
 
 
-def request_tokens(ca_url: str, passphrase: str, names: Sequence[str], ttl: int,
-                   ca_file: Path | None = None) -> list[tuple[str, str]]:
+def request_tokens(
+    ca_url: str, passphrase: str, names: Sequence[str], ttl: int, ca_file: Path | None = None
+) -> list[tuple[str, str]]:
     tokens = []
     for name in names:
-        status, reply, _ = post_json(f"{ca_url}/v1/ssl/tokens", {"name": name, "pass": passphrase, "ttl": ttl},
-                                     ca_file)
+        status, reply, _ = post_json(f"{ca_url}/v1/ssl/tokens", {"name": name, "pass": passphrase, "ttl": ttl}, ca_file)
         if status != 201 or not isinstance(reply.get("token"), str):
             raise EnrolmentRefused(f"no token for {name}: {reply.get('error', 'unexpected answer')} (HTTP {status})")
         tokens.append((name, reply["token"]))
@@ -320,14 +338,22 @@ def _fetch_root(ca_url: str, ca_file: Path | None) -> bytes:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m lab.enrolment",
-        description="Enrolment tokens for devices that were never pre-generated.")
+        prog="python -m lab.enrolment", description="Enrolment tokens for devices that were never pre-generated."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    tokens = sub.add_parser("tokens", help="ask the running dashboard (the CA) for single-use tokens and append "
-                            "`name token` lines to a file that devices claim from (ENROL_TOKEN_FILE)")
+    tokens = sub.add_parser(
+        "tokens",
+        help="ask the running dashboard (the CA) for single-use tokens and append "
+        "`name token` lines to a file that devices claim from (ENROL_TOKEN_FILE)",
+    )
     tokens.add_argument("--names", required=True, help="comma-separated device ids, one token each")
-    tokens.add_argument("--file", type=Path, required=True, help="the token file (created 0600); the root "
-                        "certificate is written next to it as root_ca.crt for the devices to pin")
+    tokens.add_argument(
+        "--file",
+        type=Path,
+        required=True,
+        help="the token file (created 0600); the root "
+        "certificate is written next to it as root_ca.crt for the devices to pin",
+    )
     tokens.add_argument("--ttl", type=int, default=86400, help="seconds each token stays valid (default 86400)")
     tokens.add_argument("--ca-url", help="the CA (default CA_URL, or the dashboard of this lab)")
     args = parser.parse_args(argv)
@@ -357,8 +383,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (EnrolmentError, CAError, OSError) as ex:
         print(f"error: {ex}", file=sys.stderr)
         return 1
-    print(f"{len(issued)} token(s) for {', '.join(names)} appended to {args.file} (valid {args.ttl} s); "
-          f"root certificate in {args.file.parent / 'root_ca.crt'}")
+    print(
+        f"{len(issued)} token(s) for {', '.join(names)} appended to {args.file} (valid {args.ttl} s); "
+        f"root certificate in {args.file.parent / 'root_ca.crt'}"
+    )
     return 0
 
 

@@ -56,8 +56,15 @@ def est_url(environ: Mapping[str, str], settings: Settings) -> str:
 Answer = tuple[int, dict[str, Any], Mapping[str, str]]
 
 
-def post_csr(url: str, csr_pem: str, *, ca_file: Path, basic: tuple[str, str] | None = None,
-             client: Identity | None = None, timeout: float = REQUEST_TIMEOUT) -> Answer:
+def post_csr(
+    url: str,
+    csr_pem: str,
+    *,
+    ca_file: Path,
+    basic: tuple[str, str] | None = None,
+    client: Identity | None = None,
+    timeout: float = REQUEST_TIMEOUT,
+) -> Answer:
     """POST a CSR the EST way: (status, {"crt": PEM} or {"error": text}, headers).
 
     Raises ESTUnreachable (no answer) or ESTUntrusted (the server's certificate does not verify)."""
@@ -81,8 +88,9 @@ def post_csr(url: str, csr_pem: str, *, ca_file: Path, basic: tuple[str, str] | 
     except (urllib.error.URLError, OSError) as ex:
         reason = getattr(ex, "reason", None) or ex
         if isinstance(reason, ssl.SSLCertVerificationError):
-            raise ESTUntrusted(f"the https certificate of {url} does not verify against {ca_file}: "
-                               f"{reason.verify_message}") from None
+            raise ESTUntrusted(
+                f"the https certificate of {url} does not verify against {ca_file}: {reason.verify_message}"
+            ) from None
         raise ESTUnreachable(f"no answer from {url}: {reason}") from None
 
 

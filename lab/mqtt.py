@@ -73,8 +73,12 @@ def make_client(
 
     Exceptions raised inside callbacks are logged, not allowed to kill the network loop.
     """
-    kwargs: dict[str, Any] = {"callback_api_version": CallbackAPIVersion.VERSION2, "client_id": client_id,
-                              "protocol": protocol, "userdata": userdata}
+    kwargs: dict[str, Any] = {
+        "callback_api_version": CallbackAPIVersion.VERSION2,
+        "client_id": client_id,
+        "protocol": protocol,
+        "userdata": userdata,
+    }
     if protocol != mqtt.MQTTv5:
         kwargs["clean_session"] = clean_session
     client = mqtt.Client(**kwargs)

@@ -44,8 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--devices", help="comma-separated device ids (default: DEVICES from .env)")
     parser.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard nor the CA service")
-    parser.add_argument("--enrol", help="comma-separated device ids that enrol themselves with a single-use token "
-                        "(no pre-generated certificate; default: ENROL_DEVICES from .env)")
+    parser.add_argument(
+        "--enrol",
+        help="comma-separated device ids that enrol themselves with a single-use token "
+        "(no pre-generated certificate; default: ENROL_DEVICES from .env)",
+    )
     return parser
 
 

@@ -59,10 +59,14 @@ class RunnerError(Exception):
         self.code = code
 
 
-
-
-def build_services(settings: Settings, devices: Sequence[str], *, dashboard: bool,
-                   base_env: dict[str, str] | None = None, enrol: dict[str, str | None] | None = None) -> list[Service]:
+def build_services(
+    settings: Settings,
+    devices: Sequence[str],
+    *,
+    dashboard: bool,
+    base_env: dict[str, str] | None = None,
+    enrol: dict[str, str | None] | None = None,
+) -> list[Service]:
     """Mosquitto, the CA replicas and the dashboard (when asked and present), one thermometer per device, in
     start order.
 
@@ -80,12 +84,23 @@ def build_services(settings: Settings, devices: Sequence[str], *, dashboard: boo
         for n in range(1, settings.ca_replicas + 1):
             port = first_port + n - 1
             urls.append(f"http://127.0.0.1:{port}")
-            env = child_env(base, CA_INSTANCE=str(n), CA_INTERNAL_PORT=str(port), CA_INTERNAL_HOST="127.0.0.1",
-                            **({} if n == 1 else {"CA_HTTPS_PORT": "0"}))
+            env = child_env(
+                base,
+                CA_INSTANCE=str(n),
+                CA_INTERNAL_PORT=str(port),
+                CA_INTERNAL_HOST="127.0.0.1",
+                **({} if n == 1 else {"CA_HTTPS_PORT": "0"}),
+            )
             services.append(Service(f"ca-{n}", "ca", [sys.executable, "-m", "ca"], env))
         dashboard_env = {k: v for k, v in base.items() if k != "CA_PASSPHRASE"}
-        services.append(Service("dashboard", "dashboard", [sys.executable, "-m", "dashboard"],
-                                child_env(dashboard_env, CA_URLS=",".join(urls))))
+        services.append(
+            Service(
+                "dashboard",
+                "dashboard",
+                [sys.executable, "-m", "dashboard"],
+                child_env(dashboard_env, CA_URLS=",".join(urls)),
+            )
+        )
     device_base = {k: v for k, v in base.items() if k not in ("CA_PASSPHRASE", "ENROL_TOKEN")}  # never needed
     enrol = enrol or {}
     for device in [*devices, *(d for d in enrol if d not in devices)]:
@@ -113,8 +128,15 @@ def build_services(settings: Settings, devices: Sequence[str], *, dashboard: boo
 
 
 class LabRunner:
-    def __init__(self, settings: Settings, devices: Sequence[str] | None = None, *, dashboard: bool = True,
-                 output: PrefixedOutput | None = None, enrol: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        devices: Sequence[str] | None = None,
+        *,
+        dashboard: bool = True,
+        output: PrefixedOutput | None = None,
+        enrol: Sequence[str] = (),
+    ) -> None:
         self.settings = settings
         self.devices = list(devices if devices is not None else settings.devices)
         self.enrol = [d for d in enrol if d not in self.devices]  # DEVICES get theirs from the generator
@@ -142,7 +164,9 @@ class LabRunner:
             raise RunnerError(
                 f"CA_PASSPHRASE does not unlock {lab.layout.ca_key}. Nothing was written or started. Put the "
                 f"passphrase this CA was created with into .env; if it is lost, delete {lab.layout.ca_dir} "
-                "to start a new CA (every certificate is then reissued).", EXIT_CONFIG) from None
+                "to start a new CA (every certificate is then reissued).",
+                EXIT_CONFIG,
+            ) from None
         except (ConfigError, CAError) as ex:
             raise RunnerError(str(ex), EXIT_CONFIG) from None
         changed = [r for r in report.results if r.action != "kept"]
@@ -153,8 +177,10 @@ class LabRunner:
         if revoked:
             self.devices = [d for d in self.devices if d not in revoked]
             self.out.line("certs", f"not starting {', '.join(sorted(revoked))}: certificate revoked")
-        self.out.line("certs", f"{len(report.results)} certificates current ({len(changed)} issued now) "
-                               f"in {self.settings.certs_dir}")
+        self.out.line(
+            "certs",
+            f"{len(report.results)} certificates current ({len(changed)} issued now) in {self.settings.certs_dir}",
+        )
 
     def enrolment_tokens(self) -> dict[str, str | None]:
         """A single-use token for each self-enrolling device without a certificate (None: it has one)."""
@@ -167,8 +193,10 @@ class LabRunner:
                 if Identity.of(self.settings.certs_dir, device).cert.exists():
                     tokens[device] = None  # enrolled before; it renews itself
                     continue
-                reply = service.issue_token({"name": device, "pass": self.settings.ca_passphrase or "",
-                                             "ttl": ENROL_TOKEN_TTL}, source="native runner")
+                reply = service.issue_token(
+                    {"name": device, "pass": self.settings.ca_passphrase or "", "ttl": ENROL_TOKEN_TTL},
+                    source="native runner",
+                )
                 if not reply.ok:
                     raise RunnerError(f"no enrolment token for {device}: {reply.body.get('error')}", EXIT_CONFIG)
                 tokens[device] = reply.body["token"]
@@ -176,8 +204,9 @@ class LabRunner:
                 layout = CertsLayout(self.settings.certs_dir)
                 ensure_dir(layout.entity_dir(device))
                 atomic_write(layout.ca_copy(device), service.ca_pem(), CERT_MODE)
-                self.out.line("certs", f"{device:<14} enrols itself with a single-use token (valid "
-                                       f"{ENROL_TOKEN_TTL // 60} min)")
+                self.out.line(
+                    "certs", f"{device:<14} enrols itself with a single-use token (valid {ENROL_TOKEN_TTL // 60} min)"
+                )
         finally:
             service.close()
         return tokens
@@ -188,16 +217,22 @@ class LabRunner:
             if pid != os.getpid() and pid_alive(pid):
                 raise RunnerError(
                     f"a native lab is already running ({name}, pid {pid}, from {self.pids_file}); "
-                    "stop it with ./setup.sh down")
-        busy = [f"{what} port {port}" for what, host, port in (
-            ("broker", self.settings.broker_bind, self.settings.broker_port),
-            ("dashboard", self.settings.dashboard_host, self.settings.dashboard_port),
-        ) if (what == "broker" or self.want_dashboard) and port_accepts(host, port)]
+                    "stop it with ./setup.sh down"
+                )
+        busy = [
+            f"{what} port {port}"
+            for what, host, port in (
+                ("broker", self.settings.broker_bind, self.settings.broker_port),
+                ("dashboard", self.settings.dashboard_host, self.settings.dashboard_port),
+            )
+            if (what == "broker" or self.want_dashboard) and port_accepts(host, port)
+        ]
         if busy:
             raise RunnerError(
                 f"{' and '.join(busy)} already in use: another lab or broker runs (./setup.sh down, or "
                 "`./setup.sh docker` is up, or a system mosquitto listens there); or choose BROKER_PORT / "
-                "DASHBOARD_PORT in .env")
+                "DASHBOARD_PORT in .env"
+            )
 
     # -- children --------------------------------------------------------------------------------
 
@@ -206,8 +241,13 @@ class LabRunner:
         service.restart_at = None
         try:
             process = subprocess.Popen(
-                service.argv, env=service.env, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                service.argv,
+                env=service.env,
+                cwd=PROJECT_ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
                 preexec_fn=die_with_runner(os.getpid()),
             )
         except OSError as ex:
@@ -237,8 +277,10 @@ class LabRunner:
             service.output.join(timeout=1)  # its last lines first, then our report
         service.process = None
         if service.kind == "device" and returncode == EXIT_REVOKED:  # it said why; it would only be refused again
-            self.say(f"{service.name}'s certificate is revoked (exit {EXIT_REVOKED}): not restarted. Next step: "
-                     f"{revoked_next_step(service.name)}, then restart the lab")
+            self.say(
+                f"{service.name}'s certificate is revoked (exit {EXIT_REVOKED}): not restarted. Next step: "
+                f"{revoked_next_step(service.name)}, then restart the lab"
+            )
             self.write_pids()
             return
         delay = self._schedule_restart(service)
@@ -269,7 +311,8 @@ class LabRunner:
         if self._broker_running.is_set():
             return True
         return time.monotonic() - since > BROKER_LOG_GRACE and port_accepts(
-            self.settings.broker_bind, self.settings.broker_port)
+            self.settings.broker_bind, self.settings.broker_port
+        )
 
     def wait_for_broker(self, broker: Service) -> None:
         started = time.monotonic()
@@ -281,8 +324,10 @@ class LabRunner:
                 code = broker.process.returncode if broker.process else "?"
                 raise RunnerError(f"mosquitto exited with {code} while starting (its output is above)")
             if time.monotonic() > deadline:
-                raise RunnerError(f"mosquitto did not accept connections on port {self.settings.broker_port} "
-                                  f"within {BROKER_START_TIMEOUT:g}s (its output is above)")
+                raise RunnerError(
+                    f"mosquitto did not accept connections on port {self.settings.broker_port} "
+                    f"within {BROKER_START_TIMEOUT:g}s (its output is above)"
+                )
             time.sleep(0.05)
 
     # -- pid file -----------------------------------------------------------------------------------
@@ -326,9 +371,11 @@ class LabRunner:
         except RunnerError as ex:
             return self._fail(ex)
         if find_dynsec_plugin() is None:
-            self.say("warning: Mosquitto's dynamic-security plugin (mosquitto_dynamic_security.so) was not found: a "
-                     "revoked device is denied every topic but its open connection is not closed; set "
-                     "MOSQUITTO_DYNSEC_PLUGIN to its path, then run ./setup.sh certs")
+            self.say(
+                "warning: Mosquitto's dynamic-security plugin (mosquitto_dynamic_security.so) was not found: a "
+                "revoked device is denied every topic but its open connection is not closed; set "
+                "MOSQUITTO_DYNSEC_PLUGIN to its path, then run ./setup.sh certs"
+            )
         try:
             broker, *others = self.services
             self.start(broker)
@@ -376,10 +423,16 @@ class LabRunner:
         if any(svc.kind == "dashboard" for svc in self.services):
             scheme = "https" if s.dashboard_tls else "http"
             rows.append(("dashboard", f"{scheme}://{local_address(s.dashboard_host)}:{s.dashboard_port}/"))
-        rows.append(("broker", f"{s.broker_address}:{s.broker_port} (MQTT over mutual TLS; CA "
-                               f"{s.certs_dir / 'root_ca' / 'root_ca.crt'})"))
-        rows.append(("devices", f"{', '.join(self.devices + self.enrol) or 'none'} (a reading every "
-                                f"{s.publish_interval:g} s)"))
+        rows.append(
+            (
+                "broker",
+                f"{s.broker_address}:{s.broker_port} (MQTT over mutual TLS; CA "
+                f"{s.certs_dir / 'root_ca' / 'root_ca.crt'})",
+            )
+        )
+        rows.append(
+            ("devices", f"{', '.join(self.devices + self.enrol) or 'none'} (a reading every {s.publish_interval:g} s)")
+        )
         rows.append(("pid file", f"{self.pids_file} (./setup.sh down stops the lab from another terminal)"))
         self.say("The lab is up (native mode). Ctrl-C stops everything.")
         for label, value in rows:

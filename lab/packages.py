@@ -19,8 +19,13 @@ from collections.abc import Sequence
 
 # Debian puts the broker in /usr/sbin, which is not on a normal user's PATH; Homebrew keeps it in its own sbin.
 EXTRA_PLACES = {
-    "mosquitto": ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto",
-                  "/usr/local/opt/mosquitto/sbin/mosquitto", "/opt/homebrew/opt/mosquitto/sbin/mosquitto"),
+    "mosquitto": (
+        "/usr/sbin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+        "/opt/homebrew/sbin/mosquitto",
+        "/usr/local/opt/mosquitto/sbin/mosquitto",
+        "/opt/homebrew/opt/mosquitto/sbin/mosquitto",
+    ),
     "chromium": ("chromium-browser",),
     "dockerd": ("/usr/sbin/dockerd",),
     "debootstrap": ("/usr/sbin/debootstrap",),
@@ -28,8 +33,14 @@ EXTRA_PLACES = {
 }
 DEBIAN_PACKAGE = {"mosquitto_pub": "mosquitto-clients", "mosquitto_sub": "mosquitto-clients", "dockerd": "docker.io"}
 # The Homebrew formula of a command; a command without one is installed by hand (Chromium: a cask).
-BREW_FORMULA = {"mosquitto": "mosquitto", "mosquitto_pub": "mosquitto", "mosquitto_sub": "mosquitto",
-                "docker-compose": "docker-compose", "redis-server": "redis", "nginx": "nginx"}
+BREW_FORMULA = {
+    "mosquitto": "mosquitto",
+    "mosquitto_pub": "mosquitto",
+    "mosquitto_sub": "mosquitto",
+    "docker-compose": "docker-compose",
+    "redis-server": "redis",
+    "nginx": "nginx",
+}
 APT_ENV = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
 
 
@@ -79,8 +90,10 @@ def apt_install(packages: Sequence[str]) -> bool:
             warn("apt-get update failed; trying the install with the package lists we have")
         _apt_updated = True
     log(f"Installing system packages: {' '.join(packages)}")
-    return subprocess.run([*apt, "install", "-y", "-qq", "--no-install-recommends", *packages],
-                          env=APT_ENV).returncode == 0
+    return (
+        subprocess.run([*apt, "install", "-y", "-qq", "--no-install-recommends", *packages], env=APT_ENV).returncode
+        == 0
+    )
 
 
 def unique(items: Sequence[str]) -> list[str]:
@@ -109,8 +122,9 @@ def ensure_commands(commands: Sequence[str]) -> None:
     if macos:
         formulas = unique([BREW_FORMULA[c] for c in still if c in BREW_FORMULA])
         hints = [f"brew install {' '.join(formulas)}"] if formulas else []
-        hints += [f"{c}: install it yourself (Chromium: brew install --cask chromium)"
-                  for c in still if c not in BREW_FORMULA]
+        hints += [
+            f"{c}: install it yourself (Chromium: brew install --cask chromium)" for c in still if c not in BREW_FORMULA
+        ]
     else:
         packages = unique([DEBIAN_PACKAGE.get(c, c) for c in still])
         hints = [f"Debian/Ubuntu/WSL: sudo apt-get install --no-install-recommends {' '.join(packages)}"]

@@ -57,9 +57,14 @@ def _guarded(callback: F) -> F:
 class Thermometer:
     """One device's MQTT session. `run()` publishes until `request_stop()`, then shuts down cleanly."""
 
-    def __init__(self, config: DeviceConfig, walk: TemperatureWalk | None = None,
-                 buffer_size: int = BUFFER_SIZE, renewal: RenewalPolicy | None = None,
-                 renew_request: Callable[[str], dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        config: DeviceConfig,
+        walk: TemperatureWalk | None = None,
+        buffer_size: int = BUFFER_SIZE,
+        renewal: RenewalPolicy | None = None,
+        renew_request: Callable[[str], dict[str, Any]] | None = None,
+    ) -> None:
         self.config = config
         self.walk = walk or TemperatureWalk(baseline_for(config.device_id))
         self.seq = 0
@@ -81,8 +86,14 @@ class Thermometer:
         self.revoked = False  # the broker refused the certificate as revoked: run() returns, never reconnects
         self.reply_handler: Callable[[bytes], None] | None = None  # CA replies on ssl/<id> (renewal)
         # Its `in_use` is the pair the current client was built from; it calls back when the files hold another.
-        self.watcher = PairWatcher(config.identity.cert, config.identity.key, self._files_renewed,
-                                   ca=config.identity.ca_cert, interval=config.watch_interval, name="cert-watch")
+        self.watcher = PairWatcher(
+            config.identity.cert,
+            config.identity.key,
+            self._files_renewed,
+            ca=config.identity.ca_cert,
+            interval=config.watch_interval,
+            name="cert-watch",
+        )
         self._switch_lock = threading.RLock()  # one client replacement at a time (renewer, watcher)
         self._refused_pair: Pair | None = None  # renewed files that failed check_identity (warned once)
         self.client = self._build_client()
@@ -126,15 +137,24 @@ class Thermometer:
         if client is not self.client:
             return
         if reason.is_failure:  # the broker closes the connection next: on_disconnect schedules the retry
-            log.warning("broker %s:%s refused %s: %s", self.config.broker_address, self.config.broker_port,
-                        self.config.device_id, reason)
+            log.warning(
+                "broker %s:%s refused %s: %s",
+                self.config.broker_address,
+                self.config.broker_port,
+                self.config.device_id,
+                reason,
+            )
             return
         self._failures = 0
         self._publish(self.config.status_topic, "online", retain=True, client=client)
         self.connected.set()
         self._wake.set()
-        log.info("%s connected to %s:%s; status online", self.config.device_id, self.config.broker_address,
-                 self.config.broker_port)
+        log.info(
+            "%s connected to %s:%s; status online",
+            self.config.device_id,
+            self.config.broker_address,
+            self.config.broker_port,
+        )
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         # Called inside paho's `except OSError`: the exception says why (refused, TLS verify failed, ...).
@@ -144,8 +164,13 @@ class Thermometer:
         if self._refused_as_revoked(client):
             return
         delay = self._schedule_reconnect(client)
-        log.warning("cannot connect to %s:%s: %s; retrying in %.1f s", self.config.broker_address,
-                    self.config.broker_port, error or "connection failed", delay)
+        log.warning(
+            "cannot connect to %s:%s: %s; retrying in %.1f s",
+            self.config.broker_address,
+            self.config.broker_port,
+            error or "connection failed",
+            delay,
+        )
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if client is not self.client:
@@ -154,8 +179,12 @@ class Thermometer:
         if self._closing.is_set() or self._refused_as_revoked(client):
             return
         delay = self._schedule_reconnect(client)
-        log.info("%s lost the broker (%s); reconnecting in %.1f s, readings are buffered meanwhile",
-                 self.config.device_id, reason, delay)
+        log.info(
+            "%s lost the broker (%s); reconnecting in %.1f s, readings are buffered meanwhile",
+            self.config.device_id,
+            reason,
+            delay,
+        )
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         with self._lock:
@@ -199,8 +228,15 @@ class Thermometer:
 
     # -- publishing -----------------------------------------------------------------------------
 
-    def _publish(self, topic: str, payload: str, *, retain: bool = False, reading: dict[str, Any] | None = None,
-                 client: mqtt.Client | None = None) -> mqtt.MQTTMessageInfo:
+    def _publish(
+        self,
+        topic: str,
+        payload: str,
+        *,
+        retain: bool = False,
+        reading: dict[str, Any] | None = None,
+        client: mqtt.Client | None = None,
+    ) -> mqtt.MQTTMessageInfo:
         with self._lock:  # count first: the PUBACK (on_publish) may arrive before publish() returns
             client = client or self.client
             tracked = client is self.client
@@ -239,16 +275,21 @@ class Thermometer:
         """
         sent = 0
         with self._send_lock:
-            while (self.pending and self._sending.is_set() and self.connected.is_set()
-                   and self.outstanding < MAX_IN_FLIGHT):
+            while (
+                self.pending and self._sending.is_set() and self.connected.is_set() and self.outstanding < MAX_IN_FLIGHT
+            ):
                 reading = self.pending[0]
                 info = self._publish(self.config.temperature_topic, json.dumps(reading), reading=reading)
                 if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
                     break
                 self.pending.popleft()
                 sent += 1
-                log.debug("seq=%d temperature=%.2f -> %s", reading["seq"], reading["temperature"],
-                          self.config.temperature_topic)
+                log.debug(
+                    "seq=%d temperature=%.2f -> %s",
+                    reading["seq"],
+                    reading["temperature"],
+                    self.config.temperature_topic,
+                )
         return sent
 
     # -- what the renewer uses (lab/renewal.py; its own thread) ------------------------------------
@@ -269,8 +310,9 @@ class Thermometer:
     def publish_request(self, topic: str, payload: str) -> None:
         self._publish(topic, payload)
 
-    def reconnect_with_files(self, drain_timeout: float, connect_timeout: float, stop: threading.Event,
-                             which: str = "new") -> bool:
+    def reconnect_with_files(
+        self, drain_timeout: float, connect_timeout: float, stop: threading.Event, which: str = "new"
+    ) -> bool:
         """Replace the MQTT client by a new one that reads the certificate files again; True once it connected.
 
         paho cannot change the TLS identity of a client, so a renewed certificate needs a new client (same
@@ -282,13 +324,19 @@ class Thermometer:
         with self._switch_lock:
             return self._reconnect_with_files(drain_timeout, connect_timeout, stop, which)
 
-    def _reconnect_with_files(self, drain_timeout: float, connect_timeout: float, stop: threading.Event,
-                              which: str) -> bool:
+    def _reconnect_with_files(
+        self, drain_timeout: float, connect_timeout: float, stop: threading.Event, which: str
+    ) -> bool:
         self._sending.clear()
         with self._send_lock:  # a flush in progress finishes; later ones hand nothing to the old client
             pass
-        log.info("%s switches to its %s certificate after reading %d; readings wait in the buffer until the new "
-                 "connection is up", self.config.device_id, which, self.seq)
+        log.info(
+            "%s switches to its %s certificate after reading %d; readings wait in the buffer until the new "
+            "connection is up",
+            self.config.device_id,
+            which,
+            self.seq,
+        )
         try:
             deadline = time.monotonic() + drain_timeout
             while self.outstanding > 0 and self.connected.is_set() and time.monotonic() < deadline:
@@ -307,8 +355,11 @@ class Thermometer:
         finally:
             self._sending.set()
         if unacked:
-            log.info("%s: %d readings not acknowledged before the switch will be sent again", self.config.device_id,
-                     self.buffer.requeue(unacked))
+            log.info(
+                "%s: %d readings not acknowledged before the switch will be sent again",
+                self.config.device_id,
+                self.buffer.requeue(unacked),
+            )
         old.disconnect()
         old.loop_stop()
         new.connect_async(self.config.broker_address, self.config.broker_port, keepalive=KEEPALIVE)
@@ -316,8 +367,12 @@ class Thermometer:
         deadline = time.monotonic() + connect_timeout
         while not self.connected.wait(STOP_POLL):
             # SWITCH_ATTEMPTS refused connections in a row: the broker does not take the new pair (~3 s).
-            if (time.monotonic() > deadline or self._failures >= SWITCH_ATTEMPTS or stop.is_set()
-                    or self._stop_reason is not None):
+            if (
+                time.monotonic() > deadline
+                or self._failures >= SWITCH_ATTEMPTS
+                or stop.is_set()
+                or self._stop_reason is not None
+            ):
                 return False
         return True
 
@@ -334,16 +389,27 @@ class Thermometer:
             except DeviceConfigError as ex:
                 if self._refused_pair != pair:
                     self._refused_pair = pair
-                    log.warning("%s: the renewed certificate files are not usable (%s); staying on serial %s",
-                                self.config.device_id, ex, self.watcher.in_use.serial if self.watcher.in_use else "?")
+                    log.warning(
+                        "%s: the renewed certificate files are not usable (%s); staying on serial %s",
+                        self.config.device_id,
+                        ex,
+                        self.watcher.in_use.serial if self.watcher.in_use else "?",
+                    )
                 return False
             was = self.watcher.in_use.serial if self.watcher.in_use else "?"
-            log.info("%s: its certificate files were renewed (serial %s -> %s): switching to the new pair",
-                     self.config.device_id, was, pair.serial)
+            log.info(
+                "%s: its certificate files were renewed (serial %s -> %s): switching to the new pair",
+                self.config.device_id,
+                was,
+                pair.serial,
+            )
             if not self._reconnect_with_files(DRAIN_TIMEOUT, CONNECT_TIMEOUT, self._closing, "renewed"):
                 if self._stop_reason is None:
-                    log.warning("%s: the broker has not accepted the renewed certificate (serial %s) yet; it keeps "
-                                "trying", self.config.device_id, pair.serial)
+                    log.warning(
+                        "%s: the broker has not accepted the renewed certificate (serial %s) yet; it keeps trying",
+                        self.config.device_id,
+                        pair.serial,
+                    )
             return True
 
     # -- the loop -------------------------------------------------------------------------------
@@ -354,8 +420,13 @@ class Thermometer:
 
     def run(self) -> None:
         config = self.config
-        log.info("%s starting: broker %s:%s, a reading every %g s", config.device_id, config.broker_address,
-                 config.broker_port, config.interval)
+        log.info(
+            "%s starting: broker %s:%s, a reading every %g s",
+            config.device_id,
+            config.broker_address,
+            config.broker_port,
+            config.interval,
+        )
         self.client.connect_async(config.broker_address, config.broker_port, keepalive=KEEPALIVE)
         self.client.loop_start()
         if self.renewer is not None:
@@ -405,11 +476,16 @@ class Thermometer:
             if self.outstanding <= 0:
                 log.info("%s status offline acknowledged", config.device_id)
             else:
-                log.warning("%s: the broker did not acknowledge status offline (and %d more); its last will "
-                            "says offline instead", config.device_id, self.outstanding - 1)
+                log.warning(
+                    "%s: the broker did not acknowledge status offline (and %d more); its last will "
+                    "says offline instead",
+                    config.device_id,
+                    self.outstanding - 1,
+                )
         if self.pending:
-            log.warning("%s stopping while disconnected: %d buffered readings are lost", config.device_id,
-                        len(self.pending))
+            log.warning(
+                "%s stopping while disconnected: %d buffered readings are lost", config.device_id, len(self.pending)
+            )
         self._closing.set()
         self.client.disconnect()
         self.client.loop_stop()

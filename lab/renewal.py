@@ -93,8 +93,9 @@ class RenewingDevice(Protocol):
 
     def publish_request(self, topic: str, payload: str) -> None: ...
 
-    def reconnect_with_files(self, drain_timeout: float, connect_timeout: float, stop: threading.Event,
-                             which: str = "new") -> bool: ...
+    def reconnect_with_files(
+        self, drain_timeout: float, connect_timeout: float, stop: threading.Event, which: str = "new"
+    ) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,9 @@ class RenewalPolicy:
     jitter: float = 0.0  # share of the lifetime by which this device renews earlier, 0..JITTER_FRACTION
 
     @classmethod
-    def for_device(cls, renew_before_days: float, check_interval: float,
-                   rng: random.Random | None = None) -> RenewalPolicy:
+    def for_device(
+        cls, renew_before_days: float, check_interval: float, rng: random.Random | None = None
+    ) -> RenewalPolicy:
         jitter = (rng or random.Random()).uniform(0, JITTER_FRACTION)  # noqa: S311 - spreading, not security
         return cls(renew_before_days, check_interval, jitter)
 
@@ -139,9 +141,15 @@ DEFAULT_TIMEOUTS = RenewalTimeouts()
 class Renewer:
     """A background thread that keeps the device's certificate renewed (`start`, `stop`)."""
 
-    def __init__(self, device: RenewingDevice, policy: RenewalPolicy, *, rng: random.Random | None = None,
-                 timeouts: RenewalTimeouts = DEFAULT_TIMEOUTS,
-                 request: Callable[[str], dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        device: RenewingDevice,
+        policy: RenewalPolicy,
+        *,
+        rng: random.Random | None = None,
+        timeouts: RenewalTimeouts = DEFAULT_TIMEOUTS,
+        request: Callable[[str], dict[str, Any]] | None = None,
+    ) -> None:
         self.device = device
         # How the CSR reaches the CA: over MQTT (`ssl/renew/<id>`) unless another transport is given (EST,
         # lab/est.py); either returns the CA's answer with the certificate in "crt", or raises RenewalError.
@@ -183,14 +191,20 @@ class Renewer:
             except RenewalError as ex:
                 failures += 1
                 delay = retry_delay(failures, self.policy.check_interval, self.rng)
-                log.warning("certificate renewal failed (attempt %d): %s; retrying in %.3g s, the current "
-                            "certificate stays in use meanwhile", failures, ex, delay)
+                log.warning(
+                    "certificate renewal failed (attempt %d): %s; retrying in %.3g s, the current "
+                    "certificate stays in use meanwhile",
+                    failures,
+                    ex,
+                    delay,
+                )
                 continue
             except Exception:
                 failures += 1
                 delay = retry_delay(failures, self.policy.check_interval, self.rng)
-                log.exception("certificate renewal failed unexpectedly (attempt %d); retrying in %.3g s",
-                              failures, delay)
+                log.exception(
+                    "certificate renewal failed unexpectedly (attempt %d); retrying in %.3g s", failures, delay
+                )
                 continue
             failures = 0
             delay = self.policy.check_interval
@@ -208,9 +222,13 @@ class Renewer:
 
     def _announce(self) -> None:
         cert = self.current_certificate()
-        log.info("certificate serial %s valid until %s; renewal from %s (checked every %g s)", serial_hex(cert),
-                 cert.not_valid_after_utc.isoformat(timespec="seconds"),
-                 self.policy.due_at(cert).isoformat(timespec="seconds"), self.policy.check_interval)
+        log.info(
+            "certificate serial %s valid until %s; renewal from %s (checked every %g s)",
+            serial_hex(cert),
+            cert.not_valid_after_utc.isoformat(timespec="seconds"),
+            self.policy.due_at(cert).isoformat(timespec="seconds"),
+            self.policy.check_interval,
+        )
 
     def check_once(self) -> bool:
         """Renew when due; True when it did. Raises RenewalError when a due renewal failed."""
@@ -221,9 +239,13 @@ class Renewer:
         if problem:
             if self._warned != problem:  # once per problem, not every hour
                 self._warned = problem
-                log.warning("certificate renewal is due but %s, so the new pair could not be stored; the "
-                            "certificate expires on %s (give the device a writable folder, or renew it with "
-                            "./setup.sh certs)", problem, cert.not_valid_after_utc.isoformat(timespec="seconds"))
+                log.warning(
+                    "certificate renewal is due but %s, so the new pair could not be stored; the "
+                    "certificate expires on %s (give the device a writable folder, or renew it with "
+                    "./setup.sh certs)",
+                    problem,
+                    cert.not_valid_after_utc.isoformat(timespec="seconds"),
+                )
             return False
         if not self.device.wait_connected(self.reply_timeout, self._stop):
             raise RenewalError("not connected to the broker")
@@ -249,13 +271,20 @@ class Renewer:
                 return new
             restore_previous(identity)
             self._switch("previous")
-            raise RenewalError(f"the broker did not accept the new certificate (serial {serial_hex(new)}); back on "
-                               f"serial {serial_hex(old)}")
+            raise RenewalError(
+                f"the broker did not accept the new certificate (serial {serial_hex(new)}); back on "
+                f"serial {serial_hex(old)}"
+            )
         discard_previous(identity)
         self.renewals += 1
-        log.info("renewed the certificate: serial %s -> %s, valid until %s (request %.2f s, reconnected in "
-                 "%.2f s)", serial_hex(old), serial_hex(new), new.not_valid_after_utc.isoformat(timespec="seconds"),
-                 round_trip, time.monotonic() - started - round_trip)
+        log.info(
+            "renewed the certificate: serial %s -> %s, valid until %s (request %.2f s, reconnected in %.2f s)",
+            serial_hex(old),
+            serial_hex(new),
+            new.not_valid_after_utc.isoformat(timespec="seconds"),
+            round_trip,
+            time.monotonic() - started - round_trip,
+        )
         return new
 
     def _switch(self, which: str) -> bool:
@@ -292,8 +321,10 @@ class Renewer:
                 if self._for_key(body, key):
                     return body
                 # another answer on our topic (an older request's): keep waiting for ours
-            raise RenewalError(f"no reply on {reply_topic} within {self.reply_timeout:g} s (is the dashboard, "
-                               "the CA's MQTT endpoint, running?)")
+            raise RenewalError(
+                f"no reply on {reply_topic} within {self.reply_timeout:g} s (is the dashboard, "
+                "the CA's MQTT endpoint, running?)"
+            )
         finally:
             self.device.reply_handler = None
             self.device.unsubscribe(reply_topic)

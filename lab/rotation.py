@@ -76,8 +76,9 @@ class PairFiles:
         try:
             cert = load_certificate(cert_data)
             if public_key_matches(cert, load_private_key(key_data)):  # type: ignore[arg-type]
-                digest = hashlib.sha256(b"".join(b"%d:%s" % (len(part), part)
-                                                 for part in (cert_data, key_data, ca_data))).hexdigest()
+                digest = hashlib.sha256(
+                    b"".join(b"%d:%s" % (len(part), part) for part in (cert_data, key_data, ca_data))
+                ).hexdigest()
                 pair = Pair(serial_hex(cert), digest)
         except CAError:  # unreadable, or an encrypted key: no pair a process could load
             pair = None
@@ -90,8 +91,16 @@ class PairWatcher:
     `in_use`. The callback returns True once the pair is in use (then it is `in_use`); False, or an exception
     (logged), and the next round tries again."""
 
-    def __init__(self, cert: Path, key: Path, on_change: Callable[[Pair], bool], *, ca: Path | None = None,
-                 interval: float = WATCH_SECONDS, name: str = "cert-watch") -> None:
+    def __init__(
+        self,
+        cert: Path,
+        key: Path,
+        on_change: Callable[[Pair], bool],
+        *,
+        ca: Path | None = None,
+        interval: float = WATCH_SECONDS,
+        name: str = "cert-watch",
+    ) -> None:
         self.files = PairFiles(cert, key, ca)
         self.on_change = on_change
         self.interval = interval
@@ -140,8 +149,9 @@ def follow_renewals(identity: Any, interval: float, reconnect: Callable[[], None
         reconnect()
         return True
 
-    return PairWatcher(identity.cert, identity.key, renewed, ca=identity.ca_cert, interval=interval,
-                       name=f"{name}-cert-watch").start()
+    return PairWatcher(
+        identity.cert, identity.key, renewed, ca=identity.ca_cert, interval=interval, name=f"{name}-cert-watch"
+    ).start()
 
 
 class ServerContext:
@@ -152,8 +162,16 @@ class ServerContext:
     changed in a context that is in use: a handshake sees either the old pair or the new one, never half of each.
     """
 
-    def __init__(self, make: Callable[[], ssl.SSLContext], cert: Path, key: Path, *, ca: Path | None = None,
-                 interval: float = WATCH_SECONDS, name: str = "tls-cert-watch") -> None:
+    def __init__(
+        self,
+        make: Callable[[], ssl.SSLContext],
+        cert: Path,
+        key: Path,
+        *,
+        ca: Path | None = None,
+        interval: float = WATCH_SECONDS,
+        name: str = "tls-cert-watch",
+    ) -> None:
         self._make = make
         self.context = make()
         self._current = self.context
@@ -172,14 +190,17 @@ class ServerContext:
     def stop(self) -> None:
         self.watcher.stop()
 
-    def _select(self, sock: ssl.SSLObject | ssl.SSLSocket, _server_name: str | None,
-                _context: ssl.SSLContext) -> None:
+    def _select(self, sock: ssl.SSLObject | ssl.SSLSocket, _server_name: str | None, _context: ssl.SSLContext) -> None:
         current = self._current
         if sock.context is not current:
             sock.context = current
 
     def _reload(self, pair: Pair) -> bool:
         self._current = self._make()  # raises (logged by the watcher) if the files changed again meanwhile
-        log.info("%s: new TLS connections get certificate serial %s from %s", self.watcher.name, pair.serial,
-                 self.watcher.files.cert)
+        log.info(
+            "%s: new TLS connections get certificate serial %s from %s",
+            self.watcher.name,
+            pair.serial,
+            self.watcher.files.cert,
+        )
         return True

@@ -23,9 +23,11 @@ NGINX_TEMPLATE = PROJECT_ROOT / "deploy" / "nginx" / "nginx.conf.template"
 NGINX_TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 NGINX_DOCKER_CONF = PROJECT_ROOT / "deploy" / "nginx" / "nginx.docker.conf"
 # Mozilla's "intermediate" TLS 1.2 suites (ECDHE + AEAD), as gunicorn and Mosquitto offer (tests/test_identity.py).
-INTERMEDIATE_CIPHERS = ("        ssl_ciphers ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
-                        "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:"
-                        "ECDHE-RSA-CHACHA20-POLY1305;\n        ssl_prefer_server_ciphers off;\n")
+INTERMEDIATE_CIPHERS = (
+    "        ssl_ciphers ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:"
+    "ECDHE-RSA-CHACHA20-POLY1305;\n        ssl_prefer_server_ciphers off;\n"
+)
 
 
 @dataclass(frozen=True)
@@ -38,12 +40,14 @@ class NginxTLS:
     upstream_name: str
 
 
-DOCKER_TLS = NginxTLS("/certs/dashboard/dashboard.crt", "/certs/dashboard/dashboard.key",
-                      "/certs/dashboard/root_ca.crt", "dashboard")
+DOCKER_TLS = NginxTLS(
+    "/certs/dashboard/dashboard.crt", "/certs/dashboard/dashboard.key", "/certs/dashboard/root_ca.crt", "dashboard"
+)
 
 
-def render_nginx_conf(listen: str, upstreams: Sequence[str], prefix: Path | str, tls: NginxTLS | None = None,
-                      error_log: str = "") -> str:
+def render_nginx_conf(
+    listen: str, upstreams: Sequence[str], prefix: Path | str, tls: NginxTLS | None = None, error_log: str = ""
+) -> str:
     """nginx.conf for `listen` (host:port) in front of `upstreams` (host:port each), state under `prefix`; with
     `tls`, HTTPS on both sides (nginx terminates the client's TLS and verifies the dashboards')."""
     if not upstreams:
@@ -51,28 +55,41 @@ def render_nginx_conf(listen: str, upstreams: Sequence[str], prefix: Path | str,
     servers = "".join(f"        server {address} max_fails=1 fail_timeout=5s;\n" for address in upstreams)
     server_tls = upstream_tls = ""
     if tls is not None:
-        server_tls = (f"        ssl_certificate {tls.certificate};\n        ssl_certificate_key {tls.key};\n"
-                      f"        ssl_protocols TLSv1.2 TLSv1.3;\n{INTERMEDIATE_CIPHERS}")
-        upstream_tls = (f"            proxy_ssl_trusted_certificate {tls.upstream_ca};\n"
-                        "            proxy_ssl_verify on;\n"
-                        f"            proxy_ssl_name {tls.upstream_name};\n"
-                        "            proxy_ssl_session_reuse on;\n")
+        server_tls = (
+            f"        ssl_certificate {tls.certificate};\n        ssl_certificate_key {tls.key};\n"
+            f"        ssl_protocols TLSv1.2 TLSv1.3;\n{INTERMEDIATE_CIPHERS}"
+        )
+        upstream_tls = (
+            f"            proxy_ssl_trusted_certificate {tls.upstream_ca};\n"
+            "            proxy_ssl_verify on;\n"
+            f"            proxy_ssl_name {tls.upstream_name};\n"
+            "            proxy_ssl_session_reuse on;\n"
+        )
     return Template(NGINX_TEMPLATE.read_text()).substitute(
-        listen=listen, upstreams=servers.rstrip("\n"), prefix=str(prefix), error_log=error_log or f"{prefix}/error.log",
-        server_tls=server_tls.rstrip("\n"), upstream_tls=upstream_tls.rstrip("\n"),
-        upstream_scheme="https" if tls is not None else "http")
+        listen=listen,
+        upstreams=servers.rstrip("\n"),
+        prefix=str(prefix),
+        error_log=error_log or f"{prefix}/error.log",
+        server_tls=server_tls.rstrip("\n"),
+        upstream_tls=upstream_tls.rstrip("\n"),
+        upstream_scheme="https" if tls is not None else "http",
+    )
 
 
 def render_docker_nginx_conf() -> str:
     """deploy/nginx/nginx.docker.conf: the compose profile `scale`'s nginx (docker-compose.yml), HTTPS on 8443 in
     front of the services `dashboard` and `dashboard-2`, with the dashboard's certificate (certs/dashboard, no CA
     key), state in the container's /tmp, errors on stderr (`docker compose logs nginx`)."""
-    return render_nginx_conf("8443 ssl", ["dashboard:5000", "dashboard-2:5000"], "/tmp", tls=DOCKER_TLS,  # noqa: S108
-                             error_log="stderr")
+    return render_nginx_conf(
+        "8443 ssl",
+        ["dashboard:5000", "dashboard-2:5000"],
+        "/tmp",
+        tls=DOCKER_TLS,  # noqa: S108
+        error_log="stderr",
+    )
 
 
-def _wait_listening(port: int, process: subprocess.Popen[bytes], what: str, log: Path,
-                    timeout: float = 15) -> None:
+def _wait_listening(port: int, process: subprocess.Popen[bytes], what: str, log: Path, timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -123,8 +140,21 @@ class RedisServer(LocalServer):
 
     def argv(self) -> list[str]:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        return [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--dir", str(self.folder), "--protected-mode", "yes"]
+        return [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.folder),
+            "--protected-mode",
+            "yes",
+        ]
 
 
 class NginxServer(LocalServer):
@@ -161,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["nginx", "docker-conf"])
     parser.add_argument("--listen", default="127.0.0.1:5000", help="where nginx listens (default 127.0.0.1:5000)")
     parser.add_argument("--upstream", action="append", help="a dashboard's HOST:PORT (repeat)")
-    parser.add_argument("--prefix", type=Path, default=PROJECT_ROOT / "data" / "nginx",
-                        help="nginx's state folder (default data/nginx)")
+    parser.add_argument(
+        "--prefix", type=Path, default=PROJECT_ROOT / "data" / "nginx", help="nginx's state folder (default data/nginx)"
+    )
     args = parser.parse_args(argv)
     if args.command == "docker-conf":
         NGINX_DOCKER_CONF.write_text(render_docker_nginx_conf())

@@ -25,8 +25,15 @@ class TemperatureWalk:
     ~0.1 °C between two readings 5 s apart: it looks like a room, not like noise.
     """
 
-    def __init__(self, baseline: float, *, spread: float = 0.8, reversion_seconds: float = 600.0,
-                 bound: float = 3.0, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        baseline: float,
+        *,
+        spread: float = 0.8,
+        reversion_seconds: float = 600.0,
+        bound: float = 3.0,
+        rng: random.Random | None = None,
+    ) -> None:
         self.baseline = baseline
         self.spread = spread  # stationary standard deviation, °C
         self.reversion_seconds = reversion_seconds
@@ -49,5 +56,9 @@ def iso_utc(moment: dt.datetime) -> str:
 
 def make_reading(device_id: str, seq: int, temperature: float, now: dt.datetime | None = None) -> dict[str, Any]:
     """The telemetry payload (CONTRACT: device_id, timestamp, temperature; `seq` is extra)."""
-    return {"device_id": device_id, "timestamp": iso_utc(now or utcnow()), "temperature": round(temperature, 2),
-            "seq": seq}
+    return {
+        "device_id": device_id,
+        "timestamp": iso_utc(now or utcnow()),
+        "temperature": round(temperature, 2),
+        "seq": seq,
+    }

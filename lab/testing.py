@@ -167,8 +167,12 @@ class CAServiceProcess:
     def __init__(self, env: dict[str, str], instance: int, log_path: Path) -> None:
         self.instance = instance
         self.port = free_port()
-        self.env = {**env, "CA_INSTANCE": str(instance), "CA_INTERNAL_PORT": str(self.port),
-                    **({} if instance == 1 else {"CA_HTTPS_PORT": "0"})}
+        self.env = {
+            **env,
+            "CA_INSTANCE": str(instance),
+            "CA_INTERNAL_PORT": str(self.port),
+            **({} if instance == 1 else {"CA_HTTPS_PORT": "0"}),
+        }
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -182,10 +186,20 @@ class CAServiceProcess:
 
     def start(self, timeout: float = 30) -> CAServiceProcess:
         with open(self.log_path, "ab") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "ca"], env=self.env, cwd=PROJECT_ROOT,
-                                            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        wait_for(self._connected, timeout=timeout, interval=0.1,
-                 what=f"ca-{self.instance} connected to MQTT; log:\n{self.log()[-3000:]}")
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "ca"],
+                env=self.env,
+                cwd=PROJECT_ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        wait_for(
+            self._connected,
+            timeout=timeout,
+            interval=0.1,
+            what=f"ca-{self.instance} connected to MQTT; log:\n{self.log()[-3000:]}",
+        )
         return self
 
     def _connected(self) -> bool:
@@ -223,8 +237,9 @@ class DashboardProcess:
         base = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         self.ca: CAServiceProcess | None = None
         if not base.get("CA_URLS"):
-            self.ca = CAServiceProcess({**base, "CA_HTTPS_PORT": str(free_port())}, 1,
-                                       log_path.with_name(log_path.stem + "-ca.log"))
+            self.ca = CAServiceProcess(
+                {**base, "CA_HTTPS_PORT": str(free_port())}, 1, log_path.with_name(log_path.stem + "-ca.log")
+            )
             base["CA_URLS"] = self.ca.url
         self.env = {**{k: v for k, v in base.items() if k != "CA_PASSPHRASE"}, "DASHBOARD_PORT": str(self.port)}
         self.log_path = log_path
@@ -256,14 +271,33 @@ class DashboardProcess:
             self.ca.start(timeout)
         argv = [sys.executable, "-m", "dashboard"]
         if self.server == "gunicorn":
-            argv = [sys.executable, "-m", "gunicorn", "--workers", "1", "--threads", "50", "--bind",
-                    f"127.0.0.1:{self.port}", "--graceful-timeout", "5", "--no-control-socket",
-                    "--config", "python:dashboard.gunicorn_conf", "dashboard:create_app()"]
+            argv = [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "--workers",
+                "1",
+                "--threads",
+                "50",
+                "--bind",
+                f"127.0.0.1:{self.port}",
+                "--graceful-timeout",
+                "5",
+                "--no-control-socket",
+                "--config",
+                "python:dashboard.gunicorn_conf",
+                "dashboard:create_app()",
+            ]
         with open(self.log_path, "ab") as out:
-            self.process = subprocess.Popen(argv, env=self.env, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL,
-                                            stdout=out, stderr=subprocess.STDOUT)
-        wait_for(self._mqtt_connected, timeout=timeout, interval=0.1,
-                 what=f"the dashboard on {self.url} connected to MQTT; log:\n{self.log()[-3000:]}")
+            self.process = subprocess.Popen(
+                argv, env=self.env, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            )
+        wait_for(
+            self._mqtt_connected,
+            timeout=timeout,
+            interval=0.1,
+            what=f"the dashboard on {self.url} connected to MQTT; log:\n{self.log()[-3000:]}",
+        )
         self.pid = self.process.pid
         if self.server == "gunicorn":
             master = self.process.pid
@@ -308,8 +342,11 @@ class DashboardProcess:
 
     def errors(self, limit: int = 20) -> list[str]:
         """ERROR lines, tracebacks and refused requests in the dashboard's log, for a results file."""
-        return [line for line in self.log().splitlines()
-                if " ERROR " in line or "Traceback" in line or "Bad request" in line][:limit]
+        return [
+            line
+            for line in self.log().splitlines()
+            if " ERROR " in line or "Traceback" in line or "Bad request" in line
+        ][:limit]
 
     def stop(self, timeout: float = 15) -> None:
         stop_process(self.process, timeout)

@@ -54,8 +54,10 @@ class Authoriser:
         if operator is not None and passphrase == self._operator_placeholder:
             ca = self.keys.unlocked()
             if ca is None:
-                raise RequestError(UNAVAILABLE, "the CA key is locked: set CA_PASSPHRASE for the dashboard so "
-                                                "operators can act without typing it")
+                raise RequestError(
+                    UNAVAILABLE,
+                    "the CA key is locked: set CA_PASSPHRASE for the dashboard so operators can act without typing it",
+                )
             return ca
         recent_failures = self.lockout.check(source, name)
         checked = self.keys.check(passphrase or "")

@@ -158,16 +158,27 @@ def build_subject(cn: str, fields: SubjectFields | None = None) -> x509.Name:
 def _key_usage(profile: Profile, public_key: PublicKey) -> x509.KeyUsage:
     if profile.is_ca:
         return x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-            encipher_only=False, decipher_only=False,
+            digital_signature=True,
+            content_commitment=False,
+            key_encipherment=False,
+            data_encipherment=False,
+            key_agreement=False,
+            key_cert_sign=True,
+            crl_sign=True,
+            encipher_only=False,
+            decipher_only=False,
         )
     # RSA keys may also carry TLS 1.2 RSA key transport; EC keys sign (ECDHE) only.
     return x509.KeyUsage(
-        digital_signature=True, content_commitment=False,
+        digital_signature=True,
+        content_commitment=False,
         key_encipherment=isinstance(public_key, rsa.RSAPublicKey),
-        data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
-        encipher_only=False, decipher_only=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
     )
 
 

@@ -59,9 +59,13 @@ topic write iot/thermometer/+/status
 # The dynamic-security plugin of Debian's mosquitto package, in the broker image (mosquitto/Dockerfile links it).
 DOCKER_DYNSEC_PLUGIN = "/usr/local/lib/mosquitto_dynamic_security.so"
 # Where packages install it natively (Debian/Ubuntu multiarch, Fedora, Homebrew); MOSQUITTO_DYNSEC_PLUGIN first.
-DYNSEC_PLUGIN_GLOBS = ("/usr/lib/*/mosquitto_dynamic_security.so", "/usr/lib/mosquitto_dynamic_security.so",
-                       "/usr/lib64/mosquitto_dynamic_security.so", "/usr/local/lib/mosquitto_dynamic_security.so",
-                       "/opt/homebrew/lib/mosquitto_dynamic_security.so")
+DYNSEC_PLUGIN_GLOBS = (
+    "/usr/lib/*/mosquitto_dynamic_security.so",
+    "/usr/lib/mosquitto_dynamic_security.so",
+    "/usr/lib64/mosquitto_dynamic_security.so",
+    "/usr/local/lib/mosquitto_dynamic_security.so",
+    "/opt/homebrew/lib/mosquitto_dynamic_security.so",
+)
 # The plugin's own state file: it defines no clients (every identity keeps the acl_file permissions) and is
 # only used to disconnect revoked identities (`disconnect_command`). The plugin rewrites it after each command,
 # so it lives in the broker's writable data folder; written here only when missing.
@@ -143,8 +147,12 @@ def render_config(
         }
     template = Template((TEMPLATES / "mosquitto.conf.template").read_text())
     return template.substitute(
-        values, port=port, bind_address=bind_address, persistence="true" if persistence else "false",
-        tls12_ciphers=TLS12_CIPHERS, tls13_ciphersuites=TLS13_CIPHERSUITES,
+        values,
+        port=port,
+        bind_address=bind_address,
+        persistence="true" if persistence else "false",
+        tls12_ciphers=TLS12_CIPHERS,
+        tls13_ciphersuites=TLS13_CIPHERSUITES,
     )
 
 
@@ -173,8 +181,9 @@ def disconnect_command(name: str) -> bytes:
     client definitions, so `acl_file` keeps deciding every permission. It does not stop a reconnect (the plugin
     skips its password check for certificate identities): the CRL, reloaded before, refuses that.
     """
-    return json.dumps({"commands": [{"command": "createClient", "username": name},
-                                    {"command": "deleteClient", "username": name}]}).encode()
+    return json.dumps(
+        {"commands": [{"command": "createClient", "username": name}, {"command": "deleteClient", "username": name}]}
+    ).encode()
 
 
 def ca_identities(replicas: int) -> list[str]:
@@ -182,8 +191,12 @@ def ca_identities(replicas: int) -> list[str]:
     return [f"ca-{n}" for n in range(1, max(1, replicas) + 1)]
 
 
-def render_acl(denied_names: Iterable[str] = (), collectors: Iterable[str] = (), ca_replicas: int = 1,
-               ingest: Iterable[str] = ("ingest-1",)) -> str:
+def render_acl(
+    denied_names: Iterable[str] = (),
+    collectors: Iterable[str] = (),
+    ca_replicas: int = 1,
+    ingest: Iterable[str] = ("ingest-1",),
+) -> str:
     """The ACL; `denied_names` (revoked identities) get a `topic deny #` block that beats every pattern.
 
     `collectors`: identities named by a MAC address (`pki.identity.mac_as_written`); each may also read its reply
@@ -192,19 +205,27 @@ def render_acl(denied_names: Iterable[str] = (), collectors: Iterable[str] = (),
     """
     denied = set(denied_names)
     blocks = "".join(f"user {name}\ntopic deny #\n\n" for name in sorted(denied))
-    grants = "".join(f"user {name}\ntopic read ssl/{written}\n\n" for name in sorted(set(collectors))
-                     if name not in denied and (written := mac_as_written(name)))
-    readers = "".join(f"user {name}\ntopic read {TELEMETRY_TOPICS}\ntopic read {PRESENCE_TOPICS}\n\n"
-                      for name in sorted(set(ingest)) if name not in denied)
+    grants = "".join(
+        f"user {name}\ntopic read ssl/{written}\n\n"
+        for name in sorted(set(collectors))
+        if name not in denied and (written := mac_as_written(name))
+    )
+    readers = "".join(
+        f"user {name}\ntopic read {TELEMETRY_TOPICS}\ntopic read {PRESENCE_TOPICS}\n\n"
+        for name in sorted(set(ingest))
+        if name not in denied
+    )
     return Template((TEMPLATES / "acl.template").read_text()).substitute(
-        revoked_blocks=blocks or "\n", collector_blocks=grants or "\n",
+        revoked_blocks=blocks or "\n",
+        collector_blocks=grants or "\n",
         ca_blocks="".join(CA_BLOCK.format(name=name) for name in ca_identities(ca_replicas)),
         ingest_blocks=readers or "\n",
     )
 
 
-def crl_needs_refresh(path: Path, ca: CertificateAuthority, now: dt.datetime | None = None,
-                      enforced: Path | None = None) -> bool:
+def crl_needs_refresh(
+    path: Path, ca: CertificateAuthority, now: dt.datetime | None = None, enforced: Path | None = None
+) -> bool:
     """True when the CRL at `path` is unreadable, not this root's, due, or differs from the `enforced` copy."""
     now = now or utcnow()
     try:
@@ -303,8 +324,7 @@ def write_broker_policy(
     changed = atomic_write(files.acl, acl.encode(), CERT_MODE)
     revoked = list(revoked)
     listed = {entry[0] for entry in revoked}
-    if (force_crl or crl_needs_refresh(files.crl, ca, enforced=files.broker_crl)
-            or crl_serials(files.crl) != listed):
+    if force_crl or crl_needs_refresh(files.crl, ca, enforced=files.broker_crl) or crl_serials(files.crl) != listed:
         write_crl(files, ca, revoked)
         changed = True
     return changed

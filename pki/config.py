@@ -168,9 +168,7 @@ class Settings:
         return [f"ingest-{n}" for n in range(1, self.ingest_replicas + 1)]
 
     def __repr__(self) -> str:  # never show the passphrase in logs or tracebacks
-        fields = ", ".join(
-            f"{k}={'***' if k in SECRET_FIELDS and v else v!r}" for k, v in self.__dict__.items()
-        )
+        fields = ", ".join(f"{k}={'***' if k in SECRET_FIELDS and v else v!r}" for k, v in self.__dict__.items())
         return f"Settings({fields})"
 
     @classmethod
@@ -235,5 +233,7 @@ class Settings:
 
 def revoked_next_step(name: str) -> str:
     """The one next step for a lab device whose certificate is revoked (generator, --check, runner, thermometer)."""
-    return (f"issue it a new certificate with `./setup.sh certs --devices {name}` (the generator's --devices), "
-            f"or remove {name} from DEVICES in .env")
+    return (
+        f"issue it a new certificate with `./setup.sh certs --devices {name}` (the generator's --devices), "
+        f"or remove {name} from DEVICES in .env"
+    )

@@ -112,7 +112,6 @@ def lab_entities(settings: Settings, devices: Sequence[str] | None = None) -> li
     return entities
 
 
-
 class LabCertificates:
     """Load-or-create the root, then keep each lab entity's certificate current."""
 
@@ -204,8 +203,9 @@ class LabCertificates:
 
     # -- the whole run --------------------------------------------------------------------------
 
-    def generate(self, devices: Sequence[str] | None = None, force: bool = False,
-                 reissue_revoked: bool = False) -> GenerateReport:
+    def generate(
+        self, devices: Sequence[str] | None = None, force: bool = False, reissue_revoked: bool = False
+    ) -> GenerateReport:
         """Bring every lab certificate up to date. Wrong passphrase: raises before writing anything.
 
         A revoked certificate is reported as `revoked` and left alone (the revocation was meant), unless
@@ -238,8 +238,11 @@ class LabCertificates:
                 self.progress(report.results[-1].line())
                 inventory.record_issued(ca.certificate, name=ROOT_NAME, role=ROOT_CA.role, via="cli")
                 broker_files = BrokerFiles(settings.certs_dir, settings.data_dir)
-                in_crl = {serial_hex(s) for path in (broker_files.crl, broker_files.broker_crl)
-                          for s in crl_revocations(path, ca)}
+                in_crl = {
+                    serial_hex(s)
+                    for path in (broker_files.crl, broker_files.broker_crl)
+                    for s in crl_revocations(path, ca)
+                }
                 for entity in entities:
                     action, reason = self._leaf_problem(ca, entity, now)
                     if action == "kept":
@@ -250,10 +253,10 @@ class LabCertificates:
                             if force or reissue_revoked:
                                 action, reason = "renewed", "revoked"
                             else:  # recorded (an import is a no-op when known), then marked revoked below
-                                inventory.record_issued(cert, name=entity.name, role=entity.profile.role,
-                                                        via="import")
-                                result = self._result(entity.name, entity.profile, "revoked",
-                                                      revoked_next_step(entity.name), cert, now)
+                                inventory.record_issued(cert, name=entity.name, role=entity.profile.role, via="import")
+                                result = self._result(
+                                    entity.name, entity.profile, "revoked", revoked_next_step(entity.name), cert, now
+                                )
                                 report.results.append(result)
                                 self.progress(result.line())
                                 continue
@@ -268,8 +271,7 @@ class LabCertificates:
                         if replaced is not None and ca.issued(replaced):
                             # Known to the inventory (a no-op) or recorded now: the new key supersedes it, and after
                             # the grace it goes on the CRL like any superseded certificate.
-                            inventory.record_issued(replaced, name=entity.name, role=entity.profile.role,
-                                                    via="import")
+                            inventory.record_issued(replaced, name=entity.name, role=entity.profile.role, via="import")
                         cert = self._issue_leaf(ca, entity, now)
                         inventory.record_issued(cert, name=entity.name, role=entity.profile.role, via="cli")
                     atomic_write(self.layout.ca_copy(entity.name), ca.cert_pem, CERT_MODE)
@@ -278,8 +280,17 @@ class LabCertificates:
                     self.progress(result.line())
                 revoked = self._merge_crl_revocations(inventory, broker_files, ca)
                 configs = write_broker_configs(settings)
-                written = write_broker_policy(settings, ca, revoked, inventory.denied_names(),
-                                              force_crl=report.new_root, collectors=inventory.collectors()) or configs
+                written = (
+                    write_broker_policy(
+                        settings,
+                        ca,
+                        revoked,
+                        inventory.denied_names(),
+                        force_crl=report.new_root,
+                        collectors=inventory.collectors(),
+                    )
+                    or configs
+                )
                 if written:
                     self.progress(f"Broker config, ACL and CRL written under {settings.certs_dir}")
                 # Mosquitto 2.0.11 loads its own certificate again on SIGHUP too (tests/test_rotation.py); in Docker
@@ -300,12 +311,15 @@ class LabCertificates:
         if listed:
             superseded = {int(r.serial, 16) for r in inventory.list(status=SUPERSEDED_STATUS)}
             with inventory.session() as session:
-                imported = inventory.revoke([serial_hex(s) for s in listed if s not in superseded],
-                                            "recorded in the CRL", session)
+                imported = inventory.revoke(
+                    [serial_hex(s) for s in listed if s not in superseded], "recorded in the CRL", session
+                )
             if imported:
                 self.progress(f"{len(imported)} revocation(s) found in the current CRL recorded in the inventory")
-        merged = {serial: (when, reason) for serial, when, reason in
-                  inventory.revoked_serials(superseded_grace=self.settings.superseded_grace)}
+        merged = {
+            serial: (when, reason)
+            for serial, when, reason in inventory.revoked_serials(superseded_grace=self.settings.superseded_grace)
+        }
         for serial, when in listed.items():
             merged.setdefault(serial, (when, None))
         return sorted((serial, when, reason) for serial, (when, reason) in merged.items())
@@ -365,14 +379,17 @@ class LabCertificates:
         except x509.ExtensionNotFound:
             number = ""
         left = (next_update - now).total_seconds() / 86400 if next_update else None
-        row = CheckRow("CRL", "crl", VALID, f"CRL number {number or '?'}, {len(list(crl))} revoked", number,
-                       next_update, left)
+        row = CheckRow(
+            "CRL", "crl", VALID, f"CRL number {number or '?'}, {len(list(crl))} revoked", number, next_update, left
+        )
         state = EXPIRED if left is None else expiry_state(left, CRL_REFRESH_BEFORE.total_seconds() / 86400)
         if state == EXPIRED:
             row.status, row.detail = EXPIRED, "the broker refuses every client until it is rewritten: ./setup.sh certs"
         elif state == EXPIRING:
-            row.status, row.detail = EXPIRING, ("due for refresh: the running dashboard rewrites it within the "
-                                                "hour, or run ./setup.sh certs")
+            row.status, row.detail = (
+                EXPIRING,
+                ("due for refresh: the running dashboard rewrites it within the hour, or run ./setup.sh certs"),
+            )
         return row
 
     def _check_row(

@@ -40,10 +40,11 @@ class _RecordStatements:
         table = CertificateRecord.__table__
         self.insert = insert(table)
         self.serials_known = select(table.c.serial).where(table.c.serial.in_(bindparam("serials", expanding=True)))
-        self.supersede_many = (update(table)
-                               .where(table.c.name.in_(bindparam("entities", expanding=True)),
-                                      table.c.status == ACTIVE)
-                               .values(status=SUPERSEDED))
+        self.supersede_many = (
+            update(table)
+            .where(table.c.name.in_(bindparam("entities", expanding=True)), table.c.status == ACTIVE)
+            .values(status=SUPERSEDED)
+        )
         self.roles = select(table.c.role).where(table.c.name == bindparam("entity")).distinct()
 
 
@@ -202,6 +203,7 @@ def _insert_issued(conn: Connection, rows: list[dict[str, Any]]) -> None:
         return
     latest = {row["name"]: row["serial"] for row in fresh.values()}
     conn.execute(_RECORD.supersede_many, {"entities": list(latest)})
-    conn.execute(_RECORD.insert, [
-        {**row, "status": ACTIVE if latest[row["name"]] == row["serial"] else SUPERSEDED} for row in fresh.values()
-    ])
+    conn.execute(
+        _RECORD.insert,
+        [{**row, "status": ACTIVE if latest[row["name"]] == row["serial"] else SUPERSEDED} for row in fresh.values()],
+    )

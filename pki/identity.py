@@ -40,7 +40,7 @@ def mac_as_written(name: str) -> str | None:
     """
     if not _MAC_RE.fullmatch(name):
         return None
-    return ":".join(name[i:i + 2] for i in range(0, 12, 2))
+    return ":".join(name[i : i + 2] for i in range(0, 12, 2))
 
 
 def reserved_host_names(settings: Settings | None) -> frozenset[str]:

@@ -43,10 +43,27 @@ from .records import (
 from .revocation_list import collectors, crl_entries, denied_names
 
 __all__ = [
-    "ACTIVE", "INVENTORY_WRITE_LOCK", "NEVER_SUPERSEDED_ROLES", "READ_ONLY_OPTION", "RECORDED_VIAS", "REVOKED",
-    "SUPERSEDED", "Base", "CertificateRecord", "CreateRequestRecord", "Database", "EnrolmentToken",
-    "IssuanceRecorder", "IssuedAs", "Inventory", "LockoutFailure", "TokenAlreadyUsed", "UTCDateTime",
-    "_PendingIssue", "_issued_values", "make_engine",
+    "ACTIVE",
+    "INVENTORY_WRITE_LOCK",
+    "NEVER_SUPERSEDED_ROLES",
+    "READ_ONLY_OPTION",
+    "RECORDED_VIAS",
+    "REVOKED",
+    "SUPERSEDED",
+    "Base",
+    "CertificateRecord",
+    "CreateRequestRecord",
+    "Database",
+    "EnrolmentToken",
+    "IssuanceRecorder",
+    "IssuedAs",
+    "Inventory",
+    "LockoutFailure",
+    "TokenAlreadyUsed",
+    "UTCDateTime",
+    "_PendingIssue",
+    "_issued_values",
+    "make_engine",
 ]
 
 
@@ -97,8 +114,7 @@ class Inventory(Database):
         if session is None:
             with self.session() as own:
                 return self.record_issued(cert, name=name, role=role, via=via, requester=requester, session=own)
-        _insert_issued(session.connection(), [_issued_values(cert, name=name, role=role, via=via,
-                                                              requester=requester)])
+        _insert_issued(session.connection(), [_issued_values(cert, name=name, role=role, via=via, requester=requester)])
         row = session.scalar(select(CertificateRecord).where(CertificateRecord.serial == serial_hex(cert)))
         assert row is not None
         return row
@@ -121,6 +137,7 @@ class Inventory(Database):
             query = query.where(CertificateRecord.status == status)
         with self.reading() as session:
             return list(session.scalars(query))
+
     def revoked_serials(
         self, session: Session | None = None, superseded_grace: float | None = None, now: dt.datetime | None = None
     ) -> list[tuple[int, dt.datetime, str | None]]:
@@ -178,13 +195,17 @@ class Inventory(Database):
         """Certificates of `name` that are not revoked and not expired yet (superseded ones included)."""
         now = now or utcnow()
         with self.reading() as session:
-            return list(session.scalars(
-                select(CertificateRecord).where(
-                    CertificateRecord.name == name,
-                    CertificateRecord.status != REVOKED,
-                    CertificateRecord.not_after > now,
-                ).order_by(CertificateRecord.id)
-            ))
+            return list(
+                session.scalars(
+                    select(CertificateRecord)
+                    .where(
+                        CertificateRecord.name == name,
+                        CertificateRecord.status != REVOKED,
+                        CertificateRecord.not_after > now,
+                    )
+                    .order_by(CertificateRecord.id)
+                )
+            )
 
     def revoke(
         self, serials: Iterable[str], reason: str, session: Session, now: dt.datetime | None = None
@@ -211,8 +232,15 @@ class Inventory(Database):
 
     def add_token(self, token_sha256: str, name: str, expires_at: dt.datetime, requester: str | None) -> None:
         with self.session() as session:
-            session.add(EnrolmentToken(token_sha256=token_sha256, name=name, created_at=utcnow(),
-                                       expires_at=expires_at, requester=requester))
+            session.add(
+                EnrolmentToken(
+                    token_sha256=token_sha256,
+                    name=name,
+                    created_at=utcnow(),
+                    expires_at=expires_at,
+                    requester=requester,
+                )
+            )
 
     def token(self, token_sha256: str) -> EnrolmentToken | None:
         with self.reading() as session:

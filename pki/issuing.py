@@ -118,10 +118,20 @@ class IssuingOperations(ServiceParts):
         ca = self.keys.unlocked()
         if ca is None:
             raise RequestError(UNAVAILABLE, "the CA key is locked: set CA_PASSPHRASE so ACME can issue")
-        return self._issue(ca, Issuance(
-            "acme", entity, SERVER, csr.public_key, cn=names[0], dns=tuple(names),
-            days=min(days, longest_validity(root)), via="acme", requester=requester,
-        ))
+        return self._issue(
+            ca,
+            Issuance(
+                "acme",
+                entity,
+                SERVER,
+                csr.public_key,
+                cn=names[0],
+                dns=tuple(names),
+                days=min(days, longest_validity(root)),
+                via="acme",
+                requester=requester,
+            ),
+        )
 
     def _profile_for(self, name: str) -> Profile:
         """Lab devices keep the device profile; everything else the API issues is an `entity`."""
@@ -150,11 +160,23 @@ class IssuingOperations(ServiceParts):
         if csr is not None:
             # The key stays with the caller: no file of the entity changes (a lab device keeps a matching key and
             # certificate pair; its old certificate is superseded, and goes on the CRL after the grace).
-            return self._issue(ca, Issuance(
-                "csr", request.name, profile, csr.public_key, cn=request.name, dns=tuple(csr.dns_names),
-                ips=tuple(csr.ip_addresses), emails=tuple(csr.emails), days=request.days, via=via,
-                requester=requester, token=token,
-            ))
+            return self._issue(
+                ca,
+                Issuance(
+                    "csr",
+                    request.name,
+                    profile,
+                    csr.public_key,
+                    cn=request.name,
+                    dns=tuple(csr.dns_names),
+                    ips=tuple(csr.ip_addresses),
+                    emails=tuple(csr.emails),
+                    days=request.days,
+                    via=via,
+                    requester=requester,
+                    token=token,
+                ),
+            )
         # No CSR: renewal, i.e. the stored key of an entity the generator or `create` made, re-signed.
         key = self._stored_key(request.name)
         self._refuse_superseded_key(request.name, key)
@@ -163,10 +185,24 @@ class IssuingOperations(ServiceParts):
         if current is not None:
             subject = _subject_of(current)
             dns, ips, emails = self._allowed_sans(current)
-        return self._issue(ca, Issuance(
-            "resign", request.name, profile, key.public_key(), cn=request.name, subject=subject, dns=tuple(dns),
-            ips=tuple(ips), emails=tuple(emails), days=request.days, via=via, requester=requester, key=key,
-        ))
+        return self._issue(
+            ca,
+            Issuance(
+                "resign",
+                request.name,
+                profile,
+                key.public_key(),
+                cn=request.name,
+                subject=subject,
+                dns=tuple(dns),
+                ips=tuple(ips),
+                emails=tuple(emails),
+                days=request.days,
+                via=via,
+                requester=requester,
+                key=key,
+            ),
+        )
 
     def _renew(self, cn: str, body: object, requester: str) -> Reply:
         """Checks in order (a refusal writes nothing): the name (400/409), the body and its CSR (400), the current
@@ -181,8 +217,9 @@ class IssuingOperations(ServiceParts):
         request = parse(RenewRequest, body, max_days=longest_validity(root))
         csr = request.csr
         if csr.common_name != name:
-            raise RequestError(BAD_REQUEST, f"the CSR's CN must be {name!r}, the CN of the certificate that asks "
-                                            "for renewal", "csr")
+            raise RequestError(
+                BAD_REQUEST, f"the CSR's CN must be {name!r}, the CN of the certificate that asks for renewal", "csr"
+            )
         record = self.inventory.current(name)
         if record is None:
             latest = self.inventory.latest(name)
@@ -193,8 +230,11 @@ class IssuingOperations(ServiceParts):
             raise RequestError(FORBIDDEN, f"{name} has no current certificate: enrol it again")
         now = utcnow()
         if record.not_after <= now:
-            raise RequestError(FORBIDDEN, f"the certificate of {name} expired on {record.not_after.isoformat()}: "
-                                          "an expired certificate cannot renew; enrol again with a token")
+            raise RequestError(
+                FORBIDDEN,
+                f"the certificate of {name} expired on {record.not_after.isoformat()}: "
+                "an expired certificate cannot renew; enrol again with a token",
+            )
         current = load_certificate(record.pem.encode())
         if any(_same_key(csr.public_key, load_certificate(r.pem.encode())) for r in self.inventory.list(name=name)):
             raise RequestError(BAD_REQUEST, "the CSR must be for a new key: renewal replaces the key", "csr")
@@ -207,11 +247,23 @@ class IssuingOperations(ServiceParts):
         if request.days is not None:
             days = min(days, request.days)
         dns, ips, emails = self._allowed_sans(current)
-        reply = self._issue(ca, Issuance(
-            "renew", name, PROFILES.get(record.role, ENTITY), csr.public_key, cn=name, subject=_subject_of(current),
-            dns=tuple(dns), ips=tuple(ips), emails=tuple(emails), days=min(days, longest_validity(root)),
-            via="renew", requester=requester,
-        ))
+        reply = self._issue(
+            ca,
+            Issuance(
+                "renew",
+                name,
+                PROFILES.get(record.role, ENTITY),
+                csr.public_key,
+                cn=name,
+                subject=_subject_of(current),
+                dns=tuple(dns),
+                ips=tuple(ips),
+                emails=tuple(emails),
+                days=min(days, longest_validity(root)),
+                via="renew",
+                requester=requester,
+            ),
+        )
         log.info("renewed %s: serial %s -> %s", name, record.serial, reply.body["serial"])
         return reply
 
@@ -221,27 +273,32 @@ class IssuingOperations(ServiceParts):
         record = self.inventory.current(name)
         if record is not None:
             if not public_key_matches(load_certificate(record.pem.encode()), key):
-                raise RequestError(FORBIDDEN, f"the stored key of {name} belongs to a superseded certificate: its "
-                                              "current certificate has another key; send a csr")
+                raise RequestError(
+                    FORBIDDEN,
+                    f"the stored key of {name} belongs to a superseded certificate: its "
+                    "current certificate has another key; send a csr",
+                )
             return
         latest = self.inventory.latest(name)
         if latest is not None and latest.status == REVOKED:
-            raise RequestError(FORBIDDEN, f"the certificate of {name} is revoked: its key is never re-signed; "
-                                          "send a csr for a new key")
+            raise RequestError(
+                FORBIDDEN, f"the certificate of {name} is revoked: its key is never re-signed; send a csr for a new key"
+            )
 
     def _allowed_sans(self, cert: x509.Certificate) -> tuple[list[str], list[str], list[str]]:
         """The SANs a renewal carries over: the current certificate's, without any reserved name (`pki.identity`),
         so a certificate issued before the rule existed does not pass a lab server's name on."""
         dns, ips, emails = _sans_of(cert)
-        return ([d for d in dns if not is_reserved_san(d, self.settings)],
-                [i for i in ips if not is_reserved_san(i, self.settings)], emails)
+        return (
+            [d for d in dns if not is_reserved_san(d, self.settings)],
+            [i for i in ips if not is_reserved_san(i, self.settings)],
+            emails,
+        )
 
     def _stored_key(self, name: str) -> PrivateKey:
         data = read_optional(self.layout.key(name))
         if data is None:
-            raise RequestError(
-                NOT_FOUND, f"no stored key for {name}: send a csr, or create the entity first", "name"
-            )
+            raise RequestError(NOT_FOUND, f"no stored key for {name}: send a csr, or create the entity first", "name")
         try:
             return load_private_key(data)
         except CAError:  # includes WrongPassphrase: an encrypted key the CA cannot use
@@ -275,14 +332,31 @@ class IssuingOperations(ServiceParts):
             return replay
         key = generate_private_key(self.settings.key_type)
         subject = SubjectFields(
-            country=request.country, state=request.state, locality=request.locality, org=request.org,
-            unit=request.unit, email=request.email,
+            country=request.country,
+            state=request.state,
+            locality=request.locality,
+            org=request.org,
+            unit=request.unit,
+            email=request.email,
         )
-        return self._issue(ca, Issuance(
-            "create", request.name, self._profile_for(request.name), key.public_key(), cn=cn, subject=subject,
-            dns=tuple(extra_dns), emails=(request.email,) if request.email else (), days=request.days, via=via,
-            requester=requester, key=key, digest=digest,
-        ))
+        return self._issue(
+            ca,
+            Issuance(
+                "create",
+                request.name,
+                self._profile_for(request.name),
+                key.public_key(),
+                cn=cn,
+                subject=subject,
+                dns=tuple(extra_dns),
+                emails=(request.email,) if request.email else (),
+                days=request.days,
+                via=via,
+                requester=requester,
+                key=key,
+                digest=digest,
+            ),
+        )
 
     def _replay(self, ca: CertificateAuthority, name: str, digest: str) -> Reply | None:
         """The certificate an identical earlier `create` produced, while it is valid and its files intact."""
@@ -315,6 +389,7 @@ class IssuingOperations(ServiceParts):
         except CAError as ex:
             raise RequestError(400, str(ex), "csr" if job.from_csr else "name") from None
         serial = serial_hex(cert)
+
         # The CRL lists the superseded certificate, a revoked identity got a new certificate (lift the ACL deny),
         # or a new collector gets its reply topic: the broker's files change.
         def broker_changes() -> bool:
@@ -334,17 +409,22 @@ class IssuingOperations(ServiceParts):
                 if job.digest is not None and (replay := self._replay(ca, name, job.digest)) is not None:
                     return replay  # an identical create finished while this one was signing
                 with self.inventory.session() as session:
-                    self.inventory.record_issued(cert, name=name, role=job.profile.role, via=job.via,
-                                                 requester=job.requester, session=session)
+                    self.inventory.record_issued(
+                        cert, name=name, role=job.profile.role, via=job.via, requester=job.requester, session=session
+                    )
                     if job.digest is not None:
                         self.inventory.record_create_digest(serial, name, job.digest, session)
                 try:
                     self._store(name, cert, ca, job.key if job.kind == "create" else None)
                 except OSError as ex:
-                    log.error("certificate %s of %s is recorded but its files could not be written: %s", serial,
-                              name, ex)
-                    raise RequestError(UNAVAILABLE, f"the certificate files of {name} could not be written; "
-                                                    f"certificate {serial} is recorded (revoke it by serial)") from None
+                    log.error(
+                        "certificate %s of %s is recorded but its files could not be written: %s", serial, name, ex
+                    )
+                    raise RequestError(
+                        UNAVAILABLE,
+                        f"the certificate files of {name} could not be written; "
+                        f"certificate {serial} is recorded (revoke it by serial)",
+                    ) from None
                 if broker_changes():
                     self._sync_broker(ca)
         self.metrics.issued(job.kind, TRANSPORT.get())

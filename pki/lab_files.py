@@ -56,8 +56,10 @@ def revoked_in_inventory(database_url: str, serials: Sequence[str]) -> dict[str,
     try:
         with Session(_reader_engine(database_url)) as session:
             rows = session.execute(
-                select(CertificateRecord.serial, CertificateRecord.revoked_at, CertificateRecord.revocation_reason)
-                .where(CertificateRecord.serial.in_(list(serials)), CertificateRecord.status == REVOKED_STATUS))
+                select(
+                    CertificateRecord.serial, CertificateRecord.revoked_at, CertificateRecord.revocation_reason
+                ).where(CertificateRecord.serial.in_(list(serials)), CertificateRecord.status == REVOKED_STATUS)
+            )
             return {serial: (when, reason or "unspecified") for serial, when, reason in rows}
     except SQLAlchemyError:
         return {}

@@ -49,7 +49,11 @@ class Lockout:
     """LOCKOUT_ATTEMPTS failures within LOCKOUT_WINDOW lock a requester out (module docstring)."""
 
     def __init__(
-        self, inventory: Inventory, *, window: float = LOCKOUT_WINDOW, clock: Callable[[], float] = time.time,
+        self,
+        inventory: Inventory,
+        *,
+        window: float = LOCKOUT_WINDOW,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.inventory = inventory
         self.window = window
@@ -72,7 +76,8 @@ class Lockout:
         times = session.scalars(
             select(LockoutFailure.failed_at)
             .where(LockoutFailure.key == key, LockoutFailure.failed_at > now - self.window)
-            .order_by(LockoutFailure.failed_at.desc()).limit(limit)
+            .order_by(LockoutFailure.failed_at.desc())
+            .limit(limit)
         ).all()
         if len(times) >= limit:
             retry_after = max(1, math.ceil(times[-1] + self.window - now))
@@ -100,9 +105,15 @@ class Lockout:
             session.execute(delete(LockoutFailure).where(LockoutFailure.failed_at <= now - self.window))
             session.add_all(LockoutFailure(key=key, failed_at=now) for key, _ in keys)
             session.flush()
-            return any(session.scalar(select(func.count()).select_from(LockoutFailure).where(
-                LockoutFailure.key == key, LockoutFailure.failed_at > now - self.window)) == limit
-                for key, limit in keys)
+            return any(
+                session.scalar(
+                    select(func.count())
+                    .select_from(LockoutFailure)
+                    .where(LockoutFailure.key == key, LockoutFailure.failed_at > now - self.window)
+                )
+                == limit
+                for key, limit in keys
+            )
 
     def succeeded(self, source: str, name: str | None) -> None:
         """The right credentials clear this requester's own counter (not its source's, which ages out)."""
@@ -117,5 +128,11 @@ class Lockout:
         """Recent failures on this requester's own counter (for status pages and tests)."""
         key = requester_keys(source, name)[0][0]
         with self.inventory.reading() as session:
-            return session.scalar(select(func.count()).select_from(LockoutFailure).where(
-                LockoutFailure.key == key, LockoutFailure.failed_at > self.clock() - self.window)) or 0
+            return (
+                session.scalar(
+                    select(func.count())
+                    .select_from(LockoutFailure)
+                    .where(LockoutFailure.key == key, LockoutFailure.failed_at > self.clock() - self.window)
+                )
+                or 0
+            )

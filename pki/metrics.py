@@ -49,8 +49,17 @@ ISSUED_KINDS = ("csr", "create", "acme")
 # for the database's write lock under a storm longer.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # A refusal's `reason` label: the contract's status codes as words (a bounded set, never the message).
-REFUSAL_REASONS = {400: "invalid_request", 403: "forbidden", 404: "unknown_entity", 409: "protected_name",
-                   413: "too_large", 415: "not_json", 429: "locked_out", 503: "unavailable", 500: "internal_error"}
+REFUSAL_REASONS = {
+    400: "invalid_request",
+    403: "forbidden",
+    404: "unknown_entity",
+    409: "protected_name",
+    413: "too_large",
+    415: "not_json",
+    429: "locked_out",
+    503: "unavailable",
+    500: "internal_error",
+}
 FORBIDDEN_BY_FIELD = {"pass": "wrong_passphrase", "token": "bad_token"}
 
 
@@ -78,24 +87,45 @@ class CAMetrics:
         def counter(name: str, documentation: str, labels: tuple[str, ...]) -> Counter:
             return Counter(f"{PREFIX}_{name}", documentation, labels, registry=registry)
 
-        self.issued_total = counter("certificates_issued", "Certificates issued (a first or another certificate "
-                                    "of an entity; renewals are counted apart), by transport and kind: csr (the "
-                                    "caller's CSR), create (a key the CA made), acme (a server certificate).",
-                                    ("transport", "kind"))
-        self.renewed_total = counter("certificates_renewed", "Certificates renewed: a device's renewal with its "
-                                     "current certificate (ssl/renew/<CN>, EST simplereenroll), or a stored key "
-                                     "re-signed (sign without a CSR), by transport.", ("transport",))
-        self.revoked_total = counter("certificates_revoked", "Certificates revoked (each serial once), by transport "
-                                     "and RFC 5280 reason.", ("transport", "reason"))
-        self.refused_total = counter("ca_requests_refused", "CA requests refused, by transport, operation and "
-                                     "reason (the status code as a word; wrong_passphrase, bad_token for 403s).",
-                                     ("transport", "operation", "reason"))
-        self.lockouts_total = counter("lockouts", "Requesters locked out: the wrong passphrase or token that "
-                                      "reached the limit (5 in 15 minutes per requester, 50 per source), by "
-                                      "transport.", ("transport",))
-        self.latency = Histogram(f"{PREFIX}_ca_request_duration_seconds", "Time the CA took to answer a request "
-                                 "(validate, authorise, sign, record), by transport and operation.",
-                                 ("transport", "operation"), buckets=LATENCY_BUCKETS, registry=registry)
+        self.issued_total = counter(
+            "certificates_issued",
+            "Certificates issued (a first or another certificate "
+            "of an entity; renewals are counted apart), by transport and kind: csr (the "
+            "caller's CSR), create (a key the CA made), acme (a server certificate).",
+            ("transport", "kind"),
+        )
+        self.renewed_total = counter(
+            "certificates_renewed",
+            "Certificates renewed: a device's renewal with its "
+            "current certificate (ssl/renew/<CN>, EST simplereenroll), or a stored key "
+            "re-signed (sign without a CSR), by transport.",
+            ("transport",),
+        )
+        self.revoked_total = counter(
+            "certificates_revoked",
+            "Certificates revoked (each serial once), by transport and RFC 5280 reason.",
+            ("transport", "reason"),
+        )
+        self.refused_total = counter(
+            "ca_requests_refused",
+            "CA requests refused, by transport, operation and "
+            "reason (the status code as a word; wrong_passphrase, bad_token for 403s).",
+            ("transport", "operation", "reason"),
+        )
+        self.lockouts_total = counter(
+            "lockouts",
+            "Requesters locked out: the wrong passphrase or token that "
+            "reached the limit (5 in 15 minutes per requester, 50 per source), by "
+            "transport.",
+            ("transport",),
+        )
+        self.latency = Histogram(
+            f"{PREFIX}_ca_request_duration_seconds",
+            "Time the CA took to answer a request (validate, authorise, sign, record), by transport and operation.",
+            ("transport", "operation"),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         # Known series start at 0, so a rate() over them works from the first scrape on.
         for transport in TRANSPORTS:
             self.renewed_total.labels(transport)
@@ -125,8 +155,13 @@ class CAMetrics:
 class InventoryCollector(Collector):
     """Computed at scrape time from the inventory and the CRL file, so any replica gives the same answer."""
 
-    def __init__(self, inventory: Inventory, crl_path: Path, renew_before_days: int,
-                 clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)) -> None:
+    def __init__(
+        self,
+        inventory: Inventory,
+        crl_path: Path,
+        renew_before_days: int,
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
         self.inventory = inventory
         self.crl_path = crl_path
         self.renew_before = dt.timedelta(days=renew_before_days)
@@ -137,21 +172,34 @@ class InventoryCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         now = self.clock()
-        earliest = GaugeMetricFamily(f"{PREFIX}_certificate_earliest_expiry_days",
-                                     "Days until the earliest expiry among the current (active, unexpired) "
-                                     "certificates, the root included.")
-        states = GaugeMetricFamily(f"{PREFIX}_certificates", "Certificates in the inventory by state: valid, "
-                                   "expiring (inside RENEW_BEFORE_DAYS), expired (still current), revoked, "
-                                   "superseded.", labels=["state"])
+        earliest = GaugeMetricFamily(
+            f"{PREFIX}_certificate_earliest_expiry_days",
+            "Days until the earliest expiry among the current (active, unexpired) certificates, the root included.",
+        )
+        states = GaugeMetricFamily(
+            f"{PREFIX}_certificates",
+            "Certificates in the inventory by state: valid, "
+            "expiring (inside RENEW_BEFORE_DAYS), expired (still current), revoked, "
+            "superseded.",
+            labels=["state"],
+        )
         with self.inventory.reading() as session:
-            by_status = dict(session.execute(select(CertificateRecord.status, func.count())
-                                             .group_by(CertificateRecord.status)).all())
+            by_status = dict(
+                session.execute(select(CertificateRecord.status, func.count()).group_by(CertificateRecord.status)).all()
+            )
             active = CertificateRecord.status == ACTIVE
             expired = session.scalar(select(func.count()).where(active, CertificateRecord.not_after <= now)) or 0
-            expiring = session.scalar(select(func.count()).where(
-                active, CertificateRecord.not_after > now, CertificateRecord.not_after < now + self.renew_before)) or 0
-            soonest = session.scalar(select(func.min(CertificateRecord.not_after)).where(
-                active, CertificateRecord.not_after > now))
+            expiring = (
+                session.scalar(
+                    select(func.count()).where(
+                        active, CertificateRecord.not_after > now, CertificateRecord.not_after < now + self.renew_before
+                    )
+                )
+                or 0
+            )
+            soonest = session.scalar(
+                select(func.min(CertificateRecord.not_after)).where(active, CertificateRecord.not_after > now)
+            )
         states.add_metric(["valid"], by_status.get(ACTIVE, 0) - expired - expiring)
         states.add_metric(["expiring"], expiring)
         states.add_metric(["expired"], expired)
@@ -163,9 +211,12 @@ class InventoryCollector(Collector):
             yield earliest
         next_update = crl_next_update(self.crl_path)
         if next_update is not None:
-            yield GaugeMetricFamily(f"{PREFIX}_crl_next_update_timestamp_seconds",
-                                    "When the CRL the broker enforces must be replaced (Unix time); past it, "
-                                    "Mosquitto refuses every client.", value=next_update.timestamp())
+            yield GaugeMetricFamily(
+                f"{PREFIX}_crl_next_update_timestamp_seconds",
+                "When the CRL the broker enforces must be replaced (Unix time); past it, "
+                "Mosquitto refuses every client.",
+                value=next_update.timestamp(),
+            )
 
 
 def crl_next_update(path: Path) -> dt.datetime | None:
@@ -186,8 +237,11 @@ class MqttCollector(Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
-        gauge = GaugeMetricFamily(f"{PREFIX}_mqtt_connected", "1 while this process's MQTT connection to the "
-                                  "broker is up, 0 while it is down or reconnecting.", labels=["client"])
+        gauge = GaugeMetricFamily(
+            f"{PREFIX}_mqtt_connected",
+            "1 while this process's MQTT connection to the broker is up, 0 while it is down or reconnecting.",
+            labels=["client"],
+        )
         gauge.add_metric([self.client], 1.0 if self.status().get("connected") else 0.0)
         yield gauge
 
@@ -208,14 +262,24 @@ class IngestCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         counts = self.counts()
-        yield CounterMetricFamily(f"{PREFIX}_mqtt_messages_received", "MQTT messages this process received "
-                                  "(telemetry, presence, CA traffic).", value=counts["messages"])
-        yield CounterMetricFamily(f"{PREFIX}_readings_ingested", "Valid thermometer readings ingested (stored "
-                                  "and shown).", value=counts["readings"])
-        yield CounterMetricFamily(f"{PREFIX}_messages_rejected", "Telemetry or presence messages refused as "
-                                  "malformed.", value=counts["rejected"])
-        yield GaugeMetricFamily(f"{PREFIX}_devices_online", "Devices whose retained presence is online.",
-                                value=self.online())
+        yield CounterMetricFamily(
+            f"{PREFIX}_mqtt_messages_received",
+            "MQTT messages this process received (telemetry, presence, CA traffic).",
+            value=counts["messages"],
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_readings_ingested",
+            "Valid thermometer readings ingested (stored and shown).",
+            value=counts["readings"],
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_messages_rejected",
+            "Telemetry or presence messages refused as malformed.",
+            value=counts["rejected"],
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_devices_online", "Devices whose retained presence is online.", value=self.online()
+        )
 
 
 class ReplicaCollector(Collector):
@@ -235,8 +299,9 @@ class ReplicaCollector(Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily(f"{PREFIX}_ca_replica_up", "1 when the CA replica answered this scrape.",
-                               labels=[self.label])
+        up = GaugeMetricFamily(
+            f"{PREFIX}_ca_replica_up", "1 when the CA replica answered this scrape.", labels=[self.label]
+        )
         families: dict[str, Metric] = {}
         for replica, text in self.fetch():
             up.add_metric([replica], 0.0 if text is None else 1.0)

@@ -92,8 +92,12 @@ def run_env(target_metadata: MetaData | None = None) -> None:
     connection = config.attributes.get("connection")
     if connection is None:
         raise RuntimeError("run migrations through pki.migrate (python -m pki.migrate upgrade), not the alembic CLI")
-    context.configure(connection=connection, target_metadata=target_metadata,
-                      version_table=config.attributes["version_table"], render_as_batch=True)
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        version_table=config.attributes["version_table"],
+        render_as_batch=True,
+    )
     context.run_migrations()
 
 

@@ -53,6 +53,7 @@ def integer_range(low: int, high: int) -> str:
 
 def words_ignoring_case_and_underscores(words: tuple[str, ...]) -> str:
     """An anchored regex for `words`, any letter case, with any number of '_' anywhere."""
+
     def one(word: str) -> str:
         return "_*" + "".join(f"[{c.lower()}{c.upper()}]_*" if c.isalpha() else f"{c}_*" for c in word)
 

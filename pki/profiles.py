@@ -61,8 +61,9 @@ DEVICE = Profile(role="device", extended_key_usage=(ExtendedKeyUsageOID.CLIENT_A
 PROVISIONER = Profile(role="provisioner", extended_key_usage=(ExtendedKeyUsageOID.CLIENT_AUTH,))
 
 # A CA service replica (`ca-<n>`, `python -m ca`): an MQTT client of the broker, nothing more; the generator owns it.
-CA_SERVICE = Profile(role="ca_service", extended_key_usage=(ExtendedKeyUsageOID.CLIENT_AUTH,), cn_as_dns=False,
-                     protected=True)
+CA_SERVICE = Profile(
+    role="ca_service", extended_key_usage=(ExtendedKeyUsageOID.CLIENT_AUTH,), cn_as_dns=False, protected=True
+)
 # The telemetry ingest services (`ingest-<n>`, dashboard/ingest.py): TLS clients that may only read telemetry.
 INGEST = Profile(role="ingest", extended_key_usage=(ExtendedKeyUsageOID.CLIENT_AUTH,), protected=True)
 

@@ -27,8 +27,11 @@ class Issued(_Reply):
     name: str = Field(description="The entity's normalised name (colons removed).")
     ca: str = Field(description="The root certificate, PEM.")
     crt: str = Field(description="The issued certificate, PEM.")
-    key: str | None = Field(None, description="The private key (PKCS#8 PEM), only when the CA made or holds it: "
-                                              "create, and sign without a CSR. It reaches only the requester.")
+    key: str | None = Field(
+        None,
+        description="The private key (PKCS#8 PEM), only when the CA made or holds it: "
+        "create, and sign without a CSR. It reaches only the requester.",
+    )
     serial: str = Field(description="Serial number, hex.")
     not_after: dt.datetime = Field(description="End of validity (UTC).")
 
@@ -46,8 +49,9 @@ class Token(_Reply):
     """A single-use enrolment token: shown once, stored only as its SHA-256."""
 
     name: str = Field(description="The entity the token may enrol.")
-    token: str = Field(description="The token, for `sign` with a CSR in place of `pass`.",
-                       json_schema_extra={"format": "password"})
+    token: str = Field(
+        description="The token, for `sign` with a CSR in place of `pass`.", json_schema_extra={"format": "password"}
+    )
     expires_at: dt.datetime = Field(description="When the token stops working (UTC).")
 
 
@@ -71,7 +75,8 @@ class InventoryRow(_Reply):
     revoked_at: dt.datetime | None
     revocation_reason: str | None
     state: Literal["valid", "expiring", "expired", "revoked", "superseded"] = Field(
-        description="Computed now, with RENEW_BEFORE_DAYS.")
+        description="Computed now, with RENEW_BEFORE_DAYS."
+    )
 
 
 class Certificates(_Reply):

@@ -39,8 +39,13 @@ TOKEN_TTL_MIN = 60
 TOKEN_TTL_MAX = 7 * 86400
 # RFC 5280 5.3.1 reason codes this CA records; certificateHold is left out (revocation here is final).
 REVOCATION_REASONS = (
-    "unspecified", "keyCompromise", "caCompromise", "affiliationChanged", "superseded",
-    "cessationOfOperation", "privilegeWithdrawn",
+    "unspecified",
+    "keyCompromise",
+    "caCompromise",
+    "affiliationChanged",
+    "superseded",
+    "cessationOfOperation",
+    "privilegeWithdrawn",
 )
 
 
@@ -81,8 +86,12 @@ def refuse_reserved_sans(values: Iterable[str], settings: Settings | None, field
     """409 when a requested SAN names one of the lab's own servers or identities (`pki.identity`)."""
     reserved = reserved_sans(values, settings)
     if reserved:
-        raise RequestError(CONFLICT, f"{', '.join(sorted(set(reserved)))}: reserved for the lab's own servers "
-                                     "and identities, never issued to another certificate", field)
+        raise RequestError(
+            CONFLICT,
+            f"{', '.join(sorted(set(reserved)))}: reserved for the lab's own servers "
+            "and identities, never issued to another certificate",
+            field,
+        )
 
 
 def create_identity(request: CreateRequest, settings: Settings | None) -> tuple[str, tuple[str, ...]]:
@@ -97,8 +106,12 @@ def create_identity(request: CreateRequest, settings: Settings | None) -> tuple[
     if is_protected(cn):
         raise RequestError(CONFLICT, f"{cn!r} is a protected name used by the lab itself", "cn")
     if not is_hostname(cn):
-        raise RequestError(BAD_REQUEST, "cn differs from name, so it becomes a DNS name (SAN) of the certificate: "
-                                        "it must be a host name like collector01.example.com", "cn")
+        raise RequestError(
+            BAD_REQUEST,
+            "cn differs from name, so it becomes a DNS name (SAN) of the certificate: "
+            "it must be a host name like collector01.example.com",
+            "cn",
+        )
     refuse_reserved_sans([cn], settings, "cn")
     return request.name, (cn,)
 

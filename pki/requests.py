@@ -66,12 +66,46 @@ from .request_values import (
 )
 
 __all__ = [
-    "BAD_REQUEST", "CN_RE", "CONFLICT", "EMAIL_RE", "FORBIDDEN", "MAX_CSR", "MAX_DAYS_WITHOUT_CA", "MAX_PASSPHRASE",
-    "MAX_SANS", "MAX_TOKEN", "NAME_RE", "NOT_FOUND", "REVOCATION_REASONS", "SERIAL_RE", "TOKEN_TTL_DEFAULT",
-    "TOKEN_TTL_MAX", "TOKEN_TTL_MIN", "TOO_LARGE", "TOO_MANY_REQUESTS", "UNAVAILABLE", "UNSUPPORTED_MEDIA_TYPE",
-    "CSRInfo", "CertificatesQuery", "CreateRequest", "RenewRequest", "RequestError", "RevokeRequest", "SignRequest",
-    "TokenRequest", "create_identity", "is_protected", "normalise_name", "normalise_serial", "parse", "parse_csr",
-    "parse_positive_int", "readable_name", "refuse_protected", "refuse_reserved_sans", "validate_dns_name",
+    "BAD_REQUEST",
+    "CN_RE",
+    "CONFLICT",
+    "EMAIL_RE",
+    "FORBIDDEN",
+    "MAX_CSR",
+    "MAX_DAYS_WITHOUT_CA",
+    "MAX_PASSPHRASE",
+    "MAX_SANS",
+    "MAX_TOKEN",
+    "NAME_RE",
+    "NOT_FOUND",
+    "REVOCATION_REASONS",
+    "SERIAL_RE",
+    "TOKEN_TTL_DEFAULT",
+    "TOKEN_TTL_MAX",
+    "TOKEN_TTL_MIN",
+    "TOO_LARGE",
+    "TOO_MANY_REQUESTS",
+    "UNAVAILABLE",
+    "UNSUPPORTED_MEDIA_TYPE",
+    "CSRInfo",
+    "CertificatesQuery",
+    "CreateRequest",
+    "RenewRequest",
+    "RequestError",
+    "RevokeRequest",
+    "SignRequest",
+    "TokenRequest",
+    "create_identity",
+    "is_protected",
+    "normalise_name",
+    "normalise_serial",
+    "parse",
+    "parse_csr",
+    "parse_positive_int",
+    "readable_name",
+    "refuse_protected",
+    "refuse_reserved_sans",
+    "validate_dns_name",
     "validate_email",
 ]
 
@@ -90,11 +124,19 @@ def _days_within_ca_life(value: object, info: ValidationInfo) -> int:
 
 Name = Annotated[str, WithJsonSchema(schemas.NAME)]
 # `days` of sign and create: at most the CA's remaining life (`parse(..., max_days=)`), checked before anything else.
-Days = Annotated[int, BeforeValidator(_days_within_ca_life), WithJsonSchema(schemas.days(
-    MAX_DAYS_WITHOUT_CA, "Validity in days, a number or a numeric string; at most the CA's remaining life."))]
+Days = Annotated[
+    int,
+    BeforeValidator(_days_within_ca_life),
+    WithJsonSchema(
+        schemas.days(
+            MAX_DAYS_WITHOUT_CA, "Validity in days, a number or a numeric string; at most the CA's remaining life."
+        )
+    ),
+]
 PASSPHRASE_SCHEMA = schemas.secret(MAX_PASSPHRASE, "The CA passphrase.")
-TOKEN_SCHEMA = schemas.secret(MAX_TOKEN, "Single-use enrolment token from POST /v1/ssl/tokens, instead of pass (only "
-                                         "together with csr).")
+TOKEN_SCHEMA = schemas.secret(
+    MAX_TOKEN, "Single-use enrolment token from POST /v1/ssl/tokens, instead of pass (only together with csr)."
+)
 Passphrase = Annotated[StrictStr, Field(min_length=1, max_length=MAX_PASSPHRASE), WithJsonSchema(PASSPHRASE_SCHEMA)]
 Token = Annotated[StrictStr, Field(min_length=1, max_length=MAX_TOKEN), WithJsonSchema(TOKEN_SCHEMA)]
 
@@ -129,18 +171,24 @@ class SignRequest(_Request):
 
     operation: ClassVar[str] = "sign"
 
-    model_config = ConfigDict(json_schema_extra={"oneOf": [
-        {"required": ["pass"], "not": {"required": ["token"]}},
-        {"required": ["token", "csr"], "not": {"required": ["pass"]}, "properties": {"csr": schemas.CSR}},
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["pass"], "not": {"required": ["token"]}},
+                {"required": ["token", "csr"], "not": {"required": ["pass"]}, "properties": {"csr": schemas.CSR}},
+            ]
+        }
+    )
 
     name: Name
     days: Days
     # Absent or a string (an explicit null is refused), so the schemas are the non-null ones.
     passphrase: Annotated[Passphrase | None, WithJsonSchema(PASSPHRASE_SCHEMA)] = Field(
-        default=None, alias="pass", repr=False, json_schema_extra=_no_default)
+        default=None, alias="pass", repr=False, json_schema_extra=_no_default
+    )
     token: Annotated[Token | None, WithJsonSchema(TOKEN_SCHEMA)] = Field(
-        default=None, repr=False, json_schema_extra=_no_default)
+        default=None, repr=False, json_schema_extra=_no_default
+    )
     csr: Annotated[CSRInfo | None, WithJsonSchema({"anyOf": [schemas.CSR, schemas.NULL], "default": None})] = None
 
     @field_validator("passphrase", "token", mode="before")
@@ -184,8 +232,9 @@ class CreateRequest(_Request):
     state: Annotated[str | None, WithJsonSchema(schemas.optional_text(128, "State or province (ST).", "SP"))] = None
     locality: Annotated[str | None, WithJsonSchema(schemas.optional_text(128, "City (L).", "Campinas"))] = None
     org: Annotated[str | None, WithJsonSchema(schemas.optional_text(64, "Organisation (O).", "ACME"))] = None
-    unit: Annotated[str | None, WithJsonSchema(schemas.optional_text(64, "Organisational unit (OU).",
-                                                                     "Sensors"))] = None
+    unit: Annotated[str | None, WithJsonSchema(schemas.optional_text(64, "Organisational unit (OU).", "Sensors"))] = (
+        None
+    )
     cn: Annotated[str | None, WithJsonSchema(schemas.CN)] = None
     email: Annotated[str | None, WithJsonSchema(schemas.EMAIL)] = None
 
@@ -237,10 +286,14 @@ class RevokeRequest(_Request):
 
     operation: ClassVar[str] = "revoke"
 
-    model_config = ConfigDict(json_schema_extra={"oneOf": [
-        {"required": ["name"], "properties": {"name": schemas.NAME, "serial": schemas.NULL}},
-        {"required": ["serial"], "properties": {"serial": schemas.SERIAL, "name": schemas.NULL}},
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["name"], "properties": {"name": schemas.NAME, "serial": schemas.NULL}},
+                {"required": ["serial"], "properties": {"serial": schemas.SERIAL, "name": schemas.NULL}},
+            ]
+        }
+    )
 
     name: Annotated[str | None, WithJsonSchema({"anyOf": [schemas.NAME, schemas.NULL], "default": None})] = None
     serial: Annotated[str | None, WithJsonSchema({"anyOf": [schemas.SERIAL, schemas.NULL], "default": None})] = None
@@ -282,9 +335,18 @@ class TokenRequest(_Request):
 
     name: Name
     passphrase: Passphrase = Field(alias="pass", repr=False)
-    ttl: Annotated[int | None, WithJsonSchema({"anyOf": [schemas.positive_integer(
-        TOKEN_TTL_MIN, TOKEN_TTL_MAX, "Seconds until the token expires."), schemas.NULL],
-        "default": TOKEN_TTL_DEFAULT})] = TOKEN_TTL_DEFAULT
+    ttl: Annotated[
+        int | None,
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    schemas.positive_integer(TOKEN_TTL_MIN, TOKEN_TTL_MAX, "Seconds until the token expires."),
+                    schemas.NULL,
+                ],
+                "default": TOKEN_TTL_DEFAULT,
+            }
+        ),
+    ] = TOKEN_TTL_DEFAULT
 
     @field_validator("ttl", mode="before")
     @classmethod
@@ -303,13 +365,33 @@ class RenewRequest(_Request):
 
     operation: ClassVar[str] = "renew"
 
-    csr: Annotated[CSRInfo, WithJsonSchema({
-        **schemas.CSR, "description": "PEM PKCS#10 request for a NEW key; its CN must equal the CN in the topic. Only "
-                                      "its public key is used: subject, SANs and profile are those of the current "
-                                      "certificate."})]
-    days: Annotated[int | None, WithJsonSchema({"anyOf": [schemas.days(
-        MAX_DAYS_WITHOUT_CA, "Optional, shorter validity in days; default and maximum: the lifetime of the current "
-                             "certificate (and the CA's remaining life)."), schemas.NULL], "default": None})] = None
+    csr: Annotated[
+        CSRInfo,
+        WithJsonSchema(
+            {
+                **schemas.CSR,
+                "description": "PEM PKCS#10 request for a NEW key; its CN must equal the CN in the topic. Only "
+                "its public key is used: subject, SANs and profile are those of the current "
+                "certificate.",
+            }
+        ),
+    ]
+    days: Annotated[
+        int | None,
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    schemas.days(
+                        MAX_DAYS_WITHOUT_CA,
+                        "Optional, shorter validity in days; default and maximum: the lifetime of the current "
+                        "certificate (and the CA's remaining life).",
+                    ),
+                    schemas.NULL,
+                ],
+                "default": None,
+            }
+        ),
+    ] = None
 
     @field_validator("csr", mode="before")
     @classmethod
@@ -333,12 +415,26 @@ class CertificatesQuery(_Request):
 
     operation: ClassVar[str] = "certificates"
 
-    name: Annotated[str | None, WithJsonSchema({"anyOf": [schemas.NAME, {"type": "string", "maxLength": 0}],
-                                                "description": "Only this entity (colons removed as in requests)."})
-                    ] = None
-    status: Annotated[str | None, WithJsonSchema({"type": "string", "enum": [*CERTIFICATE_FILTERS, ""],
-                                                  "description": "Stored status (active, superseded, revoked) or "
-                                                                 "computed state (valid, expiring, expired)."})] = None
+    name: Annotated[
+        str | None,
+        WithJsonSchema(
+            {
+                "anyOf": [schemas.NAME, {"type": "string", "maxLength": 0}],
+                "description": "Only this entity (colons removed as in requests).",
+            }
+        ),
+    ] = None
+    status: Annotated[
+        str | None,
+        WithJsonSchema(
+            {
+                "type": "string",
+                "enum": [*CERTIFICATE_FILTERS, ""],
+                "description": "Stored status (active, superseded, revoked) or "
+                "computed state (valid, expiring, expired).",
+            }
+        ),
+    ] = None
 
     @field_validator("name", mode="before")
     @classmethod

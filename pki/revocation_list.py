@@ -20,8 +20,10 @@ _MAC_NAME_RE = re.compile(r"[0-9A-Fa-f]{12}")
 
 
 def _public_key_der(pem: str) -> bytes:
-    return x509.load_pem_x509_certificate(pem.encode()).public_key().public_bytes(
-        Encoding.DER, PublicFormat.SubjectPublicKeyInfo
+    return (
+        x509.load_pem_x509_certificate(pem.encode())
+        .public_key()
+        .public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     )
 
 
@@ -50,9 +52,11 @@ def crl_entries(
         return entries
     now = now or utcnow()
     grace = dt.timedelta(seconds=superseded_grace)
-    old = session.execute(select(table.c.name, table.c.id, table.c.serial, table.c.pem).where(
-        table.c.status == SUPERSEDED, table.c.not_after > now,
-        table.c.role.not_in(list(NEVER_SUPERSEDED_ROLES)))).all()
+    old = session.execute(
+        select(table.c.name, table.c.id, table.c.serial, table.c.pem).where(
+            table.c.status == SUPERSEDED, table.c.not_after > now, table.c.role.not_in(list(NEVER_SUPERSEDED_ROLES))
+        )
+    ).all()
     if not old:
         return entries
     issued: dict[str, list[tuple[int, dt.datetime, str, str]]] = {}
@@ -60,7 +64,8 @@ def crl_entries(
     for start in range(0, len(names), 500):
         for name, row_id, issued_at, via, pem in session.execute(
             select(table.c.name, table.c.id, table.c.issued_at, table.c.issued_via, table.c.pem)
-            .where(table.c.name.in_(names[start:start + 500])).order_by(table.c.id)
+            .where(table.c.name.in_(names[start : start + 500]))
+            .order_by(table.c.id)
         ):
             issued.setdefault(name, []).append((row_id, _as_utc(issued_at), via, pem))
     keys: dict[int, bytes] = {}  # row id -> public key, parsed only for rows past the grace

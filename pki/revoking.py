@@ -62,8 +62,9 @@ class RevocationOperations(ServiceParts):
                 if record is None:
                     raise RequestError(NOT_FOUND, "no certificate with that serial", "serial")
                 if is_protected(record.name):
-                    raise RequestError(CONFLICT, f"{record.name!r} is a protected name used by the lab itself",
-                                       "serial")
+                    raise RequestError(
+                        CONFLICT, f"{record.name!r} is a protected name used by the lab itself", "serial"
+                    )
                 name, targets = record.name, [record]
             else:
                 assert request.name is not None
@@ -84,7 +85,10 @@ class RevocationOperations(ServiceParts):
                 # The CRL and ACL are written before the transaction commits: if they cannot be written,
                 # nothing is marked revoked and the caller learns it (revocation never silently lost).
                 changed = write_broker_policy(
-                    self.settings, ca, self._crl_entries(session), self.inventory.denied_names(session),
+                    self.settings,
+                    ca,
+                    self._crl_entries(session),
+                    self.inventory.denied_names(session),
                     collectors=self.inventory.collectors(session),
                 )
         except BrokerConfigError as ex:
@@ -100,8 +104,15 @@ class RevocationOperations(ServiceParts):
                     callback(name)
                 except Exception:  # the revocation is done and recorded; a listener must not turn it into an error
                     log.exception("a listener failed after revoking %s", name)
-        return Reply(200, {"name": name, "revoked": revoked, "reason": reason,
-                           "already_revoked": [t.serial for t in targets if t.serial not in revoked]})
+        return Reply(
+            200,
+            {
+                "name": name,
+                "revoked": revoked,
+                "reason": reason,
+                "already_revoked": [t.serial for t in targets if t.serial not in revoked],
+            },
+        )
 
     def crl_pem(self) -> bytes:
         data = read_optional(self.broker_files.crl)
@@ -121,13 +132,17 @@ class RevocationOperations(ServiceParts):
             return False
         with self._writer(), self.inventory.session() as session:
             entries = self._crl_entries(session)
-            if not crl_needs_refresh(self.broker_files.crl, ca, enforced=self.broker_files.broker_crl) and \
-                    crl_serials(self.broker_files.crl) == {
-                entry[0] for entry in entries
-            }:
+            if not crl_needs_refresh(self.broker_files.crl, ca, enforced=self.broker_files.broker_crl) and crl_serials(
+                self.broker_files.crl
+            ) == {entry[0] for entry in entries}:
                 return False
-            changed = write_broker_policy(self.settings, ca, entries, self.inventory.denied_names(session),
-                                          collectors=self.inventory.collectors(session))
+            changed = write_broker_policy(
+                self.settings,
+                ca,
+                entries,
+                self.inventory.denied_names(session),
+                collectors=self.inventory.collectors(session),
+            )
         if changed:
             reload_broker(self.broker_files)
             log.info("CRL refreshed under %s", self.broker_files.crl)
@@ -151,7 +166,10 @@ class RevocationOperations(ServiceParts):
         """Rewrite ACL and CRL from the inventory (caller holds the writer lock) and reload the broker."""
         with self.inventory.session() as session:
             changed = write_broker_policy(
-                self.settings, ca, self._crl_entries(session), self.inventory.denied_names(session),
+                self.settings,
+                ca,
+                self._crl_entries(session),
+                self.inventory.denied_names(session),
                 collectors=self.inventory.collectors(session),
             )
         if changed:

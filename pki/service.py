@@ -58,7 +58,11 @@ class CAService(IssuingOperations, RevocationOperations):
     """One per process: holds the unlocked root, the inventory and the lockout counters."""
 
     def __init__(
-        self, settings: Settings, *, inventory: Inventory | None = None, lockout: Lockout | None = None,
+        self,
+        settings: Settings,
+        *,
+        inventory: Inventory | None = None,
+        lockout: Lockout | None = None,
         metrics: CAMetrics | None = None,
     ) -> None:
         self.settings = settings
@@ -91,15 +95,41 @@ class CAService(IssuingOperations, RevocationOperations):
     # is needed and the lockout does not apply. Only an authenticating front end may set it.
     # `transport`: how the request came, for the metrics (default: `via`; the HTTP adapter says `cli` for iotca).
 
-    def sign(self, body: object, *, source: str, via: str = "http", requester: str | None = None,
-             operator: str | None = None, transport: str | None = None) -> Reply:
-        return self._run("sign", transport or via, body, source,
-                         lambda: self._sign(self.gate.as_operator(body, operator), source, via, requester or source))
+    def sign(
+        self,
+        body: object,
+        *,
+        source: str,
+        via: str = "http",
+        requester: str | None = None,
+        operator: str | None = None,
+        transport: str | None = None,
+    ) -> Reply:
+        return self._run(
+            "sign",
+            transport or via,
+            body,
+            source,
+            lambda: self._sign(self.gate.as_operator(body, operator), source, via, requester or source),
+        )
 
-    def create(self, body: object, *, source: str, via: str = "http", requester: str | None = None,
-               operator: str | None = None, transport: str | None = None) -> Reply:
-        return self._run("create", transport or via, body, source,
-                         lambda: self._create(self.gate.as_operator(body, operator), source, via, requester or source))
+    def create(
+        self,
+        body: object,
+        *,
+        source: str,
+        via: str = "http",
+        requester: str | None = None,
+        operator: str | None = None,
+        transport: str | None = None,
+    ) -> Reply:
+        return self._run(
+            "create",
+            transport or via,
+            body,
+            source,
+            lambda: self._create(self.gate.as_operator(body, operator), source, via, requester or source),
+        )
 
     def renew(self, cn: str, body: object, *, via: str = "mqtt", requester: str | None = None) -> Reply:
         """Renewal with the current certificate as the credential, no passphrase (`ssl/renew/<cn>`).
@@ -111,12 +141,14 @@ class CAService(IssuingOperations, RevocationOperations):
         return self._run("renew", via, {"name": cn}, requester, lambda: self._renew(cn, body, requester))
 
     def revoke(self, body: object, *, source: str, operator: str | None = None, transport: str = "http") -> Reply:
-        return self._run("revoke", transport, body, source,
-                         lambda: self._revoke(self.gate.as_operator(body, operator), source))
+        return self._run(
+            "revoke", transport, body, source, lambda: self._revoke(self.gate.as_operator(body, operator), source)
+        )
 
     def issue_token(self, body: object, *, source: str, operator: str | None = None, transport: str = "http") -> Reply:
-        return self._run("token", transport, body, source,
-                         lambda: self._issue_token(self.gate.as_operator(body, operator), source))
+        return self._run(
+            "token", transport, body, source, lambda: self._issue_token(self.gate.as_operator(body, operator), source)
+        )
 
     # -- the standard protocols (ca/est.py, ca/acme.py): the same checks, other credentials ------------
 
@@ -127,8 +159,9 @@ class CAService(IssuingOperations, RevocationOperations):
         days = self.settings.cert_days
         with contextlib.suppress(RequestError):  # no root: `sign` gives the 503
             days = min(days, longest_validity(self.keys.root()))
-        return self.sign({"name": name, "days": days, kind: secret, "csr": csr_pem}, source=source, via=via,
-                         requester=source)
+        return self.sign(
+            {"name": name, "days": days, kind: secret, "csr": csr_pem}, source=source, via=via, requester=source
+        )
 
     def renew_presented(self, presented: x509.Certificate, csr_pem: str, *, via: str = "est") -> Reply:
         """Renewal where the transport verified the caller's TLS client certificate (EST simplereenroll).
@@ -144,8 +177,10 @@ class CAService(IssuingOperations, RevocationOperations):
             if record is None or record.fingerprint_sha256 != fingerprint_sha256(presented):
                 raise RequestError(FORBIDDEN, "this certificate is not in the CA's inventory")
             if record.status != ACTIVE:
-                raise RequestError(FORBIDDEN, f"this certificate is {record.status}: only the current certificate "
-                                              f"of {record.name} can renew it")
+                raise RequestError(
+                    FORBIDDEN,
+                    f"this certificate is {record.status}: only the current certificate of {record.name} can renew it",
+                )
             return self._renew(record.name, {"csr": csr_pem}, requester)
 
         return self._run("renew", via, {"name": cn}, requester, work)
@@ -154,8 +189,13 @@ class CAService(IssuingOperations, RevocationOperations):
         """A `server` certificate for DNS `names` whose control was proven (ACME finalize; the adapter checked
         them against the operator's allow-list). The CSR must name exactly these hosts, nothing else."""
         entity = server_entity_name(names[0]) if names else "-"
-        return self._run("acme", "acme", {"name": entity}, requester,
-                         lambda: self._issue_server(csr_pem, names, entity, days, requester))
+        return self._run(
+            "acme",
+            "acme",
+            {"name": entity},
+            requester,
+            lambda: self._issue_server(csr_pem, names, entity, days, requester),
+        )
 
     def revoke_certificate(self, cert: x509.Certificate, reason: str, *, source: str) -> Reply:
         """Revoke one certificate whose holder the transport authenticated (ACME revokeCert: the account that
@@ -194,8 +234,9 @@ class CAService(IssuingOperations, RevocationOperations):
             reply = Reply(500, {"error": "internal error; the server log has the details"})
         finally:
             TRANSPORT.reset(context)
-        self.metrics.answered(operation, transport, reply.status, reply.body.get("field"),
-                              time.perf_counter() - started)
+        self.metrics.answered(
+            operation, transport, reply.status, reply.body.get("field"), time.perf_counter() - started
+        )
         # Only validated names reach the log; never a body, a passphrase or a token.
         log.info("ssl/%s %s from %s -> %s", operation, readable_name(body) or "-", source, reply.status)
         if reply.ok and operation != "token":  # a token changes no certificate

@@ -98,8 +98,12 @@ def check_issued(
     if tmp_path is not None:  # and OpenSSL agrees, strictly
         (tmp_path / "ca.pem").write_text(body["ca"])
         (tmp_path / "crt.pem").write_text(body["crt"])
-        result = subprocess.run(["openssl", "verify", "-x509_strict", "-CAfile", str(tmp_path / "ca.pem"),
-                                 str(tmp_path / "crt.pem")], capture_output=True, text=True, timeout=20)
+        result = subprocess.run(
+            ["openssl", "verify", "-x509_strict", "-CAfile", str(tmp_path / "ca.pem"), str(tmp_path / "crt.pem")],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         assert result.returncode == 0, result.stdout + result.stderr
     return cert
 
@@ -112,8 +116,9 @@ def issue_aged_certificate(lab: LabEnv, name: str, *, days: int = 365, days_left
     (which keeps the lifetime) gives a certificate that is plainly valid.
     """
     root = lab.certs_dir / "root_ca"
-    ca = CertificateAuthority.load((root / "root_ca.crt").read_bytes(), (root / "root_ca.key").read_bytes(),
-                                   lab.passphrase)
+    ca = CertificateAuthority.load(
+        (root / "root_ca.crt").read_bytes(), (root / "root_ca.key").read_bytes(), lab.passphrase
+    )
     key = generate_private_key("ec")
     issued_at = dt.datetime.now(dt.UTC) - dt.timedelta(days=days - days_left)
     cert = ca.issue(key.public_key(), DEVICE, name, days=days, now=issued_at)
@@ -145,8 +150,10 @@ def inventory_state(lab: LabEnv) -> tuple[list[tuple[Any, ...]], list[tuple[Any,
     inventory = Inventory(lab.settings().effective_database_url)
     try:
         with inventory.session() as session:
-            rows = [(r.serial, r.name, r.status, r.revoked_at, r.issued_via)
-                    for r in session.scalars(select(CertificateRecord).order_by(CertificateRecord.id))]
+            rows = [
+                (r.serial, r.name, r.status, r.revoked_at, r.issued_via)
+                for r in session.scalars(select(CertificateRecord).order_by(CertificateRecord.id))
+            ]
             tokens = [(t.token_sha256, t.used_at) for t in session.scalars(select(EnrolmentToken))]
         return rows, tokens
     finally:
@@ -191,22 +198,31 @@ def login(client: FlaskClient, password: str, username: str = "admin") -> str:
     """Log `client` in through the login form, as a browser does; returns the session's CSRF token."""
     form = client.get("/login")
     assert form.status_code == 200
-    response = client.post("/login", data={"username": username, "password": password,
-                                           "csrf_token": csrf_of(form.get_data(as_text=True))})
+    response = client.post(
+        "/login", data={"username": username, "password": password, "csrf_token": csrf_of(form.get_data(as_text=True))}
+    )
     assert response.status_code == 302, response.get_data(as_text=True)[:500]
     page = client.get("/")
     assert page.status_code == 200
     return csrf_of(page.get_data(as_text=True))
 
 
-def start_ca(lab: LabEnv, settings: Settings | None = None, *, mqtt: bool = False, crl_interval: float = 0,
-             name: str = "ca-1", secret: str | None = None) -> CAProcess:
+def start_ca(
+    lab: LabEnv,
+    settings: Settings | None = None,
+    *,
+    mqtt: bool = False,
+    crl_interval: float = 0,
+    name: str = "ca-1",
+    secret: str | None = None,
+) -> CAProcess:
     """A CA service replica in this process (as `python -m ca` runs one): internal API on a free port, its own
     MQTT connection as `name` when `mqtt` (connecting in the background); EST/ACME off (their tests start
     CAHttpsServer themselves)."""
     options = CAProcessOptions(mqtt=mqtt, https_port=0, crl_interval=crl_interval)
-    return CAProcess(settings or lab.settings(), name=name, secret=secret or secrets.token_urlsafe(16),
-                     options=options).start()
+    return CAProcess(
+        settings or lab.settings(), name=name, secret=secret or secrets.token_urlsafe(16), options=options
+    ).start()
 
 
 def make_app(lab: LabEnv, **config: Any) -> Flask:
@@ -219,8 +235,16 @@ def make_app(lab: LabEnv, **config: Any) -> Flask:
     secret = secrets.token_urlsafe(16)
     ca = start_ca(lab, settings, mqtt=mqtt, crl_interval=crl_interval, secret=secret)
     try:
-        app = create_app({"LAB_SETTINGS": settings, "MQTT_ENABLED": False, "TESTING": True,
-                          "CA_URLS": [ca.internal_url], "CA_INTERNAL_SECRET": secret, **config})
+        app = create_app(
+            {
+                "LAB_SETTINGS": settings,
+                "MQTT_ENABLED": False,
+                "TESTING": True,
+                "CA_URLS": [ca.internal_url],
+                "CA_INTERNAL_SECRET": secret,
+                **config,
+            }
+        )
         app.extensions["test_ca"] = ca
         return start(app)
     except BaseException:
@@ -232,7 +256,8 @@ def mqtt_connected(app: Flask, timeout: float = 10) -> bool:
     """Both MQTT connections are up: the dashboard's and its CA replica's."""
     ca = ca_of(app)
     return app.extensions["mqtt_bridge"].wait_connected(timeout) and (
-        ca.connection is None or ca.connection.wait_connected(timeout))
+        ca.connection is None or ca.connection.wait_connected(timeout)
+    )
 
 
 def ca_of(app: Flask) -> CAProcess:
@@ -268,12 +293,17 @@ class ServerThread:
         return f"http://127.0.0.1:{self.port}{path}"
 
 
-def post_json(url: str, body: Any, timeout: float = 30,
-              headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+def post_json(
+    url: str, body: Any, timeout: float = 30, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
     """POST JSON with the standard library; returns (status, decoded body) for errors too."""
     assert url.startswith("http://127.0.0.1:")
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",  # noqa: S310
-                                     headers={"Content-Type": "application/json", **(headers or {})})
+    request = urllib.request.Request(  # noqa: S310
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - http://127.0.0.1 only
             return response.status, json.loads(response.read())
@@ -301,8 +331,17 @@ names = st.one_of(
 )
 days = st.one_of(st.integers(1, 400), st.integers(-3, 4000), st.sampled_from(["360", " 30 ", "0", "ten"]), fields)
 passes = st.one_of(st.just(RIGHT), st.just(RIGHT), st.text(max_size=10), fields)
-optional = {"csr": st.one_of(st.just(CSR_FOR_NAME), fields), "token": fields, "country": fields, "state": fields,
-            "locality": fields, "org": fields, "unit": fields, "cn": st.one_of(names, fields), "email": fields}
+optional = {
+    "csr": st.one_of(st.just(CSR_FOR_NAME), fields),
+    "token": fields,
+    "country": fields,
+    "state": fields,
+    "locality": fields,
+    "org": fields,
+    "unit": fields,
+    "cn": st.one_of(names, fields),
+    "email": fields,
+}
 request_like = st.one_of(
     st.fixed_dictionaries({"name": names, "days": days, "pass": passes}, optional=optional),
     st.fixed_dictionaries({}, optional={"name": names, "days": days, "pass": passes, **optional}),

@@ -89,9 +89,15 @@ class HostState:
 
     @classmethod
     def capture(cls) -> HostState:
-        return cls(links=_links(), forwarding=Path("/proc/sys/net/ipv4/ip_forward").read_text().strip(),
-                   iptables={tool: _run([f"{tool}-save"]).stdout for tool in ("iptables", "ip6tables")
-                             if shutil.which(f"{tool}-save")})
+        return cls(
+            links=_links(),
+            forwarding=Path("/proc/sys/net/ipv4/ip_forward").read_text().strip(),
+            iptables={
+                tool: _run([f"{tool}-save"]).stdout
+                for tool in ("iptables", "ip6tables")
+                if shutil.which(f"{tool}-save")
+            },
+        )
 
     def restore(self) -> None:
         for link in sorted(_links() - self.links):
@@ -149,10 +155,12 @@ class Engine:
     def started_here(self) -> bool:
         return self.process is not None
 
-    def docker(self, *args: str, check: bool = True, timeout: float = 600,
-               input: str | None = None) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(["docker", *args], env=self.env, capture_output=True, text=True, timeout=timeout,
-                                input=input, check=False)
+    def docker(
+        self, *args: str, check: bool = True, timeout: float = 600, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            ["docker", *args], env=self.env, capture_output=True, text=True, timeout=timeout, input=input, check=False
+        )
         if check and result.returncode != 0:
             raise RuntimeError(f"docker {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
         return result
@@ -186,19 +194,30 @@ class Engine:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     lock.close()
-                    raise EngineUnavailable(f"another test run kept its dockerd on {CACHE_ROOT} for "
-                                            f"{LOCK_WAIT_SECONDS} s") from None
+                    raise EngineUnavailable(
+                        f"another test run kept its dockerd on {CACHE_ROOT} for {LOCK_WAIT_SECONDS} s"
+                    ) from None
                 time.sleep(1)
         # A short path: the socket's path must fit in sun_path (108 bytes).
         workdir = Path(tempfile.mkdtemp(prefix="labdk-", dir="/tmp"))
         socket_path = workdir / "docker.sock"
         env["DOCKER_HOST"] = f"unix://{socket_path}"
         state = HostState.capture()
-        argv = [dockerd, "--host", env["DOCKER_HOST"], "--data-root", str(CACHE_ROOT), "--exec-root",
-                str(workdir / "exec"), "--pidfile", str(workdir / "docker.pid")]
+        argv = [
+            dockerd,
+            "--host",
+            env["DOCKER_HOST"],
+            "--data-root",
+            str(CACHE_ROOT),
+            "--exec-root",
+            str(workdir / "exec"),
+            "--pidfile",
+            str(workdir / "docker.pid"),
+        ]
         log_file = open(workdir / "dockerd.log", "wb")  # noqa: SIM115 - the daemon writes it while it runs
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
         log_file.close()
         engine = cls(env=env, process=process, workdir=workdir, host_state=state, log=log, lock=lock)
         deadline = time.monotonic() + start_timeout
@@ -250,14 +269,19 @@ def ensure_base_images(engine: Engine, workdir: Path) -> None:
     else:
         engine.log(f"base image {debian}: present")
     if not engine.has_image(python):
-        build_from(engine, python, workdir, f"""FROM {debian}
+        build_from(
+            engine,
+            python,
+            workdir,
+            f"""FROM {debian}
 RUN apt-get -o Acquire::Retries=5 update \\
     && apt-get -o Acquire::Retries=5 install -y --no-install-recommends python3 python3-venv ca-certificates \\
     && rm -rf /var/lib/apt/lists/* \\
     && python3 -m venv /usr/local/python
 ENV PATH=/usr/local/python/bin:$PATH
 CMD ["python"]
-""")
+""",
+        )
     else:
         engine.log(f"base image {python}: present")
 
@@ -283,8 +307,15 @@ def build_debian(engine: Engine, tag: str, workdir: Path) -> None:
             if entry.is_file():
                 entry.unlink()
     tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-    imported = subprocess.run(["docker", "import", "-c", 'CMD ["bash"]', "-", tag], stdin=tar.stdout,
-                              env=engine.env, capture_output=True, text=True, timeout=600, check=False)
+    imported = subprocess.run(
+        ["docker", "import", "-c", 'CMD ["bash"]', "-", tag],
+        stdin=tar.stdout,
+        env=engine.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert tar.stdout is not None
     tar.stdout.close()
     tar.wait()
@@ -308,10 +339,15 @@ def ensure_fresh_image(engine: Engine, workdir: Path) -> str:
     """Debian minbase plus python3 (what a user's machine has before the README's two commands)."""
     debian, _ = base_image_names()
     if not engine.has_image(FRESH_IMAGE):
-        build_from(engine, FRESH_IMAGE, workdir, f"""FROM {debian}
+        build_from(
+            engine,
+            FRESH_IMAGE,
+            workdir,
+            f"""FROM {debian}
 RUN apt-get -o Acquire::Retries=5 update && apt-get -o Acquire::Retries=5 install -y --no-install-recommends python3 \\
     && rm -rf /var/lib/apt/lists/*
-""")
+""",
+        )
     return FRESH_IMAGE
 
 

@@ -48,11 +48,19 @@ sys.exit(1)
 
 def tracked_files_tar() -> bytes:
     """The checkout's files as a fresh clone has them (tracked, plus untracked ones git does not ignore)."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=PROJECT_ROOT, capture_output=True, check=True).stdout
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout
     existing = b"\0".join(n for n in listed.split(b"\0") if n and (PROJECT_ROOT / n.decode()).is_file())
-    return subprocess.run(["tar", "-C", str(PROJECT_ROOT), "--null", "-T", "-", "-c", "--transform", "s,^,lab/,"],
-                          input=existing, capture_output=True, check=True).stdout
+    return subprocess.run(
+        ["tar", "-C", str(PROJECT_ROOT), "--null", "-T", "-", "-c", "--transform", "s,^,lab/,"],
+        input=existing,
+        capture_output=True,
+        check=True,
+    ).stdout
 
 
 def run(engine: Engine, timings: dict[str, float]) -> int:
@@ -68,14 +76,36 @@ def run(engine: Engine, timings: dict[str, float]) -> int:
     name = f"iot-ca-lab-fresh-{int(time.time())}"
     # The host's CA bundle is the user's: HTTPS here goes through a proxy with its own CA, and a user behind one
     # has its CA in the system bundle and in PIP_CERT, as this machine does. /dev/shm sized as a desktop's.
-    engine.docker("run", "-d", "--name", name, "--shm-size", "1g", "-e", "PIP_CERT=/etc/lab-host-ca.crt",
-                  "-v", f"{HOST_CA_BUNDLE}:/etc/lab-host-ca.crt:ro", image, "sleep", "infinity")
+    engine.docker(
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--shm-size",
+        "1g",
+        "-e",
+        "PIP_CERT=/etc/lab-host-ca.crt",
+        "-v",
+        f"{HOST_CA_BUNDLE}:/etc/lab-host-ca.crt:ro",
+        image,
+        "sleep",
+        "infinity",
+    )
     try:
-        subprocess.run(["docker", "exec", "-i", name, "tar", "-C", "/root", "-x"], input=tracked_files_tar(),
-                       env=engine.env, check=True, timeout=120)
+        subprocess.run(
+            ["docker", "exec", "-i", name, "tar", "-C", "/root", "-x"],
+            input=tracked_files_tar(),
+            env=engine.env,
+            check=True,
+            timeout=120,
+        )
         started = time.monotonic()
-        test = subprocess.run(["docker", "exec", "-w", "/root/lab", name, "./setup.sh", "test", "-q"],
-                              env=engine.env, timeout=3600, check=False)
+        test = subprocess.run(
+            ["docker", "exec", "-w", "/root/lab", name, "./setup.sh", "test", "-q"],
+            env=engine.env,
+            timeout=3600,
+            check=False,
+        )
         part("./setup.sh test", started)
         if test.returncode != 0:
             print(f"fresh machine: ./setup.sh test exited {test.returncode}", flush=True)
@@ -85,12 +115,30 @@ def run(engine: Engine, timings: dict[str, float]) -> int:
         token = ""
         deadline = time.monotonic() + 180
         while not token and time.monotonic() < deadline:  # the database exists once the lab has started
-            made = engine.docker("exec", "-w", "/root/lab", name, ".venv/bin/python", "-m", "dashboard.users", "token",
-                                 "fresh-machine", "--role", "viewer", check=False)
+            made = engine.docker(
+                "exec",
+                "-w",
+                "/root/lab",
+                name,
+                ".venv/bin/python",
+                "-m",
+                "dashboard.users",
+                "token",
+                "fresh-machine",
+                "--role",
+                "viewer",
+                check=False,
+            )
             token = made.stdout.strip().splitlines()[-1] if made.returncode == 0 and made.stdout.strip() else ""
             time.sleep(0 if token else 2)
-        probe = subprocess.run(["docker", "exec", name, "python3", "-c", READINGS_PROBE, "180", token], env=engine.env,
-                               capture_output=True, text=True, timeout=240, check=False)
+        probe = subprocess.run(
+            ["docker", "exec", name, "python3", "-c", READINGS_PROBE, "180", token],
+            env=engine.env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=False,
+        )
         part("./setup.sh (native lab up, readings flowing)", started)
         if probe.returncode != 0:
             log = engine.docker("exec", name, "tail", "-n", "60", "/root/lab-run.log", check=False).stdout

@@ -23,8 +23,10 @@ class PostgresUnavailable(RuntimeError):
 
 
 def server_bindir() -> Path:
-    versions = sorted((p for p in POSTGRES_ROOT.glob("*/bin") if (p / "postgres").exists()),
-                      key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
+    versions = sorted(
+        (p for p in POSTGRES_ROOT.glob("*/bin") if (p / "postgres").exists()),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+    )
     if not versions:
         raise PostgresUnavailable("PostgreSQL's server is not installed (apt-get install postgresql)")
     return versions[-1]
@@ -52,11 +54,32 @@ class PostgresServer:
         return result
 
     def start(self) -> PostgresServer:
-        self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", "lab", "--auth=trust", "-E", "UTF8",
-                  "--no-sync", "--locale=C")
+        self._run(
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "lab",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--locale=C",
+        )
         options = f"-c listen_addresses='' -k {self.root} -c max_connections=200"
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.log), "-w",
-                  "-t", "60", "start")
+        self._run(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-o",
+            options,
+            "-l",
+            str(self.log),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
         self._psql("postgres", "CREATE DATABASE lab")
         return self
 
@@ -71,11 +94,27 @@ class PostgresServer:
         return self.url(name)
 
     def _psql(self, database: str, sql: str) -> None:
-        self._run(str(self.bindir / "psql"), "-h", str(self.root), "-U", "lab", "-d", database, "-v",
-                  "ON_ERROR_STOP=1", "-q", "-c", sql)
+        self._run(
+            str(self.bindir / "psql"),
+            "-h",
+            str(self.root),
+            "-U",
+            "lab",
+            "-d",
+            database,
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-q",
+            "-c",
+            sql,
+        )
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
-            subprocess.run([*self._as_user, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w",
-                            "stop"], capture_output=True, timeout=60, check=False)
+            subprocess.run(
+                [*self._as_user, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"],
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
         shutil.rmtree(self.root, ignore_errors=True)

@@ -21,16 +21,26 @@ from lab.mqtt import Identity, make_client
 from lab.testing import Broker, free_port, start_client, stop_process, wait_for
 from pki.config import PROJECT_ROOT
 
-__all__ = ["Broker", "Collector", "ThermometerProcess", "established_to", "free_port", "refused", "stop_process",
-           "wait_for"]
+__all__ = [
+    "Broker",
+    "Collector",
+    "ThermometerProcess",
+    "established_to",
+    "free_port",
+    "refused",
+    "stop_process",
+    "wait_for",
+]
 
 
 def served_serial(port: int, cafile: Path, host: str = "localhost") -> str:
     """Serial (hex) of the certificate a TLS server on `port` presents to a client that verifies it (chain to
     `cafile`, host name `host`)."""
     context = ssl.create_default_context(cafile=str(cafile))
-    with socket.create_connection((host, port), timeout=5) as raw, \
-            context.wrap_socket(raw, server_hostname=host) as sock:
+    with (
+        socket.create_connection((host, port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=host) as sock,
+    ):
         der = sock.getpeercert(binary_form=True)
     assert der is not None
     return format(x509.load_der_x509_certificate(der).serial_number, "x")
@@ -66,9 +76,17 @@ def established_to(pid: int, port: int) -> int:
 class Collector:
     """An MQTT client with a given identity that records every message it receives."""
 
-    def __init__(self, certs_dir: Path, name: str, port: int, *, client_id: str = "",
-                 protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv311, identity: Identity | None = None,
-                 clean_session: bool = True) -> None:
+    def __init__(
+        self,
+        certs_dir: Path,
+        name: str,
+        port: int,
+        *,
+        client_id: str = "",
+        protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv311,
+        identity: Identity | None = None,
+        clean_session: bool = True,
+    ) -> None:
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self.received: list[mqtt.MQTTMessage] = []
         self.connected = threading.Event()
@@ -78,8 +96,9 @@ class Collector:
         self.published: set[int] = set()
         self.port = port
         # clean_session=False: the broker keeps the subscription and queues QoS 1 messages across a restart.
-        self.client = make_client(identity or Identity.of(certs_dir, name), client_id or "", protocol=protocol,
-                                  clean_session=clean_session)
+        self.client = make_client(
+            identity or Identity.of(certs_dir, name), client_id or "", protocol=protocol, clean_session=clean_session
+        )
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
@@ -176,8 +195,13 @@ class ThermometerProcess:
 
     def start(self) -> ThermometerProcess:
         self.process = subprocess.Popen(
-            [sys.executable, str(PROJECT_ROOT / "thermometer.py"), *self.args], env=self.env, cwd=PROJECT_ROOT,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [sys.executable, str(PROJECT_ROOT / "thermometer.py"), *self.args],
+            env=self.env,
+            cwd=PROJECT_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         self._reader = threading.Thread(target=self._read, args=(self.process.stdout,), daemon=True)
         self._reader.start()
@@ -196,8 +220,9 @@ class ThermometerProcess:
                 return True
             assert self.process is not None and self._reader is not None
             if self.process.poll() is not None and not self._reader.is_alive():
-                raise AssertionError(f"thermometer exited with {self.process.returncode} before printing "
-                                     f"{text!r}:\n{self.output()}")
+                raise AssertionError(
+                    f"thermometer exited with {self.process.returncode} before printing {text!r}:\n{self.output()}"
+                )
             return False
 
         wait_for(seen, timeout=timeout, what=f"{text!r} in the thermometer output")
@@ -222,9 +247,21 @@ def start_ca_service(env: dict[str, str], log_path: Path, https_port: int) -> tu
     """`python -m ca` as replica ca-1, EST/ACME on `https_port` (no broker needed to serve them): the process, and
     the internal URL a dashboard forwards /v1/ssl/* to (CA_URLS)."""
     internal = free_port()
-    ca_env = {**os.environ, **env, "CA_INSTANCE": "1", "CA_INTERNAL_PORT": str(internal),
-              "CA_HTTPS_PORT": str(https_port), "PYTHONUNBUFFERED": "1"}
+    ca_env = {
+        **os.environ,
+        **env,
+        "CA_INSTANCE": "1",
+        "CA_INTERNAL_PORT": str(internal),
+        "CA_HTTPS_PORT": str(https_port),
+        "PYTHONUNBUFFERED": "1",
+    }
     with open(log_path, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "ca"], env=ca_env, cwd=PROJECT_ROOT,
-                                   stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ca"],
+            env=ca_env,
+            cwd=PROJECT_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     return process, f"http://127.0.0.1:{internal}"

@@ -54,20 +54,41 @@ class ACME:
 
     def certbot(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """certbot with temporary dirs, trusting the lab root for its requests (REQUESTS_CA_BUNDLE)."""
-        dirs = ["--config-dir", str(self.work / "config"), "--work-dir", str(self.work / "work"),
-                "--logs-dir", str(self.work / "logs")]
+        dirs = [
+            "--config-dir",
+            str(self.work / "config"),
+            "--work-dir",
+            str(self.work / "work"),
+            "--logs-dir",
+            str(self.work / "logs"),
+        ]
         assert CERTBOT is not None
-        result = subprocess.run([CERTBOT, *args, *dirs], text=True, capture_output=True, timeout=120,
-                                env={**os.environ, "REQUESTS_CA_BUNDLE": str(self.lab.root_cert)},
-                                stdin=subprocess.DEVNULL)
+        result = subprocess.run(
+            [CERTBOT, *args, *dirs],
+            text=True,
+            capture_output=True,
+            timeout=120,
+            env={**os.environ, "REQUESTS_CA_BUNDLE": str(self.lab.root_cert)},
+            stdin=subprocess.DEVNULL,
+        )
         if check:
             assert result.returncode == 0, f"certbot {args}\n{result.stdout}\n{result.stderr}\n{self.log()}"
         return result
 
     def certonly(self, name: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.certbot("certonly", "--standalone", "--server", self.directory, "-d", name,
-                            "--http-01-port", str(self.http01_port), "--agree-tos",
-                            "--register-unsafely-without-email", check=check)
+        return self.certbot(
+            "certonly",
+            "--standalone",
+            "--server",
+            self.directory,
+            "-d",
+            name,
+            "--http-01-port",
+            str(self.http01_port),
+            "--agree-tos",
+            "--register-unsafely-without-email",
+            check=check,
+        )
 
     def live(self, name: str, file: str = "cert.pem") -> Path:
         return self.work / "config" / "live" / name / file
@@ -88,16 +109,22 @@ def acme(app: Flask, generated_lab: LabEnv, tmp_path: Path) -> Iterator[ACME]:
     work = tmp_path / "certbot"
     work.mkdir()
     try:
-        yield ACME(generated_lab, app.extensions["test_ca"].service, f"https://localhost:{server.port}/acme/directory",
-                   http01, work)
+        yield ACME(
+            generated_lab,
+            app.extensions["test_ca"].service,
+            f"https://localhost:{server.port}/acme/directory",
+            http01,
+            work,
+        )
     finally:
         server.stop()
 
 
 def test_certbot_issues_renews_and_revokes_a_server_certificate(acme: ACME) -> None:
     acme.certonly("localhost")
-    verify = acme.openssl("verify", "-CAfile", str(acme.lab.root_cert), "-purpose", "sslserver",
-                          str(acme.live("localhost")))
+    verify = acme.openssl(
+        "verify", "-CAfile", str(acme.lab.root_cert), "-purpose", "sslserver", str(acme.live("localhost"))
+    )
     assert verify.returncode == 0, verify.stderr
     first = x509.load_pem_x509_certificate(acme.live("localhost").read_bytes())
     san = first.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -114,8 +141,15 @@ def test_certbot_issues_renews_and_revokes_a_server_certificate(acme: ACME) -> N
     assert acme.service.inventory.by_serial(f"{first.serial_number:x}").status == "superseded"
 
     # certbot revoke: the serial is on the CRL the broker loads.
-    acme.certbot("revoke", "--server", acme.directory, "--cert-path", str(acme.live("localhost")),
-                 "--non-interactive", "--no-delete-after-revoke")
+    acme.certbot(
+        "revoke",
+        "--server",
+        acme.directory,
+        "--cert-path",
+        str(acme.live("localhost")),
+        "--non-interactive",
+        "--no-delete-after-revoke",
+    )
     crl = x509.load_pem_x509_crl(acme.service.crl_pem())
     assert crl.get_revoked_certificate_by_serial_number(second.serial_number) is not None
     assert acme.service.inventory.by_serial(f"{second.serial_number:x}").status == "revoked"
@@ -144,16 +178,30 @@ def test_mosquitto_runs_on_the_acme_certificate_and_a_thermometer_connects(
     conf_path = acme.work / "mosquitto-acme.conf"
     conf_path.write_text(conf)
     log = open(acme.work / "mosquitto.log", "wb")  # noqa: SIM115 - handed to the child
-    broker = subprocess.Popen([os.environ.get("MOSQUITTO_BIN") or "mosquitto", "-c", str(conf_path)],
-                              stdout=log, stderr=log)
+    broker = subprocess.Popen(
+        [os.environ.get("MOSQUITTO_BIN") or "mosquitto", "-c", str(conf_path)], stdout=log, stderr=log
+    )
     log.close()
     try:
         wait_for(lambda: _accepting(port, broker), timeout=10, what="mosquitto on the ACME certificate")
         # The broker really presents the ACME certificate.
-        shown = subprocess.run(["openssl", "s_client", "-connect", f"localhost:{port}", "-CAfile",
-                                str(acme.lab.root_cert),
-                                "-verify_return_error", "-verify_hostname", "localhost"], input="", text=True,
-                               capture_output=True, timeout=30)
+        shown = subprocess.run(
+            [
+                "openssl",
+                "s_client",
+                "-connect",
+                f"localhost:{port}",
+                "-CAfile",
+                str(acme.lab.root_cert),
+                "-verify_return_error",
+                "-verify_hostname",
+                "localhost",
+            ],
+            input="",
+            text=True,
+            capture_output=True,
+            timeout=30,
+        )
         issued = x509.load_pem_x509_certificate(acme.live("localhost").read_bytes())
         assert _peer_serial(shown.stdout) == issued.serial_number, shown.stdout + shown.stderr
         thermometer = start_thermometer(device_env(acme.lab, BROKER_PORT=str(port), BROKER_ADDRESS="localhost"))
@@ -179,6 +227,7 @@ def _peer_serial(s_client_output: str) -> int | None:
 
 # -- what an ACME client may not do (a small JWS client on josepy, as an attacker would write it) -----------
 
+
 class Client:
     def __init__(self, acme: ACME) -> None:
         self.acme = acme
@@ -192,16 +241,33 @@ class Client:
     def nonce(self) -> str:
         return self.session.head(self.directory["newNonce"], timeout=10).headers["Replay-Nonce"]
 
-    def post(self, url: str, payload: Any, *, nonce: str | None = None, signed_url: str | None = None,
-             use_jwk: bool = False, alg: jose.JWASignature = jose.ES256,
-             key: jose.JWK | None = None) -> requests.Response:
+    def post(
+        self,
+        url: str,
+        payload: Any,
+        *,
+        nonce: str | None = None,
+        signed_url: str | None = None,
+        use_jwk: bool = False,
+        alg: jose.JWASignature = jose.ES256,
+        key: jose.JWK | None = None,
+    ) -> requests.Response:
         protected = {"nonce", "url", "alg", "jwk" if use_jwk or self.kid is None else "kid"}
         extra = {"kid": self.kid} if "kid" in protected else {}
         body = b"" if payload is None else json.dumps(payload).encode()
-        jws = AcmeJWS.sign(body, key=key or self.key, alg=alg, nonce=nonce or self.nonce(), url=signed_url or url,
-                           include_jwk="jwk" in protected, protect=frozenset(protected), **extra)
-        return self.session.post(url, data=jws.json_dumps(), headers={"Content-Type": "application/jose+json"},
-                                 timeout=30)
+        jws = AcmeJWS.sign(
+            body,
+            key=key or self.key,
+            alg=alg,
+            nonce=nonce or self.nonce(),
+            url=signed_url or url,
+            include_jwk="jwk" in protected,
+            protect=frozenset(protected),
+            **extra,
+        )
+        return self.session.post(
+            url, data=jws.json_dumps(), headers={"Content-Type": "application/jose+json"}, timeout=30
+        )
 
     def register(self) -> Client:
         response = self.post(self.directory["newAccount"], {"termsOfServiceAgreed": True}, use_jwk=True)
@@ -277,8 +343,9 @@ def test_only_the_ordering_account_or_the_certificate_key_may_revoke(acme: ACME)
     assert lab_state(acme.lab) == before
     # The certificate's own key (jwk) may revoke it, with a reason.
     holder = Client(acme)
-    revoked = holder.post(alice.directory["revokeCert"], {"certificate": der, "reason": 1}, use_jwk=True,
-                          key=jose.JWKEC(key=cert_key))
+    revoked = holder.post(
+        alice.directory["revokeCert"], {"certificate": der, "reason": 1}, use_jwk=True, key=jose.JWKEC(key=cert_key)
+    )
     assert revoked.status_code == 200, revoked.text
     record = acme.service.inventory.by_serial(f"{cert.serial_number:x}")
     assert (record.status, record.revocation_reason) == ("revoked", "keyCompromise")

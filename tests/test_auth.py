@@ -71,15 +71,28 @@ def test_the_seed_api_still_works_without_a_session(generated_lab: LabEnv, clien
     """The seed's sign and create bodies with `pass` give 201 exactly as before; so does token enrolment."""
     passphrase = generated_lab.passphrase
     assert client.post("/v1/ssl/sign", json={"name": "device001", "days": 360, "pass": passphrase}).status_code == 201
-    created = client.post("/v1/ssl/create", json={"name": "AA:BB:CC:DD:EE:01", "days": 360, "pass": passphrase,
-                                                  "country": "BR", "state": "SP", "locality": "Campinas",
-                                                  "org": "ACME", "unit": "IoT", "cn": "acme.example",
-                                                  "email": "iot@acme.example"})
+    created = client.post(
+        "/v1/ssl/create",
+        json={
+            "name": "AA:BB:CC:DD:EE:01",
+            "days": 360,
+            "pass": passphrase,
+            "country": "BR",
+            "state": "SP",
+            "locality": "Campinas",
+            "org": "ACME",
+            "unit": "IoT",
+            "cn": "acme.example",
+            "email": "iot@acme.example",
+        },
+    )
     assert created.status_code == 201 and created.json["name"] == "AABBCCDDEE01"
     token = client.post("/v1/ssl/tokens", json={"name": "sensor-9", "pass": passphrase}).json["token"]
     pem, _ = make_csr("sensor-9")
-    assert client.post("/v1/ssl/sign", json={"name": "sensor-9", "days": 30, "token": token,
-                                             "csr": pem}).status_code == 201
+    assert (
+        client.post("/v1/ssl/sign", json={"name": "sensor-9", "days": 30, "token": token, "csr": pem}).status_code
+        == 201
+    )
 
 
 # -- roles ------------------------------------------------------------------------------------------
@@ -98,10 +111,12 @@ def test_a_viewer_sees_everything_and_changes_nothing(generated_lab: LabEnv, app
     before = lab_state(generated_lab)
     headers = {"X-CSRF-Token": csrf}
     passphrase = generated_lab.passphrase
-    for route, body in (("create", create_body("v1", **{"pass": passphrase})),
-                        ("sign", {"name": "device001", "days": 5, "pass": passphrase}),
-                        ("revoke", {"name": "device001", "pass": passphrase}),
-                        ("tokens", {"name": "v2", "pass": passphrase})):
+    for route, body in (
+        ("create", create_body("v1", **{"pass": passphrase})),
+        ("sign", {"name": "device001", "days": 5, "pass": passphrase}),
+        ("revoke", {"name": "device001", "pass": passphrase}),
+        ("tokens", {"name": "v2", "pass": passphrase}),
+    ):
         response = client.post(f"/v1/ssl/{route}", json=body, headers=headers)
         assert response.status_code == 403 and "operator" in response.json["error"], route
     assert client.post("/api/tokens", json={"label": "x", "role": "viewer"}, headers=headers).status_code == 403
@@ -124,8 +139,12 @@ def test_an_operator_acts_without_the_ca_passphrase(generated_lab: LabEnv, app: 
     assert revoked.status_code == 200 and revoked.json["revoked"] == [created.json["serial"]]
     # the same with an operator API token instead of a session (no CSRF: no cookie, no browser)
     operator = bearer(api_token(app, "operator"))
-    assert client.application.test_client().post("/v1/ssl/sign", json={"name": "device002", "days": 9},
-                                                 headers=operator).status_code == 201
+    assert (
+        client.application.test_client()
+        .post("/v1/ssl/sign", json={"name": "device002", "days": 9}, headers=operator)
+        .status_code
+        == 201
+    )
 
 
 # -- cross-site, CSRF, Host -------------------------------------------------------------------------
@@ -136,16 +155,27 @@ def test_cross_site_requests_with_the_session_are_refused(generated_lab: LabEnv,
     csrf = login(client, generated_lab.admin_password)
     before = lab_state(generated_lab)
     # a form on another site posting to the CA with the session cookie (as a browser without SameSite would)
-    form = client.post("/v1/ssl/revoke", data={"name": "device001", "pass": generated_lab.passphrase},
-                       headers={"Origin": "http://evil.example"})
+    form = client.post(
+        "/v1/ssl/revoke",
+        data={"name": "device001", "pass": generated_lab.passphrase},
+        headers={"Origin": "http://evil.example"},
+    )
     assert form.status_code == 403
     # the same without an Origin header, and JSON without the CSRF token or with a wrong one
     assert client.post("/v1/ssl/revoke", data={"name": "device001"}).status_code == 403
     assert client.post("/v1/ssl/revoke", json={"name": "device001"}).status_code == 403
-    assert client.post("/v1/ssl/revoke", json={"name": "device001"},
-                       headers={"X-CSRF-Token": csrf[::-1]}).status_code == 403
-    assert client.post("/v1/ssl/revoke", json={"name": "device001"},
-                       headers={"X-CSRF-Token": csrf, "Origin": "http://evil.example"}).status_code == 403
+    assert (
+        client.post("/v1/ssl/revoke", json={"name": "device001"}, headers={"X-CSRF-Token": csrf[::-1]}).status_code
+        == 403
+    )
+    assert (
+        client.post(
+            "/v1/ssl/revoke",
+            json={"name": "device001"},
+            headers={"X-CSRF-Token": csrf, "Origin": "http://evil.example"},
+        ).status_code
+        == 403
+    )
     assert client.post("/api/tokens", json={"label": "x"}, headers={"Origin": "http://evil.example"}).status_code == 403
     assert lab_state(generated_lab) == before
     # logging out needs the token too (no forced logout from another site), then the session is gone
@@ -190,8 +220,10 @@ def test_idle_sessions_end_and_account_changes_apply_at_once(generated_lab: LabE
     users: UserStore = app.extensions["users"]
     csrf = login(client, generated_lab.admin_password)
     users.set_role("admin", "viewer")
-    assert client.post("/v1/ssl/create", json=create_body("after-demotion"),
-                       headers={"X-CSRF-Token": csrf}).status_code == 403
+    assert (
+        client.post("/v1/ssl/create", json=create_body("after-demotion"), headers={"X-CSRF-Token": csrf}).status_code
+        == 403
+    )
     users.set_role("admin", "operator")
     users.set_password("admin", "a-brand-new-password")
     assert client.get("/api/data").status_code == 401
@@ -202,9 +234,14 @@ def test_login_redirects_only_to_this_site(generated_lab: LabEnv, app: Flask) ->
         client = app.test_client()
         query = urlencode({"next": target})
         form = client.get(f"/login?{query}")
-        response = client.post(f"/login?{query}", data={
-            "username": "admin", "password": generated_lab.admin_password,
-            "csrf_token": csrf_of(form.get_data(as_text=True))})
+        response = client.post(
+            f"/login?{query}",
+            data={
+                "username": "admin",
+                "password": generated_lab.admin_password,
+                "csrf_token": csrf_of(form.get_data(as_text=True)),
+            },
+        )
         assert response.status_code == 302 and response.headers["Location"] == expected, target
 
 
@@ -213,8 +250,11 @@ def test_logins_are_throttled_per_account_and_per_source(generated_lab: LabEnv, 
     csrf = csrf_of(client.get("/login").get_data(as_text=True))
 
     def attempt(username: str, password: str, source: str) -> int:
-        return client.post("/login", data={"username": username, "password": password, "csrf_token": csrf},
-                           environ_base={"REMOTE_ADDR": source}).status_code
+        return client.post(
+            "/login",
+            data={"username": username, "password": password, "csrf_token": csrf},
+            environ_base={"REMOTE_ADDR": source},
+        ).status_code
 
     # five wrong passwords for admin, each from another address: the account is throttled for everyone
     assert [attempt("admin", "wrong-password", f"10.1.0.{i}") for i in range(5)] == [401] * 5
@@ -241,15 +281,17 @@ def test_api_tokens_are_shown_once_stored_hashed_and_revocable(generated_lab: La
     assert all(secret not in (t.token_sha256, t.label) for t in stored)
     script = app.test_client()
     assert script.get("/api/data", headers=bearer(secret)).status_code == 200
-    assert script.post("/v1/ssl/create", json=create_body("from-viewer-token"),
-                       headers=bearer(secret)).status_code == 403
+    assert (
+        script.post("/v1/ssl/create", json=create_body("from-viewer-token"), headers=bearer(secret)).status_code == 403
+    )
     revoked = client.post(f"/api/tokens/{created.json['id']}/revoke", headers={"X-CSRF-Token": csrf})
     assert revoked.status_code == 200
     assert script.get("/api/data", headers=bearer(secret)).status_code == 401
 
 
-def test_the_users_command(lab_env: LabEnv, monkeypatch: pytest.MonkeyPatch,
-                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_users_command(
+    lab_env: LabEnv, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert users_main(["add", "otto", "--role", "operator"]) == 0
     password = re.search(r"password: (\S+)", capsys.readouterr().out).group(1)  # type: ignore[union-attr]
     store = UserStore(lab_env.settings().effective_database_url)
@@ -284,8 +326,10 @@ def test_one_clients_failures_block_neither_others_nor_the_operator_and_survive_
     app = make_app(generated_lab)
     try:
         guesser = app.test_client()
-        statuses = [guesser.post("/v1/ssl/sign", json={"name": "victim", "days": 1, "pass": f"guess{i}"}).status_code
-                    for i in range(6)]
+        statuses = [
+            guesser.post("/v1/ssl/sign", json={"name": "victim", "days": 1, "pass": f"guess{i}"}).status_code
+            for i in range(6)
+        ]
         assert statuses == [403] * 5 + [429]
         right = {"name": "device001", "days": 3, "pass": generated_lab.passphrase}
         assert guesser.post("/v1/ssl/sign", json={**right, "name": "victim"}).status_code == 429
@@ -294,16 +338,23 @@ def test_one_clients_failures_block_neither_others_nor_the_operator_and_survive_
         # the operator, logged in or with a token, even for the locked name
         operator = app.test_client()
         csrf = login(operator, generated_lab.admin_password)
-        assert operator.post("/v1/ssl/create", json=create_body("victim"),
-                             headers={"X-CSRF-Token": csrf}).status_code == 201
-        assert app.test_client().post("/v1/ssl/sign", json={"name": "victim", "days": 2},
-                                      headers=bearer(api_token(app, "operator"))).status_code == 201
+        assert (
+            operator.post("/v1/ssl/create", json=create_body("victim"), headers={"X-CSRF-Token": csrf}).status_code
+            == 201
+        )
+        assert (
+            app.test_client()
+            .post("/v1/ssl/sign", json={"name": "victim", "days": 2}, headers=bearer(api_token(app, "operator")))
+            .status_code
+            == 201
+        )
     finally:
         close_app(app)
     restarted = make_app(generated_lab)  # a new CA process on the same database
     try:
-        again = restarted.test_client().post("/v1/ssl/sign", json={"name": "victim", "days": 1,
-                                                                   "pass": generated_lab.passphrase})
+        again = restarted.test_client().post(
+            "/v1/ssl/sign", json={"name": "victim", "days": 1, "pass": generated_lab.passphrase}
+        )
         assert again.status_code == 429 and int(again.headers["Retry-After"]) > 0
     finally:
         close_app(restarted)
@@ -315,8 +366,15 @@ def test_one_clients_failures_block_neither_others_nor_the_operator_and_survive_
 def test_beyond_loopback_the_dashboard_refuses_to_start_without_https(generated_lab: LabEnv) -> None:
     def start(**settings: str) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, **generated_lab.env, "DASHBOARD_PORT": "1", **settings}
-        return subprocess.run([sys.executable, "-m", "dashboard"], env=env, cwd=PROJECT_ROOT, capture_output=True,
-                              text=True, timeout=60, stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            [sys.executable, "-m", "dashboard"],
+            env=env,
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
 
     result = start(DASHBOARD_HOST="0.0.0.0")  # noqa: S104
     assert result.returncode == 2
@@ -346,12 +404,24 @@ def test_dashboard_tls_serves_https_with_the_dashboard_certificate(generated_lab
     dashboard's port and on the CA's EST/ACME port, which serves the same certificate."""
     port, ca_port = free_port(), free_port()
     ca, ca_url = start_ca_service({**generated_lab.env, "CERT_WATCH_SECONDS": "0.3"}, tmp_path / "ca.log", ca_port)
-    env = {**os.environ, **generated_lab.env, "DASHBOARD_TLS": "1", "DASHBOARD_PORT": str(port),
-           "CA_URLS": ca_url, "CERT_WATCH_SECONDS": "0.3"}
+    env = {
+        **os.environ,
+        **generated_lab.env,
+        "DASHBOARD_TLS": "1",
+        "DASHBOARD_PORT": str(port),
+        "CA_URLS": ca_url,
+        "CERT_WATCH_SECONDS": "0.3",
+    }
     log = tmp_path / "dashboard.log"
     with open(log, "wb") as out:
-        server = subprocess.Popen([sys.executable, "-m", "dashboard"], env=env, cwd=PROJECT_ROOT,
-                                  stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "dashboard"],
+            env=env,
+            cwd=PROJECT_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     context = ssl.create_default_context(cafile=str(generated_lab.certs_dir / "root_ca" / "root_ca.crt"))
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
 
@@ -376,18 +446,25 @@ def test_dashboard_tls_serves_https_with_the_dashboard_certificate(generated_lab
             opener.open(f"https://127.0.0.1:{port}/api/data", timeout=5)
         assert refused.value.code == 401
         with pytest.raises((OSError, http.client.HTTPException)):  # no clear-text HTTP answer on the TLS port
-            urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f"http://127.0.0.1:{port}/healthz",
-                                                                               timeout=5)
+            urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+                f"http://127.0.0.1:{port}/healthz", timeout=5
+            )
 
-        root, dashboard_cert = generated_lab.certs_dir / "root_ca" / "root_ca.crt", generated_lab.certs_dir / \
-            "dashboard" / "dashboard.crt"
+        root, dashboard_cert = (
+            generated_lab.certs_dir / "root_ca" / "root_ca.crt",
+            generated_lab.certs_dir / "dashboard" / "dashboard.crt",
+        )
         old = format(x509.load_pem_x509_certificate(dashboard_cert.read_bytes()).serial_number, "x")
         assert served_serial(port, root) == served_serial(ca_port, root) == old
         generated_lab.lab().generate(force=True)
         new = format(x509.load_pem_x509_certificate(dashboard_cert.read_bytes()).serial_number, "x")
         assert new != old
-        wait_for(lambda: served_serial(port, root) == new and served_serial(ca_port, root) == new, timeout=20,
-                 interval=0.2, what=f"the renewed dashboard certificate on both ports\n{log.read_text()}")
+        wait_for(
+            lambda: served_serial(port, root) == new and served_serial(ca_port, root) == new,
+            timeout=20,
+            interval=0.2,
+            what=f"the renewed dashboard certificate on both ports\n{log.read_text()}",
+        )
         with opener.open(f"https://localhost:{port}/login", timeout=5) as response:  # /healthz: 503, no broker here
             assert response.status == 200
         assert server.poll() is None

@@ -19,17 +19,27 @@ pytestmark = pytest.mark.integration
 
 def run_bench(script: str, results: str, out: Path, *args: str, timeout: float = 240) -> tuple[str, dict[str, Any]]:
     """Run `python -m bench.<script> --out <out> <args>`; (its stdout, the results file `<out>/<results>.json`)."""
-    result = subprocess.run([sys.executable, "-m", f"bench.{script.removesuffix('.py')}", "--out", str(out), *args],
-                            cwd=PROJECT_ROOT,
-                            capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        [sys.executable, "-m", f"bench.{script.removesuffix('.py')}", "--out", str(out), *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout, json.loads((out / f"{results}.json").read_text())
 
 
 @pytest.mark.parametrize("module", ["issuance", "enrol_storm", "revocation", "telemetry", "fleet"])
 def test_bench_help(module: str) -> None:
-    result = subprocess.run([sys.executable, "-m", f"bench.{module}", "--help"], cwd=PROJECT_ROOT,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", f"bench.{module}", "--help"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert f"usage: python -m bench.{module}" in result.stdout
     assert "--out" in result.stdout
@@ -38,16 +48,37 @@ def test_bench_help(module: str) -> None:
 def test_the_benches_import_nothing_from_tests() -> None:
     """bench/ and tests/ share lab.testing; `python -m bench.…` needs no tests package."""
     modules = sorted(f"bench.{path.stem}" for path in (PROJECT_ROOT / "bench").glob("*.py") if path.stem != "__init__")
-    code = (f"import sys; [__import__(m) for m in {modules!r}]; "
-            "sys.exit(', '.join(m for m in sys.modules if m.split('.')[0] == 'tests') or None)")
-    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                            timeout=60)
+    code = (
+        f"import sys; [__import__(m) for m in {modules!r}]; "
+        "sys.exit(', '.join(m for m in sys.modules if m.split('.')[0] == 'tests') or None)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
 
 
 def test_issuance_bench_runs_every_level(tmp_path: Path) -> None:
-    tiny = ["--duration", "1", "--count", "20", "--csrs", "20", "--threads", "2", "--http-clients", "2",
-            "--requesters", "2", "--window", "2", "--renewers", "2", "--quiet-timeout", "0", "--ca-replicas", "2"]
+    tiny = [
+        "--duration",
+        "1",
+        "--count",
+        "20",
+        "--csrs",
+        "20",
+        "--threads",
+        "2",
+        "--http-clients",
+        "2",
+        "--requesters",
+        "2",
+        "--window",
+        "2",
+        "--renewers",
+        "2",
+        "--quiet-timeout",
+        "0",
+        "--ca-replicas",
+        "2",
+    ]
     stdout, results = run_bench("issuance.py", "issuance-ec", tmp_path, *tiny)
     assert results["bench"] == "issuance-ec" and {"cpu", "cores", "date"} <= set(results["machine"])
     figures = results["figures"]
@@ -72,19 +103,34 @@ def test_issuance_bench_runs_every_level(tmp_path: Path) -> None:
 
 
 def test_enrol_storm_bench_with_tokens(tmp_path: Path) -> None:
-    _, results = run_bench("enrol_storm.py", "enrol-storm", tmp_path, "--devices", "20", "--requesters", "2",
-                           "--auth", "token", "--timeout", "60", "--quiet-timeout", "0")
+    _, results = run_bench(
+        "enrol_storm.py",
+        "enrol-storm",
+        tmp_path,
+        "--devices",
+        "20",
+        "--requesters",
+        "2",
+        "--auth",
+        "token",
+        "--timeout",
+        "60",
+        "--quiet-timeout",
+        "0",
+    )
     figures = results["figures"]
-    assert {"total_s", "certificates_per_s", "latency", "time_to_certificate", "by_status", "target_met"} <= \
-        set(figures)
+    assert {"total_s", "certificates_per_s", "latency", "time_to_certificate", "by_status", "target_met"} <= set(
+        figures
+    )
     assert figures["failures"] == 0 and figures["by_status"] == {"201": 20}
     assert figures["latency"]["count"] == 20 and "p99_ms" in figures["latency"]
     assert (tmp_path / "enrol-storm-progress.png").exists() and (tmp_path / "enrol-storm-latency.png").exists()
 
 
 def test_revocation_bench_cuts_the_device_off(tmp_path: Path) -> None:
-    _, results = run_bench("revocation.py", "revocation", tmp_path, "--rounds", "1", "--observe", "1.5",
-                           "--quiet-timeout", "0")
+    _, results = run_bench(
+        "revocation.py", "revocation", tmp_path, "--rounds", "1", "--observe", "1.5", "--quiet-timeout", "0"
+    )
     figures = results["figures"]
     assert {"closed", "shown", "cutoff", "refused", "revoke_reply", "per_round", "target_met"} <= set(figures)
     assert figures["failures"] == []
@@ -100,8 +146,26 @@ def test_revocation_bench_cuts_the_device_off(tmp_path: Path) -> None:
 
 
 def test_telemetry_bench_measures_the_c_pipeline_the_ingest_replicas_and_latency(tmp_path: Path) -> None:
-    tiny = ["--publishers", "2", "--messages", "500", "--devices", "4", "--rates", "100", "--step-seconds", "1",
-            "--latency-devices", "4", "--latency-rate", "40", "--latency-seconds", "1.5", "--quiet-timeout", "0"]
+    tiny = [
+        "--publishers",
+        "2",
+        "--messages",
+        "500",
+        "--devices",
+        "4",
+        "--rates",
+        "100",
+        "--step-seconds",
+        "1",
+        "--latency-devices",
+        "4",
+        "--latency-rate",
+        "40",
+        "--latency-seconds",
+        "1.5",
+        "--quiet-timeout",
+        "0",
+    ]
     stdout, results = run_bench("telemetry.py", "telemetry", tmp_path, *tiny)
     figures = results["figures"]
     assert {"c_pipeline", "c_subscriber", "ingest_1", "ingest_2", "latency", "targets"} <= set(figures)
@@ -123,8 +187,9 @@ def test_telemetry_bench_measures_the_c_pipeline_the_ingest_replicas_and_latency
 
 
 def test_fleet_bench_lists_every_device_online(tmp_path: Path) -> None:
-    _, results = run_bench("fleet.py", "fleet", tmp_path, "--devices", "20", "--rate", "40", "--seconds", "2",
-                           "--quiet-timeout", "0")
+    _, results = run_bench(
+        "fleet.py", "fleet", tmp_path, "--devices", "20", "--rate", "40", "--seconds", "2", "--quiet-timeout", "0"
+    )
     figures = results["figures"]
     assert {"connects_per_s", "connect_latency_ms", "broker_kib_per_connection", "cpu", "targets"} <= set(figures)
     assert figures["connected"] == 20 and figures["connect_failures"] == 0

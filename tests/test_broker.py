@@ -38,8 +38,15 @@ def test_device_readings_reach_the_dashboard(session_lab: LabEnv, session_broker
         dashboard.close()
 
 
-def _foreign_identity(tmp_path: Path, cn: str, *, days: int = 30, now: dt.datetime | None = None,
-                      ca: CertificateAuthority | None = None, root: Path) -> Identity:
+def _foreign_identity(
+    tmp_path: Path,
+    cn: str,
+    *,
+    days: int = 30,
+    now: dt.datetime | None = None,
+    ca: CertificateAuthority | None = None,
+    root: Path,
+) -> Identity:
     """A client certificate with `cn`, from `ca` (default: a foreign CA); the broker root as trust anchor."""
     ca = ca or CertificateAuthority.create()
     key = generate_private_key()
@@ -52,9 +59,24 @@ def _foreign_identity(tmp_path: Path, cn: str, *, days: int = 30, now: dt.dateti
 def test_client_without_a_certificate_is_refused(session_lab: LabEnv, session_broker: Broker) -> None:
     root = session_lab.certs_dir / "root_ca" / "root_ca.crt"
     result = subprocess.run(
-        ["mosquitto_pub", "-h", "localhost", "-p", str(session_broker.port), "--cafile", str(root),
-         "-t", "iot/thermometer/device001/temperature", "-m", "x", "-q", "1"],
-        capture_output=True, text=True, timeout=20,
+        [
+            "mosquitto_pub",
+            "-h",
+            "localhost",
+            "-p",
+            str(session_broker.port),
+            "--cafile",
+            str(root),
+            "-t",
+            "iot/thermometer/device001/temperature",
+            "-m",
+            "x",
+            "-q",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
     )
     assert result.returncode != 0
     # and paho, trusting the broker but presenting nothing, never gets a CONNACK
@@ -90,8 +112,9 @@ def test_certificate_from_another_ca_with_the_same_cn_is_refused(
 
 def test_expired_certificate_is_refused(session_lab: LabEnv, session_broker: Broker, tmp_path: Path) -> None:
     root_dir = session_lab.certs_dir / "root_ca"
-    ca = CertificateAuthority.load((root_dir / "root_ca.crt").read_bytes(), (root_dir / "root_ca.key").read_bytes(),
-                                   session_lab.passphrase)
+    ca = CertificateAuthority.load(
+        (root_dir / "root_ca.crt").read_bytes(), (root_dir / "root_ca.key").read_bytes(), session_lab.passphrase
+    )
     past = dt.datetime.now(dt.UTC) - dt.timedelta(days=10)
     identity = _foreign_identity(tmp_path, "device001", days=2, now=past, ca=ca, root=root_dir / "root_ca.crt")
     assert refused(session_broker.port, identity)
@@ -103,17 +126,44 @@ def test_expired_certificate_is_refused(session_lab: LabEnv, session_broker: Bro
 def test_tls_1_1_is_refused(session_lab: LabEnv, session_broker: Broker) -> None:
     certs = session_lab.certs_dir / "device001"
     result = subprocess.run(
-        ["openssl", "s_client", "-connect", f"127.0.0.1:{session_broker.port}", "-tls1_1",
-         "-CAfile", str(certs / "root_ca.crt"), "-cert", str(certs / "device001.crt"),
-         "-key", str(certs / "device001.key")],
-        input="", capture_output=True, text=True, timeout=20,
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{session_broker.port}",
+            "-tls1_1",
+            "-CAfile",
+            str(certs / "root_ca.crt"),
+            "-cert",
+            str(certs / "device001.crt"),
+            "-key",
+            str(certs / "device001.key"),
+        ],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=20,
     )
     assert result.returncode != 0
     ok = subprocess.run(
-        ["openssl", "s_client", "-connect", f"127.0.0.1:{session_broker.port}", "-tls1_2",
-         "-CAfile", str(certs / "root_ca.crt"), "-cert", str(certs / "device001.crt"),
-         "-key", str(certs / "device001.key"), "-verify_return_error"],
-        input="", capture_output=True, text=True, timeout=20,
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{session_broker.port}",
+            "-tls1_2",
+            "-CAfile",
+            str(certs / "root_ca.crt"),
+            "-cert",
+            str(certs / "device001.crt"),
+            "-key",
+            str(certs / "device001.key"),
+            "-verify_return_error",
+        ],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=20,
     )
     assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
 
@@ -158,9 +208,7 @@ def test_device_cannot_write_or_read_another_devices_topics(session_lab: LabEnv,
             c.close()
 
 
-def test_second_client_with_device001s_cert_gets_no_device002_data(
-    session_lab: LabEnv, session_broker: Broker
-) -> None:
+def test_second_client_with_device001s_cert_gets_no_device002_data(session_lab: LabEnv, session_broker: Broker) -> None:
     port = session_broker.port
     first = Collector(session_lab.certs_dir, "device001", port).connect()
     # Same certificate, different client id: the broker forces the client id to the CN, so this takes
@@ -187,20 +235,48 @@ def test_mosquitto_pub_and_sub_with_device_certificates(session_lab: LabEnv, ses
     base = ["-h", "localhost", "-p", str(session_broker.port), "--cafile", str(certs / "root_ca" / "root_ca.crt")]
     # -R: not the retained messages other tests' thermometers left on this shared broker (their presence).
     sub = subprocess.Popen(
-        ["mosquitto_sub", *base, "--cert", str(certs / "dashboard" / "dashboard.crt"),
-         "--key", str(certs / "dashboard" / "dashboard.key"), "-t", "iot/thermometer/device002/#", "-R",
-         "-C", "1", "-W", "20", "-v"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            "mosquitto_sub",
+            *base,
+            "--cert",
+            str(certs / "dashboard" / "dashboard.crt"),
+            "--key",
+            str(certs / "dashboard" / "dashboard.key"),
+            "-t",
+            "iot/thermometer/device002/#",
+            "-R",
+            "-C",
+            "1",
+            "-W",
+            "20",
+            "-v",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     # The broker logs no line for the SUBSCRIBE that follows mosquitto_sub's CONNECT: publish until it has
     # received one (each publish is a whole QoS 1 exchange, acknowledged before mosquitto_pub exits).
     deadline = time.monotonic() + 20
     while sub.poll() is None and time.monotonic() < deadline:
         pub = subprocess.run(
-            ["mosquitto_pub", *base, "--cert", str(certs / "device002" / "device002.crt"),
-             "--key", str(certs / "device002" / "device002.key"), "-t", "iot/thermometer/device002/temperature",
-             "-m", '{"temperature": 19.5}', "-q", "1"],
-            capture_output=True, text=True, timeout=20,
+            [
+                "mosquitto_pub",
+                *base,
+                "--cert",
+                str(certs / "device002" / "device002.crt"),
+                "--key",
+                str(certs / "device002" / "device002.key"),
+                "-t",
+                "iot/thermometer/device002/temperature",
+                "-m",
+                '{"temperature": 19.5}',
+                "-q",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=20,
         )
         assert pub.returncode == 0, pub.stderr
     out, err = sub.communicate(timeout=20)

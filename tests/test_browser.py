@@ -28,8 +28,15 @@ from .support import Broker, ThermometerProcess, wait_for
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 OUTPUT = PROJECT_ROOT / "test-output"
 DEVICES = ("device001", "device002")
 
@@ -38,8 +45,9 @@ DEVICES = ("device001", "device002")
 def running_lab(broker: Broker, generated_lab: LabEnv, tmp_path: Path) -> Iterator[dict[str, Any]]:
     """The native lab: broker (fixture), dashboard and one thermometer per device publishing every second."""
     dashboard = DashboardProcess(generated_lab.env, tmp_path / "dashboard.log")
-    thermometers = {d: ThermometerProcess({**generated_lab.env, "DEVICE_ID": d, "PUBLISH_INTERVAL": "1"})
-                    for d in DEVICES}
+    thermometers = {
+        d: ThermometerProcess({**generated_lab.env, "DEVICE_ID": d, "PUBLISH_INTERVAL": "1"}) for d in DEVICES
+    }
     try:
         dashboard.start()
         for thermometer in thermometers.values():
@@ -84,8 +92,10 @@ def test_live_dashboard_in_chromium(running_lab: dict[str, Any], browser: Browse
     page.on("pageerror", lambda ex: errors.append(str(ex)))
     page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
     outside: list[str] = []
-    page.on("request", lambda req: outside.append(req.url)
-            if not req.url.startswith((dashboard.url, "data:", "blob:")) else None)
+    page.on(
+        "request",
+        lambda req: outside.append(req.url) if not req.url.startswith((dashboard.url, "data:", "blob:")) else None,
+    )
     log_in(page, dashboard, "admin", lab.admin_password)
     cookie = next(c for c in page.context.cookies() if c["name"] == "iotca_session")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
@@ -102,21 +112,30 @@ def test_live_dashboard_in_chromium(running_lab: dict[str, Any], browser: Browse
                 seen[device].add(value)
         return all(len(values) >= 2 for values in seen.values())
 
-    wait_for(both_online_and_changing, timeout=10, interval=0.2,
-             what=f"both devices online with changing temperatures (seen {seen})")
+    wait_for(
+        both_online_and_changing,
+        timeout=10,
+        interval=0.2,
+        what=f"both devices online with changing temperatures (seen {seen})",
+    )
 
     # The chart has points for both devices.
-    lengths = page.evaluate(
-        "Object.fromEntries(labDashboard.chart.data.datasets.map(d => [d.label, d.data.length]))")
+    lengths = page.evaluate("Object.fromEntries(labDashboard.chart.data.datasets.map(d => [d.label, d.data.length]))")
     assert all(lengths.get(device, 0) >= 2 for device in DEVICES), lengths
 
     # The log shows telemetry; the filter keeps only what matches.
     topics = page.locator("#log-list .log-row .topic")
-    wait_for(lambda: "iot/thermometer/device001/temperature" in topics.all_inner_texts(), timeout=5,
-             what="a telemetry line in the log")
+    wait_for(
+        lambda: "iot/thermometer/device001/temperature" in topics.all_inner_texts(),
+        timeout=5,
+        what="a telemetry line in the log",
+    )
     page.fill("#log-filter", "device002/temperature")
-    wait_for(lambda: topics.count() > 0 and all("device002/temperature" in t for t in topics.all_inner_texts()),
-             timeout=5, what="only device002 telemetry in the filtered log")
+    wait_for(
+        lambda: topics.count() > 0 and all("device002/temperature" in t for t in topics.all_inner_texts()),
+        timeout=5,
+        what="only device002 telemetry in the filtered log",
+    )
     page.fill("#log-filter", "no-such-topic-xyz")
     wait_for(lambda: topics.count() == 0, timeout=5, what="an empty log for a filter that matches nothing")
     assert "No message matches" in page.inner_text("#log-list")
@@ -126,8 +145,11 @@ def test_live_dashboard_in_chromium(running_lab: dict[str, Any], browser: Browse
     # Pause freezes the log while messages keep arriving (counted on the button); resume shows them.
     page.click("#log-pause")
     frozen = page.locator("#log-list .log-row").first.get_attribute("data-id")
-    wait_for(lambda: re.fullmatch(r"Resume \(\d+\)", page.inner_text("#log-pause")), timeout=5,
-             what="messages counted while paused")
+    wait_for(
+        lambda: re.fullmatch(r"Resume \(\d+\)", page.inner_text("#log-pause")),
+        timeout=5,
+        what="messages counted while paused",
+    )
     assert page.locator("#log-list .log-row").first.get_attribute("data-id") == frozen
     page.click("#log-pause")
     assert int(page.locator("#log-list .log-row").first.get_attribute("data-id") or 0) > int(frozen or 0)
@@ -164,9 +186,12 @@ def test_live_dashboard_in_chromium(running_lab: dict[str, Any], browser: Browse
     with opener.open(api_data, timeout=5) as response:
         assert response.status == 200
     assert secret not in page.inner_text("#token-rows")
-    page.locator('#token-rows button[data-revoke-token]').last.click()
-    wait_for(lambda: page.locator("#token-rows tr .token-state").last.inner_text().startswith("revoked"),
-             timeout=10, what="the token revoked on the page")
+    page.locator("#token-rows button[data-revoke-token]").last.click()
+    wait_for(
+        lambda: page.locator("#token-rows tr .token-state").last.inner_text().startswith("revoked"),
+        timeout=10,
+        what="the token revoked on the page",
+    )
     with pytest.raises(urllib.error.HTTPError) as refused:
         opener.open(api_data, timeout=5)
     assert refused.value.code == 401
@@ -182,15 +207,24 @@ def test_live_dashboard_in_chromium(running_lab: dict[str, Any], browser: Browse
     page.fill("#panel-revoke input[name=name]", "sensor-e2e")
     page.select_option("#panel-revoke select[name=reason]", "keyCompromise")
     page.click("#panel-revoke button[type=submit]")
-    wait_for(lambda: "Revoked sensor-e2e" in page.inner_text("#ca-result .alert-ok"), timeout=10,
-             what="the revocation's result on the page")
-    wait_for(lambda: page.locator('#cert-rows tr[data-name="sensor-e2e"] .status').first.inner_text().lower()
-             == "revoked", timeout=10, what="sensor-e2e revoked in the table")
+    wait_for(
+        lambda: "Revoked sensor-e2e" in page.inner_text("#ca-result .alert-ok"),
+        timeout=10,
+        what="the revocation's result on the page",
+    )
+    wait_for(
+        lambda: page.locator('#cert-rows tr[data-name="sensor-e2e"] .status').first.inner_text().lower() == "revoked",
+        timeout=10,
+        what="sensor-e2e revoked in the table",
+    )
 
     # Stopping a thermometer (SIGTERM) turns it offline on the page; the other stays online.
     assert running_lab["thermometers"]["device002"].terminate() == 0
-    wait_for(lambda: card(page, "device002").locator(".status-badge").inner_text() == "Offline", timeout=10,
-             what="device002 offline on the page")
+    wait_for(
+        lambda: card(page, "device002").locator(".status-badge").inner_text() == "Offline",
+        timeout=10,
+        what="device002 offline on the page",
+    )
     assert card(page, "device001").locator(".status-badge").inner_text() == "Online"
     page.screenshot(path=str(OUTPUT / "dashboard-device-offline.png"), full_page=True)
 
@@ -216,14 +250,23 @@ def check_viewer_and_logged_out(browser: Browser, dashboard: DashboardProcess) -
     anonymous.context.close()
 
     password = "a-viewer-password"
-    added = subprocess.run([sys.executable, "-m", "dashboard.users", "add", "vera", "--role", "viewer",
-                            "--password-stdin"], input=password + "\n", env=dashboard.env, cwd=PROJECT_ROOT,
-                           capture_output=True, text=True, timeout=60)
+    added = subprocess.run(
+        [sys.executable, "-m", "dashboard.users", "add", "vera", "--role", "viewer", "--password-stdin"],
+        input=password + "\n",
+        env=dashboard.env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert added.returncode == 0, added.stdout + added.stderr
     page = browser.new_context().new_page()
     log_in(page, dashboard, "vera", password)
-    wait_for(lambda: card(page, "device001").locator(".status-badge").inner_text() == "Online", timeout=10,
-             what="device001 online for the viewer")
+    wait_for(
+        lambda: card(page, "device001").locator(".status-badge").inner_text() == "Online",
+        timeout=10,
+        what="device001 online for the viewer",
+    )
     assert page.inner_text("#user-role") == "viewer"
     assert page.locator("#log-list .log-row").count() > 0
     assert page.locator('#cert-rows tr[data-name="device001"]').count() >= 1
@@ -252,8 +295,9 @@ def expiring_lab(broker: Broker, generated_lab: LabEnv, tmp_path: Path) -> Itera
     """The broker and the dashboard, with device001's certificate ten days from expiry (inside the window)."""
     aged = issue_aged_certificate(generated_lab, "device001", days=365, days_left=10)
     dashboard = DashboardProcess(generated_lab.env, tmp_path / "dashboard.log")
-    thermometer = ThermometerProcess({**generated_lab.env, "DEVICE_ID": "device001", "PUBLISH_INTERVAL": "0.2",
-                                      "RENEW_CHECK_INTERVAL": "0.5"})
+    thermometer = ThermometerProcess(
+        {**generated_lab.env, "DEVICE_ID": "device001", "PUBLISH_INTERVAL": "0.2", "RENEW_CHECK_INTERVAL": "0.5"}
+    )
     try:
         dashboard.start()
         yield {"dashboard": dashboard, "thermometer": thermometer, "lab": generated_lab, "aged": aged}
@@ -262,8 +306,9 @@ def expiring_lab(broker: Broker, generated_lab: LabEnv, tmp_path: Path) -> Itera
         dashboard.stop()
 
 
-def test_expiring_certificate_renews_itself_and_the_page_follows(expiring_lab: dict[str, Any],
-                                                                  browser: Browser) -> None:
+def test_expiring_certificate_renews_itself_and_the_page_follows(
+    expiring_lab: dict[str, Any], browser: Browser
+) -> None:
     """Banner and badge show device001 expiring; its thermometer renews over MQTT; the page shows it valid."""
     dashboard: DashboardProcess = expiring_lab["dashboard"]
     lab: LabEnv = expiring_lab["lab"]
@@ -293,8 +338,11 @@ def test_expiring_certificate_renews_itself_and_the_page_follows(expiring_lab: d
     # The thermometer finds its certificate inside the window and renews it over MQTT (ssl/renew/device001).
     thermometer: ThermometerProcess = expiring_lab["thermometer"].start()
     thermometer.wait_output("renewed the certificate", timeout=20)
-    wait_for(lambda: badge.get_attribute("class") == "cert-badge cert-valid", timeout=10,
-             what=f"device001's badge valid after the renewal (now {badge.inner_text()!r})")
+    wait_for(
+        lambda: badge.get_attribute("class") == "cert-badge cert-valid",
+        timeout=10,
+        what=f"device001's badge valid after the renewal (now {badge.inner_text()!r})",
+    )
     assert badge.inner_text() == "Valid · 365 d left"  # a renewal keeps the lifetime
     assert banner.is_hidden()
     current = page.locator('#cert-rows tr[data-name="device001"]')
@@ -320,13 +368,19 @@ def test_expiring_certificate_renews_itself_and_the_page_follows(expiring_lab: d
     page.click("#action-submit")
     page.locator("#toast").wait_for(timeout=10_000)
     assert page.inner_text("#toast").startswith("Renewed device002")
-    wait_for(lambda: page.get_attribute('#cert-rows tr[data-name="device002"]', "data-serial") != old_device002,
-             timeout=10, what="device002's new certificate in the table")
+    wait_for(
+        lambda: page.get_attribute('#cert-rows tr[data-name="device002"]', "data-serial") != old_device002,
+        timeout=10,
+        what="device002's new certificate in the table",
+    )
     card(page, "device002").locator('[data-action="revoke"]').click()
     page.select_option("#action-form select[name=reason]", "cessationOfOperation")
     page.click("#action-submit")
-    wait_for(lambda: card(page, "device002").locator(".cert-badge").inner_text() == "Revoked", timeout=10,
-             what="device002 revoked on its card")
+    wait_for(
+        lambda: card(page, "device002").locator(".cert-badge").inner_text() == "Revoked",
+        timeout=10,
+        what="device002 revoked on its card",
+    )
     banner.wait_for(state="visible", timeout=10_000)
     assert banner.get_attribute("data-level") == "bad"
     assert banner.locator('.tag[data-status="revoked"]').text_content() == "1 revoked"

@@ -38,9 +38,21 @@ pytestmark = pytest.mark.databases
 
 def test_seed_bodies_over_http(generated_lab: LabEnv, client: FlaskClient, tmp_path: Path) -> None:
     passphrase = generated_lab.passphrase
-    created = client.post("/v1/ssl/create", json={
-        "name": "client", "days": "360", "pass": passphrase, "country": "BR", "state": "SP",
-        "locality": "Campinas", "org": "ACME", "unit": "Sensors", "cn": "client", "email": "ops@example.com"})
+    created = client.post(
+        "/v1/ssl/create",
+        json={
+            "name": "client",
+            "days": "360",
+            "pass": passphrase,
+            "country": "BR",
+            "state": "SP",
+            "locality": "Campinas",
+            "org": "ACME",
+            "unit": "Sensors",
+            "cn": "client",
+            "email": "ops@example.com",
+        },
+    )
     assert created.status_code == 201, created.json
     assert list(created.json) == ["name", "ca", "crt", "key", "serial", "not_after"]
     check_issued(created.json, tmp_path=tmp_path)
@@ -48,14 +60,38 @@ def test_seed_bodies_over_http(generated_lab: LabEnv, client: FlaskClient, tmp_p
     assert signed.status_code == 201, signed.json
     check_issued(signed.json, tmp_path=tmp_path)
     assert signed.headers["Cache-Control"] == "no-store"
-    replay = client.post("/v1/ssl/create", json={
-        "name": "client", "days": 360, "pass": passphrase, "country": "BR", "state": "SP",
-        "locality": "Campinas", "org": "ACME", "unit": "Sensors", "cn": "client", "email": "ops@example.com"})
+    replay = client.post(
+        "/v1/ssl/create",
+        json={
+            "name": "client",
+            "days": 360,
+            "pass": passphrase,
+            "country": "BR",
+            "state": "SP",
+            "locality": "Campinas",
+            "org": "ACME",
+            "unit": "Sensors",
+            "cn": "client",
+            "email": "ops@example.com",
+        },
+    )
     # the entity was renewed in between: its current certificate is not the create's any more
     assert replay.status_code == 201 and replay.json["serial"] != created.json["serial"]
-    again = client.post("/v1/ssl/create", json={
-        "name": "client", "days": 360, "pass": passphrase, "country": "BR", "state": "SP",
-        "locality": "Campinas", "org": "ACME", "unit": "Sensors", "cn": "client", "email": "ops@example.com"})
+    again = client.post(
+        "/v1/ssl/create",
+        json={
+            "name": "client",
+            "days": 360,
+            "pass": passphrase,
+            "country": "BR",
+            "state": "SP",
+            "locality": "Campinas",
+            "org": "ACME",
+            "unit": "Sensors",
+            "cn": "client",
+            "email": "ops@example.com",
+        },
+    )
     assert again.status_code == 200 and again.json["serial"] == replay.json["serial"]
 
 
@@ -72,13 +108,30 @@ _MISSING = object()
 
 
 @pytest.mark.parametrize("route", ["sign", "create"])
-@pytest.mark.parametrize(("field", "value"), [
-    ("name", _MISSING), ("name", 42), ("name", ["client"]), ("name", "../../etc/passwd"), ("name", "a/b"),
-    ("name", "+"), ("name", "#"), ("name", ""),
-    ("days", _MISSING), ("days", "ten"), ("days", 0), ("days", -3), ("days", None), ("days", 1.5),
-    ("days", 100000),
-    ("pass", _MISSING), ("pass", 1234), ("pass", None), ("pass", ""),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("name", _MISSING),
+        ("name", 42),
+        ("name", ["client"]),
+        ("name", "../../etc/passwd"),
+        ("name", "a/b"),
+        ("name", "+"),
+        ("name", "#"),
+        ("name", ""),
+        ("days", _MISSING),
+        ("days", "ten"),
+        ("days", 0),
+        ("days", -3),
+        ("days", None),
+        ("days", 1.5),
+        ("days", 100000),
+        ("pass", _MISSING),
+        ("pass", 1234),
+        ("pass", None),
+        ("pass", ""),
+    ],
+)
 def test_each_field_missing_or_wrong_is_400_naming_it(
     generated_lab: LabEnv, client: FlaskClient, route: str, field: str, value: Any
 ) -> None:
@@ -90,20 +143,33 @@ def test_each_field_missing_or_wrong_is_400_naming_it(
     assert lab_state(generated_lab) == before
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("country", "Brasil"), ("state", 7), ("locality", "\x07"), ("org", "x" * 65), ("unit", []),
-    ("cn", "a/b"), ("email", "nobody"),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("country", "Brasil"),
+        ("state", 7),
+        ("locality", "\x07"),
+        ("org", "x" * 65),
+        ("unit", []),
+        ("cn", "a/b"),
+        ("email", "nobody"),
+    ],
+)
 def test_create_subject_fields_are_checked(generated_lab: LabEnv, client: FlaskClient, field: str, value: Any) -> None:
-    response = client.post("/v1/ssl/create", json={"name": "c", "days": 3, "pass": generated_lab.passphrase,
-                                                   field: value})
+    response = client.post(
+        "/v1/ssl/create", json={"name": "c", "days": 3, "pass": generated_lab.passphrase, field: value}
+    )
     assert (response.status_code, response.json["field"]) == (400, field)
 
 
 def test_not_json_is_415_and_too_large_is_413(generated_lab: LabEnv, client: FlaskClient) -> None:
     before = lab_state(generated_lab)
-    for kwargs in ({"data": "name=client"}, {"data": {"name": "client"}},
-                   {"data": '{"name": "client"}', "content_type": "text/plain"}, {}):
+    for kwargs in (
+        {"data": "name=client"},
+        {"data": {"name": "client"}},
+        {"data": '{"name": "client"}', "content_type": "text/plain"},
+        {},
+    ):
         response = client.post("/v1/ssl/sign", **kwargs)
         assert response.status_code == 415 and "JSON" in response.json["error"]
     big = json.dumps({"name": "client", "days": 1, "pass": "x", "pad": "x" * 70 * 1024})
@@ -120,19 +186,31 @@ def test_wrong_pass_is_403_then_429_with_retry_after(generated_lab: LabEnv, clie
     before = lab_state(generated_lab)
     pem, _ = make_csr("newbie")
     for _ in range(5):
-        response = client.post("/v1/ssl/sign", json={"name": "newbie", "days": 3, "pass": "guess", "csr": pem},
-                               environ_base={"REMOTE_ADDR": "192.0.2.7"})
+        response = client.post(
+            "/v1/ssl/sign",
+            json={"name": "newbie", "days": 3, "pass": "guess", "csr": pem},
+            environ_base={"REMOTE_ADDR": "192.0.2.7"},
+        )
         assert response.status_code == 403 and response.json == {"error": "wrong passphrase", "field": "pass"}
     assert lab_state(generated_lab) == before  # no file, no inventory row
-    sixth = client.post("/v1/ssl/sign", json={"name": "newbie", "days": 3, "pass": "guess", "csr": pem},
-                        environ_base={"REMOTE_ADDR": "192.0.2.7"})
+    sixth = client.post(
+        "/v1/ssl/sign",
+        json={"name": "newbie", "days": 3, "pass": "guess", "csr": pem},
+        environ_base={"REMOTE_ADDR": "192.0.2.7"},
+    )
     assert sixth.status_code == 429 and 0 < int(sixth.headers["Retry-After"]) <= 900
     assert "error" in sixth.json
-    right = client.post("/v1/ssl/sign", json={"name": "newbie", "days": 3, "pass": generated_lab.passphrase,
-                                              "csr": pem}, environ_base={"REMOTE_ADDR": "192.0.2.7"})
+    right = client.post(
+        "/v1/ssl/sign",
+        json={"name": "newbie", "days": 3, "pass": generated_lab.passphrase, "csr": pem},
+        environ_base={"REMOTE_ADDR": "192.0.2.7"},
+    )
     assert right.status_code == 429
-    other = client.post("/v1/ssl/sign", json={"name": "newbie", "days": 3, "pass": generated_lab.passphrase,
-                                              "csr": pem}, environ_base={"REMOTE_ADDR": "192.0.2.8"})
+    other = client.post(
+        "/v1/ssl/sign",
+        json={"name": "newbie", "days": 3, "pass": generated_lab.passphrase, "csr": pem},
+        environ_base={"REMOTE_ADDR": "192.0.2.8"},
+    )
     assert other.status_code == 201
 
 
@@ -141,8 +219,7 @@ def test_unknown_entity_is_404_and_protected_names_409(generated_lab: LabEnv, cl
     assert (response.status_code, response.json["field"]) == (404, "name")
     for name in ("root_ca", "mosquitto", "dashboard", "provisioner"):
         for route in ("sign", "create"):
-            response = client.post(f"/v1/ssl/{route}", json={"name": name, "days": 3,
-                                                              "pass": generated_lab.passphrase})
+            response = client.post(f"/v1/ssl/{route}", json={"name": name, "days": 3, "pass": generated_lab.passphrase})
             assert (response.status_code, response.json["field"]) == (409, "name")
 
 
@@ -184,16 +261,18 @@ def test_openapi_documents_every_route(app: Flask, client: FlaskClient) -> None:
         assert {"400", "403", "409", "413", "415", "429"} <= set(post["responses"])
     schemas = document["components"]["schemas"]
     assert {"name", "days", "pass", "csr", "token"} <= set(schemas["SignRequest"]["properties"])
-    assert {"name", "days", "pass", "country", "state", "locality", "org", "unit", "cn", "email"} <= \
-        set(schemas["CreateRequest"]["properties"])
+    assert {"name", "days", "pass", "country", "state", "locality", "org", "unit", "cn", "email"} <= set(
+        schemas["CreateRequest"]["properties"]
+    )
     assert schemas["SignRequest"]["required"] == ["name", "days"]
 
 
 def test_fifty_concurrent_sign_requests(generated_lab: LabEnv, app: Flask) -> None:
     """40 new entities with CSRs and 10 renewals of one device, all at once, against a threaded server."""
     passphrase = generated_lab.passphrase
-    bodies = [{"name": f"bulk{i:02d}", "days": 30, "pass": passphrase, "csr": make_csr(f"bulk{i:02d}")[0]}
-              for i in range(40)]
+    bodies = [
+        {"name": f"bulk{i:02d}", "days": 30, "pass": passphrase, "csr": make_csr(f"bulk{i:02d}")[0]} for i in range(40)
+    ]
     bodies += [{"name": "device001", "days": 30, "pass": passphrase} for _ in range(10)]
     before = len(app.extensions["test_ca"].service.inventory.list())
     start = threading.Barrier(len(bodies))
@@ -235,16 +314,24 @@ def test_real_server_answers_413_as_json(app: Flask) -> None:
 
 # -- arbitrary input (strategies in ca_support) ---------------------------------------------------
 
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(body=st.one_of(json_values, request_like, request_like, request_like), route=st.sampled_from(["sign", "create"]),
-       source=st.integers(0, 40))
+@given(
+    body=st.one_of(json_values, request_like, request_like, request_like),
+    route=st.sampled_from(["sign", "create"]),
+    source=st.integers(0, 40),
+)
 def test_arbitrary_json_never_breaks_the_api(
     generated_lab: LabEnv, client: FlaskClient, body: Any, route: str, source: int
 ) -> None:
     body = concrete_body(body, generated_lab.passphrase)
     before = lab_state(generated_lab)
-    response = client.post(f"/v1/ssl/{route}", data=json.dumps(body), content_type="application/json",
-                           environ_base={"REMOTE_ADDR": f"198.51.100.{source}"})
+    response = client.post(
+        f"/v1/ssl/{route}",
+        data=json.dumps(body),
+        content_type="application/json",
+        environ_base={"REMOTE_ADDR": f"198.51.100.{source}"},
+    )
     assert response.status_code in (200, 201, 400, 403, 404, 409, 429), (response.status_code, response.json)
     assert response.is_json
     if response.status_code >= 400:
@@ -256,10 +343,15 @@ def test_arbitrary_json_never_breaks_the_api(
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(raw=st.binary(max_size=300), content_type=st.sampled_from(
-    ["application/json", "text/plain", "application/x-www-form-urlencoded", "application/merge-patch+json", ""]))
-def test_arbitrary_bytes_never_break_the_api(generated_lab: LabEnv, client: FlaskClient, raw: bytes,
-                                             content_type: str) -> None:
+@given(
+    raw=st.binary(max_size=300),
+    content_type=st.sampled_from(
+        ["application/json", "text/plain", "application/x-www-form-urlencoded", "application/merge-patch+json", ""]
+    ),
+)
+def test_arbitrary_bytes_never_break_the_api(
+    generated_lab: LabEnv, client: FlaskClient, raw: bytes, content_type: str
+) -> None:
     response = client.post("/v1/ssl/sign", data=raw, content_type=content_type or None)
     assert response.status_code in (400, 403, 404, 409, 415, 429)
     assert response.is_json and response.json["error"]
@@ -277,8 +369,9 @@ def test_the_cas_internal_port_gives_a_local_process_nothing(generated_lab: LabE
     for headers in ({}, {"X-IoTCA-Operator": "admin"}, {"X-IoTCA-Internal": "guess", "X-IoTCA-Operator": "admin"}):
         status, reply = post_json(f"{ca.internal_url}/v1/ssl/create", body, headers=headers)
         assert status == 401 and "error" in reply, (headers, status, reply)
-        status, reply = post_json(f"{ca.internal_url}/v1/ssl/revoke", {"name": "device001", "pass": "x"},
-                                  headers=headers)
+        status, reply = post_json(
+            f"{ca.internal_url}/v1/ssl/revoke", {"name": "device001", "pass": "x"}, headers=headers
+        )
         assert status == 401, headers
         request = urllib.request.Request(f"{ca.internal_url}/v1/ssl/certs", headers=headers)  # noqa: S310
         with pytest.raises(urllib.error.HTTPError) as refused:
@@ -298,7 +391,8 @@ def post_json_via(app: Flask, path: str, body: Any) -> tuple[int, Any]:
 def test_the_dashboard_answers_503_while_no_ca_replica_is_reachable(generated_lab: LabEnv, app: Flask) -> None:
     ca_of(app).server.shutdown()
     ca_of(app).server.server_close()
-    response = app.test_client().post("/v1/ssl/sign", json={"name": "device001", "days": 5,
-                                                            "pass": generated_lab.passphrase})
+    response = app.test_client().post(
+        "/v1/ssl/sign", json={"name": "device001", "days": 5, "pass": generated_lab.passphrase}
+    )
     assert response.status_code == 503 and response.headers["Retry-After"] == "5"
     assert response.get_json() == {"error": "the CA service is not reachable; retry in a few seconds"}

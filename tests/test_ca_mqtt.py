@@ -113,8 +113,9 @@ def test_device_publishes_a_csr_and_gets_its_certificate(
     try:
         device.subscribe("ssl/device001")
         pem, key = make_csr("device001")
-        device.publish("ssl/sign", json.dumps({"name": "device001", "days": "90", "pass": generated_lab.passphrase,
-                                               "csr": pem}))
+        device.publish(
+            "ssl/sign", json.dumps({"name": "device001", "days": "90", "pass": generated_lab.passphrase, "csr": pem})
+        )
         reply = json.loads(device.expect("ssl/device001").payload)
         assert "error" not in reply, reply
         cert = check_issued(reply, key)
@@ -133,8 +134,11 @@ def test_v5_request_gets_its_reply_on_the_response_topic(
     properties = Properties(PacketTypes.PUBLISH)
     properties.ResponseTopic = "ssl/provisioner/replies/7"
     properties.CorrelationData = b"\x00req-42\xff"
-    provisioner.publish("ssl/sign", json.dumps({"name": "sensor-v5", "days": 30, "pass": generated_lab.passphrase,
-                                                "csr": pem}), properties=properties)
+    provisioner.publish(
+        "ssl/sign",
+        json.dumps({"name": "sensor-v5", "days": 30, "pass": generated_lab.passphrase, "csr": pem}),
+        properties=properties,
+    )
     message = provisioner.expect("ssl/provisioner/replies/7")
     assert message.properties.CorrelationData == b"\x00req-42\xff"
     assert _status(message) == 201
@@ -165,9 +169,12 @@ def test_mqtt_and_http_give_the_same_answers(generated_lab: LabEnv, mqtt_app: Fl
         {"name": "answer1", "days": 10, "pass": passphrase, "country": "Brazil"},
     ]
     client = mqtt_app.test_client()
-    for route, body in [*[("sign", b) for b in bodies], *[("create", b) for b in bodies],
-                        ("sign", {"name": "ghost", "days": 10, "pass": passphrase}),
-                        ("sign", {"name": "answer1", "days": 10, "pass": passphrase, "csr": make_csr("other")[0]})]:
+    for route, body in [
+        *[("sign", b) for b in bodies],
+        *[("create", b) for b in bodies],
+        ("sign", {"name": "ghost", "days": 10, "pass": passphrase}),
+        ("sign", {"name": "answer1", "days": 10, "pass": passphrase, "csr": make_csr("other")[0]}),
+    ]:
         http = client.post(f"/v1/ssl/{route}", json=body)
         message = ask(provisioner, f"ssl/{route}", json.dumps(body))
         assert (_status(message), json.loads(message.payload)) == (http.status_code, http.json), (route, body)
@@ -184,28 +191,47 @@ def test_malformed_input_never_stops_the_subscriber(
 ) -> None:
     endpoint = mqtt_app.extensions["test_ca"].mqtt
     start = endpoint.stats()["received"]
-    junk: list[bytes] = [b"", b"not json", b"\xff\xfe\x00", b"[]", b"null", b'"text"', b"[" * 50000,
-                         b'{"name": 5}', b'{"name": "a/b", "days": 1}', b'{"name": "+"}', b'{"name": "#"}']
+    junk: list[bytes] = [
+        b"",
+        b"not json",
+        b"\xff\xfe\x00",
+        b"[]",
+        b"null",
+        b'"text"',
+        b"[" * 50000,
+        b'{"name": 5}',
+        b'{"name": "a/b", "days": 1}',
+        b'{"name": "+"}',
+        b'{"name": "#"}',
+    ]
     for payload in junk:
         provisioner.publish("ssl/sign", payload)
         provisioner.publish("ssl/create", payload)
     # wrong passphrases for one name: five 403s, then the name is locked out
-    statuses = [_status(ask(provisioner, "ssl/sign", json.dumps({"name": "victim", "days": 1, "pass": "guess"})))
-                for _ in range(6)]
+    statuses = [
+        _status(ask(provisioner, "ssl/sign", json.dumps({"name": "victim", "days": 1, "pass": "guess"})))
+        for _ in range(6)
+    ]
     wait_for(lambda: endpoint.stats()["handled"] == start + 2 * len(junk) + 6, what="every request handled")
     assert statuses == [403] * 5 + [429]
     assert "500" not in endpoint.stats()["by_status"]
     assert mqtt_app.extensions["mqtt_bridge"].connected.is_set()
     # still serving
     pem, key = make_csr("after-junk")
-    reply = ask(provisioner, "ssl/sign", json.dumps({"name": "after-junk", "days": 5,
-                                                      "pass": generated_lab.passphrase, "csr": pem}))
+    reply = ask(
+        provisioner,
+        "ssl/sign",
+        json.dumps({"name": "after-junk", "days": 5, "pass": generated_lab.passphrase, "csr": pem}),
+    )
     check_issued(json.loads(reply.payload), key)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(body=st.one_of(json_values, request_like, request_like), topic=st.sampled_from(["ssl/sign", "ssl/create"]),
-       raw=st.one_of(st.none(), st.binary(max_size=64)))
+@given(
+    body=st.one_of(json_values, request_like, request_like),
+    topic=st.sampled_from(["ssl/sign", "ssl/create"]),
+    raw=st.one_of(st.none(), st.binary(max_size=64)),
+)
 def test_arbitrary_payloads_never_break_the_endpoint(
     generated_lab: LabEnv, mqtt_app: Flask, provisioner: Collector, body: Any, topic: str, raw: bytes | None
 ) -> None:
@@ -228,9 +254,13 @@ def test_shared_subscription_serves_requests(generated_lab: LabEnv, broker: Brok
     app = start_app(generated_lab)
     device = Collector(generated_lab.certs_dir, "device002", broker.port).connect()
     try:
-        assert app.extensions["test_ca"].mqtt.topic_filters() == ["$share/ca/ssl/sign", "$share/ca/ssl/create",
-                                                             "$share/ca/ssl/renew/+", "$share/ca/ssl/sign/+",
-                                                             "$share/ca/ssl/create/+"]
+        assert app.extensions["test_ca"].mqtt.topic_filters() == [
+            "$share/ca/ssl/sign",
+            "$share/ca/ssl/create",
+            "$share/ca/ssl/renew/+",
+            "$share/ca/ssl/sign/+",
+            "$share/ca/ssl/create/+",
+        ]
         device.subscribe("ssl/device002")
         wait_ready(device, "device002", v5=False)
         device.publish("ssl/sign", json.dumps({"name": "device002", "days": 7, "pass": generated_lab.passphrase}))

@@ -51,8 +51,14 @@ class Replica:
 
     def start(self) -> Replica:
         out = self.log_path.open("ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "ca"], env=self.env, cwd=PROJECT_ROOT,
-                                        stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ca"],
+            env=self.env,
+            cwd=PROJECT_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         out.close()
         wait_for(lambda: self._ready(), timeout=30, interval=0.1, what=f"the CA replica ({self.log_path.name})")
         return self
@@ -96,11 +102,13 @@ class Pair:
 
     def on_reply(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         correlation = getattr(message.properties, "CorrelationData", None)
-        status = next((int(v) for k, v in getattr(message.properties, "UserProperty", None) or [] if k == "status"),
-                      None)
+        status = next(
+            (int(v) for k, v in getattr(message.properties, "UserProperty", None) or [] if k == "status"), None
+        )
         with self.lock:
             self.replies.setdefault(bytes(correlation or b""), []).append(
-                {"status": status, "body": json.loads(message.payload)})
+                {"status": status, "body": json.loads(message.payload)}
+            )
 
     def ask(self, topic: str, body: dict[str, Any], correlation: bytes | None = None) -> bytes:
         properties = Properties(PacketTypes.PUBLISH)
@@ -146,8 +154,13 @@ def pair(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def test_500_sign_requests_get_500_replies_with_distinct_serials_from_both_replicas(pair: Pair) -> None:
     before = [r.served(201) for r in pair.replicas]
-    correlations = [pair.ask("ssl/sign", {"name": f"fleet-{i}", "days": 30, "pass": pair.lab.passphrase,
-                                          "csr": make_csr(f"fleet-{i}")[0]}) for i in range(500)]
+    correlations = [
+        pair.ask(
+            "ssl/sign",
+            {"name": f"fleet-{i}", "days": 30, "pass": pair.lab.passphrase, "csr": make_csr(f"fleet-{i}")[0]},
+        )
+        for i in range(500)
+    ]
     wait_for(lambda: len(pair.answered(correlations)) == 500, timeout=120, interval=0.2, what="500 replies")
     with pair.lock:
         replies = [pair.replies[c] for c in correlations]
@@ -167,20 +180,27 @@ def test_500_sign_requests_get_500_replies_with_distinct_serials_from_both_repli
 def test_wrong_passphrases_split_across_replicas_still_lock_after_5(pair: Pair) -> None:
     """The proven-identity topic `ssl/sign/provisioner`: counted per CN, in the database, by both replicas."""
     before = [r.log().count("wrong CA passphrase from cn:provisioner") for r in pair.replicas]
-    correlations = [pair.ask("ssl/sign/provisioner", {"name": f"guess-{i}", "days": 1, "pass": f"wrong-{i}"})
-                    for i in range(12)]
+    correlations = [
+        pair.ask("ssl/sign/provisioner", {"name": f"guess-{i}", "days": 1, "pass": f"wrong-{i}"}) for i in range(12)
+    ]
     wait_for(lambda: len(pair.answered(correlations)) == 12, timeout=60, what="12 answers")
     with pair.lock:
         statuses = sorted(pair.replies[c][0]["status"] for c in correlations)
     assert statuses == [403] * 5 + [429] * 7
-    counted = [r.log().count("wrong CA passphrase from cn:provisioner") - b for r, b in zip(pair.replicas, before,
-                                                                                          strict=True)]
+    counted = [
+        r.log().count("wrong CA passphrase from cn:provisioner") - b for r, b in zip(pair.replicas, before, strict=True)
+    ]
     assert sum(counted) == 5
     # both replicas answered some of the burst (the shared subscription splits it)
     assert all(r.log().count("from cn:provisioner -> ") > 0 for r in pair.replicas)
     # locked on both: even the right passphrase gets 429, whichever replica answers
-    right = [pair.ask("ssl/sign/provisioner", {"name": "guess-ok", "days": 1, "pass": pair.lab.passphrase,
-                                               "csr": make_csr("guess-ok")[0]}) for _ in range(4)]
+    right = [
+        pair.ask(
+            "ssl/sign/provisioner",
+            {"name": "guess-ok", "days": 1, "pass": pair.lab.passphrase, "csr": make_csr("guess-ok")[0]},
+        )
+        for _ in range(4)
+    ]
     wait_for(lambda: len(pair.answered(right)) == 4, timeout=30, what="4 answers")
     with pair.lock:
         assert {pair.replies[c][0]["status"] for c in right} == {429}
@@ -188,8 +208,15 @@ def test_wrong_passphrases_split_across_replicas_still_lock_after_5(pair: Pair) 
 
 def test_a_replica_beyond_ca_replicas_finds_no_free_identity_and_says_so(pair: Pair) -> None:
     env = {**pair.replicas[0].env, "CA_INTERNAL_PORT": str(free_port()), "CA_SLOT_WAIT": "0"}
-    extra = subprocess.run([sys.executable, "-m", "ca"], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True,
-                           timeout=60, stdin=subprocess.DEVNULL)
+    extra = subprocess.run(
+        [sys.executable, "-m", "ca"],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     assert extra.returncode == 2
     assert "all 2 CA identities (ca-1 ... ca-2) are held by running replicas: raise CA_REPLICAS" in extra.stderr
 
@@ -198,8 +225,15 @@ def test_killing_a_replica_mid_burst_leaves_no_request_unanswered(pair: Pair) ->
     """A request the killed replica had taken is lost with it (QoS 0 to the CA, no redelivery in Mosquitto
     2.0.11); the documented client retry (same CorrelationData, after a reply timeout) gets it answered by the
     survivor. None is left unanswered."""
-    bodies = {uuid.uuid4().bytes: {"name": f"burst-{i}", "days": 30, "pass": pair.lab.passphrase,
-                                   "csr": make_csr(f"burst-{i}")[0]} for i in range(200)}
+    bodies = {
+        uuid.uuid4().bytes: {
+            "name": f"burst-{i}",
+            "days": 30,
+            "pass": pair.lab.passphrase,
+            "csr": make_csr(f"burst-{i}")[0],
+        }
+        for i in range(200)
+    }
     correlations = list(bodies)
     for index, correlation in enumerate(correlations):
         pair.ask("ssl/sign", bodies[correlation], correlation)
@@ -208,8 +242,12 @@ def test_killing_a_replica_mid_burst_leaves_no_request_unanswered(pair: Pair) ->
     survivor = pair.replicas[0]
     for _round in range(5):  # the client's retry: ask again for what is still unanswered after a timeout
         try:
-            wait_for(lambda: len(pair.answered(correlations)) == len(correlations), timeout=5, interval=0.2,
-                     what="every request answered")
+            wait_for(
+                lambda: len(pair.answered(correlations)) == len(correlations),
+                timeout=5,
+                interval=0.2,
+                what="every request answered",
+            )
             break
         except AssertionError:
             for correlation in set(correlations) - set(pair.answered(correlations)):
@@ -229,7 +267,9 @@ def test_the_native_runner_gives_the_ca_replicas_the_passphrase_and_the_dashboar
     cas = [s for s in services if s.kind == "ca"]
     dashboard = next(s for s in services if s.kind == "dashboard")
     assert [(s.name, s.env["CA_INSTANCE"], s.env["CA_INTERNAL_PORT"]) for s in cas] == [
-        ("ca-1", "1", "5300"), ("ca-2", "2", "5301")]
+        ("ca-1", "1", "5300"),
+        ("ca-2", "2", "5301"),
+    ]
     assert all(s.env["CA_PASSPHRASE"] == lab.passphrase for s in cas)
     assert "CA_PASSPHRASE" not in dashboard.env
     assert dashboard.env["CA_URLS"] == "http://127.0.0.1:5300,http://127.0.0.1:5301"

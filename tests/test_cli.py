@@ -39,8 +39,9 @@ def live(broker: Broker, generated_lab: LabEnv, tmp_path: Path) -> Iterator[dict
 
 
 def iotca(env: dict[str, str], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(IOTCA), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [str(IOTCA), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+    )
 
 
 def ok_json(env: dict[str, str], *args: str, cwd: Path | None = None) -> Any:
@@ -50,8 +51,12 @@ def ok_json(env: dict[str, str], *args: str, cwd: Path | None = None) -> Any:
 
 
 def verify(root: Path, crt: Path, purpose: str = "sslclient") -> None:
-    result = subprocess.run(["openssl", "verify", "-purpose", purpose, "-CAfile", str(root), str(crt)],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        ["openssl", "verify", "-purpose", purpose, "-CAfile", str(root), str(crt)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -68,9 +73,26 @@ def test_every_subcommand_against_a_live_lab(live: dict[str, str], generated_lab
     assert key.stat().st_mode & 0o777 == 0o600
     verify(root, crt)
 
-    subprocess.run(["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                    "-subj", "/CN=cli02", "-keyout", str(tmp_path / "cli02.key"), "-out", str(tmp_path / "cli02.csr")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            "/CN=cli02",
+            "-keyout",
+            str(tmp_path / "cli02.key"),
+            "-out",
+            str(tmp_path / "cli02.csr"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     signed = ok_json(live, "sign", "cli02", "--csr", str(tmp_path / "cli02.csr"), "--out", str(tmp_path))
     assert signed["files"] == [str(tmp_path / "cli02.crt")]
     verify(root, tmp_path / "cli02.crt")
@@ -132,8 +154,12 @@ def test_the_project_builds_a_wheel_with_the_console_script(tmp_path: Path) -> N
 
     from .conftest import PROJECT_ROOT
 
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path),
-                             str(PROJECT_ROOT)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(PROJECT_ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     (wheel,) = tmp_path.glob("iot_ca_lab-*.whl")
     with ZipFile(wheel) as archive:
@@ -144,6 +170,9 @@ def test_the_project_builds_a_wheel_with_the_console_script(tmp_path: Path) -> N
     requirements = [line.split("#")[0].strip() for line in (PROJECT_ROOT / "requirements.txt").read_text().splitlines()]
     for requirement in filter(None, requirements):
         assert f"Requires-Dist: {requirement}" in metadata, requirement
-    assert {"pki/migrations/versions/0001_baseline.py", "dashboard/templates/index.html",
-            "dashboard/static/app.js"} <= names
+    assert {
+        "pki/migrations/versions/0001_baseline.py",
+        "dashboard/templates/index.html",
+        "dashboard/static/app.js",
+    } <= names
     assert not any(n.startswith("tests/") for n in names)

@@ -91,8 +91,10 @@ def test_a_collector_named_by_its_mac_gets_its_reply_on_the_seeds_topic(
 
 def test_the_mac_reply_topic_belongs_to_that_collector_only(generated_lab: LabEnv, client: FlaskClient) -> None:
     """The ACL grants `ssl/AA:BB:CC:DD:EE:01` to CN `AABBCCDDEE01` alone, once it holds a certificate."""
-    assert client.post("/v1/ssl/create", json={"name": MAC, "days": 5, "pass": generated_lab.passphrase}).status_code \
+    assert (
+        client.post("/v1/ssl/create", json={"name": MAC, "days": 5, "pass": generated_lab.passphrase}).status_code
         == 201
+    )
     acl = BrokerFiles(generated_lab.certs_dir, generated_lab.data_dir).acl.read_text()
     assert f"user {CN}\ntopic read ssl/{MAC}\n" in acl
     assert acl.count(f"ssl/{MAC}") == 1

@@ -95,8 +95,9 @@ class ComposeRun:
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         # Only what compose needs: the developer's exported settings must not leak in.
         env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "LAB_CERTS_DIR": str(self.certs_dir)}
-        return subprocess.run([*self.args(), *args], env=env, capture_output=True, text=True, timeout=60,
-                              cwd=self.env_file.parent)
+        return subprocess.run(
+            [*self.args(), *args], env=env, capture_output=True, text=True, timeout=60, cwd=self.env_file.parent
+        )
 
     def config(self) -> dict[str, Any]:
         result = self.run("config")
@@ -105,9 +106,14 @@ class ComposeRun:
 
 
 def write_env_file(path: Path, lab: LabEnv, **values: str) -> Path:
-    settings = {"CA_PASSPHRASE": lab.passphrase, "DASHBOARD_ADMIN_PASSWORD": lab.admin_password, "LAB_UID": LAB_UID,
-                "LAB_GID": LAB_GID, "PUBLISH_INTERVAL": "0.2",
-                **values}
+    settings = {
+        "CA_PASSPHRASE": lab.passphrase,
+        "DASHBOARD_ADMIN_PASSWORD": lab.admin_password,
+        "LAB_UID": LAB_UID,
+        "LAB_GID": LAB_GID,
+        "PUBLISH_INTERVAL": "0.2",
+        **values,
+    }
     path.write_text("".join(f"{key}={value}\n" for key, value in settings.items()))
     return path
 
@@ -195,8 +201,9 @@ def services(resolved: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return resolved["services"]
 
 
-def test_compose_files_are_valid_for_the_real_compose(compose_lab: LabEnv, three_devices: ComposeRun,
-                                                      tmp_path: Path) -> None:
+def test_compose_files_are_valid_for_the_real_compose(
+    compose_lab: LabEnv, three_devices: ComposeRun, tmp_path: Path
+) -> None:
     base = ComposeRun(write_env_file(tmp_path / "env", compose_lab), compose_lab.certs_dir)
     for run in (base, three_devices):
         result = run.run("config", "-q")
@@ -244,7 +251,10 @@ def test_services_wait_for_a_healthy_broker_restart_and_run_as_the_lab_user(
         assert not services[name].get("ports"), f"{name} is not published"
     # Redis is on the internal network `bus`, with the dashboards only.
     assert sorted(n for n, s in services.items() if "bus" in (s.get("networks") or {})) == [
-        "dashboard", "dashboard-2", "redis"]
+        "dashboard",
+        "dashboard-2",
+        "redis",
+    ]
     assert list(services["redis"]["networks"]) == ["bus"]
     # Only the CA service mounts certs/root_ca (the CA key); nginx only the dashboard's own folder.
     assert [Path(m.source).name for m in mounts(services["nginx"])] == ["dashboard"]
@@ -289,8 +299,11 @@ def test_every_environment_variable_is_one_the_code_reads(services: dict[str, di
     thermometer_reads = names_read_by("pki", "lab", "thermometer.py")
     assert set(environment(services["dashboard"])) <= dashboard_reads
     assert set(environment(services["dashboard-2"])) <= dashboard_reads
-    assert environment(services["dashboard-2"]) == {**environment(services["dashboard"]), "INGEST_ID": "ingest-2",
-                                                    "DASHBOARD_MQTT": "0"}
+    assert environment(services["dashboard-2"]) == {
+        **environment(services["dashboard"]),
+        "INGEST_ID": "ingest-2",
+        "DASHBOARD_MQTT": "0",
+    }
     assert not environment(services["nginx"]) and not environment(services["redis"])
     assert set(environment(services["ca"])) <= dashboard_reads
     assert "CA_PASSPHRASE" not in environment(services["dashboard"]), "only the CA service knows the passphrase"
@@ -299,8 +312,14 @@ def test_every_environment_variable_is_one_the_code_reads(services: dict[str, di
         if name.endswith("_thermometer"):
             env = environment(service)
             assert set(env) <= thermometer_reads, name
-            assert {"DEVICE_ID", "CA_CERT_PATH", "CLIENT_CERT_PATH", "CLIENT_KEY_PATH", "BROKER_ADDRESS",
-                    "BROKER_PORT"} <= set(env), name
+            assert {
+                "DEVICE_ID",
+                "CA_CERT_PATH",
+                "CLIENT_CERT_PATH",
+                "CLIENT_KEY_PATH",
+                "BROKER_ADDRESS",
+                "BROKER_PORT",
+            } <= set(env), name
             assert env["DEVICE_ID"] == name.removesuffix("_thermometer")
             assert "CA_PASSPHRASE" not in env, "only the CA may know the passphrase"
 
@@ -320,8 +339,11 @@ def test_the_dashboard_environment_is_valid_settings_for_the_container(
     # The CA service: the passphrase, the same certificates folder, database and data volume (the shared secret).
     ca = Settings.from_env(environment(services["ca"]))
     assert ca.ca_passphrase == compose_lab.passphrase
-    assert (ca.certs_dir, ca.data_dir, ca.effective_database_url) == (settings.certs_dir, settings.data_dir,
-                                                                     settings.effective_database_url)
+    assert (ca.certs_dir, ca.data_dir, ca.effective_database_url) == (
+        settings.certs_dir,
+        settings.data_dir,
+        settings.effective_database_url,
+    )
     assert host_path(services["ca"], "/certs") == compose_lab.certs_dir
     assert [m.source for m in mounts(services["ca"]) if m.target == "/data"] == [data.source]
     (broker_data,) = [m for m in mounts(services["mosquitto"]) if not m.bind]
@@ -333,7 +355,8 @@ def test_containers_reach_the_broker_by_a_name_in_its_certificate(
 ) -> None:
     cert = x509.load_pem_x509_certificate((compose_lab.certs_dir / "mosquitto" / "mosquitto.crt").read_bytes())
     dns_names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
-        x509.DNSName)
+        x509.DNSName
+    )
     for name, service in services.items():
         env = environment(service)
         if "BROKER_ADDRESS" in env:
@@ -355,9 +378,7 @@ def test_the_broker_certificate_gets_the_same_names_in_both_modes(compose_lab: L
     assert {"broker.lan", "mqtt.example.org", "mosquitto", "localhost"} <= sans(container)
 
 
-def test_every_mount_is_a_folder_the_generator_writes(
-    services: dict[str, dict[str, Any]], compose_lab: LabEnv
-) -> None:
+def test_every_mount_is_a_folder_the_generator_writes(services: dict[str, dict[str, Any]], compose_lab: LabEnv) -> None:
     certs = compose_lab.certs_dir
     ca_key = certs / "root_ca" / "root_ca.key"
     for name, service in services.items():
@@ -442,8 +463,13 @@ def test_the_override_is_written_only_when_needed_and_never_over_a_users_file(tm
     assert override.read_text() == "services: {}\n"
     with pytest.raises(lab_compose.ComposeError, match="lower-case"):
         lab_compose.render_override(["device001", "Device003"])
-    out = subprocess.run([sys.executable, "-m", "lab.compose", "--devices", "device001,bad/id", "--output",
-                          str(tmp_path / "x.yml")], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "lab.compose", "--devices", "device001,bad/id", "--output", str(tmp_path / "x.yml")],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "bad/id" in out.stderr and not (tmp_path / "x.yml").exists()
 
 
@@ -497,12 +523,30 @@ def ignored(relative: str, patterns: list[str]) -> bool:
 def test_dockerignore_keeps_secrets_and_local_state_out_of_the_build_context() -> None:
     patterns = dockerignore_patterns()
     assert not [p for p in patterns if p.startswith("!")], "no exceptions: nothing excluded may come back"
-    for path in (".env", ".env.local", "certs/root_ca/root_ca.key", "certs/device001/device001.crt", ".venv/bin/python",
-                 "data/lab.db", "tests/test_pki.py", "test-output/x.png", ".git/config", "pki/stray.key",
-                 "dashboard/leftover.pem", "docker-compose.override.yml", "pki/__pycache__/x.pyc"):
+    for path in (
+        ".env",
+        ".env.local",
+        "certs/root_ca/root_ca.key",
+        "certs/device001/device001.crt",
+        ".venv/bin/python",
+        "data/lab.db",
+        "tests/test_pki.py",
+        "test-output/x.png",
+        ".git/config",
+        "pki/stray.key",
+        "dashboard/leftover.pem",
+        "docker-compose.override.yml",
+        "pki/__pycache__/x.pyc",
+    ):
         assert ignored(path, patterns), f"{path} would be sent to the Docker build"
-    for path in ("pki/authority.py", "lab/mqtt.py", "requirements.txt", "thermometer.py",
-                 "dashboard/templates/index.html", "mosquitto/acl.template"):
+    for path in (
+        "pki/authority.py",
+        "lab/mqtt.py",
+        "requirements.txt",
+        "thermometer.py",
+        "dashboard/templates/index.html",
+        "mosquitto/acl.template",
+    ):
         assert not ignored(path, patterns), f"{path} is needed in the images"
 
 
@@ -548,8 +592,11 @@ def test_the_nginx_image_config_is_the_rendered_template() -> None:
 
 
 def test_the_broker_image_runs_the_same_mosquitto_as_the_native_lab() -> None:
-    runs = " ".join(args for instruction, args in dockerfile_lines(PROJECT_ROOT / "mosquitto" / "Dockerfile")
-                    if instruction == "RUN")
+    runs = " ".join(
+        args
+        for instruction, args in dockerfile_lines(PROJECT_ROOT / "mosquitto" / "Dockerfile")
+        if instruction == "RUN"
+    )
     pinned = re.search(r"'mosquitto=([0-9.]+)-\*'", runs).group(1)
     binary = find_mosquitto()
     assert binary is not None, "mosquitto is not installed: ./setup.sh test installs it"
@@ -584,8 +631,9 @@ def container_env(service: dict[str, Any], lab: LabEnv, **changes: str) -> dict[
             mapped = host_path(service, value)
             env[key] = str(mapped) if mapped is not None else str(lab.root / value.lstrip("/"))
     # Outside Docker there is no `mosquitto` host name; the broker certificate also names localhost.
-    env.update(BROKER_ADDRESS="localhost", BROKER_PORT=str(lab.broker_port), LAB_ENV_FILE=str(lab.root / "no.env"),
-               **changes)
+    env.update(
+        BROKER_ADDRESS="localhost", BROKER_PORT=str(lab.broker_port), LAB_ENV_FILE=str(lab.root / "no.env"), **changes
+    )
     return env
 
 
@@ -618,12 +666,15 @@ def test_the_dashboard_container_command_serves_the_healthcheck(
     command[command.index("--bind") + 1] = f"127.0.0.1:{port}"
     service = services["dashboard"]
     env = {**os.environ, **container_env(service, compose_lab, DATABASE_URL=f"sqlite:///{compose_lab.root}/dash.db")}
-    healthcheck = [sys.executable if word == "python" else word.replace(":5000/", f":{port}/")
-                   for word in service["healthcheck"]["test"][1:]]
+    healthcheck = [
+        sys.executable if word == "python" else word.replace(":5000/", f":{port}/")
+        for word in service["healthcheck"]["test"][1:]
+    ]
     log = compose_lab.root / "gunicorn.log"
     with open(log, "wb") as out:
         server = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
+
         def healthy() -> bool:
             assert server.poll() is None, log.read_text()
             # in the container's environment (CERTS_DIR says where the root certificate is)
@@ -632,8 +683,9 @@ def test_the_dashboard_container_command_serves_the_healthcheck(
         wait_for(healthy, timeout=60, interval=0.5, what=f"the dashboard healthcheck\n{log.read_text()}")
         # 0.0.0.0 in the container: HTTPS only, with the dashboard certificate, verified against the lab's root
         context = ssl.create_default_context(cafile=str(compose_lab.certs_dir / "root_ca" / "root_ca.crt"))
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
-                                             urllib.request.HTTPSHandler(context=context))
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+        )
 
         def connected() -> bool:
             with opener.open(f"https://127.0.0.1:{port}/healthz", timeout=5) as response:
@@ -662,12 +714,16 @@ def test_the_broker_entrypoint_reloads_on_revocation_and_stops_on_sigterm(genera
     health = ["sh", str(ENTRYPOINT), "health", str(files.conf)]
     files.dynsec_file.unlink()  # a new data volume: the entrypoint writes the plugin's state file
     with open(log_path, "wb") as out:
-        entry = subprocess.Popen(["sh", str(ENTRYPOINT), str(files.conf)], env=env, stdout=out,
-                                 stderr=subprocess.STDOUT)
+        entry = subprocess.Popen(
+            ["sh", str(ENTRYPOINT), str(files.conf)], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
     watcher = device = ca = None
     try:
-        wait_for(lambda: subprocess.run(health, capture_output=True, timeout=10).returncode == 0, timeout=15,
-                 what=f"the healthcheck\n{log_path.read_text()}")
+        wait_for(
+            lambda: subprocess.run(health, capture_output=True, timeout=10).returncode == 0,
+            timeout=15,
+            what=f"the healthcheck\n{log_path.read_text()}",
+        )
         (broker_pid,) = [c for c in child_pids(entry.pid) if b"mosquitto" in Path(f"/proc/{c}/cmdline").read_bytes()]
         assert json.loads(files.dynsec_file.read_text()) == json.loads(DYNSEC_INITIAL)
         watcher = Collector(generated_lab.certs_dir, "dashboard", port).connect()
@@ -703,8 +759,9 @@ def test_the_broker_entrypoint_reloads_on_revocation_and_stops_on_sigterm(genera
 
 
 def test_the_broker_entrypoint_names_the_fix_when_it_cannot_read_its_config(tmp_path: Path) -> None:
-    result = subprocess.run(["sh", str(ENTRYPOINT), str(tmp_path / "missing.conf")], capture_output=True, text=True,
-                            timeout=10)
+    result = subprocess.run(
+        ["sh", str(ENTRYPOINT), str(tmp_path / "missing.conf")], capture_output=True, text=True, timeout=10
+    )
     assert result.returncode == 1
     assert "LAB_UID/LAB_GID" in result.stderr and "./setup.sh" in result.stderr
 
@@ -740,8 +797,15 @@ def test_setup_without_a_docker_engine_runs_the_whole_lab_natively(tmp_path: Pat
     }
     log_path = tmp_path / "setup.log"
     with open(log_path, "wb") as out:
-        setup = subprocess.Popen([str(PROJECT_ROOT / "setup.sh")], cwd=tmp_path, env=env, stdout=out,
-                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        setup = subprocess.Popen(
+            [str(PROJECT_ROOT / "setup.sh")],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     headers: dict[str, str] = {}
@@ -812,10 +876,25 @@ exit 0
 """
 
 # What setup.sh needs from the repository to run Docker mode in a copy of its own.
-SETUP_FILES = ("setup.sh", "docker-compose.yml", ".env.example", "requirements.txt", "requirements-dev.txt",
-               "requirements-postgres.txt", "requirements.lock", "requirements-postgres.lock", "requirements-dev.lock",
-               "pyproject.toml",
-               "generate_ca_and_device_certs.py", "pki", "lab", "ca", "mosquitto", "postgres", "deploy")
+SETUP_FILES = (
+    "setup.sh",
+    "docker-compose.yml",
+    ".env.example",
+    "requirements.txt",
+    "requirements-dev.txt",
+    "requirements-postgres.txt",
+    "requirements.lock",
+    "requirements-postgres.lock",
+    "requirements-dev.lock",
+    "pyproject.toml",
+    "generate_ca_and_device_certs.py",
+    "pki",
+    "lab",
+    "ca",
+    "mosquitto",
+    "postgres",
+    "deploy",
+)
 
 
 @pytest.mark.integration
@@ -852,8 +931,14 @@ def test_setup_docker_mode_builds_generates_in_the_image_then_starts(tmp_path: P
     }
 
     def setup(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(repo / "setup.sh"), *args], env={**env, **extra}, capture_output=True, text=True,
-                              timeout=300, stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            [str(repo / "setup.sh"), *args],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=300,
+            stdin=subprocess.DEVNULL,
+        )
 
     first = setup()
     mode = next(line for line in first.stdout.splitlines() if not line.startswith(("==> ", "    ")))
@@ -872,17 +957,29 @@ def test_setup_docker_mode_builds_generates_in_the_image_then_starts(tmp_path: P
     assert {prefix for prefix, _ in steps} == {f"LAB_CERTS_DIR={certs}"}
     commands = [command.replace("--env-file .env ", "") for _, command in steps]
     assert all(command != full for command, (_, full) in zip(commands, steps, strict=True)), "--env-file .env"
-    order = [next((c for c in commands if c.startswith(prefix)), None) for prefix in
-             ("rm --stop --force device002_thermometer", "build", "run --rm --no-deps -T ca python "
-              "generate_ca_and_device_certs.py", "up --build -d --remove-orphans", "ps")]
+    order = [
+        next((c for c in commands if c.startswith(prefix)), None)
+        for prefix in (
+            "rm --stop --force device002_thermometer",
+            "build",
+            "run --rm --no-deps -T ca python generate_ca_and_device_certs.py",
+            "up --build -d --remove-orphans",
+            "ps",
+        )
+    ]
     assert None not in order, commands
     assert [commands.index(c) for c in order] == sorted(commands.index(c) for c in order)
 
     override = repo / "docker-compose.override.yml"
     assert "device003_thermometer:" in override.read_text()
-    real = subprocess.run([compose_binary(), "config", "-q"], cwd=repo, capture_output=True, text=True, timeout=60,
-                          env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"),
-                               "LAB_CERTS_DIR": str(certs)})
+    real = subprocess.run(
+        [compose_binary(), "config", "-q"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "LAB_CERTS_DIR": str(certs)},
+    )
     assert real.returncode == 0, real.stderr
 
     again = setup("docker", FAKE_UP_STATUS="1")
@@ -890,4 +987,5 @@ def test_setup_docker_mode_builds_generates_in_the_image_then_starts(tmp_path: P
     assert "BROKER_PORT or DASHBOARD_PORT" in again.stderr, again.stderr
     assert (repo / ".env").read_text().count("LAB_UID=") == 1, "re-running adds nothing twice"
     assert re.findall(r"^DASHBOARD_ADMIN_PASSWORD=(.*)$", (repo / ".env").read_text(), re.MULTILINE) == [
-        admin_password], "the admin password is added once and never replaced"
+        admin_password
+    ], "the admin password is added once and never replaced"

@@ -46,9 +46,10 @@ def message(topic: str, payload: Any, *, retain: bool = False, qos: int = 1) -> 
 
 
 def reading(device: str, temperature: float, seq: int = 0) -> mqtt.MQTTMessage:
-    return message(f"iot/thermometer/{device}/temperature",
-                   {"device_id": device, "timestamp": "2030-01-01T00:00:00.000Z", "temperature": temperature,
-                    "seq": seq})
+    return message(
+        f"iot/thermometer/{device}/temperature",
+        {"device_id": device, "timestamp": "2030-01-01T00:00:00.000Z", "temperature": temperature, "seq": seq},
+    )
 
 
 def make_app(lab: LabEnv, **config: Any) -> Flask:
@@ -264,8 +265,11 @@ def test_healthz_reports_broker_and_database(app: Flask) -> None:
     hub_of(app).db_error = "OperationalError: disk I/O error"
     response = app.test_client().get("/healthz")
     assert response.status_code == 503
-    assert response.get_json()["db"] == {"ok": False, "error": "OperationalError: disk I/O error",
-                                         "readings_stored_since_start": 0}
+    assert response.get_json()["db"] == {
+        "ok": False,
+        "error": "OperationalError: disk I/O error",
+        "readings_stored_since_start": 0,
+    }
 
 
 def test_the_page_is_self_contained(app: Flask, generated_lab: LabEnv) -> None:
@@ -278,7 +282,11 @@ def test_the_page_is_self_contained(app: Flask, generated_lab: LabEnv) -> None:
     assert not re.search(r'(src|href)="(https?:)?//', html), "the page must not load anything from elsewhere"
     assets = re.findall(r'(?:src|href)="(/static/[^"]+)"', html)
     assert {a.split("?")[0] for a in assets} == {
-        "/static/app.css", "/static/app.js", "/static/vendor/chart.umd.min.js", "/static/vendor/socket.io.min.js"}
+        "/static/app.css",
+        "/static/app.js",
+        "/static/vendor/chart.umd.min.js",
+        "/static/vendor/socket.io.min.js",
+    }
     for asset in assets:
         assert client.get(asset).status_code == 200, asset
     # app.js is the entry of native ES modules (no build step); every module it reaches is served from here and
@@ -323,8 +331,11 @@ def test_errors_are_json_for_the_api_and_a_page_otherwise(app: Flask, generated_
 def test_certificate_statuses_follow_the_renewal_window_and_revocation(generated_lab: LabEnv) -> None:
     inventory = Inventory(generated_lab.settings().effective_database_url)
     with inventory.session() as session:
-        session.execute(update(CertificateRecord).where(CertificateRecord.name == "device002",
-                                                        CertificateRecord.status == "active").values(status=REVOKED))
+        session.execute(
+            update(CertificateRecord)
+            .where(CertificateRecord.name == "device002", CertificateRecord.status == "active")
+            .values(status=REVOKED)
+        )
     inventory.close()
     (generated_lab.certs_dir / "provisioner" / "provisioner.key").unlink()
     # A 400-day renewal window puts every 365-day leaf inside it; the 10-year root stays valid.
@@ -372,8 +383,11 @@ def test_entity_states_show_the_status_the_last_renewal_and_who_renews(generated
         assert device["last_renewal"]["renewed"] is False and device["last_renewal"]["via"] == "cli"
         assert device["renewal"] == {"self": True, "server": True}  # a thermometer, and the CA holds its key
         assert entities["device002"]["last_renewal"] == {
-            "at": entities["device002"]["last_renewal"]["at"], "via": "cli", "serial": entities["device002"]["serial"],
-            "renewed": False}
+            "at": entities["device002"]["last_renewal"]["at"],
+            "via": "cli",
+            "serial": entities["device002"]["serial"],
+            "renewed": False,
+        }
         for name in ("root_ca", "mosquitto", "dashboard", "provisioner"):  # the lab's own: the generator renews
             assert entities[name]["renewal"] == {"self": False, "server": False}, name
 
@@ -400,8 +414,9 @@ def test_entity_states_show_the_status_the_last_renewal_and_who_renews(generated
         passphrase = generated_lab.passphrase
         assert ca_of(app).create({"name": "sensor-9", "days": 30, "pass": passphrase}, source="t").status == 201
         csr, _ = make_csr("sensor-10")
-        assert ca_of(app).sign({"name": "sensor-10", "days": 30, "pass": passphrase, "csr": csr},
-                               source="t").status == 201
+        assert (
+            ca_of(app).sign({"name": "sensor-10", "days": 30, "pass": passphrase, "csr": csr}, source="t").status == 201
+        )
         assert ca_of(app).revoke({"name": "device002", "pass": passphrase}, source="t").status == 200
         assert hub.refresh_certs()  # the dashboard's periodic check sees what the CA process did
         entities = hub.certs()["entities"]
@@ -420,9 +435,13 @@ def test_the_banner_counts_what_needs_attention(generated_lab: LabEnv) -> None:
     hub = hub_of(app)
     try:
         healthy = hub.certs()["attention"]
-        assert healthy == {"count": 0, "counts": dict.fromkeys(("expired", "revoked", "invalid", "missing",
-                                                                 "expiring"), 0),
-                           "items": [], "crl": None, "level": None}
+        assert healthy == {
+            "count": 0,
+            "counts": dict.fromkeys(("expired", "revoked", "invalid", "missing", "expiring"), 0),
+            "items": [],
+            "crl": None,
+            "level": None,
+        }
         issue_aged_certificate(generated_lab, "device001", days=365, days_left=10)
         issue_aged_certificate(generated_lab, "sensor-old", days=30, days_left=-2)
         assert ca_of(app).revoke({"name": "device002", "pass": generated_lab.passphrase}, source="t").status == 200
@@ -433,8 +452,11 @@ def test_the_banner_counts_what_needs_attention(generated_lab: LabEnv) -> None:
         assert banner["count"] == 4 and banner["level"] == "bad" and banner["crl"] is None
         # Worst first: expired, revoked, invalid, then what is merely expiring.
         assert [(i["name"], i["status"]) for i in banner["items"]] == [
-            ("sensor-old", "expired"), ("device002", "revoked"), ("provisioner", "invalid"),
-            ("device001", "expiring")]
+            ("sensor-old", "expired"),
+            ("device002", "revoked"),
+            ("provisioner", "invalid"),
+            ("device001", "expiring"),
+        ]
         assert round(banner["items"][-1]["days_left"]) == 10
 
         # Only something expiring: a warning, not an alarm.
@@ -448,9 +470,18 @@ def test_the_banner_counts_what_needs_attention(generated_lab: LabEnv) -> None:
         assert crl["status"] == "valid"
         due = hub.certificates.crl(now=now + dt.timedelta(days=15))
         assert due["status"] == "expiring"
-        assert attention({}, due) == {"count": 1, "counts": healthy["counts"], "items": [], "level": "warn",
-                                      "crl": {"status": "expiring", "detail": due["detail"],
-                                              "next_update": due["next_update"], "days_left": due["days_left"]}}
+        assert attention({}, due) == {
+            "count": 1,
+            "counts": healthy["counts"],
+            "items": [],
+            "level": "warn",
+            "crl": {
+                "status": "expiring",
+                "detail": due["detail"],
+                "next_update": due["next_update"],
+                "days_left": due["days_left"],
+            },
+        }
         late = hub.certificates.crl(now=now + dt.timedelta(days=31))
         assert late["status"] == "expired"
         assert attention({}, late)["level"] == "bad"
@@ -491,8 +522,9 @@ def test_every_tab_gets_the_table_as_soon_as_the_ca_changes_a_certificate(genera
         close_app(app)
 
 
-def test_the_emitter_pushes_a_renewal_without_waiting_for_its_poll(generated_lab: LabEnv,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_emitter_pushes_a_renewal_without_waiting_for_its_poll(
+    generated_lab: LabEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With the running emitter, a change made through the dashboard's CA API is pushed on a coming tick, not at
     the next poll (changes the CA makes over MQTT show at the poll, CERTS_POLL_INTERVAL)."""
     monkeypatch.setattr("dashboard.live_emitter.CERTS_POLL_INTERVAL", 3600.0)  # the periodic check alone: not
@@ -502,8 +534,9 @@ def test_the_emitter_pushes_a_renewal_without_waiting_for_its_poll(generated_lab
         wait_for(lambda: events(tab, "snapshot"), timeout=5, what="the snapshot")
         time.sleep(0.3)  # the emitter's first tick reads the table once
         tab.get_received()
-        renewed = app.test_client().post("/v1/ssl/sign", json={"name": "device001", "days": 365,
-                                                               "pass": generated_lab.passphrase})
+        renewed = app.test_client().post(
+            "/v1/ssl/sign", json={"name": "device001", "days": 365, "pass": generated_lab.passphrase}
+        )
         assert renewed.status_code == 201, renewed.json
         new_serial = renewed.json["serial"]
         pushed: list[dict[str, Any]] = []
@@ -560,14 +593,21 @@ def test_stored_readings_are_pruned_by_age_and_count(generated_lab: LabEnv) -> N
 def test_only_the_dashboards_own_origin_may_open_the_live_stream(app: Flask) -> None:
     """Another web page open in the user's browser must not be able to read readings or the MQTT log."""
     client = app.test_client()
-    foreign = client.get("/socket.io/?EIO=4&transport=polling",
-                         headers={"Origin": "http://evil.example", **bearer(api_token(app))},
-                         base_url="http://127.0.0.1:5000")
+    foreign = client.get(
+        "/socket.io/?EIO=4&transport=polling",
+        headers={"Origin": "http://evil.example", **bearer(api_token(app))},
+        base_url="http://127.0.0.1:5000",
+    )
     assert foreign.status_code == 400  # even with valid credentials
-    anonymous = client.get("/socket.io/?EIO=4&transport=polling", headers={"Origin": "http://127.0.0.1:5000"},
-                           base_url="http://127.0.0.1:5000")
+    anonymous = client.get(
+        "/socket.io/?EIO=4&transport=polling",
+        headers={"Origin": "http://127.0.0.1:5000"},
+        base_url="http://127.0.0.1:5000",
+    )
     assert anonymous.status_code == 401 and b'"sid"' not in anonymous.data  # no session, no stream
-    own = client.get("/socket.io/?EIO=4&transport=polling",
-                     headers={"Origin": "http://127.0.0.1:5000", **bearer(api_token(app))},
-                     base_url="http://127.0.0.1:5000")
+    own = client.get(
+        "/socket.io/?EIO=4&transport=polling",
+        headers={"Origin": "http://127.0.0.1:5000", **bearer(api_token(app))},
+        base_url="http://127.0.0.1:5000",
+    )
     assert own.status_code == 200 and b'"sid"' in own.data

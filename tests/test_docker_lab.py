@@ -66,16 +66,33 @@ class DockerLab:
             print(f"docker lab: {part}: {self.timings[part]:.1f} s", flush=True)
 
     def setup(self, *args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(["./setup.sh", *args], cwd=self.root, env=self.env, capture_output=True, text=True,
-                                timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+        result = subprocess.run(
+            ["./setup.sh", *args],
+            cwd=self.root,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
         if check and result.returncode != 0:
-            raise AssertionError(f"./setup.sh {' '.join(args)} exited {result.returncode}:\n"
-                                 f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}\n{self.compose_logs()}")
+            raise AssertionError(
+                f"./setup.sh {' '.join(args)} exited {result.returncode}:\n"
+                f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}\n{self.compose_logs()}"
+            )
         return result
 
     def compose(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["docker-compose", "--env-file", ".env", *args], cwd=self.root, env=self.env,
-                              capture_output=True, text=True, timeout=timeout, check=False)
+        return subprocess.run(
+            ["docker-compose", "--env-file", ".env", *args],
+            cwd=self.root,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
 
     def compose_logs(self) -> str:
         with contextlib.suppress(Exception):
@@ -84,8 +101,9 @@ class DockerLab:
 
     def container_list(self) -> list[dict[str, Any]]:
         """docker inspect of each of this project's containers (a scaled service has several)."""
-        ids = self.engine.docker("ps", "-aq", "--filter",
-                                 f"label=com.docker.compose.project={self.project}").stdout.split()
+        ids = self.engine.docker(
+            "ps", "-aq", "--filter", f"label=com.docker.compose.project={self.project}"
+        ).stdout.split()
         return json.loads(self.engine.docker("inspect", *ids).stdout) if ids else []
 
     def containers(self) -> dict[str, dict[str, Any]]:
@@ -98,14 +116,16 @@ class DockerLab:
     def opener(self) -> urllib.request.OpenerDirector:
         """No proxy (loopback); HTTPS verified against the lab's root, as a user's browser would after import."""
         context = ssl.create_default_context(cafile=str(self.root / "certs" / "root_ca" / "root_ca.crt"))
-        return urllib.request.build_opener(urllib.request.ProxyHandler({}),
-                                           urllib.request.HTTPSHandler(context=context))
+        return urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+        )
 
     def api_token(self) -> str:
         """A viewer API token for the console's reads, made in the dashboard container as an operator would."""
         if not self.token:
-            made = self.compose("exec", "-T", "dashboard", "python", "-m", "dashboard.users", "token", "docker-lab",
-                                "--role", "viewer")
+            made = self.compose(
+                "exec", "-T", "dashboard", "python", "-m", "dashboard.users", "token", "docker-lab", "--role", "viewer"
+            )
             assert made.returncode == 0, made.stdout + made.stderr
             self.token = made.stdout.strip().splitlines()[-1]
         return self.token
@@ -118,8 +138,12 @@ class DockerLab:
     def post_json(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
         """The seed's API: `pass` in the body, no session or token."""
         opener = self.opener()
-        request = urllib.request.Request(self.url(path), data=json.dumps(body).encode(), method="POST",  # noqa: S310
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(  # noqa: S310
+            self.url(path),
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         try:
             with opener.open(request, timeout=30) as response:
                 return response.status, json.loads(response.read())
@@ -134,23 +158,53 @@ class DockerLab:
         """Publish one reading with `certs/<name>/<name>.crt` to the broker container's published port."""
         certs = self.root / "certs"
         return subprocess.run(
-            ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(self.broker_port), "--cafile",
-             str(certs / "root_ca" / "root_ca.crt"), "--cert", str(certs / name / f"{name}.crt"), "--key",
-             str(certs / name / f"{name}.key"), "-q", "1", "-t", f"iot/thermometer/{name}/temperature",
-             "-m", json.dumps({"device_id": name, "timestamp": "2026-01-01T00:00:00Z", "temperature": 21.5})],
-            capture_output=True, text=True, timeout=20, check=False)
+            [
+                "mosquitto_pub",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.broker_port),
+                "--cafile",
+                str(certs / "root_ca" / "root_ca.crt"),
+                "--cert",
+                str(certs / name / f"{name}.crt"),
+                "--key",
+                str(certs / name / f"{name}.key"),
+                "-q",
+                "1",
+                "-t",
+                f"iot/thermometer/{name}/temperature",
+                "-m",
+                json.dumps({"device_id": name, "timestamp": "2026-01-01T00:00:00Z", "temperature": 21.5}),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
 
     def certificate_bytes(self) -> dict[str, str]:
         """sha256 of every certificate and key file under certs/ (the CRL, re-signed on schedule, aside)."""
         certs = self.root / "certs"
-        return {str(p.relative_to(certs)): hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in sorted(certs.rglob("*")) if p.is_file() and p.suffix in (".crt", ".key")}
+        return {
+            str(p.relative_to(certs)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(certs.rglob("*"))
+            if p.is_file() and p.suffix in (".crt", ".key")
+        }
 
 
 def copy_checkout(target: Path) -> None:
     """The files of this checkout (tracked, plus untracked ones git does not ignore), as a fresh clone has them."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=PROJECT_ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         source = PROJECT_ROOT / name
         if source.is_file():
@@ -182,21 +236,34 @@ def engine() -> Iterator[Engine]:
 
 
 @contextlib.contextmanager
-def started_lab(engine: Engine, tmp_path_factory: pytest.TempPathFactory, project: str, settings: str = "",
-                web_port: int | None = None) -> Iterator[DockerLab]:
+def started_lab(
+    engine: Engine,
+    tmp_path_factory: pytest.TempPathFactory,
+    project: str,
+    settings: str = "",
+    web_port: int | None = None,
+) -> Iterator[DockerLab]:
     """`./setup.sh docker` in a fresh copy of the checkout as compose project `project`, `settings` added to its
     .env; `web_port` is where the tests reach the dashboards (default DASHBOARD_PORT); `down -v` at the end."""
     root = tmp_path_factory.mktemp(project)
     passphrase = secrets.token_urlsafe(24)
     dashboard_port = free_port()
-    lab = DockerLab(root=root, engine=engine, env={}, passphrase=passphrase, broker_port=free_port(),
-                    dashboard_port=web_port or dashboard_port, project=project)
+    lab = DockerLab(
+        root=root,
+        engine=engine,
+        env={},
+        passphrase=passphrase,
+        broker_port=free_port(),
+        dashboard_port=web_port or dashboard_port,
+        project=project,
+    )
     with lab.timed("base images"):
         ensure_base_images(engine, tmp_path_factory.mktemp("base-images"))
     copy_checkout(root)
     (root / ".env").write_text(
         f"CA_PASSPHRASE={passphrase}\nDEVICES=device001,device002\nBROKER_PORT={lab.broker_port}\n"
-        f"DASHBOARD_PORT={dashboard_port}\nPUBLISH_INTERVAL=1\n{settings}")
+        f"DASHBOARD_PORT={dashboard_port}\nPUBLISH_INTERVAL=1\n{settings}"
+    )
     (root / ".env").chmod(0o600)
     env = {k: v for k, v in engine.env.items() if not k.startswith(("PYTEST", "LAB_", "CERTS_DIR", "DATA_DIR"))}
     # Image builds trust the host's CA bundle (HTTPS here goes through a proxy with its own CA).
@@ -249,8 +316,10 @@ def test_every_service_is_up_and_healthy(lab: DockerLab) -> None:
         assert {b["HostIp"] for ports in bindings.values() for b in ports} == {"127.0.0.1"}, (service, bindings)
     assert not lab.containers()["ca"]["HostConfig"]["PortBindings"]
     # Only the CA service has the CA key and the passphrase: the dashboard's /certs/root_ca is its own folder.
-    probe = ("import os; print(os.path.exists('/certs/root_ca/root_ca.key'), 'CA_PASSPHRASE' in os.environ, "
-             "os.path.exists('/certs/root_ca/root_ca.crt'))")
+    probe = (
+        "import os; print(os.path.exists('/certs/root_ca/root_ca.key'), 'CA_PASSPHRASE' in os.environ, "
+        "os.path.exists('/certs/root_ca/root_ca.crt'))"
+    )
     for service, expected in (("ca", "True True True"), ("dashboard", "False False True")):
         seen = lab.compose("exec", "-T", service, "python", "-c", probe)
         assert seen.stdout.strip() == expected, (service, seen.stdout, seen.stderr)
@@ -265,20 +334,39 @@ def test_the_broker_and_the_dashboard_containers_offer_only_intermediate_tls(lab
 
 def test_readings_of_both_thermometer_containers_reach_the_dashboard(lab: DockerLab) -> None:
     with lab.timed("checks"):
-        first = wait_for(lambda: {"device001", "device002"} <= set(r := lab.readings()) and r,
-                         timeout=60, interval=1, what="both devices in /api/data")
-        wait_for(lambda: all(lab.readings()[d] > first[d] for d in ("device001", "device002")), timeout=30,
-                 interval=1, what="readings of both devices growing")
+        first = wait_for(
+            lambda: {"device001", "device002"} <= set(r := lab.readings()) and r,
+            timeout=60,
+            interval=1,
+            what="both devices in /api/data",
+        )
+        wait_for(
+            lambda: all(lab.readings()[d] > first[d] for d in ("device001", "device002")),
+            timeout=30,
+            interval=1,
+            what="readings of both devices growing",
+        )
 
 
 def test_create_returns_a_certificate_that_verifies_against_the_root(lab: DockerLab, tmp_path: Path) -> None:
     with lab.timed("checks"):
-        status, body = lab.post_json("/v1/ssl/create", {"name": "dockertest", "days": 30, "pass": lab.passphrase,
-                                                        "cn": "dockertest"})
+        status, body = lab.post_json(
+            "/v1/ssl/create", {"name": "dockertest", "days": 30, "pass": lab.passphrase, "cn": "dockertest"}
+        )
         assert status == 201, body
         (tmp_path / "leaf.crt").write_text(body["crt"])
-        verify = subprocess.run(["openssl", "verify", "-CAfile", str(lab.root / "certs" / "root_ca" / "root_ca.crt"),
-                                 str(tmp_path / "leaf.crt")], capture_output=True, text=True, check=False)
+        verify = subprocess.run(
+            [
+                "openssl",
+                "verify",
+                "-CAfile",
+                str(lab.root / "certs" / "root_ca" / "root_ca.crt"),
+                str(tmp_path / "leaf.crt"),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert verify.returncode == 0 and ": OK" in verify.stdout, verify.stdout + verify.stderr
         assert body["ca"] == (lab.root / "certs" / "root_ca" / "root_ca.crt").read_text()
 
@@ -325,28 +413,61 @@ def test_revoking_device001_shuts_it_out_of_the_broker_container(lab: DockerLab)
         def closed_and_shown() -> bool:
             device = lab.get_json("/api/data")["device_data"]["device001"]
             logged = lab.engine.docker("logs", broker_id).stderr + lab.engine.docker("logs", broker_id).stdout
-            return (device.get("status"), device.get("certificate")) == ("offline", "revoked") and \
-                "device001 been disconnected by administrative action" in logged
+            return (device.get("status"), device.get("certificate")) == (
+                "offline",
+                "revoked",
+            ) and "device001 been disconnected by administrative action" in logged
 
-        wait_for(closed_and_shown, timeout=max(0.1, revoked_at + 2 - time.monotonic()), interval=0.1,
-                 what="the broker container to close device001's connection and the dashboard to show it revoked")
+        wait_for(
+            closed_and_shown,
+            timeout=max(0.1, revoked_at + 2 - time.monotonic()),
+            interval=0.1,
+            what="the broker container to close device001's connection and the dashboard to show it revoked",
+        )
         # The thermometer says so once and waits for a new certificate (ON_REVOKED=wait): no restart loop.
-        wait_for(lambda: "the CA revoked its certificate" in lab.engine.docker("logs", device_id).stderr
-                 + lab.engine.docker("logs", device_id).stdout, timeout=15, interval=0.5,
-                 what="device001's container to log its revocation")
+        wait_for(
+            lambda: (
+                "the CA revoked its certificate"
+                in lab.engine.docker("logs", device_id).stderr + lab.engine.docker("logs", device_id).stdout
+            ),
+            timeout=15,
+            interval=0.5,
+            what="device001's container to log its revocation",
+        )
 
         # New connections with its certificate are refused, within 5 s of the reply.
-        refusal = wait_for(lambda: (r := lab.mosquitto_pub("device001")).returncode != 0 and r, timeout=5,
-                           interval=0.25, what="the broker container refusing device001")
-        print(f"docker lab: device001 refused {time.monotonic() - revoked_at:.2f} s after the revoke reply: "
-              f"{refusal.stderr.strip()}")
+        refusal = wait_for(
+            lambda: (r := lab.mosquitto_pub("device001")).returncode != 0 and r,
+            timeout=5,
+            interval=0.25,
+            what="the broker container refusing device001",
+        )
+        print(
+            f"docker lab: device001 refused {time.monotonic() - revoked_at:.2f} s after the revoke reply: "
+            f"{refusal.stderr.strip()}"
+        )
         # Refused because it is revoked: the broker's TLS alert says so (its log says only "verify failed").
         certs = lab.root / "certs"
         handshake = subprocess.run(
-            ["openssl", "s_client", "-tls1_2", "-connect", f"127.0.0.1:{lab.broker_port}", "-CAfile",
-             str(certs / "root_ca" / "root_ca.crt"), "-cert", str(certs / "device001" / "device001.crt"), "-key",
-             str(certs / "device001" / "device001.key")],
-            input="", capture_output=True, text=True, timeout=20, check=False)
+            [
+                "openssl",
+                "s_client",
+                "-tls1_2",
+                "-connect",
+                f"127.0.0.1:{lab.broker_port}",
+                "-CAfile",
+                str(certs / "root_ca" / "root_ca.crt"),
+                "-cert",
+                str(certs / "device001" / "device001.crt"),
+                "-key",
+                str(certs / "device001" / "device001.key"),
+            ],
+            input="",
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
         assert "certificate revoked" in handshake.stdout + handshake.stderr, handshake.stderr[-2000:]
         # Its readings stop; device002's go on.
         stopped = lab.readings()
@@ -363,23 +484,37 @@ def test_revoking_device001_shuts_it_out_of_the_broker_container(lab: DockerLab)
 
 def test_a_third_device_comes_up_through_the_generated_override(lab: DockerLab) -> None:
     env_file = lab.root / ".env"
-    env_file.write_text(env_file.read_text().replace("DEVICES=device001,device002",
-                                                     "DEVICES=device001,device002,device003"))
+    env_file.write_text(
+        env_file.read_text().replace("DEVICES=device001,device002", "DEVICES=device001,device002,device003")
+    )
     with lab.timed("up with device003"):
         lab.setup("docker")
     override = (lab.root / "docker-compose.override.yml").read_text()
     assert "device003_thermometer:" in override
     with lab.timed("checks"):
-        wait_for(lambda: lab.readings().get("device003", 0) > 1, timeout=60, interval=1,
-                 what=f"readings from device003:\n{lab.compose_logs()}")
+        wait_for(
+            lambda: lab.readings().get("device003", 0) > 1,
+            timeout=60,
+            interval=1,
+            what=f"readings from device003:\n{lab.compose_logs()}",
+        )
     assert lab.containers()["device003_thermometer"]["State"]["Status"] == "running"
 
 
 # The compose profile `scale` (README, Docker mode): postgres, redis, two CA replicas, two dashboards, nginx. One
 # bring-up, after the default lab's tests (which it stops first: two labs at once would share two cores).
 SCALE_PROJECT = "iotcalabscale"
-SCALE_SERVICES = {"mosquitto", "postgres", "redis", "ca", "dashboard", "dashboard-2", "nginx",
-                  "device001_thermometer", "device002_thermometer"}
+SCALE_SERVICES = {
+    "mosquitto",
+    "postgres",
+    "redis",
+    "ca",
+    "dashboard",
+    "dashboard-2",
+    "nginx",
+    "device001_thermometer",
+    "device002_thermometer",
+}
 
 
 @pytest.fixture(scope="module")
@@ -390,29 +525,39 @@ def scale_lab(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Itera
         engine.docker("stop", "-t", "5", *running)
     password = secrets.token_urlsafe(18)
     nginx_port = free_port()
-    settings = (f"COMPOSE_PROFILES=scale\nCA_REPLICAS=2\nNGINX_PORT={nginx_port}\n"
-                "SOCKETIO_MESSAGE_QUEUE=redis://redis:6379/0\n"
-                f"POSTGRES_PASSWORD={password}\nDATABASE_URL=postgresql+psycopg://lab:{password}@postgres:5432/lab\n")
+    settings = (
+        f"COMPOSE_PROFILES=scale\nCA_REPLICAS=2\nNGINX_PORT={nginx_port}\n"
+        "SOCKETIO_MESSAGE_QUEUE=redis://redis:6379/0\n"
+        f"POSTGRES_PASSWORD={password}\nDATABASE_URL=postgresql+psycopg://lab:{password}@postgres:5432/lab\n"
+    )
     with started_lab(engine, tmp_path_factory, SCALE_PROJECT, settings, web_port=nginx_port) as started:
         yield started
 
 
 def ca_requests_served(scale_lab: DockerLab, container: dict[str, Any]) -> float:
     """The CA replica's own count of answered create requests (its /v1/metrics, asked inside its container)."""
-    probe = ("import urllib.request as u; from ca.internal import SECRET_HEADER, internal_secret; "
-             "from pki.config import Settings; r = u.Request('http://127.0.0.1:5100/v1/metrics', "
-             "headers={SECRET_HEADER: internal_secret(Settings.from_env())}); "
-             "print(u.build_opener(u.ProxyHandler({})).open(r, timeout=5).read().decode())")
+    probe = (
+        "import urllib.request as u; from ca.internal import SECRET_HEADER, internal_secret; "
+        "from pki.config import Settings; r = u.Request('http://127.0.0.1:5100/v1/metrics', "
+        "headers={SECRET_HEADER: internal_secret(Settings.from_env())}); "
+        "print(u.build_opener(u.ProxyHandler({})).open(r, timeout=5).read().decode())"
+    )
     text = scale_lab.engine.docker("exec", container["Id"], "python", "-c", probe).stdout
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if "ca_request_duration_seconds_count{" in line and 'operation="create"' in line)
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if "ca_request_duration_seconds_count{" in line and 'operation="create"' in line
+    )
 
 
 def test_scale_profile_every_service_is_healthy_and_only_the_ca_has_the_key(scale_lab: DockerLab) -> None:
     def all_healthy() -> list[dict[str, Any]] | None:
         found = scale_lab.container_list()
-        healthy = [c for c in found if c["State"].get("Health", {}).get("Status", c["State"]["Status"])
-                   in ("healthy", "running")]
+        healthy = [
+            c
+            for c in found
+            if c["State"].get("Health", {}).get("Status", c["State"]["Status"]) in ("healthy", "running")
+        ]
         return found if found and len(healthy) == len(found) else None
 
     with scale_lab.timed("checks"):
@@ -438,13 +583,18 @@ def test_scale_profile_every_service_is_healthy_and_only_the_ca_has_the_key(scal
             assert sources == [str(scale_lab.root / "certs" / "dashboard")]
         elif service in ("redis", "postgres"):
             assert sources == []
-    assert scale_lab.engine.docker("inspect", "-f", "{{.Config.User}}", next(
-        c["Id"] for c in found if c["Config"]["Labels"]["com.docker.compose.service"] == "redis")).stdout.strip() == \
-        "redis"
+    assert (
+        scale_lab.engine.docker(
+            "inspect",
+            "-f",
+            "{{.Config.User}}",
+            next(c["Id"] for c in found if c["Config"]["Labels"]["com.docker.compose.service"] == "redis"),
+        ).stdout.strip()
+        == "redis"
+    )
 
 
-def test_scale_profile_two_ca_replicas_answer_through_nginx_on_postgresql(scale_lab: DockerLab,
-                                                                          tmp_path: Path) -> None:
+def test_scale_profile_two_ca_replicas_answer_through_nginx_on_postgresql(scale_lab: DockerLab, tmp_path: Path) -> None:
     cas = [c for c in scale_lab.container_list() if c["Config"]["Labels"]["com.docker.compose.service"] == "ca"]
     claimed = []
     for container in cas:
@@ -454,8 +604,18 @@ def test_scale_profile_two_ca_replicas_answer_through_nginx_on_postgresql(scale_
     # The database is PostgreSQL: the CA's DATABASE_URL, and the tables in the postgres container.
     url = scale_lab.engine.docker("exec", cas[0]["Id"], "printenv", "DATABASE_URL").stdout.strip()
     assert url.startswith("postgresql+psycopg://lab:") and url.endswith("@postgres:5432/lab")
-    tables = scale_lab.compose("exec", "-T", "postgres", "psql", "-U", "postgres", "-d", "lab", "-Atc",
-                               "select tablename from pg_tables where schemaname = 'public'")
+    tables = scale_lab.compose(
+        "exec",
+        "-T",
+        "postgres",
+        "psql",
+        "-U",
+        "postgres",
+        "-d",
+        "lab",
+        "-Atc",
+        "select tablename from pg_tables where schemaname = 'public'",
+    )
     assert {"certificates", "create_requests"} <= set(tables.stdout.split()), tables.stdout + tables.stderr
     # create through nginx (HTTPS with the dashboard certificate), a new route cookie each time (either dashboard),
     # until both replicas served some; every certificate has its own serial and verifies against the root.
@@ -464,30 +624,48 @@ def test_scale_profile_two_ca_replicas_answer_through_nginx_on_postgresql(scale_
     with scale_lab.timed("checks"):
         for n in range(30):
             request = urllib.request.Request(  # noqa: S310 - https to the lab's nginx on loopback
-                scale_lab.url("/v1/ssl/create"), method="POST", headers={
-                    "Content-Type": "application/json", "Cookie": f"iotlab_route={secrets.token_hex(4)}"},
-                data=json.dumps({"name": f"scale{n}", "days": 30, "pass": scale_lab.passphrase}).encode())
+                scale_lab.url("/v1/ssl/create"),
+                method="POST",
+                headers={"Content-Type": "application/json", "Cookie": f"iotlab_route={secrets.token_hex(4)}"},
+                data=json.dumps({"name": f"scale{n}", "days": 30, "pass": scale_lab.passphrase}).encode(),
+            )
             with scale_lab.opener().open(request, timeout=30) as response:
                 assert response.status == 201
                 body = json.loads(response.read())
             (tmp_path / "leaf.crt").write_text(body["crt"])
-            verify = subprocess.run(["openssl", "x509", "-noout", "-serial", "-in", str(tmp_path / "leaf.crt")],
-                                    capture_output=True, text=True, check=True)
+            verify = subprocess.run(
+                ["openssl", "x509", "-noout", "-serial", "-in", str(tmp_path / "leaf.crt")],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             serials.append(verify.stdout.strip())
             served = [ca_requests_served(scale_lab, c) for c in cas]
             if n >= 3 and all(served):
                 break
     assert len(set(serials)) == len(serials) >= 4, serials
     assert all(served), f"creates answered per replica: {served} after {len(serials)} requests"
-    verify = subprocess.run(["openssl", "verify", "-CAfile", str(root_ca), str(tmp_path / "leaf.crt")],
-                            capture_output=True, text=True, check=False)
+    verify = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(root_ca), str(tmp_path / "leaf.crt")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert verify.returncode == 0, verify.stdout + verify.stderr
     print(f"docker lab: scale: {len(serials)} creates through nginx, per CA replica {served}")
 
 
 def test_scale_profile_readings_reach_the_browser_through_nginx(scale_lab: DockerLab) -> None:
     with scale_lab.timed("checks"):
-        first = wait_for(lambda: {"device001", "device002"} <= set(r := scale_lab.readings()) and r,
-                         timeout=90, interval=1, what="both devices in /api/data through nginx")
-        wait_for(lambda: all(scale_lab.readings()[d] > first[d] for d in ("device001", "device002")), timeout=30,
-                 interval=1, what="readings of both devices growing, through nginx")
+        first = wait_for(
+            lambda: {"device001", "device002"} <= set(r := scale_lab.readings()) and r,
+            timeout=90,
+            interval=1,
+            what="both devices in /api/data through nginx",
+        )
+        wait_for(
+            lambda: all(scale_lab.readings()[d] > first[d] for d in ("device001", "device002")),
+            timeout=30,
+            interval=1,
+            what="readings of both devices growing, through nginx",
+        )

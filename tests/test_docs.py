@@ -40,16 +40,23 @@ def resolve(document: dict[str, Any], ref: str) -> Any:
     return node
 
 
-def test_asyncapi_describes_every_topic_and_every_reference_resolves(client: FlaskClient,
-                                                                     viewer_headers: dict[str, str]) -> None:
+def test_asyncapi_describes_every_topic_and_every_reference_resolves(
+    client: FlaskClient, viewer_headers: dict[str, str]
+) -> None:
     assert client.get("/v1/asyncapi.json").status_code == 401  # like the rest of the console: logged in only
     response = client.get("/v1/asyncapi.json", headers=viewer_headers)
     assert response.status_code == 200
     document = response.get_json()
     assert document["asyncapi"] == "3.0.0"
     addresses = {channel["address"] for channel in document["channels"].values()}
-    assert {"ssl/sign", "ssl/create", "ssl/renew/{cn}", "ssl/{name}", "iot/thermometer/{device}/temperature",
-            "iot/thermometer/{device}/status"} <= addresses
+    assert {
+        "ssl/sign",
+        "ssl/create",
+        "ssl/renew/{cn}",
+        "ssl/{name}",
+        "iot/thermometer/{device}/temperature",
+        "iot/thermometer/{device}/status",
+    } <= addresses
     found = list(refs(document))
     assert len(found) > 20
     for ref in found:
@@ -70,8 +77,12 @@ def test_the_documented_reply_shapes_are_the_real_ones(generated_lab: LabEnv, cl
 
 @pytest.mark.browser
 @pytest.mark.integration
-def test_docs_render_in_chromium_offline(broker: Broker, generated_lab: LabEnv, browser: Browser,  # noqa: F811
-                                         tmp_path: Path) -> None:
+def test_docs_render_in_chromium_offline(
+    broker: Broker,
+    generated_lab: LabEnv,
+    browser: Browser,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     dashboard = DashboardProcess(generated_lab.env, tmp_path / "dashboard.log").start()
     outside: list[str] = []
     problems: list[str] = []

@@ -38,9 +38,14 @@ class EST:
 
     def sh(self, command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """`command` in bash, in the work folder; $ROOT is the lab's root certificate."""
-        result = subprocess.run(["bash", "-c", "set -euo pipefail\n" + command], cwd=self.work, text=True,
-                                capture_output=True, timeout=60,
-                                env={**os.environ, "ROOT": str(self.lab.root_cert)})
+        result = subprocess.run(
+            ["bash", "-c", "set -euo pipefail\n" + command],
+            cwd=self.work,
+            text=True,
+            capture_output=True,
+            timeout=60,
+            env={**os.environ, "ROOT": str(self.lab.root_cert)},
+        )
         if check:
             assert result.returncode == 0, f"{command}\nexit {result.returncode}\n{result.stdout}\n{result.stderr}"
         return result
@@ -52,21 +57,25 @@ class EST:
 
     def csr(self, name: str, stem: str) -> None:
         """`openssl req` -> base64: the key in <stem>.key, the request in <stem>.b64."""
-        self.sh(f"openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout {stem}.key "
-                f"-subj /CN={shlex.quote(name)} -outform DER | base64 > {stem}.b64")
+        self.sh(
+            f"openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout {stem}.key "
+            f"-subj /CN={shlex.quote(name)} -outform DER | base64 > {stem}.b64"
+        )
 
     def enrol(self, user: str, secret: str, stem: str, *, extra: str = "") -> tuple[int, str]:
         """curl simpleenroll (or `extra` curl options); (HTTP status, headers). 200: <stem>.crt holds the cert."""
         result = self.sh(
             f"curl -sS --cacert $ROOT -u {shlex.quote(user + ':' + secret)} --data-binary @{stem}.b64 "
             f"-H 'Content-Type: application/pkcs10' -D {stem}.headers -o {stem}.p7.b64 -w '%{{http_code}}' "
-            f"{extra} {self.base}/simpleenroll")
+            f"{extra} {self.base}/simpleenroll"
+        )
         return int(result.stdout), (self.work / f"{stem}.headers").read_text()
 
     def reenrol(self, cert: str, key: str, stem: str) -> int:
         result = self.sh(
             f"curl -sS --cacert $ROOT --cert {cert} --key {key} --data-binary @{stem}.b64 "
-            f"-H 'Content-Type: application/pkcs10' -o {stem}.p7.b64 -w '%{{http_code}}' {self.base}/simplereenroll")
+            f"-H 'Content-Type: application/pkcs10' -o {stem}.p7.b64 -w '%{{http_code}}' {self.base}/simplereenroll"
+        )
         return int(result.stdout)
 
     def unpack(self, stem: str) -> x509.Certificate:
@@ -81,15 +90,18 @@ def est(app: Flask, generated_lab: LabEnv, tmp_path: Path) -> Iterator[EST]:
     work = tmp_path / "client"
     work.mkdir()
     try:
-        yield EST(generated_lab, app.extensions["test_ca"].service, f"https://localhost:{server.port}/.well-known/est",
-                  work)
+        yield EST(
+            generated_lab, app.extensions["test_ca"].service, f"https://localhost:{server.port}/.well-known/est", work
+        )
     finally:
         server.stop()
 
 
 def test_cacerts_gives_the_root(est: EST) -> None:
-    est.sh(f"curl -sS --cacert $ROOT {est.base}/cacerts | base64 -d | "
-           "openssl pkcs7 -inform DER -print_certs -out cacerts.pem")
+    est.sh(
+        f"curl -sS --cacert $ROOT {est.base}/cacerts | base64 -d | "
+        "openssl pkcs7 -inform DER -print_certs -out cacerts.pem"
+    )
     got = x509.load_pem_x509_certificates((est.work / "cacerts.pem").read_bytes())
     assert got == [x509.load_pem_x509_certificate(est.lab.root_cert.read_bytes())]
     headers = est.sh(f"curl -sS --cacert $ROOT -D - -o /dev/null {est.base}/cacerts").stdout.lower()
@@ -116,8 +128,10 @@ def test_simpleenroll_with_a_token_issues_a_client_certificate_that_connects_to_
     (record,) = est.service.inventory.list(name="est-device1")
     assert (record.issued_via, record.role, record.status) == ("est", "device", "active")
     # The certificate and its key (made by openssl, never seen by the CA) log in to the real broker.
-    est.sh(f"mosquitto_pub -h localhost -p {broker.port} --cafile $ROOT --cert dev.crt --key dev.key "
-           "-i est-device1 -q 1 -t iot/thermometer/est-device1/temperature -m '{\"temperature\": 21.5}'")
+    est.sh(
+        f"mosquitto_pub -h localhost -p {broker.port} --cafile $ROOT --cert dev.crt --key dev.key "
+        "-i est-device1 -q 1 -t iot/thermometer/est-device1/temperature -m '{\"temperature\": 21.5}'"
+    )
 
 
 def test_a_reused_or_wrong_token_gets_401_and_nothing_is_written(est: EST) -> None:
@@ -131,8 +145,10 @@ def test_a_reused_or_wrong_token_gets_401_and_nothing_is_written(est: EST) -> No
         assert status == 401, (user, (est.work / "again.p7.b64").read_text())
         assert 'www-authenticate: basic realm="iot-ca-est"' in headers.lower()
     # No credential at all: 401 with the challenge too.
-    no_auth = est.sh(f"curl -sS --cacert $ROOT --data-binary @again.b64 -H 'Content-Type: application/pkcs10' "
-                     f"-D - -o /dev/null {est.base}/simpleenroll").stdout.lower()
+    no_auth = est.sh(
+        f"curl -sS --cacert $ROOT --data-binary @again.b64 -H 'Content-Type: application/pkcs10' "
+        f"-D - -o /dev/null {est.base}/simpleenroll"
+    ).stdout.lower()
     assert no_auth.startswith("http/1.1 401") and "www-authenticate: basic" in no_auth
     assert lab_state(est.lab) == before
 
@@ -185,8 +201,15 @@ def test_simplereenroll_with_the_current_certificate_and_not_with_a_superseded_o
     est.csr("est-device5", "v3")
     assert est.reenrol("v1.crt", "v1.key", "v3") == 403
     # Without a client certificate: 401; and with the current certificate the CSR must be for a new key.
-    assert int(est.sh(f"curl -sS --cacert $ROOT --data-binary @v3.b64 -H 'Content-Type: application/pkcs10' "
-                      f"-o /dev/null -w '%{{http_code}}' {est.base}/simplereenroll").stdout) == 401
+    assert (
+        int(
+            est.sh(
+                f"curl -sS --cacert $ROOT --data-binary @v3.b64 -H 'Content-Type: application/pkcs10' "
+                f"-o /dev/null -w '%{{http_code}}' {est.base}/simplereenroll"
+            ).stdout
+        )
+        == 401
+    )
     (est.work / "same.b64").write_bytes((est.work / "v2.b64").read_bytes())
     assert est.reenrol("v2.crt", "v2.key", "same") == 400
     assert lab_state(est.lab) == before
@@ -198,11 +221,16 @@ def test_simplereenroll_with_the_current_certificate_and_not_with_a_superseded_o
 
 
 def test_a_certificate_from_another_ca_is_refused_by_tls(est: EST, tmp_path: Path) -> None:
-    est.sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout rogue.key -out rogue.crt "
-           "-subj /CN=est-device6 -days 1")
+    est.sh(
+        "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout rogue.key -out rogue.crt "
+        "-subj /CN=est-device6 -days 1"
+    )
     est.csr("est-device6", "new")
-    result = est.sh(f"curl -sS --cacert $ROOT --cert rogue.crt --key rogue.key --data-binary @new.b64 "
-                    f"-H 'Content-Type: application/pkcs10' {est.base}/simplereenroll", check=False)
+    result = est.sh(
+        f"curl -sS --cacert $ROOT --cert rogue.crt --key rogue.key --data-binary @new.b64 "
+        f"-H 'Content-Type: application/pkcs10' {est.base}/simplereenroll",
+        check=False,
+    )
     assert result.returncode != 0  # the handshake fails: the server verifies offered certificates against the root
 
 
@@ -213,10 +241,20 @@ def test_a_thermometer_enrols_and_renews_by_est(
     folder = tmp_path / "est-therm"
     folder.mkdir()
     shutil.copy(est.lab.root_cert, folder / "root_ca.crt")
-    files = {"CA_CERT_PATH": str(folder / "root_ca.crt"), "CLIENT_CERT_PATH": str(folder / "est-therm.crt"),
-             "CLIENT_KEY_PATH": str(folder / "est-therm.key")}
-    env = device_env(est.lab, "est-therm", ENROL="est", EST_URL=est.base, ENROL_TOKEN=est.token("est-therm"),
-                     RENEW_CHECK_INTERVAL="0", **files)
+    files = {
+        "CA_CERT_PATH": str(folder / "root_ca.crt"),
+        "CLIENT_CERT_PATH": str(folder / "est-therm.crt"),
+        "CLIENT_KEY_PATH": str(folder / "est-therm.key"),
+    }
+    env = device_env(
+        est.lab,
+        "est-therm",
+        ENROL="est",
+        EST_URL=est.base,
+        ENROL_TOKEN=est.token("est-therm"),
+        RENEW_CHECK_INTERVAL="0",
+        **files,
+    )
     thermometer = start_thermometer(env)
     thermometer.wait_output("est-therm connected to localhost")
     (record,) = est.service.inventory.list(name="est-therm")
@@ -224,8 +262,9 @@ def test_a_thermometer_enrols_and_renews_by_est(
     thermometer.terminate()
     # Renewal: a device inside its renewal window renews by simplereenroll (--enrol est), not over MQTT.
     aged = issue_aged_certificate(est.lab, "device002", days=365, days_left=10)
-    renewing = start_thermometer(device_env(est.lab, "device002", EST_URL=est.base, RENEW_CHECK_INTERVAL="1"),
-                                 "--enrol", "est")
+    renewing = start_thermometer(
+        device_env(est.lab, "device002", EST_URL=est.base, RENEW_CHECK_INTERVAL="1"), "--enrol", "est"
+    )
     renewing.wait_output("renewed the certificate", timeout=30)
     renewing.wait_output("device002 connected to localhost")
     current = est.service.inventory.current("device002")
@@ -255,19 +294,38 @@ def test_a_silent_client_does_not_stall_the_endpoint(est: EST) -> None:
 def test_python_m_ca_serves_est_and_acme_on_ca_https_port(generated_lab: LabEnv, tmp_path: Path) -> None:
     """The CA service's entry point (`python -m ca`) starts the CA's HTTPS endpoint; SIGTERM stops it cleanly."""
     port = free_port()
-    env = {**os.environ, **generated_lab.env, "CA_INTERNAL_PORT": str(free_port()), "CA_HTTPS_PORT": str(port),
-           "CA_INSTANCE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        **generated_lab.env,
+        "CA_INTERNAL_PORT": str(free_port()),
+        "CA_HTTPS_PORT": str(port),
+        "CA_INSTANCE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
     log_path = tmp_path / "ca.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "ca"], env=env, cwd=PROJECT_ROOT,
-                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ca"],
+            env=env,
+            cwd=PROJECT_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        wait_for(lambda: process.poll() is None and f"EST and ACME on https://127.0.0.1:{port}/" in
-                 log_path.read_text(), timeout=20, what=f"the EST/ACME line; log:\n{log_path.read_text()}")
+        wait_for(
+            lambda: process.poll() is None and f"EST and ACME on https://127.0.0.1:{port}/" in log_path.read_text(),
+            timeout=20,
+            what=f"the EST/ACME line; log:\n{log_path.read_text()}",
+        )
         root = generated_lab.certs_dir / "root_ca" / "root_ca.crt"
         for path in ("/.well-known/est/cacerts", "/acme/directory"):
-            result = subprocess.run(["curl", "-sS", "--fail", "--cacert", str(root), f"https://localhost:{port}{path}",
-                                     "-o", "/dev/null"], capture_output=True, text=True, timeout=30)
+            result = subprocess.run(
+                ["curl", "-sS", "--fail", "--cacert", str(root), f"https://localhost:{port}{path}", "-o", "/dev/null"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             assert result.returncode == 0, result.stderr
     finally:
         process.terminate()
@@ -275,8 +333,15 @@ def test_python_m_ca_serves_est_and_acme_on_ca_https_port(generated_lab: LabEnv,
     assert code == 0, log_path.read_text()
 
 
-@pytest.mark.parametrize("key, value", [("CA_HTTPS_PORT", "70000"), ("ACME_HTTP01_PORT", "0"),
-                                        ("ACME_ALLOWED_NAMES", "*.example.com"), ("ACME_ALLOWED_NAMES", "a b")])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("CA_HTTPS_PORT", "70000"),
+        ("ACME_HTTP01_PORT", "0"),
+        ("ACME_ALLOWED_NAMES", "*.example.com"),
+        ("ACME_ALLOWED_NAMES", "a b"),
+    ],
+)
 def test_bad_ca_https_settings_are_clear_errors(key: str, value: str) -> None:
     with pytest.raises(ConfigError, match=key):
         Settings.from_env({key: value})

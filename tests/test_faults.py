@@ -51,21 +51,28 @@ def test_kill_9_of_the_broker_four_times_loses_no_reading(
         wait_for(lambda: db.exists() and db.stat().st_mtime > subscribed, timeout=10, what="the first autosave")
 
         env = {k: v for k, v in generated_lab.env.items() if k != "CA_PASSPHRASE"}
-        devices = {d: start_thermometer({**env, "DEVICE_ID": d, "PUBLISH_INTERVAL": "0.5"})
-                   for d in ("device001", "device002")}
+        devices = {
+            d: start_thermometer({**env, "DEVICE_ID": d, "PUBLISH_INTERVAL": "0.5"}) for d in ("device001", "device002")
+        }
         for device, thermometer in devices.items():
             thermometer.wait_output(f"{device} connected")
         for kill in range(1, KILLS + 1):
-            wait_for(lambda k=kill: all(len(stored_seqs(app, d)) >= 3 * k for d in devices), timeout=20,
-                     what="readings stored before the next kill")
+            wait_for(
+                lambda k=kill: all(len(stored_seqs(app, d)) >= 3 * k for d in devices),
+                timeout=20,
+                what="readings stored before the next kill",
+            )
             assert broker.process is not None
             broker.process.send_signal(signal.SIGKILL)
             broker.process.wait()
             time.sleep(DOWN_SECONDS)
             broker.start()
             for device, thermometer in devices.items():
-                wait_for(lambda t=thermometer, d=device, k=kill: t.output().count(f"{d} connected") == k + 1,
-                         timeout=40, what=f"{device} to reconnect after kill {kill}")
+                wait_for(
+                    lambda t=thermometer, d=device, k=kill: t.output().count(f"{d} connected") == k + 1,
+                    timeout=40,
+                    what=f"{device} to reconnect after kill {kill}",
+                )
             # The consumer back too: readings queued for it while it is away live in the broker's memory until the
             # next autosave, and the next kill -9 would take them (as it would in a lab killed twice in 5 s).
             assert bridge.wait_connected(40) and ingest.wait_subscribed(40)
@@ -78,9 +85,12 @@ def test_kill_9_of_the_broker_four_times_loses_no_reading(
             # what is at stake: after each kill it flushed readings buffered while the broker was down
             assert thermometer.output().count("readings buffered while offline") >= KILLS, thermometer.output()
         for device, count in last.items():
-            wait_for(lambda d=device, n=count: stored_seqs(app, d) >= set(range(1, n + 1)), timeout=20,
-                     what=f"every reading of {device} stored; missing: "
-                          f"{sorted(set(range(1, count + 1)) - stored_seqs(app, device))[:20]}")
+            wait_for(
+                lambda d=device, n=count: stored_seqs(app, d) >= set(range(1, n + 1)),
+                timeout=20,
+                what=f"every reading of {device} stored; missing: "
+                f"{sorted(set(range(1, count + 1)) - stored_seqs(app, device))[:20]}",
+            )
     finally:
         app.extensions["live_hub"].close()
         close_app(app)
@@ -91,18 +101,35 @@ def test_kill_9_of_the_broker_four_times_loses_no_reading(
 
 def _ca_process(lab: LabEnv, port: int) -> subprocess.Popen[bytes]:
     """The CA service (`python -m ca`, replica ca-1) with its internal API on `port`; no broker here."""
-    env = {**os.environ, **lab.env, "CA_INSTANCE": "1", "CA_INTERNAL_PORT": str(port), "CA_HTTPS_PORT": "0",
-           "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "ca"], env=env, cwd=PROJECT_ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        **lab.env,
+        "CA_INSTANCE": "1",
+        "CA_INTERNAL_PORT": str(port),
+        "CA_HTTPS_PORT": "0",
+        "PYTHONUNBUFFERED": "1",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "ca"], env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
 
 def _dashboard_process(lab: LabEnv, port: int, ca_port: int) -> subprocess.Popen[bytes]:
     """The dashboard on `port`, forwarding /v1/ssl/* to the CA on `ca_port`."""
-    env = {**os.environ, **lab.env, "DASHBOARD_PORT": str(port), "CA_URLS": f"http://127.0.0.1:{ca_port}",
-           "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "dashboard"], env=env, cwd=PROJECT_ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        **lab.env,
+        "DASHBOARD_PORT": str(port),
+        "CA_URLS": f"http://127.0.0.1:{ca_port}",
+        "PYTHONUNBUFFERED": "1",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "dashboard"],
+        env=env,
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def _healthy(port: int) -> bool:
@@ -116,7 +143,7 @@ def _healthy(port: int) -> bool:
 
 
 def test_kill_9_of_the_ca_under_200_requests_leaves_every_certificate_listed_and_revocable(
-    generated_lab: LabEnv
+    generated_lab: LabEnv,
 ) -> None:
     port, ca_port = free_port(), free_port()
     base = f"http://127.0.0.1:{port}"  # the dashboard's port: the CA API as users call it, forwarded to the CA
@@ -125,10 +152,26 @@ def test_kill_9_of_the_ca_under_200_requests_leaves_every_certificate_listed_and
     replies: list[dict[str, Any]] = []
     try:
         wait_for(lambda: _healthy(ca_port) and _healthy(port), timeout=30, what="the CA and the dashboard to answer")
-        bodies = [{"name": f"crash-create-{i:03d}", "days": 30, "pass": generated_lab.passphrase, "country": "BR",
-                   "org": "lab", "cn": f"crash-create-{i:03d}"} for i in range(100)]
-        bodies += [{"name": f"crash-sign-{i:03d}", "days": 30, "pass": generated_lab.passphrase,
-                    "csr": make_csr(f"crash-sign-{i:03d}")[0]} for i in range(100)]
+        bodies = [
+            {
+                "name": f"crash-create-{i:03d}",
+                "days": 30,
+                "pass": generated_lab.passphrase,
+                "country": "BR",
+                "org": "lab",
+                "cn": f"crash-create-{i:03d}",
+            }
+            for i in range(100)
+        ]
+        bodies += [
+            {
+                "name": f"crash-sign-{i:03d}",
+                "days": 30,
+                "pass": generated_lab.passphrase,
+                "csr": make_csr(f"crash-sign-{i:03d}")[0],
+            }
+            for i in range(100)
+        ]
 
         def send(body: dict[str, Any]) -> None:
             route = "sign" if "csr" in body else "create"
@@ -160,8 +203,10 @@ def test_kill_9_of_the_ca_under_200_requests_leaves_every_certificate_listed_and
         users = UserStore(generated_lab.settings().effective_database_url)
         _, token = users.create_token("fault-tests", "viewer")  # the inventory is for logged-in readers
         users.close()
-        request = urllib.request.Request(f"{base}/v1/ssl/certs",  # noqa: S310 - loopback
-                                         headers={"Authorization": f"Bearer {token}"})
+        request = urllib.request.Request(  # noqa: S310 - loopback
+            f"{base}/v1/ssl/certs",
+            headers={"Authorization": f"Bearer {token}"},
+        )
         with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback
             listed = [row["serial"] for row in json.loads(response.read())["certificates"]]
         assert len(listed) == len(set(listed)), "duplicate serials"

@@ -100,8 +100,16 @@ def test_device_certificate_is_refused_as_a_server(session_lab: LabEnv) -> None:
     """The EKU really constrains: a device certificate must not pass as a TLS server."""
     certs = session_lab.certs_dir
     result = subprocess.run(
-        ["openssl", "verify", "-x509_strict", "-purpose", "sslserver", "-CAfile",
-         str(certs / "root_ca" / "root_ca.crt"), str(certs / "device001" / "device001.crt")],
+        [
+            "openssl",
+            "verify",
+            "-x509_strict",
+            "-purpose",
+            "sslserver",
+            "-CAfile",
+            str(certs / "root_ca" / "root_ca.crt"),
+            str(certs / "device001" / "device001.crt"),
+        ],
         capture_output=True,
         text=True,
     )
@@ -152,14 +160,13 @@ def test_profiles_carry_their_extensions(session_lab: LabEnv) -> None:
         # Every entity folder carries the root next to its own pair.
         assert (certs / name / "root_ca.crt").read_bytes() == (certs / "root_ca" / "root_ca.crt").read_bytes()
 
-    assert _sans(load_cert(certs / "mosquitto" / "mosquitto.crt")) == {
-        "localhost", "mosquitto", "127.0.0.1", "::1"
-    }
+    assert _sans(load_cert(certs / "mosquitto" / "mosquitto.crt")) == {"localhost", "mosquitto", "127.0.0.1", "::1"}
     assert _sans(load_cert(certs / "dashboard" / "dashboard.crt")) == {"localhost", "dashboard", "127.0.0.1"}
 
 
-def test_broker_sans_setting_adds_names(lab_env: LabEnv, capsys: pytest.CaptureFixture[str],
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_broker_sans_setting_adds_names(
+    lab_env: LabEnv, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("BROKER_SANS", "broker.lab.example,10.0.0.5")
     monkeypatch.setenv("BROKER_ADDRESS", "mqtt.lab.example")
     assert run(capsys, "--devices", "device001")[0] == 0
@@ -186,9 +193,18 @@ def test_rsa_key_type(lab_env: LabEnv, capsys: pytest.CaptureFixture[str], monke
         assert isinstance(cert.public_key(), rsa.RSAPublicKey) and cert.public_key().key_size == 2048
         assert cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_encipherment
     result = subprocess.run(
-        ["openssl", "verify", "-x509_strict", "-purpose", "sslserver", "-CAfile",
-         str(lab_env.certs_dir / "root_ca" / "root_ca.crt"), str(lab_env.certs_dir / "mosquitto" / "mosquitto.crt")],
-        capture_output=True, text=True,
+        [
+            "openssl",
+            "verify",
+            "-x509_strict",
+            "-purpose",
+            "sslserver",
+            "-CAfile",
+            str(lab_env.certs_dir / "root_ca" / "root_ca.crt"),
+            str(lab_env.certs_dir / "mosquitto" / "mosquitto.crt"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
 
@@ -205,26 +221,20 @@ def test_second_run_changes_no_file(generated_lab: LabEnv, capsys: pytest.Captur
     assert out.count(" kept ") == 1 + len(LEAVES) and " created " not in out and " renewed " not in out
 
 
-def test_leaf_near_expiry_is_renewed_and_others_kept(
-    generated_lab: LabEnv, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_leaf_near_expiry_is_renewed_and_others_kept(generated_lab: LabEnv, capsys: pytest.CaptureFixture[str]) -> None:
     replace_leaf(generated_lab, "device001", days=10)
     before = serials(generated_lab)
     code, out, _ = run(capsys)
     after = serials(generated_lab)
     assert code == 0
     assert after["device001"] != before["device001"]
-    assert {k: v for k, v in after.items() if k != "device001"} == {
-        k: v for k, v in before.items() if k != "device001"
-    }
+    assert {k: v for k, v in after.items() if k != "device001"} == {k: v for k, v in before.items() if k != "device001"}
     assert "device001      renewed" in out and "expires in 10 days" in out
     renewed = load_cert(generated_lab.certs_dir / "device001" / "device001.crt")
     assert renewed.not_valid_after_utc - dt.datetime.now(dt.UTC) > dt.timedelta(days=360)
 
 
-def test_force_renews_every_leaf_but_keeps_the_root(
-    generated_lab: LabEnv, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_force_renews_every_leaf_but_keeps_the_root(generated_lab: LabEnv, capsys: pytest.CaptureFixture[str]) -> None:
     root_before = (generated_lab.certs_dir / "root_ca" / "root_ca.crt").read_bytes()
     before = serials(generated_lab)
     code, out, _ = run(capsys, "--force")
@@ -345,8 +355,12 @@ def test_missing_passphrase_on_a_new_lab_is_a_clear_error(
     ],
 )
 def test_bad_settings_exit_2_with_the_setting_named(
-    lab_env: LabEnv, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-    key: str, value: str, message: str,
+    lab_env: LabEnv,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    key: str,
+    value: str,
+    message: str,
 ) -> None:
     monkeypatch.setenv(key, value)
     code, out, err = run(capsys)
@@ -454,8 +468,10 @@ def test_lost_inventory_is_rebuilt_from_the_files(generated_lab: LabEnv, capsys:
 def test_two_generators_at_once_do_not_corrupt_the_lab(lab_env: LabEnv) -> None:
     env = {**os.environ, **lab_env.env}
     cmd = [sys.executable, str(PROJECT_ROOT / "generate_ca_and_device_certs.py")]
-    procs = [subprocess.Popen(cmd, env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for _ in range(3)]
+    procs = [
+        subprocess.Popen(cmd, env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(3)
+    ]
     outputs = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], outputs
     # Exactly one run created the root; the others found it and kept everything.

@@ -62,8 +62,12 @@ def pending(cert: x509.Certificate, name: str, token: str | None = None, unless:
 
 def rows(inventory: Inventory, name: str) -> list[tuple[str, str]]:
     with inventory.reading() as session:
-        return [(r.serial, r.status) for r in session.scalars(
-            select(CertificateRecord).where(CertificateRecord.name == name).order_by(CertificateRecord.id))]
+        return [
+            (r.serial, r.status)
+            for r in session.scalars(
+                select(CertificateRecord).where(CertificateRecord.name == name).order_by(CertificateRecord.id)
+            )
+        ]
 
 
 def test_one_batch_is_one_transaction_with_per_caller_outcomes(ca: CertificateAuthority, inventory: Inventory) -> None:
@@ -84,10 +88,15 @@ def test_one_batch_is_one_transaction_with_per_caller_outcomes(ca: CertificateAu
     assert (inventory.recorder.batches, inventory.recorder.rows) == (1, 4)
     assert [item.recorded for item in batch] == [True, True, True, False, False, True]
     assert isinstance(batch[3].error, TokenAlreadyUsed) and all(
-        item.error is None for i, item in enumerate(batch) if i != 3)
+        item.error is None for i, item in enumerate(batch) if i != 3
+    )
     # within one batch and across batches: only the newest certificate of an entity is active
-    assert rows(inventory, "gw") == [(serial_hex(older), SUPERSEDED), (serial_hex(first), SUPERSEDED),
-                                     (serial_hex(second), SUPERSEDED), (serial_hex(third), ACTIVE)]
+    assert rows(inventory, "gw") == [
+        (serial_hex(older), SUPERSEDED),
+        (serial_hex(first), SUPERSEDED),
+        (serial_hex(second), SUPERSEDED),
+        (serial_hex(third), ACTIVE),
+    ]
     assert rows(inventory, "sensor") == [(serial_hex(token_first), ACTIVE)]
     assert rows(inventory, "has-files") == []
     assert inventory.token(TOKEN).used_serial == serial_hex(token_first)
@@ -102,8 +111,9 @@ def test_a_failed_commit_fails_every_caller_and_writes_nothing(ca: CertificateAu
     assert inventory.recorder.batches == 0
 
 
-def test_concurrent_callers_all_return_durable_rows(ca: CertificateAuthority, inventory: Inventory,
-                                                    tmp_path: Path) -> None:
+def test_concurrent_callers_all_return_durable_rows(
+    ca: CertificateAuthority, inventory: Inventory, tmp_path: Path
+) -> None:
     certs = [leaf(ca, f"dev{i % 8}") for i in range(48)]
     start = threading.Barrier(16)
 

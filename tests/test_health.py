@@ -27,10 +27,20 @@ from .conftest import PROJECT_ROOT, LabEnv, bearer
 from .support import Broker, Collector, wait_for
 
 FAMILIES = {
-    "iotca_certificates_issued", "iotca_certificates_renewed", "iotca_certificates_revoked",
-    "iotca_ca_requests_refused", "iotca_lockouts", "iotca_ca_request_duration_seconds", "iotca_mqtt_connected",
-    "iotca_mqtt_messages_received", "iotca_readings_ingested", "iotca_messages_rejected", "iotca_devices_online",
-    "iotca_certificate_earliest_expiry_days", "iotca_certificates", "iotca_crl_next_update_timestamp_seconds",
+    "iotca_certificates_issued",
+    "iotca_certificates_renewed",
+    "iotca_certificates_revoked",
+    "iotca_ca_requests_refused",
+    "iotca_lockouts",
+    "iotca_ca_request_duration_seconds",
+    "iotca_mqtt_connected",
+    "iotca_mqtt_messages_received",
+    "iotca_readings_ingested",
+    "iotca_messages_rejected",
+    "iotca_devices_online",
+    "iotca_certificate_earliest_expiry_days",
+    "iotca_certificates",
+    "iotca_crl_next_update_timestamp_seconds",
 }
 
 
@@ -73,11 +83,19 @@ def test_metrics_need_a_login_and_move_with_issuance_renewal_revocation_refusal_
 
     assert client.post("/v1/ssl/create", json={"name": "m01", "days": 2, "pass": passphrase}).status_code == 201
     csr, _ = make_csr("m02")
-    assert client.post("/v1/ssl/sign", json={"name": "m02", "days": 3, "pass": passphrase, "csr": csr},
-                       headers={"User-Agent": "iotca/1"}).status_code == 201  # the CLI's requests
+    assert (
+        client.post(
+            "/v1/ssl/sign",
+            json={"name": "m02", "days": 3, "pass": passphrase, "csr": csr},
+            headers={"User-Agent": "iotca/1"},
+        ).status_code
+        == 201
+    )  # the CLI's requests
     assert client.post("/v1/ssl/sign", json={"name": "m01", "days": 5, "pass": passphrase}).status_code == 201
-    assert client.post("/v1/ssl/revoke", json={"name": "m02", "pass": passphrase,
-                                               "reason": "keyCompromise"}).status_code == 200
+    assert (
+        client.post("/v1/ssl/revoke", json={"name": "m02", "pass": passphrase, "reason": "keyCompromise"}).status_code
+        == 200
+    )
     for _ in range(LOCKOUT_ATTEMPTS):
         assert client.post("/v1/ssl/create", json={"name": "m03", "days": 1, "pass": "wrong"}).status_code == 403
     assert client.post("/v1/ssl/create", json={"name": "m03", "days": 1, "pass": passphrase}).status_code == 429
@@ -88,12 +106,17 @@ def test_metrics_need_a_login_and_move_with_issuance_renewal_revocation_refusal_
     assert value(after, "iotca_certificates_issued_total", transport="cli", kind="csr") == 1
     assert value(after, "iotca_certificates_renewed_total", transport="http") == 1
     assert value(after, "iotca_certificates_revoked_total", transport="http", reason="keyCompromise") == 1
-    assert value(after, "iotca_ca_requests_refused_total", transport="http", operation="create",
-                 reason="wrong_passphrase") == LOCKOUT_ATTEMPTS
-    assert value(after, "iotca_ca_requests_refused_total", transport="http", operation="create",
-                 reason="locked_out") == 1
-    assert value(after, "iotca_ca_requests_refused_total", transport="http", operation="create",
-                 reason="invalid_request") == 1
+    assert (
+        value(after, "iotca_ca_requests_refused_total", transport="http", operation="create", reason="wrong_passphrase")
+        == LOCKOUT_ATTEMPTS
+    )
+    assert (
+        value(after, "iotca_ca_requests_refused_total", transport="http", operation="create", reason="locked_out") == 1
+    )
+    assert (
+        value(after, "iotca_ca_requests_refused_total", transport="http", operation="create", reason="invalid_request")
+        == 1
+    )
     assert value(after, "iotca_lockouts_total", transport="http") == 1
     # every request answered is in the histogram (4 + 5 + 1 + 1 create, 2 sign, 1 revoke)
     assert value(after, "iotca_ca_request_duration_seconds_count", transport="http", operation="create") == 8
@@ -101,22 +124,28 @@ def test_metrics_need_a_login_and_move_with_issuance_renewal_revocation_refusal_
     assert value(after, "iotca_ca_request_duration_seconds_count", transport="http", operation="sign") == 1
     # from the inventory at scrape time: m01's renewal (5 days) is now the earliest expiry; m02 is revoked
     assert 4.9 < after[("iotca_certificate_earliest_expiry_days", ())] < 5.1
-    assert value(after, "iotca_certificates", state="revoked") == value(before, "iotca_certificates",
-                                                                        state="revoked") + 1
-    assert value(after, "iotca_certificates", state="superseded") == value(before, "iotca_certificates",
-                                                                           state="superseded") + 1
+    assert (
+        value(after, "iotca_certificates", state="revoked") == value(before, "iotca_certificates", state="revoked") + 1
+    )
+    assert (
+        value(after, "iotca_certificates", state="superseded")
+        == value(before, "iotca_certificates", state="superseded") + 1
+    )
     assert value(after, "iotca_certificates", state="expiring") == 1  # m01, inside RENEW_BEFORE_DAYS
     # the revocation rewrote the CRL: a new next update, read from the file the broker enforces
     assert after[("iotca_crl_next_update_timestamp_seconds", ())] >= crl_next
 
 
-def test_two_apps_in_one_process_count_apart(generated_lab: LabEnv, app: Flask,
-                                             viewer_headers: dict[str, str]) -> None:
+def test_two_apps_in_one_process_count_apart(generated_lab: LabEnv, app: Flask, viewer_headers: dict[str, str]) -> None:
     """A private registry per app: a second app neither collides at registration nor sees the first one's counts."""
     other = make_app(generated_lab)
     try:
-        assert app.test_client().post("/v1/ssl/create", json={"name": "m05", "days": 1,
-                                                               "pass": generated_lab.passphrase}).status_code == 201
+        assert (
+            app.test_client()
+            .post("/v1/ssl/create", json={"name": "m05", "days": 1, "pass": generated_lab.passphrase})
+            .status_code
+            == 201
+        )
         mine = scrape(app.test_client(), viewer_headers)
         theirs = scrape(other.test_client(), bearer(api_token(other)))
         assert value(mine, "iotca_certificates_issued_total", transport="http", kind="create") == 1
@@ -142,10 +171,12 @@ def test_healthz_is_503_with_the_reason_while_the_database_fails_or_the_crl_has_
     crl_path = BrokerFiles(generated_lab.certs_dir, generated_lab.data_dir).crl
     good = crl_path.read_bytes()
     root = generated_lab.certs_dir / "root_ca"
-    ca = CertificateAuthority.load((root / "root_ca.crt").read_bytes(), (root / "root_ca.key").read_bytes(),
-                                   generated_lab.passphrase)
-    stale = ca.build_crl([], crl_number=99, next_update=dt.timedelta(days=1),
-                         now=dt.datetime.now(dt.UTC) - dt.timedelta(days=2))
+    ca = CertificateAuthority.load(
+        (root / "root_ca.crt").read_bytes(), (root / "root_ca.key").read_bytes(), generated_lab.passphrase
+    )
+    stale = ca.build_crl(
+        [], crl_number=99, next_update=dt.timedelta(days=1), now=dt.datetime.now(dt.UTC) - dt.timedelta(days=2)
+    )
     atomic_write(crl_path, stale.public_bytes(Encoding.PEM))
     expired = client.get("/healthz")
     assert expired.status_code == 503
@@ -168,8 +199,10 @@ def mqtt_app(generated_lab: LabEnv, broker: Broker) -> Iterator[Flask]:
 def compose_healthcheck(port: int, lab: LabEnv) -> bool:
     """docker-compose.yml's own dashboard healthcheck command, pointed at this test's server: passes or fails."""
     command = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())["services"]["dashboard"]["healthcheck"]
-    argv = [sys.executable if word == "python" else
-            word.replace("https://127.0.0.1:5000/", f"http://127.0.0.1:{port}/") for word in command["test"][1:]]
+    argv = [
+        sys.executable if word == "python" else word.replace("https://127.0.0.1:5000/", f"http://127.0.0.1:{port}/")
+        for word in command["test"][1:]
+    ]
     env = {**os.environ, "CERTS_DIR": str(lab.certs_dir)}
     return subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode == 0
 
@@ -190,11 +223,15 @@ def _broker_down_and_up(generated_lab: LabEnv, broker: Broker, mqtt_app: Flask, 
     device = Collector(generated_lab.certs_dir, "device001", broker.port).connect()
     try:
         device.publish("iot/thermometer/device001/status", "online", retain=True)
-        device.publish("iot/thermometer/device001/temperature",
-                       json.dumps({"device_id": "device001", "timestamp": "2026-12-01T12:00:00Z",
-                                   "temperature": 21.5}))
-        wait_for(lambda: value(scrape(client, headers), "iotca_readings_ingested_total") == 1, timeout=10,
-                 what="the reading counted")
+        device.publish(
+            "iot/thermometer/device001/temperature",
+            json.dumps({"device_id": "device001", "timestamp": "2026-12-01T12:00:00Z", "temperature": 21.5}),
+        )
+        wait_for(
+            lambda: value(scrape(client, headers), "iotca_readings_ingested_total") == 1,
+            timeout=10,
+            what="the reading counted",
+        )
     finally:
         device.close()
     up = scrape(client, headers)
@@ -204,15 +241,21 @@ def _broker_down_and_up(generated_lab: LabEnv, broker: Broker, mqtt_app: Flask, 
     assert compose_healthcheck(port, generated_lab)
 
     broker.stop()
-    down = wait_for(lambda: (r := client.get("/healthz")).status_code == 503 and r, timeout=20,
-                    what="/healthz to say the broker is down")
+    down = wait_for(
+        lambda: (r := client.get("/healthz")).status_code == 503 and r,
+        timeout=20,
+        what="/healthz to say the broker is down",
+    )
     assert down.json["status"] == "degraded" and down.json["mqtt"]["connected"] is False
     assert [r for r in down.json["reasons"] if r.startswith("mqtt: not connected to")], down.json
     assert value(scrape(client, headers), "iotca_mqtt_connected", client="dashboard") == 0
     assert not compose_healthcheck(port, generated_lab)  # urllib raises on the 503: the container is unhealthy
 
     broker.start()
-    wait_for(lambda: client.get("/healthz").status_code == 200, timeout=45,
-             what="/healthz back to 200 after the broker restarted")
+    wait_for(
+        lambda: client.get("/healthz").status_code == 200,
+        timeout=45,
+        what="/healthz back to 200 after the broker restarted",
+    )
     assert value(scrape(client, headers), "iotca_mqtt_connected", client="dashboard") == 1
     assert compose_healthcheck(port, generated_lab)

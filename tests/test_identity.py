@@ -32,8 +32,20 @@ from .ca_support import api_token, close_app, lab_state, make_app, make_csr
 from .conftest import LabEnv
 from .support import Broker, free_port, start_ca_service, stop_process, wait_for
 
-PROTECTED = ["root_ca", "ROOT_CA", "mosquitto", "Dashboard", "provisioner", "policy", "ca", "CA", "ca-1", "ca-12",
-             "ingest", "Ingest-3"]
+PROTECTED = [
+    "root_ca",
+    "ROOT_CA",
+    "mosquitto",
+    "Dashboard",
+    "provisioner",
+    "policy",
+    "ca",
+    "CA",
+    "ca-1",
+    "ca-12",
+    "ingest",
+    "Ingest-3",
+]
 
 
 def _cert(body: dict[str, Any]) -> x509.Certificate:
@@ -50,7 +62,8 @@ def _sans(cert: x509.Certificate) -> set[str]:
     except x509.ExtensionNotFound:
         return set()
     return {str(v).lower() for v in san.get_values_for_type(x509.DNSName)} | {
-        str(v) for v in san.get_values_for_type(x509.IPAddress)}
+        str(v) for v in san.get_values_for_type(x509.IPAddress)
+    }
 
 
 def _cn(cert: x509.Certificate) -> str:
@@ -71,8 +84,9 @@ def test_protected_identities_are_refused_through_every_field(
         ("create", {"name": "innocent1", "days": 5, "pass": passphrase, "cn": name}),
     ]
     if "_" not in name:  # a protected identity as a DNS SAN of someone else's CSR
-        attempts.append(("sign", {"name": "innocent2", "days": 5, "pass": passphrase,
-                                  "csr": make_csr("innocent2", dns=[name])[0]}))
+        attempts.append(
+            ("sign", {"name": "innocent2", "days": 5, "pass": passphrase, "csr": make_csr("innocent2", dns=[name])[0]})
+        )
     for route, body in attempts:
         reply = client.post(f"/v1/ssl/{route}", json=body)
         assert reply.status_code == 409, (route, body, reply.status_code, reply.json)
@@ -83,29 +97,45 @@ def test_protected_identities_are_refused_through_every_field(
 def test_create_cn_never_becomes_the_broker_identity(generated_lab: LabEnv, client: FlaskClient) -> None:
     """Rule: the CN is always the entity name; a differing `cn` is only a DNS SAN (README, "create's cn")."""
     passphrase = generated_lab.passphrase
-    reply = client.post("/v1/ssl/create", json={"name": "collector7", "days": 5, "pass": passphrase,
-                                                 "cn": "collector7.example.com", "org": "ACME"})
+    reply = client.post(
+        "/v1/ssl/create",
+        json={"name": "collector7", "days": 5, "pass": passphrase, "cn": "collector7.example.com", "org": "ACME"},
+    )
     assert reply.status_code == 201, reply.json
     cert = _cert(reply.json)
     assert _cn(cert) == "collector7"
     assert "collector7.example.com" in _sans(cert)
     # another entity's name as cn: still this entity's CN, so it logs in as collector8, never as device002
-    reply = client.post("/v1/ssl/create", json={"name": "collector8", "days": 5, "pass": passphrase,
-                                                 "cn": "device002"})
+    reply = client.post("/v1/ssl/create", json={"name": "collector8", "days": 5, "pass": passphrase, "cn": "device002"})
     assert reply.status_code == 201, reply.json
     assert _cn(_cert(reply.json)) == "collector8"
     # a cn that is not a host name cannot be a SAN: refused, not silently used as the identity
-    reply = client.post("/v1/ssl/create", json={"name": "collector9", "days": 5, "pass": passphrase,
-                                                 "cn": "under_score"})
+    reply = client.post(
+        "/v1/ssl/create", json={"name": "collector9", "days": 5, "pass": passphrase, "cn": "under_score"}
+    )
     assert (reply.status_code, reply.json["field"]) == (400, "cn")
     # a revoke of the entity covers every certificate with its identity (one identity, one entity)
     rows = client.get("/v1/ssl/certs", headers={"Authorization": f"Bearer {api_token(client.application)}"}).json[
-        "certificates"]
+        "certificates"
+    ]
     assert {r["common_name"] for r in rows if r["name"].startswith("collector")} == {"collector7", "collector8"}
 
 
-@pytest.mark.parametrize("san", ["localhost", "LocalHost", "mosquitto", "dashboard", "127.0.0.1", "127.0.0.2", "::1",
-                                 "broker.lab.example", "mqtt.lab.example", "10.9.8.7"])
+@pytest.mark.parametrize(
+    "san",
+    [
+        "localhost",
+        "LocalHost",
+        "mosquitto",
+        "dashboard",
+        "127.0.0.1",
+        "127.0.0.2",
+        "::1",
+        "broker.lab.example",
+        "mqtt.lab.example",
+        "10.9.8.7",
+    ],
+)
 def test_lab_server_names_are_never_issued_to_another_certificate(lab_env: LabEnv, san: str) -> None:
     lab_env.env.update(BROKER_ADDRESS="broker.lab.example", BROKER_SANS="mqtt.lab.example,10.9.8.7")
     lab_env.lab().generate()
@@ -118,8 +148,9 @@ def test_lab_server_names_are_never_issued_to_another_certificate(lab_env: LabEn
         reply = client.post("/v1/ssl/sign", json={"name": "sensor5", "days": 5, "pass": lab_env.passphrase, "csr": csr})
         assert (reply.status_code, reply.json.get("field")) == (409, "csr"), reply.json
         if not is_ip:
-            reply = client.post("/v1/ssl/create", json={"name": "sensor6", "days": 5, "pass": lab_env.passphrase,
-                                                         "cn": san})
+            reply = client.post(
+                "/v1/ssl/create", json={"name": "sensor6", "days": 5, "pass": lab_env.passphrase, "cn": san}
+            )
             assert (reply.status_code, reply.json.get("field")) == (409, "cn"), reply.json
         assert lab_state(lab_env) == before
     finally:
@@ -129,8 +160,15 @@ def test_lab_server_names_are_never_issued_to_another_certificate(lab_env: LabEn
 def test_api_certificates_are_tls_clients_only(generated_lab: LabEnv, client: FlaskClient) -> None:
     passphrase = generated_lab.passphrase
     issued = [
-        client.post("/v1/ssl/sign", json={"name": "gw1", "days": 5, "pass": passphrase,
-                                          "csr": make_csr("gw1", dns=["gw1.example.com"], ips=["192.0.2.7"])[0]}),
+        client.post(
+            "/v1/ssl/sign",
+            json={
+                "name": "gw1",
+                "days": 5,
+                "pass": passphrase,
+                "csr": make_csr("gw1", dns=["gw1.example.com"], ips=["192.0.2.7"])[0],
+            },
+        ),
         client.post("/v1/ssl/create", json={"name": "gw2", "days": 5, "pass": passphrase, "cn": "gw2.example.com"}),
         client.post("/v1/ssl/sign", json={"name": "gw2", "days": 5, "pass": passphrase}),  # renewal, stored key
         client.post("/v1/ssl/sign", json={"name": "device001", "days": 5, "pass": passphrase}),
@@ -152,8 +190,9 @@ def test_api_certificates_are_tls_clients_only(generated_lab: LabEnv, client: Fl
 
 
 def _tls12_suites() -> list[str]:
-    out = subprocess.run(["openssl", "ciphers", "-v", "ALL:COMPLEMENTOFALL:@SECLEVEL=0"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        ["openssl", "ciphers", "-v", "ALL:COMPLEMENTOFALL:@SECLEVEL=0"], capture_output=True, text=True, check=True
+    ).stdout
     suites = []
     for line in out.splitlines():
         parts = line.split()
@@ -164,10 +203,26 @@ def _tls12_suites() -> list[str]:
 
 def _s_client(port: int, certs: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost", "-brief",
-         "-CAfile", str(certs / "root_ca" / "root_ca.crt"), "-cert", str(certs / "device001" / "device001.crt"),
-         "-key", str(certs / "device001" / "device001.key"), *args],
-        input="", capture_output=True, text=True, timeout=20,
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{port}",
+            "-servername",
+            "localhost",
+            "-brief",
+            "-CAfile",
+            str(certs / "root_ca" / "root_ca.crt"),
+            "-cert",
+            str(certs / "device001" / "device001.crt"),
+            "-key",
+            str(certs / "device001" / "device001.key"),
+            *args,
+        ],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=20,
     )
 
 
@@ -183,10 +238,16 @@ def assert_intermediate_tls_only(port: int, certs: Path) -> None:
     """The server on `port` refuses every weak TLS 1.2 suite and accepts ECDHE + AEAD on TLS 1.2, and TLS 1.3."""
     for suite in weak_tls12_suites():
         result = _s_client(port, certs, "-tls1_2", "-cipher", f"{suite}:@SECLEVEL=0")
-        assert "Cipher is" not in result.stdout + result.stderr and "CONNECTION ESTABLISHED" not in result.stderr, \
-            (port, suite, result.stderr[-500:])
-    for args in (["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"],
-                 ["-tls1_2", "-cipher", "ECDHE-ECDSA-CHACHA20-POLY1305"], ["-tls1_3"]):
+        assert "Cipher is" not in result.stdout + result.stderr and "CONNECTION ESTABLISHED" not in result.stderr, (
+            port,
+            suite,
+            result.stderr[-500:],
+        )
+    for args in (
+        ["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"],
+        ["-tls1_2", "-cipher", "ECDHE-ECDSA-CHACHA20-POLY1305"],
+        ["-tls1_3"],
+    ):
         result = _s_client(port, certs, *args)
         assert "CONNECTION ESTABLISHED" in result.stderr, (port, args, result.stderr[-500:])
 
@@ -195,25 +256,45 @@ def test_broker_refuses_every_cbc_and_sha1_suite_on_tls12(session_lab: LabEnv, s
     assert_intermediate_tls_only(session_broker.port, session_lab.certs_dir)
 
 
-def test_the_dashboards_https_and_the_ca_port_refuse_every_cbc_and_sha1_suite(session_lab: LabEnv,
-                                                                            tmp_path: Path) -> None:
+def test_the_dashboards_https_and_the_ca_port_refuse_every_cbc_and_sha1_suite(
+    session_lab: LabEnv, tmp_path: Path
+) -> None:
     """`python -m dashboard` with DASHBOARD_TLS=1 and `python -m ca`: the dashboard's HTTPS port and the CA's
     EST/ACME port offer what the broker offers (pki/tls.py), and nothing weaker."""
     port, ca_port = free_port(), free_port()
     ca, ca_url = start_ca_service(session_lab.env, tmp_path / "ca.log", ca_port)
-    env = {**os.environ, **session_lab.env, "DASHBOARD_TLS": "1", "DASHBOARD_PORT": str(port),
-           "CA_URLS": ca_url, "DASHBOARD_FLASK_MQTT_ENABLED": "false"}
+    env = {
+        **os.environ,
+        **session_lab.env,
+        "DASHBOARD_TLS": "1",
+        "DASHBOARD_PORT": str(port),
+        "CA_URLS": ca_url,
+        "DASHBOARD_FLASK_MQTT_ENABLED": "false",
+    }
     log = tmp_path / "dashboard.log"
     with open(log, "wb") as out:
-        server = subprocess.Popen([sys.executable, "-m", "dashboard"], env=env, cwd=PROJECT_ROOT,
-                                  stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "dashboard"],
+            env=env,
+            cwd=PROJECT_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        wait_for(lambda: server.poll() is not None or "Dashboard on https://" in log.read_text(), timeout=30,
-                 what="the dashboard to start")
+        wait_for(
+            lambda: server.poll() is not None or "Dashboard on https://" in log.read_text(),
+            timeout=30,
+            what="the dashboard to start",
+        )
         assert server.poll() is None, log.read_text()
         for served in (port, ca_port):
-            wait_for(lambda p=served: "CONNECTION ESTABLISHED" in _s_client(p, session_lab.certs_dir, "-tls1_3").stderr,
-                     timeout=20, interval=0.2, what=f"HTTPS on {served}\n{log.read_text()}")
+            wait_for(
+                lambda p=served: "CONNECTION ESTABLISHED" in _s_client(p, session_lab.certs_dir, "-tls1_3").stderr,
+                timeout=20,
+                interval=0.2,
+                what=f"HTTPS on {served}\n{log.read_text()}",
+            )
             assert_intermediate_tls_only(served, session_lab.certs_dir)
     finally:
         server.terminate()
@@ -275,15 +356,23 @@ def _attacker_certificates(lab: LabEnv, tmp_path: Path) -> Iterator[tuple[str, P
     passphrase = lab.passphrase
     try:
         candidates: list[tuple[str, dict[str, Any], Any]] = []
-        for label, dns, ips in [("broker-sans", ["localhost", "mosquitto"], ["127.0.0.1", "::1"]),
-                                ("plain", [], [])]:
+        for label, dns, ips in [("broker-sans", ["localhost", "mosquitto"], ["127.0.0.1", "::1"]), ("plain", [], [])]:
             pem, key = make_csr("mosquitto-" + label, dns=dns, ips=ips)
-            candidates.append((f"sign {label}", {"route": "sign", "name": f"mosquitto-{label}", "days": 5,
-                                                 "pass": passphrase, "csr": pem}, key))
-        candidates.append(("create cn=localhost", {"route": "create", "name": "evil-create", "days": 5,
-                                                   "pass": passphrase, "cn": "localhost"}, None))
-        candidates.append(("create", {"route": "create", "name": "evil-create2", "days": 5, "pass": passphrase},
-                           None))
+            candidates.append(
+                (
+                    f"sign {label}",
+                    {"route": "sign", "name": f"mosquitto-{label}", "days": 5, "pass": passphrase, "csr": pem},
+                    key,
+                )
+            )
+        candidates.append(
+            (
+                "create cn=localhost",
+                {"route": "create", "name": "evil-create", "days": 5, "pass": passphrase, "cn": "localhost"},
+                None,
+            )
+        )
+        candidates.append(("create", {"route": "create", "name": "evil-create2", "days": 5, "pass": passphrase}, None))
         got = []
         for label, body, key in candidates:
             route = body.pop("route")
@@ -309,25 +398,51 @@ def _refused_by_every_client(lab: LabEnv, fake: FakeBroker, start_thermometer: A
     # mosquitto_sub with the root as its only trust anchor
     assert shutil.which("mosquitto_sub"), "mosquitto-clients missing: ./setup.sh test installs it"
     sub = subprocess.run(
-        ["mosquitto_sub", "-h", "localhost", "-p", str(fake.port), "--cafile", str(certs / "root_ca" / "root_ca.crt"),
-         "--cert", str(certs / "device001" / "device001.crt"), "--key", str(certs / "device001" / "device001.key"),
-         "-t", "ssl/device001", "-C", "1", "-W", "3"],
-        capture_output=True, text=True, timeout=20,
+        [
+            "mosquitto_sub",
+            "-h",
+            "localhost",
+            "-p",
+            str(fake.port),
+            "--cafile",
+            str(certs / "root_ca" / "root_ca.crt"),
+            "--cert",
+            str(certs / "device001" / "device001.crt"),
+            "--key",
+            str(certs / "device001" / "device001.key"),
+            "-t",
+            "ssl/device001",
+            "-C",
+            "1",
+            "-W",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
     )
     assert sub.returncode != 0 and fake.attempts >= 1 and fake.handshakes == 0, (sub.returncode, sub.stderr)
     # the thermometer
     attempts = fake.attempts
     env = {k: v for k, v in lab.env.items() if k != "CA_PASSPHRASE"}
-    thermometer = start_thermometer({**env, "DEVICE_ID": "device001", "BROKER_ADDRESS": "localhost",
-                                     "BROKER_PORT": str(fake.port), "PUBLISH_INTERVAL": "0.2"})
+    thermometer = start_thermometer(
+        {
+            **env,
+            "DEVICE_ID": "device001",
+            "BROKER_ADDRESS": "localhost",
+            "BROKER_PORT": str(fake.port),
+            "PUBLISH_INTERVAL": "0.2",
+        }
+    )
     wait_for(lambda: fake.attempts > attempts, timeout=15, what="the thermometer to try the fake broker")
     time.sleep(0.5)
     thermometer.stop()
     assert fake.handshakes == 0, thermometer.output()
     # the dashboard's MQTT client (MqttBridge, the dashboard identity) and the CA's (ca/mqtt.py, ca-1)
     attempts = fake.attempts
-    app = make_app(lab, MQTT_ENABLED=True, LAB_SETTINGS=lab.settings(BROKER_PORT=str(fake.port),
-                                                                       BROKER_ADDRESS="localhost"))
+    app = make_app(
+        lab, MQTT_ENABLED=True, LAB_SETTINGS=lab.settings(BROKER_PORT=str(fake.port), BROKER_ADDRESS="localhost")
+    )
     try:
         wait_for(lambda: fake.attempts > attempts, timeout=15, what="the dashboard to try the fake broker")
         time.sleep(0.5)
@@ -351,9 +466,27 @@ def test_a_fake_broker_with_any_issued_certificate_is_refused(
     certs = generated_lab.certs_dir
     with FakeBroker(certs / "mosquitto" / "mosquitto.crt", certs / "mosquitto" / "mosquitto.key") as real:
         subprocess.run(
-            ["mosquitto_sub", "-h", "localhost", "-p", str(real.port), "--cafile",
-             str(certs / "root_ca" / "root_ca.crt"), "--cert", str(certs / "device001" / "device001.crt"),
-             "--key", str(certs / "device001" / "device001.key"), "-t", "x", "-C", "1", "-W", "2"],
-            capture_output=True, text=True, timeout=20,
+            [
+                "mosquitto_sub",
+                "-h",
+                "localhost",
+                "-p",
+                str(real.port),
+                "--cafile",
+                str(certs / "root_ca" / "root_ca.crt"),
+                "--cert",
+                str(certs / "device001" / "device001.crt"),
+                "--key",
+                str(certs / "device001" / "device001.key"),
+                "-t",
+                "x",
+                "-C",
+                "1",
+                "-W",
+                "2",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=20,
         )
         assert real.handshakes >= 1

@@ -105,12 +105,18 @@ def test_a_device_inside_its_renewal_window_renews_itself_without_losing_a_readi
     assert match is not None and match.group(1) == format(old.serial_number, "x")
     switched_after = int(re.findall(r"switches to its new certificate after reading (\d+)", thermometer.output())[0])
     # readings keep arriving with the new certificate
-    wait_for(lambda: len([s for s in stored_seqs(mqtt_app, "device001") if s > switched_after]) >= 5, timeout=15,
-             what="readings after the renewal")
+    wait_for(
+        lambda: len([s for s in stored_seqs(mqtt_app, "device001") if s > switched_after]) >= 5,
+        timeout=15,
+        what="readings after the renewal",
+    )
     assert thermometer.terminate() == 0
     last = int(re.findall(r"stopped after (\d+) readings", thermometer.output())[-1])
-    wait_for(lambda: max(stored_seqs(mqtt_app, "device001"), default=0) >= last, timeout=10,
-             what=f"reading {last} at the dashboard")
+    wait_for(
+        lambda: max(stored_seqs(mqtt_app, "device001"), default=0) >= last,
+        timeout=10,
+        what=f"reading {last} at the dashboard",
+    )
 
     # no gap: every reading the device took reached the dashboard, before, during and after the switch
     seqs = stored_seqs(mqtt_app, "device001")
@@ -134,7 +140,10 @@ def test_a_device_inside_its_renewal_window_renews_itself_without_losing_a_readi
     rows = {r.serial: r for r in mqtt_app.extensions["test_ca"].service.inventory.list(name="device001")}
     assert rows[match.group(1)].status == "superseded"
     assert (rows[match.group(2)].status, rows[match.group(2)].issued_via, rows[match.group(2)].requester) == (
-        "active", "renew", "mqtt:device001")
+        "active",
+        "renew",
+        "mqtt:device001",
+    )
     # serials in the log, never key material
     assert "PRIVATE KEY" not in thermometer.output()
 
@@ -151,18 +160,27 @@ def test_a_renewed_certificate_the_broker_refuses_is_rolled_back(
     old_files = (identity.cert.read_bytes(), identity.key.read_bytes())
     inventory = mqtt_app.extensions["test_ca"].service.inventory
     with inventory.session() as session:
-        session.execute(update(CertificateRecord).where(CertificateRecord.serial == format(old.serial_number, "x"))
-                        .values(role="broker"))
+        session.execute(
+            update(CertificateRecord)
+            .where(CertificateRecord.serial == format(old.serial_number, "x"))
+            .values(role="broker")
+        )
     thermometer = start_thermometer(device_env(generated_lab, "device001", RENEW_CHECK_INTERVAL="0.5"))
     thermometer.wait_output("back on serial", timeout=30)
     thermometer.wait_output("renewal failed", timeout=10)
     first = stored_seqs(mqtt_app, "device001")
-    wait_for(lambda: len(stored_seqs(mqtt_app, "device001")) >= len(first) + 5, timeout=15,
-             what="readings with the previous certificate")
+    wait_for(
+        lambda: len(stored_seqs(mqtt_app, "device001")) >= len(first) + 5,
+        timeout=15,
+        what="readings with the previous certificate",
+    )
     assert thermometer.terminate() == 0
     last = int(re.findall(r"stopped after (\d+) readings", thermometer.output())[-1])
-    wait_for(lambda: max(stored_seqs(mqtt_app, "device001"), default=0) >= last, timeout=10,
-             what=f"reading {last} at the dashboard")
+    wait_for(
+        lambda: max(stored_seqs(mqtt_app, "device001"), default=0) >= last,
+        timeout=10,
+        what=f"reading {last} at the dashboard",
+    )
     assert set(stored_seqs(mqtt_app, "device001")) == set(range(1, last + 1))
     assert "renewed the certificate" not in thermometer.output()
     assert (identity.cert.read_bytes(), identity.key.read_bytes()) == old_files
@@ -197,10 +215,13 @@ def test_renewal_rules_in_the_service(generated_lab: LabEnv) -> None:
         assert set(reply.body) == {"name", "ca", "crt", "serial", "not_after"}  # sign's shape, no key
         new = load_certificate(reply.body["crt"].encode())
         assert public_key_matches(new, key) and new.subject == current.subject
-        assert new.extensions.get_extension_for_class(x509.ExtendedKeyUsage) == \
-            current.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
-        assert new.not_valid_after_utc - new.not_valid_before_utc == \
-            current.not_valid_after_utc - current.not_valid_before_utc
+        assert new.extensions.get_extension_for_class(
+            x509.ExtendedKeyUsage
+        ) == current.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+        assert (
+            new.not_valid_after_utc - new.not_valid_before_utc
+            == current.not_valid_after_utc - current.not_valid_before_utc
+        )
         assert certs_state(generated_lab) == files, "renewal must not write the device's files"
         rows = {r.serial: r for r in service.inventory.list(name="device001")}
         assert rows[format(current.serial_number, "x")].status == "superseded"
@@ -258,8 +279,12 @@ def test_renewal_over_mqtt_is_refused_for_a_wrong_cn_another_device_and_a_revoke
 
         # revoked: denied every topic by the ACL...
         reloads = broker.log().count("Reloading config")
-        assert mqtt_app.test_client().post("/v1/ssl/revoke", json={
-            "name": "device002", "pass": generated_lab.passphrase}).status_code == 200
+        assert (
+            mqtt_app.test_client()
+            .post("/v1/ssl/revoke", json={"name": "device002", "pass": generated_lab.passphrase})
+            .status_code
+            == 200
+        )
         assert _acl_denies(generated_lab, "device002")
         wait_for(lambda: broker.log().count("Reloading config") > reloads, what="the broker to reload its ACL")
         rows_before = [r.serial for r in inventory.list(name="device002")]
@@ -338,8 +363,11 @@ def test_an_interrupted_switch_is_repaired_from_the_previous_pair(tmp_path: Path
 
 @pytest.mark.integration
 def test_a_thermometer_with_only_a_token_enrols_once_and_publishes(
-    generated_lab: LabEnv, mqtt_app: Flask, start_thermometer: Callable[..., ThermometerProcess],
-    caplog: pytest.LogCaptureFixture, tmp_path: Path,
+    generated_lab: LabEnv,
+    mqtt_app: Flask,
+    start_thermometer: Callable[..., ThermometerProcess],
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     service = mqtt_app.extensions["test_ca"].service
@@ -347,16 +375,18 @@ def test_a_thermometer_with_only_a_token_enrols_once_and_publishes(
         ca_url = server.url("").rstrip("/")
 
         def token(name: str) -> str:
-            status, body = post_json(server.url("/v1/ssl/tokens"),
-                                     {"name": name, "pass": generated_lab.passphrase, "ttl": 600})
+            status, body = post_json(
+                server.url("/v1/ssl/tokens"), {"name": name, "pass": generated_lab.passphrase, "ttl": 600}
+            )
             assert status == 201, body
             return body["token"]
 
         tokens = {name: token(name) for name in ("device007", "device008", "device009")}
         env = device_env(generated_lab, "device007", ENROL_TOKEN=tokens["device007"], CA_URL=ca_url)
         first = start_thermometer(env)
-        wait_for(lambda: len(stored_seqs(mqtt_app, "device007")) >= 3, timeout=20,
-                 what="readings from the enrolled device")
+        wait_for(
+            lambda: len(stored_seqs(mqtt_app, "device007")) >= 3, timeout=20, what="readings from the enrolled device"
+        )
         identity = Identity.of(generated_lab.certs_dir, "device007")
         cert = load_certificate(identity.cert.read_bytes())
         assert public_key_matches(cert, load_private_key(identity.key.read_bytes()))
@@ -369,8 +399,9 @@ def test_a_thermometer_with_only_a_token_enrols_once_and_publishes(
         outputs: list[str] = []
 
         def refused(device_id: str, token_value: str, folder: str) -> str:
-            other = device_env(generated_lab, device_id, ENROL_TOKEN=token_value, CA_URL=ca_url,
-                               CERTS_DIR=str(tmp_path / folder))
+            other = device_env(
+                generated_lab, device_id, ENROL_TOKEN=token_value, CA_URL=ca_url, CERTS_DIR=str(tmp_path / folder)
+            )
             process = start_thermometer(other)
             assert process.process is not None and process.process.wait(timeout=30) == 2, process.output()
             outputs.append(process.output())
@@ -381,8 +412,11 @@ def test_a_thermometer_with_only_a_token_enrols_once_and_publishes(
         assert "another name" in refused("device009", tokens["device008"], "wrong-name")
         assert "unknown enrolment token" in refused("device008", "forged-" + tokens["device008"][7:], "forged")
         with service.inventory.session() as session:
-            session.execute(update(EnrolmentToken).where(EnrolmentToken.name == "device009")
-                            .values(expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)))
+            session.execute(
+                update(EnrolmentToken)
+                .where(EnrolmentToken.name == "device009")
+                .values(expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1))
+            )
         assert "has expired" in refused("device009", tokens["device009"], "expired")
         for folder in ("again", "wrong-name", "forged", "expired"):
             assert not any((tmp_path / folder).rglob("*.crt")), folder
@@ -408,8 +442,9 @@ def test_tokens_command_fills_a_token_file_from_the_running_ca(
             assert name == "thermo01"
             assert app.extensions["test_ca"].service.inventory.token(token_digest(token)).name == "thermo01"
             assert [line.split()[0] for line in path.read_text().splitlines()] == ["thermo01", "thermo02", "thermo03"]
-            assert (path.parent / "root_ca.crt").read_bytes() == \
-                (generated_lab.certs_dir / "root_ca" / "root_ca.crt").read_bytes()
+            assert (path.parent / "root_ca.crt").read_bytes() == (
+                generated_lab.certs_dir / "root_ca" / "root_ca.crt"
+            ).read_bytes()
             assert token not in capsys.readouterr().out
             bad = ["tokens", "--names", "dashboard", "--file", str(path), "--ca-url", server.url("")]
             assert enrolment.main(bad) == 1 and "protected name" in capsys.readouterr().err
@@ -439,8 +474,9 @@ def test_native_runner_gives_enrolled_devices_a_token_and_no_passphrase(generate
         assert inventory.token(token_digest(tokens["device005"])).name == "device005"
     finally:
         inventory.close()
-    services = native_runner.build_services(settings, ["device001"], dashboard=False, enrol=tokens,
-                                     base_env=dict(generated_lab.env))
+    services = native_runner.build_services(
+        settings, ["device001"], dashboard=False, enrol=tokens, base_env=dict(generated_lab.env)
+    )
     device = next(s for s in services if s.name == "device005")
     assert device.env["ENROL_TOKEN"] == tokens["device005"] and device.env["DEVICE_ID"] == "device005"
     assert device.env["CA_URL"] == f"http://127.0.0.1:{settings.dashboard_port}"
@@ -476,8 +512,9 @@ def test_check_lists_revoked_lab_certificates_and_the_crl(
     # a CRL inside its refresh window is flagged, an expired one more loudly
     files = BrokerFiles(generated_lab.certs_dir, generated_lab.data_dir)
     root = generated_lab.certs_dir / "root_ca"
-    ca = CertificateAuthority.load((root / "root_ca.crt").read_bytes(), (root / "root_ca.key").read_bytes(),
-                                   generated_lab.passphrase)
+    ca = CertificateAuthority.load(
+        (root / "root_ca.crt").read_bytes(), (root / "root_ca.key").read_bytes(), generated_lab.passphrase
+    )
     for days, state in ((3, "expiring"), (-1, "expired")):
         now = dt.datetime.now(dt.UTC) - dt.timedelta(days=2) if days < 0 else None
         crl = ca.build_crl([], crl_number=9, next_update=dt.timedelta(days=days + (2 if days < 0 else 0)), now=now)
@@ -490,4 +527,3 @@ def test_check_never_creates_a_database(lab_env: LabEnv, capsys: pytest.CaptureF
     assert generator.main(["--check"]) == 1
     assert not lab_env.data_dir.exists() or not any(lab_env.data_dir.iterdir())
     assert re.search(r"^CRL\s+missing\b", capsys.readouterr().out, re.M)
-

@@ -7,12 +7,20 @@ from .conftest import PROJECT_ROOT
 
 
 def test_ruff_is_clean() -> None:
-    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(PROJECT_ROOT)],
-                            capture_output=True, text=True, cwd=PROJECT_ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--no-cache", str(PROJECT_ROOT)],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_ruff_format_is_clean() -> None:
-    result = subprocess.run([sys.executable, "-m", "ruff", "format", "--check", "--no-cache", str(PROJECT_ROOT)],
-                            capture_output=True, text=True, cwd=PROJECT_ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", "--no-cache", str(PROJECT_ROOT)],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+    )
     assert result.returncode == 0, result.stdout + result.stderr

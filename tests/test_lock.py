@@ -58,7 +58,9 @@ def test_the_lock_pins_every_requirement_with_hashes(lock: str) -> None:
 def test_setup_and_the_images_install_the_locks_with_hashes() -> None:
     setup = (PROJECT_ROOT / "setup.sh").read_text()
     assert "--require-hashes" in setup
-    for dockerfile, lock in (("Dockerfile_thermometer", "requirements.lock"),
-                             ("dashboard/Dockerfile", "requirements-postgres.lock")):
+    for dockerfile, lock in (
+        ("Dockerfile_thermometer", "requirements.lock"),
+        ("dashboard/Dockerfile", "requirements-postgres.lock"),
+    ):
         text = (PROJECT_ROOT / dockerfile).read_text()
         assert f"--require-hashes -r {lock}" in text, dockerfile

@@ -30,14 +30,18 @@ def schema_differences(url: str) -> list[object]:
     try:
         with inventory.engine.connect() as connection:
             found = []
-            for component, metadata in ((migrate.INVENTORY, Base.metadata), (DASHBOARD, DashboardBase.metadata),
-                                        (ACME, AcmeBase.metadata)):
+            for component, metadata in (
+                (migrate.INVENTORY, Base.metadata),
+                (DASHBOARD, DashboardBase.metadata),
+                (ACME, AcmeBase.metadata),
+            ):
                 # Each component compares only its own tables: the other's share the database.
                 def own(name: str | None, type_: str, _parent: object, tables: object = metadata.tables) -> bool:
                     return type_ != "table" or name in tables  # type: ignore[operator]
 
                 context = MigrationContext.configure(
-                    connection, opts={"version_table": component.version_table, "include_name": own})
+                    connection, opts={"version_table": component.version_table, "include_name": own}
+                )
                 found += compare_metadata(context, metadata)
             return found
     finally:
@@ -61,18 +65,24 @@ def test_a_database_from_before_migrations_keeps_every_row(tmp_path: Path) -> No
     db = tmp_path / "lab.db"
     with sqlite3.connect(db) as con:
         con.executescript(LEGACY_DUMP.read_text())
-        before = {t: con.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall()  # noqa: S608 - our table names
-                  for t in ("certificates", "create_requests", "enrolment_tokens", "readings")}
+        before = {
+            t: con.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall()  # noqa: S608 - our table names
+            for t in ("certificates", "create_requests", "enrolment_tokens", "readings")
+        }
     assert len(before["certificates"]) == 7 and len(before["readings"]) == 5
     url = f"sqlite:///{db}"
     assert schema_differences(url) == []
     with sqlite3.connect(db) as con:
         after = {t: con.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in before}  # noqa: S608
-        versions = {t: con.execute(f"SELECT version_num FROM {t}").fetchall()  # noqa: S608
-                    for t in ("inventory_alembic_version", "dashboard_alembic_version")}
+        versions = {
+            t: con.execute(f"SELECT version_num FROM {t}").fetchall()  # noqa: S608
+            for t in ("inventory_alembic_version", "dashboard_alembic_version")
+        }
     assert after == before
-    assert versions == {"inventory_alembic_version": [(migrate.INVENTORY.head(),)],
-                        "dashboard_alembic_version": [(DASHBOARD.head(),)]}
+    assert versions == {
+        "inventory_alembic_version": [(migrate.INVENTORY.head(),)],
+        "dashboard_alembic_version": [(DASHBOARD.head(),)],
+    }
     # The CA reads the old rows as its own.
     inventory = Inventory(url)
     try:

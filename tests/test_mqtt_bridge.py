@@ -33,15 +33,29 @@ class Recorder:
 
 # Private names of paho's Client (and the kind of use a subclass makes of them): reading or overriding any of
 # these breaks on paho's next release (one was renamed between 2.1 and 2.2).
-PRIVATE_PAHO = ("_sock_recv", "_in_packet", "_handle_", "_last_bytes_received", "_msgtime_mutex", "._userdata",
-                "_in_callback_mutex", "message._topic", "_packet_read", "_out_packet", "._sock", "._protocol",
-                "from paho.mqtt import _", "paho.mqtt._")
+PRIVATE_PAHO = (
+    "_sock_recv",
+    "_in_packet",
+    "_handle_",
+    "_last_bytes_received",
+    "_msgtime_mutex",
+    "._userdata",
+    "_in_callback_mutex",
+    "message._topic",
+    "_packet_read",
+    "_out_packet",
+    "._sock",
+    "._protocol",
+    "from paho.mqtt import _",
+    "paho.mqtt._",
+)
 
 
 def test_nothing_in_the_project_uses_a_private_name_of_paho() -> None:
     """`git grep` over the tracked Python files (tests included: none needs paho's internals either)."""
-    files = subprocess.run(["git", "ls-files", "*.py"], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                           check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "*.py"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     assert files, "git ls-files found nothing"
     hits = []
     for name in files:
@@ -76,12 +90,12 @@ def test_overlapping_subscriptions_reach_the_right_handlers(generated_lab: LabEn
         wait_for(lambda: events_own.messages and events_any.messages, what="the event")
         broker.restart()
         assert bridge.wait_connected(15)
-        wait_for(lambda: bridge.connected.is_set() and device.connected.is_set(), timeout=30,
-                 what="both clients back")
+        wait_for(lambda: bridge.connected.is_set() and device.connected.is_set(), timeout=30, what="both clients back")
         wait_for(lambda: len(status.messages) >= 2, timeout=15, what="the retained status after resubscribing")
         device.publish("iot/thermometer/device001/event", json.dumps({"name": "x"}), qos=1)
-        wait_for(lambda: len(events_own.messages) >= 2 and len(events_any.messages) >= 2, timeout=15,
-                 what="the second event")
+        wait_for(
+            lambda: len(events_own.messages) >= 2 and len(events_any.messages) >= 2, timeout=15, what="the second event"
+        )
     finally:
         device.close()
         bridge.stop()
@@ -90,8 +104,9 @@ def test_overlapping_subscriptions_reach_the_right_handlers(generated_lab: LabEn
     assert [m.topic for m in events_any.messages] == ["iot/thermometer/device001/event"] * 2  # one copy each
 
 
-def test_the_ingest_gets_a_flood_whole_and_in_order_across_a_broker_restart(generated_lab: LabEnv,
-                                                                           broker: Broker) -> None:
+def test_the_ingest_gets_a_flood_whole_and_in_order_across_a_broker_restart(
+    generated_lab: LabEnv, broker: Broker
+) -> None:
     """2,000 + 500 QoS 1 readings in bursts, with a broker restart between them: the ingest (identity
     ingest-1, MQTT 3.1.1, persistent session) gets each once, in order; it may read telemetry (and presence)
     and nothing else."""
@@ -105,20 +120,26 @@ def test_the_ingest_gets_a_flood_whole_and_in_order_across_a_broker_restart(gene
 
         def burst(first: int, count: int) -> None:
             for seq in range(first, first + count):
-                device.client.publish("iot/thermometer/device001/temperature",
-                                      json.dumps({"temperature": 20.5, "seq": seq}), qos=1)
+                device.client.publish(
+                    "iot/thermometer/device001/temperature", json.dumps({"temperature": 20.5, "seq": seq}), qos=1
+                )
             device.publish("iot/thermometer/device001/status", "online", qos=1)  # not for the ingest
             device.publish("ssl/sign", json.dumps({"name": "x"}), qos=1)  # nor this
 
         burst(0, 2000)
-        wait_for(lambda: len(telemetry.messages) >= 2000, timeout=30,
-                 what=f"the burst ({len(telemetry.messages)} readings so far)")
+        wait_for(
+            lambda: len(telemetry.messages) >= 2000,
+            timeout=30,
+            what=f"the burst ({len(telemetry.messages)} readings so far)",
+        )
         broker.restart()
-        wait_for(lambda: ingest.subscribed.is_set() and device.connected.is_set(), timeout=30,
-                 what="both clients back")
+        wait_for(lambda: ingest.subscribed.is_set() and device.connected.is_set(), timeout=30, what="both clients back")
         burst(2000, 500)
-        wait_for(lambda: len(telemetry.messages) >= 2500, timeout=30,
-                 what=f"the second burst ({len(telemetry.messages)} readings so far)")
+        wait_for(
+            lambda: len(telemetry.messages) >= 2500,
+            timeout=30,
+            what=f"the second burst ({len(telemetry.messages)} readings so far)",
+        )
         # A subscription beyond telemetry and presence gets nothing (the ACL: the ingest's role reads those only).
         refused = Recorder()
         ingest_client = ingest.client

@@ -28,11 +28,22 @@ class NativeLab:
 
     def __init__(self, lab: LabEnv, *args: str) -> None:
         self.lab = lab
-        self.env = {**os.environ, **lab.env, "DASHBOARD_PORT": str(free_port()), "PUBLISH_INTERVAL": "0.5",
-                    "CA_HTTPS_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
+        self.env = {
+            **os.environ,
+            **lab.env,
+            "DASHBOARD_PORT": str(free_port()),
+            "PUBLISH_INTERVAL": "0.5",
+            "CA_HTTPS_PORT": str(free_port()),
+            "PYTHONUNBUFFERED": "1",
+        }
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "lab.native", *args], env=self.env, cwd=PROJECT_ROOT,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [sys.executable, "-m", "lab.native", *args],
+            env=self.env,
+            cwd=PROJECT_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             start_new_session=True,
         )
         self.lines: list[str] = []
@@ -127,8 +138,11 @@ def test_readings_flow_a_killed_thermometer_restarts_and_ctrl_c_stops_all(
         dashboard.subscribe("iot/thermometer/#")
 
         def readings(device: str) -> list[dict]:
-            return [json.loads(m.payload) for m in list(dashboard.received)
-                    if m.topic == f"iot/thermometer/{device}/temperature"]
+            return [
+                json.loads(m.payload)
+                for m in list(dashboard.received)
+                if m.topic == f"iot/thermometer/{device}/temperature"
+            ]
 
         wait_for(lambda: readings("device001") and readings("device002"), timeout=20, what="both devices' readings")
         assert {r["device_id"] for r in readings("device002")} == {"device002"}
@@ -139,8 +153,11 @@ def test_readings_flow_a_killed_thermometer_restarts_and_ctrl_c_stops_all(
         wait_for(lambda: lab.pids().get("device001", old) != old, timeout=20, what="a new device001 process")
         # The new process numbers its readings from 1 again: proof that it is the restarted one publishing.
         seen_before = len(readings("device001"))
-        wait_for(lambda: any(r["seq"] == 1 for r in readings("device001")[seen_before:]), timeout=20,
-                 what="readings from the restarted device001")
+        wait_for(
+            lambda: any(r["seq"] == 1 for r in readings("device001")[seen_before:]),
+            timeout=20,
+            what="readings from the restarted device001",
+        )
 
         mark = len(dashboard.received)
         assert lab.ctrl_c() == 0, lab.output()
@@ -175,8 +192,9 @@ def test_full_lab_with_dashboard_comes_up_and_ctrl_c_leaves_nothing(
     wait_for(healthz, timeout=30, what=f"the dashboard connected to the broker:\n{lab.output()}")
 
     # A second runner refuses to start over this one, and changes nothing.
-    second = subprocess.run([sys.executable, "-m", "lab.native"], env=lab.env, cwd=PROJECT_ROOT,
-                            capture_output=True, text=True, timeout=60)
+    second = subprocess.run(
+        [sys.executable, "-m", "lab.native"], env=lab.env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60
+    )
     assert second.returncode == 1
     assert "already running" in second.stderr and "./setup.sh down" in second.stderr
     assert lab.pids()["runner"] == lab.process.pid
@@ -193,14 +211,18 @@ def test_children_do_not_outlive_a_killed_runner(lab_env: LabEnv, native_labs: l
     assert set(children) == {"mosquitto", "device001"}
     os.kill(lab.process.pid, signal.SIGKILL)  # no chance to clean up
     lab.process.wait(timeout=10)
-    wait_for(lambda: not any(pid_alive(pid) for pid in children.values()), timeout=20,
-             what=f"the children {children} to die with the runner")
+    wait_for(
+        lambda: not any(pid_alive(pid) for pid in children.values()),
+        timeout=20,
+        what=f"the children {children} to die with the runner",
+    )
 
 
 def test_wrong_passphrase_exits_2_and_starts_nothing(generated_lab: LabEnv) -> None:
     env = {**os.environ, **generated_lab.env, "CA_PASSPHRASE": "not-the-passphrase-of-this-ca"}
-    result = subprocess.run([sys.executable, "-m", "lab.native"], env=env, cwd=PROJECT_ROOT,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "lab.native"], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     assert "CA_PASSPHRASE does not unlock" in result.stderr
     assert "[mosquitto]" not in result.stdout

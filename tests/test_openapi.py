@@ -57,8 +57,12 @@ def test_the_document_is_valid_openapi_3_1_and_every_schema_comes_from_a_model(c
                 assert (method, rule.rule) in documented, (method, rule.rule)
 
 
-BODIES = {"/v1/ssl/sign": SignRequest, "/v1/ssl/create": CreateRequest, "/v1/ssl/revoke": RevokeRequest,
-          "/v1/ssl/tokens": TokenRequest}
+BODIES = {
+    "/v1/ssl/sign": SignRequest,
+    "/v1/ssl/create": CreateRequest,
+    "/v1/ssl/revoke": RevokeRequest,
+    "/v1/ssl/tokens": TokenRequest,
+}
 ORACLE_EXAMPLES = 100
 ORACLE_MAX_DAYS = 3649
 
@@ -75,8 +79,13 @@ def test_each_request_schema_allows_nothing_its_model_refuses(path: str) -> None
     wrong: list[tuple[Any, Any]] = []
 
     @given(case=schema[path]["POST"].as_strategy(generation_mode=mode))
-    @settings(max_examples=ORACLE_EXAMPLES, derandomize=True, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=ORACLE_EXAMPLES,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     def check(case: Any) -> None:
         if isinstance(case.body, bytes):  # not JSON at all: the server answers 400
             assert mode == GenerationMode.NEGATIVE
@@ -161,10 +170,12 @@ def _credentials(live: LiveApi, case: Any) -> dict[str, str]:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize(("method", "path"), [(route.method.upper(), route.path) for route in ROUTES],
-                         ids=[f"{route.method.upper()} {route.path}" for route in ROUTES])
-def test_the_live_api_answers_exactly_as_documented(api_schema: Any, live_api: LiveApi, method: str,
-                                                    path: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [(route.method.upper(), route.path) for route in ROUTES],
+    ids=[f"{route.method.upper()} {route.path}" for route in ROUTES],
+)
+def test_the_live_api_answers_exactly_as_documented(api_schema: Any, live_api: LiveApi, method: str, path: str) -> None:
     """Schemathesis's phases as its own runner has them (the documented examples, the coverage phase's boundary and
     wrong-type cases, unsupported methods, then MAX_EXAMPLES generated requests, valid and invalid) and every check:
     no server error, documented status codes, content types, headers and response schemas, valid data accepted,
@@ -174,9 +185,20 @@ def test_the_live_api_answers_exactly_as_documented(api_schema: Any, live_api: L
     def check(case: Any) -> None:
         case.call_and_validate(headers=_credentials(live_api, case), timeout=30)
 
-    test = create_test(operation=operation, test_func=check, config=HypothesisTestConfig(
-        project=api_schema.config, seed=api_schema.config.seed,
-        modes=[HypothesisTestMode.EXAMPLES, HypothesisTestMode.COVERAGE, HypothesisTestMode.FUZZING],
-        explicit_settings=settings(max_examples=MAX_EXAMPLES, derandomize=True, deadline=None, database=None,
-                                   suppress_health_check=list(HealthCheck))))
+    test = create_test(
+        operation=operation,
+        test_func=check,
+        config=HypothesisTestConfig(
+            project=api_schema.config,
+            seed=api_schema.config.seed,
+            modes=[HypothesisTestMode.EXAMPLES, HypothesisTestMode.COVERAGE, HypothesisTestMode.FUZZING],
+            explicit_settings=settings(
+                max_examples=MAX_EXAMPLES,
+                derandomize=True,
+                deadline=None,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            ),
+        ),
+    )
     test()

@@ -33,35 +33,63 @@ def refused(model: type[Any], body: Any, **kwargs: Any) -> RequestError:
     return info.value
 
 
-@pytest.mark.parametrize(("given", "name"), [
-    ("client", "client"),
-    ("AA:BB:CC:DD:EE:FF", "AABBCCDDEEFF"),
-    ("aa:bb:cc:dd:ee:ff", "aabbccddeeff"),
-    ("device_01-b", "device_01-b"),
-    ("x" * 64, "x" * 64),
-])
+@pytest.mark.parametrize(
+    ("given", "name"),
+    [
+        ("client", "client"),
+        ("AA:BB:CC:DD:EE:FF", "AABBCCDDEEFF"),
+        ("aa:bb:cc:dd:ee:ff", "aabbccddeeff"),
+        ("device_01-b", "device_01-b"),
+        ("x" * 64, "x" * 64),
+    ],
+)
 def test_names_are_normalised(given: str, name: str) -> None:
     assert parse(SignRequest, {**SIGN, "name": given}).name == name
 
 
-@pytest.mark.parametrize("name", [
-    "../../etc/passwd", "a/b", "+", "#", "", ":", "::", "-lead", "_lead", ".hidden", "x" * 65, "a b", "café",
-    "a\n", "a\x00", "ssl/#", "$SYS", 5, None, [], {"n": 1}, True,
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../../etc/passwd",
+        "a/b",
+        "+",
+        "#",
+        "",
+        ":",
+        "::",
+        "-lead",
+        "_lead",
+        ".hidden",
+        "x" * 65,
+        "a b",
+        "café",
+        "a\n",
+        "a\x00",
+        "ssl/#",
+        "$SYS",
+        5,
+        None,
+        [],
+        {"n": 1},
+        True,
+    ],
+)
 def test_bad_names_are_refused_naming_the_field(name: Any) -> None:
     error = refused(SignRequest, {**SIGN, "name": name})
     assert (error.status, error.field) == (400, "name")
     assert readable_name({"name": name}) is None
 
 
-@pytest.mark.parametrize(("days", "expected"), [(360, 360), ("360", 360), (" 30 ", 30), (1, 1), (360.0, 360),
-                                                 ("+7", 7)])
+@pytest.mark.parametrize(
+    ("days", "expected"), [(360, 360), ("360", 360), (" 30 ", 30), (1, 1), (360.0, 360), ("+7", 7)]
+)
 def test_days_as_number_or_numeric_string(days: Any, expected: int) -> None:
     assert parse(SignRequest, {**SIGN, "days": days}).days == expected
 
 
-@pytest.mark.parametrize("days", [0, -1, "0", "-5", "abc", "3.5", 3.5, True, False, None, [], {}, "", "1e3",
-                                  "٣", 10**30, "99999999"])
+@pytest.mark.parametrize(
+    "days", [0, -1, "0", "-5", "abc", "3.5", 3.5, True, False, None, [], {}, "", "1e3", "٣", 10**30, "99999999"]
+)
 def test_bad_days_are_refused(days: Any) -> None:
     error = refused(SignRequest, {**SIGN, "days": days}, max_days=3000)
     assert (error.status, error.field) == (400, "days")
@@ -82,9 +110,18 @@ def test_each_sign_field_missing_is_named(field: str) -> None:
     assert "required" in error.message
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("name", 1), ("days", [1]), ("pass", 1234), ("pass", ["pw"]), ("pass", ""), ("csr", 7), ("token", 5),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("name", 1),
+        ("days", [1]),
+        ("pass", 1234),
+        ("pass", ["pw"]),
+        ("pass", ""),
+        ("csr", 7),
+        ("token", 5),
+    ],
+)
 def test_each_sign_field_of_the_wrong_type_is_named(field: str, value: Any) -> None:
     error = refused(SignRequest, {**SIGN, field: value})
     assert (error.status, error.field) == (400, field)
@@ -104,9 +141,18 @@ def test_errors_never_repeat_the_passphrase_or_token() -> None:
     assert "S3cr3t" not in repr(parse(SignRequest, {**SIGN, "pass": "S3cr3t"}))
 
 
-CREATE = {"name": "AA:BB:CC:DD:EE:FF", "days": "360", "pass": "pw", "country": "br", "state": "SP",
-          "locality": "Campinas", "org": "ACME", "unit": "Sensors", "cn": "collector.example.com",
-          "email": "ops@example.com"}
+CREATE = {
+    "name": "AA:BB:CC:DD:EE:FF",
+    "days": "360",
+    "pass": "pw",
+    "country": "br",
+    "state": "SP",
+    "locality": "Campinas",
+    "org": "ACME",
+    "unit": "Sensors",
+    "cn": "collector.example.com",
+    "email": "ops@example.com",
+}
 
 
 def test_the_seed_create_body_is_accepted() -> None:
@@ -121,20 +167,39 @@ def test_create_optional_fields_default_and_blank_means_absent() -> None:
     assert request.common_name == "client" and request.state is None and request.org is None
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("country", "Brazil"), ("country", "B1"), ("country", 55), ("state", "x" * 129), ("org", "x" * 65),
-    ("unit", "a\nb"), ("locality", ["x"]), ("cn", "a/b"), ("cn", "a b"), ("cn", "+"), ("cn", "x" * 65),
-    ("email", "not-an-email"), ("email", "a@b@c"), ("email", "ops@exa mple.com"), ("email", 3),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("country", "Brazil"),
+        ("country", "B1"),
+        ("country", 55),
+        ("state", "x" * 129),
+        ("org", "x" * 65),
+        ("unit", "a\nb"),
+        ("locality", ["x"]),
+        ("cn", "a/b"),
+        ("cn", "a b"),
+        ("cn", "+"),
+        ("cn", "x" * 65),
+        ("email", "not-an-email"),
+        ("email", "a@b@c"),
+        ("email", "ops@exa mple.com"),
+        ("email", 3),
+    ],
+)
 def test_each_bad_create_field_is_named(field: str, value: Any) -> None:
     error = refused(CreateRequest, {**CREATE, field: value})
     assert (error.status, error.field) == (400, field)
 
 
 def test_sign_with_a_csr_keeps_only_its_key_cn_and_allowed_sans() -> None:
-    pem, key = make_csr("sensor-1", dns=["sensor-1.example.com"], ips=["10.0.0.7", "::1"],
-                        emails=["ops@example.com"],
-                        extensions=[(x509.BasicConstraints(ca=True, path_length=None), True)])
+    pem, key = make_csr(
+        "sensor-1",
+        dns=["sensor-1.example.com"],
+        ips=["10.0.0.7", "::1"],
+        emails=["ops@example.com"],
+        extensions=[(x509.BasicConstraints(ca=True, path_length=None), True)],
+    )
     request = parse(SignRequest, {**SIGN, "name": "sensor-1", "csr": pem})
     assert request.csr is not None
     assert request.csr.common_name == "sensor-1"
@@ -165,14 +230,17 @@ def test_bad_csrs_are_refused() -> None:
     good, _ = make_csr("client")
     weak_rsa = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505 - must be refused
     k1 = ec.generate_private_key(ec.SECP256K1())
-    two_cns = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "client"),
-                         x509.NameAttribute(NameOID.COMMON_NAME, "client")])
+    two_cns = x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, "client"), x509.NameAttribute(NameOID.COMMON_NAME, "client")]
+    )
     cases = {
         "tampered signature": _tampered(good),
         "not PEM": "hello",
         "certificate, not CSR": good.replace("CERTIFICATE REQUEST", "CERTIFICATE"),
-        "URI SAN": make_csr("client", extensions=[
-            (x509.SubjectAlternativeName([x509.UniformResourceIdentifier("https://evil.example")]), False)])[0],
+        "URI SAN": make_csr(
+            "client",
+            extensions=[(x509.SubjectAlternativeName([x509.UniformResourceIdentifier("https://evil.example")]), False)],
+        )[0],
         "wildcard DNS": make_csr("client", dns=["*.example.com"])[0],
         "RSA-1024": make_csr("client", key=weak_rsa)[0],
         "secp256k1": make_csr("client", key=k1)[0],

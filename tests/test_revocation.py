@@ -61,13 +61,19 @@ def test_revoking_a_connected_device_cuts_it_off(generated_lab: LabEnv, broker: 
     devices = [thermometer(generated_lab, "device001"), thermometer(generated_lab, "device002")]
     try:
         observer.subscribe("iot/thermometer/+/temperature")
-        wait_for(lambda: len(from_device(observer.received, "device001")) >= 3
-                 and len(from_device(observer.received, "device002")) >= 3, timeout=20,
-                 what="readings from both thermometers")
+        wait_for(
+            lambda: (
+                len(from_device(observer.received, "device001")) >= 3
+                and len(from_device(observer.received, "device002")) >= 3
+            ),
+            timeout=20,
+            what="readings from both thermometers",
+        )
         serial = serial_of(generated_lab, "device001")
 
-        response = client.post("/v1/ssl/revoke", json={"name": "device001", "pass": generated_lab.passphrase,
-                                                       "reason": "keyCompromise"})
+        response = client.post(
+            "/v1/ssl/revoke", json={"name": "device001", "pass": generated_lab.passphrase, "reason": "keyCompromise"}
+        )
         assert response.status_code == 200, response.json
         assert response.json["revoked"] == [serial] and response.json["reason"] == "keyCompromise"
 
@@ -76,12 +82,15 @@ def test_revoking_a_connected_device_cuts_it_off(generated_lab: LabEnv, broker: 
         def cut_off() -> bool:
             received = list(observer.received)
             last = max((i for i, m in enumerate(received) if m.topic.endswith("/device001/temperature")), default=-1)
-            return len(from_device(received[last + 1:], "device002")) >= 3
+            return len(from_device(received[last + 1 :], "device002")) >= 3
 
         wait_for(cut_off, timeout=2.0, interval=0.05, what="device001's readings to stop")
         seen = len(from_device(observer.received, "device001"))
-        wait_for(lambda: len(from_device(observer.received, "device002")) >= seen + 5, timeout=10,
-                 what="more device002 readings")
+        wait_for(
+            lambda: len(from_device(observer.received, "device002")) >= seen + 5,
+            timeout=10,
+            what="more device002 readings",
+        )
         assert len(from_device(observer.received, "device001")) == seen
         # (no dashboard MQTT connection in this test to close it: it stays connected, every publish denied)
         assert devices[0].process is not None and devices[0].process.poll() is None
@@ -95,8 +104,11 @@ def test_revoking_a_connected_device_cuts_it_off(generated_lab: LabEnv, broker: 
         broker.restart()
         observer = Collector(generated_lab.certs_dir, "dashboard", broker.port).connect()
         observer.subscribe("iot/thermometer/+/temperature")
-        wait_for(lambda: len(from_device(observer.received, "device002")) >= 5, timeout=20,
-                 what="device002's thermometer to reconnect and publish")
+        wait_for(
+            lambda: len(from_device(observer.received, "device002")) >= 5,
+            timeout=20,
+            what="device002's thermometer to reconnect and publish",
+        )
         assert from_device(observer.received, "device001") == []
         assert refused(broker.port, Identity.of(generated_lab.certs_dir, "device001"))
         assert serial in crl_serials(client.get("/v1/ssl/crl").data)
@@ -106,8 +118,9 @@ def test_revoking_a_connected_device_cuts_it_off(generated_lab: LabEnv, broker: 
         observer.close()
 
 
-def test_revocation_requests(generated_lab: LabEnv, app: Flask, client: FlaskClient,
-                             viewer_headers: dict[str, str]) -> None:
+def test_revocation_requests(
+    generated_lab: LabEnv, app: Flask, client: FlaskClient, viewer_headers: dict[str, str]
+) -> None:
     passphrase = generated_lab.passphrase
     files = BrokerFiles(generated_lab.certs_dir, generated_lab.data_dir)
     before = lab_state(generated_lab)
@@ -141,8 +154,9 @@ def test_revocation_requests(generated_lab: LabEnv, app: Flask, client: FlaskCli
     refused = client.post("/v1/ssl/sign", json={"name": "device002", "pass": passphrase, "days": 30})
     assert refused.status_code == 403 and "user device002\ntopic deny #" in files.acl.read_text()
     # ...a new certificate for a new key lifts the ACL deny; the old serial stays on the CRL
-    renewed = client.post("/v1/ssl/sign", json={"name": "device002", "pass": passphrase, "days": 30,
-                                                "csr": make_csr("device002")[0]})
+    renewed = client.post(
+        "/v1/ssl/sign", json={"name": "device002", "pass": passphrase, "days": 30, "csr": make_csr("device002")[0]}
+    )
     assert renewed.status_code == 201
     assert "user device002" not in files.acl.read_text()
     assert serial in crl_serials(files.crl.read_bytes())
@@ -151,8 +165,9 @@ def test_revocation_requests(generated_lab: LabEnv, app: Flask, client: FlaskCli
 
 def _stale_crl(lab: LabEnv, days_left: int) -> None:
     root = lab.certs_dir / "root_ca"
-    ca = CertificateAuthority.load((root / "root_ca.crt").read_bytes(), (root / "root_ca.key").read_bytes(),
-                                   lab.passphrase)
+    ca = CertificateAuthority.load(
+        (root / "root_ca.crt").read_bytes(), (root / "root_ca.key").read_bytes(), lab.passphrase
+    )
     crl = ca.build_crl([], crl_number=7, next_update=dt.timedelta(days=days_left))
     atomic_write(BrokerFiles(lab.certs_dir, lab.data_dir).crl, crl.public_bytes(serialization.Encoding.PEM))
 
@@ -162,6 +177,7 @@ def test_crl_is_refreshed_well_before_next_update(generated_lab: LabEnv) -> None
     _stale_crl(generated_lab, days_left=3)
     app = make_app(generated_lab, CRL_REFRESH_SECONDS=0.2)  # the app's timer, checking often
     try:
+
         def refreshed() -> bool:
             crl = x509.load_pem_x509_crl(files.crl.read_bytes())
             return crl.next_update_utc - dt.datetime.now(dt.UTC) > CRL_LIFETIME - dt.timedelta(hours=1)
@@ -172,7 +188,8 @@ def test_crl_is_refreshed_well_before_next_update(generated_lab: LabEnv) -> None
         files.crl.unlink()
         wait_for(files.crl.exists, timeout=10, what="the CRL to be restored")
         assert x509.load_pem_x509_crl(files.crl.read_bytes()).is_signature_valid(
-            load_certificate((generated_lab.certs_dir / "root_ca" / "root_ca.crt").read_bytes()).public_key())
+            load_certificate((generated_lab.certs_dir / "root_ca" / "root_ca.crt").read_bytes()).public_key()
+        )
     finally:
         close_app(app)
 
@@ -218,13 +235,22 @@ def test_revocation_closes_the_connection_and_the_thermometer_stops(
     try:
         assert mqtt_connected(app)
         env = {k: v for k, v in generated_lab.env.items() if k != "CA_PASSPHRASE"}
-        devices = {d: start_thermometer({**env, "DEVICE_ID": d, "PUBLISH_INTERVAL": "0.2"})
-                   for d in ("device001", "device002")}
+        devices = {
+            d: start_thermometer({**env, "DEVICE_ID": d, "PUBLISH_INTERVAL": "0.2"}) for d in ("device001", "device002")
+        }
         pids = {d: t.process.pid for d, t in devices.items()}
-        wait_for(lambda: all(dashboard_device(client, d).get("status") == "online"
-                             and dashboard_device(client, d).get("readings", 0) >= 3 for d in devices)
-                 and all(established_to(pids[d], broker.port) == 1 for d in devices),
-                 timeout=20, what="both thermometers connected and publishing")
+        wait_for(
+            lambda: (
+                all(
+                    dashboard_device(client, d).get("status") == "online"
+                    and dashboard_device(client, d).get("readings", 0) >= 3
+                    for d in devices
+                )
+                and all(established_to(pids[d], broker.port) == 1 for d in devices)
+            ),
+            timeout=20,
+            what="both thermometers connected and publishing",
+        )
         serial = serial_of(generated_lab, "device001")
 
         response = client.post("/v1/ssl/revoke", json={"name": "device001", "pass": generated_lab.passphrase})
@@ -232,16 +258,25 @@ def test_revocation_closes_the_connection_and_the_thermometer_stops(
         replied = time.monotonic()
 
         # Within 2 s of the reply: the broker closed the connection, and the dashboard says revoked and offline.
-        wait_for(lambda: established_to(pids["device001"], broker.port) == 0, timeout=2, interval=0.02,
-                 what="device001's TCP connection to close")
+        wait_for(
+            lambda: established_to(pids["device001"], broker.port) == 0,
+            timeout=2,
+            interval=0.02,
+            what="device001's TCP connection to close",
+        )
+
         def shown_revoked_and_offline() -> bool:
             data = page_data(client)
             device = data["device_data"].get("device001") or {}
             rows = [r["status"] for r in data["certs_info"] if r["name"] == "device001" and r["current"]]
             return (device.get("status"), device.get("certificate"), rows) == ("offline", "revoked", ["revoked"])
 
-        wait_for(shown_revoked_and_offline, timeout=max(0.1, replied + 2 - time.monotonic()), interval=0.02,
-                 what="/api/data to show device001 revoked and offline")
+        wait_for(
+            shown_revoked_and_offline,
+            timeout=max(0.1, replied + 2 - time.monotonic()),
+            interval=0.02,
+            what="/api/data to show device001 revoked and offline",
+        )
         assert "device001 been disconnected by administrative action" in broker.log()
 
         # The thermometer recognises the revocation, says so in one line, and exits with its own code.
@@ -254,13 +289,22 @@ def test_revocation_closes_the_connection_and_the_thermometer_stops(
         observer = Collector(generated_lab.certs_dir, "dashboard", broker.port, client_id="observer").connect()
         try:
             observer.subscribe("iot/thermometer/+/status")
-            wait_for(lambda: {m.topic: m.payload for m in observer.received}.get(
-                "iot/thermometer/device001/status") == b"offline", timeout=5, what="retained offline")
+            wait_for(
+                lambda: (
+                    {m.topic: m.payload for m in observer.received}.get("iot/thermometer/device001/status")
+                    == b"offline"
+                ),
+                timeout=5,
+                what="retained offline",
+            )
         finally:
             observer.close()
         before = dashboard_device(client, "device002")["readings"]
-        wait_for(lambda: dashboard_device(client, "device002")["readings"] >= before + 5, timeout=10,
-                 what="more device002 readings")
+        wait_for(
+            lambda: dashboard_device(client, "device002")["readings"] >= before + 5,
+            timeout=10,
+            what="more device002 readings",
+        )
         assert established_to(pids["device002"], broker.port) == 1
         assert dashboard_device(client, "device002")["status"] == "online"
         assert "lost the broker" not in devices["device002"].output()
@@ -288,8 +332,12 @@ def test_a_damaged_or_missing_crl_never_fails_open_and_is_repaired(generated_lab
     app = make_app(generated_lab, CRL_REFRESH_SECONDS=CRL_CHECK_INTERVAL)  # the running lab's timer
     try:
         serial = serial_of(generated_lab, "device001")
-        assert app.test_client().post("/v1/ssl/revoke", json={
-            "name": "device001", "pass": generated_lab.passphrase}).status_code == 200
+        assert (
+            app.test_client()
+            .post("/v1/ssl/revoke", json={"name": "device001", "pass": generated_lab.passphrase})
+            .status_code
+            == 200
+        )
         wait_for(lambda: revoked_at_broker(generated_lab, broker.port, "device001"), what="the CRL to be enforced")
 
         # junk in the published CRL, then a reload: the broker still refuses the revoked certificate
@@ -320,8 +368,11 @@ def test_a_damaged_or_missing_crl_never_fails_open_and_is_repaired(generated_lab
         assert refused_start.wait(timeout=30) != 0, broker.log()
         # ...until the CA (its timer running again) rewrote both from the inventory, within 10 s
         ca_of(app).start_crl_refresh(CRL_CHECK_INTERVAL)
-        wait_for(lambda: crl_lists(generated_lab, files.broker_crl, serial) and crl_lists(
-            generated_lab, files.crl, serial), timeout=10, what="both CRLs to be rewritten")
+        wait_for(
+            lambda: crl_lists(generated_lab, files.broker_crl, serial) and crl_lists(generated_lab, files.crl, serial),
+            timeout=10,
+            what="both CRLs to be rewritten",
+        )
         broker.start()
         assert revoked_at_broker(generated_lab, broker.port, "device001") is True
         assert revoked_at_broker(generated_lab, broker.port, "device002") is False
@@ -358,8 +409,9 @@ def test_on_revoked_wait_keeps_the_thermometer_waiting_until_a_new_certificate(
 def test_only_the_ca_identity_can_disconnect_a_client(generated_lab: LabEnv, broker: Broker) -> None:
     """A device (or the provisioner) publishing the plugin's commands kicks nobody and learns nothing."""
     victim = Collector(generated_lab.certs_dir, "device001", broker.port).connect()
-    attackers = [Collector(generated_lab.certs_dir, name, broker.port).connect()
-                 for name in ("device002", "provisioner")]
+    attackers = [
+        Collector(generated_lab.certs_dir, name, broker.port).connect() for name in ("device002", "provisioner")
+    ]
     try:
         for attacker in attackers:
             assert attacker.subscribe("$CONTROL/#")[0].is_failure or attacker.nothing(within=0.1)
@@ -388,8 +440,13 @@ def test_revocation_with_a_broker_that_reloads_only_by_polling_as_in_docker(
     log_path = generated_lab.root / "entrypoint.log"
     env = {**os.environ, "POLL_SECONDS": "1", "TMPDIR": str(generated_lab.root)}
     with open(log_path, "wb") as out:
-        entry = subprocess.Popen(["sh", str(PROJECT_ROOT / "mosquitto" / "entrypoint.sh"), str(conf)], env=env,
-                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        entry = subprocess.Popen(
+            ["sh", str(PROJECT_ROOT / "mosquitto" / "entrypoint.sh"), str(conf)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     app = None
     try:
         wait_for(lambda: "running" in log_path.read_text(), what="the broker")
@@ -397,19 +454,35 @@ def test_revocation_with_a_broker_that_reloads_only_by_polling_as_in_docker(
         client = app.test_client()
         assert mqtt_connected(app)
         env = {k: v for k, v in generated_lab.env.items() if k != "CA_PASSPHRASE"}
-        devices = {d: start_thermometer({**env, "DEVICE_ID": d, "PUBLISH_INTERVAL": "0.2", "ON_REVOKED": "wait"})
-                   for d in ("device001", "device002")}
+        devices = {
+            d: start_thermometer({**env, "DEVICE_ID": d, "PUBLISH_INTERVAL": "0.2", "ON_REVOKED": "wait"})
+            for d in ("device001", "device002")
+        }
         pid = devices["device001"].process.pid
         port = generated_lab.broker_port
-        wait_for(lambda: all(dashboard_device(client, d).get("readings", 0) >= 3 for d in devices), timeout=20,
-                 what="both thermometers publishing")
-        assert client.post("/v1/ssl/revoke", json={"name": "device001", "pass": generated_lab.passphrase}
-                           ).status_code == 200
+        wait_for(
+            lambda: all(dashboard_device(client, d).get("readings", 0) >= 3 for d in devices),
+            timeout=20,
+            what="both thermometers publishing",
+        )
+        assert (
+            client.post("/v1/ssl/revoke", json={"name": "device001", "pass": generated_lab.passphrase}).status_code
+            == 200
+        )
         replied = time.monotonic()
-        wait_for(lambda: established_to(pid, port) == 0 and (
-            dashboard_device(client, "device001").get("status"),
-            dashboard_device(client, "device001").get("certificate")) == ("offline", "revoked"),
-            timeout=2, interval=0.02, what="device001 closed, revoked and offline")
+        wait_for(
+            lambda: (
+                established_to(pid, port) == 0
+                and (
+                    dashboard_device(client, "device001").get("status"),
+                    dashboard_device(client, "device001").get("certificate"),
+                )
+                == ("offline", "revoked")
+            ),
+            timeout=2,
+            interval=0.02,
+            what="device001 closed, revoked and offline",
+        )
         # A reconnect before the broker's poll reloaded the CRL is closed again by 2 s, and then for good.
         while time.monotonic() < replied + 2:
             time.sleep(0.05)

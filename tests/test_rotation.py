@@ -52,15 +52,38 @@ def crl_reason(lab: LabEnv, serial: str) -> x509.ReasonFlags | None:
 
 def mosquitto_pub(lab: LabEnv, identity: Identity, topic: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["mosquitto_pub", "-h", "localhost", "-p", str(lab.broker_port), "--cafile", str(identity.ca_cert),
-         "--cert", str(identity.cert), "--key", str(identity.key), "-t", topic, "-m", "{}", "-q", "1"],
-        capture_output=True, text=True, timeout=20)
+        [
+            "mosquitto_pub",
+            "-h",
+            "localhost",
+            "-p",
+            str(lab.broker_port),
+            "--cafile",
+            str(identity.ca_cert),
+            "--cert",
+            str(identity.cert),
+            "--key",
+            str(identity.key),
+            "-t",
+            topic,
+            "-m",
+            "{}",
+            "-q",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
 
 
 @pytest.mark.integration
 def test_a_generator_renewal_is_followed_by_the_running_lab_and_the_old_pairs_die_after_the_grace(
-    generated_lab: LabEnv, broker: Broker, start_thermometer: Callable[..., ThermometerProcess],
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    generated_lab: LabEnv,
+    broker: Broker,
+    start_thermometer: Callable[..., ThermometerProcess],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     """`./setup.sh certs --force` renews every leaf with a new key under a running thermometer and dashboard:
     both reconnect with their new pair (the thermometer with no gap in its readings, the dashboard's MQTT
@@ -70,8 +93,11 @@ def test_a_generator_renewal_is_followed_by_the_running_lab_and_the_old_pairs_di
     lab = generated_lab
     for key, value in {"SUPERSEDED_GRACE_SECONDS": GRACE, "CERT_WATCH_SECONDS": WATCH}.items():
         monkeypatch.setenv(key, value)
-    app = start_app(lab, LAB_SETTINGS=lab.settings(SUPERSEDED_GRACE_SECONDS=GRACE, CERT_WATCH_SECONDS=WATCH),
-                    CRL_REFRESH_SECONDS=0.3)
+    app = start_app(
+        lab,
+        LAB_SETTINGS=lab.settings(SUPERSEDED_GRACE_SECONDS=GRACE, CERT_WATCH_SECONDS=WATCH),
+        CRL_REFRESH_SECONDS=0.3,
+    )
     bridge = app.extensions["mqtt_bridge"]
     store = app.extensions["live_hub"].store
 
@@ -80,13 +106,21 @@ def test_a_generator_renewal_is_followed_by_the_running_lab_and_the_old_pairs_di
 
     try:
         env = {k: v for k, v in lab.env.items() if k != "CA_PASSPHRASE"}
-        thermometer = start_thermometer({**env, "DEVICE_ID": "device001", "PUBLISH_INTERVAL": "0.2",
-                                         "CERT_WATCH_SECONDS": WATCH, "RENEW_CHECK_INTERVAL": "0"})
+        thermometer = start_thermometer(
+            {
+                **env,
+                "DEVICE_ID": "device001",
+                "PUBLISH_INTERVAL": "0.2",
+                "CERT_WATCH_SECONDS": WATCH,
+                "RENEW_CHECK_INTERVAL": "0",
+            }
+        )
         wait_for(lambda: len(seqs()) >= 5, timeout=20, what="readings before the renewal")
-        old_device, old_dashboard = keep_pair(lab, "device001", tmp_path / "d"), keep_pair(lab, "dashboard",
-                                                                                           tmp_path / "b")
-        old_serials = {name: serial_of(p.cert) for name, p in (("device001", old_device),
-                                                               ("dashboard", old_dashboard))}
+        old_device, old_dashboard = (
+            keep_pair(lab, "device001", tmp_path / "d"),
+            keep_pair(lab, "dashboard", tmp_path / "b"),
+        )
+        old_serials = {name: serial_of(p.cert) for name, p in (("device001", old_device), ("dashboard", old_dashboard))}
         old_client = bridge.client
 
         assert generator.main(["--force"]) == 0
@@ -94,10 +128,16 @@ def test_a_generator_renewal_is_followed_by_the_running_lab_and_the_old_pairs_di
         assert new_device != old_serials["device001"]
 
         thermometer.wait_output(f"(serial {old_serials['device001']} -> {new_device}): switching", timeout=20)
-        wait_for(lambda: thermometer.output().count("device001 connected") >= 2, timeout=20,
-                 what=f"the thermometer to reconnect with its new pair:\n{thermometer.output()}")
-        wait_for(lambda: bridge.client is not old_client and bridge.connected.is_set(), timeout=20,
-                 what="the dashboard's MQTT connection with its new pair")
+        wait_for(
+            lambda: thermometer.output().count("device001 connected") >= 2,
+            timeout=20,
+            what=f"the thermometer to reconnect with its new pair:\n{thermometer.output()}",
+        )
+        wait_for(
+            lambda: bridge.client is not old_client and bridge.connected.is_set(),
+            timeout=20,
+            what="the dashboard's MQTT connection with its new pair",
+        )
         # the broker's own certificate: the generator made it reload (SIGHUP), new handshakes get the new one
         broker_serial = serial_of(lab.certs_dir / "mosquitto" / "mosquitto.crt")
 
@@ -111,10 +151,16 @@ def test_a_generator_renewal_is_followed_by_the_running_lab_and_the_old_pairs_di
 
         # the grace ends: the running CA lists the superseded certificates, the broker reloads and refuses them
         for serial in old_serials.values():
-            wait_for(lambda s=serial: crl_reason(lab, s) == x509.ReasonFlags.superseded, timeout=20,
-                     what=f"{serial} on the CRL as superseded")
-        wait_for(lambda: certificate_revoked(old_device, "localhost", broker.port) is True, timeout=10,
-                 what="the broker to refuse the old device certificate as revoked")
+            wait_for(
+                lambda s=serial: crl_reason(lab, s) == x509.ReasonFlags.superseded,
+                timeout=20,
+                what=f"{serial} on the CRL as superseded",
+            )
+        wait_for(
+            lambda: certificate_revoked(old_device, "localhost", broker.port) is True,
+            timeout=10,
+            what="the broker to refuse the old device certificate as revoked",
+        )
         refused = mosquitto_pub(lab, old_device, "iot/thermometer/device001/temperature")
         assert refused.returncode != 0, refused.stdout + refused.stderr
         assert mosquitto_pub(lab, old_dashboard, "iot/thermometer/x/status").returncode != 0
@@ -128,8 +174,11 @@ def test_a_generator_renewal_is_followed_by_the_running_lab_and_the_old_pairs_di
 
         # a reconnect now needs the new pairs: a broker restart, and both are back
         broker.restart()
-        wait_for(lambda: thermometer.output().count("device001 connected") >= 3, timeout=30,
-                 what=f"the thermometer back after the restart:\n{thermometer.output()}")
+        wait_for(
+            lambda: thermometer.output().count("device001 connected") >= 3,
+            timeout=30,
+            what=f"the thermometer back after the restart:\n{thermometer.output()}",
+        )
         assert bridge.wait_connected(30), bridge.status()
         restarted_at = max(seqs())
         wait_for(lambda: max(seqs()) >= restarted_at + 5, timeout=30, what="readings after the broker restart")
@@ -157,8 +206,9 @@ def test_the_watcher_switches_only_to_a_complete_new_pair(generated_lab: LabEnv)
     atomic_write(identity.key, old_key, KEY_MODE)
 
     answers, seen = [False, True], []
-    watcher = PairWatcher(identity.cert, identity.key, lambda pair: seen.append(pair.serial) or answers.pop(0),
-                          ca=identity.ca_cert)
+    watcher = PairWatcher(
+        identity.cert, identity.key, lambda pair: seen.append(pair.serial) or answers.pop(0), ca=identity.ca_cert
+    )
     assert watcher.in_use is not None and watcher.in_use.serial == serial_of(identity.cert)
     assert not watcher.check() and seen == []
     atomic_write(identity.key, new_key, KEY_MODE)  # half-way: the new key beside the old certificate

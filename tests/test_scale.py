@@ -47,17 +47,19 @@ class Replicas:
         # One CA replica (ca-1) that both dashboards forward /v1/ssl/* to (each starting its own would make two
         # `ca-1` connections, which the broker lets kick each other off).
         self.ca = CAServiceProcess({**self.lab.env, "CA_HTTPS_PORT": "0"}, 1, root / "ca.log").start()
-        shared = {**self.lab.env, "SOCKETIO_MESSAGE_QUEUE": self.redis.url, "CA_URLS": self.ca.url,
-                  "DASHBOARD_SECRET_KEY": "scale-test-" + "k" * 40}  # both sign the same session cookies
+        shared = {
+            **self.lab.env,
+            "SOCKETIO_MESSAGE_QUEUE": self.redis.url,
+            "CA_URLS": self.ca.url,
+            "DASHBOARD_SECRET_KEY": "scale-test-" + "k" * 40,
+        }  # both sign the same session cookies
         # One process holds the `dashboard` connection (CA over MQTT, revocation); the broker allows one per CN.
-        self.envs = [{**shared, "INGEST_ID": "ingest-1"},
-                     {**shared, "INGEST_ID": "ingest-2", "DASHBOARD_MQTT": "0"}]
+        self.envs = [{**shared, "INGEST_ID": "ingest-1"}, {**shared, "INGEST_ID": "ingest-2", "DASHBOARD_MQTT": "0"}]
         self.dashboards: list[DashboardProcess] = []
         for index, env in enumerate(self.envs):  # one after the other: the first creates the admin user
             dashboard = DashboardProcess(env, root / f"dashboard-{index + 1}.log")
             self.dashboards.append(dashboard.start())
-        self.nginx = NginxServer(root / "nginx", free_port(),
-                                 [f"127.0.0.1:{d.port}" for d in self.dashboards]).start()
+        self.nginx = NginxServer(root / "nginx", free_port(), [f"127.0.0.1:{d.port}" for d in self.dashboards]).start()
         self.routes = self._routes()
         self.device = Collector(self.lab.certs_dir, "device001", self.broker.port)
         self.device.connect()
@@ -68,8 +70,10 @@ class Replicas:
         routes: dict[str, str] = {}
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         for n in range(64):
-            request = urllib.request.Request(self.nginx.url + "/healthz",  # noqa: S310 - our loopback nginx
-                                             headers={"Cookie": f"iotlab_route=r{n}"})
+            request = urllib.request.Request(  # noqa: S310 - our loopback nginx
+                self.nginx.url + "/healthz",
+                headers={"Cookie": f"iotlab_route=r{n}"},
+            )
             with opener.open(request, timeout=5) as response:
                 routes.setdefault(json.load(response)["ingest"]["identity"], f"r{n}")
             if len(routes) == 2:
@@ -78,9 +82,18 @@ class Replicas:
 
     def publish(self, temperature: float) -> int:
         self.seq += 1
-        info = self.device.client.publish("iot/thermometer/device001/temperature", json.dumps(
-            {"device_id": "device001", "timestamp": "2030-01-01T00:00:00Z", "temperature": temperature,
-             "seq": self.seq}), qos=1)
+        info = self.device.client.publish(
+            "iot/thermometer/device001/temperature",
+            json.dumps(
+                {
+                    "device_id": "device001",
+                    "timestamp": "2030-01-01T00:00:00Z",
+                    "temperature": temperature,
+                    "seq": self.seq,
+                }
+            ),
+            qos=1,
+        )
         info.wait_for_publish(10)  # acknowledged by the broker
         return self.seq
 
@@ -129,18 +142,24 @@ def shown(page: Page) -> str:
     return card(page, "device001").locator(".reading .value").inner_text()
 
 
-def test_a_tab_on_each_dashboard_shows_every_new_reading_within_a_second(replicas: Replicas,
-                                                                        browser: Browser) -> None:  # noqa: F811
+def test_a_tab_on_each_dashboard_shows_every_new_reading_within_a_second(replicas: Replicas, browser: Browser) -> None:  # noqa: F811
     tabs = [tab_on(browser, replicas, "ingest-1"), tab_on(browser, replicas, "ingest-2")]
-    wait_for(lambda: all(card(tab, "device001").count() == 1 for tab in tabs), timeout=10,
-             what="both tabs' snapshot (Socket.IO connected)")
+    wait_for(
+        lambda: all(card(tab, "device001").count() == 1 for tab in tabs),
+        timeout=10,
+        what="both tabs' snapshot (Socket.IO connected)",
+    )
     seqs = []
     for n in range(6):  # round-robin: each replica ingests half of them; every tab must show each one
         temperature = 30.0 + n + 0.25
         seqs.append(replicas.publish(temperature))
         sent = time.monotonic()
-        wait_for(lambda t=f"{temperature:.2f}": all(shown(tab) == t for tab in tabs), timeout=5, interval=0.02,
-                 what=f"{temperature} on both tabs (shown: {[shown(tab) for tab in tabs]})")
+        wait_for(
+            lambda t=f"{temperature:.2f}": all(shown(tab) == t for tab in tabs),
+            timeout=5,
+            interval=0.02,
+            what=f"{temperature} on both tabs (shown: {[shown(tab) for tab in tabs]})",
+        )
         assert time.monotonic() - sent < 1.0, "a tab showed the reading only after a second"
     # Each reading is stored once, by the replica that received it; both replicas took a share.
     wait_for(lambda: set(seqs) <= set(replicas.stored()), timeout=10, what="every reading stored")
@@ -154,8 +173,10 @@ def test_a_tab_on_each_dashboard_shows_every_new_reading_within_a_second(replica
 
 def broker_noticed(replicas: Replicas, identity: str, since: int) -> bool:
     text = replicas.broker.log_path.read_text(errors="replace")[since:]
-    return any(f"client {identity}" in line.lower() and ("closed" in line or "disconnect" in line.lower())
-               for line in text.splitlines())
+    return any(
+        f"client {identity}" in line.lower() and ("closed" in line or "disconnect" in line.lower())
+        for line in text.splitlines()
+    )
 
 
 def test_killing_an_ingest_replica_loses_no_acknowledged_reading(replicas: Replicas) -> None:
@@ -170,15 +191,19 @@ def test_killing_an_ingest_replica_loses_no_acknowledged_reading(replicas: Repli
     wait_for(lambda: broker_noticed(replicas, "ingest-2", log_size), timeout=40, what="the broker noticing")
     seqs = [replicas.publish(20.0 + n / 10) for n in range(20)]
     # ingest-1 stores its half; ingest-2's half waits in its session at the broker, not lost, not rerouted.
-    wait_for(lambda: len(set(seqs) & set(replicas.stored())) >= len(seqs) // 2, timeout=10,
-             what="ingest-1's share stored")
+    wait_for(
+        lambda: len(set(seqs) & set(replicas.stored())) >= len(seqs) // 2, timeout=10, what="ingest-1's share stored"
+    )
     # Every one of them was acknowledged, so Mosquitto has routed them all already: a reading rerouted to ingest-1
     # would be on its way with the others. A short margin for it to land, then: exactly half.
     time.sleep(0.5)
     assert len(set(seqs) & set(replicas.stored())) == len(seqs) // 2
     second.start()  # the same INGEST_ID: its session, and the readings queued in it, are delivered
-    wait_for(lambda: set(seqs) <= set(replicas.stored()), timeout=20,
-             what=f"every reading stored; missing {sorted(set(seqs) - set(replicas.stored()))}")
+    wait_for(
+        lambda: set(seqs) <= set(replicas.stored()),
+        timeout=20,
+        what=f"every reading stored; missing {sorted(set(seqs) - set(replicas.stored()))}",
+    )
     stored = [s for s in replicas.stored() if s in seqs]
     assert sorted(stored) == seqs  # each exactly once
 
@@ -188,8 +213,14 @@ def test_flask_routes_does_not_connect_to_the_broker(replicas: Replicas) -> None
     routes, opens no MQTT connection, and the running dashboard is not kicked off."""
     log_size = replicas.broker.log_path.stat().st_size
     env = {**os.environ, **replicas.envs[0], "FLASK_RUN_FROM_CLI": "1"}
-    result = subprocess.run([sys.executable, "-m", "flask", "--app", "dashboard", "routes"], env=env,
-                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "dashboard", "routes"],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "/healthz" in result.stdout and "/v1/ssl/sign" in result.stdout
     first = replicas.dashboards[0]
@@ -212,5 +243,8 @@ def test_create_app_starts_nothing_and_shutdown_stops_everything(generated_lab: 
     assert len(set(threading.enumerate()) - threads) >= 3  # two network loops, the emitter, the CRL timer
     shutdown(app)
     wait_for(lambda: established_to(pid, broker.port) == 0, what="both connections closed")
-    wait_for(lambda: {t for t in threading.enumerate() if t.is_alive()} <= threads, timeout=10,
-             what=f"every thread stopped: {set(threading.enumerate()) - threads}")
+    wait_for(
+        lambda: {t for t in threading.enumerate() if t.is_alive()} <= threads,
+        timeout=10,
+        what=f"every thread stopped: {set(threading.enumerate()) - threads}",
+    )

@@ -160,8 +160,11 @@ def test_failures_are_never_answered_on_a_third_partys_topic(
         victim.subscribe("ssl/device002")
         attacker.subscribe("ssl/device001/#")
         wait_ready(attacker, "device001")
-        bad = [{"name": "device002", "days": 5, "pass": "wrong"}, {"name": "device002"}, {"name": "device002",
-               "days": 5, "pass": generated_lab.passphrase, "csr": make_csr("device001")[0]}]
+        bad = [
+            {"name": "device002", "days": 5, "pass": "wrong"},
+            {"name": "device002"},
+            {"name": "device002", "days": 5, "pass": generated_lab.passphrase, "csr": make_csr("device001")[0]},
+        ]
         for body in bad:
             attacker.publish("ssl/sign", json.dumps(body))
             if "csr" in body:  # create ignores a csr: that one would be a valid create of device002
@@ -202,9 +205,12 @@ def test_fuzzing_the_ca_topics_leaks_no_secret(
             cut = rng.randrange(0, len(noise) + 1)
             payloads.append(noise[:cut] + rng.choice(secrets_).encode() + noise[cut:])
         elif kind == 2:  # a plausible request, mutated
-            body: dict[str, Any] = {"name": rng.choice(["fuzz1", "fuzz2", "AA:BB:CC:DD:EE:0F", "device001", "x/y"]),
-                                    "days": rng.choice([1, "5", -1, "x"]), "pass": rng.choice(secrets_),
-                                    rng.choice(["token", "key", "csr", "cn"]): rng.choice(secrets_)}
+            body: dict[str, Any] = {
+                "name": rng.choice(["fuzz1", "fuzz2", "AA:BB:CC:DD:EE:0F", "device001", "x/y"]),
+                "days": rng.choice([1, "5", -1, "x"]),
+                "pass": rng.choice(secrets_),
+                rng.choice(["token", "key", "csr", "cn"]): rng.choice(secrets_),
+            }
             text = json.dumps(body)
             payloads.append(text[: rng.randrange(1, len(text) + 1)].encode())
         else:
@@ -218,8 +224,11 @@ def test_fuzzing_the_ca_topics_leaks_no_secret(
     try:
         for i, payload in enumerate(payloads):
             device.client.publish(REQUEST_TOPICS[i % 3], payload, qos=1)
-        wait_for(lambda: endpoint.stats()["handled"] - start >= len(payloads), timeout=60,
-                 what="every fuzz request to be handled")
+        wait_for(
+            lambda: endpoint.stats()["handled"] - start >= len(payloads),
+            timeout=60,
+            what="every fuzz request to be handled",
+        )
     finally:
         device.close()
     assert "500" not in endpoint.stats()["by_status"]

@@ -63,10 +63,13 @@ def test_seed_sign_body_renews_a_generated_device(generated_lab: LabEnv, service
     assert reply.body["key"].encode() == stored_key
     assert cert.serial_number != before.serial_number
     assert cert.subject == before.subject
-    assert cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value == \
-        before.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == \
-        [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert (
+        cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        == before.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    )
+    assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
+        ExtendedKeyUsageOID.CLIENT_AUTH
+    ]
     assert (generated_lab.certs_dir / "device001" / "device001.crt").read_text() == reply.body["crt"]
     rows = service.inventory.list(name="device001")
     assert [r.status for r in rows] == [SUPERSEDED, ACTIVE]
@@ -77,31 +80,46 @@ def test_seed_sign_body_renews_a_generated_device(generated_lab: LabEnv, service
 
 
 def test_seed_create_body_then_seed_sign_body(generated_lab: LabEnv, service: CAService, tmp_path: Path) -> None:
-    body = {"name": "AA:BB:CC:DD:EE:FF", "days": "360", "pass": generated_lab.passphrase, "country": "BR",
-            "state": "SP", "locality": "Campinas", "org": "ACME", "unit": "Sensors", "cn": "AABBCCDDEEFF",
-            "email": "ops@example.com"}
+    body = {
+        "name": "AA:BB:CC:DD:EE:FF",
+        "days": "360",
+        "pass": generated_lab.passphrase,
+        "country": "BR",
+        "state": "SP",
+        "locality": "Campinas",
+        "org": "ACME",
+        "unit": "Sensors",
+        "cn": "AABBCCDDEEFF",
+        "email": "ops@example.com",
+    }
     created = service.create(body, source="t")
     assert created.status == 201, created.body
     assert created.body["name"] == "AABBCCDDEEFF"
     cert = check_issued(created.body, tmp_path=tmp_path)
     subject = {a.oid: a.value for a in cert.subject}
-    assert subject == {NameOID.COUNTRY_NAME: "BR", NameOID.STATE_OR_PROVINCE_NAME: "SP",
-                       NameOID.LOCALITY_NAME: "Campinas", NameOID.ORGANIZATION_NAME: "ACME",
-                       NameOID.ORGANIZATIONAL_UNIT_NAME: "Sensors", NameOID.EMAIL_ADDRESS: "ops@example.com",
-                       NameOID.COMMON_NAME: "AABBCCDDEEFF"}
+    assert subject == {
+        NameOID.COUNTRY_NAME: "BR",
+        NameOID.STATE_OR_PROVINCE_NAME: "SP",
+        NameOID.LOCALITY_NAME: "Campinas",
+        NameOID.ORGANIZATION_NAME: "ACME",
+        NameOID.ORGANIZATIONAL_UNIT_NAME: "Sensors",
+        NameOID.EMAIL_ADDRESS: "ops@example.com",
+        NameOID.COMMON_NAME: "AABBCCDDEEFF",
+    }
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.RFC822Name) == ["ops@example.com"]
     folder = generated_lab.certs_dir / "AABBCCDDEEFF"
     assert (folder / "AABBCCDDEEFF.key").stat().st_mode & 0o777 == 0o600
     assert folder.stat().st_mode & 0o777 == 0o700
     assert (folder / "root_ca.crt").read_text() == created.body["ca"]
-    assert load_private_key((folder / "AABBCCDDEEFF.key").read_bytes()).private_numbers() == \
-        load_private_key(created.body["key"].encode()).private_numbers()
+    assert (
+        load_private_key((folder / "AABBCCDDEEFF.key").read_bytes()).private_numbers()
+        == load_private_key(created.body["key"].encode()).private_numbers()
+    )
     assert service.inventory.current("AABBCCDDEEFF").role == "entity"
 
     # the seed's sign body for the entity just created: renewal of its stored key, same subject
-    renewed = service.sign({"name": "AA:BB:CC:DD:EE:FF", "pass": generated_lab.passphrase, "days": 360},
-                           source="t")
+    renewed = service.sign({"name": "AA:BB:CC:DD:EE:FF", "pass": generated_lab.passphrase, "days": 360}, source="t")
     assert renewed.status == 201, renewed.body
     renewed_cert = check_issued(renewed.body)
     assert renewed.body["key"] == created.body["key"]
@@ -132,13 +150,32 @@ def test_replay_stops_once_the_certificate_is_revoked(generated_lab: LabEnv, ser
 
 def test_sign_with_a_csr_copies_only_allowed_names(generated_lab: LabEnv, service: CAService) -> None:
     pem, key = make_csr(
-        "sensor-7", dns=["sensor-7.example.com"], ips=["10.1.2.3"],
-        extensions=[(x509.BasicConstraints(ca=True, path_length=None), True),
-                    (x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                   data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                   crl_sign=True, encipher_only=False, decipher_only=False), True)],
-        subject=x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Evil Corp"),
-                           x509.NameAttribute(NameOID.COMMON_NAME, "sensor-7")]),
+        "sensor-7",
+        dns=["sensor-7.example.com"],
+        ips=["10.1.2.3"],
+        extensions=[
+            (x509.BasicConstraints(ca=True, path_length=None), True),
+            (
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                True,
+            ),
+        ],
+        subject=x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Evil Corp"),
+                x509.NameAttribute(NameOID.COMMON_NAME, "sensor-7"),
+            ]
+        ),
     )
     reply = service.sign({"name": "sensor-7", "pass": generated_lab.passphrase, "days": 10, "csr": pem}, source="t")
     assert reply.status == 201, reply.body
@@ -166,8 +203,10 @@ def test_a_csr_for_a_generated_device_never_breaks_its_file_pair(generated_lab: 
     assert service.inventory.current("device002").role == "device"
     assert service.inventory.current("device002").serial == reply.body["serial"]
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
-    assert public_key_matches(load_certificate((folder / "device002.crt").read_bytes()),
-                              load_private_key((folder / "device002.key").read_bytes()))
+    assert public_key_matches(
+        load_certificate((folder / "device002.crt").read_bytes()),
+        load_private_key((folder / "device002.key").read_bytes()),
+    )
     # the stored key now belongs to a superseded certificate: it is never re-signed (403), nothing changes
     state = lab_state(generated_lab)
     again = service.sign({"name": "device002", "pass": generated_lab.passphrase, "days": 10}, source="t")
@@ -202,8 +241,7 @@ def test_five_failures_lock_the_requester_out_for_the_window(
     assert locked.headers["Retry-After"] == str(15 * 60 - 5 * 60)
     # every passphrase-protected operation of that requester (source and name) is locked ...
     assert service.revoke({"name": "device001", "pass": generated_lab.passphrase}, source="10.0.0.9").status == 429
-    assert service.issue_token({"name": "device001", "pass": generated_lab.passphrase},
-                               source="10.0.0.9").status == 429
+    assert service.issue_token({"name": "device001", "pass": generated_lab.passphrase}, source="10.0.0.9").status == 429
     # ... and nobody else: another client on the same address asking for another name, another address,
     # and an operator whom the dashboard vouches for (no passphrase at all)
     assert service.issue_token({"name": "x", "pass": generated_lab.passphrase}, source="10.0.0.9").status == 201
@@ -218,21 +256,25 @@ def test_five_failures_lock_the_requester_out_for_the_window(
 
 def test_rotating_names_does_not_escape_the_lockout(generated_lab: LabEnv, service: CAService) -> None:
     """A proven identity (an MQTT CN) is locked after five whatever it names; an address after SOURCE_ATTEMPTS."""
-    statuses = [service.sign({"name": f"guess{i}", "pass": "guess", "days": 1}, source="cn:device002").status
-                for i in range(20)]
+    statuses = [
+        service.sign({"name": f"guess{i}", "pass": "guess", "days": 1}, source="cn:device002").status for i in range(20)
+    ]
     assert statuses == [403] * 5 + [429] * 15
     good = {"name": "device001", "pass": generated_lab.passphrase, "days": 10}
     assert service.sign(good, source="cn:device002").status == 429
     assert service.sign(good, source="cn:device001").status == 201  # another device is not blocked
-    statuses = [service.create({"name": f"n{i}", "pass": "guess", "days": 1}, source="192.0.2.1").status
-                for i in range(SOURCE_ATTEMPTS + 3)]
+    statuses = [
+        service.create({"name": f"n{i}", "pass": "guess", "days": 1}, source="192.0.2.1").status
+        for i in range(SOURCE_ATTEMPTS + 3)
+    ]
     assert statuses == [403] * SOURCE_ATTEMPTS + [429] * 3
     assert service.sign(good, source="192.0.2.1").status == 429  # a guessing attack from that address: all stop
     assert service.sign(good, source="192.0.2.2").status == 201
 
 
-def test_the_lockout_survives_a_restart_and_is_shared(generated_lab: LabEnv, service: CAService,
-                                                      clock: FakeClock) -> None:
+def test_the_lockout_survives_a_restart_and_is_shared(
+    generated_lab: LabEnv, service: CAService, clock: FakeClock
+) -> None:
     """The counts live in the database: a new CA process on the same DATABASE_URL sees them at once."""
     good = {"name": "device001", "pass": generated_lab.passphrase, "days": 10}
     for _ in range(3):
@@ -305,20 +347,24 @@ def test_enrolment_token_works_once_for_one_name(
     check_issued(reply.body, key)
     refusals = {
         "reuse": service.sign({"name": "device042", "days": 30, "token": token, "csr": pem}, source="dev"),
-        "forged": service.sign({"name": "device042", "days": 30, "token": "forged-" + token[7:], "csr": pem},
-                               source="dev"),
+        "forged": service.sign(
+            {"name": "device042", "days": 30, "token": "forged-" + token[7:], "csr": pem}, source="dev"
+        ),
     }
     other = service.issue_token({"name": "device043", "pass": generated_lab.passphrase}, source="t").body["token"]
     pem42, _ = make_csr("device042")
-    refusals["other name"] = service.sign({"name": "device042", "days": 30, "token": other, "csr": pem42},
-                                          source="dev2")
+    refusals["other name"] = service.sign(
+        {"name": "device042", "days": 30, "token": other, "csr": pem42}, source="dev2"
+    )
     expired = service.issue_token({"name": "device044", "pass": generated_lab.passphrase}, source="t").body["token"]
     with service.inventory.session() as session:
-        session.execute(update(EnrolmentToken).where(EnrolmentToken.name == "device044")
-                        .values(expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)))
+        session.execute(
+            update(EnrolmentToken)
+            .where(EnrolmentToken.name == "device044")
+            .values(expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1))
+        )
     pem44, _ = make_csr("device044")
-    refusals["expired"] = service.sign({"name": "device044", "days": 30, "token": expired, "csr": pem44},
-                                       source="dev3")
+    refusals["expired"] = service.sign({"name": "device044", "days": 30, "token": expired, "csr": pem44}, source="dev3")
     messages = {what: (r.status, r.body.get("field"), r.body["error"]) for what, r in refusals.items()}
     assert all(status == 403 and field == "token" for status, field, _ in messages.values()), messages
     assert "already been used" in messages["reuse"][2]

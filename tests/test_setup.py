@@ -41,8 +41,9 @@ def test_setup_sh_keeps_no_env_parser_and_no_step_messages() -> None:
         assert not re.search(r"Step [0-9]", path.read_text()), path
 
 
-def test_env_file_is_created_once_with_random_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_env_file_is_created_once_with_random_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.delenv("CA_PASSPHRASE", raising=False)
     monkeypatch.delenv("DASHBOARD_ADMIN_PASSWORD", raising=False)
     env_file = tmp_path / "lab.env"
@@ -66,8 +67,10 @@ def test_existing_values_are_kept_whatever_their_quoting(tmp_path: Path, monkeyp
     for key in ("CA_PASSPHRASE", "DASHBOARD_ADMIN_PASSWORD", "LAB_UID", "LAB_GID"):
         monkeypatch.delenv(key, raising=False)
     env_file = tmp_path / "lab.env"
-    env_file.write_text("CA_PASSPHRASE='kept # not a comment'\nexport DASHBOARD_ADMIN_PASSWORD=\"mine\"\n"
-                        "LAB_UID = 4242  # an inline comment\n")
+    env_file.write_text(
+        "CA_PASSPHRASE='kept # not a comment'\nexport DASHBOARD_ADMIN_PASSWORD=\"mine\"\n"
+        "LAB_UID = 4242  # an inline comment\n"
+    )
     env_file.chmod(0o600)
     monkeypatch.setenv("LAB_ENV_FILE", str(env_file))
     control.ensure_env_file()

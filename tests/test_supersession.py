@@ -75,8 +75,12 @@ def test_revocation_reasons_are_rfc5280_codes_in_the_crl(generated_lab: LabEnv, 
     assert _reason(crl, rows["device001"]) == x509.ReasonFlags.key_compromise
     assert _reason(crl, rows["device002"]) is None  # unspecified: RFC 5280 5.3.1, no reason code extension
     created = client.post("/v1/ssl/create", json={"name": "gw-r", "days": 5, "pass": passphrase}).json
-    assert client.post("/v1/ssl/revoke", json={"serial": created["serial"], "pass": passphrase,
-                                               "reason": "cessationOfOperation"}).status_code == 200
+    assert (
+        client.post(
+            "/v1/ssl/revoke", json={"serial": created["serial"], "pass": passphrase, "reason": "cessationOfOperation"}
+        ).status_code
+        == 200
+    )
     assert _reason(_crl(generated_lab), created["serial"]) == x509.ReasonFlags.cessation_of_operation
 
 
@@ -103,8 +107,12 @@ def test_a_re_signed_key_lists_nothing_until_the_key_rotates(generated_lab: LabE
     generator renews with a new key, both certificates of the old key are superseded onto the CRL, like an API
     renewal (was: the generator's renewals listed nothing); the current one is not."""
     service = service_for("0")
-    old = format(x509.load_pem_x509_certificate(
-        (generated_lab.certs_dir / "device001" / "device001.crt").read_bytes()).serial_number, "x")
+    old = format(
+        x509.load_pem_x509_certificate(
+            (generated_lab.certs_dir / "device001" / "device001.crt").read_bytes()
+        ).serial_number,
+        "x",
+    )
     reply = service.sign({"name": "device001", "days": 5, "pass": generated_lab.passphrase}, source="t")
     assert reply.status == 201, reply.body
     assert not _listed(generated_lab, old)
@@ -124,8 +132,12 @@ def test_superseded_certificates_go_on_the_crl_after_the_grace(generated_lab: La
     patient.refresh_crl()
     assert not _listed(generated_lab, first), "listed before its grace ended"
     short = service_for("1")
-    wait_for(lambda: short.refresh_crl() and _listed(generated_lab, first), timeout=15, interval=0.2,
-             what="the superseded certificate to be listed once its grace ended")
+    wait_for(
+        lambda: short.refresh_crl() and _listed(generated_lab, first),
+        timeout=15,
+        interval=0.2,
+        what="the superseded certificate to be listed once its grace ended",
+    )
     assert _reason(_crl(generated_lab), first) == x509.ReasonFlags.superseded
 
 
@@ -137,8 +149,12 @@ def test_a_generator_renewal_goes_on_the_crl_after_the_grace(generated_lab: LabE
     generated_lab.lab(SUPERSEDED_GRACE_SECONDS="3600").generate(["device001"], force=True)
     assert not _listed(generated_lab, old), "listed before its grace ended"
     short = service_for("1")
-    wait_for(lambda: short.refresh_crl() and _listed(generated_lab, old), timeout=15, interval=0.2,
-             what="the certificate the generator superseded to be listed once its grace ended")
+    wait_for(
+        lambda: short.refresh_crl() and _listed(generated_lab, old),
+        timeout=15,
+        interval=0.2,
+        what="the certificate the generator superseded to be listed once its grace ended",
+    )
     assert _reason(_crl(generated_lab), old) == x509.ReasonFlags.superseded
 
 
@@ -147,16 +163,22 @@ def test_renewal_takes_only_the_current_certificate(generated_lab: LabEnv, clien
     passphrase = generated_lab.passphrase
     created = client.post("/v1/ssl/create", json={"name": "gw-c", "days": 5, "pass": passphrase}).json
     # the entity moves to a new key through a CSR: the stored key belongs to a superseded certificate now
-    assert client.post("/v1/ssl/sign", json={"name": "gw-c", "days": 5, "pass": passphrase,
-                                             "csr": make_csr("gw-c")[0]}).status_code == 201
+    assert (
+        client.post(
+            "/v1/ssl/sign", json={"name": "gw-c", "days": 5, "pass": passphrase, "csr": make_csr("gw-c")[0]}
+        ).status_code
+        == 201
+    )
     before = lab_state(generated_lab)
     stale = client.post("/v1/ssl/sign", json={"name": "gw-c", "days": 5, "pass": passphrase})
     assert stale.status_code == 403, stale.json
     assert lab_state(generated_lab) == before
     # a revoked certificate's key is never re-signed either
     client.post("/v1/ssl/create", json={"name": "gw-d", "days": 5, "pass": passphrase})
-    assert client.post("/v1/ssl/revoke", json={"name": "gw-d", "pass": passphrase,
-                                               "reason": "keyCompromise"}).status_code == 200
+    assert (
+        client.post("/v1/ssl/revoke", json={"name": "gw-d", "pass": passphrase, "reason": "keyCompromise"}).status_code
+        == 200
+    )
     before = lab_state(generated_lab)
     revoked = client.post("/v1/ssl/sign", json={"name": "gw-d", "days": 5, "pass": passphrase})
     assert revoked.status_code == 403, revoked.json
@@ -182,15 +204,20 @@ def test_a_superseded_certificate_no_longer_connects(generated_lab: LabEnv, brok
         new_crt.write_text(reply["crt"])
         new_key.write_bytes(key_pem(key))
         new_key.chmod(0o600)
-        assert _reason(_crl(generated_lab), format(x509.load_pem_x509_certificate(
-            old.cert.read_bytes()).serial_number, "x")) == x509.ReasonFlags.superseded
+        assert (
+            _reason(
+                _crl(generated_lab), format(x509.load_pem_x509_certificate(old.cert.read_bytes()).serial_number, "x")
+            )
+            == x509.ReasonFlags.superseded
+        )
         refused = Collector(generated_lab.certs_dir, "device001", broker.port, client_id="x", identity=old)
         with pytest.raises(AssertionError):
             refused.connect(timeout=3)
         refused.client.loop_stop()
         fresh = Identity(ca_cert=old.ca_cert, cert=new_crt, key=new_key)
-        Collector(generated_lab.certs_dir, "device001", broker.port, identity=fresh,
-                  protocol=mqtt.MQTTv311).connect().close()
+        Collector(
+            generated_lab.certs_dir, "device001", broker.port, identity=fresh, protocol=mqtt.MQTTv311
+        ).connect().close()
     finally:
         device.close()
         close_app(app)

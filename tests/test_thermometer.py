@@ -104,9 +104,21 @@ def test_sigterm_publishes_offline_delivers_everything_and_exits_0(
         # Flags instead of the environment this time (no DEVICE_ID, no BROKER_PORT, no paths).
         env = {k: v for k, v in device_env(session_lab, None).items() if k not in ("BROKER_PORT", "CERTS_DIR")}
         thermometer = start_thermometer(
-            env, "--device-id", "device002", "--ca-cert", str(identity.ca_cert), "--cert", str(identity.cert),
-            "--key", str(identity.key), "--broker", "localhost", "--port", str(session_broker.port),
-            "--interval", "0.2",
+            env,
+            "--device-id",
+            "device002",
+            "--ca-cert",
+            str(identity.ca_cert),
+            "--cert",
+            str(identity.cert),
+            "--key",
+            str(identity.key),
+            "--broker",
+            "localhost",
+            "--port",
+            str(session_broker.port),
+            "--interval",
+            "0.2",
         )
         expect_status(dashboard, "device002", "online")
         readings(dashboard, "device002", 3)
@@ -129,16 +141,20 @@ def test_broker_restart_loses_no_reading(
     generated_lab: LabEnv, broker: Broker, start_thermometer: StartThermometer
 ) -> None:
     # A persistent session: the broker keeps the subscription and queues for it across its own restart.
-    dashboard = Collector(generated_lab.certs_dir, "dashboard", broker.port, client_id="dashboard",
-                          clean_session=False).connect()
+    dashboard = Collector(
+        generated_lab.certs_dir, "dashboard", broker.port, client_id="dashboard", clean_session=False
+    ).connect()
     try:
         dashboard.subscribe("iot/thermometer/device001/temperature")
         thermometer = start_thermometer(device_env(generated_lab))
         before = max(r["seq"] for r in readings(dashboard, "device001", 5))
         broker.restart()
         thermometer.wait_output("lost the broker")
-        wait_for(lambda: thermometer.output().count("status online") >= 2, timeout=20,
-                 what=f"the thermometer to reconnect:\n{thermometer.output()}")
+        wait_for(
+            lambda: thermometer.output().count("status online") >= 2,
+            timeout=20,
+            what=f"the thermometer to reconnect:\n{thermometer.output()}",
+        )
 
         def seqs() -> list[int]:
             return [json.loads(m.payload)["seq"] for m in list(dashboard.received)]
@@ -153,8 +169,14 @@ def test_broker_restart_loses_no_reading(
 
 
 def run_thermometer(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(PROJECT_ROOT / "thermometer.py"), *args], env=env,
-                          capture_output=True, text=True, timeout=60, cwd=PROJECT_ROOT)
+    return subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "thermometer.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=PROJECT_ROOT,
+    )
 
 
 def test_missing_certificate_file_exits_2_naming_it(session_lab: LabEnv, tmp_path: Path) -> None:
@@ -183,8 +205,12 @@ def _foreign_root(tmp_path: Path) -> Path:
     ],
 )
 def test_bad_identity_exits_2_with_one_line(
-    session_lab: LabEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-    case: str, expected: str,
+    session_lab: LabEnv,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    case: str,
+    expected: str,
 ) -> None:
     certs = session_lab.certs_dir
     env = device_env(session_lab)
@@ -242,7 +268,10 @@ def test_baseline_is_per_device_and_stable() -> None:
 def test_reading_payload() -> None:
     moment = dt.datetime(2026, 11, 22, 15, 0, 1, 234567, tzinfo=dt.UTC)
     assert make_reading("device001", 3, 21.456, moment) == {
-        "device_id": "device001", "timestamp": "2026-11-22T15:00:01.234Z", "temperature": 21.46, "seq": 3,
+        "device_id": "device001",
+        "timestamp": "2026-11-22T15:00:01.234Z",
+        "temperature": 21.46,
+        "seq": 3,
     }
 
 
