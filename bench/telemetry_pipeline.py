@@ -14,25 +14,10 @@ from typing import Any
 
 from bench.common import CpuMeter
 from bench.rig import BenchLab, MachineMeter
-from lab.mqtt import Identity
 from lab.processes import stop_process
+from lab.testing import mosquitto_tls_args
 
 TELEMETRY = "iot/thermometer/+/temperature"
-
-
-def tls_args(identity: Identity, port: int) -> list[str]:
-    return [
-        "-h",
-        "localhost",
-        "-p",
-        str(port),
-        "--cafile",
-        str(identity.ca_cert),
-        "--cert",
-        str(identity.cert),
-        "--key",
-        str(identity.key),
-    ]
 
 
 class Consumer:
@@ -69,7 +54,7 @@ class CSubscriber(Consumer):
         super().__init__()
         argv = [
             "mosquitto_sub",
-            *tls_args(lab.identity("ingest-1"), lab.broker_port),
+            *mosquitto_tls_args(lab.identity("ingest-1"), lab.broker_port),
             "-i",
             "ingest-1",
             "-q",
@@ -99,7 +84,7 @@ class CSubscriber(Consumer):
         """Subscribed once a probe published through the broker arrives (mosquitto_sub says nothing before)."""
         probe = [
             "mosquitto_pub",
-            *tls_args(lab.identity("flood-0"), lab.broker_port),
+            *mosquitto_tls_args(lab.identity("flood-0"), lab.broker_port),
             "-i",
             "flood-0",
             "-q",
@@ -163,7 +148,7 @@ def flood(lab: BenchLab, publishers: int, messages: int) -> list[subprocess.Pope
         payload = f'{{"device_id": "{name}", "timestamp": "2030-01-01T00:00:00Z", "temperature": 21.5}}'
         argv = [
             "mosquitto_pub",
-            *tls_args(lab.identity(name), lab.broker_port),
+            *mosquitto_tls_args(lab.identity(name), lab.broker_port),
             "-i",
             name,
             "-q",

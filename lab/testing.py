@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lab.mqtt import Identity
 from lab.processes import stop_process
 from pki.broker import BrokerFiles, broker_command
 from pki.config import PROJECT_ROOT, Settings
@@ -93,6 +94,22 @@ def start_client(client: Any, port: int, ready: threading.Event, timeout: float,
         return True
     client.loop_stop()
     return False
+
+
+def mosquitto_tls_args(identity: Identity, port: int) -> list[str]:
+    """The options that connect `mosquitto_pub` / `mosquitto_sub` to the local broker as `identity` (mutual TLS)."""
+    return [
+        "-h",
+        "localhost",
+        "-p",
+        str(port),
+        "--cafile",
+        str(identity.ca_cert),
+        "--cert",
+        str(identity.cert),
+        "--key",
+        str(identity.key),
+    ]
 
 
 def read_log(path: Path) -> str:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from dotenv import dotenv_values
 
@@ -20,20 +21,26 @@ DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 SECRET_FIELDS = ("ca_passphrase", "dashboard_admin_password", "dashboard_secret_key")
 TRUE_VALUES = ("1", "true", "yes", "on")
+N = TypeVar("N", int, float)
 
 
 class ConfigError(ValueError):
     """A setting has a value the lab cannot use; the message names the setting and the fix."""
 
 
-def _int_setting(env: Mapping[str, str], key: str, default: int, minimum: int = 0) -> int:
+def _number_setting(env: Mapping[str, str], key: str, default: N, convert: Callable[[str], N], what: str) -> N:
+    """The setting as `convert` (int, float) reads it, `default` when it is unset or blank."""
     raw = (env.get(key) or "").strip()
     if not raw:
         return default
     try:
-        value = int(raw)
+        return convert(raw)
     except ValueError:
-        raise ConfigError(f"{key}={raw!r} is not a whole number; fix it in .env") from None
+        raise ConfigError(f"{key}={raw!r} is not {what}; fix it in .env") from None
+
+
+def _int_setting(env: Mapping[str, str], key: str, default: int, minimum: int = 0) -> int:
+    value = _number_setting(env, key, default, int, "a whole number")
     if value < minimum:
         raise ConfigError(f"{key}={value} must be at least {minimum}; fix it in .env")
     return value
@@ -41,15 +48,9 @@ def _int_setting(env: Mapping[str, str], key: str, default: int, minimum: int = 
 
 def _seconds_setting(env: Mapping[str, str], key: str, default: float) -> float:
     """A positive, finite number of seconds (fractions allowed)."""
-    raw = (env.get(key) or "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{key}={raw!r} is not a number of seconds; fix it in .env") from None
+    value = _number_setting(env, key, default, float, "a number of seconds")
     if not 0 < value < float("inf"):
-        raise ConfigError(f"{key}={raw} must be a positive number of seconds; fix it in .env")
+        raise ConfigError(f"{key}={value:g} must be a positive number of seconds; fix it in .env")
     return value
 
 

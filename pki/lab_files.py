@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography import x509
 from sqlalchemy import create_engine, select
@@ -21,25 +22,26 @@ from .inventory import CertificateRecord
 from .status import INVALID, MISSING
 from .store import read_optional
 
+T = TypeVar("T")
 
-def read_cert(path: Path) -> tuple[x509.Certificate | None, str]:
+
+def _read(path: Path, load: Callable[[bytes], T], missing: str, unreadable: str) -> tuple[T | None, str]:
+    """(what `load` makes of the file, "") or (None, `missing` / `unreadable`)."""
     data = read_optional(path)
     if data is None:
-        return None, "missing"
+        return None, missing
     try:
-        return load_certificate(data), ""
+        return load(data), ""
     except CAError:
-        return None, "unreadable certificate"
+        return None, unreadable
+
+
+def read_cert(path: Path) -> tuple[x509.Certificate | None, str]:
+    return _read(path, load_certificate, "missing", "unreadable certificate")
 
 
 def read_key(path: Path) -> tuple[object | None, str]:
-    data = read_optional(path)
-    if data is None:
-        return None, "missing key"
-    try:
-        return load_private_key(data), ""
-    except CAError:
-        return None, "unreadable key"
+    return _read(path, load_private_key, "missing key", "unreadable key")
 
 
 def revoked_in_inventory(database_url: str, serials: Sequence[str]) -> dict[str, tuple[dt.datetime | None, str]]:

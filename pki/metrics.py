@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +153,14 @@ class CAMetrics:
         self.lockouts_total.labels(transport).inc()
 
 
-class InventoryCollector(Collector):
+class _ScrapeTimeCollector(Collector):
+    """A collector whose families are computed at each scrape: nothing to describe ahead of it."""
+
+    def describe(self) -> list[Metric]:
+        return []  # families depend on the data (no CRL: no CRL sample); nothing to check at registration
+
+
+class InventoryCollector(_ScrapeTimeCollector):
     """Computed at scrape time from the inventory and the CRL file, so any replica gives the same answer."""
 
     def __init__(
@@ -166,9 +174,6 @@ class InventoryCollector(Collector):
         self.crl_path = crl_path
         self.renew_before = dt.timedelta(days=renew_before_days)
         self.clock = clock
-
-    def describe(self) -> list[Metric]:
-        return []  # families depend on the data (no CRL: no CRL sample); nothing to check at registration
 
     def collect(self) -> Iterator[Metric]:
         now = self.clock()
@@ -226,15 +231,12 @@ def crl_next_update(path: Path) -> dt.datetime | None:
         return None
 
 
-class MqttCollector(Collector):
+@dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, as the registry keys them
+class MqttCollector(_ScrapeTimeCollector):
     """The MQTT connection of this process (`status()` as MqttBridge.status gives it) as a 0/1 gauge."""
 
-    def __init__(self, client: str, status: Callable[[], Mapping[str, Any]]) -> None:
-        self.client = client
-        self.status = status
-
-    def describe(self) -> list[Metric]:
-        return []
+    client: str
+    status: Callable[[], Mapping[str, Any]]
 
     def collect(self) -> Iterator[Metric]:
         gauge = GaugeMetricFamily(
@@ -246,19 +248,16 @@ class MqttCollector(Collector):
         yield gauge
 
 
-class IngestCollector(Collector):
+@dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, as the registry keys them
+class IngestCollector(_ScrapeTimeCollector):
     """What the telemetry ingest of this process counted (read at scrape: no lock or call on the message path).
 
     `counts()` returns {"messages", "readings", "rejected"} totals since the process started, and `online()`
     the number of devices whose retained presence says online.
     """
 
-    def __init__(self, counts: Callable[[], Mapping[str, int]], online: Callable[[], int]) -> None:
-        self.counts = counts
-        self.online = online
-
-    def describe(self) -> list[Metric]:
-        return []
+    counts: Callable[[], Mapping[str, int]]
+    online: Callable[[], int]
 
     def collect(self) -> Iterator[Metric]:
         counts = self.counts()
@@ -282,7 +281,8 @@ class IngestCollector(Collector):
         )
 
 
-class ReplicaCollector(Collector):
+@dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, as the registry keys them
+class ReplicaCollector(_ScrapeTimeCollector):
     """The counters of other processes (the CA replicas: their `CAMetrics`), re-exposed here with a label naming
     the process, so one scrape of the dashboard shows every replica's (`sum without (ca)` adds them up).
 
@@ -291,12 +291,8 @@ class ReplicaCollector(Collector):
     answered.
     """
 
-    def __init__(self, fetch: Callable[[], list[tuple[str, bytes | None]]], label: str = "ca") -> None:
-        self.fetch = fetch
-        self.label = label
-
-    def describe(self) -> list[Metric]:
-        return []
+    fetch: Callable[[], list[tuple[str, bytes | None]]]
+    label: str = "ca"
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily(

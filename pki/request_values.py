@@ -171,6 +171,3 @@ def normalise_serial(value: object) -> str:
     if not SERIAL_RE.fullmatch(serial):
         raise ValueError("must be the certificate serial in hex (as /v1/ssl/certs lists it)")
     return serial.lstrip("0") or "0"
-
-
-# -- the CSR ---------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The v1/ssl request models: what a sign, create, renew, revoke or token request may contain, normalised.
 
-The models live here; the single values in pki/request_values.py, the CSR in pki/csr.py, the status codes and
+The models live here; what they are built from (the base, the field types with their schemas, `parse`) in
+pki/request_model.py, the single values in pki/request_values.py, the CSR in pki/csr.py, the status codes and
 `RequestError` in pki/request_errors.py (all re-exported here). HTTP and MQTT hand the decoded JSON body to
 `parse`; a bad field becomes a `RequestError` naming it, with the contract's status code. Nothing here touches
 the disk or the CA key: validation happens before anything can change. Error messages never repeat the value
@@ -10,20 +11,9 @@ of `pass`, `token` or a key.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    StrictStr,
-    ValidationError,
-    ValidationInfo,
-    WithJsonSchema,
-    field_validator,
-    model_validator,
-)
+from pydantic import ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator, model_validator
 
 from . import schemas
 from .csr import CSRInfo, parse_csr
@@ -37,6 +27,21 @@ from .request_errors import (
     UNAVAILABLE,
     UNSUPPORTED_MEDIA_TYPE,
     RequestError,
+)
+from .request_model import (
+    PASSPHRASE_SCHEMA,
+    TOKEN_SCHEMA,
+    Days,
+    FieldError,
+    Name,
+    Passphrase,
+    RequestModel,
+    Token,
+    days_within_ca_life,
+    exactly_one,
+    no_default,
+    not_null,
+    parse,
 )
 from .request_values import (
     CN_RE,
@@ -112,61 +117,7 @@ __all__ = [
 _REASON_LOOKUP = {reason.lower(): reason for reason in REVOCATION_REASONS}
 
 
-def _max_days(info: ValidationInfo) -> int:
-    return int((info.context or {}).get("max_days", MAX_DAYS_WITHOUT_CA))
-
-
-def _days_within_ca_life(value: object, info: ValidationInfo) -> int:
-    return parse_positive_int(value, _max_days(info), " days (the CA's remaining life)")
-
-
-# -- request models ------------------------------------------------------------------------------------
-
-Name = Annotated[str, WithJsonSchema(schemas.NAME)]
-# `days` of sign and create: at most the CA's remaining life (`parse(..., max_days=)`), checked before anything else.
-Days = Annotated[
-    int,
-    BeforeValidator(_days_within_ca_life),
-    WithJsonSchema(
-        schemas.days(
-            MAX_DAYS_WITHOUT_CA, "Validity in days, a number or a numeric string; at most the CA's remaining life."
-        )
-    ),
-]
-PASSPHRASE_SCHEMA = schemas.secret(MAX_PASSPHRASE, "The CA passphrase.")
-TOKEN_SCHEMA = schemas.secret(
-    MAX_TOKEN, "Single-use enrolment token from POST /v1/ssl/tokens, instead of pass (only together with csr)."
-)
-Passphrase = Annotated[StrictStr, Field(min_length=1, max_length=MAX_PASSPHRASE), WithJsonSchema(PASSPHRASE_SCHEMA)]
-Token = Annotated[StrictStr, Field(min_length=1, max_length=MAX_TOKEN), WithJsonSchema(TOKEN_SCHEMA)]
-
-
-def _no_default(schema: dict[str, Any]) -> None:
-    """An optional field whose schema does not allow null says nothing of a default (absent means absent)."""
-    schema.pop("default", None)
-
-
-def _not_null(value: object) -> object:
-    """`pass` and `token` are absent or strings: an explicit null is refused, so the document can say which
-    credential a body carries."""
-    if value is None:
-        raise ValueError("must be a string")
-    return value
-
-
-class _Request(BaseModel):
-    # Unknown fields are ignored (clients may add their own); values are never echoed in errors.
-    model_config = ConfigDict(extra="ignore", frozen=True, arbitrary_types_allowed=True, hide_input_in_errors=True)
-
-    operation: ClassVar[str] = ""
-
-    @field_validator("name", mode="before", check_fields=False)
-    @classmethod
-    def _name(cls, value: object) -> str:
-        return normalise_name(value)
-
-
-class SignRequest(_Request):
+class SignRequest(RequestModel):
     """`ssl/sign`: issue or renew the certificate of `name`; with `csr` the key stays with the caller."""
 
     operation: ClassVar[str] = "sign"
@@ -184,17 +135,17 @@ class SignRequest(_Request):
     days: Days
     # Absent or a string (an explicit null is refused), so the schemas are the non-null ones.
     passphrase: Annotated[Passphrase | None, WithJsonSchema(PASSPHRASE_SCHEMA)] = Field(
-        default=None, alias="pass", repr=False, json_schema_extra=_no_default
+        default=None, alias="pass", repr=False, json_schema_extra=no_default
     )
     token: Annotated[Token | None, WithJsonSchema(TOKEN_SCHEMA)] = Field(
-        default=None, repr=False, json_schema_extra=_no_default
+        default=None, repr=False, json_schema_extra=no_default
     )
-    csr: Annotated[CSRInfo | None, WithJsonSchema({"anyOf": [schemas.CSR, schemas.NULL], "default": None})] = None
+    csr: Annotated[CSRInfo | None, WithJsonSchema(schemas.nullable(schemas.CSR))] = None
 
     @field_validator("passphrase", "token", mode="before")
     @classmethod
     def _credential(cls, value: object) -> object:
-        return _not_null(value)
+        return not_null(value)
 
     @field_validator("csr", mode="before")
     @classmethod
@@ -211,16 +162,17 @@ class SignRequest(_Request):
 
     @model_validator(mode="after")
     def _credentials(self) -> SignRequest:
-        if self.passphrase is None and self.token is None:
-            raise _FieldError("pass", "pass is required (or token, together with csr)")
-        if self.passphrase is not None and self.token is not None:
-            raise _FieldError("token", "give either pass or token, not both")
+        exactly_one(
+            {"pass": self.passphrase, "token": self.token},
+            "pass is required (or token, together with csr)",
+            "give either pass or token, not both",
+        )
         if self.token is not None and self.csr is None:
-            raise _FieldError("token", "an enrolment token is accepted only together with csr")
+            raise FieldError("token", "an enrolment token is accepted only together with csr")
         return self
 
 
-class CreateRequest(_Request):
+class CreateRequest(RequestModel):
     """`ssl/create`: the CA makes the key and signs a certificate with the given subject."""
 
     operation: ClassVar[str] = "create"
@@ -281,7 +233,7 @@ class CreateRequest(_Request):
         return self.model_dump(exclude={"passphrase"})
 
 
-class RevokeRequest(_Request):
+class RevokeRequest(RequestModel):
     """`POST /v1/ssl/revoke`: by name (every unexpired certificate of it) or by one serial."""
 
     operation: ClassVar[str] = "revoke"
@@ -295,8 +247,8 @@ class RevokeRequest(_Request):
         }
     )
 
-    name: Annotated[str | None, WithJsonSchema({"anyOf": [schemas.NAME, schemas.NULL], "default": None})] = None
-    serial: Annotated[str | None, WithJsonSchema({"anyOf": [schemas.SERIAL, schemas.NULL], "default": None})] = None
+    name: Annotated[str | None, WithJsonSchema(schemas.nullable(schemas.NAME))] = None
+    serial: Annotated[str | None, WithJsonSchema(schemas.nullable(schemas.SERIAL))] = None
     passphrase: Passphrase = Field(alias="pass", repr=False)
     reason: Annotated[str, WithJsonSchema(schemas.reason(REVOCATION_REASONS))] = "unspecified"
 
@@ -321,14 +273,13 @@ class RevokeRequest(_Request):
 
     @model_validator(mode="after")
     def _target(self) -> RevokeRequest:
-        if self.name is None and self.serial is None:
-            raise _FieldError("name", "name or serial is required")
-        if self.name is not None and self.serial is not None:
-            raise _FieldError("serial", "give name or serial, not both")
+        exactly_one(
+            {"name": self.name, "serial": self.serial}, "name or serial is required", "give name or serial, not both"
+        )
         return self
 
 
-class TokenRequest(_Request):
+class TokenRequest(RequestModel):
     """`POST /v1/ssl/tokens`: a single-use enrolment token for `name`, valid `ttl` seconds."""
 
     operation: ClassVar[str] = "token"
@@ -338,13 +289,10 @@ class TokenRequest(_Request):
     ttl: Annotated[
         int | None,
         WithJsonSchema(
-            {
-                "anyOf": [
-                    schemas.positive_integer(TOKEN_TTL_MIN, TOKEN_TTL_MAX, "Seconds until the token expires."),
-                    schemas.NULL,
-                ],
-                "default": TOKEN_TTL_DEFAULT,
-            }
+            schemas.nullable(
+                schemas.positive_integer(TOKEN_TTL_MIN, TOKEN_TTL_MAX, "Seconds until the token expires."),
+                TOKEN_TTL_DEFAULT,
+            )
         ),
     ] = TOKEN_TTL_DEFAULT
 
@@ -359,7 +307,7 @@ class TokenRequest(_Request):
         return seconds
 
 
-class RenewRequest(_Request):
+class RenewRequest(RequestModel):
     """`ssl/renew/<CN>`: a CSR for a new key. No passphrase: the certificate that published it is the credential
     (the broker's ACL lets only that CN write its own renew topic); the CN comes from the topic, not the body."""
 
@@ -379,17 +327,13 @@ class RenewRequest(_Request):
     days: Annotated[
         int | None,
         WithJsonSchema(
-            {
-                "anyOf": [
-                    schemas.days(
-                        MAX_DAYS_WITHOUT_CA,
-                        "Optional, shorter validity in days; default and maximum: the lifetime of the current "
-                        "certificate (and the CA's remaining life).",
-                    ),
-                    schemas.NULL,
-                ],
-                "default": None,
-            }
+            schemas.nullable(
+                schemas.days(
+                    MAX_DAYS_WITHOUT_CA,
+                    "Optional, shorter validity in days; default and maximum: the lifetime of the current "
+                    "certificate (and the CA's remaining life).",
+                )
+            )
         ),
     ] = None
 
@@ -403,14 +347,14 @@ class RenewRequest(_Request):
     @field_validator("days", mode="before")
     @classmethod
     def _days(cls, value: object, info: ValidationInfo) -> int | None:
-        return None if value is None else _days_within_ca_life(value, info)
+        return None if value is None else days_within_ca_life(value, info)
 
 
 # `GET /v1/ssl/certs?status=`: the inventory's stored statuses, then the computed validity states.
 CERTIFICATE_FILTERS = ("active", "superseded", "revoked", "valid", "expiring", "expired")
 
 
-class CertificatesQuery(_Request):
+class CertificatesQuery(RequestModel):
     """`GET /v1/ssl/certs?name=&status=`: both optional; an empty value is no filter."""
 
     operation: ClassVar[str] = "certificates"
@@ -449,43 +393,3 @@ class CertificatesQuery(_Request):
         if value not in CERTIFICATE_FILTERS:
             raise ValueError(f"must be one of {', '.join(CERTIFICATE_FILTERS)}")
         return str(value)
-
-
-class _FieldError(ValueError):
-    """A cross-field rule broken; carries the field to blame (model validators have no field location)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
-
-
-M = TypeVar("M", bound=_Request)
-
-_TYPE_MESSAGES = {
-    "missing": "is required",
-    "string_type": "must be a string",
-    "int_type": "must be a whole number",
-    "string_too_short": "must not be empty",
-    "string_too_long": "is too long",
-}
-
-
-def parse(model: type[M], body: object, *, max_days: int | None = None) -> M:
-    """Validate a decoded JSON body; the first problem becomes a 400 RequestError naming its field."""
-    if not isinstance(body, dict):
-        raise RequestError(BAD_REQUEST, "the body must be a JSON object")
-    context = {"max_days": max_days} if max_days is not None else {}
-    try:
-        return model.model_validate(body, context=context)
-    except ValidationError as ex:
-        error = ex.errors(include_url=False, include_input=False, include_context=True)[0]
-        cause = (error.get("ctx") or {}).get("error")
-        if isinstance(cause, _FieldError):
-            raise RequestError(BAD_REQUEST, cause.message, cause.field) from None
-        field = str(error["loc"][0]) if error["loc"] else None
-        if error["type"] == "value_error" and cause is not None:
-            detail = str(cause)
-        else:
-            detail = _TYPE_MESSAGES.get(error["type"], "is not valid")
-        raise RequestError(BAD_REQUEST, f"{field} {detail}" if field else detail, field) from None

@@ -65,6 +65,11 @@ def bound_days(schema: dict[str, Any], maximum: int) -> dict[str, Any]:
     return walk(copy.deepcopy(schema))
 
 
+def nullable(schema: dict[str, Any], default: Any = None) -> dict[str, Any]:
+    """`schema` or null; absent (or null) means `default`."""
+    return {"anyOf": [schema, NULL], "default": default}
+
+
 def secret(max_length: int, description: str) -> dict[str, Any]:
     return {"type": "string", "format": "password", "minLength": 1, "maxLength": max_length, "description": description}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import stat
 import threading
 from pathlib import Path
@@ -154,3 +155,23 @@ def test_settings_errors_name_the_key() -> None:
         Settings.from_env({"BROKER_PORT": "eighty"})
     with pytest.raises(ConfigError, match="device id"):
         Settings.from_env({"DEVICES": "good,bad/one"})
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"CERT_DAYS": "a year"}, "CERT_DAYS='a year' is not a whole number"),
+        ({"CERT_DAYS": "0"}, "CERT_DAYS=0 must be at least 1"),
+        ({"CERT_WATCH_SECONDS": "soon"}, "CERT_WATCH_SECONDS='soon' is not a number of seconds"),
+        ({"CERT_WATCH_SECONDS": "-1"}, "CERT_WATCH_SECONDS=-1 must be a positive number of seconds"),
+        ({"CERT_WATCH_SECONDS": "inf"}, "CERT_WATCH_SECONDS=inf must be a positive number of seconds"),
+    ],
+)
+def test_number_settings_say_what_is_wrong(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Settings.from_env(env)
+
+
+def test_number_settings_blank_means_the_default() -> None:
+    settings = Settings.from_env({"CERT_DAYS": " ", "CERT_WATCH_SECONDS": "", "BROKER_PORT": " 1884 "})
+    assert (settings.cert_days, settings.cert_watch_seconds, settings.broker_port) == (365, 5.0, 1884)

@@ -15,6 +15,7 @@ from cryptography import x509
 import generate_ca_and_device_certs as generator
 from lab.mqtt import Identity, certificate_revoked
 from lab.rotation import PairWatcher
+from lab.testing import mosquitto_tls_args
 from pki.authority import load_certificate, serial_hex
 from pki.broker import BrokerFiles
 from pki.store import CERT_MODE, KEY_MODE, atomic_write
@@ -52,25 +53,7 @@ def crl_reason(lab: LabEnv, serial: str) -> x509.ReasonFlags | None:
 
 def mosquitto_pub(lab: LabEnv, identity: Identity, topic: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [
-            "mosquitto_pub",
-            "-h",
-            "localhost",
-            "-p",
-            str(lab.broker_port),
-            "--cafile",
-            str(identity.ca_cert),
-            "--cert",
-            str(identity.cert),
-            "--key",
-            str(identity.key),
-            "-t",
-            topic,
-            "-m",
-            "{}",
-            "-q",
-            "1",
-        ],
+        ["mosquitto_pub", *mosquitto_tls_args(identity, lab.broker_port), "-t", topic, "-m", "{}", "-q", "1"],
         capture_output=True,
         text=True,
         timeout=20,
