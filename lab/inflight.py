@@ -1,9 +1,9 @@
 """The QoS 1 messages a device has handed to its current paho client and not seen acknowledged yet.
 
-The thermometer (`lab/publisher.py`) replaces its client when its certificate is renewed (paho cannot change a
-client's TLS identity). This ledger is what makes that lossless: it knows which readings the old client still
-had unacknowledged, so they go back to the buffer (sent again: at least once, never lost), and it ignores the
-late acknowledgements of a client that is no longer the current one.
+The device's MQTT session (`lab/session.py`) replaces its client when its certificate is renewed (paho cannot
+change a client's TLS identity). This ledger is what makes that lossless: it knows which readings the old client
+still had unacknowledged, so they go back to the buffer (sent again: at least once, never lost), and it ignores
+the late acknowledgements of a client that is no longer the current one.
 """
 
 from __future__ import annotations

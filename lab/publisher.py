@@ -1,31 +1,35 @@
 """The thermometer: one device that takes a reading every interval and publishes it over its MQTT session.
 
 Readings wait in a bounded buffer (`lab/buffer.py`) while the broker is unreachable; `seq` numbers each reading
-of this process, so a consumer can prove there is no gap. The session (`lab/session.py`) connects, reconnects,
-notices a revoked certificate (then `run()` returns with `revoked` set) and switches to renewed certificates.
+of this process, so a consumer can prove there is no gap. The thermometer owns both and composes its MQTT
+session (`lab/session.py`: connects, reconnects, notices a revoked certificate, then `run()` returns with
+`revoked` set, and switches to renewed certificates) and, with a renewal policy, its renewer (`lab/renewal.py`).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
-from .buffer import BUFFER_SIZE
+from .buffer import BUFFER_SIZE, ReadingBuffer
 from .device_config import DeviceConfig
 from .renewal import RenewalPolicy, Renewer
-from .session import KEEPALIVE, STOP_POLL, DeviceSession
+from .session import DeviceSession
 from .temperature import TemperatureWalk, baseline_for, make_reading
 
 log = logging.getLogger("thermometer")
 
-SHUTDOWN_ACK_TIMEOUT = 5.0
 
+class Thermometer:
+    """A device that takes a reading every interval and sends it over its `session`. `run()` publishes until
+    `request_stop()` (or a revoked certificate: then `revoked`), then shuts down cleanly.
 
-class Thermometer(DeviceSession):
-    """A device session that takes a reading every interval. `run()` publishes until `request_stop()`, then
-    shuts down cleanly."""
+    It owns `seq` and the `buffer` its readings wait in; the session gets the buffer to send from and asks
+    `seq` for its log. The renewer (with `renewal`) works on the session, not on the thermometer.
+    """
 
     def __init__(
         self,
@@ -35,9 +39,30 @@ class Thermometer(DeviceSession):
         renewal: RenewalPolicy | None = None,
         renew_request: Callable[[str], dict[str, Any]] | None = None,
     ) -> None:
-        super().__init__(config, buffer_size)
+        self.config = config
         self.walk = walk or TemperatureWalk(baseline_for(config.device_id))
-        self.renewer = Renewer(self, renewal, request=renew_request) if renewal is not None else None
+        self.seq = 0
+        self.buffer = ReadingBuffer(buffer_size)
+        self.session = DeviceSession(config, self.buffer, lambda: self.seq)
+        self.renewer = Renewer(self.session, renewal, request=renew_request) if renewal is not None else None
+
+    @property
+    def pending(self) -> collections.deque[dict[str, Any]]:
+        """The readings waiting to be sent, oldest first."""
+        return self.buffer.readings
+
+    @property
+    def dropped(self) -> int:
+        return self.buffer.dropped
+
+    @property
+    def revoked(self) -> bool:
+        """The broker refused the certificate as revoked: `run()` returned and the session never reconnects."""
+        return self.session.revoked
+
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """Safe from a signal handler (takes no lock): `run()` notices within STOP_POLL, shuts down, returns."""
+        self.session.request_stop(reason)
 
     def take_reading(self, seconds: float) -> dict[str, Any]:
         """Advance the walk by `seconds` and queue the next reading (the oldest is dropped when full)."""
@@ -46,10 +71,14 @@ class Thermometer(DeviceSession):
         self.buffer.add(reading)
         return reading
 
+    def flush(self) -> int:
+        """Hand the buffered readings the session can send now to paho; how many it handed over."""
+        return self.session.flush()
+
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self) -> None:
-        config = self.config
+        config, session = self.config, self.session
         log.info(
             "%s starting: broker %s:%s, a reading every %g s",
             config.device_id,
@@ -57,16 +86,13 @@ class Thermometer(DeviceSession):
             config.broker_port,
             config.interval,
         )
-        self.client.connect_async(config.broker_address, config.broker_port, keepalive=KEEPALIVE)
-        self.client.loop_start()
+        session.start()
         if self.renewer is not None:
             self.renewer.start()
-        self.watcher.start()
         try:
             next_due = time.monotonic()
             last = next_due - config.interval
-            while self._stop_reason is None:
-                self._wake.clear()  # before flushing: a reconnect from here on wakes the wait below
+            while session.stop_reason is None:
                 now = time.monotonic()
                 if now >= next_due:
                     self.take_reading(now - last)
@@ -74,49 +100,17 @@ class Thermometer(DeviceSession):
                     # Fixed rate, not fixed delay; after a stall (suspend) resume instead of bursting.
                     next_due = max(next_due + config.interval, now)
                 backlog = len(self.pending)
-                sent = self.flush()
+                sent = session.flush()
                 if sent > 1 and backlog > 1:
                     log.info("%s sent %d readings buffered while offline", config.device_id, sent)
-                self._wait(next_due - time.monotonic())
-            log.info("%s stopping (%s)", config.device_id, self._stop_reason)
+                session.sleep(next_due - time.monotonic())  # a connection since the flush ends it early
+            log.info("%s stopping (%s)", config.device_id, session.stop_reason)
         finally:
             self.shutdown()
 
-    def _wait(self, seconds: float) -> None:
-        """Sleep until the next reading, a reconnect (flush now) or a stop request."""
-        deadline = time.monotonic() + seconds
-        while self._stop_reason is None and not self._wake.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            self._wake.wait(min(remaining, STOP_POLL))
-
     def shutdown(self) -> None:
-        """Deliver what is in flight, publish retained `offline`, wait for the acks, then disconnect."""
-        config = self.config
-        self.watcher.stop()
+        """Stop renewing, then close the session: what is in flight is delivered and `offline` acknowledged."""
         if self.renewer is not None:
             self.renewer.stop()
-        if self.connected.is_set():
-            self.flush()
-            self.inflight.publish(config.status_topic, "offline", retain=True)  # after the readings, on the same link
-            deadline = time.monotonic() + SHUTDOWN_ACK_TIMEOUT
-            while self.outstanding > 0 and self.connected.is_set() and time.monotonic() < deadline:
-                time.sleep(0.01)
-            if self.outstanding <= 0:
-                log.info("%s status offline acknowledged", config.device_id)
-            else:
-                log.warning(
-                    "%s: the broker did not acknowledge status offline (and %d more); its last will "
-                    "says offline instead",
-                    config.device_id,
-                    self.outstanding - 1,
-                )
-        if self.pending:
-            log.warning(
-                "%s stopping while disconnected: %d buffered readings are lost", config.device_id, len(self.pending)
-            )
-        self._closing.set()
-        self.client.disconnect()
-        self.client.loop_stop()
-        log.info("%s stopped after %d readings", config.device_id, self.seq)
+        self.session.close()
+        log.info("%s stopped after %d readings", self.config.device_id, self.seq)

@@ -1,15 +1,16 @@
 """One device's MQTT session: mutual TLS, reconnects with jittered backoff, and a certificate switch without loss.
 
-It hands the readings waiting in its bounded buffer (`lab/buffer.py`) to paho, QoS 1, while the broker is
-reachable; what is unacknowledged is tracked in `lab/inflight.py`. A connection lost or refused is checked for
-revocation (`lab.mqtt.certificate_revoked`): then `revoked` is set and the session asks to stop. The renewer
-(`lab/renewal.py`) and the file watcher (`lab/rotation.py`) switch clients without losing a reading. The
-thermometer's loop (`lab/publisher.py`) takes the readings and stops the session.
+The thermometer (`lab/publisher.py`) owns the readings: it puts them in its bounded buffer (`lab/buffer.py`),
+lends the session that buffer and tells it how many readings it took. The session hands the buffered readings
+to paho, QoS 1, while the broker is reachable (`flush`); what is unacknowledged is tracked in `lab/inflight.py`.
+A connection lost or refused is checked for revocation (`lab.mqtt.certificate_revoked`): then `revoked` is set
+and the session asks to stop. The renewer (`lab/renewal.py`, given this session) and the file watcher
+(`lab/rotation.py`) switch clients without losing a reading. `start()` connects, `close()` delivers what is
+in flight, says `offline` and disconnects.
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import random
@@ -21,7 +22,7 @@ from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
 
-from .buffer import BUFFER_SIZE, ReadingBuffer
+from .buffer import ReadingBuffer
 from .credentials import has_previous
 from .device_config import DeviceConfig, DeviceConfigError, check_identity
 from .inflight import InFlight
@@ -37,6 +38,7 @@ RECONNECT_MAX_DELAY = 30.0
 KEEPALIVE = 30
 SWITCH_ATTEMPTS = 3  # failed connections with a renewed certificate before it is rolled back
 STOP_POLL = 0.1  # how quickly a stop request is noticed (a signal handler must not touch locks)
+SHUTDOWN_ACK_TIMEOUT = 5.0  # how long close() waits for the broker to acknowledge the last messages
 
 F = TypeVar("F", bound=Callable[..., None])
 
@@ -55,14 +57,15 @@ def _guarded(callback: F) -> F:
 
 
 class DeviceSession:
-    """One device's MQTT session; `seq` counts the readings put in its buffer (the thermometer takes them)."""
+    """One device's MQTT session. It sends the readings of `buffer` (its owner fills it); `readings_taken`
+    says how many readings the owner has taken so far (for the log)."""
 
-    def __init__(self, config: DeviceConfig, buffer_size: int = BUFFER_SIZE) -> None:
+    def __init__(self, config: DeviceConfig, buffer: ReadingBuffer, readings_taken: Callable[[], int]) -> None:
         self.config = config
-        self.seq = 0
-        self.buffer = ReadingBuffer(buffer_size)
+        self.buffer = buffer
+        self._readings_taken = readings_taken
         self.connected = threading.Event()
-        self._wake = threading.Event()  # set by on_connect: flush the buffer now
+        self._wake = threading.Event()  # set by on_connect, cleared by flush(): wakes sleep() to flush now
         self._stop_reason: str | None = None  # a plain attribute: set from a signal handler, no lock
         self._closing = threading.Event()
         self._sending = threading.Event()  # cleared while the client is being replaced: readings stay buffered
@@ -100,15 +103,6 @@ class DeviceSession:
     @property
     def client(self) -> mqtt.Client:
         return self.inflight.client
-
-    @property
-    def pending(self) -> collections.deque[dict[str, Any]]:
-        """The offline buffer's readings, oldest first."""
-        return self.buffer.readings
-
-    @property
-    def dropped(self) -> int:
-        return self.buffer.dropped
 
     @property
     def device_id(self) -> str:
@@ -191,7 +185,7 @@ class DeviceSession:
         if certificate_revoked(self.config.identity, self.config.broker_address, self.config.broker_port) is not True:
             return False
         self.revoked = True
-        # No retry before the loop (Thermometer.run) notices (within STOP_POLL) and shuts the client down.
+        # No retry before the owner's loop (Thermometer.run) notices (within STOP_POLL) and closes the session.
         client.reconnect_delay_set(min_delay=RECONNECT_MAX_DELAY, max_delay=RECONNECT_MAX_DELAY)  # type: ignore[arg-type]
         self.request_stop("its certificate is revoked")
         return True
@@ -209,7 +203,32 @@ class DeviceSession:
         client.reconnect_delay_set(min_delay=delay, max_delay=delay)  # type: ignore[arg-type]
         return delay
 
-    # -- publishing -----------------------------------------------------------------------------
+    # -- lifecycle and publishing (the owner's thread) -----------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background (paho's network thread) and start watching the certificate files."""
+        self.client.connect_async(self.config.broker_address, self.config.broker_port, keepalive=KEEPALIVE)
+        self.client.loop_start()
+        self.watcher.start()
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why a stop was requested (`request_stop`; a revoked certificate), None while the session should run."""
+        return self._stop_reason
+
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """Safe from a signal handler (takes no lock): the owner's loop (`Thermometer.run()`) notices within
+        STOP_POLL and closes the session."""
+        self._stop_reason = reason
+
+    def sleep(self, seconds: float) -> None:
+        """Wait `seconds`, less if a connection came up since the last flush() (flush now) or a stop is requested."""
+        deadline = time.monotonic() + seconds
+        while self._stop_reason is None and not self._wake.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wake.wait(min(remaining, STOP_POLL))
 
     @property
     def outstanding(self) -> int:
@@ -221,16 +240,15 @@ class DeviceSession:
         A reading handed over while the link drops is kept by paho (QoS 1) and resent on reconnect,
         so it is never put back here (that would duplicate it).
         """
-        sent = 0
+        self._wake.clear()  # before flushing: a connection that comes up from here on wakes sleep()
+        readings, sent = self.buffer.readings, 0
         with self._send_lock:
-            while (
-                self.pending and self._sending.is_set() and self.connected.is_set() and self.outstanding < MAX_IN_FLIGHT
-            ):
-                reading = self.pending[0]
+            while readings and self._sending.is_set() and self.connected.is_set() and self.outstanding < MAX_IN_FLIGHT:
+                reading = readings[0]
                 info = self.inflight.publish(self.config.temperature_topic, json.dumps(reading), reading=reading)
                 if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
                     break
-                self.pending.popleft()
+                readings.popleft()
                 sent += 1
                 log.debug(
                     "seq=%d temperature=%.2f -> %s",
@@ -239,6 +257,31 @@ class DeviceSession:
                     self.config.temperature_topic,
                 )
         return sent
+
+    def close(self) -> None:
+        """Deliver what is in flight, publish retained `offline`, wait for the acks, then disconnect."""
+        config = self.config
+        self.watcher.stop()
+        if self.connected.is_set():
+            self.flush()
+            self.inflight.publish(config.status_topic, "offline", retain=True)  # after the readings, on the same link
+            deadline = time.monotonic() + SHUTDOWN_ACK_TIMEOUT
+            while self.outstanding > 0 and self.connected.is_set() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if self.outstanding <= 0:
+                log.info("%s status offline acknowledged", config.device_id)
+            else:
+                log.warning(
+                    "%s: the broker did not acknowledge status offline (and %d more); its last will "
+                    "says offline instead",
+                    config.device_id,
+                    self.outstanding - 1,
+                )
+        if unsent := len(self.buffer.readings):
+            log.warning("%s stopping while disconnected: %d buffered readings are lost", config.device_id, unsent)
+        self._closing.set()
+        self.client.disconnect()
+        self.client.loop_stop()
 
     # -- what the renewer uses (lab/renewal.py; its own thread) ------------------------------------
 
@@ -283,7 +326,7 @@ class DeviceSession:
             "connection is up",
             self.config.device_id,
             which,
-            self.seq,
+            self._readings_taken(),
         )
         try:
             deadline = time.monotonic() + drain_timeout
@@ -355,8 +398,3 @@ class DeviceSession:
                         pair.serial,
                     )
             return True
-
-    def request_stop(self, reason: str = "stop requested") -> None:
-        """Safe from a signal handler (takes no lock): the owner's loop (`Thermometer.run()`) notices within
-        STOP_POLL, shuts down, returns."""
-        self._stop_reason = reason
