@@ -2,7 +2,7 @@
 
 `thermometer.py` is the thin entry point; this module is the command line, and re-exports the pieces tests
 import: the configuration (`lab/device_config.py`), the temperature (`lab/temperature.py`), the offline buffer
-(`lab/buffer.py`) and the MQTT session (`lab/publisher.py`).
+(`lab/buffer.py`), the MQTT session (`lab/session.py`) and the publishing loop (`lab/publisher.py`).
 
 - Configuration: the seed's environment variables (DEVICE_ID, CA_CERT_PATH, CLIENT_CERT_PATH,
   CLIENT_KEY_PATH, BROKER_ADDRESS, BROKER_PORT, PUBLISH_INTERVAL), `.env` underneath, flags on top.
@@ -46,8 +46,9 @@ from .buffer import BUFFER_SIZE, ReadingBuffer
 from .credentials import recover
 from .device_config import DeviceConfig, DeviceConfigError, build_parser, check_identity, load_config
 from .enrolment import EnrolmentError, EnrolmentRefused, enrol_if_needed, with_claimed_token
-from .publisher import MAX_IN_FLIGHT, STOP_POLL, Thermometer
+from .publisher import Thermometer
 from .renewal import RenewalPolicy
+from .session import MAX_IN_FLIGHT, STOP_POLL
 from .temperature import TemperatureWalk, baseline_for, iso_utc, make_reading
 
 __all__ = [

@@ -19,8 +19,9 @@ CA_URL = this lab's dashboard); the thermometer then gets its certificate over t
 `<DATA_DIR>/lab.pids` lists the runner and its children (`PID NAME` per line) for `./setup.sh down`
 and `./setup.sh status`; it is removed on exit.
 
-This module is the command line; the runner (which services, their certificates and tokens, the order) is
-lab/native_runner.py, the supervision of each child (output, backoff, PR_SET_PDEATHSIG, lab.pids) lab/supervisor.py.
+This module is the command line; which services, with what environment, is lab/native_services.py; the runner
+(their certificates and tokens, the order, restarts, stopping) lab/native_runner.py; the supervision of each
+child (output, backoff, PR_SET_PDEATHSIG, lab.pids) lab/supervisor.py.
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ class RenewalError(Exception):
 
 
 class RenewingDevice(Protocol):
-    """What the renewer needs from the thermometer (lab.publisher.Thermometer)."""
+    """What the renewer needs from the device's MQTT session (lab.session.DeviceSession)."""
 
     @property
     def device_id(self) -> str: ...

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lab.mqtt import Identity
-from lab.processes import stop_process
+from lab.processes import spawn, stop_process
 from pki.broker import BrokerFiles, broker_command
 from pki.config import PROJECT_ROOT, Settings
 
@@ -203,14 +203,7 @@ class CAServiceProcess:
 
     def start(self, timeout: float = 30) -> CAServiceProcess:
         with open(self.log_path, "ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "ca"],
-                env=self.env,
-                cwd=PROJECT_ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+            self.process = spawn([sys.executable, "-m", "ca"], self.env, out)
         wait_for(
             self._connected,
             timeout=timeout,

@@ -18,6 +18,7 @@ import paho.mqtt.client as mqtt
 from cryptography import x509
 
 from lab.mqtt import Identity, make_client
+from lab.processes import spawn
 from lab.testing import Broker, free_port, start_client, stop_process, wait_for
 from pki.config import PROJECT_ROOT
 
@@ -194,15 +195,7 @@ class ThermometerProcess:
         self._reader: threading.Thread | None = None
 
     def start(self) -> ThermometerProcess:
-        self.process = subprocess.Popen(
-            [sys.executable, str(PROJECT_ROOT / "thermometer.py"), *self.args],
-            env=self.env,
-            cwd=PROJECT_ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        self.process = spawn([sys.executable, str(PROJECT_ROOT / "thermometer.py"), *self.args], self.env, text=True)
         self._reader = threading.Thread(target=self._read, args=(self.process.stdout,), daemon=True)
         self._reader.start()
         return self

@@ -27,6 +27,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from lab.native_runner import build_services
+from lab.processes import spawn
 from pki.config import PROJECT_ROOT
 from pki.generator import LabCertificates
 from pki.inventory import Inventory
@@ -50,16 +51,8 @@ class Replica:
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Replica:
-        out = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "ca"],
-            env=self.env,
-            cwd=PROJECT_ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        out.close()
+        with self.log_path.open("ab") as out:
+            self.process = spawn([sys.executable, "-m", "ca"], self.env, out)
         wait_for(lambda: self._ready(), timeout=30, interval=0.1, what=f"the CA replica ({self.log_path.name})")
         return self
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from lab.processes import spawn
 from lab.supervisor import PIDS_FILE, pid_alive, port_accepts, read_pids
 
 from .ca_support import disconnect_as_the_ca, revoke_in_process
@@ -36,16 +37,7 @@ class NativeLab:
             "CA_HTTPS_PORT": str(free_port()),
             "PYTHONUNBUFFERED": "1",
         }
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "lab.native", *args],
-            env=self.env,
-            cwd=PROJECT_ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
+        self.process = spawn([sys.executable, "-m", "lab.native", *args], self.env, text=True, new_session=True)
         self.lines: list[str] = []
         self.seen_pids: set[int] = set()
         self._reader = threading.Thread(target=self._read, daemon=True)
