@@ -21,6 +21,7 @@ import datetime as dt
 import http.client
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import josepy as jose
@@ -233,20 +234,23 @@ def new_order() -> Response:
     return respond(_order_json(order), 201, location=url("order", order_id=order.id))
 
 
+def _read_owned(find: Callable[[], Any], render: Callable[[Any], dict[str, Any]], what: str) -> Response:
+    """POST-as-GET of a resource of the signing account (RFC 8555 6.3): looked up only once the JWS verifies."""
+    signed = verify()
+    post_as_get(signed)
+    return respond(render(_owned(find(), signed, what)))
+
+
 @bp.post("/order/<order_id>")
 @handled
 def order(order_id: str) -> Response:
-    signed = verify()
-    post_as_get(signed)
-    return respond(_order_json(_owned(store().order(order_id), signed, "order")))
+    return _read_owned(lambda: store().order(order_id), _order_json, "order")
 
 
 @bp.post("/authz/<authz_id>")
 @handled
 def authorization(authz_id: str) -> Response:
-    signed = verify()
-    post_as_get(signed)
-    return respond(_authz_json(_owned(store().authorization(authz_id), signed, "authorization")))
+    return _read_owned(lambda: store().authorization(authz_id), _authz_json, "authorization")
 
 
 @bp.post("/chall/<challenge_id>")

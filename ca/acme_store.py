@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import secrets
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import ForeignKey, String, Text, delete, select, update
@@ -27,11 +26,8 @@ class AcmeBase(DeclarativeBase):
     pass
 
 
-ACME = migrate.Component(
-    name="acme",
-    script_location=Path(__file__).resolve().parent / "migrations",
-    baseline="0001",
-    baseline_tables=frozenset({"acme_nonces", "acme_accounts", "acme_orders", "acme_authorizations"}),
+ACME = migrate.Component.beside(
+    __file__, "acme", {"acme_nonces", "acme_accounts", "acme_orders", "acme_authorizations"}
 )
 
 

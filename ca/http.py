@@ -8,6 +8,7 @@ the internal secret gets 401 and changes nothing.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from typing import Any
@@ -22,7 +23,7 @@ from pki.metrics import CONTENT_TYPE, exposition, new_registry
 from pki.requests import BAD_REQUEST, UNSUPPORTED_MEDIA_TYPE, RequestError
 from pki.service import CAService, Reply
 
-from .internal import OPERATOR_HEADER, SECRET_HEADER, SOURCE_HEADER, secret_matches
+from .internal import OPERATIONS, OPERATOR_HEADER, SECRET_HEADER, SOURCE_HEADER, secret_matches
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +39,12 @@ def service() -> CAService:
     return current_app.extensions["ca_service"]
 
 
-def _error(status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None) -> Response:
-    body: dict[str, Any] = {"error": message}
-    if field:
-        body["field"] = field
-    response = jsonify(body)
-    response.status_code = status
-    response.headers.update(headers or {})
-    return response
-
-
 @bp.before_request
 def _only_the_dashboard() -> Response | None:
     if not secret_matches(request.headers.get(SECRET_HEADER), current_app.config["CA_INTERNAL_SECRET"]):
-        return _error(401, "the CA's internal port answers only the dashboard; use the dashboard's /v1/ssl/*")
+        return _refused(
+            RequestError(401, "the CA's internal port answers only the dashboard; use the dashboard's /v1/ssl/*")
+        )
     return None
 
 
@@ -78,13 +71,18 @@ def _respond(reply: Reply) -> Response:
     return response
 
 
+def _refused(ex: RequestError) -> Response:
+    """A refusal in the one error shape, `{"error", "field"?}` (pki.request_errors), as the service replies it."""
+    return _respond(Reply(ex.status, ex.body(), ex.headers()))
+
+
 def _call(operation: str) -> Response:
     source = _source()
     try:
         body = _json_body()
     except RequestError as ex:
         log.info("ssl/%s from %s -> %s (%s)", operation, source, ex.status, ex.message)
-        return _error(ex.status, ex.message, ex.field, ex.headers())
+        return _refused(ex)
     ca = service()
     # The operator the dashboard proved (session or API token): no `pass` needed (dashboard/auth.py).
     operator = request.headers.get(OPERATOR_HEADER) or None
@@ -107,24 +105,8 @@ def _transport() -> str:
     return "cli" if request.user_agent.string.startswith(CLI_USER_AGENT) else "http"
 
 
-@bp.post("/ssl/sign")
-def sign() -> Response:
-    return _call("sign")
-
-
-@bp.post("/ssl/create")
-def create() -> Response:
-    return _call("create")
-
-
-@bp.post("/ssl/revoke")
-def revoke() -> Response:
-    return _call("revoke")
-
-
-@bp.post("/ssl/tokens")
-def tokens() -> Response:
-    return _call("tokens")
+for _operation in OPERATIONS:  # POST /v1/ssl/<operation>, endpoint `ca_http.<operation>`
+    bp.add_url_rule(f"/ssl/{_operation}", _operation, functools.partial(_call, _operation), methods=["POST"])
 
 
 @bp.get("/ssl/ca")
@@ -132,7 +114,7 @@ def ca_certificate() -> Response:
     try:
         return Response(service().ca_pem(), mimetype=PEM_MIMETYPE)
     except RequestError as ex:
-        return _error(ex.status, ex.message, ex.field, ex.headers())
+        return _refused(ex)
 
 
 @bp.get("/ssl/crl")
@@ -141,7 +123,7 @@ def crl() -> Response:
     try:
         pem = service().crl_pem()
     except RequestError as ex:
-        return _error(ex.status, ex.message, ex.field, ex.headers())
+        return _refused(ex)
     headers = {"Cache-Control": "no-cache", "Vary": "Accept"}
     if request.accept_mimetypes.best_match([PEM_MIMETYPE, DER_CRL_MIMETYPE], default=PEM_MIMETYPE) == DER_CRL_MIMETYPE:
         der = x509.load_pem_x509_crl(pem).public_bytes(serialization.Encoding.DER)
@@ -181,6 +163,6 @@ def create_internal_app(
 
     @app.errorhandler(HTTPException)
     def _http_error(ex: HTTPException) -> Response:  # 404, 405, 413 ... as JSON, like every other answer
-        return _error(ex.code or 500, ex.description or ex.name)
+        return _refused(RequestError(ex.code or 500, ex.description or ex.name))
 
     return app

@@ -20,13 +20,15 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from pki.config import Settings, lab_environ
-from pki.store import KEY_MODE, atomic_write
+from pki.store import KEY_MODE, atomic_write, read_optional
 
 SECRET_FILE = "ca-internal.secret"  # noqa: S105 - a file name, not a secret
 SECRET_HEADER = "X-IoTCA-Internal"  # noqa: S105 - a header name
 OPERATOR_HEADER = "X-IoTCA-Operator"
 SOURCE_HEADER = "X-IoTCA-Source"
 DEFAULT_INTERNAL_PORT = 5100
+# The POST operations under /v1/ssl/: the dashboard forwards each to the same path here (ca/http.py).
+OPERATIONS = ("sign", "create", "revoke", "tokens")
 
 
 def secret_path(settings: Settings) -> Path:
@@ -40,10 +42,7 @@ def internal_secret(settings: Settings, environ: Mapping[str, str] | None = None
     if configured:
         return configured
     path = secret_path(settings)
-    try:
-        existing = path.read_text().strip()
-    except FileNotFoundError:
-        existing = ""
+    existing = _stored(path)
     if existing:
         return existing
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,12 +60,14 @@ def internal_secret(settings: Settings, environ: Mapping[str, str] | None = None
     return candidate
 
 
+def _stored(path: Path) -> str:
+    """The secret in `path`, or "" while there is none."""
+    return (read_optional(path) or b"").decode().strip()
+
+
 def _wait_for(path: Path, attempts: int = 200) -> str:
     for _ in range(attempts):
-        try:
-            value = path.read_text().strip()
-        except FileNotFoundError:
-            value = ""
+        value = _stored(path)
         if value:
             return value
         time.sleep(0.01)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Integer, String, delete, select
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from pki.authority import utcnow
 from pki.config import ConfigError
@@ -44,26 +44,28 @@ class UserError(ValueError):
     """A user or token operation that cannot be done; the message says why."""
 
 
-class DashboardUser(DashboardBase):
+class _Grant:
+    """The columns a user and an API token share: each is a row that grants a role, since its creation."""
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True, sort_order=-1)  # first, as before
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class DashboardUser(_Grant, DashboardBase):
     __tablename__ = "dashboard_users"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     username: Mapped[str] = mapped_column(String(64), unique=True, index=True)
-    role: Mapped[str] = mapped_column(String(16))
     password_hash: Mapped[str] = mapped_column(String(255))
-    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     password_changed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
 
 
-class ApiToken(DashboardBase):
+class ApiToken(_Grant, DashboardBase):
     __tablename__ = "dashboard_api_tokens"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     token_sha256: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     label: Mapped[str] = mapped_column(String(64))
-    role: Mapped[str] = mapped_column(String(16))
     owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
@@ -105,6 +107,14 @@ def token_digest(token: str) -> str:
 def session_epoch(user: DashboardUser) -> str:
     """Changes whenever the password does: a reset (or a removed and re-added user) ends every old session."""
     return hashlib.sha256(f"{user.id}:{user.password_hash}".encode()).hexdigest()[:32]
+
+
+def _existing_user(session: Session, username: str) -> DashboardUser:
+    """The user named `username`, in a transaction of the caller's; UserError when there is none."""
+    user = session.scalar(select(DashboardUser).where(DashboardUser.username == username))
+    if user is None:
+        raise UserError(f"no user {username!r}")
+    return user
 
 
 class UserStore(Database):
@@ -167,17 +177,12 @@ class UserStore(Database):
     def set_role(self, username: str, role: str) -> None:
         _check_role(role)
         with self.session() as session:
-            user = session.scalar(select(DashboardUser).where(DashboardUser.username == username))
-            if user is None:
-                raise UserError(f"no user {username!r}")
-            user.role = role
+            _existing_user(session, username).role = role
 
     def set_password(self, username: str, password: str) -> None:
         _check_password(password)
         with self.session() as session:
-            user = session.scalar(select(DashboardUser).where(DashboardUser.username == username))
-            if user is None:
-                raise UserError(f"no user {username!r}")
+            user = _existing_user(session, username)
             user.password_hash = _hasher.hash(password)
             user.password_changed_at = utcnow()
 
@@ -205,10 +210,7 @@ class UserStore(Database):
             raise UserError("a token needs a label of 1-64 characters")
         with self.session() as session:
             if owner is not None:
-                user = session.scalar(select(DashboardUser).where(DashboardUser.username == owner))
-                if user is None:
-                    raise UserError(f"no user {owner!r}")
-                if role == OPERATOR and user.role != OPERATOR:
+                if role == OPERATOR and _existing_user(session, owner).role != OPERATOR:
                     raise UserError("a viewer cannot create an operator token")
             secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
             token = ApiToken(

@@ -48,6 +48,7 @@ from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from werkzeug.exceptions import MethodNotAllowed
 
+from ca.internal import OPERATIONS
 from lab.rotation import ServerContext
 from pki.config import ConfigError, Settings
 from pki.tls import server_context
@@ -71,7 +72,7 @@ PUBLIC_ENDPOINTS = {
     "ca_http.crl",
     "ca_http.openapi",
 }
-SEED_CA_ENDPOINTS = {"ca_http.sign", "ca_http.create", "ca_http.revoke", "ca_http.tokens"}
+SEED_CA_ENDPOINTS = {f"ca_http.{operation}" for operation in OPERATIONS}  # POST /v1/ssl/<operation>
 LOGIN_LIMIT_PER_SOURCE = "20 per minute;100 per hour"
 LOGIN_LIMIT_PER_ACCOUNT = "5 per minute;30 per hour"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
-from ca.internal import OPERATOR_HEADER, SECRET_HEADER, SOURCE_HEADER, ca_urls, internal_secret
+from ca.internal import OPERATIONS, OPERATOR_HEADER, SECRET_HEADER, SOURCE_HEADER, ca_urls, internal_secret
 from pki.authority import CAError, days_left, load_certificate
 from pki.requests import MAX_DAYS_WITHOUT_CA
 from pki.store import CertsLayout, read_optional
@@ -157,39 +157,12 @@ def _call() -> Response:
     return response
 
 
-@bp.post("/ssl/sign")
-def sign() -> Response:
-    return _call()
-
-
-@bp.post("/ssl/create")
-def create() -> Response:
-    return _call()
-
-
-@bp.post("/ssl/revoke")
-def revoke() -> Response:
-    return _call()
-
-
-@bp.post("/ssl/tokens")
-def tokens() -> Response:
-    return _call()
-
-
-@bp.get("/ssl/ca")
-def ca_certificate() -> Response:
-    return _forward()
-
-
-@bp.get("/ssl/crl")
-def crl() -> Response:
-    return _forward()
-
-
-@bp.get("/ssl/certs")
-def certificates() -> Response:
-    return _forward()
+# Every route of the CA API, forwarded as it is: the POST operations through _call, the GETs as they are.
+# Endpoints `ca_http.<name>`: dashboard/auth.py names them (which are public, which take the seed's credential).
+for _operation in OPERATIONS:
+    bp.add_url_rule(f"/ssl/{_operation}", _operation, _call, methods=["POST"])
+for _endpoint, _path in (("ca_certificate", "/ssl/ca"), ("crl", "/ssl/crl"), ("certificates", "/ssl/certs")):
+    bp.add_url_rule(_path, _endpoint, _forward, methods=["GET"])
 
 
 def max_days() -> int:

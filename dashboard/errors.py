@@ -1,4 +1,4 @@
-"""One JSON error shape for the whole API: {"error": message, "field"?: name}."""
+"""One JSON error shape for the whole API: {"error": message, "field"?: name} (pki.request_errors.error_body)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from typing import Any
 
 from flask import Flask, Response, jsonify, render_template_string, request
 from werkzeug.exceptions import HTTPException
+
+from pki.request_errors import error_body
 
 API_PREFIXES = ("/v1/", "/api/", "/healthz")
 
@@ -16,10 +18,7 @@ _FRIENDLY_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><
 
 
 def json_error(status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None) -> Response:
-    body: dict[str, Any] = {"error": message}
-    if field:
-        body["field"] = field
-    response = jsonify(body)
+    response = jsonify(error_body(message, field))
     response.status_code = status
     for key, value in (headers or {}).items():
         response.headers[key] = value

@@ -11,7 +11,6 @@ filled in when the document is served (`pki.schemas.bound_days`). tests/test_ope
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
@@ -31,8 +30,8 @@ from pki.requests import (
 from pki.schemas import bound_days
 
 from .health import Health
+from .openapi_objects import JSON, PEM, REF, Answer, Route
 
-REF = "#/components/schemas/{model}"
 PEM_CERT = "-----BEGIN CERTIFICATE-----\nMIIB...\n-----END CERTIFICATE-----\n"
 PEM_KEY = "-----BEGIN PRIVATE KEY-----\nMIGH...\n-----END PRIVATE KEY-----\n"
 PEM_CSR = "-----BEGIN CERTIFICATE REQUEST-----\nMIH...\n-----END CERTIFICATE REQUEST-----\n"
@@ -70,8 +69,6 @@ CURL_SIGN = (
     "curl -s http://127.0.0.1:5000/v1/ssl/sign -H 'Content-Type: application/json' "
     '-d \'{"name": "client", "days": 360, "pass": "\'"$CA_PASSPHRASE"\'"}\''
 )
-JSON = "application/json"
-PEM = "application/x-pem-file"
 # Who may call: anyone; a session or an API token; anyone with the body's own credential, or a logged-in operator.
 PUBLIC: list[dict[str, list[str]]] = []
 LOGIN = [{"bearer": []}, {"session": []}]
@@ -89,30 +86,6 @@ MODELS: tuple[type[BaseModel], ...] = (
     Certificates,
     Health,
 )
-
-
-@dataclass(frozen=True)
-class Answer:
-    """One documented response: its description, and a model (JSON) or other media types with their schemas."""
-
-    description: str
-    model: type[BaseModel] | None = None
-    example: Any = None
-    media: dict[str, dict[str, Any]] = field(default_factory=dict)
-    headers: dict[str, Any] = field(default_factory=dict)
-
-    def render(self) -> dict[str, Any]:
-        content = dict(self.media)
-        if self.model is not None:
-            content[JSON] = {"schema": {"$ref": REF.format(model=self.model.__name__)}}
-            if self.example is not None:
-                content[JSON]["example"] = self.example
-        answer: dict[str, Any] = {"description": self.description}
-        if content:
-            answer["content"] = content
-        if self.headers:
-            answer["headers"] = self.headers
-        return answer
 
 
 def _error(description: str, example: dict[str, Any] | None = None) -> Answer:
@@ -157,6 +130,19 @@ POST_ERRORS = {
     "429": LOCKED_OUT,
     "503": UNAVAILABLE,
 }
+# The seed's `create` body, every subject field (tests/test_service.py sends it with the real passphrase).
+SEED_CREATE = {
+    "name": "AA:BB:CC:DD:EE:FF",
+    "days": "360",
+    "pass": PLACEHOLDER,
+    "country": "BR",
+    "state": "SP",
+    "locality": "Campinas",
+    "org": "ACME",
+    "unit": "Sensors",
+    "cn": "AABBCCDDEEFF",
+    "email": "ops@example.com",
+}
 ISSUED_EXAMPLE = {
     "name": "client",
     "ca": PEM_CERT,
@@ -185,56 +171,6 @@ ROW_EXAMPLE = {
     "state": "valid",
 }
 DOCUMENT = Answer("A JSON document.", media={JSON: {"schema": {"type": "object"}}})
-
-
-@dataclass(frozen=True)
-class Route:
-    method: str
-    path: str
-    summary: str
-    answers: dict[str, Answer]
-    security: list[dict[str, list[str]]]
-    description: str = ""
-    body: type[BaseModel] | None = None
-    examples: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
-    query: type[BaseModel] | None = None
-
-    def render(self, queries: dict[str, Any]) -> dict[str, Any]:
-        operation: dict[str, Any] = {
-            "summary": self.summary,
-            "security": self.security,
-            "operationId": f"{self.method}_{self.path.strip('/').replace('/', '_')}",
-        }
-        if self.description:
-            operation["description"] = self.description
-        if self.query is not None:
-            properties = queries[self.query.__name__]["properties"]
-            operation["parameters"] = [
-                {
-                    "name": name,
-                    "in": "query",
-                    "required": False,
-                    "description": schema.get("description", ""),
-                    "schema": {
-                        key: value for key, value in schema.items() if key not in ("description", "title", "default")
-                    },
-                }
-                for name, schema in properties.items()
-            ]
-        if self.body is not None:
-            operation["requestBody"] = {
-                "required": True,
-                "content": {
-                    JSON: {
-                        "schema": {"$ref": REF.format(model=self.body.__name__)},
-                        "examples": {
-                            key: {"summary": summary, "value": value} for key, (summary, value) in self.examples.items()
-                        },
-                    }
-                },
-            }
-        operation["responses"] = {status: answer.render() for status, answer in self.answers.items()}
-        return operation
 
 
 ROUTES = (
@@ -295,21 +231,7 @@ ROUTES = (
         ),
         body=CreateRequest,
         examples={
-            "seed": (
-                "The seed's full body.",
-                {
-                    "name": "AA:BB:CC:DD:EE:FF",
-                    "days": "360",
-                    "pass": PLACEHOLDER,
-                    "country": "BR",
-                    "state": "SP",
-                    "locality": "Campinas",
-                    "org": "ACME",
-                    "unit": "Sensors",
-                    "cn": "AABBCCDDEEFF",
-                    "email": "ops@example.com",
-                },
-            ),
+            "seed": ("The seed's full body.", SEED_CREATE),
             "minimal": (
                 "Only the required fields; the CN is the name.",
                 {"name": "client", "days": 360, "pass": PLACEHOLDER},

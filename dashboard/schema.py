@@ -3,8 +3,6 @@ their declarative base, and their migration history (dashboard/migrations, run b
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from sqlalchemy.orm import DeclarativeBase
 
 from pki import migrate
@@ -14,9 +12,4 @@ class DashboardBase(DeclarativeBase):
     pass
 
 
-DASHBOARD = migrate.Component(
-    name="dashboard",
-    script_location=Path(__file__).resolve().parent / "migrations",
-    baseline="0001",
-    baseline_tables=frozenset({"readings"}),
-)
+DASHBOARD = migrate.Component.beside(__file__, "dashboard", {"readings"})

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,13 +52,13 @@ class Component:
     def head(self) -> str | None:
         return ScriptDirectory.from_config(self.config()).get_current_head()
 
+    @classmethod
+    def beside(cls, module_file: str, name: str, baseline_tables: Iterable[str], baseline: str = "0001") -> Component:
+        """The component whose Alembic scripts are the `migrations` folder beside `module_file` (its `__file__`)."""
+        return cls(name, Path(module_file).resolve().parent / "migrations", baseline, frozenset(baseline_tables))
 
-INVENTORY = Component(
-    name="inventory",
-    script_location=Path(__file__).resolve().parent / "migrations",
-    baseline="0001",
-    baseline_tables=frozenset({"certificates", "create_requests", "enrolment_tokens"}),
-)
+
+INVENTORY = Component.beside(__file__, "inventory", {"certificates", "create_requests", "enrolment_tokens"})
 
 
 def current(connection: Connection, component: Component) -> str | None:

@@ -16,6 +16,14 @@ TOO_MANY_REQUESTS = 429
 UNAVAILABLE = 503
 
 
+def error_body(message: str, field: str | None = None) -> dict[str, Any]:
+    """The one JSON error shape of every API here (HTTP, MQTT, the dashboard's own): {"error", "field"?}."""
+    body: dict[str, Any] = {"error": message}
+    if field:
+        body["field"] = field
+    return body
+
+
 class RequestError(Exception):
     """A request the CA refuses: HTTP status, a message safe to show, and the field at fault."""
 
@@ -27,10 +35,7 @@ class RequestError(Exception):
         self.retry_after = retry_after
 
     def body(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"error": self.message}
-        if self.field:
-            body["field"] = self.field
-        return body
+        return error_body(self.message, self.field)
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}

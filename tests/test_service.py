@@ -13,6 +13,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sqlalchemy import update
 
+from dashboard.openapi import SEED_CREATE
 from pki.authority import load_certificate, load_private_key, public_key_matches
 from pki.inventory import ACTIVE, SUPERSEDED, EnrolmentToken, Inventory
 from pki.lockout import LOCKOUT_WINDOW, SOURCE_ATTEMPTS, Lockout
@@ -80,18 +81,7 @@ def test_seed_sign_body_renews_a_generated_device(generated_lab: LabEnv, service
 
 
 def test_seed_create_body_then_seed_sign_body(generated_lab: LabEnv, service: CAService, tmp_path: Path) -> None:
-    body = {
-        "name": "AA:BB:CC:DD:EE:FF",
-        "days": "360",
-        "pass": generated_lab.passphrase,
-        "country": "BR",
-        "state": "SP",
-        "locality": "Campinas",
-        "org": "ACME",
-        "unit": "Sensors",
-        "cn": "AABBCCDDEEFF",
-        "email": "ops@example.com",
-    }
+    body = {**SEED_CREATE, "pass": generated_lab.passphrase}  # the body the API document shows
     created = service.create(body, source="t")
     assert created.status == 201, created.body
     assert created.body["name"] == "AABBCCDDEEFF"
