@@ -164,6 +164,11 @@ class IdentityConnection:
     def broker(self) -> str:
         return f"{self.settings.broker_address}:{self.settings.broker_port}"
 
+    @property
+    def switch_pending(self) -> bool:
+        """Renewed files wait for the next reconnect (`switch_at_once=False`)."""
+        return self._renewed.is_set()
+
     def status(self) -> dict[str, Any]:
         """Up or not, and why not; each service adds what its health check reports of the connection."""
         return {"connected": self.connected.is_set(), "last_error": self.last_error}
