@@ -175,6 +175,7 @@ class IdentityConnection:
 
     def start(self) -> None:
         # Watching from before the client reads the files: a renewal in between is seen on the first look.
+        self._renewed.clear()  # the new client reads the files as they are now
         renewed = self.reconnect_with_files if self.policy.switch_at_once else self._renewed.set
         self._watcher = follow_renewals(self.identity, self.settings.cert_watch_seconds, renewed, self.label)
         self.client = self._new_client()
