@@ -39,8 +39,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from lab.mqtt import Identity, make_client
-from lab.rotation import PairWatcher, follow_renewals
+from lab.mqtt import ConnectionPolicy, IdentityConnection
 from pki.config import Settings
 from pki.lockout import IDENTITY_PREFIX
 from pki.requests import UNAVAILABLE, readable_name
@@ -68,109 +67,36 @@ def _is_reply_topic(topic: str) -> bool:
     ) and not topic.startswith(RENEW_PREFIX)
 
 
-class CAConnection:
-    """The CA's own MQTT connection (public paho API only): subscribes in on_connect, so reconnects resubscribe."""
+class CAConnection(IdentityConnection):
+    """The CA's own MQTT connection (lab/mqtt.py `IdentityConnection`): MQTT v5, a clean session, and renewed
+    certificate files taken into use at once (a new client; requests of the moment between are the clients' to
+    retry). Subscribes in on_connect, so reconnects resubscribe."""
+
+    # A clean session that ends with the connection: the broker keeps nothing of ours (no request, with its
+    # passphrase, saved in its persistence file), and a departed replica leaves no queue behind.
+    policy = ConnectionPolicy(protocol=mqtt.MQTTv5, clean=True, max_delay=10, jitter=0)
 
     def __init__(self, settings: Settings, name: str) -> None:
-        self.settings = settings
-        self.name = name
-        self.identity = Identity.of(settings.certs_dir, name)
-        self.connected = threading.Event()
-        self.last_error: str | None = None
+        super().__init__(settings, name)
         self._filters: list[str] = []
         self._handler: Callable[[mqtt.MQTTMessage], None] | None = None
-        self.client: mqtt.Client | None = None
-        self._watcher: PairWatcher | None = None
 
     def subscribe(self, topic_filters: list[str], handler: Callable[[mqtt.MQTTMessage], None]) -> None:
         self._filters, self._handler = list(topic_filters), handler
 
-    def start(self) -> None:
-        # Watching from before the client reads the files: a renewal in between is seen on the first look.
-        self._watcher = follow_renewals(
-            self.identity, self.settings.cert_watch_seconds, self.reconnect_with_files, self.name
-        )
-        self.client = self._new_client()
-        self._connect(self.client)
+    def status(self) -> dict[str, Any]:
+        return {**super().status(), "identity": self.name, "broker": self.broker}
 
-    def reconnect_with_files(self) -> None:
-        """Its certificate files were renewed (the generator): a new client reads them (the old one disconnects
-        first; the session is clean anyway, and requests of the moment between are the clients' to retry)."""
-        old = self.client
-        if old is None:
-            return
-        new = self._new_client()
-        self.client = new
-        old.disconnect()
-        old.loop_stop()
-        self.connected.clear()
-        self._connect(new)
-
-    def _new_client(self) -> mqtt.Client:
-        client = make_client(self.identity, self.name, protocol=mqtt.MQTTv5)
+    def _configure(self, client: mqtt.Client) -> None:
         # Replies are QoS 1: let many be in flight (paho's default of 20 serialises a burst on round trips).
         client.max_inflight_messages_set(MAX_INFLIGHT)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
-        client.reconnect_delay_set(min_delay=1, max_delay=10)
-        return client
 
-    def _connect(self, client: mqtt.Client) -> None:
-        # A clean session that ends with the connection: the broker keeps nothing of ours (no request, with its
-        # passphrase, saved in its persistence file), and a departed replica leaves no queue behind.
-        client.connect_async(self.settings.broker_address, self.settings.broker_port, keepalive=30, clean_start=True)
-        client.loop_start()
-
-    def stop(self) -> None:
-        if self._watcher is not None:
-            self._watcher.stop()
-            self._watcher = None
-        if self.client is None:
-            return
-        self.client.disconnect()
-        self.client.loop_stop()
-        self.client = None
-        self.connected.clear()
-
-    def wait_connected(self, timeout: float = 10) -> bool:
-        return self.connected.wait(timeout)
-
-    def publish(
-        self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False, properties: Properties | None = None
-    ) -> mqtt.MQTTMessageInfo | None:
-        client = self.client
-        if client is None:
-            log.warning("MQTT not started; dropped a message for %s", topic)
-            return None
-        return client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "connected": self.connected.is_set(),
-            "identity": self.name,
-            "broker": f"{self.settings.broker_address}:{self.settings.broker_port}",
-            "last_error": self.last_error,
-        }
-
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        if reason.is_failure:
-            self.last_error = f"connection refused: {reason}"
-            log.warning("MQTT %s", self.last_error)
-            return
+    def _on_up(self, client: mqtt.Client) -> None:
         # QoS 0 towards the CA (module docstring); the retain flag as published, so retained requests are seen.
         options = SubscribeOptions(qos=0, retainAsPublished=True)
         if self._filters:
             client.subscribe([(f, options) for f in self._filters])
-        self.last_error = None
-        self.connected.set()
-        log.info("MQTT connected to %s:%s as %s", self.settings.broker_address, self.settings.broker_port, self.name)
-
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        self.connected.clear()
-        if reason is not None and getattr(reason, "is_failure", False):
-            self.last_error = f"disconnected: {reason}"
-            log.warning("MQTT %s; reconnecting", self.last_error)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if self._handler is None:

@@ -24,16 +24,13 @@ readings bus, dashboard/bus.py); inside `python -m dashboard` the live hub is th
 from __future__ import annotations
 
 import logging
-import random
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from lab.mqtt import Identity, make_client
-from lab.rotation import PairWatcher, follow_renewals
+from lab.mqtt import ConnectionPolicy, IdentityConnection
 from pki.broker import PRESENCE_TOPICS, TELEMETRY_TOPICS
 from pki.config import Settings
 
@@ -48,12 +45,19 @@ def telemetry_filter(shared: bool) -> str:
     return f"$share/{SHARE_GROUP}/{TELEMETRY_TOPICS}" if shared else TELEMETRY_TOPICS
 
 
-class TelemetryIngest:
+class TelemetryIngest(IdentityConnection):
     """One ingest connection: every reading it receives goes to `handler` (on paho's network thread).
 
     With `presence`, it also reads every device's retained presence (PRESENCE_TOPICS, QoS 1), never shared: each
     dashboard process shows every device's state, and a shared subscription gets no retained messages.
+
+    Renewed certificate files are taken into use at the next reconnect only (lab/mqtt.py `IdentityConnection`): an
+    open connection is never cut by the CRL, so the old certificate serves until the connection drops anyway, and
+    switching a live one would lose the QoS 0 readings already on their way in its socket. The new client resumes
+    the persistent session, in which the broker queued the readings of the moment between (queue_qos0_messages).
     """
+
+    policy = ConnectionPolicy(protocol=mqtt.MQTTv311, clean=False, switch_at_once=False)
 
     def __init__(
         self,
@@ -64,97 +68,33 @@ class TelemetryIngest:
         shared: bool = False,
         presence: Handler | None = None,
     ) -> None:
-        self.settings = settings
+        name = name or settings.ingest_id
+        super().__init__(settings, name, label=f"ingest {name}")
         self.handler = handler
         self.presence = presence
-        self.name = name or settings.ingest_id
         self.topic_filter = telemetry_filter(shared)
-        self.identity = Identity.of(settings.certs_dir, self.name)
-        self.client: mqtt.Client | None = None
-        self._watcher: PairWatcher | None = None
-        self._renewed = threading.Event()  # the files were renewed: use them from the next reconnect on
-        self.connected = threading.Event()
         self.subscribed = threading.Event()
-        self.last_error: str | None = None
         self.received = 0
-
-    def start(self) -> None:
-        # Watching from before the client reads the files: a renewal in between is seen on the first look.
-        self._watcher = follow_renewals(
-            self.identity, self.settings.cert_watch_seconds, self._renewed.set, f"ingest {self.name}"
-        )
-        self.client = self._new_client()
-        self._connect(self.client)
-
-    def _new_client(self) -> mqtt.Client:
-        client = make_client(self.identity, self.name, protocol=mqtt.MQTTv311, clean_session=False)
-        client.on_connect = self._on_connect
-        client.on_subscribe = self._on_subscribe
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
-        return client
-
-    def _connect(self, client: mqtt.Client) -> None:
-        client.connect_async(self.settings.broker_address, self.settings.broker_port, keepalive=30)
-        client.loop_start()
-
-    def reconnect_with_files(self) -> None:
-        """A new client that reads the certificate files again, resuming the persistent session (the broker queued
-        the readings of the moment between: queue_qos0_messages).
-
-        Its files were renewed (`_renewed`): the switch waits for the next time the connection drops anyway. An
-        open connection is never cut by the CRL, so the old certificate serves until then; and switching a live
-        connection would lose the QoS 0 readings already on their way in its socket.
-        """
-        old = self.client
-        if old is None:
-            return
-        new = self._new_client()
-        self.client = new
-        old.disconnect()
-        old.loop_stop()
-        self.connected.clear()
-        self.subscribed.clear()
-        self._connect(new)
-
-    def stop(self) -> None:
-        if self._watcher is not None:
-            self._watcher.stop()
-            self._watcher = None
-        client, self.client = self.client, None
-        if client is None:
-            return
-        client.disconnect()
-        client.loop_stop()
-        self.connected.clear()
-        self.subscribed.clear()
 
     def wait_subscribed(self, timeout: float = 10) -> bool:
         return self.subscribed.wait(timeout)
 
     def status(self) -> dict[str, Any]:
-        return {
-            "connected": self.connected.is_set(),
-            "identity": self.name,
-            "filter": self.topic_filter,
-            "received": self.received,
-            "last_error": self.last_error,
-        }
+        return {**super().status(), "identity": self.name, "filter": self.topic_filter, "received": self.received}
 
     # -- paho callbacks (network thread) ---------------------------------------------------------
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        if reason.is_failure:
-            self.last_error = f"connection refused: {reason}"
-            log.warning("ingest %s: %s", self.name, self.last_error)
-            return
+    def _configure(self, client: mqtt.Client) -> None:
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+
+    def _on_up(self, client: mqtt.Client) -> None:
         client.subscribe(self.topic_filter, qos=TEMPERATURE_QOS)
         if self.presence is not None:
             client.subscribe(PRESENCE_TOPICS, qos=1)
-        self.last_error = None
-        self.connected.set()
-        log.info("ingest %s connected, reading %s", self.name, self.topic_filter)
+
+    def _on_down(self) -> None:
+        self.subscribed.clear()
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
         if any(reason.is_failure for reason in reasons):
@@ -162,17 +102,6 @@ class TelemetryIngest:
             log.warning("ingest %s: %s", self.name, self.last_error)
             return
         self.subscribed.set()
-
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        if self._renewed.is_set() and client is self.client:  # down anyway: come back with the renewed files
-            self._renewed.clear()
-            threading.Thread(target=self.reconnect_with_files, name=f"{self.name}-renewed", daemon=True).start()
-        self.connected.clear()
-        self.subscribed.clear()
-        if reason is not None and getattr(reason, "is_failure", False):
-            self.last_error = f"disconnected: {reason}"
-            log.warning("ingest %s %s; reconnecting", self.name, self.last_error)
-        time.sleep(random.uniform(0, 0.5))  # noqa: S311 - jitter for replicas reconnecting together
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:

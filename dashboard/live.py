@@ -15,7 +15,8 @@ bench/telemetry.py (docs/benchmarks.md): a log line is only turned into a dict i
 emitter runs on a fixed 100 ms clock so a reading waits at most one period for its push.
 
 The parts: live_state.py (a device card, a chart point, the payload parsers), live_log.py (the MQTT log and
-its redaction), live_emitter.py (the emitter thread: pushes, database writes, certificate refreshes).
+its redaction), live_emitter.py (the emitter: the thread, pushes, database writes, certificate refreshes), which
+the hub owns and hands what it drains from its state.
 """
 
 from __future__ import annotations
@@ -46,15 +47,14 @@ log = logging.getLogger(__name__)
 LOG_LIMIT = 500  # lines kept server-side and in the browser
 LOG_BATCH_LIMIT = 50  # newest lines per push (at most 500 a second): past that nobody reads them anyway
 HISTORY_SECONDS = 3600  # what the chart shows, and what a restarted dashboard reloads
-TREND_WINDOW = 60  # seconds: the trend compares the newest reading with the mean of this window's start
-TREND_THRESHOLD = 0.1  # °C
 MAX_DEVICES = 20_000  # new device ids beyond this are logged but not tracked (memory bound: ~1 KiB each)
 HISTORY_DEVICES = 1000  # devices with a chart history (up to HISTORY_SECONDS points each); the rest show cards
 PENDING_READINGS_LIMIT = 100_000  # unsaved readings kept if the database falls behind
+IDLE_STATS_INTERVAL = 2.0  # an idle dashboard still gets its message rate refreshed
 
 
-class LiveHub(LiveEmitter):
-    """Thread-safe live state plus the emitter that batches it to every connected browser."""
+class LiveHub:
+    """Thread-safe live state, and its emitter (`self.emitter`) that batches it to every connected browser."""
 
     def __init__(
         self,
@@ -65,12 +65,11 @@ class LiveHub(LiveEmitter):
         bridge_status: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.settings = settings
-        self._emit = emit
         self.store = store
         self.certificates = certificates or CertificateView(settings)
+        self.emitter = LiveEmitter(self.drain, emit, store, self.certificates, self._apply_certificate_states)
         self._bridge_status = bridge_status or (lambda: {"connected": False})
         self._lock = threading.Lock()
-        self._certs_lock = threading.Lock()
         self.devices: dict[str, DeviceState] = {d: DeviceState(d, configured=True) for d in settings.devices}
         self.history: dict[str, deque[Bucket]] = {}
         self.log: deque[LogLine] = deque(maxlen=LOG_LIMIT)
@@ -87,18 +86,27 @@ class LiveHub(LiveEmitter):
         # Counters for the header and /healthz.
         self.messages_total = 0
         self.readings_total = 0
-        self.stored_total = 0  # readings this process wrote to the database
         self.rejected_total = 0
-        self.emits_total = 0
         self._rate_samples: deque[tuple[float, int]] = deque(maxlen=64)
         self._last_emit = 0.0
-        self.db_error: str | None = None
-        self._certs: dict[str, Any] | None = None
-        self._certs_signature: Any = None
-        self._certs_due = True
-        self._certs_forced = False
-        self._stop = threading.Event()
-        self._thread: Any = None
+        # The emitter's part, called by its owner: the store, the certificate table, one tick, the thread.
+        self.certs, self.refresh_certs, self.flush = self.emitter.certs, self.emitter.refresh_certs, self.emitter.flush
+        self.request_certs_refresh = self.emitter.request_certs_refresh
+        self.certificates_changed = self.emitter.certificates_changed
+        self.start = self.emitter.start
+
+    @property
+    def stored_total(self) -> int:
+        return self.emitter.stored_total
+
+    @property
+    def db_error(self) -> str | None:
+        """The last database failure (storing on the emitter, or reloading here); None once it works again."""
+        return self.emitter.db_error
+
+    @db_error.setter
+    def db_error(self, error: str | None) -> None:
+        self.emitter.db_error = error
 
     # -- wiring ----------------------------------------------------------------------------------
 
@@ -131,7 +139,7 @@ class LiveHub(LiveEmitter):
                 device.last_seen = reading.received_at
                 device.device_timestamp = reading.device_timestamp
                 device.seq = reading.seq
-                self._update_trend(device)
+                device.follow_trend(self.history.get(device_id))
             self._dirty_points.clear()
             self._dirty_devices.clear()
         return len(recent)
@@ -213,7 +221,7 @@ class LiveHub(LiveEmitter):
         with self._lock:
             self._log_locked(message, time.time(), None).to_dict()  # redacted now: keys are never kept raw
             if direction_of(message.topic) == "out":
-                self._certs_due = True  # the emitter re-checks on its next tick
+                self.emitter.certs_due = True  # the emitter re-checks on its next tick
 
     def device_revoked(self, device_id: str) -> None:
         """The CA revoked this device: revoked and offline now (its open connection is being closed)."""
@@ -269,22 +277,6 @@ class LiveHub(LiveEmitter):
             buckets.popleft()
         self._dirty_points.setdefault(device_id, {})[bucket.second] = bucket
 
-    def _update_trend(self, device: DeviceState) -> None:
-        buckets = self.history.get(device.device_id)
-        if not buckets or device.temperature is None:
-            device.trend, device.delta = "flat", 0.0
-            return
-        # The oldest point inside the window, walking back from the newest (at most TREND_WINDOW steps).
-        start = buckets[-1].second - TREND_WINDOW
-        reference = buckets[-1]
-        for bucket in reversed(buckets):
-            if bucket.second < start:
-                break
-            reference = bucket
-        delta = round(device.temperature - reference.mean, 2)
-        device.delta = delta
-        device.trend = "up" if delta >= TREND_THRESHOLD else "down" if delta <= -TREND_THRESHOLD else "flat"
-
     def _log_locked(
         self, message: mqtt.MQTTMessage, when: float, note: str | None, topic: str | None = None
     ) -> LogLine:
@@ -298,6 +290,37 @@ class LiveHub(LiveEmitter):
         return line
 
     # -- reading the state -----------------------------------------------------------------------
+
+    def drain(self) -> tuple[dict[str, Any] | None, list[ReadingIn]]:
+        """Take what changed since the last call: (the batch to push or None, the readings to store)."""
+        now = time.time()
+        with self._lock:
+            readings = list(self._pending_readings)
+            self._pending_readings.clear()
+            if not (self._dirty_devices or self._dirty_points or self._pending_log or self._broker_changed) and (
+                now - self._last_emit < IDLE_STATS_INTERVAL
+            ):
+                return None, readings
+            for device_id in self._dirty_devices:
+                if device_id in self.devices:
+                    self.devices[device_id].follow_trend(self.history.get(device_id))
+            batch: dict[str, Any] = {
+                "server_time": now,
+                "devices": [self.devices[d].to_dict() for d in sorted(self._dirty_devices) if d in self.devices],
+                "points": {d: [b.point() for b in buckets.values()] for d, buckets in self._dirty_points.items()},
+                "log": [line.to_dict() for line in self._pending_log],
+                "skipped": self._skipped_log,
+                "stats": self._stats_locked(now),
+            }
+            if self._broker_changed:
+                batch["broker"] = self._bridge_status()
+            self._dirty_devices.clear()
+            self._dirty_points.clear()
+            self._pending_log.clear()
+            self._skipped_log = 0
+            self._broker_changed = False
+            self._last_emit = now
+        return batch, readings
 
     def _stats_locked(self, now: float) -> dict[str, Any]:
         self._rate_samples.append((now, self.messages_total))
@@ -353,7 +376,7 @@ class LiveHub(LiveEmitter):
             return [line.to_dict() for line in self.log]
 
     def close(self) -> None:
-        self.stop()
+        self.emitter.stop()
         self.certificates.close()
         if self.store is not None:
             self.store.close()

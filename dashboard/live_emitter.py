@@ -1,17 +1,21 @@
 """The live hub's emitter (dashboard/live.py): one thread that pushes a batch to the browsers every FLUSH_INTERVAL,
 stores the readings, keeps the certificate table fresh (spaced by its cost) and prunes old readings.
 
-`LiveEmitter` is LiveHub's half that runs on that thread; the state it drains is LiveHub's.
+`LiveHub` owns a `LiveEmitter` and hands it `drain` (what changed in the hub's live state since the last call) and
+`on_certificates` (the certificate states, for the hub's device cards); the emitter owns everything downstream of
+the hub's state: the browsers' pushes, the readings store, the certificate table.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from .readings import ReadingIn
+from .certificates import CertificateView
+from .readings import ReadingIn, ReadingStore
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +32,38 @@ CERTS_DUE_MIN_GAP = 1.0
 CERTS_COST_FACTOR = 20
 CERTS_FULL_REFRESH = 60.0  # days-left values age even when nothing changes
 PRUNE_INTERVAL = 300.0
-IDLE_STATS_INTERVAL = 2.0  # an idle dashboard still gets its message rate refreshed
+
+
+Drain = Callable[[], tuple[dict[str, Any] | None, list[ReadingIn]]]
 
 
 class LiveEmitter:
-    """Batched pushes, database writes, certificate refreshes and pruning (mixed into LiveHub, whose __init__
-    creates the state, locks, `_stop` and `_thread` these methods use)."""
+    """Batched pushes, database writes, certificate refreshes and pruning, on one thread (or called directly when
+    there is none: tests, MQTT disabled)."""
+
+    def __init__(
+        self,
+        drain: Drain,
+        emit: Callable[..., Any],
+        store: ReadingStore | None,
+        certificates: CertificateView,
+        on_certificates: Callable[[dict[str, Any]], None],
+    ) -> None:
+        self.drain = drain
+        self._emit = emit
+        self.store = store
+        self.certificates = certificates
+        self._on_certificates = on_certificates
+        self._certs_lock = threading.Lock()
+        self._certs: dict[str, Any] | None = None
+        self._certs_signature: Any = None
+        self.certs_due = True  # re-check the certificate table on a coming tick (spaced: CERTS_DUE_MIN_GAP)
+        self._certs_forced = False
+        self.stored_total = 0  # readings this process wrote to the database
+        self.emits_total = 0
+        self.db_error: str | None = None
+        self._stop = threading.Event()
+        self._thread: Any = None
 
     # -- certificates ----------------------------------------------------------------------------
 
@@ -55,15 +85,15 @@ class LiveEmitter:
                 log.exception("could not read the certificate state")
                 return False
             data = self._certs
-        self._apply_certificate_states(data.get("entities") or {})
+        self._on_certificates(data.get("entities") or {})
         if broadcast:
-            self._send("certs", data)
+            self.send("certs", data)
         return True
 
     def request_certs_refresh(self) -> None:
         """A browser asks for a fresh table: the emitter does it on its next tick (so at most 4/s)."""
         if self._thread is not None:
-            self._certs_due = True
+            self.certs_due = True
             self._certs_forced = True
         else:  # no emitter (tests, MQTT disabled): answer now
             self.refresh_certs(force=True)
@@ -72,48 +102,17 @@ class LiveEmitter:
         """The CA in this process issued, renewed or revoked something: re-read the table on a coming tick (not
         forced, so the emitter's spacing still holds under an issuance storm)."""
         if self._thread is not None:
-            self._certs_due = True
+            self.certs_due = True
         else:  # no emitter (tests, MQTT disabled): now
             self.refresh_certs()
 
     # -- the emitter -----------------------------------------------------------------------------
 
-    def drain(self) -> tuple[dict[str, Any] | None, list[ReadingIn]]:
-        """Take what changed since the last call: (the batch to push or None, the readings to store)."""
-        now = time.time()
-        with self._lock:
-            readings = list(self._pending_readings)
-            self._pending_readings.clear()
-            if not (self._dirty_devices or self._dirty_points or self._pending_log or self._broker_changed) and (
-                now - self._last_emit < IDLE_STATS_INTERVAL
-            ):
-                return None, readings
-            for device_id in self._dirty_devices:
-                if device_id in self.devices:
-                    self._update_trend(self.devices[device_id])
-            batch: dict[str, Any] = {
-                "server_time": now,
-                "devices": [self.devices[d].to_dict() for d in sorted(self._dirty_devices) if d in self.devices],
-                "points": {d: [b.point() for b in buckets.values()] for d, buckets in self._dirty_points.items()},
-                "log": [line.to_dict() for line in self._pending_log],
-                "skipped": self._skipped_log,
-                "stats": self._stats_locked(now),
-            }
-            if self._broker_changed:
-                batch["broker"] = self._bridge_status()
-            self._dirty_devices.clear()
-            self._dirty_points.clear()
-            self._pending_log.clear()
-            self._skipped_log = 0
-            self._broker_changed = False
-            self._last_emit = now
-        return batch, readings
-
     def flush(self) -> dict[str, Any] | None:
         """One emitter tick: push the batch (one event for everything), then store the readings."""
         batch, readings = self.drain()
         if batch is not None:
-            self._send("batch", batch)
+            self.send("batch", batch)
         if readings and self.store is not None:
             try:
                 self.store.add_many(readings)
@@ -124,7 +123,7 @@ class LiveEmitter:
                 log.exception("could not store %d readings; they are dropped", len(readings))
         return batch
 
-    def _send(self, event: str, data: dict[str, Any]) -> None:
+    def send(self, event: str, data: dict[str, Any]) -> None:
         try:
             self._emit(event, data)
             self.emits_total += 1
@@ -155,8 +154,8 @@ class LiveEmitter:
             try:
                 self.flush()
                 now = time.monotonic()
-                if self._certs_forced or (now >= last_certs + certs_gap and (now >= next_certs or self._certs_due)):
-                    self._certs_due = False
+                if self._certs_forced or (now >= last_certs + certs_gap and (now >= next_certs or self.certs_due)):
+                    self.certs_due = False
                     last_certs = now
                     full = now >= next_full or self._certs_forced
                     self._certs_forced = False

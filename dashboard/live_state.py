@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pki.config import DEVICE_ID_RE
+
+TREND_WINDOW = 60  # seconds: the trend compares the newest reading with the mean of this window's start
+TREND_THRESHOLD = 0.1  # °C
 
 
 @dataclass
@@ -27,6 +31,22 @@ class DeviceState:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)  # every field is a plain value: asdict()'s deep copy is not needed
+
+    def follow_trend(self, buckets: Sequence[Bucket] | None) -> None:
+        """Trend and delta from its chart points (oldest first): the temperature against the window's start."""
+        if not buckets or self.temperature is None:
+            self.trend, self.delta = "flat", 0.0
+            return
+        # The oldest point inside the window, walking back from the newest (at most TREND_WINDOW steps).
+        start = buckets[-1].second - TREND_WINDOW
+        reference = buckets[-1]
+        for bucket in reversed(buckets):
+            if bucket.second < start:
+                break
+            reference = bucket
+        delta = round(self.temperature - reference.mean, 2)
+        self.delta = delta
+        self.trend = "up" if delta >= TREND_THRESHOLD else "down" if delta <= -TREND_THRESHOLD else "flat"
 
 
 class Bucket:

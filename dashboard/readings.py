@@ -11,8 +11,7 @@ import logging
 import operator
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import NamedTuple
 
 from sqlalchemy import Float, Index, Integer, String, delete, func, select, text
 from sqlalchemy.orm import Mapped, mapped_column
@@ -41,25 +40,18 @@ class Reading(DashboardBase):
     seq: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
-READING_COLUMNS = ("device_id", "received_at", "temperature", "device_timestamp", "seq")
+class ReadingIn(NamedTuple):
+    """A reading as one row of `readings` (without its id): what the store writes and the row a query returns."""
 
-
-@dataclass(frozen=True)
-class ReadingIn:
     device_id: str
     received_at: float
     temperature: float
     device_timestamp: str | None = None
     seq: int | None = None
 
-    def as_row(self) -> dict[str, Any]:
-        return {
-            "device_id": self.device_id,
-            "received_at": self.received_at,
-            "temperature": self.temperature,
-            "device_timestamp": self.device_timestamp,
-            "seq": self.seq,
-        }
+
+READING_COLUMNS = ReadingIn._fields
+_READING_SELECT = [Reading.__table__.c[name] for name in READING_COLUMNS]
 
 
 class ReadingStore(Database):
@@ -76,7 +68,7 @@ class ReadingStore(Database):
         self._insert_row = (
             operator.attrgetter(*compiled.positiontup)
             if compiled.positional  # type: ignore[misc]
-            else ReadingIn.as_row
+            else ReadingIn._asdict
         )
 
     def add_many(self, readings: Sequence[ReadingIn]) -> int:
@@ -89,7 +81,7 @@ class ReadingStore(Database):
     def since(self, start: float, limit: int = 200_000) -> list[ReadingIn]:
         """Readings received at or after `start` (epoch seconds), oldest first."""
         query = (
-            select(Reading.device_id, Reading.received_at, Reading.temperature, Reading.device_timestamp, Reading.seq)
+            select(*_READING_SELECT)
             .where(Reading.received_at >= start)
             .order_by(Reading.received_at, Reading.id)
             .limit(limit)
@@ -100,9 +92,7 @@ class ReadingStore(Database):
     def latest(self) -> dict[str, ReadingIn]:
         """The newest reading of every device, however old (a card shows its last value and time)."""
         newest = select(func.max(Reading.id)).group_by(Reading.device_id)
-        query = select(
-            Reading.device_id, Reading.received_at, Reading.temperature, Reading.device_timestamp, Reading.seq
-        ).where(Reading.id.in_(newest))
+        query = select(*_READING_SELECT).where(Reading.id.in_(newest))
         with self._sessions.begin() as session:
             return {row[0]: ReadingIn(*row) for row in session.execute(query)}
 

@@ -70,9 +70,10 @@ def test_a_generator_renewal_is_followed_by_the_running_lab_and_the_old_pairs_di
 ) -> None:
     """`./setup.sh certs --force` renews every leaf with a new key under a running thermometer and dashboard:
     both reconnect with their new pair (the thermometer with no gap in its readings, the dashboard's MQTT
-    connection with its persistent session), the broker serves its own new certificate, and once the grace ends
-    the dashboard's CA puts the superseded certificates on the CRL (reason superseded): Mosquitto refuses the old
-    pairs, while the thermometer stays connected. A broker restart then proves both run on their new pairs."""
+    connection with its persistent session, the CA's at once too; the ingest only at its next reconnect), the
+    broker serves its own new certificate, and once the grace ends the dashboard's CA puts the superseded
+    certificates on the CRL (reason superseded): Mosquitto refuses the old pairs, while the thermometer stays
+    connected. A broker restart then proves both run on their new pairs (and brings the ingest onto its own)."""
     lab = generated_lab
     for key, value in {"SUPERSEDED_GRACE_SECONDS": GRACE, "CERT_WATCH_SECONDS": WATCH}.items():
         monkeypatch.setenv(key, value)
@@ -105,6 +106,9 @@ def test_a_generator_renewal_is_followed_by_the_running_lab_and_the_old_pairs_di
         )
         old_serials = {name: serial_of(p.cert) for name, p in (("device001", old_device), ("dashboard", old_dashboard))}
         old_client = bridge.client
+        ca_connection, ingest = app.extensions["test_ca"].connection, app.extensions["ingest"]
+        old_ca_client, old_ingest_client = ca_connection.client, ingest.client
+        assert old_ingest_client is not None and ingest.connected.is_set()
 
         assert generator.main(["--force"]) == 0
         new_device = serial_of(lab.certs_dir / "device001" / "device001.crt")
@@ -121,6 +125,14 @@ def test_a_generator_renewal_is_followed_by_the_running_lab_and_the_old_pairs_di
             timeout=20,
             what="the dashboard's MQTT connection with its new pair",
         )
+        wait_for(
+            lambda: ca_connection.client is not old_ca_client and ca_connection.connected.is_set(),
+            timeout=20,
+            what="the CA's MQTT connection (ca-1) with its new pair",
+        )
+        # the ingest has seen its renewed pair, but keeps its open connection (and the QoS 0 readings in it)
+        wait_for(lambda: ingest.switch_pending, timeout=20, what="the ingest to see its renewed pair")
+        assert ingest.client is old_ingest_client and ingest.connected.is_set()
         # the broker's own certificate: the generator made it reload (SIGHUP), new handshakes get the new one
         broker_serial = serial_of(lab.certs_dir / "mosquitto" / "mosquitto.crt")
 
@@ -163,6 +175,11 @@ def test_a_generator_renewal_is_followed_by_the_running_lab_and_the_old_pairs_di
             what=f"the thermometer back after the restart:\n{thermometer.output()}",
         )
         assert bridge.wait_connected(30), bridge.status()
+        wait_for(
+            lambda: ingest.client is not old_ingest_client and ingest.subscribed.is_set() and not ingest.switch_pending,
+            timeout=30,
+            what=f"the ingest back with its new pair: {ingest.status()}",
+        )
         restarted_at = max(seqs())
         wait_for(lambda: max(seqs()) >= restarted_at + 5, timeout=30, what="readings after the broker restart")
         assert "revoked" not in thermometer.output()
