@@ -8,7 +8,6 @@ session (`lab/session.py`: connects, reconnects, notices a revoked certificate, 
 
 from __future__ import annotations
 
-import collections
 import logging
 import time
 from collections.abc import Callable
@@ -45,15 +44,6 @@ class Thermometer:
         self.buffer = ReadingBuffer(buffer_size)
         self.session = DeviceSession(config, self.buffer, lambda: self.seq)
         self.renewer = Renewer(self.session, renewal, request=renew_request) if renewal is not None else None
-
-    @property
-    def pending(self) -> collections.deque[dict[str, Any]]:
-        """The readings waiting to be sent, oldest first."""
-        return self.buffer.readings
-
-    @property
-    def dropped(self) -> int:
-        return self.buffer.dropped
 
     @property
     def revoked(self) -> bool:
@@ -99,7 +89,7 @@ class Thermometer:
                     last = now
                     # Fixed rate, not fixed delay; after a stall (suspend) resume instead of bursting.
                     next_due = max(next_due + config.interval, now)
-                backlog = len(self.pending)
+                backlog = len(self.buffer.readings)
                 sent = session.flush()
                 if sent > 1 and backlog > 1:
                     log.info("%s sent %d readings buffered while offline", config.device_id, sent)

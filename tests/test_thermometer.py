@@ -281,5 +281,5 @@ def test_offline_buffer_is_bounded_and_drops_the_oldest(session_lab: LabEnv) -> 
     for _ in range(60):
         thermometer.take_reading(5.0)
     assert thermometer.flush() == 0
-    assert [r["seq"] for r in thermometer.pending] == list(range(11, 61))
-    assert thermometer.dropped == 10
+    assert [r["seq"] for r in thermometer.buffer.readings] == list(range(11, 61))
+    assert thermometer.buffer.dropped == 10
