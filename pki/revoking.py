@@ -18,14 +18,7 @@ from cryptography import x509
 
 from .authorisation import TRANSPORT, Authoriser
 from .authority import CertificateAuthority, fingerprint_sha256, serial_hex
-from .broker import (
-    BrokerConfigError,
-    BrokerFiles,
-    crl_needs_refresh,
-    crl_serials,
-    reload_broker,
-    write_broker_policy,
-)
+from .broker import BrokerConfigError, BrokerFiles, crl_needs_refresh, crl_serials, reload_broker, write_broker_policy
 from .config import Settings
 from .identity import mac_as_written
 from .inventory import CertificateRecord, Inventory
