@@ -22,7 +22,8 @@ from .requests import FORBIDDEN, UNAVAILABLE, RequestError
 log = logging.getLogger("pki.service")
 # The operator (logged in to the dashboard) on whose behalf the current call runs; None for `pass` requests.
 OPERATOR: contextvars.ContextVar[str | None] = contextvars.ContextVar("ca_operator", default=None)
-# The transport the current call came by (pki/metrics.py TRANSPORTS), for the counters of `_issue` and the lockout.
+# The transport the current call came by (pki/metrics.py TRANSPORTS), for the counters of the issuing path
+# (pki/issuance.py) and the lockout.
 TRANSPORT: contextvars.ContextVar[str] = contextvars.ContextVar("ca_transport", default="http")
 
 
@@ -70,8 +71,8 @@ class Authoriser:
         return checked
 
     def token(self, token: str, name: str, source: str) -> tuple[CertificateAuthority, str]:
-        """Check a single-use enrolment token for `name` (not consumed here: `_issue` marks it used); the CA and
-        the token's digest."""
+        """Check a single-use enrolment token for `name` (not consumed here: the issuing path marks it used); the CA
+        and the token's digest."""
         self.lockout.check(source, name)
         digest = token_digest(token)
         row = self.inventory.token(digest)

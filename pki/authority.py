@@ -155,31 +155,29 @@ def build_subject(cn: str, fields: SubjectFields | None = None) -> x509.Name:
     return x509.Name([*attrs, x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def _key_usage(profile: Profile, public_key: PublicKey) -> x509.KeyUsage:
-    if profile.is_ca:
-        return x509.KeyUsage(
-            digital_signature=True,
-            content_commitment=False,
-            key_encipherment=False,
-            data_encipherment=False,
-            key_agreement=False,
-            key_cert_sign=True,
-            crl_sign=True,
-            encipher_only=False,
-            decipher_only=False,
-        )
-    # RSA keys may also carry TLS 1.2 RSA key transport; EC keys sign (ECDHE) only.
+def _key_usage_of(*, signs_certificates: bool, key_transport: bool) -> x509.KeyUsage:
     return x509.KeyUsage(
         digital_signature=True,
         content_commitment=False,
-        key_encipherment=isinstance(public_key, rsa.RSAPublicKey),
+        key_encipherment=key_transport,
         data_encipherment=False,
         key_agreement=False,
-        key_cert_sign=False,
-        crl_sign=False,
+        key_cert_sign=signs_certificates,
+        crl_sign=signs_certificates,
         encipher_only=False,
         decipher_only=False,
     )
+
+
+# The root's key usage: it signs certificates and CRLs (RFC 5280 4.2.1.3); no leaf ever carries the last two.
+CA_KEY_USAGE = _key_usage_of(signs_certificates=True, key_transport=False)
+
+
+def _key_usage(profile: Profile, public_key: PublicKey) -> x509.KeyUsage:
+    if profile.is_ca:
+        return CA_KEY_USAGE
+    # RSA keys may also carry TLS 1.2 RSA key transport; EC keys sign (ECDHE) only.
+    return _key_usage_of(signs_certificates=False, key_transport=isinstance(public_key, rsa.RSAPublicKey))
 
 
 def subject_alt_names(

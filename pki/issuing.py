@@ -1,42 +1,40 @@
-"""Issuing: sign (a CSR, or the stored key re-signed), renew, create, ACME server certificates, and `_issue`, the one
-path every certificate takes: sign, record in the inventory, then release (files, broker policy, reply).
+"""Issuing: sign (a CSR, or the stored key re-signed), renew, create and ACME server certificates.
 
-A mixin of `pki.service.CAService`: the checks before it (validation, lockout, passphrase or token) are done by
-the time `_issue` runs, so a refused request never writes anything.
+`Issuer` is the issuing half of `pki.service.CAService`: each operation validates, authorises (pki/authorisation.py)
+and looks up what it needs, then builds one `Issuance` for the one issuing path (pki/issuance.py `IssuingPath`), so a
+refused request never writes anything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from .authorisation import TRANSPORT
+from .authorisation import Authoriser
 from .authority import (
     CAError,
-    CertificateAuthority,
-    LeafNames,
     PrivateKey,
     PublicKey,
     SubjectFields,
-    cert_pem,
     generate_private_key,
-    key_pem,
     load_certificate,
-    load_private_key,
     public_key_matches,
-    serial_hex,
     utcnow,
 )
+from .config import Settings
+from .entity_files import EntityFiles
 from .identity import is_reserved_san
-from .inventory import REVOKED, IssuedAs, TokenAlreadyUsed
-from .issuance import Issuance
-from .keyholder import longest_validity
+from .inventory import REVOKED, Inventory
+from .issuance import Issuance, IssuingPath
+from .keyholder import KeyHolder, longest_validity
 from .profiles import BACKDATE, DEVICE, ENTITY, PROFILES, SERVER, Profile
 from .replies import Reply
 from .requests import (
@@ -55,8 +53,6 @@ from .requests import (
     refuse_protected,
     refuse_reserved_sans,
 )
-from .service_parts import ServiceParts
-from .store import CERT_MODE, KEY_MODE, atomic_write, ensure_dir, read_optional
 
 log = logging.getLogger("pki.service")
 R = TypeVar("R", SignRequest, CreateRequest)
@@ -101,12 +97,18 @@ def server_entity_name(dns_name: str) -> str:
     return ("acme-" + dns_name.lower().replace(".", "_"))[:64].rstrip("_-")
 
 
-class IssuingOperations(ServiceParts):
-    """sign / renew / create / ACME issuance, and the one issuing path (`_issue`)."""
+@dataclass(eq=False)
+class Issuer:
+    """sign / renew / create / ACME issuance, each ending in the one issuing path."""
 
-    # From the other parts: `_writer` (CAService); `_sync_broker`, `_acl_denies`, `_acl_lacks_collector` (revoking).
+    settings: Settings
+    inventory: Inventory
+    keys: KeyHolder
+    gate: Authoriser
+    files: EntityFiles
+    path: IssuingPath
 
-    def _issue_server(self, csr_pem: str, names: list[str], entity: str, days: int, requester: str) -> Reply:
+    def issue_server(self, csr_pem: str, names: list[str], entity: str, days: int, requester: str) -> Reply:
         root = self.keys.root()
         try:
             csr = parse_csr(csr_pem, require_cn=False)
@@ -118,7 +120,7 @@ class IssuingOperations(ServiceParts):
         ca = self.keys.unlocked()
         if ca is None:
             raise RequestError(UNAVAILABLE, "the CA key is locked: set CA_PASSPHRASE so ACME can issue")
-        return self._issue(
+        return self.path.issue(
             ca,
             Issuance(
                 "acme",
@@ -145,7 +147,7 @@ class IssuingOperations(ServiceParts):
         refuse_protected(request.name)
         return request
 
-    def _sign(self, body: object, source: str, via: str, requester: str) -> Reply:
+    def sign(self, body: object, source: str, via: str, requester: str) -> Reply:
         request = self._parse_named(SignRequest, body)
         csr = request.csr
         if csr is not None:  # a CSR's SANs are checked, not copied blindly
@@ -160,7 +162,7 @@ class IssuingOperations(ServiceParts):
         if csr is not None:
             # The key stays with the caller: no file of the entity changes (a lab device keeps a matching key and
             # certificate pair; its old certificate is superseded, and goes on the CRL after the grace).
-            return self._issue(
+            return self.path.issue(
                 ca,
                 Issuance(
                     "csr",
@@ -185,7 +187,7 @@ class IssuingOperations(ServiceParts):
         if current is not None:
             subject = _subject_of(current)
             dns, ips, emails = self._allowed_sans(current)
-        return self._issue(
+        return self.path.issue(
             ca,
             Issuance(
                 "resign",
@@ -204,7 +206,7 @@ class IssuingOperations(ServiceParts):
             ),
         )
 
-    def _renew(self, cn: str, body: object, requester: str) -> Reply:
+    def renew(self, cn: str, body: object, requester: str) -> Reply:
         """Checks in order (a refusal writes nothing): the name (400/409), the body and its CSR (400), the current
         certificate (404 none, 403 revoked or expired), a new key (400); then sign with the current profile,
         subject, SANs and lifetime. No files are written: the device owns its key and certificate files."""
@@ -247,7 +249,7 @@ class IssuingOperations(ServiceParts):
         if request.days is not None:
             days = min(days, request.days)
         dns, ips, emails = self._allowed_sans(current)
-        reply = self._issue(
+        reply = self.path.issue(
             ca,
             Issuance(
                 "renew",
@@ -296,38 +298,30 @@ class IssuingOperations(ServiceParts):
         )
 
     def _stored_key(self, name: str) -> PrivateKey:
-        data = read_optional(self.layout.key(name))
-        if data is None:
-            raise RequestError(NOT_FOUND, f"no stored key for {name}: send a csr, or create the entity first", "name")
         try:
-            return load_private_key(data)
+            key = self.files.key(name)
         except CAError:  # includes WrongPassphrase: an encrypted key the CA cannot use
             raise RequestError(NOT_FOUND, f"the stored key of {name} cannot be used: send a csr", "name") from None
+        if key is None:
+            raise RequestError(NOT_FOUND, f"no stored key for {name}: send a csr, or create the entity first", "name")
+        return key
 
     def _current_certificate(self, name: str, key: PrivateKey) -> x509.Certificate | None:
         """The entity's latest certificate for this key (its subject and SANs carry over into the renewal)."""
-        candidates = [read_optional(self.layout.cert(name))]
+        candidates = [self.files.certificate(name)]
         record = self.inventory.current(name)
         if record is not None:
-            candidates.append(record.pem.encode())
-        for data in candidates:
-            if data is None:
-                continue
-            try:
-                cert = load_certificate(data)
-            except CAError:
-                continue
-            if public_key_matches(cert, key):
-                return cert
-        return None
+            with contextlib.suppress(CAError):
+                candidates.append(load_certificate(record.pem.encode()))
+        return next((cert for cert in candidates if cert is not None and public_key_matches(cert, key)), None)
 
-    def _create(self, body: object, source: str, via: str, requester: str) -> Reply:
+    def create(self, body: object, source: str, via: str, requester: str) -> Reply:
         request = self._parse_named(CreateRequest, body)
         cn, extra_dns = create_identity(request, self.settings)
         ca = self.gate.passphrase(request.passphrase, source, request.name)
         fields = {**request.replay_fields(), "key_type": self.settings.key_type}
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-        replay = self._replay(ca, request.name, digest)
+        replay = self.path.replay(ca, request.name, digest)
         if replay is not None:
             return replay
         key = generate_private_key(self.settings.key_type)
@@ -339,7 +333,7 @@ class IssuingOperations(ServiceParts):
             unit=request.unit,
             email=request.email,
         )
-        return self._issue(
+        return self.path.issue(
             ca,
             Issuance(
                 "create",
@@ -357,92 +351,3 @@ class IssuingOperations(ServiceParts):
                 digest=digest,
             ),
         )
-
-    def _replay(self, ca: CertificateAuthority, name: str, digest: str) -> Reply | None:
-        """The certificate an identical earlier `create` produced, while it is valid and its files intact."""
-        record = self.inventory.current(name)
-        if record is None or record.not_after <= utcnow() or self.inventory.create_digest(record.serial) != digest:
-            return None
-        cert_data, key_data = read_optional(self.layout.cert(name)), read_optional(self.layout.key(name))
-        if cert_data is None or key_data is None:
-            return None
-        try:
-            cert, key = load_certificate(cert_data), load_private_key(key_data)
-        except CAError:
-            return None
-        if serial_hex(cert) != record.serial or not public_key_matches(cert, key) or not ca.issued(cert):
-            return None
-        return Reply(200, self._body(name, ca, cert, key))
-
-    def _issue(self, ca: CertificateAuthority, job: Issuance) -> Reply:
-        """Sign, record, then release: the one issuing path. The inventory row is committed before the certificate
-        is written anywhere or leaves the CA, so whatever happens next (a kill -9 while the files are written) the
-        inventory lists it and it can be revoked. A CSR's certificate is recorded by group commit and nothing else
-        (the key stays with its owner); one whose key the CA holds also goes to the entity's folder."""
-        name = job.name
-        assert job.token is None or not job.writes_files, "an enrolment token comes with a CSR only"
-        # With no grace, the certificate this one supersedes goes on the CRL as soon as this one is recorded.
-        supersedes_now = self.settings.superseded_grace == 0 and self.inventory.current(name) is not None
-        try:
-            names = LeafNames(job.cn, job.dns, job.ips, job.emails, job.subject)
-            cert = ca.issue(job.public_key, job.profile, names, days=job.days)
-        except CAError as ex:
-            raise RequestError(400, str(ex), "csr" if job.from_csr else "name") from None
-        serial = serial_hex(cert)
-
-        # The CRL lists the superseded certificate, a revoked identity got a new certificate (lift the ACL deny),
-        # or a new collector gets its reply topic: the broker's files change.
-        def broker_changes() -> bool:
-            return supersedes_now or self._acl_denies(name, job.cn) or self._acl_lacks_collector(name)
-
-        if not job.writes_files:
-            try:
-                issued = IssuedAs(name, job.profile.role, job.via, job.requester)
-                self.inventory.record_issued_grouped(cert, issued, token_sha256=job.token)
-            except TokenAlreadyUsed:
-                raise RequestError(FORBIDDEN, "this enrolment token has already been used", "token") from None
-            if broker_changes():
-                with self._writer():
-                    self._sync_broker(ca)
-        else:
-            with self._writer():
-                if job.digest is not None and (replay := self._replay(ca, name, job.digest)) is not None:
-                    return replay  # an identical create finished while this one was signing
-                with self.inventory.session() as session:
-                    self.inventory.record_issued(
-                        cert, name=name, role=job.profile.role, via=job.via, requester=job.requester, session=session
-                    )
-                    if job.digest is not None:
-                        self.inventory.record_create_digest(serial, name, job.digest, session)
-                try:
-                    self._store(name, cert, ca, job.key if job.kind == "create" else None)
-                except OSError as ex:
-                    log.error(
-                        "certificate %s of %s is recorded but its files could not be written: %s", serial, name, ex
-                    )
-                    raise RequestError(
-                        UNAVAILABLE,
-                        f"the certificate files of {name} could not be written; "
-                        f"certificate {serial} is recorded (revoke it by serial)",
-                    ) from None
-                if broker_changes():
-                    self._sync_broker(ca)
-        self.metrics.issued(job.kind, TRANSPORT.get())
-        log.info("issued %s (%s) serial %s, %s days, via %s", name, job.profile.role, serial, job.days, job.via)
-        return Reply(201, self._body(name, ca, cert, job.key))
-
-    def _store(self, name: str, cert: x509.Certificate, ca: CertificateAuthority, new_key: PrivateKey | None) -> None:
-        ensure_dir(self.layout.entity_dir(name))
-        if new_key is not None:
-            atomic_write(self.layout.key(name), key_pem(new_key), KEY_MODE)
-        atomic_write(self.layout.cert(name), cert_pem(cert), CERT_MODE)
-        atomic_write(self.layout.ca_copy(name), ca.cert_pem, CERT_MODE)
-
-    @staticmethod
-    def _body(name: str, ca: CertificateAuthority, cert: x509.Certificate, key: PrivateKey | None) -> dict[str, Any]:
-        body: dict[str, Any] = {"name": name, "ca": ca.cert_pem.decode(), "crt": cert_pem(cert).decode()}
-        if key is not None:
-            body["key"] = key_pem(key).decode()
-        body["serial"] = serial_hex(cert)
-        body["not_after"] = cert.not_valid_after_utc.isoformat()
-        return body

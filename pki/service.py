@@ -9,10 +9,11 @@ Order of checks, so that a refused request never writes anything: the body is va
 names refused (409), the requester's lockout checked (429, pki/lockout.py), the passphrase or enrolment token
 checked (403), then the entity looked up (404), and only then is a certificate signed and stored.
 
-The parts: the key holder (pki/keyholder.py: the root and the unlocked CA key), the lockout glue
-(pki/authorisation.py: operator, passphrase, enrolment token, lockout), issuing (pki/issuing.py: sign, renew,
-create, ACME, and the one issuing path) and revocation with the broker's CRL and ACL (pki/revoking.py). This
-module combines them into `CAService`, the one entry point, and owns the tokens and the certificate listing.
+The parts, each built here with exactly the collaborators it needs: the key holder (pki/keyholder.py: the root
+and the unlocked CA key), the gate (pki/authorisation.py: operator, passphrase, enrolment token, lockout), the
+issuer (pki/issuing.py: sign, renew, create, ACME) over the one issuing path (pki/issuance.py), and the revoker with
+the broker's CRL and ACL (pki/revoking.py). `CAService` is the facade that owns them: the one entry point, with
+the tokens and the certificate listing of its own.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ import contextlib
 import datetime as dt
 import logging
 import secrets
-import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 from cryptography import x509
 
@@ -32,16 +32,18 @@ from .authorisation import TRANSPORT, Authoriser, token_digest
 from .authority import common_name, fingerprint_sha256, serial_hex, utcnow
 from .broker import BrokerFiles
 from .config import Settings
+from .entity_files import EntityFiles
 from .inventory import ACTIVE, REVOKED, SUPERSEDED, CertificateRecord, Inventory
-from .issuing import IssuingOperations, server_entity_name
+from .issuance import IssuingPath
+from .issuing import Issuer, server_entity_name
 from .keyholder import KeyHolder, longest_validity
 from .lockout import Lockout
 from .metrics import CAMetrics
 from .replies import Reply
 from .requests import FORBIDDEN, CertificatesQuery, RequestError, TokenRequest, parse, readable_name, refuse_protected
-from .revoking import RevocationOperations
+from .revoking import BrokerPolicy, Revoker
 from .status import EXPIRED, EXPIRING, VALID, expiry_state
-from .store import CertsLayout, FileSnapshot, exclusive_lock, remove_temp_files
+from .store import CertsLayout, WriterLock, exclusive_lock, remove_temp_files
 
 __all__ = ["STATES", "STORED_STATUSES", "CAService", "Reply", "server_entity_name", "token_digest"]
 
@@ -54,8 +56,42 @@ STORED_STATUSES = (ACTIVE, SUPERSEDED, REVOKED)
 STATES = (VALID, EXPIRING, EXPIRED, REVOKED, SUPERSEDED)
 
 
-class CAService(IssuingOperations, RevocationOperations):
-    """One per process: holds the unlocked root, the inventory and the lockout counters."""
+def _named_issuance(
+    operation: Literal["sign", "create"], work: Callable[[Issuer, object, str, str, str], Reply], doc: str
+) -> Callable[..., Reply]:
+    """`sign` and `create`: the same arguments and the same way in, only the issuer's operation differs.
+
+    `operator`: the dashboard proved a logged-in operator (session or API token) sent the request: no `pass` is
+    needed and the lockout does not apply. Only an authenticating front end may set it.
+    `transport`: how the request came, for the metrics (default: `via`; the HTTP adapter says `cli` for iotca).
+    """
+
+    def method(
+        self: CAService,
+        body: object,
+        *,
+        source: str,
+        via: str = "http",
+        requester: str | None = None,
+        operator: str | None = None,
+        transport: str | None = None,
+    ) -> Reply:
+        return self._run(
+            operation,
+            transport or via,
+            body,
+            source,
+            lambda: work(self.issuer, self.gate.as_operator(body, operator), source, via, requester or source),
+        )
+
+    method.__name__ = operation
+    method.__qualname__ = f"CAService.{operation}"
+    method.__doc__ = doc
+    return method
+
+
+class CAService:
+    """One per process: holds the unlocked root, the inventory and the lockout counters, and the parts over them."""
 
     def __init__(
         self,
@@ -73,63 +109,38 @@ class CAService(IssuingOperations, RevocationOperations):
         self.lockout = lockout or Lockout(self.inventory)
         self.keys = KeyHolder(settings, self.layout)  # the root certificate and, once unlocked, the CA key
         self.gate = Authoriser(self.keys, self.lockout, self.inventory, self.metrics)
-        self._write_lock = threading.Lock()  # writers in this process; the file lock covers other processes
-        # Read on every request: re-read only when replaced (a stat instead of open + read).
-        self._acl_file = FileSnapshot(self.broker_files.acl)
+        writer = WriterLock(self.layout.lock)  # writers in this process; the file lock covers other processes
+        self.broker_policy = BrokerPolicy(settings, self.inventory, self.broker_files)
+        files = EntityFiles(self.layout)
+        path = IssuingPath(self.inventory, files, self.broker_policy, writer, self.metrics)
+        self.issuer = Issuer(settings, self.inventory, self.keys, self.gate, files, path)
+        self.revoker = Revoker(self.inventory, self.keys, self.gate, self.metrics, self.broker_policy, writer)
         if settings.certs_dir.is_dir():
             with exclusive_lock(self.layout.lock):  # no writer is half-way through a file while this runs
                 for leftover in remove_temp_files(settings.certs_dir):
                     log.warning("removed %s, left by a writer that was killed while writing it", leftover)
         # Called with the operation after every issuance, renewal or revocation (the dashboard re-reads its table).
         self.on_change: list[Callable[[str], None]] = []
-        # Called with the entity name after a revocation took effect in the broker's files (CRL reloaded): the
-        # process that holds the CA's MQTT connection closes that identity's open sessions (ca/revocation.py).
-        self.on_revoked: list[Callable[[str], None]] = []
+
+    @property
+    def on_revoked(self) -> list[Callable[[str], None]]:
+        """Called with the entity name after a revocation took effect in the broker's files (pki/revoking.py)."""
+        return self.revoker.on_revoked
 
     def close(self) -> None:
         self.inventory.close()
 
     # -- public operations (each returns a Reply, never raises) ----------------------------------------
 
-    # `operator`: the dashboard proved a logged-in operator (session or API token) sent the request: no `pass`
-    # is needed and the lockout does not apply. Only an authenticating front end may set it.
-    # `transport`: how the request came, for the metrics (default: `via`; the HTTP adapter says `cli` for iotca).
-
-    def sign(
-        self,
-        body: object,
-        *,
-        source: str,
-        via: str = "http",
-        requester: str | None = None,
-        operator: str | None = None,
-        transport: str | None = None,
-    ) -> Reply:
-        return self._run(
-            "sign",
-            transport or via,
-            body,
-            source,
-            lambda: self._sign(self.gate.as_operator(body, operator), source, via, requester or source),
-        )
-
-    def create(
-        self,
-        body: object,
-        *,
-        source: str,
-        via: str = "http",
-        requester: str | None = None,
-        operator: str | None = None,
-        transport: str | None = None,
-    ) -> Reply:
-        return self._run(
-            "create",
-            transport or via,
-            body,
-            source,
-            lambda: self._create(self.gate.as_operator(body, operator), source, via, requester or source),
-        )
+    sign = _named_issuance(
+        "sign", Issuer.sign, "A certificate for a CSR, or an entity's stored key signed again without one (`ssl/sign`)."
+    )
+    create = _named_issuance(
+        "create",
+        Issuer.create,
+        "A new key and its certificate with the body's subject (`ssl/create`); an identical retry for a still-valid "
+        "entity returns the same certificate.",
+    )
 
     def renew(self, cn: str, body: object, *, via: str = "mqtt", requester: str | None = None) -> Reply:
         """Renewal with the current certificate as the credential, no passphrase (`ssl/renew/<cn>`).
@@ -138,11 +149,15 @@ class CAService(IssuingOperations, RevocationOperations):
         broker's ACL lets only that CN publish to `ssl/renew/<cn>`.
         """
         requester = requester or f"{via}:{cn}"
-        return self._run("renew", via, {"name": cn}, requester, lambda: self._renew(cn, body, requester))
+        return self._run("renew", via, {"name": cn}, requester, lambda: self.issuer.renew(cn, body, requester))
 
     def revoke(self, body: object, *, source: str, operator: str | None = None, transport: str = "http") -> Reply:
         return self._run(
-            "revoke", transport, body, source, lambda: self._revoke(self.gate.as_operator(body, operator), source)
+            "revoke",
+            transport,
+            body,
+            source,
+            lambda: self.revoker.revoke(self.gate.as_operator(body, operator), source),
         )
 
     def issue_token(self, body: object, *, source: str, operator: str | None = None, transport: str = "http") -> Reply:
@@ -181,7 +196,7 @@ class CAService(IssuingOperations, RevocationOperations):
                     FORBIDDEN,
                     f"this certificate is {record.status}: only the current certificate of {record.name} can renew it",
                 )
-            return self._renew(record.name, {"csr": csr_pem}, requester)
+            return self.issuer.renew(record.name, {"csr": csr_pem}, requester)
 
         return self._run("renew", via, {"name": cn}, requester, work)
 
@@ -194,13 +209,13 @@ class CAService(IssuingOperations, RevocationOperations):
             "acme",
             {"name": entity},
             requester,
-            lambda: self._issue_server(csr_pem, names, entity, days, requester),
+            lambda: self.issuer.issue_server(csr_pem, names, entity, days, requester),
         )
 
     def revoke_certificate(self, cert: x509.Certificate, reason: str, *, source: str) -> Reply:
         """Revoke one certificate whose holder the transport authenticated (ACME revokeCert: the account that
         ordered it, or the certificate's own key), without the passphrase."""
-        return self._run("revoke", "acme", {}, source, lambda: self._revoke_certificate(cert, reason))
+        return self._run("revoke", "acme", {}, source, lambda: self.revoker.revoke_certificate(cert, reason))
 
     def certificates(self, name: str | None = None, status: str | None = None) -> Reply:
         try:
@@ -218,6 +233,15 @@ class CAService(IssuingOperations, RevocationOperations):
     def ca_pem(self) -> bytes:
         """The root certificate (public); RequestError 503 when the lab has none yet."""
         return self.keys.root_pem()
+
+    def crl_pem(self) -> bytes:
+        """The CRL as the broker enforces it (public); RequestError 503 before the generator wrote one."""
+        return self.broker_policy.crl_pem()
+
+    def refresh_crl(self) -> bool:
+        """Rewrite the CRL (and reload the broker) when it is due or superseded certificates reached the end of
+        their grace; False when nothing changed or the CA is locked."""
+        return self.revoker.refresh_crl()
 
     # -- plumbing ----------------------------------------------------------------------------------
 
@@ -246,11 +270,6 @@ class CAService(IssuingOperations, RevocationOperations):
                 except Exception:  # a listener must never turn a done issuance into an error
                     log.exception("a listener failed after ssl/%s", operation)
         return reply
-
-    @contextlib.contextmanager
-    def _writer(self) -> Iterator[None]:
-        with self._write_lock, exclusive_lock(self.layout.lock):
-            yield
 
     def _issue_token(self, body: object, source: str) -> Reply:
         request = parse(TokenRequest, body)

@@ -7,6 +7,7 @@ import errno
 import fcntl
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,6 +119,20 @@ class CertsLayout:
     def ca_copy(self, name: str) -> Path:
         """The root certificate distributed next to an entity's own pair."""
         return self.entity_dir(name) / "root_ca.crt"
+
+
+class WriterLock:
+    """What every writer of a certificates folder holds: a lock for the threads of this process, then the file lock
+    for the other processes (the generator, other CA replicas)."""
+
+    def __init__(self, lock_path: Path) -> None:
+        self.path = lock_path
+        self._threads = threading.Lock()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        with self._threads, exclusive_lock(self.path):
+            yield
 
 
 def read_optional(path: Path) -> bytes | None:

@@ -30,9 +30,7 @@ from dashboard import create_app, shutdown, start
 from pki.authority import (
     CertificateAuthority,
     PrivateKey,
-    cert_pem,
     generate_private_key,
-    key_pem,
     load_certificate,
     load_private_key,
     public_key_matches,
@@ -40,11 +38,12 @@ from pki.authority import (
 from pki.authority import verify_leaf as signed_by
 from pki.broker import DYNSEC_TOPIC, disconnect_command
 from pki.config import Settings
+from pki.entity_files import EntityFiles
 from pki.inventory import CertificateRecord, EnrolmentToken, Inventory
 from pki.profiles import DEVICE
 from pki.requests import readable_name
 from pki.service import CAService
-from pki.store import KEY_MODE, atomic_write
+from pki.store import CertsLayout
 
 from .conftest import LabEnv
 from .support import Collector
@@ -122,11 +121,7 @@ def issue_aged_certificate(lab: LabEnv, name: str, *, days: int = 365, days_left
     key = generate_private_key("ec")
     issued_at = dt.datetime.now(dt.UTC) - dt.timedelta(days=days - days_left)
     cert = ca.issue(key.public_key(), DEVICE, name, days=days, now=issued_at)
-    folder = lab.certs_dir / name
-    folder.mkdir(mode=0o700, exist_ok=True)
-    atomic_write(folder / f"{name}.key", key_pem(key), KEY_MODE)
-    atomic_write(folder / f"{name}.crt", cert_pem(cert))
-    atomic_write(folder / "root_ca.crt", ca.cert_pem)
+    EntityFiles(CertsLayout(lab.certs_dir)).write(name, cert, ca.cert_pem, key)
     inventory = Inventory(lab.settings().effective_database_url)
     try:
         inventory.record_issued(cert, name=name, role=DEVICE.role, via="cli")

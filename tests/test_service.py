@@ -14,7 +14,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sqlalchemy import update
 
 from dashboard.openapi import SEED_CREATE
-from pki.authority import load_certificate, load_private_key, public_key_matches
+from pki.authority import CA_KEY_USAGE, load_certificate, load_private_key, public_key_matches
 from pki.inventory import ACTIVE, SUPERSEDED, EnrolmentToken, Inventory
 from pki.lockout import LOCKOUT_WINDOW, SOURCE_ATTEMPTS, Lockout
 from pki.profiles import PROTECTED_NAMES
@@ -145,20 +145,7 @@ def test_sign_with_a_csr_copies_only_allowed_names(generated_lab: LabEnv, servic
         ips=["10.1.2.3"],
         extensions=[
             (x509.BasicConstraints(ca=True, path_length=None), True),
-            (
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                True,
-            ),
+            (CA_KEY_USAGE, True),  # the root's own: certificate and CRL signing
         ],
         subject=x509.Name(
             [
