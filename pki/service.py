@@ -24,7 +24,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, Required, TypedDict, Unpack
 
 from cryptography import x509
 
@@ -56,38 +56,21 @@ STORED_STATUSES = (ACTIVE, SUPERSEDED, REVOKED)
 STATES = (VALID, EXPIRING, EXPIRED, REVOKED, SUPERSEDED)
 
 
-def _named_issuance(
-    operation: Literal["sign", "create"], work: Callable[[Issuer, object, str, str, str], Reply], doc: str
-) -> Callable[..., Reply]:
-    """`sign` and `create`: the same arguments and the same way in, only the issuer's operation differs.
+class Caller(TypedDict, total=False):
+    """Who sent an issuing request and how: the keyword arguments of `CAService.sign` and `.create`.
 
+    `source`: the client IP, `mqtt`, or `cn:<CN>` when the broker proved it (required). `via`: the transport that
+    carried the request (default `http`). `requester`: the lockout's key (default `source`).
     `operator`: the dashboard proved a logged-in operator (session or API token) sent the request: no `pass` is
     needed and the lockout does not apply. Only an authenticating front end may set it.
     `transport`: how the request came, for the metrics (default: `via`; the HTTP adapter says `cli` for iotca).
     """
 
-    def method(
-        self: CAService,
-        body: object,
-        *,
-        source: str,
-        via: str = "http",
-        requester: str | None = None,
-        operator: str | None = None,
-        transport: str | None = None,
-    ) -> Reply:
-        return self._run(
-            operation,
-            transport or via,
-            body,
-            source,
-            lambda: work(self.issuer, self.gate.as_operator(body, operator), source, via, requester or source),
-        )
-
-    method.__name__ = operation
-    method.__qualname__ = f"CAService.{operation}"
-    method.__doc__ = doc
-    return method
+    source: Required[str]
+    via: str
+    requester: str | None
+    operator: str | None
+    transport: str | None
 
 
 class CAService:
@@ -132,15 +115,14 @@ class CAService:
 
     # -- public operations (each returns a Reply, never raises) ----------------------------------------
 
-    sign = _named_issuance(
-        "sign", Issuer.sign, "A certificate for a CSR, or an entity's stored key signed again without one (`ssl/sign`)."
-    )
-    create = _named_issuance(
-        "create",
-        Issuer.create,
-        "A new key and its certificate with the body's subject (`ssl/create`); an identical retry for a still-valid "
-        "entity returns the same certificate.",
-    )
+    def sign(self, body: object, **caller: Unpack[Caller]) -> Reply:
+        """A certificate for a CSR, or an entity's stored key signed again without one (`ssl/sign`)."""
+        return self._issue("sign", Issuer.sign, body, caller)
+
+    def create(self, body: object, **caller: Unpack[Caller]) -> Reply:
+        """A new key and its certificate with the body's subject (`ssl/create`); an identical retry for a
+        still-valid entity returns the same certificate."""
+        return self._issue("create", Issuer.create, body, caller)
 
     def renew(self, cn: str, body: object, *, via: str = "mqtt", requester: str | None = None) -> Reply:
         """Renewal with the current certificate as the credential, no passphrase (`ssl/renew/<cn>`).
@@ -244,6 +226,26 @@ class CAService:
         return self.revoker.refresh_crl()
 
     # -- plumbing ----------------------------------------------------------------------------------
+
+    def _issue(
+        self,
+        operation: Literal["sign", "create"],
+        work: Callable[[Issuer, object, str, str, str], Reply],
+        body: object,
+        caller: Caller,
+    ) -> Reply:
+        unknown = caller.keys() - Caller.__annotations__.keys()
+        if unknown or "source" not in caller:  # what a plain signature would refuse
+            raise TypeError(f"{operation}() needs source= and takes only {', '.join(Caller.__annotations__)}")
+        source, via = caller["source"], caller.get("via", "http")
+        requester, operator = caller.get("requester") or source, caller.get("operator")
+        return self._run(
+            operation,
+            caller.get("transport") or via,
+            body,
+            source,
+            lambda: work(self.issuer, self.gate.as_operator(body, operator), source, via, requester),
+        )
 
     def _run(self, operation: str, transport: str, body: object, source: str, work: Callable[[], Reply]) -> Reply:
         """Every operation's one way in and out: the answer as a Reply, timed and counted (refusals by reason)."""
