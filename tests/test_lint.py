@@ -1,7 +1,9 @@
-"""The code base stays ruff-clean and ruff-formatted (the project's rules live in pyproject.toml)."""
+"""The code base stays ruff-clean and ruff-formatted (the project's rules live in pyproject.toml, among them at
+most 6 parameters a function), and no module of the project grows past MAX_MODULE_LINES."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 from .conftest import PROJECT_ROOT
 
@@ -24,3 +26,30 @@ def test_ruff_format_is_clean() -> None:
         cwd=PROJECT_ROOT,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# A module of the project longer than this wants splitting along a seam (test modules are not held to it: a test
+# module is one topic's cases over one set-up, and splitting one would bring its set-up up twice).
+MAX_MODULE_LINES = 450
+# Everything git does not track, and third-party code served as it was released.
+NOT_OURS = {".venv", "build", "test-output", "__pycache__", "vendor", "node_modules", ".docker-build"}
+
+
+def project_sources(root: Path) -> list[Path]:
+    return [
+        path
+        for pattern in ("*.py", "*.js", "*.sh")
+        for path in root.rglob(pattern)
+        if not NOT_OURS.intersection(path.relative_to(root).parts) and not path.name.startswith(".")
+    ]
+
+
+def test_no_module_of_the_project_is_over_the_line_limit() -> None:
+    sources = [path for path in project_sources(PROJECT_ROOT) if path.relative_to(PROJECT_ROOT).parts[0] != "tests"]
+    assert len(sources) > 100  # the walk found the project
+    long = {
+        str(path.relative_to(PROJECT_ROOT)): lines
+        for path in sources
+        if (lines := len(path.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES
+    }
+    assert long == {}, f"split these modules along a seam (at most {MAX_MODULE_LINES} lines): {long}"
