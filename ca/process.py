@@ -34,7 +34,8 @@ from .server import CAHttpsServer
 log = logging.getLogger(__name__)
 
 # Seconds between two checks of the CRL (a parse and a signature check, well under a millisecond): rewritten
-# from the inventory when damaged, deleted or less than 20 days from its next update (Step 10: within 10 s).
+# from the inventory when damaged, deleted or less than 20 days from its next update, so a damaged CRL is
+# repaired within two checks (the contract: within 10 s).
 CRL_CHECK_INTERVAL = 5.0
 
 
