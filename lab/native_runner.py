@@ -18,9 +18,10 @@ from typing import Any
 from pki.authority import CAError, WrongPassphrase
 from pki.broker import BrokerConfigError, find_dynsec_plugin
 from pki.config import ConfigError, Settings, revoked_next_step
+from pki.entity_files import EntityFiles
 from pki.generator import LabCertificates
 from pki.service import CAService
-from pki.store import CERT_MODE, CertsLayout, atomic_write, ensure_dir
+from pki.store import CERT_MODE, CertsLayout, atomic_write
 
 from .device import EXIT_REVOKED
 from .mqtt import Identity
@@ -132,9 +133,7 @@ class LabRunner:
                     raise RunnerError(f"no enrolment token for {device}: {reply.body.get('error')}", EXIT_CONFIG)
                 tokens[device] = reply.body["token"]
                 # Pin the root: the device then checks that the CA it enrols with is this lab's.
-                layout = CertsLayout(self.settings.certs_dir)
-                ensure_dir(layout.entity_dir(device))
-                atomic_write(layout.ca_copy(device), service.ca_pem(), CERT_MODE)
+                EntityFiles(CertsLayout(self.settings.certs_dir)).write_root_copy(device, service.ca_pem())
                 self.out.line(
                     "certs", f"{device:<14} enrols itself with a single-use token (valid {ENROL_TOKEN_TTL // 60} min)"
                 )

@@ -1,11 +1,12 @@
 """Running processes follow certificate files renewed under them (by the generator, the CA, or the device itself).
 
-A renewal replaces the key and then the certificate, each by atomic rename (pki/store.py `atomic_write`). A
-running process holds the pair it loaded in memory (an MQTT client's TLS context, a TLS server's SSLContext),
-so it has to look: `PairWatcher` reads both files every CERT_WATCH_SECONDS (default 5 s) and calls back once
-they hold another *complete* pair, the key matching the certificate (never between the two renames). The
-superseded certificate goes on the CRL SUPERSEDED_GRACE_SECONDS (default 900 s) after its successor was issued
-(pki/inventory.py `revoked_serials`), so a process is on the new pair long before the old one is refused.
+A renewal replaces the key and then the certificate, each by atomic rename (pki/entity_files.py `EntityFiles.write`
+for the generator and the CA, lab/credentials.py `store` for a device's own renewal). A running process holds the
+pair it loaded in memory (an MQTT client's TLS context, a TLS server's SSLContext), so it has to look: `PairWatcher`
+reads both files every CERT_WATCH_SECONDS (default 5 s) and calls back once they hold another *complete* pair, the
+key matching the certificate (never between the two renames). The superseded certificate goes on the CRL
+SUPERSEDED_GRACE_SECONDS (default 900 s) after its successor was issued (pki/inventory.py `revoked_serials`), so a
+process is on the new pair long before the old one is refused.
 
 - MQTT clients (the thermometer, lab/device.py; the dashboard's bridge, dashboard/mqtt_bridge.py): paho cannot
   change a client's TLS identity, so the callback replaces the client by a new one that reads the files again.

@@ -82,10 +82,14 @@ def load_certificate(data: bytes) -> x509.Certificate:
         raise CAError("not a readable PEM certificate") from ex
 
 
-def public_key_matches(cert: x509.Certificate, key: PrivateKey) -> bool:
-    fmt = serialization.PublicFormat.SubjectPublicKeyInfo
-    enc = serialization.Encoding.DER
-    return cert.public_key().public_bytes(enc, fmt) == key.public_key().public_bytes(enc, fmt)
+def public_key_matches(cert: x509.Certificate, key: PrivateKey | PublicKey) -> bool:
+    """`cert` is for `key`: a private key (is this pair complete?) or a public key (a CSR's: is it a key used before?).
+
+    Compared as DER SubjectPublicKeyInfo, the one encoding both sides have whatever the key type.
+    """
+    public = key if isinstance(key, PublicKey) else key.public_key()
+    fmt, enc = serialization.PublicFormat.SubjectPublicKeyInfo, serialization.Encoding.DER
+    return cert.public_key().public_bytes(enc, fmt) == public.public_bytes(enc, fmt)
 
 
 def fingerprint_sha256(cert: x509.Certificate) -> str:

@@ -16,10 +16,8 @@ from .authority import (
     CertificateAuthority,
     LeafNames,
     WrongPassphrase,
-    cert_pem,
     days_left,
     generate_private_key,
-    key_pem,
     load_private_key,
     public_key_matches,
     serial_hex,
@@ -37,6 +35,7 @@ from .broker import (
     write_broker_policy,
 )
 from .config import ConfigError, Settings, revoked_next_step
+from .entity_files import EntityFiles
 from .inventory import REVOKED as REVOKED_STATUS
 from .inventory import SUPERSEDED as SUPERSEDED_STATUS
 from .inventory import Inventory
@@ -118,6 +117,7 @@ class LabCertificates:
     def __init__(self, settings: Settings, progress: Callable[[str], None] | None = None) -> None:
         self.settings = settings
         self.layout = CertsLayout(settings.certs_dir)
+        self.files = EntityFiles(self.layout)
         self.progress = progress or (lambda _msg: None)
 
     # -- the root -------------------------------------------------------------------------------
@@ -195,10 +195,7 @@ class LabCertificates:
             days=self.settings.cert_days,
             now=now,
         )
-        ensure_dir(self.layout.entity_dir(entity.name))
-        # Key first: if we stop in between, the next run sees a mismatch and reissues.
-        atomic_write(self.layout.key(entity.name), key_pem(key), KEY_MODE)
-        atomic_write(self.layout.cert(entity.name), cert_pem(cert), CERT_MODE)
+        self.files.write(entity.name, cert, ca.cert_pem, key)
         return cert
 
     # -- the whole run --------------------------------------------------------------------------
@@ -266,6 +263,7 @@ class LabCertificates:
                         cert, _ = read_cert(self.layout.cert(entity.name))
                         assert cert is not None
                         inventory.record_issued(cert, name=entity.name, role=entity.profile.role, via="import")
+                        self.files.write_root_copy(entity.name, ca.cert_pem)  # the root may have been re-signed
                     else:
                         replaced, _ = read_cert(self.layout.cert(entity.name))
                         if replaced is not None and ca.issued(replaced):
@@ -274,7 +272,6 @@ class LabCertificates:
                             inventory.record_issued(replaced, name=entity.name, role=entity.profile.role, via="import")
                         cert = self._issue_leaf(ca, entity, now)
                         inventory.record_issued(cert, name=entity.name, role=entity.profile.role, via="cli")
-                    atomic_write(self.layout.ca_copy(entity.name), ca.cert_pem, CERT_MODE)
                     result = self._result(entity.name, entity.profile, action, reason, cert, now)
                     report.results.append(result)
                     self.progress(result.line())

@@ -15,14 +15,12 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from .authorisation import Authoriser
 from .authority import (
     CAError,
     PrivateKey,
-    PublicKey,
     SubjectFields,
     generate_private_key,
     load_certificate,
@@ -85,11 +83,6 @@ def _sans_of(cert: x509.Certificate) -> tuple[list[str], list[str], list[str]]:
         [str(ip) for ip in san.get_values_for_type(x509.IPAddress)],
         san.get_values_for_type(x509.RFC822Name),
     )
-
-
-def _same_key(public_key: PublicKey, cert: x509.Certificate) -> bool:
-    fmt, enc = serialization.PublicFormat.SubjectPublicKeyInfo, serialization.Encoding.DER
-    return public_key.public_bytes(enc, fmt) == cert.public_key().public_bytes(enc, fmt)
 
 
 def server_entity_name(dns_name: str) -> str:
@@ -238,7 +231,8 @@ class Issuer:
                 "an expired certificate cannot renew; enrol again with a token",
             )
         current = load_certificate(record.pem.encode())
-        if any(_same_key(csr.public_key, load_certificate(r.pem.encode())) for r in self.inventory.list(name=name)):
+        earlier = (load_certificate(r.pem.encode()) for r in self.inventory.list(name=name))
+        if any(public_key_matches(cert, csr.public_key) for cert in earlier):
             raise RequestError(BAD_REQUEST, "the CSR must be for a new key: renewal replaces the key", "csr")
         ca = self.keys.unlocked()
         if ca is None:

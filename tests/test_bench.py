@@ -5,12 +5,16 @@ verified, the revoked device cut off and refused) are checked; timings never are
 from __future__ import annotations
 
 import json
+import stat
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from bench.rig import BenchLab
+from pki.authority import load_certificate, load_private_key, public_key_matches, verify_leaf
 
 from .conftest import PROJECT_ROOT
 
@@ -54,6 +58,29 @@ def test_the_benches_import_nothing_from_tests() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_bench_lab_writes_device_files_as_the_ca_does(tmp_path: Path) -> None:
+    """The benches' devices (BenchLab.issue_devices) get their files from pki.entity_files: the key 0600 in a 0700
+    folder even over a key file left readable, a complete pair from the lab's root, the root's copy, no temp file."""
+    with BenchLab(root=tmp_path) as lab:
+        lab.generate()
+        (first,) = lab.issue_devices(["bench-device"]).values()
+        first.key.chmod(0o644)
+        old_key = first.key.read_bytes()
+        (identity,) = lab.issue_devices(["bench-device"]).values()
+        root_pem = lab.layout.ca_cert.read_bytes()
+    assert stat.S_IMODE(identity.key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(identity.key.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(identity.cert.stat().st_mode) == 0o644
+    cert, key_pem = load_certificate(identity.cert.read_bytes()), identity.key.read_bytes()
+    assert key_pem != old_key and public_key_matches(cert, load_private_key(key_pem))
+    assert identity.ca_cert.read_bytes() == root_pem and verify_leaf(load_certificate(root_pem), cert)
+    assert sorted(p.name for p in identity.key.parent.iterdir()) == [
+        "bench-device.crt",
+        "bench-device.key",
+        "root_ca.crt",
+    ]
 
 
 def test_issuance_bench_runs_every_level(tmp_path: Path) -> None:

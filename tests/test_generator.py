@@ -305,6 +305,8 @@ def test_corrupt_root_certificate_is_re_signed_with_the_same_key(
     assert code == 0 and "root_ca        renewed" in out
     # Same key and name: the existing leaves still chain to it and are kept.
     assert serials(generated_lab) == before
+    root = (generated_lab.certs_dir / "root_ca" / "root_ca.crt").read_bytes()
+    assert all((generated_lab.certs_dir / name / "root_ca.crt").read_bytes() == root for name in before)  # their copies
     assert run(capsys, "--check")[0] == 0
 
 
