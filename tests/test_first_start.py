@@ -18,7 +18,7 @@ from .conftest import LabEnv
 
 pytestmark = pytest.mark.databases
 
-STARTS = 4
+STARTS = 3
 
 
 def test_dashboards_starting_at_once_create_one_admin(lab_env: LabEnv, caplog: pytest.LogCaptureFixture) -> None:
