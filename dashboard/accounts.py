@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Integer, String, delete, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from pki.authority import utcnow
@@ -42,6 +43,10 @@ _DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
 
 class UserError(ValueError):
     """A user or token operation that cannot be done; the message says why."""
+
+
+class UserExists(UserError):
+    """The user name is taken, perhaps by another process a moment ago."""
 
 
 class _Grant:
@@ -139,28 +144,34 @@ class UserStore(Database):
         _check_role(role)
         _check_password(password)
         now = utcnow()
-        with self.session() as session:
-            if session.scalar(select(DashboardUser.id).where(DashboardUser.username == username)) is not None:
-                raise UserError(f"user {username!r} exists already")
-            user = DashboardUser(
-                username=username,
-                role=role,
-                password_hash=_hasher.hash(password),
-                created_at=now,
-                password_changed_at=now,
-            )
-            session.add(user)
+        try:
+            with self.session() as session:
+                if session.scalar(select(DashboardUser.id).where(DashboardUser.username == username)) is not None:
+                    raise UserExists(f"user {username!r} exists already")
+                user = DashboardUser(
+                    username=username,
+                    role=role,
+                    password_hash=_hasher.hash(password),
+                    created_at=now,
+                    password_changed_at=now,
+                )
+                session.add(user)
+        except IntegrityError:
+            # The unique index on the name decides between processes adding it at once: on PostgreSQL (READ
+            # COMMITTED) each may pass the check above; SQLite's BEGIN IMMEDIATE already runs them one by one.
+            raise UserExists(f"user {username!r} exists already") from None
         return user
 
     def ensure_admin(self, password: str | None) -> bool:
-        """Create the operator `admin` with DASHBOARD_ADMIN_PASSWORD once; an existing admin is left alone."""
+        """Create the operator `admin` with DASHBOARD_ADMIN_PASSWORD once; an existing admin is left alone.
+        True only for the one process that created it, when several start at once on a new database."""
         if not password or self.get(ADMIN) is not None:
             return False
         try:
             self.add(ADMIN, password, OPERATOR)
+        except UserExists:  # another process created it meanwhile, with its password: ours is not stored
+            return False
         except UserError as ex:
-            if "exists" in str(ex):  # another process created it meanwhile
-                return False
             raise ConfigError(f"DASHBOARD_ADMIN_PASSWORD: {ex}") from None
         return True
 
