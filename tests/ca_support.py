@@ -27,6 +27,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from ca.process import CAProcess, CAProcessOptions
 from dashboard import create_app, shutdown, start
+from dashboard.openapi import SEED_CREATE
 from pki.authority import (
     CertificateAuthority,
     PrivateKey,
@@ -49,19 +50,12 @@ from .conftest import LabEnv
 from .support import Collector
 
 ISSUED_FIELDS = {"name", "ca", "crt", "key", "serial", "not_after"}
-SEED_SUBJECT = {
-    "country": "BR",
-    "state": "SP",
-    "locality": "Campinas",
-    "org": "ACME",
-    "unit": "Sensors",
-    "email": "ops@example.com",
-}
 
 
 def seed_create_body(name: str, passphrase: str, *, cn: str, **fields: Any) -> dict[str, Any]:
-    """The seed's full /v1/ssl/create body: name, days, pass and every subject field; `fields` override any."""
-    return {"name": name, "days": 360, "pass": passphrase, **SEED_SUBJECT, "cn": cn, **fields}
+    """The seed's full /v1/ssl/create body (SEED_CREATE, the API document's example) for `name`, with the lab's
+    passphrase and `cn`; `fields` override any other."""
+    return {**SEED_CREATE, "name": name, "pass": passphrase, "cn": cn, **fields}
 
 
 def make_csr(

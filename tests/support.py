@@ -236,29 +236,18 @@ class ThermometerProcess:
             self.process.wait()
 
 
-def root_cert(certs_dir: Path) -> Path:
-    """The lab's root certificate in a generated certs/ folder: the only trust anchor the README's clients use."""
-    return certs_dir / "root_ca" / "root_ca.crt"
-
-
-def tls_client_files(certs_dir: Path, name: str, flags: tuple[str, str, str]) -> list[str]:
-    """A TLS client's options for the lab's root as its trust anchor and `name`'s certificate and key from
-    certs/<name>/; `flags` is how the client spells those three options."""
-    ca, cert, key = flags
+def lab_identity(certs_dir: Path, name: str) -> Identity:
+    """`name`'s certificate and key from certs/<name>/ with the lab's root, certs/root_ca/root_ca.crt, as the trust
+    anchor: the files the README's client examples name."""
     folder = certs_dir / name
-    return [ca, str(root_cert(certs_dir)), cert, str(folder / f"{name}.crt"), key, str(folder / f"{name}.key")]
-
-
-def mosquitto_args(certs_dir: Path, name: str, port: int, host: str = "localhost") -> list[str]:
-    """mosquitto_pub/mosquitto_sub's connection options as the README writes them: the broker at `host`:`port`,
-    the lab's root, `name`'s certificate and key."""
-    return ["-h", host, "-p", str(port), *tls_client_files(certs_dir, name, ("--cafile", "--cert", "--key"))]
+    return Identity(certs_dir / "root_ca" / "root_ca.crt", folder / f"{name}.crt", folder / f"{name}.key")
 
 
 def s_client(port: int, certs_dir: Path, *args: str, name: str = "device001") -> subprocess.CompletedProcess[str]:
     """`openssl s_client` to 127.0.0.1:`port` (SNI localhost) with `name`'s certificate, trusting the lab's root;
     `args` add to it (a protocol, suites). Its output tells the handshake's outcome."""
-    files = tls_client_files(certs_dir, name, ("-CAfile", "-cert", "-key"))
+    identity = lab_identity(certs_dir, name)
+    files = ["-CAfile", str(identity.ca_cert), "-cert", str(identity.cert), "-key", str(identity.key)]
     return subprocess.run(
         ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost", "-brief", *files, *args],
         input="",
@@ -268,25 +257,25 @@ def s_client(port: int, certs_dir: Path, *args: str, name: str = "device001") ->
     )
 
 
-def _python_m(module: str, env: dict[str, str]) -> dict[str, Any]:
-    """How the tests start `python -m <module>`: from the project root, `env` over this environment, no stdin."""
-    return {
-        "args": [sys.executable, "-m", module],
-        "env": {**os.environ, **env},
-        "cwd": PROJECT_ROOT,
-        "stdin": subprocess.DEVNULL,
-    }
-
-
 def run_module(module: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """`python -m <module>` run to its end; its output captured as text."""
-    return subprocess.run(**_python_m(module, env), capture_output=True, text=True, timeout=timeout)
+    """`python -m <module>` from the project root with `env` over this environment and no stdin, run to its end;
+    its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", module],
+        env={**os.environ, **env},
+        cwd=PROJECT_ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def spawn_module(module: str, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    """`python -m <module>` started in the background; its stdout and stderr go to `log_path`."""
+    """`python -m <module>` started with `env` over this environment (lab.processes.spawn: project root, no
+    stdin); its stdout and stderr go to `log_path`."""
     with open(log_path, "wb") as out:
-        return subprocess.Popen(**_python_m(module, env), stdout=out, stderr=subprocess.STDOUT)
+        return spawn([sys.executable, "-m", module], {**os.environ, **env}, out)
 
 
 def start_ca_service(env: dict[str, str], log_path: Path, https_port: int) -> tuple[subprocess.Popen[bytes], str]:

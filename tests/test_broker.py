@@ -15,11 +15,12 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from lab.mqtt import Identity, tls_context
+from lab.testing import mosquitto_tls_args
 from pki.authority import CertificateAuthority, cert_pem, generate_private_key, key_pem
 from pki.profiles import DEVICE
 
 from .conftest import LabEnv
-from .support import Broker, Collector, mosquitto_args, refused, s_client, wait_for
+from .support import Broker, Collector, lab_identity, refused, s_client, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -194,7 +195,8 @@ def test_mosquitto_pub_and_sub_with_device_certificates(session_lab: LabEnv, ses
     if not shutil.which("mosquitto_pub"):
         raise AssertionError("mosquitto-clients missing: ./setup.sh test installs it")
     certs, port = session_lab.certs_dir, session_broker.port
-    as_dashboard, as_device = mosquitto_args(certs, "dashboard", port), mosquitto_args(certs, "device002", port)
+    as_dashboard = mosquitto_tls_args(lab_identity(certs, "dashboard"), port)
+    as_device = mosquitto_tls_args(lab_identity(certs, "device002"), port)
     # -R: not the retained messages other tests' thermometers left on this shared broker (their presence).
     sub = subprocess.Popen(
         ["mosquitto_sub", *as_dashboard, "-t", "iot/thermometer/device002/#", "-R", "-C", "1", "-W", "20", "-v"],

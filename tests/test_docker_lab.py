@@ -31,8 +31,10 @@ from typing import Any
 
 import pytest
 
+from lab.testing import mosquitto_tls_args
+
 from .dockerhost import Engine, EngineUnavailable, ensure_base_images
-from .support import free_port, mosquitto_args, s_client, wait_for
+from .support import free_port, lab_identity, s_client, wait_for
 from .test_identity import assert_intermediate_tls_only
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -164,7 +166,7 @@ class DockerLab:
         return subprocess.run(
             [
                 "mosquitto_pub",
-                *mosquitto_args(self.root / "certs", name, self.broker_port, host="127.0.0.1"),
+                *mosquitto_tls_args(lab_identity(self.root / "certs", name), self.broker_port, host="127.0.0.1"),
                 "-q",
                 "1",
                 "-t",

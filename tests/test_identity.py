@@ -24,6 +24,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from flask.testing import FlaskClient
 
+from lab.testing import mosquitto_tls_args
 from pki.identity import is_protected_identity
 
 from .ca_support import BackgroundServer, api_token, close_app, lab_state, make_app, make_csr
@@ -31,7 +32,7 @@ from .conftest import LabEnv
 from .support import (
     Broker,
     free_port,
-    mosquitto_args,
+    lab_identity,
     s_client,
     start_ca_service,
     start_https_dashboard,
@@ -358,11 +359,11 @@ def _attacker_certificates(lab: LabEnv, tmp_path: Path) -> Iterator[tuple[str, P
 
 
 def _refused_by_every_client(lab: LabEnv, fake: FakeBroker, start_thermometer: Any) -> None:
-    certs = lab.certs_dir
+    device001 = lab_identity(lab.certs_dir, "device001")
     # mosquitto_sub with the root as its only trust anchor
     assert shutil.which("mosquitto_sub"), "mosquitto-clients missing: ./setup.sh test installs it"
     sub = subprocess.run(
-        ["mosquitto_sub", *mosquitto_args(certs, "device001", fake.port), "-t", "ssl/device001", "-C", "1", "-W", "3"],
+        ["mosquitto_sub", *mosquitto_tls_args(device001, fake.port), "-t", "ssl/device001", "-C", "1", "-W", "3"],
         capture_output=True,
         text=True,
         timeout=20,
@@ -410,9 +411,10 @@ def test_a_fake_broker_with_any_issued_certificate_is_refused(
     assert "create" in tried and "sign plain" in tried, tried
     # and the real broker certificate in the same setting is accepted (the fake broker can tell acceptance)
     certs = generated_lab.certs_dir
+    device001 = lab_identity(certs, "device001")
     with FakeBroker(certs / "mosquitto" / "mosquitto.crt", certs / "mosquitto" / "mosquitto.key") as real:
         subprocess.run(
-            ["mosquitto_sub", *mosquitto_args(certs, "device001", real.port), "-t", "x", "-C", "1", "-W", "2"],
+            ["mosquitto_sub", *mosquitto_tls_args(device001, real.port), "-t", "x", "-C", "1", "-W", "2"],
             capture_output=True,
             text=True,
             timeout=20,
