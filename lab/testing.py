@@ -96,11 +96,11 @@ def start_client(client: Any, port: int, ready: threading.Event, timeout: float,
     return False
 
 
-def mosquitto_tls_args(identity: Identity, port: int) -> list[str]:
+def mosquitto_tls_args(identity: Identity, port: int, host: str = "localhost") -> list[str]:
     """The options that connect `mosquitto_pub` / `mosquitto_sub` to the local broker as `identity` (mutual TLS)."""
     return [
         "-h",
-        "localhost",
+        host,
         "-p",
         str(port),
         "--cafile",

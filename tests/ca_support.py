@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -27,6 +27,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from ca.process import CAProcess, CAProcessOptions
 from dashboard import create_app, shutdown, start
+from dashboard.openapi import SEED_CREATE
 from pki.authority import (
     CertificateAuthority,
     PrivateKey,
@@ -49,6 +50,12 @@ from .conftest import LabEnv
 from .support import Collector
 
 ISSUED_FIELDS = {"name", "ca", "crt", "key", "serial", "not_after"}
+
+
+def seed_create_body(name: str, passphrase: str, *, cn: str, **fields: Any) -> dict[str, Any]:
+    """The seed's full /v1/ssl/create body (SEED_CREATE, the API document's example) for `name`, with the lab's
+    passphrase and `cn`; `fields` override any other."""
+    return {**SEED_CREATE, "name": name, "pass": passphrase, "cn": cn, **fields}
 
 
 def make_csr(
@@ -268,21 +275,40 @@ def close_app(app: Flask) -> None:
         app.extensions["test_ca"].shutdown()
 
 
-class ServerThread:
+class BackgroundServer:
+    """A server that runs on a daemon thread for the length of a `with` block: `serve` until `stop` is called."""
+
+    def __init__(self) -> None:
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self.thread.join(timeout=10)
+
+    def serve(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+
+class ServerThread(BackgroundServer):
     """The app behind a real threaded Werkzeug server on 127.0.0.1 (a free port)."""
 
     def __init__(self, app: Flask) -> None:
         self.server: BaseWSGIServer = make_server("127.0.0.1", 0, app, threaded=True)
         self.port = self.server.server_port
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        super().__init__()
 
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        return self
+    def serve(self) -> None:
+        self.server.serve_forever()
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
         self.server.shutdown()
-        self.thread.join(timeout=10)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"

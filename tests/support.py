@@ -236,25 +236,65 @@ class ThermometerProcess:
             self.process.wait()
 
 
+def lab_identity(certs_dir: Path, name: str) -> Identity:
+    """`name`'s certificate and key from certs/<name>/ with the lab's root, certs/root_ca/root_ca.crt, as the trust
+    anchor: the files the README's client examples name."""
+    folder = certs_dir / name
+    return Identity(certs_dir / "root_ca" / "root_ca.crt", folder / f"{name}.crt", folder / f"{name}.key")
+
+
+def s_client(port: int, certs_dir: Path, *args: str, name: str = "device001") -> subprocess.CompletedProcess[str]:
+    """`openssl s_client` to 127.0.0.1:`port` (SNI localhost) with `name`'s certificate, trusting the lab's root;
+    `args` add to it (a protocol, suites). Its output tells the handshake's outcome."""
+    identity = lab_identity(certs_dir, name)
+    files = ["-CAfile", str(identity.ca_cert), "-cert", str(identity.cert), "-key", str(identity.key)]
+    return subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost", "-brief", *files, *args],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+
+
+def run_module(module: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`python -m <module>` from the project root with `env` over this environment and no stdin, run to its end;
+    its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", module],
+        env={**os.environ, **env},
+        cwd=PROJECT_ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def spawn_module(module: str, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """`python -m <module>` started with `env` over this environment (lab.processes.spawn: project root, no
+    stdin); its stdout and stderr go to `log_path`."""
+    with open(log_path, "wb") as out:
+        return spawn([sys.executable, "-m", module], {**os.environ, **env}, out)
+
+
 def start_ca_service(env: dict[str, str], log_path: Path, https_port: int) -> tuple[subprocess.Popen[bytes], str]:
     """`python -m ca` as replica ca-1, EST/ACME on `https_port` (no broker needed to serve them): the process, and
     the internal URL a dashboard forwards /v1/ssl/* to (CA_URLS)."""
     internal = free_port()
     ca_env = {
-        **os.environ,
         **env,
         "CA_INSTANCE": "1",
         "CA_INTERNAL_PORT": str(internal),
         "CA_HTTPS_PORT": str(https_port),
         "PYTHONUNBUFFERED": "1",
     }
-    with open(log_path, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ca"],
-            env=ca_env,
-            cwd=PROJECT_ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    return process, f"http://127.0.0.1:{internal}"
+    return spawn_module("ca", ca_env, log_path), f"http://127.0.0.1:{internal}"
+
+
+def start_https_dashboard(env: dict[str, str], log_path: Path, port: int, ca_url: str) -> subprocess.Popen[bytes]:
+    """`python -m dashboard` with DASHBOARD_TLS=1 on `port`, forwarding /v1/ssl/* to the CA at `ca_url`; its log
+    in `log_path`."""
+    return spawn_module(
+        "dashboard", {**env, "DASHBOARD_TLS": "1", "DASHBOARD_PORT": str(port), "CA_URLS": ca_url}, log_path
+    )

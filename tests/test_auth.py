@@ -6,11 +6,9 @@ from __future__ import annotations
 import http.client
 import io
 import json
-import os
 import re
 import ssl
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -28,9 +26,17 @@ from dashboard import socketio
 from dashboard.accounts import ApiToken, UserStore
 from dashboard.users import main as users_main
 
-from .ca_support import api_token, close_app, csrf_of, lab_state, login, make_app, make_csr
-from .conftest import PROJECT_ROOT, LabEnv, bearer
-from .support import free_port, served_serial, start_ca_service, stop_process, wait_for
+from .ca_support import api_token, close_app, csrf_of, lab_state, login, make_app, make_csr, seed_create_body
+from .conftest import LabEnv, bearer
+from .support import (
+    free_port,
+    run_module,
+    served_serial,
+    start_ca_service,
+    start_https_dashboard,
+    stop_process,
+    wait_for,
+)
 
 VIEWER_PASSWORD = "viewer-password-123"
 
@@ -71,21 +77,7 @@ def test_the_seed_api_still_works_without_a_session(generated_lab: LabEnv, clien
     """The seed's sign and create bodies with `pass` give 201 exactly as before; so does token enrolment."""
     passphrase = generated_lab.passphrase
     assert client.post("/v1/ssl/sign", json={"name": "device001", "days": 360, "pass": passphrase}).status_code == 201
-    created = client.post(
-        "/v1/ssl/create",
-        json={
-            "name": "AA:BB:CC:DD:EE:01",
-            "days": 360,
-            "pass": passphrase,
-            "country": "BR",
-            "state": "SP",
-            "locality": "Campinas",
-            "org": "ACME",
-            "unit": "IoT",
-            "cn": "acme.example",
-            "email": "iot@acme.example",
-        },
-    )
+    created = client.post("/v1/ssl/create", json=seed_create_body("AA:BB:CC:DD:EE:01", passphrase, cn="acme.example"))
     assert created.status_code == 201 and created.json["name"] == "AABBCCDDEE01"
     token = client.post("/v1/ssl/tokens", json={"name": "sensor-9", "pass": passphrase}).json["token"]
     pem, _ = make_csr("sensor-9")
@@ -365,16 +357,7 @@ def test_one_clients_failures_block_neither_others_nor_the_operator_and_survive_
 
 def test_beyond_loopback_the_dashboard_refuses_to_start_without_https(generated_lab: LabEnv) -> None:
     def start(**settings: str) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, **generated_lab.env, "DASHBOARD_PORT": "1", **settings}
-        return subprocess.run(
-            [sys.executable, "-m", "dashboard"],
-            env=env,
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            stdin=subprocess.DEVNULL,
-        )
+        return run_module("dashboard", {**generated_lab.env, "DASHBOARD_PORT": "1", **settings})
 
     result = start(DASHBOARD_HOST="0.0.0.0")  # noqa: S104
     assert result.returncode == 2
@@ -404,24 +387,8 @@ def test_dashboard_tls_serves_https_with_the_dashboard_certificate(generated_lab
     dashboard's port and on the CA's EST/ACME port, which serves the same certificate."""
     port, ca_port = free_port(), free_port()
     ca, ca_url = start_ca_service({**generated_lab.env, "CERT_WATCH_SECONDS": "0.3"}, tmp_path / "ca.log", ca_port)
-    env = {
-        **os.environ,
-        **generated_lab.env,
-        "DASHBOARD_TLS": "1",
-        "DASHBOARD_PORT": str(port),
-        "CA_URLS": ca_url,
-        "CERT_WATCH_SECONDS": "0.3",
-    }
     log = tmp_path / "dashboard.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "dashboard"],
-            env=env,
-            cwd=PROJECT_ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    server = start_https_dashboard({**generated_lab.env, "CERT_WATCH_SECONDS": "0.3"}, log, port, ca_url)
     context = ssl.create_default_context(cafile=str(generated_lab.certs_dir / "root_ca" / "root_ca.crt"))
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
 
@@ -435,8 +402,14 @@ def test_dashboard_tls_serves_https_with_the_dashboard_certificate(generated_lab
         except OSError:
             return False
 
+    def ca_serves() -> bool:  # the dashboard may answer before the CA serves EST/ACME: wait for both
+        log_text = (tmp_path / "ca.log").read_text()
+        assert ca.poll() is None, log_text
+        return f"EST and ACME on https://127.0.0.1:{ca_port}/" in log_text
+
     try:
         wait_for(up, timeout=30, interval=0.2, what=f"the dashboard over HTTPS\n{log.read_text()}")
+        wait_for(ca_serves, timeout=30, interval=0.2, what="the CA's EST/ACME port")
         assert f"Dashboard on https://127.0.0.1:{port}/" in log.read_text()
         with opener.open(f"https://localhost:{port}/login", timeout=5) as response:
             assert response.status == 200

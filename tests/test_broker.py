@@ -15,11 +15,12 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from lab.mqtt import Identity, tls_context
+from lab.testing import mosquitto_tls_args
 from pki.authority import CertificateAuthority, cert_pem, generate_private_key, key_pem
 from pki.profiles import DEVICE
 
 from .conftest import LabEnv
-from .support import Broker, Collector, refused, wait_for
+from .support import Broker, Collector, lab_identity, refused, s_client, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -124,47 +125,9 @@ def test_expired_certificate_is_refused(session_lab: LabEnv, session_broker: Bro
 
 
 def test_tls_1_1_is_refused(session_lab: LabEnv, session_broker: Broker) -> None:
-    certs = session_lab.certs_dir / "device001"
-    result = subprocess.run(
-        [
-            "openssl",
-            "s_client",
-            "-connect",
-            f"127.0.0.1:{session_broker.port}",
-            "-tls1_1",
-            "-CAfile",
-            str(certs / "root_ca.crt"),
-            "-cert",
-            str(certs / "device001.crt"),
-            "-key",
-            str(certs / "device001.key"),
-        ],
-        input="",
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
+    result = s_client(session_broker.port, session_lab.certs_dir, "-tls1_1")
     assert result.returncode != 0
-    ok = subprocess.run(
-        [
-            "openssl",
-            "s_client",
-            "-connect",
-            f"127.0.0.1:{session_broker.port}",
-            "-tls1_2",
-            "-CAfile",
-            str(certs / "root_ca.crt"),
-            "-cert",
-            str(certs / "device001.crt"),
-            "-key",
-            str(certs / "device001.key"),
-            "-verify_return_error",
-        ],
-        input="",
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
+    ok = s_client(session_broker.port, session_lab.certs_dir, "-tls1_2", "-verify_return_error")
     assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
 
 
@@ -231,49 +194,23 @@ def test_mosquitto_pub_and_sub_with_device_certificates(session_lab: LabEnv, ses
     """The README's mosquitto_pub/mosquitto_sub examples work as written."""
     if not shutil.which("mosquitto_pub"):
         raise AssertionError("mosquitto-clients missing: ./setup.sh test installs it")
-    certs = session_lab.certs_dir
-    base = ["-h", "localhost", "-p", str(session_broker.port), "--cafile", str(certs / "root_ca" / "root_ca.crt")]
+    certs, port = session_lab.certs_dir, session_broker.port
+    as_dashboard = mosquitto_tls_args(lab_identity(certs, "dashboard"), port)
+    as_device = mosquitto_tls_args(lab_identity(certs, "device002"), port)
     # -R: not the retained messages other tests' thermometers left on this shared broker (their presence).
     sub = subprocess.Popen(
-        [
-            "mosquitto_sub",
-            *base,
-            "--cert",
-            str(certs / "dashboard" / "dashboard.crt"),
-            "--key",
-            str(certs / "dashboard" / "dashboard.key"),
-            "-t",
-            "iot/thermometer/device002/#",
-            "-R",
-            "-C",
-            "1",
-            "-W",
-            "20",
-            "-v",
-        ],
+        ["mosquitto_sub", *as_dashboard, "-t", "iot/thermometer/device002/#", "-R", "-C", "1", "-W", "20", "-v"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     # The broker logs no line for the SUBSCRIBE that follows mosquitto_sub's CONNECT: publish until it has
     # received one (each publish is a whole QoS 1 exchange, acknowledged before mosquitto_pub exits).
+    reading_topic = "iot/thermometer/device002/temperature"
     deadline = time.monotonic() + 20
     while sub.poll() is None and time.monotonic() < deadline:
         pub = subprocess.run(
-            [
-                "mosquitto_pub",
-                *base,
-                "--cert",
-                str(certs / "device002" / "device002.crt"),
-                "--key",
-                str(certs / "device002" / "device002.key"),
-                "-t",
-                "iot/thermometer/device002/temperature",
-                "-m",
-                '{"temperature": 19.5}',
-                "-q",
-                "1",
-            ],
+            ["mosquitto_pub", *as_device, "-t", reading_topic, "-m", '{"temperature": 19.5}', "-q", "1"],
             capture_output=True,
             text=True,
             timeout=20,

@@ -30,6 +30,7 @@ from .ca_support import (
     make_csr,
     post_json,
     request_like,
+    seed_create_body,
 )
 from .conftest import LabEnv
 
@@ -38,21 +39,7 @@ pytestmark = pytest.mark.databases
 
 def test_seed_bodies_over_http(generated_lab: LabEnv, client: FlaskClient, tmp_path: Path) -> None:
     passphrase = generated_lab.passphrase
-    created = client.post(
-        "/v1/ssl/create",
-        json={
-            "name": "client",
-            "days": "360",
-            "pass": passphrase,
-            "country": "BR",
-            "state": "SP",
-            "locality": "Campinas",
-            "org": "ACME",
-            "unit": "Sensors",
-            "cn": "client",
-            "email": "ops@example.com",
-        },
-    )
+    created = client.post("/v1/ssl/create", json=seed_create_body("client", passphrase, cn="client"))
     assert created.status_code == 201, created.json
     assert list(created.json) == ["name", "ca", "crt", "key", "serial", "not_after"]
     check_issued(created.json, tmp_path=tmp_path)
@@ -60,38 +47,10 @@ def test_seed_bodies_over_http(generated_lab: LabEnv, client: FlaskClient, tmp_p
     assert signed.status_code == 201, signed.json
     check_issued(signed.json, tmp_path=tmp_path)
     assert signed.headers["Cache-Control"] == "no-store"
-    replay = client.post(
-        "/v1/ssl/create",
-        json={
-            "name": "client",
-            "days": 360,
-            "pass": passphrase,
-            "country": "BR",
-            "state": "SP",
-            "locality": "Campinas",
-            "org": "ACME",
-            "unit": "Sensors",
-            "cn": "client",
-            "email": "ops@example.com",
-        },
-    )
+    replay = client.post("/v1/ssl/create", json=seed_create_body("client", passphrase, cn="client", days=360))
     # the entity was renewed in between: its current certificate is not the create's any more
     assert replay.status_code == 201 and replay.json["serial"] != created.json["serial"]
-    again = client.post(
-        "/v1/ssl/create",
-        json={
-            "name": "client",
-            "days": 360,
-            "pass": passphrase,
-            "country": "BR",
-            "state": "SP",
-            "locality": "Campinas",
-            "org": "ACME",
-            "unit": "Sensors",
-            "cn": "client",
-            "email": "ops@example.com",
-        },
-    )
+    again = client.post("/v1/ssl/create", json=seed_create_body("client", passphrase, cn="client", days=360))
     assert again.status_code == 200 and again.json["serial"] == replay.json["serial"]
 
 

@@ -35,7 +35,7 @@ from pki.inventory import Inventory
 from .ca_support import make_csr
 from .conftest import LabEnv, make_lab_env
 from .pgserver import PostgresServer
-from .support import Broker, Collector, free_port, wait_for
+from .support import Broker, Collector, free_port, run_module, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -201,15 +201,7 @@ def test_wrong_passphrases_split_across_replicas_still_lock_after_5(pair: Pair) 
 
 def test_a_replica_beyond_ca_replicas_finds_no_free_identity_and_says_so(pair: Pair) -> None:
     env = {**pair.replicas[0].env, "CA_INTERNAL_PORT": str(free_port()), "CA_SLOT_WAIT": "0"}
-    extra = subprocess.run(
-        [sys.executable, "-m", "ca"],
-        env=env,
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
+    extra = run_module("ca", env)
     assert extra.returncode == 2
     assert "all 2 CA identities (ca-1 ... ca-2) are held by running replicas: raise CA_REPLICAS" in extra.stderr
 

@@ -31,8 +31,10 @@ from typing import Any
 
 import pytest
 
+from lab.testing import mosquitto_tls_args
+
 from .dockerhost import Engine, EngineUnavailable, ensure_base_images
-from .support import free_port, wait_for
+from .support import free_port, lab_identity, s_client, wait_for
 from .test_identity import assert_intermediate_tls_only
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -65,17 +67,14 @@ class DockerLab:
             self.timings[part] = round(self.timings.get(part, 0) + time.monotonic() - started, 1)
             print(f"docker lab: {part}: {self.timings[part]:.1f} s", flush=True)
 
-    def setup(self, *args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            ["./setup.sh", *args],
-            cwd=self.root,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-            check=False,
+    def run(self, argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+        """`argv` in the lab's folder with its environment, output captured; the caller checks the exit code."""
+        return subprocess.run(
+            argv, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
         )
+
+    def setup(self, *args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = self.run(["./setup.sh", *args], timeout)
         if check and result.returncode != 0:
             raise AssertionError(
                 f"./setup.sh {' '.join(args)} exited {result.returncode}:\n"
@@ -84,15 +83,7 @@ class DockerLab:
         return result
 
     def compose(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["docker-compose", "--env-file", ".env", *args],
-            cwd=self.root,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        return self.run(["docker-compose", "--env-file", ".env", *args], timeout)
 
     def compose_logs(self) -> str:
         with contextlib.suppress(Exception):
@@ -154,22 +145,28 @@ class DockerLab:
         """Readings the dashboard ingested per device since it started."""
         return {name: int(d.get("readings") or 0) for name, d in self.get_json("/api/data")["device_data"].items()}
 
+    def wait_readings_of_both_devices(self, timeout: float, where: str = "") -> None:
+        """Readings of device001 and device002 in /api/data within `timeout` s, then growing (`where`: the path
+        the page is read through, for the message)."""
+        first = wait_for(
+            lambda: {"device001", "device002"} <= set(r := self.readings()) and r,
+            timeout=timeout,
+            interval=1,
+            what=f"both devices in /api/data{where}",
+        )
+        wait_for(
+            lambda: all(self.readings()[d] > first[d] for d in ("device001", "device002")),
+            timeout=30,
+            interval=1,
+            what=f"readings of both devices growing{where}",
+        )
+
     def mosquitto_pub(self, name: str) -> subprocess.CompletedProcess[str]:
         """Publish one reading with `certs/<name>/<name>.crt` to the broker container's published port."""
-        certs = self.root / "certs"
         return subprocess.run(
             [
                 "mosquitto_pub",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(self.broker_port),
-                "--cafile",
-                str(certs / "root_ca" / "root_ca.crt"),
-                "--cert",
-                str(certs / name / f"{name}.crt"),
-                "--key",
-                str(certs / name / f"{name}.key"),
+                *mosquitto_tls_args(lab_identity(self.root / "certs", name), self.broker_port, host="127.0.0.1"),
                 "-q",
                 "1",
                 "-t",
@@ -334,18 +331,7 @@ def test_the_broker_and_the_dashboard_containers_offer_only_intermediate_tls(lab
 
 def test_readings_of_both_thermometer_containers_reach_the_dashboard(lab: DockerLab) -> None:
     with lab.timed("checks"):
-        first = wait_for(
-            lambda: {"device001", "device002"} <= set(r := lab.readings()) and r,
-            timeout=60,
-            interval=1,
-            what="both devices in /api/data",
-        )
-        wait_for(
-            lambda: all(lab.readings()[d] > first[d] for d in ("device001", "device002")),
-            timeout=30,
-            interval=1,
-            what="readings of both devices growing",
-        )
+        lab.wait_readings_of_both_devices(timeout=60)
 
 
 def test_create_returns_a_certificate_that_verifies_against_the_root(lab: DockerLab, tmp_path: Path) -> None:
@@ -447,27 +433,7 @@ def test_revoking_device001_shuts_it_out_of_the_broker_container(lab: DockerLab)
             f"{refusal.stderr.strip()}"
         )
         # Refused because it is revoked: the broker's TLS alert says so (its log says only "verify failed").
-        certs = lab.root / "certs"
-        handshake = subprocess.run(
-            [
-                "openssl",
-                "s_client",
-                "-tls1_2",
-                "-connect",
-                f"127.0.0.1:{lab.broker_port}",
-                "-CAfile",
-                str(certs / "root_ca" / "root_ca.crt"),
-                "-cert",
-                str(certs / "device001" / "device001.crt"),
-                "-key",
-                str(certs / "device001" / "device001.key"),
-            ],
-            input="",
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=False,
-        )
+        handshake = s_client(lab.broker_port, lab.root / "certs", "-tls1_2")
         assert "certificate revoked" in handshake.stdout + handshake.stderr, handshake.stderr[-2000:]
         # Its readings stop; device002's go on.
         stopped = lab.readings()
@@ -657,15 +623,4 @@ def test_scale_profile_two_ca_replicas_answer_through_nginx_on_postgresql(scale_
 
 def test_scale_profile_readings_reach_the_browser_through_nginx(scale_lab: DockerLab) -> None:
     with scale_lab.timed("checks"):
-        first = wait_for(
-            lambda: {"device001", "device002"} <= set(r := scale_lab.readings()) and r,
-            timeout=90,
-            interval=1,
-            what="both devices in /api/data through nginx",
-        )
-        wait_for(
-            lambda: all(scale_lab.readings()[d] > first[d] for d in ("device001", "device002")),
-            timeout=30,
-            interval=1,
-            what="readings of both devices growing, through nginx",
-        )
+        scale_lab.wait_readings_of_both_devices(timeout=90, where=" through nginx")

@@ -7,7 +7,6 @@ import shlex
 import shutil
 import socket
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +21,8 @@ from pki.config import ConfigError, Settings
 from pki.service import CAService
 
 from .ca_support import issue_aged_certificate, lab_state
-from .conftest import PROJECT_ROOT, LabEnv
-from .support import Broker, ThermometerProcess, free_port, wait_for
+from .conftest import LabEnv
+from .support import Broker, ThermometerProcess, free_port, start_ca_service, wait_for
 from .test_thermometer import device_env
 
 
@@ -294,24 +293,8 @@ def test_a_silent_client_does_not_stall_the_endpoint(est: EST) -> None:
 def test_python_m_ca_serves_est_and_acme_on_ca_https_port(generated_lab: LabEnv, tmp_path: Path) -> None:
     """The CA service's entry point (`python -m ca`) starts the CA's HTTPS endpoint; SIGTERM stops it cleanly."""
     port = free_port()
-    env = {
-        **os.environ,
-        **generated_lab.env,
-        "CA_INTERNAL_PORT": str(free_port()),
-        "CA_HTTPS_PORT": str(port),
-        "CA_INSTANCE": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
     log_path = tmp_path / "ca.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ca"],
-            env=env,
-            cwd=PROJECT_ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    process, _ = start_ca_service(generated_lab.env, log_path, port)
     try:
         wait_for(
             lambda: process.poll() is None and f"EST and ACME on https://127.0.0.1:{port}/" in log_path.read_text(),

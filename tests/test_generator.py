@@ -42,6 +42,16 @@ def load_ca(lab: LabEnv) -> CertificateAuthority:
     )
 
 
+def openssl_verify(certs: Path, name: str, purpose: str) -> subprocess.CompletedProcess[str]:
+    """`openssl verify -x509_strict -purpose <purpose>` of `name`'s certificate against the lab's root."""
+    root, cert = certs / "root_ca" / "root_ca.crt", certs / name / f"{name}.crt"
+    return subprocess.run(
+        ["openssl", "verify", "-x509_strict", "-purpose", purpose, "-CAfile", str(root), str(cert)],
+        capture_output=True,
+        text=True,
+    )
+
+
 def replace_leaf(lab: LabEnv, name: str, *, days: int, now: dt.datetime | None = None) -> x509.Certificate:
     """Put a genuine certificate from the lab's root with a chosen lifetime in place of `name`'s."""
     ca = load_ca(lab)
@@ -85,35 +95,14 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     ],
 )
 def test_every_leaf_passes_openssl_strict_verify(session_lab: LabEnv, name: str, purpose: str) -> None:
-    ca_file = session_lab.certs_dir / "root_ca" / "root_ca.crt"
-    cert_file = session_lab.certs_dir / name / f"{name}.crt"
-    result = subprocess.run(
-        ["openssl", "verify", "-x509_strict", "-purpose", purpose, "-CAfile", str(ca_file), str(cert_file)],
-        capture_output=True,
-        text=True,
-    )
+    result = openssl_verify(session_lab.certs_dir, name, purpose)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith(": OK")
 
 
 def test_device_certificate_is_refused_as_a_server(session_lab: LabEnv) -> None:
     """The EKU really constrains: a device certificate must not pass as a TLS server."""
-    certs = session_lab.certs_dir
-    result = subprocess.run(
-        [
-            "openssl",
-            "verify",
-            "-x509_strict",
-            "-purpose",
-            "sslserver",
-            "-CAfile",
-            str(certs / "root_ca" / "root_ca.crt"),
-            str(certs / "device001" / "device001.crt"),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode != 0
+    assert openssl_verify(session_lab.certs_dir, "device001", "sslserver").returncode != 0
 
 
 def _sans(cert: x509.Certificate) -> set[str]:
@@ -192,20 +181,7 @@ def test_rsa_key_type(lab_env: LabEnv, capsys: pytest.CaptureFixture[str], monke
         cert = load_cert(lab_env.certs_dir / name / f"{name}.crt")
         assert isinstance(cert.public_key(), rsa.RSAPublicKey) and cert.public_key().key_size == 2048
         assert cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_encipherment
-    result = subprocess.run(
-        [
-            "openssl",
-            "verify",
-            "-x509_strict",
-            "-purpose",
-            "sslserver",
-            "-CAfile",
-            str(lab_env.certs_dir / "root_ca" / "root_ca.crt"),
-            str(lab_env.certs_dir / "mosquitto" / "mosquitto.crt"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    result = openssl_verify(lab_env.certs_dir, "mosquitto", "sslserver")
     assert result.returncode == 0, result.stderr
 
 

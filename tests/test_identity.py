@@ -13,7 +13,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,12 +24,21 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from flask.testing import FlaskClient
 
-from pki.config import PROJECT_ROOT
+from lab.testing import mosquitto_tls_args
 from pki.identity import is_protected_identity
 
-from .ca_support import api_token, close_app, lab_state, make_app, make_csr
+from .ca_support import BackgroundServer, api_token, close_app, lab_state, make_app, make_csr
 from .conftest import LabEnv
-from .support import Broker, free_port, start_ca_service, stop_process, wait_for
+from .support import (
+    Broker,
+    free_port,
+    lab_identity,
+    s_client,
+    start_ca_service,
+    start_https_dashboard,
+    stop_process,
+    wait_for,
+)
 
 PROTECTED = [
     "root_ca",
@@ -201,31 +209,6 @@ def _tls12_suites() -> list[str]:
     return suites
 
 
-def _s_client(port: int, certs: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            "openssl",
-            "s_client",
-            "-connect",
-            f"127.0.0.1:{port}",
-            "-servername",
-            "localhost",
-            "-brief",
-            "-CAfile",
-            str(certs / "root_ca" / "root_ca.crt"),
-            "-cert",
-            str(certs / "device001" / "device001.crt"),
-            "-key",
-            str(certs / "device001" / "device001.key"),
-            *args,
-        ],
-        input="",
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
-
-
 def weak_tls12_suites() -> list[str]:
     """Every TLS 1.2 suite OpenSSL knows that is CBC (or otherwise not AEAD) or has a SHA-1 MAC."""
     weak = [s for s in _tls12_suites() if "GCM" not in s and "CHACHA20" not in s and "CCM" not in s]
@@ -237,7 +220,7 @@ def weak_tls12_suites() -> list[str]:
 def assert_intermediate_tls_only(port: int, certs: Path) -> None:
     """The server on `port` refuses every weak TLS 1.2 suite and accepts ECDHE + AEAD on TLS 1.2, and TLS 1.3."""
     for suite in weak_tls12_suites():
-        result = _s_client(port, certs, "-tls1_2", "-cipher", f"{suite}:@SECLEVEL=0")
+        result = s_client(port, certs, "-tls1_2", "-cipher", f"{suite}:@SECLEVEL=0")
         assert "Cipher is" not in result.stdout + result.stderr and "CONNECTION ESTABLISHED" not in result.stderr, (
             port,
             suite,
@@ -248,7 +231,7 @@ def assert_intermediate_tls_only(port: int, certs: Path) -> None:
         ["-tls1_2", "-cipher", "ECDHE-ECDSA-CHACHA20-POLY1305"],
         ["-tls1_3"],
     ):
-        result = _s_client(port, certs, *args)
+        result = s_client(port, certs, *args)
         assert "CONNECTION ESTABLISHED" in result.stderr, (port, args, result.stderr[-500:])
 
 
@@ -263,24 +246,8 @@ def test_the_dashboards_https_and_the_ca_port_refuse_every_cbc_and_sha1_suite(
     EST/ACME port offer what the broker offers (pki/tls.py), and nothing weaker."""
     port, ca_port = free_port(), free_port()
     ca, ca_url = start_ca_service(session_lab.env, tmp_path / "ca.log", ca_port)
-    env = {
-        **os.environ,
-        **session_lab.env,
-        "DASHBOARD_TLS": "1",
-        "DASHBOARD_PORT": str(port),
-        "CA_URLS": ca_url,
-        "DASHBOARD_FLASK_MQTT_ENABLED": "false",
-    }
     log = tmp_path / "dashboard.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "dashboard"],
-            env=env,
-            cwd=PROJECT_ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    server = start_https_dashboard({**session_lab.env, "DASHBOARD_FLASK_MQTT_ENABLED": "false"}, log, port, ca_url)
     try:
         wait_for(
             lambda: server.poll() is not None or "Dashboard on https://" in log.read_text(),
@@ -290,7 +257,7 @@ def test_the_dashboards_https_and_the_ca_port_refuse_every_cbc_and_sha1_suite(
         assert server.poll() is None, log.read_text()
         for served in (port, ca_port):
             wait_for(
-                lambda p=served: "CONNECTION ESTABLISHED" in _s_client(p, session_lab.certs_dir, "-tls1_3").stderr,
+                lambda p=served: "CONNECTION ESTABLISHED" in s_client(p, session_lab.certs_dir, "-tls1_3").stderr,
                 timeout=20,
                 interval=0.2,
                 what=f"HTTPS on {served}\n{log.read_text()}",
@@ -305,7 +272,7 @@ def test_the_dashboards_https_and_the_ca_port_refuse_every_cbc_and_sha1_suite(
 # -- a fake broker with every certificate the API or `create` hands out ---------------------------------------
 
 
-class FakeBroker:
+class FakeBroker(BackgroundServer):
     """A real TLS server on a free loopback port presenting a certificate of our choice; counts handshakes."""
 
     def __init__(self, cert_path: Path, key_path: Path) -> None:
@@ -317,18 +284,16 @@ class FakeBroker:
         self.attempts = 0
         self.handshakes = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-
-    def __enter__(self) -> FakeBroker:
-        self._thread.start()
-        return self
+        super().__init__()
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+        super().__exit__(*exc)
         self.sock.close()
 
-    def _serve(self) -> None:
+    def stop(self) -> None:
+        self._stop.set()
+
+    def serve(self) -> None:
         while not self._stop.is_set():
             try:
                 conn, _ = self.sock.accept()
@@ -394,29 +359,11 @@ def _attacker_certificates(lab: LabEnv, tmp_path: Path) -> Iterator[tuple[str, P
 
 
 def _refused_by_every_client(lab: LabEnv, fake: FakeBroker, start_thermometer: Any) -> None:
-    certs = lab.certs_dir
+    device001 = lab_identity(lab.certs_dir, "device001")
     # mosquitto_sub with the root as its only trust anchor
     assert shutil.which("mosquitto_sub"), "mosquitto-clients missing: ./setup.sh test installs it"
     sub = subprocess.run(
-        [
-            "mosquitto_sub",
-            "-h",
-            "localhost",
-            "-p",
-            str(fake.port),
-            "--cafile",
-            str(certs / "root_ca" / "root_ca.crt"),
-            "--cert",
-            str(certs / "device001" / "device001.crt"),
-            "--key",
-            str(certs / "device001" / "device001.key"),
-            "-t",
-            "ssl/device001",
-            "-C",
-            "1",
-            "-W",
-            "3",
-        ],
+        ["mosquitto_sub", *mosquitto_tls_args(device001, fake.port), "-t", "ssl/device001", "-C", "1", "-W", "3"],
         capture_output=True,
         text=True,
         timeout=20,
@@ -464,27 +411,10 @@ def test_a_fake_broker_with_any_issued_certificate_is_refused(
     assert "create" in tried and "sign plain" in tried, tried
     # and the real broker certificate in the same setting is accepted (the fake broker can tell acceptance)
     certs = generated_lab.certs_dir
+    device001 = lab_identity(certs, "device001")
     with FakeBroker(certs / "mosquitto" / "mosquitto.crt", certs / "mosquitto" / "mosquitto.key") as real:
         subprocess.run(
-            [
-                "mosquitto_sub",
-                "-h",
-                "localhost",
-                "-p",
-                str(real.port),
-                "--cafile",
-                str(certs / "root_ca" / "root_ca.crt"),
-                "--cert",
-                str(certs / "device001" / "device001.crt"),
-                "--key",
-                str(certs / "device001" / "device001.key"),
-                "-t",
-                "x",
-                "-C",
-                "1",
-                "-W",
-                "2",
-            ],
+            ["mosquitto_sub", *mosquitto_tls_args(device001, real.port), "-t", "x", "-C", "1", "-W", "2"],
             capture_output=True,
             text=True,
             timeout=20,

@@ -79,6 +79,19 @@ def stored_seqs(app: Flask, device_id: str) -> list[int]:
     return sorted(r.seq for r in app.extensions["live_hub"].store.since(0) if r.device_id == device_id)
 
 
+def stop_and_wait_for_the_last_reading(thermometer: ThermometerProcess, app: Flask, device_id: str) -> int:
+    """SIGTERM the thermometer (it exits 0, saying how many readings it took) and wait until its last reading is
+    stored at the dashboard; returns that reading's number."""
+    assert thermometer.terminate() == 0
+    last = int(re.findall(r"stopped after (\d+) readings", thermometer.output())[-1])
+    wait_for(
+        lambda: max(stored_seqs(app, device_id), default=0) >= last,
+        timeout=10,
+        what=f"reading {last} at the dashboard",
+    )
+    return last
+
+
 def cert_file(lab: LabEnv, name: str) -> x509.Certificate:
     return load_certificate((lab.certs_dir / name / f"{name}.crt").read_bytes())
 
@@ -110,13 +123,7 @@ def test_a_device_inside_its_renewal_window_renews_itself_without_losing_a_readi
         timeout=15,
         what="readings after the renewal",
     )
-    assert thermometer.terminate() == 0
-    last = int(re.findall(r"stopped after (\d+) readings", thermometer.output())[-1])
-    wait_for(
-        lambda: max(stored_seqs(mqtt_app, "device001"), default=0) >= last,
-        timeout=10,
-        what=f"reading {last} at the dashboard",
-    )
+    last = stop_and_wait_for_the_last_reading(thermometer, mqtt_app, "device001")
 
     # no gap: every reading the device took reached the dashboard, before, during and after the switch
     seqs = stored_seqs(mqtt_app, "device001")
@@ -174,13 +181,7 @@ def test_a_renewed_certificate_the_broker_refuses_is_rolled_back(
         timeout=15,
         what="readings with the previous certificate",
     )
-    assert thermometer.terminate() == 0
-    last = int(re.findall(r"stopped after (\d+) readings", thermometer.output())[-1])
-    wait_for(
-        lambda: max(stored_seqs(mqtt_app, "device001"), default=0) >= last,
-        timeout=10,
-        what=f"reading {last} at the dashboard",
-    )
+    last = stop_and_wait_for_the_last_reading(thermometer, mqtt_app, "device001")
     assert set(stored_seqs(mqtt_app, "device001")) == set(range(1, last + 1))
     assert "renewed the certificate" not in thermometer.output()
     assert (identity.cert.read_bytes(), identity.key.read_bytes()) == old_files

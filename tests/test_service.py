@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -206,13 +207,20 @@ def test_wrong_passphrase_writes_nothing(generated_lab: LabEnv, service: CAServi
     assert not (generated_lab.certs_dir / "newcomer").exists()
 
 
+def guess_wrong(service: CAService, good: dict[str, Any], times: int, clock: FakeClock | None = None) -> None:
+    """`times` sign requests like `good` but with a wrong passphrase, from 10.0.0.9: each refused with 403, not
+    yet locked out; with `clock`, a minute passes after each."""
+    for _ in range(times):
+        assert service.sign({**good, "pass": "guess"}, source="10.0.0.9").status == 403
+        if clock is not None:
+            clock.now += 60
+
+
 def test_five_failures_lock_the_requester_out_for_the_window(
     generated_lab: LabEnv, service: CAService, clock: FakeClock
 ) -> None:
     good = {"name": "device001", "pass": generated_lab.passphrase, "days": 10}
-    for _ in range(5):
-        assert service.sign({**good, "pass": "guess"}, source="10.0.0.9").status == 403
-        clock.now += 60
+    guess_wrong(service, good, 5, clock=clock)
     locked = service.sign(good, source="10.0.0.9")  # even the right passphrase: guessing must stop
     assert locked.status == 429
     assert locked.headers["Retry-After"] == str(15 * 60 - 5 * 60)
@@ -254,13 +262,11 @@ def test_the_lockout_survives_a_restart_and_is_shared(
 ) -> None:
     """The counts live in the database: a new CA process on the same DATABASE_URL sees them at once."""
     good = {"name": "device001", "pass": generated_lab.passphrase, "days": 10}
-    for _ in range(3):
-        assert service.sign({**good, "pass": "guess"}, source="10.0.0.9").status == 403
+    guess_wrong(service, good, 3)
     other = _service_with_clock(generated_lab, clock)
     second = next(other)
     try:
-        for _ in range(2):
-            assert second.sign({**good, "pass": "guess"}, source="10.0.0.9").status == 403
+        guess_wrong(second, good, 2)
         assert second.sign(good, source="10.0.0.9").status == 429
         assert service.sign(good, source="10.0.0.9").status == 429  # the first process counts the same
         clock.now += LOCKOUT_WINDOW

@@ -5,7 +5,7 @@ RFC 5280 reason given to `revoke`; `GET /v1/ssl/crl` serves DER when asked."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -52,6 +52,20 @@ def service_for(generated_lab: LabEnv) -> Iterator[object]:
     yield make
     for service in made:
         service.close()
+
+
+def _listed_as_superseded_once_a_short_grace_ends(
+    lab: LabEnv, service_for: Callable[[str], CAService], serial: str, what: str
+) -> None:
+    """A CA service with a 1 s grace lists `serial` (`what`) on its CRL refresh soon, with reason superseded."""
+    short = service_for("1")
+    wait_for(
+        lambda: short.refresh_crl() and _listed(lab, serial),
+        timeout=15,
+        interval=0.2,
+        what=f"{what} to be listed once its grace ended",
+    )
+    assert _reason(_crl(lab), serial) == x509.ReasonFlags.superseded
 
 
 def _sign(service: CAService, lab: LabEnv, name: str) -> str:
@@ -131,14 +145,7 @@ def test_superseded_certificates_go_on_the_crl_after_the_grace(generated_lab: La
     _sign(patient, generated_lab, "sensor-g")
     patient.refresh_crl()
     assert not _listed(generated_lab, first), "listed before its grace ended"
-    short = service_for("1")
-    wait_for(
-        lambda: short.refresh_crl() and _listed(generated_lab, first),
-        timeout=15,
-        interval=0.2,
-        what="the superseded certificate to be listed once its grace ended",
-    )
-    assert _reason(_crl(generated_lab), first) == x509.ReasonFlags.superseded
+    _listed_as_superseded_once_a_short_grace_ends(generated_lab, service_for, first, "the superseded certificate")
 
 
 def test_a_generator_renewal_goes_on_the_crl_after_the_grace(generated_lab: LabEnv, service_for) -> None:
@@ -148,14 +155,9 @@ def test_a_generator_renewal_goes_on_the_crl_after_the_grace(generated_lab: LabE
     old = format(x509.load_pem_x509_certificate(identity.cert.read_bytes()).serial_number, "x")
     generated_lab.lab(SUPERSEDED_GRACE_SECONDS="3600").generate(["device001"], force=True)
     assert not _listed(generated_lab, old), "listed before its grace ended"
-    short = service_for("1")
-    wait_for(
-        lambda: short.refresh_crl() and _listed(generated_lab, old),
-        timeout=15,
-        interval=0.2,
-        what="the certificate the generator superseded to be listed once its grace ended",
+    _listed_as_superseded_once_a_short_grace_ends(
+        generated_lab, service_for, old, "the certificate the generator superseded"
     )
-    assert _reason(_crl(generated_lab), old) == x509.ReasonFlags.superseded
 
 
 def test_renewal_takes_only_the_current_certificate(generated_lab: LabEnv, client: FlaskClient) -> None:
