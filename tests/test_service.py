@@ -55,6 +55,21 @@ def _service_with_clock(lab: LabEnv, clock: FakeClock) -> Iterator[CAService]:
     ca.close()
 
 
+@pytest.mark.parametrize("operation", ["sign", "create"])
+def test_a_caller_keyword_the_service_does_not_know_is_a_type_error(
+    generated_lab: LabEnv, service: CAService, operation: str
+) -> None:
+    body = {"name": "device001", "pass": generated_lab.passphrase, "days": 360}
+    before = sorted(path.name for path in (generated_lab.certs_dir / "device001").iterdir())
+    records = len(service.inventory.list("device001"))
+    with pytest.raises(TypeError, match="source="):
+        getattr(service, operation)(body, sourc="t")  # a typo: as a plain signature would, refuse it
+    with pytest.raises(TypeError, match="source="):
+        getattr(service, operation)(body, via="http")  # no source: the lockout would have no key
+    assert sorted(path.name for path in (generated_lab.certs_dir / "device001").iterdir()) == before
+    assert len(service.inventory.list("device001")) == records  # refused before anything was signed
+
+
 def test_seed_sign_body_renews_a_generated_device(generated_lab: LabEnv, service: CAService, tmp_path: Path) -> None:
     before = load_certificate((generated_lab.certs_dir / "device001" / "device001.crt").read_bytes())
     stored_key = (generated_lab.certs_dir / "device001" / "device001.key").read_bytes()
