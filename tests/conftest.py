@@ -19,6 +19,9 @@ from .pgserver import PostgresServer, PostgresUnavailable
 from .support import Broker, ThermometerProcess, free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The compose tests' fixtures (a generated three-device lab, the configuration docker-compose resolves for it) live
+# with their helpers; module-scoped, so each module that asks for them sets them up once, and no other does.
+pytest_plugins = ["tests.compose_support"]
 
 
 @dataclass
