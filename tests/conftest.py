@@ -12,6 +12,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from pki.authority import load_certificate
 from pki.config import Settings
 from pki.generator import LabCertificates
 
@@ -84,6 +85,11 @@ def make_lab_env(root: Path, database_url: str | None = None) -> LabEnv:
         "BROKER_PORT": str(free_port()),
     }
     return LabEnv(root, env)
+
+
+def serial_of(lab: LabEnv, name: str) -> str:
+    """The serial (hex) of the certificate `name` holds in the lab's certificates folder."""
+    return format(load_certificate((lab.certs_dir / name / f"{name}.crt").read_bytes()).serial_number, "x")
 
 
 @pytest.fixture(autouse=True)
