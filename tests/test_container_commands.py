@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from lab.testing import child_pids
+from lab.testing import child_pids, processes
 from pki.broker import DYNSEC_INITIAL, DYNSEC_TOPIC, BrokerFiles, disconnect_command, render_acl
 from pki.store import CERT_MODE, atomic_write
 
@@ -142,7 +142,15 @@ def test_the_broker_entrypoint_reloads_on_revocation_and_stops_on_sigterm(genera
             timeout=15,
             what=f"the healthcheck\n{log_path.read_text()}",
         )
-        (broker_pid,) = [c for c in child_pids(entry.pid) if b"mosquitto" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        children = set(child_pids(entry.pid))
+
+        def is_the_broker(proc: Path) -> bool:
+            # Mosquitto itself, not a short-lived child of the poll loop (`$(stamp ...)`, stat: their command
+            # lines name mosquitto/ paths too, and one may exit meanwhile, which processes() skips).
+            argv0 = (proc / "cmdline").read_bytes().split(b"\0")[0]
+            return int(proc.name) in children and Path(os.fsdecode(argv0)).name == "mosquitto"
+
+        (broker_pid,) = processes(is_the_broker)
         assert json.loads(files.dynsec_file.read_text()) == json.loads(DYNSEC_INITIAL)
         watcher = Collector(generated_lab.certs_dir, "dashboard", port).connect()
         watcher.subscribe("iot/thermometer/#")
