@@ -6,7 +6,7 @@ device the same thermometer service in `docker-compose.override.yml`, which comp
 and switches off a seed device that DEVICES leaves out (a compose profile nobody enables). `./setup.sh`
 runs it before every `docker compose up`, so adding device003 is one edit of DEVICES plus `./setup.sh`.
 
-YAML anchors do not cross files, so the service is written out in full here; tests/test_compose.py checks
+YAML anchors do not cross files, so the service is written out in full here; tests/test_compose_config.py checks
 with the real compose that it resolves exactly like the seed devices in docker-compose.yml.
 """
 

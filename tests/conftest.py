@@ -12,6 +12,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from pki.authority import load_certificate
 from pki.config import Settings
 from pki.generator import LabCertificates
 
@@ -19,6 +20,9 @@ from .pgserver import PostgresServer, PostgresUnavailable
 from .support import Broker, ThermometerProcess, free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The compose tests' fixtures (a generated three-device lab, the configuration docker-compose resolves for it) live
+# with their helpers; module-scoped, so each module that asks for them sets them up once, and no other does.
+pytest_plugins = ["tests.compose_support"]
 
 
 @dataclass
@@ -81,6 +85,11 @@ def make_lab_env(root: Path, database_url: str | None = None) -> LabEnv:
         "BROKER_PORT": str(free_port()),
     }
     return LabEnv(root, env)
+
+
+def serial_of(lab: LabEnv, name: str) -> str:
+    """The serial (hex) of the certificate `name` holds in the lab's certificates folder."""
+    return format(load_certificate((lab.certs_dir / name / f"{name}.crt").read_bytes()).serial_number, "x")
 
 
 @pytest.fixture(autouse=True)
