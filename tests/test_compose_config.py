@@ -93,7 +93,7 @@ def test_services_wait_for_a_healthy_broker_restart_and_run_as_the_lab_user(
         if name == "dashboard":  # the CA first: the dashboard forwards /v1/ssl/* to it
             assert service["depends_on"] == {"mosquitto": healthy, "ca": healthy}, name
         elif name == "dashboard-2":
-            assert service["depends_on"] == {"dashboard": healthy, "redis": healthy}, name
+            assert service["depends_on"] == {"mosquitto": healthy, "ca": healthy, "redis": healthy}, name
         elif name == "nginx":
             assert service["depends_on"] == {"dashboard": healthy, "dashboard-2": healthy}, name
         elif name != "mosquitto":
