@@ -1,12 +1,12 @@
-"""The certificate generator CLI, run in-process against a temporary lab (trustme's test_cli style)."""
+"""The certificate generator CLI, run in-process against a temporary lab (trustme's test_cli style): what gets issued,
+idempotence and renewal, the passphrase and file safety. tests/test_generator_inventory.py has `--check` and the
+inventory."""
 
 from __future__ import annotations
 
 import datetime as dt
-import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,32 +14,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-import generate_ca_and_device_certs as generator
 from pki.authority import (
     CertificateAuthority,
     WrongPassphrase,
     generate_private_key,
     key_pem,
     load_private_key,
-    serial_hex,
 )
-from pki.inventory import ACTIVE, Inventory
 from pki.profiles import DEVICE
 
-from .conftest import PROJECT_ROOT, LabEnv
-
-LEAVES = ["mosquitto", "dashboard", "ca-1", "provisioner", "ingest-1", "ingest-2", "device001", "device002"]
-
-
-def load_cert(path: Path) -> x509.Certificate:
-    return x509.load_pem_x509_certificate(path.read_bytes())
-
-
-def load_ca(lab: LabEnv) -> CertificateAuthority:
-    root = lab.certs_dir / "root_ca"
-    return CertificateAuthority.load(
-        (root / "root_ca.crt").read_bytes(), (root / "root_ca.key").read_bytes(), lab.passphrase
-    )
+from .conftest import LabEnv
+from .generator_support import LEAVES, _pem, load_ca, load_cert, replace_leaf, run
 
 
 def openssl_verify(certs: Path, name: str, purpose: str) -> subprocess.CompletedProcess[str]:
@@ -52,30 +37,8 @@ def openssl_verify(certs: Path, name: str, purpose: str) -> subprocess.Completed
     )
 
 
-def replace_leaf(lab: LabEnv, name: str, *, days: int, now: dt.datetime | None = None) -> x509.Certificate:
-    """Put a genuine certificate from the lab's root with a chosen lifetime in place of `name`'s."""
-    ca = load_ca(lab)
-    key = generate_private_key("ec")
-    cert = ca.issue(key.public_key(), DEVICE, name, days=days, now=now)
-    (lab.certs_dir / name / f"{name}.key").write_bytes(key_pem(key))
-    (lab.certs_dir / name / f"{name}.crt").write_bytes(cert.public_bytes(encoding=_pem()))
-    return cert
-
-
-def _pem():
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    return Encoding.PEM
-
-
 def serials(lab: LabEnv) -> dict[str, int]:
     return {name: load_cert(lab.certs_dir / name / f"{name}.crt").serial_number for name in LEAVES}
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = generator.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # -- what gets issued -------------------------------------------------------------------------------
@@ -364,41 +327,7 @@ def test_keys_are_private_and_the_ca_key_is_encrypted(generated_lab: LabEnv) -> 
     assert not [p for p in certs.rglob("*.tmp")]
 
 
-# -- --check ----------------------------------------------------------------------------------------
-
-
-def test_check_all_valid_exits_0(generated_lab: LabEnv, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "--check")
-    assert code == 0
-    for name in ["root_ca", *LEAVES]:
-        assert f"{name}" in out
-    assert out.count(" valid ") == 2 + len(LEAVES)  # the root, every leaf and the CRL
-
-
-def test_check_one_expiring_exits_1(generated_lab: LabEnv, capsys: pytest.CaptureFixture[str]) -> None:
-    replace_leaf(generated_lab, "device002", days=10)
-    code, out, _ = run(capsys, "--check")
-    assert code == 1
-    line = next(line for line in out.splitlines() if line.startswith("device002"))
-    assert "expiring" in line
-    assert out.count(" valid ") == 1 + len(LEAVES)  # the root, the other leaves and the CRL
-
-
-def test_check_one_expired_exits_1(generated_lab: LabEnv, capsys: pytest.CaptureFixture[str]) -> None:
-    replace_leaf(generated_lab, "device001", days=1, now=dt.datetime.now(dt.UTC) - dt.timedelta(days=3))
-    code, out, _ = run(capsys, "--check")
-    assert code == 1
-    line = next(line for line in out.splitlines() if line.startswith("device001"))
-    assert "expired" in line
-    # and the generator replaces it
-    code, out, _ = run(capsys)
-    assert code == 0 and "device001      renewed" in out and "(expired)" in out
-    assert run(capsys, "--check")[0] == 0
-
-
-def test_check_reports_a_missing_lab(lab_env: LabEnv, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "--check")
-    assert code == 1 and "missing" in out
+# -- --out ------------------------------------------------------------------------------------------
 
 
 def test_out_flag_writes_elsewhere(lab_env: LabEnv, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -406,124 +335,3 @@ def test_out_flag_writes_elsewhere(lab_env: LabEnv, capsys: pytest.CaptureFixtur
     assert run(capsys, "--out", str(out_dir), "--devices", "d1")[0] == 0
     assert (out_dir / "d1" / "d1.crt").exists() and not lab_env.certs_dir.exists()
     assert run(capsys, "--out", str(out_dir), "--devices", "d1", "--check")[0] == 0
-
-
-# -- the inventory ----------------------------------------------------------------------------------
-
-
-def test_inventory_has_one_current_row_per_entity(generated_lab: LabEnv, capsys: pytest.CaptureFixture[str]) -> None:
-    run(capsys)
-    run(capsys, "--force")
-    run(capsys)
-    inventory = Inventory(generated_lab.env["DATABASE_URL"])
-    try:
-        active = inventory.list(status=ACTIVE)
-        assert sorted(r.name for r in active) == sorted(["root_ca", *LEAVES])
-        for name in LEAVES:
-            row = inventory.current(name)
-            cert = load_cert(generated_lab.certs_dir / name / f"{name}.crt")
-            assert row is not None and row.serial == serial_hex(cert)
-            assert row.common_name == name and row.issued_via == "cli"
-            assert len(row.fingerprint_sha256) == 64
-        # the forced run superseded one generation of every leaf
-        assert len(inventory.list()) == 1 + 2 * len(LEAVES)
-    finally:
-        inventory.close()
-
-
-def test_lost_inventory_is_rebuilt_from_the_files(generated_lab: LabEnv, capsys: pytest.CaptureFixture[str]) -> None:
-    db = Path(generated_lab.env["DATABASE_URL"].removeprefix("sqlite:///"))
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{db}{suffix}").unlink(missing_ok=True)
-    assert run(capsys)[0] == 0
-    inventory = Inventory(generated_lab.env["DATABASE_URL"])
-    try:
-        assert len(inventory.list(status=ACTIVE)) == 1 + len(LEAVES)
-    finally:
-        inventory.close()
-
-
-def test_two_generators_at_once_do_not_corrupt_the_lab(lab_env: LabEnv) -> None:
-    env = {**os.environ, **lab_env.env}
-    cmd = [sys.executable, str(PROJECT_ROOT / "generate_ca_and_device_certs.py")]
-    procs = [
-        subprocess.Popen(cmd, env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for _ in range(3)
-    ]
-    outputs = [p.communicate(timeout=60) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0], outputs
-    # Exactly one run created the root; the others found it and kept everything.
-    created = sum(out.count(b"root_ca        created") for out, _ in outputs)
-    assert created == 1
-    check = subprocess.run([*cmd, "--check"], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True)
-    assert check.returncode == 0, check.stdout
-    inventory = Inventory(lab_env.env["DATABASE_URL"])
-    try:
-        assert len(inventory.list(status=ACTIVE)) == 1 + len(LEAVES)
-        assert len(inventory.list()) == 1 + len(LEAVES)
-    finally:
-        inventory.close()
-
-
-def test_regenerating_with_another_inventory_keeps_revocations(
-    generated_lab: LabEnv, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A revocation made by one inventory (say the Docker volume's) survives the generator run with another
-    (the host's): the current CRL is the record the broker enforces, so it is merged, never dropped."""
-    from pki.broker import BrokerFiles
-    from pki.service import CAService
-
-    service = CAService(generated_lab.settings())
-    reply = service.revoke({"name": "device001", "pass": generated_lab.passphrase}, source="test")
-    assert reply.status == 200, reply.body
-    revoked_serial = load_cert(generated_lab.certs_dir / "device001" / "device001.crt").serial_number
-    files = BrokerFiles(generated_lab.certs_dir, generated_lab.data_dir)
-    assert b"user device001\ntopic deny #" in files.acl.read_bytes()
-
-    other_db = generated_lab.root / "other.db"
-    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{other_db}")
-    code, out, _ = run(capsys)
-    assert code == 0 and "1 revocation(s) found in the current CRL" in out
-    crl = x509.load_pem_x509_crl(files.crl.read_bytes())
-    assert crl.get_revoked_certificate_by_serial_number(revoked_serial) is not None
-    assert b"user device001\ntopic deny #" in files.acl.read_bytes()
-    other = Inventory(f"sqlite:///{other_db}")
-    try:
-        row = other.by_serial(format(revoked_serial, "x"))
-        assert row is not None and row.status == "revoked"
-    finally:
-        other.close()
-    # and the revoked device is not silently re-issued by the generator
-    assert load_cert(generated_lab.certs_dir / "device001" / "device001.crt").serial_number == revoked_serial
-
-
-def test_a_revoked_device_is_reported_revoked_and_reissued_only_when_named(
-    generated_lab: LabEnv, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from pki.service import CAService
-
-    service = CAService(generated_lab.settings())
-    try:
-        assert service.revoke({"name": "device001", "pass": generated_lab.passphrase}, source="test").ok
-    finally:
-        service.close()
-    path = generated_lab.certs_dir / "device001" / "device001.crt"
-    revoked = load_cert(path).serial_number
-    next_step = "issue it a new certificate with `./setup.sh certs --devices device001`"
-
-    code, out, _ = run(capsys)  # DEVICES: reported, not reissued, never "kept"
-    line = next(line for line in out.splitlines() if line.startswith("device001"))
-    assert code == 0 and line.split()[1] == "revoked" and next_step in line, out
-    assert "1 revoked (not reissued)" in out
-    assert load_cert(path).serial_number == revoked
-
-    code, out, _ = run(capsys, "--check")
-    assert code == 1 and f"device001 is revoked: {next_step}" in out, out
-    assert "renew them" not in out  # nothing else needs attention, and ./setup.sh certs alone would not help
-
-    code, out, _ = run(capsys, "--devices", "device001")  # the next step, as printed
-    line = next(line for line in out.splitlines() if line.startswith("device001"))
-    assert code == 0 and line.split()[1] == "renewed" and "(revoked)" in line, out
-    assert load_cert(path).serial_number != revoked
-    code, out, _ = run(capsys, "--check")
-    assert code == 0, out

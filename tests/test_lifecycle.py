@@ -1,6 +1,8 @@
 """The device certificate lifecycle with a real broker, the real dashboard (the CA's MQTT and HTTP endpoints, in
 this process) and real thermometer processes: self-renewal without a lost reading, renewals the CA or the
-broker refuse, first enrolment with a single-use token, and the CLI's view of revoked certificates and the CRL."""
+broker refuse, and first enrolment with a single-use token. The same without a broker: tests/test_enrolment.py
+(token files, the native runner) and tests/test_generator_inventory.py (the CLI's view of revoked certificates
+and the CRL)."""
 
 from __future__ import annotations
 
@@ -16,14 +18,10 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from flask import Flask
 from sqlalchemy import update
 
-import generate_ca_and_device_certs as generator
-from lab import enrolment, native_runner
 from lab.credentials import has_previous, previous, recover, store
-from lab.enrolment import EnrolmentRefused, claim_token
 from lab.mqtt import Identity
 from lab.renewal import RenewalPolicy
 from pki.authority import (
@@ -37,7 +35,7 @@ from pki.authority import (
     verify_leaf,
 )
 from pki.broker import BrokerFiles
-from pki.inventory import CertificateRecord, EnrolmentToken, Inventory
+from pki.inventory import CertificateRecord, EnrolmentToken
 from pki.service import CAService, token_digest
 from pki.store import atomic_write
 
@@ -427,104 +425,3 @@ def test_a_thermometer_with_only_a_token_enrols_once_and_publishes(
     logs = "\n".join([*outputs, caplog.text])
     for value in tokens.values():
         assert value not in logs and value[:16] not in logs
-
-
-def test_tokens_command_fills_a_token_file_from_the_running_ca(
-    generated_lab: LabEnv, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    app = make_app(generated_lab)
-    try:
-        with ServerThread(app) as server:
-            path = tmp_path / "enrol" / "tokens"
-            argv = ["tokens", "--names", "thermo01,thermo02", "--file", str(path), "--ca-url", server.url("")]
-            assert enrolment.main(argv) == 0
-            assert enrolment.main([*argv[:2], "thermo03", *argv[3:]]) == 0  # appends
-            name, token = claim_token(path, "replica-1")
-            assert name == "thermo01"
-            assert app.extensions["test_ca"].service.inventory.token(token_digest(token)).name == "thermo01"
-            assert [line.split()[0] for line in path.read_text().splitlines()] == ["thermo01", "thermo02", "thermo03"]
-            assert (path.parent / "root_ca.crt").read_bytes() == (
-                generated_lab.certs_dir / "root_ca" / "root_ca.crt"
-            ).read_bytes()
-            assert token not in capsys.readouterr().out
-            bad = ["tokens", "--names", "dashboard", "--file", str(path), "--ca-url", server.url("")]
-            assert enrolment.main(bad) == 1 and "protected name" in capsys.readouterr().err
-    finally:
-        close_app(app)
-
-
-def test_token_file_claims_one_line_per_claimant(tmp_path: Path) -> None:
-    path = tmp_path / "tokens"
-    path.write_text("# name token [claimed by]\nthermo01 tok1\nthermo02 tok2\n")
-    assert claim_token(path, "host-a") == ("thermo01", "tok1")
-    assert claim_token(path, "host-b") == ("thermo02", "tok2")
-    assert claim_token(path, "host-a") == ("thermo01", "tok1")  # a restarted replica finds its own line
-    with pytest.raises(EnrolmentRefused, match="every token"):
-        claim_token(path, "host-c")
-    assert path.read_text().splitlines()[1:] == ["thermo01 tok1 host-a", "thermo02 tok2 host-b"]
-    assert (path.stat().st_mode & 0o777) == 0o600
-
-
-def test_native_runner_gives_enrolled_devices_a_token_and_no_passphrase(generated_lab: LabEnv) -> None:
-    settings = generated_lab.settings()
-    runner = native_runner.LabRunner(settings, ["device001"], dashboard=False, enrol=["device005"])
-    tokens = runner.enrolment_tokens()
-    assert set(tokens) == {"device005"} and tokens["device005"]
-    inventory = Inventory(settings.effective_database_url)
-    try:
-        assert inventory.token(token_digest(tokens["device005"])).name == "device005"
-    finally:
-        inventory.close()
-    services = native_runner.build_services(
-        settings, ["device001"], dashboard=False, enrol=tokens, base_env=dict(generated_lab.env)
-    )
-    device = next(s for s in services if s.name == "device005")
-    assert device.env["ENROL_TOKEN"] == tokens["device005"] and device.env["DEVICE_ID"] == "device005"
-    assert device.env["CA_URL"] == f"http://127.0.0.1:{settings.dashboard_port}"
-    assert all("CA_PASSPHRASE" not in s.env for s in services if s.kind == "device")
-    # the root is pinned in the device's folder before it enrols
-    root = (generated_lab.certs_dir / "root_ca" / "root_ca.crt").read_bytes()
-    assert Identity.of(settings.certs_dir, "device005").ca_cert.read_bytes() == root
-    # a device that enrolled earlier keeps its certificate: no new token
-    issue_aged_certificate(generated_lab, "device005", days=365, days_left=200)
-    assert runner.enrolment_tokens() == {"device005": None}
-
-
-# -- the generator's --check ---------------------------------------------------------------------------
-
-
-def test_check_lists_revoked_lab_certificates_and_the_crl(
-    generated_lab: LabEnv, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert generator.main(["--check"]) == 0
-    out = capsys.readouterr().out
-    assert re.search(r"^CRL\s+valid\b", out, re.M), out
-    service = CAService(generated_lab.settings())
-    try:
-        assert service.revoke({"name": "device002", "pass": generated_lab.passphrase}, source="t").ok
-    finally:
-        service.close()
-    assert generator.main(["--check"]) == 1
-    out = capsys.readouterr().out
-    line = next(line for line in out.splitlines() if line.startswith("device002"))
-    assert " revoked " in line and "unspecified" in line
-    assert next(line for line in out.splitlines() if line.startswith("device001")).split()[1] == "valid"
-
-    # a CRL inside its refresh window is flagged, an expired one more loudly
-    files = BrokerFiles(generated_lab.certs_dir, generated_lab.data_dir)
-    root = generated_lab.certs_dir / "root_ca"
-    ca = CertificateAuthority.load(
-        (root / "root_ca.crt").read_bytes(), (root / "root_ca.key").read_bytes(), generated_lab.passphrase
-    )
-    for days, state in ((3, "expiring"), (-1, "expired")):
-        now = dt.datetime.now(dt.UTC) - dt.timedelta(days=2) if days < 0 else None
-        crl = ca.build_crl([], crl_number=9, next_update=dt.timedelta(days=days + (2 if days < 0 else 0)), now=now)
-        atomic_write(files.crl, crl.public_bytes(serialization.Encoding.PEM))
-        assert generator.main(["--check"]) == 1
-        assert re.search(rf"^CRL\s+{state}\b", capsys.readouterr().out, re.M)
-
-
-def test_check_never_creates_a_database(lab_env: LabEnv, capsys: pytest.CaptureFixture[str]) -> None:
-    assert generator.main(["--check"]) == 1
-    assert not lab_env.data_dir.exists() or not any(lab_env.data_dir.iterdir())
-    assert re.search(r"^CRL\s+missing\b", capsys.readouterr().out, re.M)
