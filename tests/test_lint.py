@@ -28,8 +28,8 @@ def test_ruff_format_is_clean() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-# A module of the project longer than this wants splitting along a seam (test modules are not held to it: a test
-# module is one topic's cases over one set-up, and splitting one would bring its set-up up twice).
+# A module longer than this wants splitting along a seam; the tests are held to it too (a module whose set-up is
+# expensive, such as the Docker lab's, keeps its tests together and moves its harness to a support module).
 MAX_MODULE_LINES = 450
 # Everything git does not track, and third-party code served as it was released.
 NOT_OURS = {".venv", "build", "test-output", "__pycache__", "vendor", "node_modules", ".docker-build"}
@@ -44,9 +44,9 @@ def project_sources(root: Path) -> list[Path]:
     ]
 
 
-def test_no_module_of_the_project_is_over_the_line_limit() -> None:
-    sources = [path for path in project_sources(PROJECT_ROOT) if path.relative_to(PROJECT_ROOT).parts[0] != "tests"]
-    assert len(sources) > 100  # the walk found the project
+def test_no_module_is_over_the_line_limit() -> None:
+    sources = project_sources(PROJECT_ROOT)
+    assert len(sources) > 150  # the walk found the project and its tests
     long = {
         str(path.relative_to(PROJECT_ROOT)): lines
         for path in sources
