@@ -28,6 +28,7 @@ from paho.mqtt.properties import Properties
 
 from bench.common import DOCS_DIR, RESULTS_DIR, Progress
 from bench.rig import BenchLab, lab_bench_parser, wait_until_quiet
+from lab.credentials import store
 from lab.mqtt import Identity, make_client
 from lab.testing import start_client, wait_for
 from pki.authority import PrivateKey, generate_private_key, key_pem, load_certificate, verify_leaf
@@ -98,12 +99,8 @@ def enrol(lab: CALab, names: Sequence[str], label: str = "enrolling devices") ->
             if status != 201:
                 raise RuntimeError(f"enrolling {name} failed: {status} {body}")
             folder = lab.root / "enrolled" / name
-            folder.mkdir(parents=True, mode=0o700)
             identity = Identity(folder / "root_ca.crt", folder / f"{name}.crt", folder / f"{name}.key")
-            identity.ca_cert.write_bytes(root_pem)
-            identity.cert.write_text(body["crt"])
-            identity.key.touch(mode=0o600)
-            identity.key.write_bytes(key_pem(key))
+            store(identity, body["crt"].encode(), key_pem(key), keep_previous=False, ca_pem=root_pem)
             identities[name] = identity
             progress.update()
     finally:
