@@ -156,10 +156,14 @@ class UserStore(Database):
                     password_changed_at=now,
                 )
                 session.add(user)
-        except IntegrityError:
+        except IntegrityError as ex:
             # The unique index on the name decides between processes adding it at once: on PostgreSQL (READ
             # COMMITTED) each may pass the check above; SQLite's BEGIN IMMEDIATE already runs them one by one.
-            raise UserExists(f"user {username!r} exists already") from None
+            # Any other constraint failing is not "exists": only a name taken now says so.
+            if self.get(username) is not None:
+                raise UserExists(f"user {username!r} exists already") from None
+            # Not the database's message: PostgreSQL's names the failing row, and that row holds the password hash.
+            raise UserError(f"the database refused to add user {username!r} ({type(ex.orig).__name__})") from None
         return user
 
     def ensure_admin(self, password: str | None) -> bool:

@@ -9,10 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from flask import Flask
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, select, text
 
 from dashboard import auth
-from dashboard.accounts import ADMIN, OPERATOR, DashboardUser, UserStore
+from dashboard.accounts import ADMIN, OPERATOR, DashboardUser, UserError, UserExists, UserStore
+from pki.config import ConfigError
 
 from .conftest import LabEnv
 
@@ -51,3 +52,31 @@ def test_dashboards_starting_at_once_create_one_admin(lab_env: LabEnv, caplog: p
     created = [r for r in caplog.records if "created the operator" in r.getMessage()]
     assert [r.threadName for r in created] == [threads[working[0]]]
     assert not any(password in r.getMessage() for r in caplog.records for password in passwords)
+
+
+def test_another_constraint_refusing_the_admin_is_an_error_not_an_existing_admin(lab_env: LabEnv) -> None:
+    url = lab_env.settings().effective_database_url
+    store = UserStore(url)  # creates the tables
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:  # a constraint other than the unique name refuses every insert
+            if engine.dialect.name == "sqlite":
+                connection.execute(
+                    text(
+                        "CREATE TRIGGER refuse_users BEFORE INSERT ON dashboard_users "
+                        "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+                    )
+                )
+            else:
+                connection.execute(text("ALTER TABLE dashboard_users ADD CONSTRAINT refuse_users CHECK (id < 0)"))
+        with pytest.raises(UserError) as refused:
+            store.add("alice", lab_env.admin_password, OPERATOR)
+        assert not isinstance(refused.value, UserExists)
+        assert "refused" in str(refused.value) and lab_env.admin_password not in str(refused.value)
+        # At start-up: the dashboard stops, naming it, rather than start without an `admin`.
+        with pytest.raises(ConfigError, match="refused"):
+            store.ensure_admin(lab_env.admin_password)
+        assert store.users() == []
+    finally:
+        engine.dispose()
+        store.close()
