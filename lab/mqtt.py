@@ -200,9 +200,12 @@ class IdentityConnection:
         client, self.client = self.client, None  # from now on its callbacks concern nobody (nor start a switch)
         if client is None:
             return
+        was_connected = self.connected.is_set()
         client.disconnect()
         client.loop_stop()
         self._down()
+        if was_connected:  # the client's own disconnect callback now concerns nobody: say it here
+            self._notify(False)
 
     def wait_connected(self, timeout: float = 10) -> bool:
         return self.connected.wait(timeout)

@@ -99,7 +99,9 @@ class Thermometer:
             self.shutdown()
 
     def shutdown(self) -> None:
-        """Stop renewing, then close the session: what is in flight is delivered and `offline` acknowledged."""
+        """Stop following renewed files and renewing, then close the session: what is in flight is delivered and
+        `offline` acknowledged. The watcher first, so that no switch starts while the renewer is being stopped."""
+        self.session.stop_following()
         if self.renewer is not None:
             self.renewer.stop()
         self.session.close()

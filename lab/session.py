@@ -258,10 +258,14 @@ class DeviceSession:
                 )
         return sent
 
+    def stop_following(self) -> None:
+        """No more switches to renewed files from here on (the first step of a shutdown; idempotent)."""
+        self.watcher.stop()
+
     def close(self) -> None:
         """Deliver what is in flight, publish retained `offline`, wait for the acks, then disconnect."""
         config = self.config
-        self.watcher.stop()
+        self.stop_following()
         if self.connected.is_set():
             self.flush()
             self.inflight.publish(config.status_topic, "offline", retain=True)  # after the readings, on the same link

@@ -83,6 +83,8 @@ def test_overlapping_subscriptions_reach_the_right_handlers(generated_lab: LabEn
     bridge.subscribe("iot/thermometer/+/status", status, qos=1)
     bridge.subscribe("iot/thermometer/+/event", events_any, qos=1)
     bridge.subscribe("iot/thermometer/device001/event", events_own, qos=1)
+    states: list[bool] = []  # what the live hub hears of the broker's state
+    bridge.on_state_change.append(states.append)
     device = Collector(generated_lab.certs_dir, "device001", broker.port)
     bridge.start()
     try:
@@ -103,6 +105,8 @@ def test_overlapping_subscriptions_reach_the_right_handlers(generated_lab: LabEn
     finally:
         device.close()
         bridge.stop()
+    # up, down at the restart, up again, and down at stop(): every change said once, the last one by stop() itself
+    assert states == [True, False, True, False], states
     assert [m.retain for m in status.messages[:2]] == [False, True]  # live, then retained after resubscribing
     assert [m.topic for m in events_own.messages] == ["iot/thermometer/device001/event"] * 2
     assert [m.topic for m in events_any.messages] == ["iot/thermometer/device001/event"] * 2  # one copy each
