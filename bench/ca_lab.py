@@ -304,11 +304,6 @@ class Requester:
         self.client.publish(topic, body, qos=1, properties=properties)
         return outcome
 
-    @property
-    def in_flight(self) -> int:
-        with self._lock:
-            return len(self._pending)
-
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import operator
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from sqlalchemy import Float, Index, Integer, String, delete, func, select, text
@@ -123,10 +123,3 @@ class ReadingStore(Database):
             return True, None
         except Exception as ex:  # any driver error means "not ok"; the message is enough for an operator
             return False, f"{type(ex).__name__}: {ex}"
-
-
-def group_by_device(readings: Iterable[ReadingIn]) -> dict[str, list[ReadingIn]]:
-    grouped: dict[str, list[ReadingIn]] = {}
-    for reading in readings:
-        grouped.setdefault(reading.device_id, []).append(reading)
-    return grouped

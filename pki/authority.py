@@ -339,9 +339,6 @@ class CertificateAuthority:
         """True when `cert` names this CA as issuer and carries its valid signature."""
         return verify_leaf(self.certificate, cert)
 
-    def remaining_days(self, now: dt.datetime | None = None) -> int:
-        return int(days_left(self.certificate, now))
-
     # -- revocation -------------------------------------------------------------------------------
 
     def build_crl(
